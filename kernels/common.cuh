@@ -1,0 +1,87 @@
+// Shared helpers for every kernel family: our own bf16 type (NVRTC 11.8 ships no cuda_bf16.h), loads and stores that
+// widen to fp32, warp and block reductions, and the macro that instantiates one kernel body per storage dtype.
+// Dimension names: T tokens (rows), C hidden (columns), V vocab, H heads, D head dim.
+#pragma once
+
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+typedef unsigned short bf16_bits;
+
+struct __align__(2) bf16 { bf16_bits bits; };
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(bf16 v) { return __uint_as_float(((unsigned int)v.bits) << 16); }
+
+// Round to nearest even, as cvt.rn.bf16.f32 does on sm_80+; NaN stays NaN.
+__device__ __forceinline__ bf16 float_to_bf16(float f)
+{
+    bf16 r;
+#if __CUDA_ARCH__ >= 800
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
+#else
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { r.bits = 0x7fc0; return r; }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    r.bits = (bf16_bits)(u >> 16);
+#endif
+    return r;
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float v) { return float_to_bf16(v); }
+
+template <typename T> __device__ __forceinline__ float load(const T* p, long long i) { return to_float(p[i]); }
+template <typename T> __device__ __forceinline__ void store(T* p, long long i, float v) { p[i] = from_float<T>(v); }
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block; every thread gets the result. scratch: 32 floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* scratch)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads(); // scratch may still be read by a previous reduction
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+// Grid-stride loop over n elements.
+#define FOR_EACH(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+
+// Instantiates `name##_f32` and `name##_bf16` as extern "C" kernels from one template body `name##_impl<T>`;
+// `params` may name the storage type as T.
+// `block` is the family's tunable block size (a -D define set by the host, which launches with the same value).
+#define INSTANTIATE_F32_BF16(name, block, params, args)                                                           \
+    namespace name##_as_f32 { typedef float T;                                                                    \
+        extern "C" __global__ void __launch_bounds__(block) name##_f32 params { name##_impl<T> args; } }         \
+    namespace name##_as_bf16 { typedef bf16 T;                                                                    \
+        extern "C" __global__ void __launch_bounds__(block) name##_bf16 params { name##_impl<T> args; } }
+

@@ -1,0 +1,40 @@
+// Token embedding lookup. Forward: out[t, :] = table[ids[t], :]; backward: dtable[ids[t], :] += dout[t, :].
+// table, out, dout: storage dtype; table [V, C], out [T, C]; ids [T] int32; dtable [V, C] fp32.
+// An id outside [0, V) is not read or written: its row index and value go to error[0..1] (error[0] starts at -1).
+#include "common.cuh"
+
+#ifndef EMBEDDING_BLOCK
+#define EMBEDDING_BLOCK 256
+#endif
+
+__device__ __forceinline__ bool check_id(int id, int vocab, int t, int* error)
+{
+    if (id >= 0 && id < vocab) return true;
+    if (atomicCAS(&error[0], -1, t) == -1) error[1] = id;
+    return false;
+}
+
+template <typename T>
+__device__ void embedding_forward_impl(T* out, const T* table, const int* ids, int tokens, int dim, int vocab, int* error)
+{
+    FOR_EACH(i, (long long)tokens * dim)
+    {
+        const int t = (int)(i / dim), c = (int)(i % dim);
+        const int id = ids[t];
+        if (check_id(id, vocab, t, error)) out[i] = table[(long long)id * dim + c];
+    }
+}
+INSTANTIATE_F32_BF16(embedding_forward, EMBEDDING_BLOCK, (T* out, const T* table, const int* ids, int tokens, int dim, int vocab, int* error), (out, table, ids, tokens, dim, vocab, error))
+
+// Scatter-add with fp32 atomics: tokens that share an id add into the same row.
+template <typename T>
+__device__ void embedding_backward_impl(float* dtable, const T* dout, const int* ids, int tokens, int dim, int vocab, int* error)
+{
+    FOR_EACH(i, (long long)tokens * dim)
+    {
+        const int t = (int)(i / dim), c = (int)(i % dim);
+        const int id = ids[t];
+        if (check_id(id, vocab, t, error)) atomicAdd(&dtable[(long long)id * dim + c], load(dout, i));
+    }
+}
+INSTANTIATE_F32_BF16(embedding_backward, EMBEDDING_BLOCK, (float* dtable, const T* dout, const int* ids, int tokens, int dim, int vocab, int* error), (dtable, dout, ids, tokens, dim, vocab, error))

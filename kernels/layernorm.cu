@@ -1,0 +1,71 @@
+// LayerNorm (InternViT-300M, adapter): y = (x - mean) * rstd * w + b.
+// x, y, dy, dx: [T, C] storage dtype; w, b: [C] storage dtype; mean, rstd: [T] fp32 (saved); dw, db: [C] fp32.
+#include "common.cuh"
+
+#ifndef LAYERNORM_BLOCK
+#define LAYERNORM_BLOCK 256
+#endif
+
+// One block per row; two passes over the row (mean, then centred variance) for accuracy with large offsets.
+template <typename T>
+__device__ void layernorm_forward_impl(T* y, float* mean, float* rstd, const T* x, const T* w, const T* b, int rows, int cols, float eps)
+{
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    const T* xr = x + row * cols;
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) s += load(xr, c);
+    const float mu = block_sum(s, scratch) / cols;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) { float d = load(xr, c) - mu; ss += d * d; }
+    const float r = rsqrtf(block_sum(ss, scratch) / cols + eps);
+    if (threadIdx.x == 0) { mean[row] = mu; rstd[row] = r; }
+    for (int c = threadIdx.x; c < cols; c += blockDim.x)
+        store(y + row * cols, c, (load(xr, c) - mu) * r * load(w, c) + (b != nullptr ? load(b, c) : 0.0f));
+}
+INSTANTIATE_F32_BF16(layernorm_forward, LAYERNORM_BLOCK, (T* y, float* mean, float* rstd, const T* x, const T* w, const T* b, int rows, int cols, float eps), (y, mean, rstd, x, w, b, rows, cols, eps))
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = w * dy.
+template <typename T>
+__device__ void layernorm_backward_impl(T* dx, const T* dy, const T* x, const T* w, const float* mean, const float* rstd, int rows, int cols)
+{
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    const T* xr = x + row * cols;
+    const T* dyr = dy + row * cols;
+    const float mu = mean[row], r = rstd[row];
+    float sg = 0.0f, sgx = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x)
+    {
+        float g = load(w, c) * load(dyr, c);
+        sg += g;
+        sgx += g * (load(xr, c) - mu) * r;
+    }
+    sg = block_sum(sg, scratch) / cols;
+    sgx = block_sum(sgx, scratch) / cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x)
+    {
+        float xhat = (load(xr, c) - mu) * r;
+        store(dx + row * cols, c, r * (load(w, c) * load(dyr, c) - sg - xhat * sgx));
+    }
+}
+INSTANTIATE_F32_BF16(layernorm_backward, LAYERNORM_BLOCK, (T* dx, const T* dy, const T* x, const T* w, const float* mean, const float* rstd, int rows, int cols), (dx, dy, x, w, mean, rstd, rows, cols))
+
+// dw[c] (+)= sum_t dy * xhat, db[c] (+)= sum_t dy. One thread per column, deterministic.
+template <typename T>
+__device__ void layernorm_backward_params_impl(float* dw, float* db, const T* dy, const T* x, const float* mean, const float* rstd, int rows, int cols, int accumulate)
+{
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    float sw = 0.0f, sb = 0.0f;
+    for (int r = 0; r < rows; r++)
+    {
+        long long i = (long long)r * cols + c;
+        float g = load(dy, i);
+        sw += g * (load(x, i) - mean[r]) * rstd[r];
+        sb += g;
+    }
+    dw[c] = accumulate ? dw[c] + sw : sw;
+    if (db != nullptr) db[c] = accumulate ? db[c] + sb : sb;
+}
+INSTANTIATE_F32_BF16(layernorm_backward_params, LAYERNORM_BLOCK, (float* dw, float* db, const T* dy, const T* x, const float* mean, const float* rstd, int rows, int cols, int accumulate), (dw, db, dy, x, mean, rstd, rows, cols, accumulate))

@@ -1,0 +1,55 @@
+// RMSNorm (Qwen2, InternViT-6B): y = w * x * rstd, rstd = 1 / sqrt(mean(x^2) + eps).
+// x, y, dy, dx: [T, C] storage dtype; w: [C] storage dtype; rstd: [T] fp32 (saved for backward); dw: [C] fp32.
+#include "common.cuh"
+
+#ifndef RMSNORM_BLOCK
+#define RMSNORM_BLOCK 256
+#endif
+
+// One block per row.
+template <typename T>
+__device__ void rmsnorm_forward_impl(T* y, float* rstd, const T* x, const T* w, int rows, int cols, float eps)
+{
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    const T* xr = x + row * cols;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) { float v = load(xr, c); ss += v * v; }
+    ss = block_sum(ss, scratch);
+    const float r = rsqrtf(ss / cols + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) store(y + row * cols, c, load(w, c) * (load(xr, c) * r));
+}
+INSTANTIATE_F32_BF16(rmsnorm_forward, RMSNORM_BLOCK, (T* y, float* rstd, const T* x, const T* w, int rows, int cols, float eps), (y, rstd, x, w, rows, cols, eps))
+
+// dx = rstd * (g - xhat * mean(g * xhat)), g = w * dy, xhat = x * rstd. One block per row.
+template <typename T>
+__device__ void rmsnorm_backward_impl(T* dx, const T* dy, const T* x, const T* w, const float* rstd, int rows, int cols)
+{
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    const T* xr = x + row * cols;
+    const T* dyr = dy + row * cols;
+    const float r = rstd[row];
+    float dot = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dot += load(w, c) * load(dyr, c) * load(xr, c) * r;
+    dot = block_sum(dot, scratch) / cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x)
+    {
+        float xhat = load(xr, c) * r;
+        store(dx + row * cols, c, r * (load(w, c) * load(dyr, c) - xhat * dot));
+    }
+}
+INSTANTIATE_F32_BF16(rmsnorm_backward, RMSNORM_BLOCK, (T* dx, const T* dy, const T* x, const T* w, const float* rstd, int rows, int cols), (dx, dy, x, w, rstd, rows, cols))
+
+// dw[c] (+)= sum_t dy[t, c] * x[t, c] * rstd[t]. One thread per column: deterministic, no atomics.
+template <typename T>
+__device__ void rmsnorm_backward_weight_impl(float* dw, const T* dy, const T* x, const float* rstd, int rows, int cols, int accumulate)
+{
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    float s = 0.0f;
+    for (int r = 0; r < rows; r++) { long long i = (long long)r * cols + c; s += load(dy, i) * load(x, i) * rstd[r]; }
+    dw[c] = accumulate ? dw[c] + s : s;
+}
+INSTANTIATE_F32_BF16(rmsnorm_backward_weight, RMSNORM_BLOCK, (float* dw, const T* dy, const T* x, const float* rstd, int rows, int cols, int accumulate), (dw, dy, x, rstd, rows, cols, accumulate))

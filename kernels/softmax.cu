@@ -1,0 +1,38 @@
+// Row softmax with a scale: y = softmax(scale * x) along the last dim.
+// x, y, dy, dx: [rows, cols] storage dtype. Backward: dx = scale * y * (dy - sum(dy * y)).
+#include "common.cuh"
+
+#ifndef SOFTMAX_BLOCK
+#define SOFTMAX_BLOCK 256
+#endif
+
+// One block per row: max, then sum of exponentials, then the normalised write.
+template <typename T>
+__device__ void softmax_forward_impl(T* y, const T* x, int rows, int cols, float scale)
+{
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    const T* xr = x + row * cols;
+    float m = -INFINITY;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, scale * load(xr, c));
+    m = block_max(m, scratch);
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) s += __expf(scale * load(xr, c) - m);
+    const float inv = 1.0f / block_sum(s, scratch);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) store(y + row * cols, c, __expf(scale * load(xr, c) - m) * inv);
+}
+INSTANTIATE_F32_BF16(softmax_forward, SOFTMAX_BLOCK, (T* y, const T* x, int rows, int cols, float scale), (y, x, rows, cols, scale))
+
+template <typename T>
+__device__ void softmax_backward_impl(T* dx, const T* dy, const T* y, int rows, int cols, float scale)
+{
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    const T* yr = y + row * cols;
+    const T* dyr = dy + row * cols;
+    float dot = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dot += load(dyr, c) * load(yr, c);
+    dot = block_sum(dot, scratch);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) store(dx + row * cols, c, scale * load(yr, c) * (load(dyr, c) - dot));
+}
+INSTANTIATE_F32_BF16(softmax_backward, SOFTMAX_BLOCK, (T* dx, const T* dy, const T* y, int rows, int cols, float scale), (dx, dy, y, rows, cols, scale))
