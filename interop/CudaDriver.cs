@@ -328,26 +328,28 @@ public static unsafe partial class CudaDriver
         Check(cuFuncSetAttribute(function, (int)attribute, value));
 
     /// <summary>
-    /// Launches <paramref name="function"/> with its parameters packed in <paramref name="args"/>, a struct laid out
-    /// exactly as the kernel's parameter list (C alignment rules). The driver copies the buffer during the call, so
-    /// nothing is boxed or allocated and the launch does not synchronise.
+    /// Launches <paramref name="function"/>. Each kernel parameter occupies one 8-byte slot of <paramref name="args"/>
+    /// with its value in the low bytes (see <see cref="KernelArg"/>); the caller builds the slots with stackalloc, so a
+    /// launch boxes and allocates nothing, and it does not synchronise.
     /// </summary>
-    public static void Launch<TArgs>(IntPtr function, Dim3 grid, Dim3 block, uint sharedBytes, IntPtr stream, ref TArgs args)
-        where TArgs : unmanaged
+    public static void Launch(IntPtr function, Dim3 grid, Dim3 block, uint sharedBytes, IntPtr stream, ReadOnlySpan<ulong> args)
     {
-        nuint size = (nuint)sizeof(TArgs);
-        fixed (TArgs* a = &args)
+        fixed (ulong* slots = args)
         {
-            // CU_LAUNCH_PARAM_BUFFER_POINTER = 1, CU_LAUNCH_PARAM_BUFFER_SIZE = 2, CU_LAUNCH_PARAM_END = 0
-            void** extra = stackalloc void*[5];
-            extra[0] = (void*)1;
-            extra[1] = a;
-            extra[2] = (void*)2;
-            extra[3] = &size;
-            extra[4] = null;
-            Check(cuLaunchKernel(function, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, sharedBytes, stream, null, extra));
+            void** pointers = stackalloc void*[Math.Max(1, args.Length)];
+            for (int i = 0; i < args.Length; i++) pointers[i] = slots + i;
+            Check(cuLaunchKernel(function, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, sharedBytes, stream, pointers, null));
         }
     }
+}
+
+/// <summary>Packs scalar kernel arguments into 8-byte launch slots (value in the low bytes, little-endian).</summary>
+public static class KernelArg
+{
+    public static ulong I32(int v) => (uint)v;
+    public static ulong I64(long v) => (ulong)v;
+    public static ulong F32(float v) => BitConverter.SingleToUInt32Bits(v);
+    public static ulong Ptr(ulong devicePointer) => devicePointer;
 }
 
 /// <summary>The primary context of one device, made current on the calling thread.</summary>

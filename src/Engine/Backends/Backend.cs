@@ -1,0 +1,480 @@
+using R1V2.Native.Engine.Tensors;
+
+namespace R1V2.Native.Engine.Backends;
+
+public enum GeluApproximation { Erf = 0, Tanh = 1 }
+
+/// <summary>AdamW hyper-parameters for one update.</summary>
+public readonly record struct AdamWSettings(float LearningRate, float Beta1 = 0.9f, float Beta2 = 0.999f, float Epsilon = 1e-8f, float WeightDecay = 0.0f);
+
+/// <summary>
+/// The seam between what to compute and where. Model and trainer code call these ops; the CUDA backend runs NVRTC
+/// kernels and cuBLAS, the CPU backend runs the ILGPU twins and SIMD C# GEMMs. Every public op checks shapes and
+/// dtypes here, once, with an error that names the op and the tensor, then calls the backend's core.
+/// Shape names: T rows (tokens), C columns (hidden), V vocabulary, H heads, D head dim.
+/// </summary>
+public abstract class Backend : IDisposable
+{
+    public abstract string Name { get; }
+
+    /// <summary>Storage type of activations and working weights: bf16 on CUDA, fp32 on the CPU.</summary>
+    public abstract DType ActivationType { get; }
+
+    public abstract MemoryStats Memory { get; }
+
+    /// <summary>Collective operations across data-parallel ranks (a single process until multi-GPU lands).</summary>
+    public ICollectives Collectives { get; protected set; } = SingleProcessCollectives.Instance;
+
+    // ---- memory ------------------------------------------------------------------------------------------
+
+    /// <summary>A zero-filled tensor from the pool.</summary>
+    public Tensor Allocate(DType dtype, int[] shape, string? name = null)
+    {
+        CheckSupported(dtype);
+        long bytes = Tensor.ShapeLength(shape) * dtype.Size();
+        var block = RentBlock(bytes);
+        var t = new Tensor(this, block, dtype, (int[])shape.Clone(), 0, owner: true, name);
+        Zero(t);
+        return t;
+    }
+
+    public Tensor Allocate(DType dtype, params int[] shape) => Allocate(dtype, shape, null);
+
+    /// <summary>A tensor of the activation type with the given shape.</summary>
+    public Tensor Activations(params int[] shape) => Allocate(ActivationType, shape, null);
+
+    public Tensor FromArray(ReadOnlySpan<float> data, DType dtype, int[] shape, string? name = null)
+    {
+        var t = Allocate(dtype, shape, name);
+        Upload(t, data);
+        return t;
+    }
+
+    public Tensor FromArray(ReadOnlySpan<int> data, int[] shape, string? name = null)
+    {
+        var t = Allocate(DType.I32, shape, name);
+        Upload(t, data);
+        return t;
+    }
+
+    public void Upload(Tensor t, ReadOnlySpan<float> data)
+    {
+        Own(t, "upload");
+        if (t.DType == DType.I32) throw new ArgumentException($"upload: {t} holds int32; pass int data");
+        if (data.Length != t.Length) throw new ArgumentException($"upload: {t} has {t.Length} elements, data has {data.Length}");
+        UploadFloats(t, data);
+    }
+
+    public void Upload(Tensor t, ReadOnlySpan<int> data)
+    {
+        Own(t, "upload");
+        if (t.DType != DType.I32) throw new ArgumentException($"upload: {t} is not int32");
+        if (data.Length != t.Length) throw new ArgumentException($"upload: {t} has {t.Length} elements, data has {data.Length}");
+        UploadInts(t, data);
+    }
+
+    internal float[] DownloadFloats(Tensor t)
+    {
+        Own(t, "download");
+        if (t.DType == DType.I32) throw new ArgumentException($"download: {t} holds int32");
+        return DownloadFloatsCore(t);
+    }
+
+    internal int[] DownloadInts(Tensor t)
+    {
+        Own(t, "download");
+        if (t.DType != DType.I32) throw new ArgumentException($"download: {t} is not int32");
+        return DownloadIntsCore(t);
+    }
+
+    public abstract void Zero(Tensor t);
+    public abstract void Synchronize();
+
+    protected abstract DeviceBlock RentBlock(long bytes);
+    internal abstract void Release(DeviceBlock block);
+    protected abstract void UploadFloats(Tensor t, ReadOnlySpan<float> data);
+    protected abstract void UploadInts(Tensor t, ReadOnlySpan<int> data);
+    protected abstract float[] DownloadFloatsCore(Tensor t);
+    protected abstract int[] DownloadIntsCore(Tensor t);
+
+    /// <summary>Throws when this backend cannot store <paramref name="dtype"/>.</summary>
+    protected virtual void CheckSupported(DType dtype) { }
+
+    // ---- GEMM ------------------------------------------------------------------------------------------
+
+    /// <summary>
+    /// c = alpha * op(a) @ op(b) + beta * c (+ bias[N] on every row). 2-D: a [M, K] ([K, M] if transA), b [K, N]
+    /// ([N, K] if transB), c [M, N]. 3-D: the same per batch, all three [B, ..]. a and b share a dtype; c may be fp32
+    /// when they are bf16 (weight gradients). Accumulation is fp32.
+    /// </summary>
+    public void Gemm(Tensor a, bool transA, Tensor b, bool transB, Tensor c, Tensor? bias = null, float alpha = 1f, float beta = 0f)
+    {
+        Own(a, "gemm"); Own(b, "gemm"); Own(c, "gemm");
+        if (a.Rank != c.Rank || b.Rank != c.Rank || c.Rank is not (2 or 3))
+            throw new ArgumentException($"gemm: a {a.ShapeString}, b {b.ShapeString} and c {c.ShapeString} must all be 2-D or all 3-D");
+        int batch = c.Rank == 3 ? c.Dim(0) : 1;
+        if (c.Rank == 3 && (a.Dim(0) != batch || b.Dim(0) != batch))
+            throw new ArgumentException($"gemm: batch sizes differ: a {a.ShapeString}, b {b.ShapeString}, c {c.ShapeString}");
+        int m = transA ? a.Dim(-1) : a.Dim(-2), k = transA ? a.Dim(-2) : a.Dim(-1);
+        int kb = transB ? b.Dim(-1) : b.Dim(-2), n = transB ? b.Dim(-2) : b.Dim(-1);
+        if (k != kb) throw new ArgumentException($"gemm: inner dimensions differ: op(a) is [{m}, {k}] (a {a.ShapeString}, transA={transA}), op(b) is [{kb}, {n}] (b {b.ShapeString}, transB={transB})");
+        if (c.Dim(-2) != m || c.Dim(-1) != n) throw new ArgumentException($"gemm: c is {c.ShapeString}, expected [{m}, {n}]");
+        if (a.DType != b.DType || a.DType == DType.I32) throw new ArgumentException($"gemm: a is {a.DType.Name()}, b is {b.DType.Name()}; both must be the same float type");
+        if (c.DType != a.DType && c.DType != DType.F32) throw new ArgumentException($"gemm: c is {c.DType.Name()}; expected {a.DType.Name()} or fp32");
+        if (bias is not null)
+        {
+            Own(bias, "gemm");
+            if (bias.Length != n || bias.DType != c.DType) throw new ArgumentException($"gemm: bias is {bias}, expected [{n}] {c.DType.Name()}");
+        }
+        GemmCore(a, transA, b, transB, c, bias, alpha, beta, batch, m, n, k);
+    }
+
+    protected abstract void GemmCore(Tensor a, bool transA, Tensor b, bool transB, Tensor c, Tensor? bias, float alpha, float beta, int batch, int m, int n, int k);
+
+    /// <summary>dbias[C] (+)= sum over rows of dy[.., C]. dbias is fp32.</summary>
+    public void BiasBackward(Tensor dy, Tensor dbias, bool accumulate)
+    {
+        Float(dy, "bias_backward", "dy"); Fp32(dbias, "bias_backward", "dbias");
+        Len(dbias, dy.Cols, "bias_backward", "dbias");
+        BiasBackwardCore(dy, dbias, accumulate);
+    }
+
+    protected abstract void BiasBackwardCore(Tensor dy, Tensor dbias, bool accumulate);
+
+    // ---- elementwise -----------------------------------------------------------------------------------
+
+    /// <summary>output = alpha * a + beta * b (b may be null). Residual add, scale, and gradient accumulation (a == output).</summary>
+    public void Axpby(Tensor output, Tensor a, Tensor? b, float alpha, float beta)
+    {
+        Float(output, "axpby", "output"); SameAs(a, output, "axpby", "a");
+        if (b is not null) SameAs(b, output, "axpby", "b");
+        AxpbyCore(output, a, b, alpha, beta);
+    }
+
+    public void Add(Tensor output, Tensor a, Tensor b) => Axpby(output, a, b, 1f, 1f);
+    public void Scale(Tensor output, Tensor a, float s) => Axpby(output, a, null, s, 0f);
+
+    protected abstract void AxpbyCore(Tensor output, Tensor a, Tensor? b, float alpha, float beta);
+
+    /// <summary>Copies with dtype conversion (fp32 master weights to a bf16 working copy, and back).</summary>
+    public void Convert(Tensor source, Tensor destination)
+    {
+        Own(source, "convert"); Own(destination, "convert");
+        if (source.Length != destination.Length) throw new ArgumentException($"convert: {source} and {destination} differ in length");
+        if (source.DType == DType.I32 || destination.DType == DType.I32) throw new ArgumentException("convert: float tensors only");
+        ConvertCore(source, destination);
+    }
+
+    protected abstract void ConvertCore(Tensor source, Tensor destination);
+
+    // ---- norms -----------------------------------------------------------------------------------------
+
+    /// <summary>y = w * x / sqrt(mean(x^2) + eps). x, y: [T, C]; w: [C]; rstd: [T] fp32, saved for backward.</summary>
+    public void RmsNormForward(Tensor x, Tensor weight, Tensor y, Tensor rstd, float eps)
+    {
+        Float(x, "rmsnorm_forward", "x"); SameAs(y, x, "rmsnorm_forward", "y");
+        Param(weight, x, "rmsnorm_forward", "weight"); Stat(rstd, x, "rmsnorm_forward", "rstd");
+        RmsNormForwardCore(x, weight, y, rstd, eps);
+    }
+
+    /// <summary>dx = d/dx, and dweight (+)= sum_t dy * x * rstd (fp32).</summary>
+    public void RmsNormBackward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight, bool accumulate)
+    {
+        Float(x, "rmsnorm_backward", "x"); SameAs(dy, x, "rmsnorm_backward", "dy"); SameAs(dx, x, "rmsnorm_backward", "dx");
+        Param(weight, x, "rmsnorm_backward", "weight"); Stat(rstd, x, "rmsnorm_backward", "rstd");
+        if (dweight is not null) { Fp32(dweight, "rmsnorm_backward", "dweight"); Len(dweight, x.Cols, "rmsnorm_backward", "dweight"); }
+        RmsNormBackwardCore(dy, x, weight, rstd, dx, dweight, accumulate);
+    }
+
+    protected abstract void RmsNormForwardCore(Tensor x, Tensor weight, Tensor y, Tensor rstd, float eps);
+    protected abstract void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight, bool accumulate);
+
+    /// <summary>y = (x - mean) * rstd * w + b. x, y: [T, C]; w, b: [C] (b may be null); mean, rstd: [T] fp32.</summary>
+    public void LayerNormForward(Tensor x, Tensor weight, Tensor? bias, Tensor y, Tensor mean, Tensor rstd, float eps)
+    {
+        Float(x, "layernorm_forward", "x"); SameAs(y, x, "layernorm_forward", "y");
+        Param(weight, x, "layernorm_forward", "weight");
+        if (bias is not null) Param(bias, x, "layernorm_forward", "bias");
+        Stat(mean, x, "layernorm_forward", "mean"); Stat(rstd, x, "layernorm_forward", "rstd");
+        LayerNormForwardCore(x, weight, bias, y, mean, rstd, eps);
+    }
+
+    public void LayerNormBackward(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor dx, Tensor? dweight, Tensor? dbias, bool accumulate)
+    {
+        Float(x, "layernorm_backward", "x"); SameAs(dy, x, "layernorm_backward", "dy"); SameAs(dx, x, "layernorm_backward", "dx");
+        Param(weight, x, "layernorm_backward", "weight");
+        Stat(mean, x, "layernorm_backward", "mean"); Stat(rstd, x, "layernorm_backward", "rstd");
+        if (dweight is not null) { Fp32(dweight, "layernorm_backward", "dweight"); Len(dweight, x.Cols, "layernorm_backward", "dweight"); }
+        if (dbias is not null) { Fp32(dbias, "layernorm_backward", "dbias"); Len(dbias, x.Cols, "layernorm_backward", "dbias"); }
+        if (dbias is not null && dweight is null) throw new ArgumentException("layernorm_backward: dbias needs dweight");
+        LayerNormBackwardCore(dy, x, weight, mean, rstd, dx, dweight, dbias, accumulate);
+    }
+
+    protected abstract void LayerNormForwardCore(Tensor x, Tensor weight, Tensor? bias, Tensor y, Tensor mean, Tensor rstd, float eps);
+    protected abstract void LayerNormBackwardCore(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor dx, Tensor? dweight, Tensor? dbias, bool accumulate);
+
+    // ---- RoPE ------------------------------------------------------------------------------------------
+
+    /// <summary>Qwen2 rotate-half RoPE. x, y: [T, H, D] (D even; y may be x); positions: [T] int32.</summary>
+    public void RopeForward(Tensor x, Tensor positions, Tensor y, float theta)
+    {
+        CheckRope(x, positions, y, "rope_forward", theta);
+        RopeCore(x, positions, y, theta, forward: true);
+    }
+
+    /// <summary>dx = rotation of dy by the negative angle.</summary>
+    public void RopeBackward(Tensor dy, Tensor positions, Tensor dx, float theta)
+    {
+        CheckRope(dy, positions, dx, "rope_backward", theta);
+        RopeCore(dy, positions, dx, theta, forward: false);
+    }
+
+    private void CheckRope(Tensor x, Tensor positions, Tensor y, string op, float theta)
+    {
+        Float(x, op, "x"); SameAs(y, x, op, "y");
+        if (x.Rank != 3 || x.Dim(2) % 2 != 0) throw new ArgumentException($"{op}: x is {x.ShapeString}, expected [T, H, D] with D even");
+        Own(positions, op);
+        if (positions.DType != DType.I32 || positions.Length != x.Dim(0)) throw new ArgumentException($"{op}: positions is {positions}, expected [{x.Dim(0)}] int32");
+        if (!(theta > 1f)) throw new ArgumentException($"{op}: theta must be > 1, got {theta}");
+    }
+
+    protected abstract void RopeCore(Tensor x, Tensor positions, Tensor y, float theta, bool forward);
+
+    // ---- activations -----------------------------------------------------------------------------------
+
+    /// <summary>y = silu(gate) * up. gate, up, y: same shape.</summary>
+    public void SwiGluForward(Tensor gate, Tensor up, Tensor y)
+    {
+        Float(gate, "swiglu_forward", "gate"); SameAs(up, gate, "swiglu_forward", "up"); SameAs(y, gate, "swiglu_forward", "y");
+        SwiGluForwardCore(gate, up, y);
+    }
+
+    public void SwiGluBackward(Tensor dy, Tensor gate, Tensor up, Tensor dgate, Tensor dup)
+    {
+        Float(gate, "swiglu_backward", "gate");
+        SameAs(up, gate, "swiglu_backward", "up"); SameAs(dy, gate, "swiglu_backward", "dy");
+        SameAs(dgate, gate, "swiglu_backward", "dgate"); SameAs(dup, gate, "swiglu_backward", "dup");
+        SwiGluBackwardCore(dy, gate, up, dgate, dup);
+    }
+
+    protected abstract void SwiGluForwardCore(Tensor gate, Tensor up, Tensor y);
+    protected abstract void SwiGluBackwardCore(Tensor dy, Tensor gate, Tensor up, Tensor dgate, Tensor dup);
+
+    public void GeluForward(Tensor x, Tensor y, GeluApproximation approximation)
+    {
+        Float(x, "gelu_forward", "x"); SameAs(y, x, "gelu_forward", "y");
+        GeluForwardCore(x, y, approximation);
+    }
+
+    public void GeluBackward(Tensor dy, Tensor x, Tensor dx, GeluApproximation approximation)
+    {
+        Float(x, "gelu_backward", "x"); SameAs(dy, x, "gelu_backward", "dy"); SameAs(dx, x, "gelu_backward", "dx");
+        GeluBackwardCore(dy, x, dx, approximation);
+    }
+
+    protected abstract void GeluForwardCore(Tensor x, Tensor y, GeluApproximation approximation);
+    protected abstract void GeluBackwardCore(Tensor dy, Tensor x, Tensor dx, GeluApproximation approximation);
+
+    /// <summary>y = softmax(scale * x) over the last dimension.</summary>
+    public void SoftmaxForward(Tensor x, Tensor y, float scale = 1f)
+    {
+        Float(x, "softmax_forward", "x"); SameAs(y, x, "softmax_forward", "y");
+        SoftmaxForwardCore(x, y, scale);
+    }
+
+    /// <summary>dx = scale * y * (dy - sum(dy * y)).</summary>
+    public void SoftmaxBackward(Tensor dy, Tensor y, Tensor dx, float scale = 1f)
+    {
+        Float(y, "softmax_backward", "y"); SameAs(dy, y, "softmax_backward", "dy"); SameAs(dx, y, "softmax_backward", "dx");
+        SoftmaxBackwardCore(dy, y, dx, scale);
+    }
+
+    protected abstract void SoftmaxForwardCore(Tensor x, Tensor y, float scale);
+    protected abstract void SoftmaxBackwardCore(Tensor dy, Tensor y, Tensor dx, float scale);
+
+    // ---- embedding and loss -------------------------------------------------------------------------------
+
+    /// <summary>output[t, :] = table[ids[t], :]. table [V, C], ids [T] int32, output [T, C]. An id outside [0, V) is an error.</summary>
+    public void EmbeddingForward(Tensor table, Tensor ids, Tensor output)
+    {
+        Float(table, "embedding_forward", "table");
+        if (table.Rank != 2) throw new ArgumentException($"embedding_forward: table is {table.ShapeString}, expected [V, C]");
+        Ids(ids, "embedding_forward", "ids");
+        SameType(output, table, "embedding_forward", "output");
+        if (output.Length != (long)ids.Length * table.Dim(1)) throw new ArgumentException($"embedding_forward: output is {output.ShapeString}, expected [{ids.Length}, {table.Dim(1)}]");
+        EmbeddingForwardCore(table, ids, output);
+    }
+
+    /// <summary>dtable[ids[t], :] += doutput[t, :] (scatter-add; dtable is fp32 and is accumulated into).</summary>
+    public void EmbeddingBackward(Tensor doutput, Tensor ids, Tensor dtable)
+    {
+        Fp32(dtable, "embedding_backward", "dtable");
+        if (dtable.Rank != 2) throw new ArgumentException($"embedding_backward: dtable is {dtable.ShapeString}, expected [V, C]");
+        Ids(ids, "embedding_backward", "ids");
+        Float(doutput, "embedding_backward", "doutput");
+        if (doutput.Length != (long)ids.Length * dtable.Dim(1)) throw new ArgumentException($"embedding_backward: doutput is {doutput.ShapeString}, expected [{ids.Length}, {dtable.Dim(1)}]");
+        EmbeddingBackwardCore(doutput, ids, dtable);
+    }
+
+    protected abstract void EmbeddingForwardCore(Tensor table, Tensor ids, Tensor output);
+    protected abstract void EmbeddingBackwardCore(Tensor doutput, Tensor ids, Tensor dtable);
+
+    public const int IgnoreIndex = -100;
+
+    /// <summary>
+    /// Fused log-softmax + gather: lse[t] = logsumexp(logits[t, :]), logprob[t] = logits[t, target[t]] - lse[t] (the
+    /// per-token NLL is -logprob). logits [T, V]; targets [T] int32 (IgnoreIndex gives 0); logprob, lse [T] fp32.
+    /// No [T, V] probabilities tensor is made.
+    /// </summary>
+    public void CrossEntropyForward(Tensor logits, Tensor targets, Tensor logprob, Tensor lse, int ignoreIndex = IgnoreIndex)
+    {
+        Float(logits, "cross_entropy_forward", "logits");
+        Ids(targets, "cross_entropy_forward", "targets");
+        if (targets.Length != logits.Rows) throw new ArgumentException($"cross_entropy_forward: targets has {targets.Length} elements, logits has {logits.Rows} rows");
+        Stat(logprob, logits, "cross_entropy_forward", "logprob"); Stat(lse, logits, "cross_entropy_forward", "lse");
+        CrossEntropyForwardCore(logits, targets, logprob, lse, ignoreIndex);
+    }
+
+    /// <summary>dlogits[t, v] = dlogprob[t] * (1[v == target] - exp(logits[t, v] - lse[t])); dlogits may be logits (in place).</summary>
+    public void CrossEntropyBackward(Tensor logits, Tensor targets, Tensor lse, Tensor dlogprob, Tensor dlogits, int ignoreIndex = IgnoreIndex)
+    {
+        Float(logits, "cross_entropy_backward", "logits"); SameAs(dlogits, logits, "cross_entropy_backward", "dlogits");
+        Ids(targets, "cross_entropy_backward", "targets");
+        if (targets.Length != logits.Rows) throw new ArgumentException($"cross_entropy_backward: targets has {targets.Length} elements, logits has {logits.Rows} rows");
+        Stat(lse, logits, "cross_entropy_backward", "lse"); Stat(dlogprob, logits, "cross_entropy_backward", "dlogprob");
+        CrossEntropyBackwardCore(logits, targets, lse, dlogprob, dlogits, ignoreIndex);
+    }
+
+    protected abstract void CrossEntropyForwardCore(Tensor logits, Tensor targets, Tensor logprob, Tensor lse, int ignoreIndex);
+    protected abstract void CrossEntropyBackwardCore(Tensor logits, Tensor targets, Tensor lse, Tensor dlogprob, Tensor dlogits, int ignoreIndex);
+
+    // ---- optimiser -----------------------------------------------------------------------------------------
+
+    /// <summary>
+    /// One AdamW step (step counts from 1) on fp32 master weights with fp32 moments; the gradient is multiplied by
+    /// <paramref name="gradScale"/> first. <paramref name="workingCopy"/> (bf16, optional) receives the new weights.
+    /// </summary>
+    public void AdamW(Tensor master, Tensor grad, Tensor m, Tensor v, Tensor? workingCopy, AdamWSettings s, int step, float gradScale = 1f)
+    {
+        Fp32(master, "adamw", "master");
+        foreach (var (t, n) in new[] { (grad, "grad"), (m, "m"), (v, "v") }) { Fp32(t, "adamw", n); Len(t, master.Length, "adamw", n); }
+        if (workingCopy is not null)
+        {
+            Own(workingCopy, "adamw");
+            if (workingCopy.DType != DType.BF16 || workingCopy.Length != master.Length) throw new ArgumentException($"adamw: working copy is {workingCopy}, expected {master.Length} bf16 elements");
+        }
+        if (step < 1) throw new ArgumentOutOfRangeException(nameof(step), "adamw: step counts from 1");
+        AdamWCore(master, grad, m, v, workingCopy, s, step, gradScale);
+    }
+
+    protected abstract void AdamWCore(Tensor master, Tensor grad, Tensor m, Tensor v, Tensor? workingCopy, AdamWSettings s, int step, float gradScale);
+
+    /// <summary>sqrt(sum of squares over all tensors), summed in a fixed order (deterministic), across ranks.</summary>
+    public double GlobalNorm(IReadOnlyList<Tensor> tensors)
+    {
+        foreach (var t in tensors) Float(t, "global_norm", t.Name);
+        Span<double> sumsq = [SumOfSquaresCore(tensors)];
+        Collectives.AllReduceSum(sumsq);
+        return Math.Sqrt(sumsq[0]);
+    }
+
+    /// <summary>Scales every gradient by min(1, maxNorm / (norm + 1e-6)); returns the norm before clipping.</summary>
+    public double ClipByGlobalNorm(IReadOnlyList<Tensor> grads, double maxNorm)
+    {
+        if (!(maxNorm > 0)) throw new ArgumentOutOfRangeException(nameof(maxNorm), "max norm must be positive");
+        double norm = GlobalNorm(grads);
+        double scale = ClipScale(norm, maxNorm);
+        if (scale < 1.0)
+            foreach (var g in grads) Scale(g, g, (float)scale);
+        return norm;
+    }
+
+    /// <summary>The factor that clipping applies to gradients of global norm <paramref name="norm"/>.</summary>
+    public static double ClipScale(double norm, double maxNorm) => Math.Min(1.0, maxNorm / (norm + 1e-6));
+
+    protected abstract double SumOfSquaresCore(IReadOnlyList<Tensor> tensors);
+
+    public abstract void Dispose();
+
+    // ---- argument checks --------------------------------------------------------------------------------
+
+    protected void Own(Tensor t, string op)
+    {
+        t.ThrowIfDisposed();
+        if (!ReferenceEquals(t.Backend, this)) throw new ArgumentException($"{op}: {t} lives on {t.Backend.Name}, not {Name}");
+    }
+
+    private void Float(Tensor t, string op, string name)
+    {
+        Own(t, op);
+        if (t.DType == DType.I32) throw new ArgumentException($"{op}: {name} ({t}) must be a float tensor");
+        CheckCompute(t, op, name);
+    }
+
+    /// <summary>Backends that compute only in some dtypes reject the others here.</summary>
+    protected virtual void CheckCompute(Tensor t, string op, string name) { }
+
+    private void Fp32(Tensor t, string op, string name)
+    {
+        Own(t, op);
+        if (t.DType != DType.F32) throw new ArgumentException($"{op}: {name} ({t}) must be fp32");
+    }
+
+    private void SameAs(Tensor t, Tensor like, string op, string name)
+    {
+        Own(t, op);
+        if (t.DType != like.DType || !t.Shape.SequenceEqual(like.Shape))
+            throw new ArgumentException($"{op}: {name} is {t.ShapeString} {t.DType.Name()}, expected {like.ShapeString} {like.DType.Name()}");
+    }
+
+    private void SameType(Tensor t, Tensor like, string op, string name)
+    {
+        Own(t, op);
+        if (t.DType != like.DType) throw new ArgumentException($"{op}: {name} is {t.DType.Name()}, expected {like.DType.Name()}");
+    }
+
+    private void Param(Tensor t, Tensor x, string op, string name)
+    {
+        SameType(t, x, op, name);
+        Len(t, x.Cols, op, name);
+    }
+
+    private void Stat(Tensor t, Tensor x, string op, string name)
+    {
+        Fp32(t, op, name);
+        Len(t, x.Rows, op, name);
+    }
+
+    private void Ids(Tensor t, string op, string name)
+    {
+        Own(t, op);
+        if (t.DType != DType.I32) throw new ArgumentException($"{op}: {name} ({t}) must be int32");
+    }
+
+    private static void Len(Tensor t, long length, string op, string name)
+    {
+        if (t.Length != length) throw new ArgumentException($"{op}: {name} is {t.ShapeString}, expected {length} elements");
+    }
+
+    /// <summary>Error for an id outside the vocabulary, reported by both backends in the same words.</summary>
+    protected static ArgumentException IdOutOfRange(string op, string tensor, int row, int id, int vocab) =>
+        new($"{op}: {tensor}[{row}] = {id} is outside [0, {vocab})");
+}
+
+/// <summary>Collectives across data-parallel ranks. NCCL (GPU) and MPI (CPU) implementations come with multi-GPU.</summary>
+public interface ICollectives
+{
+    int Rank { get; }
+    int WorldSize { get; }
+    void AllReduceSum(Span<double> values);
+    void AllReduceSum(Tensor tensor);
+}
+
+public sealed class SingleProcessCollectives : ICollectives
+{
+    public static readonly SingleProcessCollectives Instance = new();
+    public int Rank => 0;
+    public int WorldSize => 1;
+    public void AllReduceSum(Span<double> values) { }
+    public void AllReduceSum(Tensor tensor) { }
+}

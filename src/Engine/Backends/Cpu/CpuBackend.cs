@@ -1,0 +1,276 @@
+using ILGPU;
+using ILGPU.Runtime;
+using ILGPU.Runtime.CPU;
+using R1V2.Native.Engine.Tensors;
+
+namespace R1V2.Native.Engine.Backends.Cpu;
+
+internal sealed class CpuBlock(MemoryBuffer1D<byte, Stride1D.Dense> buffer) : DeviceBlock(buffer.Length)
+{
+    public MemoryBuffer1D<byte, Stride1D.Dense> Buffer { get; } = buffer;
+}
+
+/// <summary>
+/// The CPU backend: fp32 compute through ILGPU's CPU accelerator (the twins of the CUDA kernels, thread per row or
+/// per element) and SIMD C# GEMMs over the same host buffers. bf16 tensors can be stored (the AdamW working copy,
+/// conversions) but ops compute in fp32 only.
+/// </summary>
+public sealed unsafe class CpuBackend : Backend
+{
+    private readonly Context _context;
+    private readonly Accelerator _accelerator;
+    private readonly MemoryPool<CpuBlock> _pool;
+
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, float, float, int> _axpby;
+    private readonly Action<Index1D, ArrayView<ushort>, ArrayView<float>> _toBf16;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<ushort>> _fromBf16;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int> _biasAdd;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, int, int> _biasBackward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float> _rmsForward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _rmsBackward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int> _rmsBackwardWeight;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, float> _lnForward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _lnBackward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int> _lnBackwardParams;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int, float, float> _rope;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>> _swigluForward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>> _swigluBackward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int> _geluForward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _geluBackward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, float> _softmaxForward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float> _softmaxBackward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int> _embeddingForward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int> _embeddingBackward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int> _ceForward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, int, int> _ceBackward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<ushort>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AdamWArgs> _adamw;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, long, int> _sumsqPartial;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, int> _sumPartials;
+
+    /// <summary>Elements per partial sum of the norm kernels (the CUDA twin uses one block per chunk).</summary>
+    private const int NormChunk = 1 << 14;
+
+    /// <param name="threads">Simulated threads per warp x warps x multiprocessors; small shapes are cheapest on few cores.</param>
+    public CpuBackend(int threads = 2)
+    {
+        _context = Context.Create(b => b.CPU(new CPUDevice(2, 2, Math.Max(1, threads / 2))));
+        _accelerator = _context.CreateCPUAccelerator(0);
+        _pool = new MemoryPool<CpuBlock>(bytes => new CpuBlock(_accelerator.Allocate1D<byte>(bytes)), b => b.Buffer.Dispose());
+
+        var acc = _accelerator;
+        _axpby = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, float, float, int>(ElementwiseKernels.Axpby);
+        _toBf16 = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<ushort>, ArrayView<float>>(ElementwiseKernels.ConvertF32ToBf16);
+        _fromBf16 = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<ushort>>(ElementwiseKernels.ConvertBf16ToF32);
+        _biasAdd = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int>(BiasKernels.Add);
+        _biasBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, int, int>(BiasKernels.Backward);
+        _rmsForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float>(RmsNormKernels.Forward);
+        _rmsBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(RmsNormKernels.Backward);
+        _rmsBackwardWeight = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int>(RmsNormKernels.BackwardWeight);
+        _lnForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, float>(LayerNormKernels.Forward);
+        _lnBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(LayerNormKernels.Backward);
+        _lnBackwardParams = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int>(LayerNormKernels.BackwardParams);
+        _rope = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int, float, float>(RopeKernels.Rotate);
+        _swigluForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>>(SwiGluKernels.Forward);
+        _swigluBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>>(SwiGluKernels.Backward);
+        _geluForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int>(GeluKernels.Forward);
+        _geluBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(GeluKernels.Backward);
+        _softmaxForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, float>(SoftmaxKernels.Forward);
+        _softmaxBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float>(SoftmaxKernels.Backward);
+        _embeddingForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int>(EmbeddingKernels.Forward);
+        _embeddingBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int>(EmbeddingKernels.Backward);
+        _ceForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int>(CrossEntropyKernels.Forward);
+        _ceBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, int, int>(CrossEntropyKernels.Backward);
+        _adamw = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<ushort>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AdamWArgs>(AdamWKernels.Update);
+        _sumsqPartial = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, long, int>(GradNormKernels.SumSquaresPartial);
+        _sumPartials = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, int>(GradNormKernels.SumPartials);
+    }
+
+    public override string Name => "cpu";
+    public override DType ActivationType => DType.F32;
+    public override MemoryStats Memory => _pool.Stats;
+
+    protected override void CheckSupported(DType dtype) { }
+
+    protected override void CheckCompute(Tensor t, string op, string name)
+    {
+        if (t.DType != DType.F32) throw new ArgumentException($"{op}: {name} ({t}) is {t.DType.Name()}; the cpu backend computes in fp32 only");
+    }
+
+    // ---- memory -----------------------------------------------------------------------------------------
+    protected override DeviceBlock RentBlock(long bytes) => _pool.Rent(bytes);
+    internal override void Release(DeviceBlock block) => _pool.Return((CpuBlock)block);
+    public override void Synchronize() => _accelerator.Synchronize();
+
+    private static ArrayView<byte> Bytes(Tensor t) => ((CpuBlock)t.Block).Buffer.View.SubView(t.ByteOffset, t.Bytes);
+    private static ArrayView<float> F(Tensor t) => Bytes(t).Cast<float>();
+    private static ArrayView<int> I(Tensor t) => Bytes(t).Cast<int>();
+    private static ArrayView<ushort> H(Tensor t) => Bytes(t).Cast<ushort>();
+    private static ArrayView<float> F(Tensor? t, Tensor fallback) => t is null ? F(fallback) : F(t);
+
+    /// <summary>Host pointer to the first element (CPU accelerator memory is host memory).</summary>
+    private void* Pointer(Tensor t)
+    {
+        _accelerator.Synchronize();
+        return (byte*)((CpuBlock)t.Block).Buffer.NativePtr + t.ByteOffset;
+    }
+
+    public override void Zero(Tensor t)
+    {
+        Own(t, "zero");
+        new Span<byte>(Pointer(t), checked((int)t.Bytes)).Clear();
+    }
+
+    protected override void UploadFloats(Tensor t, ReadOnlySpan<float> data)
+    {
+        if (t.DType == DType.F32) data.CopyTo(new Span<float>(Pointer(t), data.Length));
+        else
+        {
+            var dst = new Span<ushort>(Pointer(t), data.Length);
+            for (int i = 0; i < data.Length; i++) dst[i] = BFloat16.FromFloat(data[i]);
+        }
+    }
+
+    protected override void UploadInts(Tensor t, ReadOnlySpan<int> data) => data.CopyTo(new Span<int>(Pointer(t), data.Length));
+
+    protected override float[] DownloadFloatsCore(Tensor t)
+    {
+        int n = checked((int)t.Length);
+        if (t.DType == DType.F32) return new ReadOnlySpan<float>(Pointer(t), n).ToArray();
+        var src = new ReadOnlySpan<ushort>(Pointer(t), n);
+        var result = new float[n];
+        for (int i = 0; i < n; i++) result[i] = BFloat16.ToFloat(src[i]);
+        return result;
+    }
+
+    protected override int[] DownloadIntsCore(Tensor t) => new ReadOnlySpan<int>(Pointer(t), checked((int)t.Length)).ToArray();
+
+    // ---- ops -----------------------------------------------------------------------------------------------
+    protected override void GemmCore(Tensor a, bool transA, Tensor b, bool transB, Tensor c, Tensor? bias, float alpha, float beta, int batch, int m, int n, int k)
+    {
+        var pa = (float*)Pointer(a);
+        var pb = (float*)Pointer(b);
+        var pc = (float*)Pointer(c);
+        for (int i = 0; i < batch; i++)
+            CpuGemm.Gemm(pa + (long)i * m * k, transA, pb + (long)i * k * n, transB, pc + (long)i * m * n, m, n, k, alpha, beta);
+        if (bias is not null) _biasAdd(checked((int)c.Length), F(c), F(bias), n);
+    }
+
+    protected override void BiasBackwardCore(Tensor dy, Tensor dbias, bool accumulate) =>
+        _biasBackward(dy.Cols, F(dbias), F(dy), dy.Rows, dy.Cols, accumulate ? 1 : 0);
+
+    protected override void AxpbyCore(Tensor output, Tensor a, Tensor? b, float alpha, float beta) =>
+        _axpby(checked((int)output.Length), F(output), F(a), F(b, a), alpha, beta, b is null ? 0 : 1);
+
+    protected override void ConvertCore(Tensor source, Tensor destination)
+    {
+        int n = checked((int)source.Length);
+        switch (source.DType, destination.DType)
+        {
+            case (DType.F32, DType.BF16): _toBf16(n, H(destination), F(source)); break;
+            case (DType.BF16, DType.F32): _fromBf16(n, F(destination), H(source)); break;
+            case (DType.F32, DType.F32): _axpby(n, F(destination), F(source), F(source), 1f, 0f, 0); break;
+            default: new ReadOnlySpan<byte>(Pointer(source), checked((int)source.Bytes)).CopyTo(new Span<byte>(Pointer(destination), checked((int)destination.Bytes))); break;
+        }
+    }
+
+    protected override void RmsNormForwardCore(Tensor x, Tensor weight, Tensor y, Tensor rstd, float eps) =>
+        _rmsForward(x.Rows, F(y), F(rstd), F(x), F(weight), x.Cols, eps);
+
+    protected override void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight, bool accumulate)
+    {
+        // The weight gradient reads dy before dx is written (dx may alias dy).
+        if (dweight is not null) _rmsBackwardWeight(x.Cols, F(dweight), F(dy), F(x), F(rstd), x.Rows, x.Cols, accumulate ? 1 : 0);
+        _rmsBackward(x.Rows, F(dx), F(dy), F(x), F(weight), F(rstd), x.Cols);
+    }
+
+    protected override void LayerNormForwardCore(Tensor x, Tensor weight, Tensor? bias, Tensor y, Tensor mean, Tensor rstd, float eps) =>
+        _lnForward(x.Rows, F(y), F(mean), F(rstd), F(x), F(weight), F(bias, weight), bias is null ? 0 : 1, x.Cols, eps);
+
+    protected override void LayerNormBackwardCore(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor dx, Tensor? dweight, Tensor? dbias, bool accumulate)
+    {
+        if (dweight is not null)
+            _lnBackwardParams(x.Cols, F(dweight), F(dbias, dweight), dbias is null ? 0 : 1, F(dy), F(x), F(mean), F(rstd), x.Rows, x.Cols, accumulate ? 1 : 0);
+        _lnBackward(x.Rows, F(dx), F(dy), F(x), F(weight), F(mean), F(rstd), x.Cols);
+    }
+
+    protected override void RopeCore(Tensor x, Tensor positions, Tensor y, float theta, bool forward) =>
+        _rope(checked((int)(x.Length / 2)), F(y), F(x), I(positions), x.Dim(1), x.Dim(2), theta, forward ? 1f : -1f);
+
+    protected override void SwiGluForwardCore(Tensor gate, Tensor up, Tensor y) => _swigluForward(checked((int)gate.Length), F(y), F(gate), F(up));
+
+    protected override void SwiGluBackwardCore(Tensor dy, Tensor gate, Tensor up, Tensor dgate, Tensor dup) =>
+        _swigluBackward(checked((int)gate.Length), F(dgate), F(dup), F(dy), F(gate), F(up));
+
+    protected override void GeluForwardCore(Tensor x, Tensor y, GeluApproximation approximation) =>
+        _geluForward(checked((int)x.Length), F(y), F(x), (int)approximation);
+
+    protected override void GeluBackwardCore(Tensor dy, Tensor x, Tensor dx, GeluApproximation approximation) =>
+        _geluBackward(checked((int)x.Length), F(dx), F(dy), F(x), (int)approximation);
+
+    protected override void SoftmaxForwardCore(Tensor x, Tensor y, float scale) => _softmaxForward(x.Rows, F(y), F(x), x.Cols, scale);
+
+    protected override void SoftmaxBackwardCore(Tensor dy, Tensor y, Tensor dx, float scale) => _softmaxBackward(y.Rows, F(dx), F(dy), F(y), y.Cols, scale);
+
+    /// <summary>Host-side range check: CPU memory is host memory, so ids are checked before any thread reads them.</summary>
+    private void CheckIds(Tensor ids, int vocab, string op, string tensor, int? ignoreIndex = null)
+    {
+        var span = new ReadOnlySpan<int>(Pointer(ids), checked((int)ids.Length));
+        for (int i = 0; i < span.Length; i++)
+            if ((span[i] < 0 || span[i] >= vocab) && span[i] != ignoreIndex)
+                throw IdOutOfRange(op, tensor, i, span[i], vocab);
+    }
+
+    protected override void EmbeddingForwardCore(Tensor table, Tensor ids, Tensor output)
+    {
+        CheckIds(ids, table.Dim(0), "embedding_forward", "ids");
+        _embeddingForward(checked((int)output.Length), F(output), F(table), I(ids), table.Dim(1));
+    }
+
+    protected override void EmbeddingBackwardCore(Tensor doutput, Tensor ids, Tensor dtable)
+    {
+        CheckIds(ids, dtable.Dim(0), "embedding_backward", "ids");
+        _embeddingBackward(dtable.Dim(1), F(dtable), F(doutput), I(ids), checked((int)ids.Length), dtable.Dim(1));
+    }
+
+    protected override void CrossEntropyForwardCore(Tensor logits, Tensor targets, Tensor logprob, Tensor lse, int ignoreIndex)
+    {
+        CheckIds(targets, logits.Cols, "cross_entropy_forward", "targets", ignoreIndex);
+        _ceForward(logits.Rows, F(logprob), F(lse), F(logits), I(targets), logits.Cols, ignoreIndex);
+    }
+
+    protected override void CrossEntropyBackwardCore(Tensor logits, Tensor targets, Tensor lse, Tensor dlogprob, Tensor dlogits, int ignoreIndex)
+    {
+        CheckIds(targets, logits.Cols, "cross_entropy_backward", "targets", ignoreIndex);
+        _ceBackward(logits.Rows, F(dlogits), F(logits), F(lse), I(targets), F(dlogprob), logits.Cols, ignoreIndex);
+    }
+
+    protected override void AdamWCore(Tensor master, Tensor grad, Tensor m, Tensor v, Tensor? workingCopy, AdamWSettings s, int step, float gradScale)
+    {
+        var args = new AdamWArgs(s.LearningRate, s.Beta1, s.Beta2, s.Epsilon, s.WeightDecay,
+            1f - MathF.Pow(s.Beta1, step), 1f - MathF.Pow(s.Beta2, step), gradScale, workingCopy is null ? 0 : 1);
+        var copy = workingCopy is null ? Bytes(master).Cast<ushort>() : H(workingCopy);
+        _adamw(checked((int)master.Length), F(master), copy, F(grad), F(m), F(v), args);
+    }
+
+    protected override double SumOfSquaresCore(IReadOnlyList<Tensor> tensors)
+    {
+        using var total = Allocate(DType.F32, 1);
+        bool first = true;
+        foreach (var t in tensors)
+        {
+            int chunks = (int)Math.Max(1, (t.Length + NormChunk - 1) / NormChunk);
+            using var partial = Allocate(DType.F32, chunks);
+            _sumsqPartial(chunks, F(partial), F(t), t.Length, NormChunk);
+            _sumPartials(1, F(total), F(partial), chunks, first ? 0 : 1);
+            first = false;
+        }
+        return total.ToFloatArray()[0];
+    }
+
+    public override void Dispose()
+    {
+        _pool.Dispose();
+        _accelerator.Dispose();
+        _context.Dispose();
+    }
+}

@@ -1,0 +1,36 @@
+using ILGPU;
+
+namespace R1V2.Native.Engine.Backends.Cpu;
+
+/// <summary>ILGPU twins of kernels/rmsnorm.cu: one thread per row (the CUDA kernels use a block per row).</summary>
+internal static class RmsNormKernels
+{
+    public static void Forward(Index1D row, ArrayView<float> y, ArrayView<float> rstd, ArrayView<float> x, ArrayView<float> w, int cols, float eps)
+    {
+        long b = (long)row.X * cols;
+        float ss = 0f;
+        for (int c = 0; c < cols; c++) { float v = x[b + c]; ss += v * v; }
+        float r = 1f / MathF.Sqrt(ss / cols + eps);
+        rstd[row] = r;
+        for (int c = 0; c < cols; c++) y[b + c] = w[c] * (x[b + c] * r);
+    }
+
+    /// <summary>dx = rstd * (g - xhat * mean(g * xhat)), g = w * dy.</summary>
+    public static void Backward(Index1D row, ArrayView<float> dx, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> w, ArrayView<float> rstd, int cols)
+    {
+        long b = (long)row.X * cols;
+        float r = rstd[row];
+        float dot = 0f;
+        for (int c = 0; c < cols; c++) dot += w[c] * dy[b + c] * x[b + c] * r;
+        dot /= cols;
+        for (int c = 0; c < cols; c++) dx[b + c] = r * (w[c] * dy[b + c] - x[b + c] * r * dot);
+    }
+
+    /// <summary>dw[c] (+)= sum_t dy * x * rstd, one thread per column.</summary>
+    public static void BackwardWeight(Index1D c, ArrayView<float> dw, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> rstd, int rows, int cols, int accumulate)
+    {
+        float s = 0f;
+        for (int r = 0; r < rows; r++) { long i = (long)r * cols + c; s += dy[i] * x[i] * rstd[r]; }
+        dw[c] = accumulate != 0 ? dw[c] + s : s;
+    }
+}

@@ -1,0 +1,22 @@
+using ILGPU;
+
+namespace R1V2.Native.Engine.Backends.Cpu;
+
+/// <summary>ILGPU twin of kernels/rope.cu: one thread per (token, head, pair); direction -1 is the backward rotation.</summary>
+internal static class RopeKernels
+{
+    public static void Rotate(Index1D idx, ArrayView<float> y, ArrayView<float> x, ArrayView<int> pos, int heads, int dim, float theta, float direction)
+    {
+        int half = dim / 2;
+        int i = idx % half;
+        long th = idx / half;
+        int t = (int)(th / heads);
+        float invFreq = 1f / MathF.Pow(theta, (float)(2 * i) / dim);
+        float a = pos[t] * invFreq;
+        float s = MathF.Sin(a) * direction, c = MathF.Cos(a);
+        long b = th * dim;
+        float x1 = x[b + i], x2 = x[b + i + half];
+        y[b + i] = x1 * c - x2 * s;
+        y[b + i + half] = x2 * c + x1 * s;
+    }
+}

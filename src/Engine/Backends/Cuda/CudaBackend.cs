@@ -1,0 +1,337 @@
+using R1V2.Native.Engine.Kernels;
+using R1V2.Native.Engine.Tensors;
+using R1V2.Native.Interop;
+
+namespace R1V2.Native.Engine.Backends.Cuda;
+
+internal sealed class CudaBlock(ulong pointer, long bytes) : DeviceBlock(bytes)
+{
+    public ulong Pointer { get; } = pointer;
+}
+
+/// <summary>
+/// The CUDA backend: bf16 (or fp32) storage, fp32 accumulation, NVRTC-compiled kernels from kernels/*.cu and
+/// cuBLAS / cuBLASLt GEMMs, all on one stream of the device's primary context. Nothing here synchronises except
+/// downloads, the id-range checks of embedding and loss, and the norm read-back.
+/// </summary>
+public sealed unsafe class CudaBackend : Backend
+{
+    private const long WorkspaceBytes = 32L << 20;
+    private const int MaxNormPartials = 1024;
+
+    private readonly CudaContext _context;
+    private readonly CudaStream _stream;
+    private readonly CublasHandle _cublas;
+    private readonly CublasLtHandle _cublasLt;
+    private readonly ulong _workspace;
+    private readonly ulong _errorWord; // int32[2]: first bad row (-1: none), its id
+    private readonly MemoryPool<CudaBlock> _pool;
+    private readonly Dictionary<string, CudaModule> _modules = new();
+    private readonly Dictionary<string, CudaFunction> _functions = new();
+    private readonly (string Arch, bool Cubin) _target;
+
+    public CudaBackend(int device = 0, KernelCompiler? compiler = null, DType activationType = DType.BF16)
+    {
+        if (activationType == DType.I32) throw new ArgumentException("activation type must be fp32 or bf16");
+        _context = new CudaContext(device);
+        _stream = new CudaStream();
+        _cublas = new CublasHandle();
+        _cublas.SetStream(_stream);
+        _cublas.SetDefaultMath();
+        _cublasLt = new CublasLtHandle();
+        _workspace = CudaDriver.Alloc(WorkspaceBytes);
+        _cublas.SetWorkspace(_workspace, WorkspaceBytes);
+        _errorWord = CudaDriver.Alloc(8);
+        _pool = new MemoryPool<CudaBlock>(bytes => new CudaBlock(CudaDriver.Alloc(bytes), bytes), b => CudaDriver.Free(b.Pointer));
+        Compiler = compiler ?? new KernelCompiler();
+        ActivationType = activationType;
+        _target = KernelCompiler.TargetFor(Device.Major * 10 + Device.Minor, Nvrtc.SupportedArchs());
+    }
+
+    /// <summary>True when a CUDA device, the driver and NVRTC and cuBLAS are all usable here; otherwise why not.</summary>
+    public static bool IsAvailable(out string reason)
+    {
+        foreach (var lib in NativeLibraries.All)
+            if (!lib.TryLoad(out var error)) { reason = error!; return false; }
+        try
+        {
+            if (CudaDriver.DeviceCount() == 0) { reason = "the CUDA driver reports no device"; return false; }
+        }
+        catch (CudaException e) { reason = e.Message; return false; }
+        reason = "";
+        return true;
+    }
+
+    public KernelCompiler Compiler { get; }
+    public CudaDeviceInfo Device => _context.Device;
+    public CudaStream Stream => _stream;
+    public override string Name => $"cuda:{_context.Ordinal}";
+    public override DType ActivationType { get; }
+    public override MemoryStats Memory => _pool.Stats;
+
+    // ---- kernels ------------------------------------------------------------------------------------------
+    /// <summary>The kernel <paramref name="name"/> of <paramref name="family"/>, compiling and loading the family once.</summary>
+    public CudaFunction Function(string family, string name)
+    {
+        if (_functions.TryGetValue(name, out var f)) return f;
+        if (!_modules.TryGetValue(family, out var module))
+        {
+            var compiled = Compiler.Compile(family, _target.Arch, _target.Cubin);
+            _modules[family] = module = new CudaModule(compiled.Image);
+        }
+        f = module.Function(name);
+        _functions[name] = f;
+        return f;
+    }
+
+    private static string Suffix(Tensor t) => t.DType == DType.BF16 ? "_bf16" : "_f32";
+
+    private void Launch(string family, string kernel, long gridX, ReadOnlySpan<ulong> args)
+    {
+        var f = Function(family, kernel);
+        int block = Compiler.Tuning.Block(family);
+        CudaDriver.Launch(f.Handle, new Dim3(checked((uint)Math.Max(1, gridX))), new Dim3((uint)block), 0, _stream.Handle, args);
+    }
+
+    /// <summary>Blocks for a grid-stride loop over n elements: enough to fill the device, never more than needed.</summary>
+    private long StrideGrid(string family, long n)
+    {
+        long block = Compiler.Tuning.Block(family);
+        return Math.Clamp((n + block - 1) / block, 1, (long)Device.MultiprocessorCount * 32);
+    }
+
+    private long ColumnGrid(string family, int cols) => (cols + Compiler.Tuning.Block(family) - 1) / Compiler.Tuning.Block(family);
+
+    /// <summary>Device pointer of the first element; 0 (nullptr in the kernel) for an absent optional tensor.</summary>
+    private static ulong P(Tensor? t) => t is null ? 0 : ((CudaBlock)t.Block).Pointer + (ulong)t.ByteOffset;
+    private static ulong I(int v) => KernelArg.I32(v);
+    private static ulong L(long v) => KernelArg.I64(v);
+    private static ulong Fl(float v) => KernelArg.F32(v);
+
+    // ---- memory -----------------------------------------------------------------------------------------------
+    protected override DeviceBlock RentBlock(long bytes) => _pool.Rent(bytes);
+    internal override void Release(DeviceBlock block) => _pool.Return((CudaBlock)block);
+    public override void Synchronize() => _stream.Synchronize();
+    public override void Zero(Tensor t) => CudaDriver.MemsetAsync(P(t), 0, t.Bytes, _stream.Handle);
+
+    protected override void UploadFloats(Tensor t, ReadOnlySpan<float> data)
+    {
+        if (t.DType == DType.F32)
+        {
+            fixed (float* p = data) CudaDriver.CopyHtoDAsync(P(t), p, t.Bytes, _stream.Handle);
+        }
+        else
+        {
+            var bits = new ushort[data.Length];
+            for (int i = 0; i < data.Length; i++) bits[i] = BFloat16.FromFloat(data[i]);
+            fixed (ushort* p = bits) CudaDriver.CopyHtoDAsync(P(t), p, t.Bytes, _stream.Handle);
+        }
+        _stream.Synchronize(); // the host buffer may go away when this returns
+    }
+
+    protected override void UploadInts(Tensor t, ReadOnlySpan<int> data)
+    {
+        fixed (int* p = data) CudaDriver.CopyHtoDAsync(P(t), p, t.Bytes, _stream.Handle);
+        _stream.Synchronize();
+    }
+
+    protected override float[] DownloadFloatsCore(Tensor t)
+    {
+        var result = new float[t.Length];
+        if (t.DType == DType.F32)
+        {
+            fixed (float* p = result) CudaDriver.CopyDtoHAsync(p, P(t), t.Bytes, _stream.Handle);
+            _stream.Synchronize();
+            return result;
+        }
+        var bits = new ushort[t.Length];
+        fixed (ushort* p = bits) CudaDriver.CopyDtoHAsync(p, P(t), t.Bytes, _stream.Handle);
+        _stream.Synchronize();
+        for (int i = 0; i < bits.Length; i++) result[i] = BFloat16.ToFloat(bits[i]);
+        return result;
+    }
+
+    protected override int[] DownloadIntsCore(Tensor t)
+    {
+        var result = new int[t.Length];
+        fixed (int* p = result) CudaDriver.CopyDtoHAsync(p, P(t), t.Bytes, _stream.Handle);
+        _stream.Synchronize();
+        return result;
+    }
+
+    // ---- GEMM -------------------------------------------------------------------------------------------------
+    private static CudaDataType Cu(DType t) => t == DType.BF16 ? CudaDataType.R16BF : CudaDataType.R32F;
+
+    /// <summary>
+    /// Row-major c[M, N] = op(a) op(b) is column-major c^T[N, M] = op(b)^T op(a)^T, so cuBLAS gets b first with
+    /// m' = N, n' = M: no copies or transposes are made.
+    /// </summary>
+    protected override void GemmCore(Tensor a, bool transA, Tensor b, bool transB, Tensor c, Tensor? bias, float alpha, float beta, int batch, int m, int n, int k)
+    {
+        var opB = transB ? CublasOperation.T : CublasOperation.N;
+        var opA = transA ? CublasOperation.T : CublasOperation.N;
+        int ldb = transB ? k : n, lda = transA ? m : k;
+        if (batch == 1)
+        {
+            CublasLt.Matmul(_cublasLt, opB, opA, n, m, k, alpha, P(b), Cu(b.DType), ldb, P(a), Cu(a.DType), lda, beta,
+                P(c), Cu(c.DType), n, P(bias), bias is null ? Cu(c.DType) : Cu(bias.DType), _workspace, WorkspaceBytes, _stream.Handle);
+            return;
+        }
+        Cublas.GemmStridedBatchedEx(_cublas, opB, opA, n, m, k, alpha, P(b), Cu(b.DType), ldb, (long)k * n,
+            P(a), Cu(a.DType), lda, (long)m * k, beta, P(c), Cu(c.DType), n, (long)m * n, batch);
+        if (bias is not null)
+            Launch("bias", "bias_add" + Suffix(c), StrideGrid("bias", c.Length), [P(c), P(bias), I(batch * m), I(n)]);
+    }
+
+    protected override void BiasBackwardCore(Tensor dy, Tensor dbias, bool accumulate) =>
+        Launch("bias", "bias_backward" + Suffix(dy), ColumnGrid("bias", dy.Cols), [P(dbias), P(dy), I(dy.Rows), I(dy.Cols), I(accumulate ? 1 : 0)]);
+
+    // ---- elementwise ------------------------------------------------------------------------------------------
+    protected override void AxpbyCore(Tensor output, Tensor a, Tensor? b, float alpha, float beta) =>
+        Launch("elementwise", "axpby" + Suffix(output), StrideGrid("elementwise", output.Length),
+            [P(output), P(a), P(b), Fl(alpha), Fl(beta), L(output.Length)]);
+
+    protected override void ConvertCore(Tensor source, Tensor destination)
+    {
+        long n = source.Length;
+        switch (source.DType, destination.DType)
+        {
+            case (DType.F32, DType.BF16):
+                Launch("elementwise", "convert_f32_to_bf16", StrideGrid("elementwise", n), [P(destination), P(source), L(n)]);
+                break;
+            case (DType.BF16, DType.F32):
+                Launch("elementwise", "convert_bf16_to_f32", StrideGrid("elementwise", n), [P(destination), P(source), L(n)]);
+                break;
+            default:
+                CudaDriver.CopyDtoDAsync(P(destination), P(source), source.Bytes, _stream.Handle);
+                break;
+        }
+    }
+
+    // ---- norms ----------------------------------------------------------------------------------------------------
+    protected override void RmsNormForwardCore(Tensor x, Tensor weight, Tensor y, Tensor rstd, float eps) =>
+        Launch("rmsnorm", "rmsnorm_forward" + Suffix(x), x.Rows, [P(y), P(rstd), P(x), P(weight), I(x.Rows), I(x.Cols), Fl(eps)]);
+
+    protected override void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight, bool accumulate)
+    {
+        // The weight gradient reads dy before dx is written (dx may alias dy).
+        if (dweight is not null)
+            Launch("rmsnorm", "rmsnorm_backward_weight" + Suffix(x), ColumnGrid("rmsnorm", x.Cols),
+                [P(dweight), P(dy), P(x), P(rstd), I(x.Rows), I(x.Cols), I(accumulate ? 1 : 0)]);
+        Launch("rmsnorm", "rmsnorm_backward" + Suffix(x), x.Rows, [P(dx), P(dy), P(x), P(weight), P(rstd), I(x.Rows), I(x.Cols)]);
+    }
+
+    protected override void LayerNormForwardCore(Tensor x, Tensor weight, Tensor? bias, Tensor y, Tensor mean, Tensor rstd, float eps) =>
+        Launch("layernorm", "layernorm_forward" + Suffix(x), x.Rows,
+            [P(y), P(mean), P(rstd), P(x), P(weight), P(bias), I(x.Rows), I(x.Cols), Fl(eps)]);
+
+    protected override void LayerNormBackwardCore(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor dx, Tensor? dweight, Tensor? dbias, bool accumulate)
+    {
+        if (dweight is not null)
+            Launch("layernorm", "layernorm_backward_params" + Suffix(x), ColumnGrid("layernorm", x.Cols),
+                [P(dweight), P(dbias), P(dy), P(x), P(mean), P(rstd), I(x.Rows), I(x.Cols), I(accumulate ? 1 : 0)]);
+        Launch("layernorm", "layernorm_backward" + Suffix(x), x.Rows,
+            [P(dx), P(dy), P(x), P(weight), P(mean), P(rstd), I(x.Rows), I(x.Cols)]);
+    }
+
+    // ---- rope, activations, softmax -------------------------------------------------------------------------------------
+    protected override void RopeCore(Tensor x, Tensor positions, Tensor y, float theta, bool forward) =>
+        Launch("rope", (forward ? "rope_forward" : "rope_backward") + Suffix(x), StrideGrid("rope", x.Length / 2),
+            [P(y), P(x), P(positions), I(x.Dim(0)), I(x.Dim(1)), I(x.Dim(2)), Fl(theta)]);
+
+    protected override void SwiGluForwardCore(Tensor gate, Tensor up, Tensor y) =>
+        Launch("swiglu", "swiglu_forward" + Suffix(gate), StrideGrid("swiglu", gate.Length), [P(y), P(gate), P(up), L(gate.Length)]);
+
+    protected override void SwiGluBackwardCore(Tensor dy, Tensor gate, Tensor up, Tensor dgate, Tensor dup) =>
+        Launch("swiglu", "swiglu_backward" + Suffix(gate), StrideGrid("swiglu", gate.Length),
+            [P(dgate), P(dup), P(dy), P(gate), P(up), L(gate.Length)]);
+
+    protected override void GeluForwardCore(Tensor x, Tensor y, GeluApproximation approximation) =>
+        Launch("gelu", "gelu_forward" + Suffix(x), StrideGrid("gelu", x.Length), [P(y), P(x), L(x.Length), I((int)approximation)]);
+
+    protected override void GeluBackwardCore(Tensor dy, Tensor x, Tensor dx, GeluApproximation approximation) =>
+        Launch("gelu", "gelu_backward" + Suffix(x), StrideGrid("gelu", x.Length), [P(dx), P(dy), P(x), L(x.Length), I((int)approximation)]);
+
+    protected override void SoftmaxForwardCore(Tensor x, Tensor y, float scale) =>
+        Launch("softmax", "softmax_forward" + Suffix(x), x.Rows, [P(y), P(x), I(x.Rows), I(x.Cols), Fl(scale)]);
+
+    protected override void SoftmaxBackwardCore(Tensor dy, Tensor y, Tensor dx, float scale) =>
+        Launch("softmax", "softmax_backward" + Suffix(y), y.Rows, [P(dx), P(dy), P(y), I(y.Rows), I(y.Cols), Fl(scale)]);
+
+    // ---- embedding and loss -----------------------------------------------------------------------------------------------
+    private void ResetError() => CudaDriver.MemsetD32Async(_errorWord, 0xFFFFFFFFu, 1, _stream.Handle);
+
+    /// <summary>Reads the error word the kernel set (a synchronising 8-byte read) and throws on a bad id.</summary>
+    private void ThrowOnBadId(string op, string tensor, int vocab)
+    {
+        var word = stackalloc int[2];
+        CudaDriver.CopyDtoHAsync(word, _errorWord, 8, _stream.Handle);
+        _stream.Synchronize();
+        if (word[0] >= 0) throw IdOutOfRange(op, tensor, word[0], word[1], vocab);
+    }
+
+    protected override void EmbeddingForwardCore(Tensor table, Tensor ids, Tensor output)
+    {
+        ResetError();
+        Launch("embedding", "embedding_forward" + Suffix(table), StrideGrid("embedding", output.Length),
+            [P(output), P(table), P(ids), I((int)ids.Length), I(table.Dim(1)), I(table.Dim(0)), _errorWord]);
+        ThrowOnBadId("embedding_forward", "ids", table.Dim(0));
+    }
+
+    protected override void EmbeddingBackwardCore(Tensor doutput, Tensor ids, Tensor dtable)
+    {
+        ResetError();
+        Launch("embedding", "embedding_backward" + Suffix(doutput), StrideGrid("embedding", doutput.Length),
+            [P(dtable), P(doutput), P(ids), I((int)ids.Length), I(dtable.Dim(1)), I(dtable.Dim(0)), _errorWord]);
+        ThrowOnBadId("embedding_backward", "ids", dtable.Dim(0));
+    }
+
+    protected override void CrossEntropyForwardCore(Tensor logits, Tensor targets, Tensor logprob, Tensor lse, int ignoreIndex)
+    {
+        ResetError();
+        Launch("cross_entropy", "cross_entropy_forward" + Suffix(logits), logits.Rows,
+            [P(logprob), P(lse), P(logits), P(targets), I(logits.Rows), I(logits.Cols), I(ignoreIndex), _errorWord]);
+        ThrowOnBadId("cross_entropy_forward", "targets", logits.Cols);
+    }
+
+    protected override void CrossEntropyBackwardCore(Tensor logits, Tensor targets, Tensor lse, Tensor dlogprob, Tensor dlogits, int ignoreIndex) =>
+        Launch("cross_entropy", "cross_entropy_backward" + Suffix(logits), logits.Rows,
+            [P(dlogits), P(logits), P(lse), P(targets), P(dlogprob), I(logits.Rows), I(logits.Cols), I(ignoreIndex)]);
+
+    // ---- optimiser ---------------------------------------------------------------------------------------------------------
+    protected override void AdamWCore(Tensor master, Tensor grad, Tensor m, Tensor v, Tensor? workingCopy, AdamWSettings s, int step, float gradScale)
+    {
+        float bc1 = 1f - MathF.Pow(s.Beta1, step), bc2 = 1f - MathF.Pow(s.Beta2, step);
+        Launch("adamw", "adamw_update", StrideGrid("adamw", master.Length),
+            [P(master), P(workingCopy), P(grad), P(m), P(v), L(master.Length), Fl(s.LearningRate), Fl(s.Beta1), Fl(s.Beta2),
+             Fl(s.Epsilon), Fl(s.WeightDecay), Fl(bc1), Fl(bc2), Fl(gradScale)]);
+    }
+
+    protected override double SumOfSquaresCore(IReadOnlyList<Tensor> tensors)
+    {
+        using var total = Allocate(DType.F32, 1);
+        using var partial = Allocate(DType.F32, MaxNormPartials);
+        bool first = true;
+        foreach (var t in tensors)
+        {
+            long grid = Math.Min(StrideGrid("grad_norm", t.Length), MaxNormPartials);
+            Launch("grad_norm", "sumsq_partial" + Suffix(t), grid, [P(partial), P(t), L(t.Length)]);
+            Launch("grad_norm", "sum_partials", 1, [P(total), P(partial), I((int)grid), I(first ? 0 : 1)]);
+            first = false;
+        }
+        return total.ToFloatArray()[0];
+    }
+
+    public override void Dispose()
+    {
+        _stream.Synchronize();
+        foreach (var m in _modules.Values) m.Dispose();
+        _pool.Dispose();
+        CudaDriver.Free(_errorWord);
+        CudaDriver.Free(_workspace);
+        _cublasLt.Dispose();
+        _cublas.Dispose();
+        _stream.Dispose();
+        _context.Dispose();
+    }
+}

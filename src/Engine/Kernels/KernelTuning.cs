@@ -1,0 +1,47 @@
+namespace R1V2.Native.Engine.Kernels;
+
+/// <summary>
+/// Tunable launch parameters per kernel family. Each becomes a -D define when the family is compiled (so
+/// __launch_bounds__ and the code see it) and is the block size the host launches with, so the two always agree.
+/// Autotuning will search these per shape and device; the defaults are the values measured as sound.
+/// </summary>
+public sealed class KernelTuning
+{
+    private readonly Dictionary<string, int> _blocks;
+
+    public static readonly IReadOnlyDictionary<string, int> DefaultBlocks = new Dictionary<string, int>
+    {
+        ["adamw"] = 256,
+        ["bias"] = 256,
+        ["cross_entropy"] = 512,
+        ["elementwise"] = 256,
+        ["embedding"] = 256,
+        ["gelu"] = 256,
+        ["grad_norm"] = 512,
+        ["layernorm"] = 256,
+        ["rmsnorm"] = 256,
+        ["rope"] = 256,
+        ["softmax"] = 256,
+        ["swiglu"] = 256,
+    };
+
+    public KernelTuning(IReadOnlyDictionary<string, int>? overrides = null)
+    {
+        _blocks = new Dictionary<string, int>(DefaultBlocks);
+        if (overrides is null) return;
+        foreach (var (family, block) in overrides)
+        {
+            if (!_blocks.ContainsKey(family)) throw new ArgumentException($"tuning: unknown kernel family '{family}'");
+            if (block < 32 || block > 1024 || block % 32 != 0) throw new ArgumentException($"tuning: block size of {family} must be a multiple of 32 in [32, 1024], got {block}");
+            _blocks[family] = block;
+        }
+    }
+
+    public static KernelTuning Default { get; } = new();
+
+    public int Block(string family) =>
+        _blocks.TryGetValue(family, out var b) ? b : throw new ArgumentException($"tuning: unknown kernel family '{family}'");
+
+    /// <summary>The -D defines of one family, e.g. -DRMSNORM_BLOCK=256.</summary>
+    public IEnumerable<string> Defines(string family) => [$"-D{family.ToUpperInvariant()}_BLOCK={Block(family)}"];
+}
