@@ -1,0 +1,19 @@
+using System.CommandLine;
+using R1V2.Native.Cli.Commands;
+
+namespace R1V2.Native.Cli;
+
+public static class Program
+{
+    public static int Main(string[] args)
+    {
+        var root = new RootCommand("R1V2.Native: trains and runs multimodal reasoning models (hybrid RL on a vision-language model).")
+        {
+            KernelsCommand.Create(),
+            BenchCommand.Create(),
+            InfoCommand.Create(),
+            TrainCommand.Create(),
+        };
+        return root.Parse(args).Invoke();
+    }
+}
