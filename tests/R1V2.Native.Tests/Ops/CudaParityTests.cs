@@ -1,0 +1,226 @@
+using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Backends.Cuda;
+using R1V2.Native.Engine.Tensors;
+using R1V2.Native.Tests.Support;
+using Xunit;
+
+namespace R1V2.Native.Tests.Ops;
+
+/// <summary>
+/// Every op on the CUDA backend against the CPU backend on the same inputs: fp32 storage (tight: the two differ only
+/// in summation order and libm) and bf16 storage (inputs rounded to bf16 on both sides; outputs carry bf16 rounding,
+/// 2^-8 relative, through at most two stored intermediates). Skipped with the reason where no GPU is present.
+/// </summary>
+[Collection("cpu")]
+public sealed class CudaParityTests(CpuFixture fx)
+{
+    private delegate float[][] OpRun(Backend b, DType dtype, Func<float[], float[]> prepare);
+
+    private static readonly Dictionary<string, OpRun> Cases = new()
+    {
+        ["gemm_nt_bias"] = (b, dt, prep) =>
+        {
+            using var x = b.FromArray(prep(TestData.Uniform(1, 37 * 64)), dt, [37, 64]);
+            using var w = b.FromArray(prep(TestData.Uniform(2, 48 * 64)), dt, [48, 64]);
+            using var bias = b.FromArray(prep(TestData.Uniform(3, 48)), dt, [48]);
+            using var y = b.Allocate(dt, 37, 48);
+            b.Gemm(x, false, w, true, y, bias);
+            using var dw = b.Allocate(DType.F32, 48, 64);
+            b.Gemm(y, true, x, false, dw); // weight-gradient shape: bf16 inputs, fp32 output
+            return [y.ToFloatArray(), dw.ToFloatArray()];
+        },
+        ["gemm_batched_tn"] = (b, dt, prep) =>
+        {
+            using var a = b.FromArray(prep(TestData.Uniform(4, 3 * 20 * 9)), dt, [3, 20, 9]);
+            using var c = b.FromArray(prep(TestData.Uniform(5, 3 * 20 * 11)), dt, [3, 20, 11]);
+            using var bias = b.FromArray(prep(TestData.Uniform(6, 11)), dt, [11]);
+            using var y = b.Allocate(dt, 3, 9, 11);
+            b.Gemm(a, true, c, false, y, bias, alpha: 0.5f);
+            return [y.ToFloatArray()];
+        },
+        ["bias_backward"] = (b, dt, prep) =>
+        {
+            using var dy = b.FromArray(prep(TestData.Uniform(7, 300 * 70)), dt, [300, 70]);
+            using var db = b.Allocate(DType.F32, 70);
+            b.BiasBackward(dy, db, false);
+            return [db.ToFloatArray()];
+        },
+        ["elementwise_axpby"] = (b, dt, prep) =>
+        {
+            using var x = b.FromArray(prep(TestData.Uniform(8, 5000)), dt, [5000]);
+            using var z = b.FromArray(prep(TestData.Uniform(9, 5000)), dt, [5000]);
+            using var y = b.Allocate(dt, 5000);
+            b.Axpby(y, x, z, 0.25f, -2f);
+            return [y.ToFloatArray()];
+        },
+        ["rmsnorm"] = (b, dt, prep) =>
+        {
+            using var x = b.FromArray(prep(TestData.Uniform(10, 7 * 900, 3)), dt, [7, 900]);
+            using var w = b.FromArray(prep(TestData.Uniform(11, 900)), dt, [900]);
+            using var dy = b.FromArray(prep(TestData.Uniform(12, 7 * 900)), dt, [7, 900]);
+            using var y = b.Allocate(dt, 7, 900);
+            using var r = b.Allocate(DType.F32, 7);
+            using var dx = b.Allocate(dt, 7, 900);
+            using var dw = b.Allocate(DType.F32, 900);
+            b.RmsNormForward(x, w, y, r, 1e-6f);
+            b.RmsNormBackward(dy, x, w, r, dx, dw, false);
+            return [y.ToFloatArray(), r.ToFloatArray(), dx.ToFloatArray(), dw.ToFloatArray()];
+        },
+        ["layernorm"] = (b, dt, prep) =>
+        {
+            using var x = b.FromArray(prep(TestData.Uniform(13, 5 * 333, 3)), dt, [5, 333]);
+            using var w = b.FromArray(prep(TestData.Uniform(14, 333)), dt, [333]);
+            using var bias = b.FromArray(prep(TestData.Uniform(15, 333)), dt, [333]);
+            using var dy = b.FromArray(prep(TestData.Uniform(16, 5 * 333)), dt, [5, 333]);
+            using var y = b.Allocate(dt, 5, 333);
+            using var m = b.Allocate(DType.F32, 5);
+            using var r = b.Allocate(DType.F32, 5);
+            using var dx = b.Allocate(dt, 5, 333);
+            using var dw = b.Allocate(DType.F32, 333);
+            using var db = b.Allocate(DType.F32, 333);
+            b.LayerNormForward(x, w, bias, y, m, r, 1e-5f);
+            b.LayerNormBackward(dy, x, w, m, r, dx, dw, db, false);
+            return [y.ToFloatArray(), dx.ToFloatArray(), dw.ToFloatArray(), db.ToFloatArray()];
+        },
+        ["rope"] = (b, dt, prep) =>
+        {
+            using var x = b.FromArray(prep(TestData.Uniform(17, 9 * 4 * 64)), dt, [9, 4, 64]);
+            using var pos = b.FromArray([0, 1, 2, 3, 0, 1, 2, 100, 4000], [9]);
+            using var y = b.Allocate(dt, 9, 4, 64);
+            using var dx = b.Allocate(dt, 9, 4, 64);
+            b.RopeForward(x, pos, y, 1e6f);
+            b.RopeBackward(x, pos, dx, 1e6f);
+            return [y.ToFloatArray(), dx.ToFloatArray()];
+        },
+        ["swiglu"] = (b, dt, prep) =>
+        {
+            using var g = b.FromArray(prep(TestData.Uniform(18, 3000, 6)), dt, [3000]);
+            using var u = b.FromArray(prep(TestData.Uniform(19, 3000)), dt, [3000]);
+            using var dy = b.FromArray(prep(TestData.Uniform(20, 3000)), dt, [3000]);
+            using var y = b.Allocate(dt, 3000);
+            using var dg = b.Allocate(dt, 3000);
+            using var du = b.Allocate(dt, 3000);
+            b.SwiGluForward(g, u, y);
+            b.SwiGluBackward(dy, g, u, dg, du);
+            return [y.ToFloatArray(), dg.ToFloatArray(), du.ToFloatArray()];
+        },
+        ["gelu"] = (b, dt, prep) =>
+        {
+            using var x = b.FromArray(prep(TestData.Uniform(21, 3000, 5)), dt, [3000]);
+            using var dy = b.FromArray(prep(TestData.Uniform(22, 3000)), dt, [3000]);
+            var outs = new List<float[]>();
+            foreach (var a in new[] { GeluApproximation.Erf, GeluApproximation.Tanh })
+            {
+                using var y = b.Allocate(dt, 3000);
+                using var dx = b.Allocate(dt, 3000);
+                b.GeluForward(x, y, a);
+                b.GeluBackward(dy, x, dx, a);
+                outs.Add(y.ToFloatArray());
+                outs.Add(dx.ToFloatArray());
+            }
+            return [.. outs];
+        },
+        ["softmax"] = (b, dt, prep) =>
+        {
+            using var x = b.FromArray(prep(TestData.Uniform(23, 6 * 1000, 10)), dt, [6, 1000]);
+            using var dy = b.FromArray(prep(TestData.Uniform(24, 6 * 1000)), dt, [6, 1000]);
+            using var y = b.Allocate(dt, 6, 1000);
+            using var dx = b.Allocate(dt, 6, 1000);
+            b.SoftmaxForward(x, y, 0.125f);
+            b.SoftmaxBackward(dy, y, dx, 0.125f);
+            return [y.ToFloatArray(), dx.ToFloatArray()];
+        },
+        ["embedding"] = (b, dt, prep) =>
+        {
+            using var table = b.FromArray(prep(TestData.Uniform(25, 50 * 33)), dt, [50, 33]);
+            using var ids = b.FromArray(TestData.Ints(26, 40, 50), [40]);
+            using var o = b.Allocate(dt, 40, 33);
+            using var dout = b.FromArray(prep(TestData.Uniform(27, 40 * 33)), dt, [40, 33]);
+            using var dtable = b.Allocate(DType.F32, 50, 33);
+            b.EmbeddingForward(table, ids, o);
+            b.EmbeddingBackward(dout, ids, dtable);
+            return [o.ToFloatArray(), dtable.ToFloatArray()];
+        },
+        ["cross_entropy"] = (b, dt, prep) =>
+        {
+            using var logits = b.FromArray(prep(TestData.Uniform(28, 6 * 5000, 8)), dt, [6, 5000]);
+            var t = TestData.Ints(29, 6, 5000);
+            t[2] = Backend.IgnoreIndex;
+            using var targets = b.FromArray(t, [6]);
+            using var lp = b.Allocate(DType.F32, 6);
+            using var lse = b.Allocate(DType.F32, 6);
+            using var dlp = b.FromArray(TestData.Uniform(30, 6), DType.F32, [6]);
+            b.CrossEntropyForward(logits, targets, lp, lse);
+            b.CrossEntropyBackward(logits, targets, lse, dlp, logits);
+            return [lp.ToFloatArray(), lse.ToFloatArray(), logits.ToFloatArray()];
+        },
+        ["adamw"] = (b, dt, prep) =>
+        {
+            using var p = b.FromArray(TestData.Uniform(31, 4000), DType.F32, [4000]);
+            using var g = b.FromArray(TestData.Uniform(32, 4000), DType.F32, [4000]);
+            using var m = b.Allocate(DType.F32, 4000);
+            using var v = b.Allocate(DType.F32, 4000);
+            using var copy = b.Allocate(DType.BF16, 4000);
+            for (int step = 1; step <= 3; step++) b.AdamW(p, g, m, v, copy, new AdamWSettings(1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f), step, 0.7f);
+            return [p.ToFloatArray(), m.ToFloatArray(), v.ToFloatArray()];
+        },
+        ["grad_norm"] = (b, dt, prep) =>
+        {
+            using var a = b.FromArray(prep(TestData.Uniform(33, 100_000)), dt, [100_000]);
+            using var c = b.FromArray(prep(TestData.Uniform(34, 77)), dt, [77]);
+            return [[(float)b.GlobalNorm([a, c])]];
+        },
+    };
+
+    public static TheoryData<string> Names => new(Cases.Keys);
+
+    /// <summary>The parity cases themselves run on the CPU (so a GPU machine finds a working harness), with finite outputs.</summary>
+    [Theory]
+    [MemberData(nameof(Names))]
+    public void ParityCase_RunsOnCpu_WithFiniteOutputs(string op)
+    {
+        var outputs = Cases[op](fx.Backend, DType.F32, x => x);
+        Assert.NotEmpty(outputs);
+        Assert.All(outputs, o => Assert.All(o, v => Assert.True(float.IsFinite(v), $"{op}: non-finite output")));
+    }
+
+    [SkippableTheory]
+    [MemberData(nameof(Names))]
+    public void CudaMatchesCpu_Fp32(string op)
+    {
+        Skip.IfNot(Gpu.Available, Gpu.Reason);
+        using var cuda = new CudaBackend(activationType: DType.F32);
+        var expected = Cases[op](fx.Backend, DType.F32, x => x);
+        var actual = Cases[op](cuda, DType.F32, x => x);
+        for (int i = 0; i < expected.Length; i++)
+            Check.Close(expected[i], actual[i], 1e-5, 2e-4, $"{op} output {i} (fp32)");
+    }
+
+    [SkippableTheory]
+    [MemberData(nameof(Names))]
+    public void CudaMatchesCpu_Bf16(string op)
+    {
+        Skip.IfNot(Gpu.Available, Gpu.Reason);
+        using var cuda = new CudaBackend(activationType: DType.BF16);
+        static float[] Round(float[] x) => x.Select(BFloat16.Round).ToArray();
+        var expected = Cases[op](fx.Backend, DType.F32, Round);
+        var actual = Cases[op](cuda, DType.BF16, Round);
+        for (int i = 0; i < expected.Length; i++)
+        {
+            double scale = expected[i].Max(v => Math.Abs((double)v));
+            Check.Close(expected[i], actual[i], 2e-2 * scale, 3e-2, $"{op} output {i} (bf16)");
+        }
+    }
+
+    [SkippableFact]
+    public void CudaEmbedding_IdOutsideVocabulary_GivesTheSameErrorAsCpu()
+    {
+        Skip.IfNot(Gpu.Available, Gpu.Reason);
+        using var cuda = new CudaBackend();
+        using var table = cuda.Allocate(DType.BF16, 11, 4);
+        using var ids = cuda.FromArray([1, 2, 11, 4], [4]);
+        using var o = cuda.Allocate(DType.BF16, 4, 4);
+        var e = Assert.Throws<ArgumentException>(() => cuda.EmbeddingForward(table, ids, o));
+        Assert.Equal("embedding_forward: ids[2] = 11 is outside [0, 11)", e.Message);
+    }
+}
