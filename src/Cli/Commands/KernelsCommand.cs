@@ -54,7 +54,7 @@ public static class KernelsCommand
             }
         }
         AnsiConsole.Write(table);
-        AnsiConsole.MarkupLineInterpolated($"compiled {kernels} kernels in {KernelSources.Families.Count} families for {string.Join(", ", archs)}; {spilling} spill registers; 0 warnings");
+        AnsiConsole.MarkupLineInterpolated($"compiled {kernels} kernels in {KernelSources.Families.Count} families for {string.Join(", ", archs)}; {spilling} spill registers to local memory; 0 warnings");
         return 0;
     }
 }

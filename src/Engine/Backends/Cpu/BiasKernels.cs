@@ -5,8 +5,11 @@ namespace R1V2.Native.Engine.Backends.Cpu;
 /// <summary>ILGPU twins of kernels/bias.cu.</summary>
 internal static class BiasKernels
 {
-    /// <summary>y[i] += bias[i % cols], one thread per element.</summary>
-    public static void Add(Index1D i, ArrayView<float> y, ArrayView<float> bias, int cols) => y[i] += bias[i % cols];
+    /// <summary>y[i] += bias[i % cols], grid-stride over the elements.</summary>
+    public static void Add(Index1D t, ArrayView<float> y, ArrayView<float> bias, int cols, int threads)
+    {
+        for (long i = t; i < y.Length; i += threads) y[i] += bias[i % cols];
+    }
 
     /// <summary>dbias[c] (+)= sum_r dy[r, c], one thread per column (deterministic).</summary>
     public static void Backward(Index1D c, ArrayView<float> dbias, ArrayView<float> dy, int rows, int cols, int accumulate)

@@ -21,10 +21,10 @@ public sealed unsafe class CpuBackend : Backend
     private readonly Accelerator _accelerator;
     private readonly MemoryPool<CpuBlock> _pool;
 
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, float, float, int> _axpby;
-    private readonly Action<Index1D, ArrayView<ushort>, ArrayView<float>> _toBf16;
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<ushort>> _fromBf16;
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int> _biasAdd;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, float, float, int, int> _axpby;
+    private readonly Action<Index1D, ArrayView<ushort>, ArrayView<float>, int> _toBf16;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<ushort>, int> _fromBf16;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, int> _biasAdd;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, int, int> _biasBackward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float> _rmsForward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _rmsBackward;
@@ -32,36 +32,44 @@ public sealed unsafe class CpuBackend : Backend
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, float> _lnForward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _lnBackward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int> _lnBackwardParams;
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int, float, float> _rope;
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>> _swigluForward;
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>> _swigluBackward;
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int> _geluForward;
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _geluBackward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int, float, float, int> _rope;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _swigluForward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _swigluBackward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, int> _geluForward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int> _geluBackward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, float> _softmaxForward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float> _softmaxBackward;
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int> _embeddingForward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int> _embeddingForward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int> _embeddingBackward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int> _ceForward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, int, int> _ceBackward;
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<ushort>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AdamWArgs> _adamw;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<ushort>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AdamWArgs, int> _adamw;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, long, int> _sumsqPartial;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, int> _sumPartials;
+
+    /// <summary>
+    /// Threads of a grid-stride launch: a few per core. Each simulated ILGPU thread costs about as much as a thousand
+    /// fp32 operations to schedule, so the CPU twins loop like the CUDA kernels' grid-stride FOR_EACH instead.
+    /// </summary>
+    private const int StrideThreads = 64;
+
+    private static int Grid(long n) => (int)Math.Clamp(n, 1, StrideThreads);
 
     /// <summary>Elements per partial sum of the norm kernels (the CUDA twin uses one block per chunk).</summary>
     private const int NormChunk = 1 << 14;
 
-    /// <param name="threads">Simulated threads per warp x warps x multiprocessors; small shapes are cheapest on few cores.</param>
-    public CpuBackend(int threads = 2)
+    /// <param name="threads">Simulated multiprocessors (each runs a warp of 2 threads); measured fastest at the core count.</param>
+    public CpuBackend(int threads = 0)
     {
-        _context = Context.Create(b => b.CPU(new CPUDevice(2, 2, Math.Max(1, threads / 2))));
+        _context = Context.Create(b => b.CPU(new CPUDevice(2, 1, threads > 0 ? threads : Environment.ProcessorCount)));
         _accelerator = _context.CreateCPUAccelerator(0);
         _pool = new MemoryPool<CpuBlock>(bytes => new CpuBlock(_accelerator.Allocate1D<byte>(bytes)), b => b.Buffer.Dispose());
 
         var acc = _accelerator;
-        _axpby = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, float, float, int>(ElementwiseKernels.Axpby);
-        _toBf16 = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<ushort>, ArrayView<float>>(ElementwiseKernels.ConvertF32ToBf16);
-        _fromBf16 = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<ushort>>(ElementwiseKernels.ConvertBf16ToF32);
-        _biasAdd = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int>(BiasKernels.Add);
+        _axpby = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, float, float, int, int>(ElementwiseKernels.Axpby);
+        _toBf16 = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<ushort>, ArrayView<float>, int>(ElementwiseKernels.ConvertF32ToBf16);
+        _fromBf16 = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<ushort>, int>(ElementwiseKernels.ConvertBf16ToF32);
+        _biasAdd = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, int>(BiasKernels.Add);
         _biasBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, int, int>(BiasKernels.Backward);
         _rmsForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float>(RmsNormKernels.Forward);
         _rmsBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(RmsNormKernels.Backward);
@@ -69,18 +77,18 @@ public sealed unsafe class CpuBackend : Backend
         _lnForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, float>(LayerNormKernels.Forward);
         _lnBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(LayerNormKernels.Backward);
         _lnBackwardParams = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int>(LayerNormKernels.BackwardParams);
-        _rope = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int, float, float>(RopeKernels.Rotate);
-        _swigluForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>>(SwiGluKernels.Forward);
-        _swigluBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>>(SwiGluKernels.Backward);
-        _geluForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int>(GeluKernels.Forward);
-        _geluBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(GeluKernels.Backward);
+        _rope = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int, float, float, int>(RopeKernels.Rotate);
+        _swigluForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(SwiGluKernels.Forward);
+        _swigluBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(SwiGluKernels.Backward);
+        _geluForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, int>(GeluKernels.Forward);
+        _geluBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int>(GeluKernels.Backward);
         _softmaxForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, float>(SoftmaxKernels.Forward);
         _softmaxBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float>(SoftmaxKernels.Backward);
-        _embeddingForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int>(EmbeddingKernels.Forward);
+        _embeddingForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int>(EmbeddingKernels.Forward);
         _embeddingBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int>(EmbeddingKernels.Backward);
         _ceForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int>(CrossEntropyKernels.Forward);
         _ceBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, int, int>(CrossEntropyKernels.Backward);
-        _adamw = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<ushort>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AdamWArgs>(AdamWKernels.Update);
+        _adamw = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<ushort>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AdamWArgs, int>(AdamWKernels.Update);
         _sumsqPartial = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, long, int>(GradNormKernels.SumSquaresPartial);
         _sumPartials = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, int>(GradNormKernels.SumPartials);
     }
@@ -152,23 +160,26 @@ public sealed unsafe class CpuBackend : Backend
         var pc = (float*)Pointer(c);
         for (int i = 0; i < batch; i++)
             CpuGemm.Gemm(pa + (long)i * m * k, transA, pb + (long)i * k * n, transB, pc + (long)i * m * n, m, n, k, alpha, beta);
-        if (bias is not null) _biasAdd(checked((int)c.Length), F(c), F(bias), n);
+        if (bias is not null) { int g = Grid(c.Length); _biasAdd(g, F(c), F(bias), n, g); }
     }
 
     protected override void BiasBackwardCore(Tensor dy, Tensor dbias, bool accumulate) =>
         _biasBackward(dy.Cols, F(dbias), F(dy), dy.Rows, dy.Cols, accumulate ? 1 : 0);
 
-    protected override void AxpbyCore(Tensor output, Tensor a, Tensor? b, float alpha, float beta) =>
-        _axpby(checked((int)output.Length), F(output), F(a), F(b, a), alpha, beta, b is null ? 0 : 1);
+    protected override void AxpbyCore(Tensor output, Tensor a, Tensor? b, float alpha, float beta)
+    {
+        int g = Grid(output.Length);
+        _axpby(g, F(output), F(a), F(b, a), alpha, beta, b is null ? 0 : 1, g);
+    }
 
     protected override void ConvertCore(Tensor source, Tensor destination)
     {
-        int n = checked((int)source.Length);
+        int g = Grid(source.Length);
         switch (source.DType, destination.DType)
         {
-            case (DType.F32, DType.BF16): _toBf16(n, H(destination), F(source)); break;
-            case (DType.BF16, DType.F32): _fromBf16(n, F(destination), H(source)); break;
-            case (DType.F32, DType.F32): _axpby(n, F(destination), F(source), F(source), 1f, 0f, 0); break;
+            case (DType.F32, DType.BF16): _toBf16(g, H(destination), F(source), g); break;
+            case (DType.BF16, DType.F32): _fromBf16(g, F(destination), H(source), g); break;
+            case (DType.F32, DType.F32): _axpby(g, F(destination), F(source), F(source), 1f, 0f, 0, g); break;
             default: new ReadOnlySpan<byte>(Pointer(source), checked((int)source.Bytes)).CopyTo(new Span<byte>(Pointer(destination), checked((int)destination.Bytes))); break;
         }
     }
@@ -193,19 +204,35 @@ public sealed unsafe class CpuBackend : Backend
         _lnBackward(x.Rows, F(dx), F(dy), F(x), F(weight), F(mean), F(rstd), x.Cols);
     }
 
-    protected override void RopeCore(Tensor x, Tensor positions, Tensor y, float theta, bool forward) =>
-        _rope(checked((int)(x.Length / 2)), F(y), F(x), I(positions), x.Dim(1), x.Dim(2), theta, forward ? 1f : -1f);
+    protected override void RopeCore(Tensor x, Tensor positions, Tensor y, float theta, bool forward)
+    {
+        int g = Grid(x.Length / 2);
+        _rope(g, F(y), F(x), I(positions), x.Dim(1), x.Dim(2), theta, forward ? 1f : -1f, g);
+    }
 
-    protected override void SwiGluForwardCore(Tensor gate, Tensor up, Tensor y) => _swigluForward(checked((int)gate.Length), F(y), F(gate), F(up));
+    protected override void SwiGluForwardCore(Tensor gate, Tensor up, Tensor y)
+    {
+        int g = Grid(gate.Length);
+        _swigluForward(g, F(y), F(gate), F(up), g);
+    }
 
-    protected override void SwiGluBackwardCore(Tensor dy, Tensor gate, Tensor up, Tensor dgate, Tensor dup) =>
-        _swigluBackward(checked((int)gate.Length), F(dgate), F(dup), F(dy), F(gate), F(up));
+    protected override void SwiGluBackwardCore(Tensor dy, Tensor gate, Tensor up, Tensor dgate, Tensor dup)
+    {
+        int g = Grid(gate.Length);
+        _swigluBackward(g, F(dgate), F(dup), F(dy), F(gate), F(up), g);
+    }
 
-    protected override void GeluForwardCore(Tensor x, Tensor y, GeluApproximation approximation) =>
-        _geluForward(checked((int)x.Length), F(y), F(x), (int)approximation);
+    protected override void GeluForwardCore(Tensor x, Tensor y, GeluApproximation approximation)
+    {
+        int g = Grid(x.Length);
+        _geluForward(g, F(y), F(x), (int)approximation, g);
+    }
 
-    protected override void GeluBackwardCore(Tensor dy, Tensor x, Tensor dx, GeluApproximation approximation) =>
-        _geluBackward(checked((int)x.Length), F(dx), F(dy), F(x), (int)approximation);
+    protected override void GeluBackwardCore(Tensor dy, Tensor x, Tensor dx, GeluApproximation approximation)
+    {
+        int g = Grid(x.Length);
+        _geluBackward(g, F(dx), F(dy), F(x), (int)approximation, g);
+    }
 
     protected override void SoftmaxForwardCore(Tensor x, Tensor y, float scale) => _softmaxForward(x.Rows, F(y), F(x), x.Cols, scale);
 
@@ -223,7 +250,8 @@ public sealed unsafe class CpuBackend : Backend
     protected override void EmbeddingForwardCore(Tensor table, Tensor ids, Tensor output)
     {
         CheckIds(ids, table.Dim(0), "embedding_forward", "ids");
-        _embeddingForward(checked((int)output.Length), F(output), F(table), I(ids), table.Dim(1));
+        int g = Grid(output.Length);
+        _embeddingForward(g, F(output), F(table), I(ids), table.Dim(1), g);
     }
 
     protected override void EmbeddingBackwardCore(Tensor doutput, Tensor ids, Tensor dtable)
@@ -249,7 +277,8 @@ public sealed unsafe class CpuBackend : Backend
         var args = new AdamWArgs(s.LearningRate, s.Beta1, s.Beta2, s.Epsilon, s.WeightDecay,
             1f - MathF.Pow(s.Beta1, step), 1f - MathF.Pow(s.Beta2, step), gradScale, workingCopy is null ? 0 : 1);
         var copy = workingCopy is null ? Bytes(master).Cast<ushort>() : H(workingCopy);
-        _adamw(checked((int)master.Length), F(master), copy, F(grad), F(m), F(v), args);
+        int g = Grid(master.Length);
+        _adamw(g, F(master), copy, F(grad), F(m), F(v), args, g);
     }
 
     protected override double SumOfSquaresCore(IReadOnlyList<Tensor> tensors)

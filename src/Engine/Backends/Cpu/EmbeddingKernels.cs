@@ -9,11 +9,9 @@ namespace R1V2.Native.Engine.Backends.Cpu;
 /// </summary>
 internal static class EmbeddingKernels
 {
-    public static void Forward(Index1D i, ArrayView<float> output, ArrayView<float> table, ArrayView<int> ids, int dim)
+    public static void Forward(Index1D thread, ArrayView<float> output, ArrayView<float> table, ArrayView<int> ids, int dim, int threads)
     {
-        long t = i / dim;
-        int c = (int)(i % dim);
-        output[i] = table[(long)ids[t] * dim + c];
+        for (long i = thread; i < output.Length; i += threads) output[i] = table[(long)ids[i / dim] * dim + i % dim];
     }
 
     public static void Backward(Index1D c, ArrayView<float> dtable, ArrayView<float> doutput, ArrayView<int> ids, int tokens, int dim)

@@ -2,7 +2,7 @@ using ILGPU;
 
 namespace R1V2.Native.Engine.Backends.Cpu;
 
-/// <summary>ILGPU twins of kernels/gelu.cu (approximate: 0 erf, 1 tanh).</summary>
+/// <summary>ILGPU twins of kernels/gelu.cu (approximate: 0 erf, 1 tanh), grid-stride over the elements.</summary>
 internal static class GeluKernels
 {
     private const float Sqrt2OverPi = 0.7978845608028654f, InvSqrt2 = 0.7071067811865476f, InvSqrt2Pi = 0.3989422804014327f;
@@ -22,8 +22,13 @@ internal static class GeluKernels
         return 0.5f * (1f + CpuMath.Erf(x * InvSqrt2)) + x * InvSqrt2Pi * MathF.Exp(-0.5f * x * x);
     }
 
-    public static void Forward(Index1D i, ArrayView<float> y, ArrayView<float> x, int approximate) => y[i] = Value(x[i], approximate);
+    public static void Forward(Index1D t, ArrayView<float> y, ArrayView<float> x, int approximate, int threads)
+    {
+        for (long i = t; i < y.Length; i += threads) y[i] = Value(x[i], approximate);
+    }
 
-    public static void Backward(Index1D i, ArrayView<float> dx, ArrayView<float> dy, ArrayView<float> x, int approximate) =>
-        dx[i] = dy[i] * Derivative(x[i], approximate);
+    public static void Backward(Index1D t, ArrayView<float> dx, ArrayView<float> dy, ArrayView<float> x, int approximate, int threads)
+    {
+        for (long i = t; i < dx.Length; i += threads) dx[i] = dy[i] * Derivative(x[i], approximate);
+    }
 }

@@ -2,13 +2,18 @@ using ILGPU;
 
 namespace R1V2.Native.Engine.Backends.Cpu;
 
-/// <summary>ILGPU twin of kernels/rope.cu: one thread per (token, head, pair); direction -1 is the backward rotation.</summary>
+/// <summary>ILGPU twin of kernels/rope.cu: grid-stride over (token, head, pair); direction -1 is the backward rotation.</summary>
 internal static class RopeKernels
 {
-    public static void Rotate(Index1D idx, ArrayView<float> y, ArrayView<float> x, ArrayView<int> pos, int heads, int dim, float theta, float direction)
+    public static void Rotate(Index1D thread, ArrayView<float> y, ArrayView<float> x, ArrayView<int> pos, int heads, int dim, float theta, float direction, int threads)
+    {
+        for (long idx = thread; idx < x.Length / 2; idx += threads) RotatePair(idx, y, x, pos, heads, dim, theta, direction);
+    }
+
+    private static void RotatePair(long idx, ArrayView<float> y, ArrayView<float> x, ArrayView<int> pos, int heads, int dim, float theta, float direction)
     {
         int half = dim / 2;
-        int i = idx % half;
+        int i = (int)(idx % half);
         long th = idx / half;
         int t = (int)(th / heads);
         float invFreq = 1f / MathF.Pow(theta, (float)(2 * i) / dim);
