@@ -1,19 +1,99 @@
 using System.CommandLine;
+using System.Text.Json;
+using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Backends.Cpu;
+using R1V2.Native.Engine.Backends.Cuda;
+using R1V2.Native.Engine.Kernels;
+using R1V2.Native.Engine.Models;
+using R1V2.Native.Trainer.Tasks;
 using Spectre.Console;
 
 namespace R1V2.Native.Cli.Commands;
 
-/// <summary>`engine train`: the training pipeline (SFT warm start, reward model, MPO, GRPO with the Selective Sample Buffer).</summary>
+/// <summary>
+/// `engine train`: with no arguments, the built-in task. Until the vision-language pipeline lands this is next-byte
+/// prediction on the engine's own CUDA sources with the op-library model (embeddings, RMSNorm, SwiGLU MLPs, LM head,
+/// fused cross-entropy, AdamW), on the GPU when one is usable and on the CPU otherwise.
+/// </summary>
 public static class TrainCommand
 {
     public static Command Create()
     {
-        var cmd = new Command("train", "Train a model (default task: the built-in visual-reasoning pipeline)");
-        cmd.SetAction(_ =>
-        {
-            AnsiConsole.MarkupLine("[yellow]engine train is not available in this build yet.[/] The op library and backends it runs on are; see README.md.");
-            return 3;
-        });
+        var steps = new Option<int>("--steps") { Description = "Optimiser steps", DefaultValueFactory = _ => 300 };
+        var batch = new Option<int>("--batch-tokens") { Description = "Positions per step", DefaultValueFactory = _ => 256 };
+        var lr = new Option<float>("--lr") { Description = "Peak learning rate", DefaultValueFactory = _ => 3e-3f };
+        var seed = new Option<int>("--seed") { Description = "Seed for initialisation and batches", DefaultValueFactory = _ => 1234 };
+        var backend = new Option<string>("--backend") { Description = "auto | cpu | cuda", DefaultValueFactory = _ => "auto" };
+        var output = new Option<string?>("--out") { Description = "Run directory (default runs/train-<time>)" };
+        var cmd = new Command("train", "Train on the built-in task (next-byte prediction with the op-library model until the VLM pipeline lands)")
+            { steps, batch, lr, seed, backend, output };
+        cmd.SetAction(r => Run(new NextTokenSettings(r.GetValue(steps), r.GetValue(batch), r.GetValue(lr), Seed: r.GetValue(seed)),
+            r.GetValue(backend)!, r.GetValue(output)));
         return cmd;
+    }
+
+    public static Backend CreateBackend(string name)
+    {
+        switch (name)
+        {
+            case "cpu": return new CpuBackend();
+            case "cuda":
+                if (!CudaBackend.IsAvailable(out var why)) throw new InvalidOperationException($"--backend cuda: {why}");
+                return new CudaBackend();
+            case "auto": return CudaBackend.IsAvailable(out _) ? new CudaBackend() : new CpuBackend();
+            default: throw new ArgumentException($"--backend must be auto, cpu or cuda, got '{name}'");
+        }
+    }
+
+    public static int Run(NextTokenSettings settings, string backendName, string? outDir)
+    {
+        if (settings.Steps < 1 || settings.BatchTokens < 1) throw new ArgumentException("--steps and --batch-tokens must be positive");
+        outDir ??= Path.Combine("runs", $"train-{DateTime.Now:yyyyMMdd-HHmmss}");
+        Directory.CreateDirectory(outDir);
+        using var backend = CreateBackend(backendName);
+        var corpus = string.Concat(KernelSources.Families.Values);
+        var task = new NextTokenTask(corpus);
+        var config = new NgramMlpConfig(NextTokenTask.Vocab);
+        AnsiConsole.MarkupLineInterpolated($"backend [bold]{backend.Name}[/] ({backend.ActivationType}), task: next byte of the engine's CUDA sources ({corpus.Length} bytes, last 10% held out)");
+        AnsiConsole.MarkupLineInterpolated($"model: {config.Context}-byte context, {config.Layers} SwiGLU blocks, hidden {config.Hidden}; {settings.Steps} steps of {settings.BatchTokens} positions; run directory {outDir}");
+
+        var metricsPath = Path.Combine(outDir, "metrics.jsonl");
+        using var metrics = new StreamWriter(metricsPath);
+        IReadOnlyList<NextTokenMetrics> log = [];
+        var started = DateTime.UtcNow;
+        AnsiConsole.Progress()
+            .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
+            .Start(ctx =>
+            {
+                var bar = ctx.AddTask("training", maxValue: settings.Steps);
+                double? lastHeld = null;
+                log = task.Run(backend, config, settings, m =>
+                {
+                    metrics.WriteLine(JsonSerializer.Serialize(m));
+                    lastHeld = m.HeldOutLoss ?? lastHeld;
+                    bar.Description = $"step {m.Step} loss {m.Loss:F3}" + (lastHeld is null ? "" : $" held-out {lastHeld:F3}");
+                    bar.Increment(1);
+                });
+            });
+        var first = log[0];
+        var last = log[^1];
+        var firstHeld = log.First(m => m.HeldOutLoss is not null).HeldOutLoss!.Value;
+        var summary = new
+        {
+            backend = backend.Name,
+            steps = settings.Steps,
+            seconds = (DateTime.UtcNow - started).TotalSeconds,
+            uniformLoss = Math.Log(NextTokenTask.Vocab),
+            firstTrainLoss = first.Loss,
+            finalTrainLoss = last.Loss,
+            firstHeldOutLoss = firstHeld,
+            finalHeldOutLoss = last.HeldOutLoss,
+            skippedSteps = log.Count(m => m.Skipped),
+            peakDeviceBytes = backend.Memory.PeakBytesInUse,
+        };
+        File.WriteAllText(Path.Combine(outDir, "summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
+        AnsiConsole.MarkupLineInterpolated($"train loss {first.Loss:F3} -> {last.Loss:F3}; held-out loss {firstHeld:F3} (step {settings.EvalEvery}) -> {last.HeldOutLoss:F3}; uniform guess {Math.Log(256):F3}");
+        AnsiConsole.MarkupLineInterpolated($"{summary.seconds:F1} s; metrics in {metricsPath}");
+        return 0;
     }
 }

@@ -1,0 +1,56 @@
+using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Tensors;
+
+namespace R1V2.Native.Engine.Layers;
+
+/// <summary>
+/// A trainable tensor: the working value in the backend's activation type (bf16 on CUDA), an fp32 master copy when
+/// the value is not fp32 (the optimiser updates the master and refreshes the value), and an fp32 gradient.
+/// Frozen parameters have no gradient and get no optimiser state.
+/// </summary>
+public sealed class Parameter : IDisposable
+{
+    private Parameter(string name, Tensor value, Tensor? master, Tensor? grad)
+    {
+        Name = name;
+        Value = value;
+        Master = master;
+        Grad = grad;
+    }
+
+    public string Name { get; }
+
+    /// <summary>What the forward reads: [..] in the activation type.</summary>
+    public Tensor Value { get; }
+
+    /// <summary>fp32 master weights, or null when <see cref="Value"/> is itself fp32.</summary>
+    public Tensor? Master { get; }
+
+    /// <summary>fp32 gradient, accumulated by backward; null for a frozen parameter.</summary>
+    public Tensor? Grad { get; }
+
+    public bool Trainable => Grad is not null;
+
+    /// <summary>The fp32 weights the optimiser updates.</summary>
+    public Tensor Weights => Master ?? Value;
+
+    public static Parameter Create(Backend backend, string name, int[] shape, ReadOnlySpan<float> init, bool trainable = true)
+    {
+        var value = backend.FromArray(init, backend.ActivationType, shape, name);
+        var master = backend.ActivationType == DType.F32 ? null : backend.FromArray(init, DType.F32, shape, name + ".master");
+        var grad = trainable ? backend.Allocate(DType.F32, shape, name + ".grad") : null;
+        return new Parameter(name, value, master, grad);
+    }
+
+    public void ZeroGrad()
+    {
+        if (Grad is not null) Grad.Backend.Zero(Grad);
+    }
+
+    public void Dispose()
+    {
+        Value.Dispose();
+        Master?.Dispose();
+        Grad?.Dispose();
+    }
+}
