@@ -1,7 +1,5 @@
 using R1V2.Native.Cli.Commands;
 using R1V2.Native.Interop;
-using R1V2.Native.Tests.Support;
-using Xunit;
 
 namespace R1V2.Native.Tests.Cli;
 

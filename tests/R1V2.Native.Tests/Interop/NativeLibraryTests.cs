@@ -1,5 +1,4 @@
 using R1V2.Native.Interop;
-using Xunit;
 
 namespace R1V2.Native.Tests.Interop;
 

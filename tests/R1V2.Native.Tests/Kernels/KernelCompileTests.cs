@@ -1,7 +1,6 @@
 using System.Text.RegularExpressions;
 using R1V2.Native.Engine.Kernels;
 using R1V2.Native.Interop;
-using Xunit;
 
 namespace R1V2.Native.Tests.Kernels;
 

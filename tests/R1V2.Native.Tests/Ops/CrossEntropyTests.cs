@@ -1,8 +1,3 @@
-using R1V2.Native.Engine.Backends;
-using R1V2.Native.Engine.Tensors;
-using R1V2.Native.Tests.Support;
-using Xunit;
-
 namespace R1V2.Native.Tests.Ops;
 
 /// <summary>kernels/cross_entropy.cu through its ILGPU twin: fused log-softmax, gather and NLL gradient.</summary>

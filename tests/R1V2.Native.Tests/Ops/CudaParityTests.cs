@@ -1,8 +1,4 @@
-using R1V2.Native.Engine.Backends;
 using R1V2.Native.Engine.Backends.Cuda;
-using R1V2.Native.Engine.Tensors;
-using R1V2.Native.Tests.Support;
-using Xunit;
 
 namespace R1V2.Native.Tests.Ops;
 

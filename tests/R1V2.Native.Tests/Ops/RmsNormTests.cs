@@ -1,8 +1,3 @@
-using R1V2.Native.Engine.Backends;
-using R1V2.Native.Engine.Tensors;
-using R1V2.Native.Tests.Support;
-using Xunit;
-
 namespace R1V2.Native.Tests.Ops;
 
 /// <summary>kernels/rmsnorm.cu through its ILGPU twin, against double-precision references.</summary>
@@ -21,6 +16,20 @@ public sealed class RmsNormTests(CpuFixture fx)
         _b.RmsNormForward(tx, tw, ty, tr, Eps);
         rstd = tr.ToFloatArray();
         return ty.ToFloatArray();
+    }
+
+    /// <summary>Backward at (x, w) with dy = r; dw accumulates onto <paramref name="dwInitial"/> when given.</summary>
+    private (float[] Dx, float[] Dw) Backward(float[] x, float[] w, float[] r, int rows, int cols, float[]? dwInitial)
+    {
+        Forward(x, w, rows, cols, out var rstd);
+        using var tx = _b.FromArray(x, DType.F32, [rows, cols]);
+        using var tw = _b.FromArray(w, DType.F32, [cols]);
+        using var tdy = _b.FromArray(r, DType.F32, [rows, cols]);
+        using var tr = _b.FromArray(rstd, DType.F32, [rows]);
+        using var tdx = _b.Allocate(DType.F32, rows, cols);
+        using var tdw = dwInitial is null ? _b.Allocate(DType.F32, cols) : _b.FromArray(dwInitial, DType.F32, [cols]);
+        _b.RmsNormBackward(tdy, tx, tw, tr, tdx, tdw, accumulate: dwInitial is not null);
+        return (tdx.ToFloatArray(), tdw.ToFloatArray());
     }
 
     // Shapes: one row, a row count and width that are not multiples of any block, a width larger than a block.
@@ -45,21 +54,13 @@ public sealed class RmsNormTests(CpuFixture fx)
         var x = TestData.Uniform(3, rows * cols, 2f);
         var w = TestData.Uniform(4, cols);
         var r = TestData.Uniform(5, rows * cols);
-        Forward(x, w, rows, cols, out var rstd);
-
-        using var tx = _b.FromArray(x, DType.F32, [rows, cols]);
-        using var tw = _b.FromArray(w, DType.F32, [cols]);
-        using var tdy = _b.FromArray(r, DType.F32, [rows, cols]);
-        using var tr = _b.FromArray(rstd, DType.F32, [rows]);
-        using var tdx = _b.Allocate(DType.F32, rows, cols);
-        using var tdw = _b.FromArray(Enumerable.Repeat(0.5f, cols).ToArray(), DType.F32, [cols]);
-        _b.RmsNormBackward(tdy, tx, tw, tr, tdx, tdw, accumulate: true);
+        var (dx, dw) = Backward(x, w, r, rows, cols, Enumerable.Repeat(0.5f, cols).ToArray());
 
         var xd = TestData.ToDouble(x); var wd = TestData.ToDouble(w); var rd = TestData.ToDouble(r);
         var gx = Reference.Gradient(v => Reference.Dot(rd, Reference.RmsNorm(v, wd, rows, cols, Eps)), xd);
         var gw = Reference.Gradient(v => Reference.Dot(rd, Reference.RmsNorm(xd, v, rows, cols, Eps)), wd);
-        Check.Close(gx, tdx.ToFloatArray(), 1e-5, 1e-4, "dx");
-        Check.Close(gw.Select(g => g + 0.5).ToArray(), tdw.ToFloatArray(), 1e-5, 1e-4, "dw (accumulated onto 0.5)");
+        Check.Close(gx, dx, 1e-5, 1e-4, "dx");
+        Check.Close(gw.Select(g => g + 0.5).ToArray(), dw, 1e-5, 1e-4, "dw (accumulated onto 0.5)");
     }
 
     [Fact]
@@ -69,17 +70,9 @@ public sealed class RmsNormTests(CpuFixture fx)
         var x = TestData.Uniform(6, rows * cols, 2f);
         var w = TestData.Uniform(7, cols);
         var r = TestData.Uniform(8, rows * cols);
-        Forward(x, w, rows, cols, out var rstd);
-        using var tx = _b.FromArray(x, DType.F32, [rows, cols]);
-        using var tw = _b.FromArray(w, DType.F32, [cols]);
-        using var tdy = _b.FromArray(r, DType.F32, [rows, cols]);
-        using var tr = _b.FromArray(rstd, DType.F32, [rows]);
-        using var tdx = _b.Allocate(DType.F32, rows, cols);
-        using var tdw = _b.Allocate(DType.F32, cols);
-        _b.RmsNormBackward(tdy, tx, tw, tr, tdx, tdw, accumulate: false);
-
-        FiniteDifference.CheckGradient(v => FiniteDifference.Dot(r, Forward(v, w, rows, cols, out _)), x, tdx.ToFloatArray(), "dx");
-        FiniteDifference.CheckGradient(v => FiniteDifference.Dot(r, Forward(x, v, rows, cols, out _)), w, tdw.ToFloatArray(), "dw");
+        var (dx, dw) = Backward(x, w, r, rows, cols, null);
+        FiniteDifference.CheckGradient(v => FiniteDifference.Dot(r, Forward(v, w, rows, cols, out _)), x, dx, "dx");
+        FiniteDifference.CheckGradient(v => FiniteDifference.Dot(r, Forward(x, v, rows, cols, out _)), w, dw, "dw");
     }
 
     [Fact]

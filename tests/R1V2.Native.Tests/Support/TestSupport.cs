@@ -1,8 +1,5 @@
-using R1V2.Native.Engine.Backends;
 using R1V2.Native.Engine.Backends.Cpu;
 using R1V2.Native.Engine.Backends.Cuda;
-using R1V2.Native.Engine.Tensors;
-using Xunit;
 
 namespace R1V2.Native.Tests.Support;
 

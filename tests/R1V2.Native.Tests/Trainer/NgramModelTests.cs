@@ -1,10 +1,6 @@
-using R1V2.Native.Engine.Backends;
 using R1V2.Native.Engine.Models;
-using R1V2.Native.Engine.Tensors;
-using R1V2.Native.Tests.Support;
 using R1V2.Native.Trainer.Optim;
 using R1V2.Native.Trainer.Tasks;
-using Xunit;
 
 namespace R1V2.Native.Tests.Trainer;
 
