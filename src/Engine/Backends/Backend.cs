@@ -348,6 +348,91 @@ public abstract class Backend : IDisposable
     protected abstract void CrossEntropyForwardCore(Tensor logits, Tensor targets, Tensor logprob, Tensor lse, int ignoreIndex);
     protected abstract void CrossEntropyBackwardCore(Tensor logits, Tensor targets, Tensor lse, Tensor dlogprob, Tensor dlogits, int ignoreIndex);
 
+    // ---- attention and row movement -------------------------------------------------------------------------
+
+    public PackedSequences Sequences(int[] cuSeqlens) => new(this, cuSeqlens);
+
+    public RowIndex Rows(int[] rows, int bound, bool distinct, string name = "rows") => new(this, rows, bound, distinct, name);
+
+    /// <summary>
+    /// output = softmax(scale q k^T (+ causal mask)) v within each packed sequence, GQA (head h reads kv head
+    /// h / (H / Hkv)). q, output: [T, H, D]; k, v: [T, Hkv, D]; lse: [T, H] fp32 (saved for backward).
+    /// </summary>
+    public void AttentionForward(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, float scale, bool causal)
+    {
+        CheckAttention(q, k, v, sequences, output, lse, "attention_forward");
+        AttentionForwardCore(q, k, v, sequences, output, lse, scale, causal);
+    }
+
+    /// <summary>dq, dk, dv of <see cref="AttentionForward"/> from dout and the saved output and lse (recomputing p).</summary>
+    public void AttentionBackward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, PackedSequences sequences,
+        Tensor dq, Tensor dk, Tensor dv, float scale, bool causal)
+    {
+        CheckAttention(q, k, v, sequences, output, lse, "attention_backward");
+        SameAs(dout, q, "attention_backward", "dout"); SameAs(dq, q, "attention_backward", "dq");
+        SameAs(dk, k, "attention_backward", "dk"); SameAs(dv, v, "attention_backward", "dv");
+        AttentionBackwardCore(dout, q, k, v, output, lse, sequences, dq, dk, dv, scale, causal);
+    }
+
+    /// <summary>Largest head dim the attention kernels take (32 lanes x 8 elements).</summary>
+    public const int MaxAttentionHeadDim = 256;
+
+    private void CheckAttention(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, string op)
+    {
+        Float(q, op, "q"); SameAs(output, q, op, "output"); SameAs(v, k, op, "v"); SameType(k, q, op, "k");
+        if (q.Rank != 3 || k.Rank != 3) throw new ArgumentException($"{op}: q {q.ShapeString} and k {k.ShapeString} must be [T, H, D] and [T, Hkv, D]");
+        int t = q.Dim(0), h = q.Dim(1), d = q.Dim(2), hkv = k.Dim(1);
+        if (k.Dim(0) != t || k.Dim(2) != d) throw new ArgumentException($"{op}: k is {k.ShapeString}, expected [{t}, Hkv, {d}]");
+        if (hkv < 1 || h % hkv != 0) throw new ArgumentException($"{op}: {h} query heads are not a multiple of {hkv} kv heads");
+        if (d > MaxAttentionHeadDim) throw new ArgumentException($"{op}: head dim {d} is above {MaxAttentionHeadDim}");
+        if (sequences.Tokens != t) throw new ArgumentException($"{op}: the packed sequences hold {sequences.Tokens} tokens, q has {t}");
+        Own(sequences.Device, op);
+        Fp32(lse, op, "lse");
+        if (lse.Length != (long)t * h) throw new ArgumentException($"{op}: lse is {lse.ShapeString}, expected [{t}, {h}]");
+    }
+
+    protected abstract void AttentionForwardCore(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, float scale, bool causal);
+    protected abstract void AttentionBackwardCore(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, PackedSequences sequences,
+        Tensor dq, Tensor dk, Tensor dv, float scale, bool causal);
+
+    /// <summary>destination[rows[r], :] = source[r, :] (set). rows must be distinct (made with distinct: true).</summary>
+    public void ScatterRows(Tensor source, RowIndex rows, Tensor destination)
+    {
+        Float(source, "scatter_rows", "source"); SameType(destination, source, "scatter_rows", "destination");
+        if (!rows.Distinct) throw new ArgumentException("scatter_rows: the row index must be made with distinct: true");
+        if (source.Rows != rows.Length || source.Cols != destination.Cols || rows.Bound > destination.Rows)
+            throw new ArgumentException($"scatter_rows: source {source.ShapeString}, {rows.Length} rows below {rows.Bound}, destination {destination.ShapeString} do not fit");
+        Own(rows.Device, "scatter_rows");
+        if (rows.Length > 0) ScatterRowsCore(source, rows, destination);
+    }
+
+    /// <summary>destination[r, :] = source[rows[r], :] (an embedding lookup with a validated index).</summary>
+    public void GatherRows(Tensor source, RowIndex rows, Tensor destination)
+    {
+        if (rows.Bound > source.Rows) throw new ArgumentException($"gather_rows: index bound {rows.Bound} exceeds the {source.Rows} rows of {source}");
+        if (rows.Length > 0) EmbeddingForward(source.Rank == 2 ? source : source.Reshape(source.Rows, source.Cols), rows.Device, destination);
+    }
+
+    protected abstract void ScatterRowsCore(Tensor source, RowIndex rows, Tensor destination);
+
+    /// <summary>y[t, c] = x[t, c] * s[c] (LayerScale). Also its input backward: dx = ScaleColumns(dy, s).</summary>
+    public void ScaleColumns(Tensor x, Tensor scale, Tensor y)
+    {
+        Float(x, "scale_columns", "x"); SameAs(y, x, "scale_columns", "y"); Param(scale, x, "scale_columns", "scale");
+        ScaleColumnsCore(x, scale, y);
+    }
+
+    /// <summary>dscale[c] (+)= sum_t dy[t, c] * x[t, c] (fp32).</summary>
+    public void ScaleColumnsBackward(Tensor dy, Tensor x, Tensor dscale, bool accumulate)
+    {
+        Float(x, "scale_columns_backward", "x"); SameAs(dy, x, "scale_columns_backward", "dy");
+        Fp32(dscale, "scale_columns_backward", "dscale"); Len(dscale, x.Cols, "scale_columns_backward", "dscale");
+        ScaleColumnsBackwardCore(dy, x, dscale, accumulate);
+    }
+
+    protected abstract void ScaleColumnsCore(Tensor x, Tensor scale, Tensor y);
+    protected abstract void ScaleColumnsBackwardCore(Tensor dy, Tensor x, Tensor dscale, bool accumulate);
+
     // ---- optimiser -----------------------------------------------------------------------------------------
 
     /// <summary>

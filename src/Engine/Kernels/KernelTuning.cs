@@ -12,6 +12,7 @@ public sealed class KernelTuning
     public static readonly IReadOnlyDictionary<string, int> DefaultBlocks = new Dictionary<string, int>
     {
         ["adamw"] = 256,
+        ["attention"] = 128,
         ["bias"] = 256,
         ["cross_entropy"] = 512,
         ["elementwise"] = 256,
@@ -21,6 +22,7 @@ public sealed class KernelTuning
         ["layernorm"] = 256,
         ["rmsnorm"] = 256,
         ["rope"] = 256,
+        ["rows"] = 256,
         ["softmax"] = 256,
         ["swiglu"] = 256,
     };

@@ -160,6 +160,43 @@ public sealed class CudaParityTests(CpuFixture fx)
             for (int step = 1; step <= 3; step++) b.AdamW(p, g, m, v, copy, new AdamWSettings(1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f), step, 0.7f);
             return [p.ToFloatArray(), m.ToFloatArray(), v.ToFloatArray()];
         },
+        ["attention"] = (b, dt, prep) =>
+        {
+            int[] cu = [0, 37, 40, 105];
+            using var seq = b.Sequences(cu);
+            var outs = new List<float[]>();
+            foreach (var (heads, kv, d) in new[] { (8, 2, 64), (4, 4, 128), (2, 1, 80) })
+                foreach (var causal in new[] { true, false })
+                {
+                    using var q = b.FromArray(prep(TestData.Uniform(40 + d, 105 * heads * d, 2)), dt, [105, heads, d]);
+                    using var k = b.FromArray(prep(TestData.Uniform(41 + d, 105 * kv * d, 2)), dt, [105, kv, d]);
+                    using var v = b.FromArray(prep(TestData.Uniform(42 + d, 105 * kv * d)), dt, [105, kv, d]);
+                    using var dout = b.FromArray(prep(TestData.Uniform(43 + d, 105 * heads * d)), dt, [105, heads, d]);
+                    using var o = b.Allocate(dt, 105, heads, d);
+                    using var lse = b.Allocate(DType.F32, 105, heads);
+                    using var dq = b.Allocate(dt, 105, heads, d);
+                    using var dk = b.Allocate(dt, 105, kv, d);
+                    using var dv = b.Allocate(dt, 105, kv, d);
+                    float scale = 1f / MathF.Sqrt(d);
+                    b.AttentionForward(q, k, v, seq, o, lse, scale, causal);
+                    b.AttentionBackward(dout, q, k, v, o, lse, seq, dq, dk, dv, scale, causal);
+                    outs.AddRange([o.ToFloatArray(), lse.ToFloatArray(), dq.ToFloatArray(), dk.ToFloatArray(), dv.ToFloatArray()]);
+                }
+            return [.. outs];
+        },
+        ["rows"] = (b, dt, prep) =>
+        {
+            using var x = b.FromArray(prep(TestData.Uniform(50, 300 * 40)), dt, [300, 40]);
+            using var s = b.FromArray(prep(TestData.Uniform(51, 40)), dt, [40]);
+            using var y = b.Allocate(dt, 300, 40);
+            using var ds = b.Allocate(DType.F32, 40);
+            b.ScaleColumns(x, s, y);
+            b.ScaleColumnsBackward(y, x, ds, false);
+            using var idx = b.Rows(Enumerable.Range(0, 300).Select(i => (i * 7) % 300).ToArray(), 300, distinct: true);
+            using var z = b.Allocate(dt, 300, 40);
+            b.ScatterRows(y, idx, z);
+            return [y.ToFloatArray(), ds.ToFloatArray(), z.ToFloatArray()];
+        },
         ["grad_norm"] = (b, dt, prep) =>
         {
             using var a = b.FromArray(prep(TestData.Uniform(33, 100_000)), dt, [100_000]);

@@ -138,4 +138,32 @@ public static class Reference
             }
         return c;
     }
+
+    /// <summary>Packed-sequence GQA attention, softmax(scale q k^T (+ causal mask)) v, straight from the definition.</summary>
+    public static double[] Attention(double[] q, double[] k, double[] v, int[] cu, int heads, int kvHeads, int dim, double scale, bool causal)
+    {
+        int tokens = cu[^1];
+        var o = new double[q.Length];
+        for (int s = 0; s + 1 < cu.Length; s++)
+            for (int i = cu[s]; i < cu[s + 1]; i++)
+                for (int h = 0; h < heads; h++)
+                {
+                    int g = h / (heads / kvHeads), end = causal ? i + 1 : cu[s + 1];
+                    var scores = new List<double>();
+                    for (int j = cu[s]; j < end; j++)
+                    {
+                        double dot = 0;
+                        for (int d = 0; d < dim; d++) dot += q[(i * heads + h) * dim + d] * k[(j * kvHeads + g) * dim + d];
+                        scores.Add(scale * dot);
+                    }
+                    double m = scores.Max(), z = scores.Sum(x => Math.Exp(x - m));
+                    for (int j = cu[s]; j < end; j++)
+                    {
+                        double p = Math.Exp(scores[j - cu[s]] - m) / z;
+                        for (int d = 0; d < dim; d++) o[(i * heads + h) * dim + d] += p * v[(j * kvHeads + g) * dim + d];
+                    }
+                }
+        _ = tokens;
+        return o;
+    }
 }

@@ -55,6 +55,14 @@ public sealed unsafe class CpuBackend : Backend
 
     private static int Grid(long n) => (int)Math.Clamp(n, 1, StrideThreads);
 
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs> _attnForward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _attnDelta;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs> _attnDq;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs> _attnDkDv;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int> _scatterRows;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int> _scaleColumns;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int> _scaleColumnsBackward;
+
     /// <summary>Elements per partial sum of the norm kernels (the CUDA twin uses one block per chunk).</summary>
     private const int NormChunk = 1 << 14;
 
@@ -90,6 +98,13 @@ public sealed unsafe class CpuBackend : Backend
         _ceBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, int, int>(CrossEntropyKernels.Backward);
         _adamw = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<ushort>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AdamWArgs, int>(AdamWKernels.Update);
         _sumsqPartial = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, long, int>(GradNormKernels.SumSquaresPartial);
+        _attnForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs>(AttentionKernels.Forward);
+        _attnDelta = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(AttentionKernels.Delta);
+        _attnDq = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs>(AttentionKernels.BackwardDq);
+        _attnDkDv = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs>(AttentionKernels.BackwardDkDv);
+        _scatterRows = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int>(RowsKernels.ScatterRows);
+        _scaleColumns = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int>(RowsKernels.ScaleColumns);
+        _scaleColumnsBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int>(RowsKernels.ScaleColumnsBackward);
         _sumPartials = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, int>(GradNormKernels.SumPartials);
     }
 
@@ -280,6 +295,41 @@ public sealed unsafe class CpuBackend : Backend
         int g = Grid(master.Length);
         _adamw(g, F(master), copy, F(grad), F(m), F(v), args, g);
     }
+
+    private static AttentionArgs AttnArgs(Tensor q, Tensor k, PackedSequences seq, float scale, bool causal) =>
+        new(seq.Count, q.Dim(0), q.Dim(1), k.Dim(1), q.Dim(2), scale, causal ? 1 : 0);
+
+    protected override void AttentionForwardCore(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, float scale, bool causal)
+    {
+        if (q.Dim(0) == 0) return;
+        _attnForward(q.Dim(0) * q.Dim(1), F(output), F(lse), F(q), F(k), F(v), I(sequences.Device), AttnArgs(q, k, sequences, scale, causal));
+    }
+
+    protected override void AttentionBackwardCore(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, PackedSequences sequences,
+        Tensor dq, Tensor dk, Tensor dv, float scale, bool causal)
+    {
+        if (q.Dim(0) == 0) return;
+        var a = AttnArgs(q, k, sequences, scale, causal);
+        using var delta = Allocate(DType.F32, q.Dim(0), q.Dim(1));
+        _attnDelta(q.Dim(0) * q.Dim(1), F(delta), F(output), F(dout), q.Dim(2));
+        _attnDq(q.Dim(0) * q.Dim(1), F(dq), F(q), F(k), F(v), F(dout), F(lse), F(delta), I(sequences.Device), a);
+        _attnDkDv(k.Dim(0) * k.Dim(1), F(dk), F(dv), F(q), F(k), F(v), F(dout), F(lse), F(delta), I(sequences.Device), a);
+    }
+
+    protected override void ScatterRowsCore(Tensor source, RowIndex rows, Tensor destination)
+    {
+        int g = Grid(source.Length);
+        _scatterRows(g, F(destination), F(source), I(rows.Device), source.Cols, g);
+    }
+
+    protected override void ScaleColumnsCore(Tensor x, Tensor scale, Tensor y)
+    {
+        int g = Grid(x.Length);
+        _scaleColumns(g, F(y), F(x), F(scale), x.Cols, g);
+    }
+
+    protected override void ScaleColumnsBackwardCore(Tensor dy, Tensor x, Tensor dscale, bool accumulate) =>
+        _scaleColumnsBackward(x.Cols, F(dscale), F(dy), F(x), x.Rows, x.Cols, accumulate ? 1 : 0);
 
     protected override double SumOfSquaresCore(IReadOnlyList<Tensor> tensors)
     {

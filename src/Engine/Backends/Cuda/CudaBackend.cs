@@ -298,6 +298,40 @@ public sealed unsafe class CudaBackend : Backend
         Launch("cross_entropy", "cross_entropy_backward" + Suffix(logits), logits.Rows,
             [P(dlogits), P(logits), P(lse), P(targets), P(dlogprob), I(logits.Rows), I(logits.Cols), I(ignoreIndex)]);
 
+    // ---- attention and rows ---------------------------------------------------------------------------------------------------
+    /// <summary>Blocks for one warp per item.</summary>
+    private long WarpGrid(string family, long items) => Math.Max(1, (items * 32 + Compiler.Tuning.Block(family) - 1) / Compiler.Tuning.Block(family));
+
+    protected override void AttentionForwardCore(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, float scale, bool causal)
+    {
+        int t = q.Dim(0), h = q.Dim(1), hkv = k.Dim(1), d = q.Dim(2);
+        if (t == 0) return;
+        Launch("attention", "attention_forward" + Suffix(q), WarpGrid("attention", (long)t * h),
+            [P(output), P(lse), P(q), P(k), P(v), P(sequences.Device), I(sequences.Count), I(t), I(h), I(hkv), I(d), Fl(scale), I(causal ? 1 : 0)]);
+    }
+
+    protected override void AttentionBackwardCore(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, PackedSequences sequences,
+        Tensor dq, Tensor dk, Tensor dv, float scale, bool causal)
+    {
+        int t = q.Dim(0), h = q.Dim(1), hkv = k.Dim(1), d = q.Dim(2);
+        if (t == 0) return;
+        using var delta = Allocate(DType.F32, t, h);
+        Launch("attention", "attention_backward_delta" + Suffix(q), WarpGrid("attention", (long)t * h), [P(delta), P(output), P(dout), I(t), I(h), I(d)]);
+        Launch("attention", "attention_backward_dq" + Suffix(q), WarpGrid("attention", (long)t * h),
+            [P(dq), P(q), P(k), P(v), P(dout), P(lse), P(delta), P(sequences.Device), I(sequences.Count), I(t), I(h), I(hkv), I(d), Fl(scale), I(causal ? 1 : 0)]);
+        Launch("attention", "attention_backward_dkdv" + Suffix(q), WarpGrid("attention", (long)t * hkv),
+            [P(dk), P(dv), P(q), P(k), P(v), P(dout), P(lse), P(delta), P(sequences.Device), I(sequences.Count), I(t), I(h), I(hkv), I(d), Fl(scale), I(causal ? 1 : 0)]);
+    }
+
+    protected override void ScatterRowsCore(Tensor source, RowIndex rows, Tensor destination) =>
+        Launch("rows", "scatter_rows" + Suffix(source), StrideGrid("rows", source.Length), [P(destination), P(source), P(rows.Device), I(source.Rows), I(source.Cols)]);
+
+    protected override void ScaleColumnsCore(Tensor x, Tensor scale, Tensor y) =>
+        Launch("rows", "scale_columns" + Suffix(x), StrideGrid("rows", x.Length), [P(y), P(x), P(scale), I(x.Rows), I(x.Cols)]);
+
+    protected override void ScaleColumnsBackwardCore(Tensor dy, Tensor x, Tensor dscale, bool accumulate) =>
+        Launch("rows", "scale_columns_backward" + Suffix(x), ColumnGrid("rows", x.Cols), [P(dscale), P(dy), P(x), I(x.Rows), I(x.Cols), I(accumulate ? 1 : 0)]);
+
     // ---- optimiser ---------------------------------------------------------------------------------------------------------
     protected override void AdamWCore(Tensor master, Tensor grad, Tensor m, Tensor v, Tensor? workingCopy, AdamWSettings s, int step, float gradScale)
     {

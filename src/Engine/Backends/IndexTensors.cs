@@ -1,0 +1,72 @@
+using R1V2.Native.Engine.Tensors;
+
+namespace R1V2.Native.Engine.Backends;
+
+/// <summary>
+/// Sequence boundaries of a packed batch: cu_seqlens [S + 1] with cu[0] = 0, non-decreasing, cu[S] = T. Validated
+/// once on the host when made, then used by every attention call without a device round trip.
+/// </summary>
+public sealed class PackedSequences : IDisposable
+{
+    internal PackedSequences(Backend backend, int[] cuSeqlens)
+    {
+        if (cuSeqlens.Length < 2 || cuSeqlens[0] != 0) throw new ArgumentException("cu_seqlens must start with 0 and hold at least one sequence");
+        for (int s = 1; s < cuSeqlens.Length; s++)
+            if (cuSeqlens[s] < cuSeqlens[s - 1]) throw new ArgumentException($"cu_seqlens[{s}] = {cuSeqlens[s]} is below cu_seqlens[{s - 1}] = {cuSeqlens[s - 1]}");
+        Host = (int[])cuSeqlens.Clone();
+        Device = backend.FromArray(cuSeqlens, [cuSeqlens.Length], "cu_seqlens");
+    }
+
+    /// <summary>Boundaries of sequences of the given lengths, packed in order.</summary>
+    public static int[] FromLengths(IEnumerable<int> lengths)
+    {
+        var cu = new List<int> { 0 };
+        foreach (var n in lengths) cu.Add(cu[^1] + (n >= 0 ? n : throw new ArgumentException("negative sequence length")));
+        return [.. cu];
+    }
+
+    public int[] Host { get; }
+    public Tensor Device { get; }
+    public int Count => Host.Length - 1;
+    public int Tokens => Host[^1];
+
+    /// <summary>Position ids that restart at every sequence start.</summary>
+    public int[] Positions()
+    {
+        var pos = new int[Tokens];
+        for (int s = 0; s < Count; s++)
+            for (int t = Host[s]; t < Host[s + 1]; t++) pos[t] = t - Host[s];
+        return pos;
+    }
+
+    public void Dispose() => Device.Dispose();
+}
+
+/// <summary>
+/// Row indices validated on the host when made (each in [0, bound), and distinct when they are scatter targets), so
+/// kernels that move rows never read or write outside their tensors.
+/// </summary>
+public sealed class RowIndex : IDisposable
+{
+    internal RowIndex(Backend backend, int[] rows, int bound, bool distinct, string name)
+    {
+        var seen = distinct ? new HashSet<int>() : null;
+        for (int i = 0; i < rows.Length; i++)
+        {
+            if (rows[i] < 0 || rows[i] >= bound) throw new ArgumentException($"{name}[{i}] = {rows[i]} is outside [0, {bound})");
+            if (seen is not null && !seen.Add(rows[i])) throw new ArgumentException($"{name}[{i}] = {rows[i]} repeats an earlier row; scatter targets must be distinct");
+        }
+        Host = (int[])rows.Clone();
+        Bound = bound;
+        Distinct = distinct;
+        Device = backend.FromArray(rows, [Math.Max(rows.Length, 0)], name);
+    }
+
+    public int[] Host { get; }
+    public int Bound { get; }
+    public bool Distinct { get; }
+    public Tensor Device { get; }
+    public int Length => Host.Length;
+
+    public void Dispose() => Device.Dispose();
+}

@@ -1,0 +1,92 @@
+namespace R1V2.Native.Tests.Ops;
+
+/// <summary>kernels/attention.cu through its ILGPU twin: packed sequences, GQA, causal and bidirectional.</summary>
+[Collection("cpu")]
+public sealed class AttentionTests(CpuFixture fx)
+{
+    private readonly Backend _b = fx.Backend;
+    private static readonly int[] Cu = [0, 3, 3, 7, 8]; // sequences of 3, 0, 4 and 1 tokens
+    private const int Heads = 4, KvHeads = 2, Dim = 8;
+    private static readonly float Scale = 1f / MathF.Sqrt(Dim);
+
+    private (float[] O, float[] Lse) Forward(float[] q, float[] k, float[] v, bool causal)
+    {
+        int t = Cu[^1];
+        using var seq = _b.Sequences(Cu);
+        using var tq = _b.FromArray(q, DType.F32, [t, Heads, Dim]);
+        using var tk = _b.FromArray(k, DType.F32, [t, KvHeads, Dim]);
+        using var tv = _b.FromArray(v, DType.F32, [t, KvHeads, Dim]);
+        using var o = _b.Allocate(DType.F32, t, Heads, Dim);
+        using var lse = _b.Allocate(DType.F32, t, Heads);
+        _b.AttentionForward(tq, tk, tv, seq, o, lse, Scale, causal);
+        return (o.ToFloatArray(), lse.ToFloatArray());
+    }
+
+    private static (float[] Q, float[] K, float[] V) Inputs()
+    {
+        int t = Cu[^1];
+        return (TestData.Uniform(1, t * Heads * Dim, 2f), TestData.Uniform(2, t * KvHeads * Dim, 2f), TestData.Uniform(3, t * KvHeads * Dim));
+    }
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void AttentionForward_MatchesDoubleReference_PackedGqa(bool causal)
+    {
+        var (q, k, v) = Inputs();
+        var (o, lse) = Forward(q, k, v, causal);
+        var expected = Reference.Attention(TestData.ToDouble(q), TestData.ToDouble(k), TestData.ToDouble(v), Cu, Heads, KvHeads, Dim, Scale, causal);
+        Check.Close(expected, o, 1e-6, 1e-5, "o");
+        // The first token of a causal sequence attends only to itself: o = v of its kv head, lse = its own score.
+        for (int h = 0; h < Heads && causal; h++)
+        {
+            int g = h / (Heads / KvHeads);
+            for (int d = 0; d < Dim; d++) Assert.Equal(v[(3 * KvHeads + g) * Dim + d], o[(3 * Heads + h) * Dim + d], 6);
+            double self = 0;
+            for (int d = 0; d < Dim; d++) self += q[(3 * Heads + h) * Dim + d] * k[(3 * KvHeads + g) * Dim + d];
+            Assert.Equal(self * Scale, lse[3 * Heads + h], 5);
+        }
+    }
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void AttentionBackward_MatchesDoubleReferenceGradients(bool causal)
+    {
+        var (q, k, v) = Inputs();
+        int t = Cu[^1];
+        var r = TestData.Uniform(4, q.Length);
+        var (o, lse) = Forward(q, k, v, causal);
+        using var seq = _b.Sequences(Cu);
+        using var tq = _b.FromArray(q, DType.F32, [t, Heads, Dim]);
+        using var tk = _b.FromArray(k, DType.F32, [t, KvHeads, Dim]);
+        using var tv = _b.FromArray(v, DType.F32, [t, KvHeads, Dim]);
+        using var to = _b.FromArray(o, DType.F32, [t, Heads, Dim]);
+        using var tl = _b.FromArray(lse, DType.F32, [t, Heads]);
+        using var tdo = _b.FromArray(r, DType.F32, [t, Heads, Dim]);
+        using var dq = _b.Allocate(DType.F32, t, Heads, Dim);
+        using var dk = _b.Allocate(DType.F32, t, KvHeads, Dim);
+        using var dv = _b.Allocate(DType.F32, t, KvHeads, Dim);
+        _b.AttentionBackward(tdo, tq, tk, tv, to, tl, seq, dq, dk, dv, Scale, causal);
+
+        var qd = TestData.ToDouble(q); var kd = TestData.ToDouble(k); var vd = TestData.ToDouble(v); var rd = TestData.ToDouble(r);
+        double Loss(double[] qq, double[] kk, double[] vv) => Reference.Dot(rd, Reference.Attention(qq, kk, vv, Cu, Heads, KvHeads, Dim, Scale, causal));
+        Check.Close(Reference.Gradient(x => Loss(x, kd, vd), qd), dq.ToFloatArray(), 1e-5, 1e-4, "dq");
+        Check.Close(Reference.Gradient(x => Loss(qd, x, vd), kd), dk.ToFloatArray(), 1e-5, 1e-4, "dk");
+        Check.Close(Reference.Gradient(x => Loss(qd, kd, x), vd), dv.ToFloatArray(), 1e-5, 1e-4, "dv");
+        FiniteDifference.CheckGradient(x => FiniteDifference.Dot(r, Forward(x, k, v, causal).O), q, dq.ToFloatArray(), "dq (backend fd)");
+    }
+
+    [Fact]
+    public void AttentionForward_RejectsSequencesThatDoNotCoverTheTokens()
+    {
+        using var seq = _b.Sequences([0, 2, 5]);
+        using var q = _b.Allocate(DType.F32, 6, 2, 4);
+        using var k = _b.Allocate(DType.F32, 6, 1, 4);
+        using var o = _b.Allocate(DType.F32, 6, 2, 4);
+        using var lse = _b.Allocate(DType.F32, 6, 2);
+        var e = Assert.Throws<ArgumentException>(() => _b.AttentionForward(q, k, k, seq, o, lse, 0.5f, true));
+        Assert.Contains("hold 5 tokens, q has 6", e.Message);
+        Assert.Throws<ArgumentException>(() => _b.Sequences([0, 4, 3]));
+    }
+}
