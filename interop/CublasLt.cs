@@ -21,6 +21,10 @@ public static unsafe partial class CublasLt
         DescBiasPointer = 8, DescBiasDataType = 26;
     private const int LayoutBatchCount = 5, LayoutStridedBatchOffset = 6;
     private const int PrefMaxWorkspaceBytes = 1;
+    private const int PrefMinAlignmentA = 5, PrefMinAlignmentB = 6, PrefMinAlignmentC = 7, PrefMinAlignmentD = 8;
+
+    /// <summary>Largest power of two (up to 256) dividing the address: what the heuristic may assume of an operand.</summary>
+    private static uint Alignment(ulong pointer) => pointer == 0 ? 256u : (uint)Math.Min(256ul, pointer & (~pointer + 1));
 
     [StructLayout(LayoutKind.Sequential, Size = 96)]
     private struct HeuristicResult
@@ -110,6 +114,12 @@ public static unsafe partial class CublasLt
             Check(cublasLtMatmulPreferenceCreate(&pref));
             ulong ws = (ulong)workspaceBytes;
             Check(cublasLtMatmulPreferenceSetAttribute(pref, PrefMaxWorkspaceBytes, &ws, sizeof(ulong)));
+            // Views (row slices) need not start 256-byte aligned: tell the heuristic the real alignment of each operand.
+            uint alA = Alignment(a), alB = Alignment(b), alC = Alignment(c);
+            Check(cublasLtMatmulPreferenceSetAttribute(pref, PrefMinAlignmentA, &alA, sizeof(uint)));
+            Check(cublasLtMatmulPreferenceSetAttribute(pref, PrefMinAlignmentB, &alB, sizeof(uint)));
+            Check(cublasLtMatmulPreferenceSetAttribute(pref, PrefMinAlignmentC, &alC, sizeof(uint)));
+            Check(cublasLtMatmulPreferenceSetAttribute(pref, PrefMinAlignmentD, &alC, sizeof(uint)));
             HeuristicResult result;
             int found;
             Check(cublasLtMatmulAlgoGetHeuristic(handle.Handle, desc, la, lb, lc, lc, pref, 1, &result, &found));

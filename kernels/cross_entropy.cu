@@ -22,7 +22,7 @@ __device__ void cross_entropy_forward_impl(float* logprob, float* lse, const T* 
     {
         const float x = load(xr, v);
         if (x > m) { s = s * __expf(m - x) + 1.0f; m = x; }
-        else s += __expf(x - m);
+        else if (x > -INFINITY) s += __expf(x - m); // a -inf logit (masked entry) adds nothing, even before any finite one
     }
     const float gm = block_max(m, scratch);
     s = m == -INFINITY ? 0.0f : s * __expf(m - gm);

@@ -126,6 +126,8 @@ public abstract class Backend : IDisposable
             Own(bias, "gemm");
             if (bias.Length != n || bias.DType != c.DType) throw new ArgumentException($"gemm: bias is {bias}, expected [{n}] {c.DType.Name()}");
         }
+        if ((long)batch * m * n == 0) return;
+        if (k == 0) throw new ArgumentException($"gemm: the inner dimension of a {a.ShapeString} and b {b.ShapeString} is 0");
         GemmCore(a, transA, b, transB, c, bias, alpha, beta, batch, m, n, k);
     }
 

@@ -64,6 +64,19 @@ public sealed class CrossEntropyTests(CpuFixture fx)
     }
 
     [Fact]
+    public void CrossEntropyForward_MaskedLogitsAtMinusInfinity_AreIgnoredNotNaN()
+    {
+        // -inf first in the row: the online sum must not form exp(-inf - -inf).
+        float[] logits = [float.NegativeInfinity, 1f, 2f, float.NegativeInfinity, float.NegativeInfinity, 0.5f];
+        var (lp, lse) = Forward(logits, [2, 2], 3);
+        double l0 = Math.Log(Math.Exp(1) + Math.Exp(2));
+        Assert.Equal(l0, lse[0], 5);
+        Assert.Equal(2 - l0, lp[0], 5);
+        Assert.Equal(0.5, lse[1], 5);
+        Assert.Equal(0.0, lp[1], 5);
+    }
+
+    [Fact]
     public void CrossEntropyForward_TargetOutsideVocabulary_IsAnError()
     {
         using var tl = _b.Allocate(DType.F32, 2, 5);

@@ -96,6 +96,16 @@ public sealed class GemmTests(CpuFixture fx)
     }
 
     [Fact]
+    public void Gemm_WithNoRows_DoesNothing()
+    {
+        using var a = _b.Allocate(DType.F32, 0, 3);
+        using var w = _b.Allocate(DType.F32, 4, 3);
+        using var c = _b.Allocate(DType.F32, 0, 4);
+        _b.Gemm(a, false, w, true, c);
+        Assert.Empty(c.ToFloatArray());
+    }
+
+    [Fact]
     public void Gemm_InnerDimensionMismatch_IsAClearError()
     {
         using var a = _b.Allocate(DType.F32, 2, 3);

@@ -16,7 +16,7 @@ internal static class CrossEntropyKernels
         {
             float x = logits[b + v];
             if (x > m) { s = s * MathF.Exp(m - x) + 1f; m = x; }
-            else s += MathF.Exp(x - m);
+            else if (x > float.NegativeInfinity) s += MathF.Exp(x - m);
         }
         float l = m + MathF.Log(s);
         lse[row] = l;

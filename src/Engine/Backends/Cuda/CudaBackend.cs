@@ -12,7 +12,8 @@ internal sealed class CudaBlock(ulong pointer, long bytes) : DeviceBlock(bytes)
 /// <summary>
 /// The CUDA backend: bf16 (or fp32) storage, fp32 accumulation, NVRTC-compiled kernels from kernels/*.cu and
 /// cuBLAS / cuBLASLt GEMMs, all on one stream of the device's primary context. Nothing here synchronises except
-/// downloads, the id-range checks of embedding and loss, and the norm read-back.
+/// uploads and downloads, the id-range checks of embedding and loss, and the norm read-back. Calls may come from any
+/// thread (the context is made current where needed) but not from two threads at once.
 /// </summary>
 public sealed unsafe class CudaBackend : Backend
 {
@@ -88,9 +89,21 @@ public sealed unsafe class CudaBackend : Backend
 
     private void Launch(string family, string kernel, long gridX, ReadOnlySpan<ulong> args)
     {
+        if (gridX <= 0) return; // zero rows or columns: nothing to do (a block would touch row 0 of an empty tensor)
+        EnsureCurrent();
         var f = Function(family, kernel);
         int block = Compiler.Tuning.Block(family);
-        CudaDriver.Launch(f.Handle, new Dim3(checked((uint)Math.Max(1, gridX))), new Dim3((uint)block), 0, _stream.Handle, args);
+        CudaDriver.Launch(f.Handle, new Dim3(checked((uint)gridX)), new Dim3((uint)block), 0, _stream.Handle, args);
+    }
+
+    [ThreadStatic] private static IntPtr _currentContext;
+
+    /// <summary>The context is current per thread: make it current on a thread that has not used it yet.</summary>
+    private void EnsureCurrent()
+    {
+        if (_currentContext == _context.Handle) return;
+        _context.MakeCurrent();
+        _currentContext = _context.Handle;
     }
 
     /// <summary>Blocks for a grid-stride loop over n elements: enough to fill the device, never more than needed.</summary>
@@ -112,50 +125,54 @@ public sealed unsafe class CudaBackend : Backend
     protected override DeviceBlock RentBlock(long bytes) => _pool.Rent(bytes);
     internal override void Release(DeviceBlock block) => _pool.Return((CudaBlock)block);
     public override void Synchronize() => _stream.Synchronize();
-    public override void Zero(Tensor t) => CudaDriver.MemsetAsync(P(t), 0, t.Bytes, _stream.Handle);
+    public override void Zero(Tensor t)
+    {
+        EnsureCurrent();
+        if (t.Bytes > 0) CudaDriver.MemsetAsync(P(t), 0, t.Bytes, _stream.Handle);
+    }
 
     protected override void UploadFloats(Tensor t, ReadOnlySpan<float> data)
     {
+        EnsureCurrent();
+        // The host memory stays pinned until the copy has completed: an async copy from pageable memory may return early.
         if (t.DType == DType.F32)
         {
-            fixed (float* p = data) CudaDriver.CopyHtoDAsync(P(t), p, t.Bytes, _stream.Handle);
+            fixed (float* p = data) { CudaDriver.CopyHtoDAsync(P(t), p, t.Bytes, _stream.Handle); _stream.Synchronize(); }
         }
         else
         {
             var bits = new ushort[data.Length];
             for (int i = 0; i < data.Length; i++) bits[i] = BFloat16.FromFloat(data[i]);
-            fixed (ushort* p = bits) CudaDriver.CopyHtoDAsync(P(t), p, t.Bytes, _stream.Handle);
+            fixed (ushort* p = bits) { CudaDriver.CopyHtoDAsync(P(t), p, t.Bytes, _stream.Handle); _stream.Synchronize(); }
         }
-        _stream.Synchronize(); // the host buffer may go away when this returns
     }
 
     protected override void UploadInts(Tensor t, ReadOnlySpan<int> data)
     {
-        fixed (int* p = data) CudaDriver.CopyHtoDAsync(P(t), p, t.Bytes, _stream.Handle);
-        _stream.Synchronize();
+        EnsureCurrent();
+        fixed (int* p = data) { CudaDriver.CopyHtoDAsync(P(t), p, t.Bytes, _stream.Handle); _stream.Synchronize(); }
     }
 
     protected override float[] DownloadFloatsCore(Tensor t)
     {
+        EnsureCurrent();
         var result = new float[t.Length];
         if (t.DType == DType.F32)
         {
-            fixed (float* p = result) CudaDriver.CopyDtoHAsync(p, P(t), t.Bytes, _stream.Handle);
-            _stream.Synchronize();
+            fixed (float* p = result) { CudaDriver.CopyDtoHAsync(p, P(t), t.Bytes, _stream.Handle); _stream.Synchronize(); }
             return result;
         }
         var bits = new ushort[t.Length];
-        fixed (ushort* p = bits) CudaDriver.CopyDtoHAsync(p, P(t), t.Bytes, _stream.Handle);
-        _stream.Synchronize();
+        fixed (ushort* p = bits) { CudaDriver.CopyDtoHAsync(p, P(t), t.Bytes, _stream.Handle); _stream.Synchronize(); }
         for (int i = 0; i < bits.Length; i++) result[i] = BFloat16.ToFloat(bits[i]);
         return result;
     }
 
     protected override int[] DownloadIntsCore(Tensor t)
     {
+        EnsureCurrent();
         var result = new int[t.Length];
-        fixed (int* p = result) CudaDriver.CopyDtoHAsync(p, P(t), t.Bytes, _stream.Handle);
-        _stream.Synchronize();
+        fixed (int* p = result) { CudaDriver.CopyDtoHAsync(p, P(t), t.Bytes, _stream.Handle); _stream.Synchronize(); }
         return result;
     }
 
@@ -168,6 +185,7 @@ public sealed unsafe class CudaBackend : Backend
     /// </summary>
     protected override void GemmCore(Tensor a, bool transA, Tensor b, bool transB, Tensor c, Tensor? bias, float alpha, float beta, int batch, int m, int n, int k)
     {
+        EnsureCurrent();
         var opB = transB ? CublasOperation.T : CublasOperation.N;
         var opA = transA ? CublasOperation.T : CublasOperation.N;
         int ldb = transB ? k : n, lda = transA ? m : k;
@@ -356,8 +374,13 @@ public sealed unsafe class CudaBackend : Backend
         return total.ToFloatArray()[0];
     }
 
+    private bool _disposed;
+
     public override void Dispose()
     {
+        if (_disposed) return;
+        _disposed = true;
+        EnsureCurrent();
         _stream.Synchronize();
         foreach (var m in _modules.Values) m.Dispose();
         _pool.Dispose();
