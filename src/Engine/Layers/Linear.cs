@@ -4,22 +4,29 @@ using R1V2.Native.Engine.Tensors;
 namespace R1V2.Native.Engine.Layers;
 
 /// <summary>
-/// y = x W^T + b with W: [out, in] (the Hugging Face layout), b: [out] or none. Forward keeps x for backward;
-/// backward accumulates dW (+)= dy^T x and db (+)= colsum(dy) in fp32 and returns dx = dy W.
+/// y = x W^T + b with W: [out, in] (the Hugging Face layout), b: [out] or none. Backward accumulates
+/// dW (+)= dy^T x and db (+)= colsum(dy) in fp32 (frozen parameters get nothing) and returns dx = dy W when asked.
+/// The static pair works on any weight view, such as the q, k and v row slices of a fused qkv weight.
 /// </summary>
 public sealed class Linear : IDisposable
 {
     private readonly Backend _b;
 
-    public Linear(Backend backend, string name, int inFeatures, int outFeatures, bool bias, Random init)
+    public Linear(Backend backend, string name, int inFeatures, int outFeatures, bool bias, Random init, bool trainable = true)
+        : this(backend,
+            Parameter.Create(backend, name + ".weight", [outFeatures, inFeatures], Uniform(init, outFeatures * inFeatures, 1f / MathF.Sqrt(inFeatures)), trainable),
+            bias ? Parameter.Create(backend, name + ".bias", [outFeatures], Uniform(init, outFeatures, 1f / MathF.Sqrt(inFeatures)), trainable) : null)
+    {
+    }
+
+    /// <summary>A linear layer over existing parameters (weights loaded from a checkpoint, or tied).</summary>
+    public Linear(Backend backend, Parameter weight, Parameter? bias)
     {
         _b = backend;
-        In = inFeatures;
-        Out = outFeatures;
-        // Uniform(-1/sqrt(in), 1/sqrt(in)), as torch.nn.Linear.
-        float bound = 1f / MathF.Sqrt(inFeatures);
-        Weight = Parameter.Create(backend, name + ".weight", [outFeatures, inFeatures], Uniform(init, outFeatures * inFeatures, bound));
-        Bias = bias ? Parameter.Create(backend, name + ".bias", [outFeatures], Uniform(init, outFeatures, bound)) : null;
+        Weight = weight;
+        Bias = bias;
+        Out = weight.Value.Dim(0);
+        In = weight.Value.Dim(1);
     }
 
     public int In { get; }
@@ -29,20 +36,30 @@ public sealed class Linear : IDisposable
     public IEnumerable<Parameter> Parameters => Bias is null ? [Weight] : [Weight, Bias];
 
     /// <summary>x: [T, in] -> y: [T, out].</summary>
-    public Tensor Forward(Tensor x)
+    public Tensor Forward(Tensor x) => Forward(_b, x, Weight.Value, Bias?.Value);
+
+    /// <summary>dy: [T, out], x: the forward input [T, in] -> dx: [T, in] (or null when not wanted).</summary>
+    public Tensor? Backward(Tensor dy, Tensor x, bool inputGradient = true) =>
+        Backward(_b, dy, x, Weight.Value, Weight.Grad, Bias?.Grad, inputGradient);
+
+    /// <summary>y [T, out] = x [T, in] w [out, in]^T (+ bias [out]).</summary>
+    public static Tensor Forward(Backend b, Tensor x, Tensor w, Tensor? bias)
     {
-        var y = _b.Activations(x.Rows, Out);
-        _b.Gemm(x, false, Weight.Value, true, y, Bias?.Value);
+        var y = b.Activations(x.Rows, w.Dim(0));
+        b.Gemm(x.Rank == 2 ? x : x.Reshape(x.Rows, x.Cols), false, w, true, y, bias);
         return y;
     }
 
-    /// <summary>dy: [T, out], x: the forward input [T, in] -> dx: [T, in]; accumulates the parameter gradients.</summary>
-    public Tensor Backward(Tensor dy, Tensor x)
+    /// <summary>Accumulates dw (+)= dy^T x and dbias (+)= colsum(dy) where given; returns dx = dy w when asked.</summary>
+    public static Tensor? Backward(Backend b, Tensor dy, Tensor x, Tensor w, Tensor? dw, Tensor? dbias, bool inputGradient)
     {
-        if (Weight.Grad is not null) _b.Gemm(dy, true, x, false, Weight.Grad, beta: 1f);
-        if (Bias?.Grad is not null) _b.BiasBackward(dy, Bias.Grad, accumulate: true);
-        var dx = _b.Activations(x.Rows, In);
-        _b.Gemm(dy, false, Weight.Value, false, dx);
+        var x2 = x.Rank == 2 ? x : x.Reshape(x.Rows, x.Cols);
+        var dy2 = dy.Rank == 2 ? dy : dy.Reshape(dy.Rows, dy.Cols);
+        if (dw is not null) b.Gemm(dy2, true, x2, false, dw, beta: 1f);
+        if (dbias is not null) b.BiasBackward(dy2, dbias, accumulate: true);
+        if (!inputGradient) return null;
+        var dx = b.Activations(x2.Rows, w.Dim(1));
+        b.Gemm(dy2, false, w, false, dx);
         return dx;
     }
 

@@ -104,7 +104,7 @@ public sealed class NgramMlpModel : IDisposable
             // Backward in reverse: d(mean NLL)/d logprob = -1/T per token; dlogits overwrite the logits.
             var dlogprob = Keep(_b.FromArray(Enumerable.Repeat(-1f / t, t).ToArray(), DType.F32, [t]));
             _b.CrossEntropyBackward(logits, tg, lse, dlogprob, logits);
-            var dfinal = Keep(_head.Backward(logits, final));
+            var dfinal = Keep(_head.Backward(logits, final)!);
             var dh = Keep(_b.Activations(t, c));
             _b.RmsNormBackward(dfinal, h, _finalNorm.Value, finalRstd, dh, _finalNorm.Grad, accumulate: true);
             for (int l = _blocks.Count - 1; l >= 0; l--)
@@ -112,12 +112,12 @@ public sealed class NgramMlpModel : IDisposable
                 var blk = _blocks[l];
                 var s = saved[l];
                 // The residual passes dh straight through; the MLP branch adds its input gradient.
-                var dact = Keep(blk.Down.Backward(dh, s.Act));
+                var dact = Keep(blk.Down.Backward(dh, s.Act)!);
                 var dgate = Keep(_b.Activations(t, cfg.Intermediate));
                 var dup = Keep(_b.Activations(t, cfg.Intermediate));
                 _b.SwiGluBackward(dact, s.Gate, s.Up, dgate, dup);
-                var dnormed = Keep(blk.Gate.Backward(dgate, s.Normed));
-                var dnormedUp = Keep(blk.Up.Backward(dup, s.Normed));
+                var dnormed = Keep(blk.Gate.Backward(dgate, s.Normed)!);
+                var dnormedUp = Keep(blk.Up.Backward(dup, s.Normed)!);
                 _b.Add(dnormed, dnormed, dnormedUp);
                 var dbranch = Keep(_b.Activations(t, c));
                 _b.RmsNormBackward(dnormed, s.In, blk.Norm.Value, s.Rstd, dbranch, blk.Norm.Grad, accumulate: true);

@@ -1,0 +1,174 @@
+using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Layers;
+using R1V2.Native.Engine.Tensors;
+
+namespace R1V2.Native.Engine.Models;
+
+/// <summary>
+/// The Qwen2 decoder layers: pre-norm (RMSNorm) GQA attention with q/k/v biases and rotate-half RoPE at explicit
+/// positions, causal inside each packed sequence, then a SwiGLU MLP; residuals around both. x: [T, D].
+/// </summary>
+public sealed class Qwen2Decoder
+{
+    private readonly Backend _b;
+    private readonly LlmConfig _c;
+    private readonly Layer[] _layers;
+
+    public Qwen2Decoder(Backend backend, LlmConfig config, ParameterStore p)
+    {
+        _b = backend;
+        _c = config;
+        _layers = Enumerable.Range(0, config.NumLayers).Select(i => new Layer(backend, config, p, i)).ToArray();
+    }
+
+    public bool CheckpointLayers { get; set; }
+
+    public sealed class State : IDisposable
+    {
+        internal readonly Activations Held = new();
+        internal readonly List<Tensor> Inputs = [];
+        internal readonly List<Layer.Cache?> Caches = [];
+        public Tensor Output = null!;
+        public void Dispose()
+        {
+            Held.Dispose();
+            foreach (var c in Caches) c?.Dispose();
+        }
+    }
+
+    public State Forward(Tensor x, Tensor positions, PackedSequences sequences)
+    {
+        var st = new State();
+        foreach (var layer in _layers)
+        {
+            st.Inputs.Add(x);
+            x = st.Held.Keep(layer.Forward(x, positions, sequences, out var cache));
+            if (CheckpointLayers) { cache.Dispose(); st.Caches.Add(null); } else st.Caches.Add(cache);
+        }
+        st.Output = x;
+        return st;
+    }
+
+    /// <summary>dOutput [T, D] -> dx [T, D] (the caller owns it), accumulating parameter gradients.</summary>
+    public Tensor Backward(State st, Tensor dOutput, Tensor positions, PackedSequences sequences)
+    {
+        var dx = dOutput;
+        bool owned = false;
+        for (int i = _layers.Length - 1; i >= 0; i--)
+        {
+            var cache = st.Caches[i];
+            if (cache is null) { using var again = _layers[i].Forward(st.Inputs[i], positions, sequences, out cache); }
+            Tensor next;
+            using (cache) next = _layers[i].Backward(dx, st.Inputs[i], positions, sequences, cache);
+            st.Caches[i] = null;
+            if (owned) dx.Dispose();
+            dx = next;
+            owned = true;
+        }
+        return owned ? dx : CopyOf(dx);
+    }
+
+    private Tensor CopyOf(Tensor t)
+    {
+        var c = _b.Activations(t.Rows, t.Cols);
+        _b.Convert(t, c);
+        return c;
+    }
+
+    internal sealed class Layer
+    {
+        private readonly Backend _b;
+        private readonly LlmConfig _c;
+        private readonly Norm _inputNorm, _postNorm;
+        private readonly Linear _q, _k, _v, _o, _gate, _up, _down;
+
+        public Layer(Backend b, LlmConfig c, ParameterStore p, int i)
+        {
+            _b = b;
+            _c = c;
+            var pre = $"language_model.model.layers.{i}.";
+            _inputNorm = new Norm(b, p[pre + "input_layernorm.weight"], null, false, c.RmsNormEps);
+            _postNorm = new Norm(b, p[pre + "post_attention_layernorm.weight"], null, false, c.RmsNormEps);
+            _q = new Linear(b, p[pre + "self_attn.q_proj.weight"], p[pre + "self_attn.q_proj.bias"]);
+            _k = new Linear(b, p[pre + "self_attn.k_proj.weight"], p[pre + "self_attn.k_proj.bias"]);
+            _v = new Linear(b, p[pre + "self_attn.v_proj.weight"], p[pre + "self_attn.v_proj.bias"]);
+            _o = new Linear(b, p[pre + "self_attn.o_proj.weight"], null);
+            _gate = new Linear(b, p[pre + "mlp.gate_proj.weight"], null);
+            _up = new Linear(b, p[pre + "mlp.up_proj.weight"], null);
+            _down = new Linear(b, p[pre + "mlp.down_proj.weight"], null);
+        }
+
+        internal sealed class Cache : IDisposable
+        {
+            public readonly Activations Held = new();
+            public Tensor N1 = null!, Qr = null!, Kr = null!, V = null!, A = null!, Lse = null!, H1 = null!, N2 = null!, Gate = null!, Up = null!, Act = null!;
+            public NormCache Norm1 = null!, Norm2 = null!;
+            public void Dispose() => Held.Dispose();
+        }
+
+        public Tensor Forward(Tensor x, Tensor positions, PackedSequences seqs, out Cache cache)
+        {
+            var b = _b;
+            int t = x.Rows, hd = _c.HeadDim, h = _c.NumHeads, kvh = _c.NumKvHeads;
+            var k = new Cache();
+            var held = k.Held;
+            k.N1 = held.Keep(_inputNorm.Forward(x, out k.Norm1)); held.Keep(k.Norm1);
+            using (var q = _q.Forward(k.N1))
+            {
+                k.Qr = held.Keep(b.Activations(t, h * hd));
+                b.RopeForward(q.Reshape(t, h, hd), positions, k.Qr.Reshape(t, h, hd), _c.RopeTheta);
+            }
+            using (var kk = _k.Forward(k.N1))
+            {
+                k.Kr = held.Keep(b.Activations(t, kvh * hd));
+                b.RopeForward(kk.Reshape(t, kvh, hd), positions, k.Kr.Reshape(t, kvh, hd), _c.RopeTheta);
+            }
+            k.V = held.Keep(_v.Forward(k.N1));
+            k.A = held.Keep(b.Activations(t, h * hd));
+            k.Lse = held.Keep(b.Allocate(DType.F32, t, h));
+            b.AttentionForward(k.Qr.Reshape(t, h, hd), k.Kr.Reshape(t, kvh, hd), k.V.Reshape(t, kvh, hd), seqs, k.A.Reshape(t, h, hd), k.Lse,
+                1f / MathF.Sqrt(hd), causal: true);
+            k.H1 = held.Keep(_o.Forward(k.A));
+            b.Add(k.H1, k.H1, x);
+            k.N2 = held.Keep(_postNorm.Forward(k.H1, out k.Norm2)); held.Keep(k.Norm2);
+            k.Gate = held.Keep(_gate.Forward(k.N2));
+            k.Up = held.Keep(_up.Forward(k.N2));
+            k.Act = held.Keep(b.Activations(t, _c.IntermediateSize));
+            b.SwiGluForward(k.Gate, k.Up, k.Act);
+            var y = _down.Forward(k.Act);
+            b.Add(y, y, k.H1);
+            cache = k;
+            return y;
+        }
+
+        public Tensor Backward(Tensor dy, Tensor x, Tensor positions, PackedSequences seqs, Cache k)
+        {
+            var b = _b;
+            int t = x.Rows, hd = _c.HeadDim, h = _c.NumHeads, kvh = _c.NumKvHeads;
+            using var held = new Activations();
+            var dAct = held.Keep(_down.Backward(dy, k.Act)!);
+            var dGate = held.Keep(b.Activations(t, _c.IntermediateSize));
+            var dUp = held.Keep(b.Activations(t, _c.IntermediateSize));
+            b.SwiGluBackward(dAct, k.Gate, k.Up, dGate, dUp);
+            var dn2 = held.Keep(_gate.Backward(dGate, k.N2)!);
+            using (var dn2u = _up.Backward(dUp, k.N2)!) b.Add(dn2, dn2, dn2u);
+            var dh1 = held.Keep(_postNorm.Backward(dn2, k.H1, k.Norm2));
+            b.Add(dh1, dh1, dy);
+
+            var da = held.Keep(_o.Backward(dh1, k.A)!);
+            var dqr = held.Keep(b.Activations(t, h * hd));
+            var dkr = held.Keep(b.Activations(t, kvh * hd));
+            var dv = held.Keep(b.Activations(t, kvh * hd));
+            b.AttentionBackward(da.Reshape(t, h, hd), k.Qr.Reshape(t, h, hd), k.Kr.Reshape(t, kvh, hd), k.V.Reshape(t, kvh, hd), k.A.Reshape(t, h, hd),
+                k.Lse, seqs, dqr.Reshape(t, h, hd), dkr.Reshape(t, kvh, hd), dv.Reshape(t, kvh, hd), 1f / MathF.Sqrt(hd), causal: true);
+            b.RopeBackward(dqr.Reshape(t, h, hd), positions, dqr.Reshape(t, h, hd), _c.RopeTheta);   // in place
+            b.RopeBackward(dkr.Reshape(t, kvh, hd), positions, dkr.Reshape(t, kvh, hd), _c.RopeTheta);
+            var dn1 = held.Keep(_q.Backward(dqr, k.N1)!);
+            using (var dk = _k.Backward(dkr, k.N1)!) b.Add(dn1, dn1, dk);
+            using (var dvn = _v.Backward(dv, k.N1)!) b.Add(dn1, dn1, dvn);
+            var dx = _inputNorm.Backward(dn1, x, k.Norm1);
+            b.Add(dx, dx, dh1);
+            return dx;
+        }
+    }
+}

@@ -1,0 +1,213 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Checkpoints;
+using R1V2.Native.Engine.Layers;
+using R1V2.Native.Engine.Tensors;
+
+namespace R1V2.Native.Engine.Models;
+
+/// <summary>
+/// A packed batch: several sequences in one token buffer. Tokens, targets [T] (Backend.IgnoreIndex where no loss),
+/// sequence boundaries cu_seqlens [S + 1], and the image tiles [n, 3, S, S] whose features replace the
+/// &lt;IMG_CONTEXT&gt; tokens in order.
+/// </summary>
+public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, float[]? Pixels = null, int Tiles = 0)
+{
+    /// <summary>One sequence; targets are the next tokens from <paramref name="lossFrom"/> on (teacher forcing).</summary>
+    public static VlmBatch Single(int[] ids, float[]? pixels = null, int tiles = 0, int lossFrom = 0)
+    {
+        var targets = new int[ids.Length];
+        for (int t = 0; t < ids.Length; t++) targets[t] = t + 1 < ids.Length && t + 1 >= lossFrom ? ids[t + 1] : Backend.IgnoreIndex;
+        return new VlmBatch(ids, targets, [0, ids.Length], pixels, tiles);
+    }
+}
+
+/// <summary>
+/// y = LLM(Adapter(ViT(image)), text). Forward keeps what backward needs (or recomputes it per layer with
+/// activation checkpointing); backward runs only as far as a trainable part needs: with the adapter alone trainable,
+/// gradients flow back through the frozen LLM to the adapter and stop there.
+/// </summary>
+public sealed class VisionLanguageModel : IDisposable
+{
+    private readonly Backend _b;
+    private readonly VisionEncoder _vit;
+    private readonly VisionAdapter _adapter;
+    private readonly Qwen2Decoder _llm;
+    private readonly Norm _finalNorm;
+    private readonly Parameter _embed, _head;
+
+    public VisionLanguageModel(Backend backend, VlmConfig config, ParameterStore parameters, int imageContextId)
+    {
+        _b = backend;
+        Config = config;
+        Parameters = parameters;
+        ImageContextId = imageContextId;
+        int layers = config.SelectLayer >= 0 ? config.SelectLayer : config.Vision.NumLayers + 1 + config.SelectLayer;
+        _vit = new VisionEncoder(backend, config.Vision, parameters, layers);
+        _adapter = new VisionAdapter(backend, config, parameters);
+        _llm = new Qwen2Decoder(backend, config.Llm, parameters);
+        _finalNorm = new Norm(backend, parameters["language_model.model.norm.weight"], null, false, config.Llm.RmsNormEps);
+        _embed = parameters["language_model.model.embed_tokens.weight"];
+        _head = config.Llm.TieWordEmbeddings ? _embed : parameters["language_model.lm_head.weight"];
+    }
+
+    public VlmConfig Config { get; }
+    public ParameterStore Parameters { get; }
+    public int ImageContextId { get; }
+    public Backend Backend => _b;
+
+    /// <summary>Recompute each ViT / LLM layer's activations in backward instead of keeping them.</summary>
+    public bool CheckpointVit { get => _vit.CheckpointLayers; set => _vit.CheckpointLayers = value; }
+    public bool CheckpointLlm { get => _llm.CheckpointLayers; set => _llm.CheckpointLayers = value; }
+
+    private bool VitTrainable => Parameters.All.Any(p => p.Name.StartsWith(VlmWeights.Vit, StringComparison.Ordinal) && p.Parameter.Trainable);
+    private bool AdapterTrainable => Parameters.All.Any(p => p.Name.StartsWith(VlmWeights.Adapter, StringComparison.Ordinal) && p.Parameter.Trainable);
+    private bool LlmTrainable => Parameters.All.Any(p => p.Name.StartsWith(VlmWeights.Llm, StringComparison.Ordinal) && p.Parameter.Trainable);
+
+    /// <summary>Loads config.json, the safetensors weights and the &lt;IMG_CONTEXT&gt; id from tokenizer.json.</summary>
+    public static VisionLanguageModel Load(Backend backend, string directory, TrainableParts trainable = TrainableParts.None)
+    {
+        var config = VlmConfig.Load(Path.Combine(directory, "config.json"));
+        int imageContext = TokenizerFiles.SpecialTokenId(Path.Combine(directory, "tokenizer.json"), TokenizerFiles.ImageContext);
+        using var checkpoint = Checkpoint.Open(directory);
+        return new VisionLanguageModel(backend, config, ParameterStore.FromCheckpoint(backend, config, checkpoint, trainable), imageContext);
+    }
+
+    /// <summary>Writes config.json and the weights (fp32 masters when present) in the HF layout.</summary>
+    public void Save(string directory, string dtype = "F32", long maxShardBytes = 4L << 30)
+    {
+        Directory.CreateDirectory(directory);
+        var tensors = Parameters.All.Select(p => (p.Name, p.Parameter.Weights.Shape.ToArray(), p.Parameter.Weights.ToFloatArray())).ToList();
+        Checkpoint.Save(directory, tensors, dtype, maxShardBytes);
+        var path = Path.Combine(directory, "config.json");
+        File.WriteAllText(path + ".tmp", Config.ToJson().ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        File.Move(path + ".tmp", path, overwrite: true);
+    }
+
+    /// <summary>The forward's results and what backward needs.</summary>
+    public sealed class Pass : IDisposable
+    {
+        internal readonly Activations Held = new();
+        internal VisionEncoder.State? Vit;
+        internal VisionAdapter.State? Adapter;
+        internal Qwen2Decoder.State Llm = null!;
+        internal RowIndex? ImageRows;
+        internal Tensor Ids = null!, Positions = null!, Targets = null!, Embeddings = null!, Final = null!, Lse = null!, LogProb = null!;
+
+        /// <summary>Logits [T, V] in the backend's activation type (overwritten by their gradient in backward).</summary>
+        public Tensor Logits { get; internal set; } = null!;
+        internal NormCache FinalNorm = null!;
+        internal PackedSequences Sequences = null!;
+        internal int Counted;
+
+        /// <summary>log p(target_t) per token (0 where ignored).</summary>
+        public float[] LogProbs { get; internal set; } = [];
+
+        /// <summary>Mean negative log-likelihood over the tokens with a target.</summary>
+        public double Loss { get; internal set; }
+
+        public void Dispose()
+        {
+            Held.Dispose();
+            Vit?.Dispose();
+            Adapter?.Dispose();
+            Llm?.Dispose();
+        }
+    }
+
+    public Pass Forward(VlmBatch batch)
+    {
+        var c = Config;
+        int t = batch.InputIds.Length;
+        if (batch.Targets.Length != t) throw new ArgumentException($"targets has {batch.Targets.Length} entries, input_ids {t}");
+        var imagePositions = Enumerable.Range(0, t).Where(i => batch.InputIds[i] == ImageContextId).ToArray();
+        int features = batch.Tiles * c.TokensPerTile;
+        if (imagePositions.Length != features)
+            throw new ArgumentException($"the batch has {imagePositions.Length} <IMG_CONTEXT> tokens but {batch.Tiles} image tiles x {c.TokensPerTile} tokens per tile = {features} image features");
+
+        var pass = new Pass();
+        var h = pass.Held;
+        pass.Sequences = h.Keep(_b.Sequences(batch.CuSeqlens));
+        if (pass.Sequences.Tokens != t) throw new ArgumentException($"cu_seqlens covers {pass.Sequences.Tokens} tokens, input_ids has {t}");
+        pass.Ids = h.Keep(_b.FromArray(batch.InputIds, [t], "input_ids"));
+        pass.Positions = h.Keep(_b.FromArray(pass.Sequences.Positions(), [t], "position_ids"));
+        pass.Targets = h.Keep(_b.FromArray(batch.Targets, [t], "targets"));
+        pass.Embeddings = h.Keep(_b.Activations(t, c.Llm.HiddenSize));
+        _b.EmbeddingForward(_embed.Value, pass.Ids, pass.Embeddings);
+
+        if (batch.Tiles > 0)
+        {
+            pass.Vit = _vit.Forward(batch.Pixels ?? throw new ArgumentException("the batch has tiles but no pixel values"), batch.Tiles);
+            pass.Adapter = _adapter.Forward(pass.Vit.Output, batch.Tiles);
+            pass.ImageRows = h.Keep(_b.Rows(imagePositions, t, distinct: true, "image_positions"));
+            _b.ScatterRows(pass.Adapter.Output, pass.ImageRows, pass.Embeddings);
+        }
+
+        pass.Llm = _llm.Forward(pass.Embeddings, pass.Positions, pass.Sequences);
+        pass.Final = h.Keep(_finalNorm.Forward(pass.Llm.Output, out pass.FinalNorm)); h.Keep(pass.FinalNorm);
+        pass.Logits = h.Keep(Linear.Forward(_b, pass.Final, _head.Value, null));
+        pass.LogProb = h.Keep(_b.Allocate(DType.F32, t));
+        pass.Lse = h.Keep(_b.Allocate(DType.F32, t));
+        _b.CrossEntropyForward(pass.Logits, pass.Targets, pass.LogProb, pass.Lse);
+        pass.LogProbs = pass.LogProb.ToFloatArray();
+        pass.Counted = batch.Targets.Count(x => x != Backend.IgnoreIndex);
+        pass.Loss = pass.Counted == 0 ? 0 : -pass.LogProbs.Sum(x => (double)x) / pass.Counted;
+        return pass;
+    }
+
+    /// <summary>Backward of the mean NLL of <paramref name="pass"/>; gradients accumulate into trainable parameters.</summary>
+    public void Backward(Pass pass)
+    {
+        var c = Config;
+        int t = (int)pass.Ids.Length;
+        bool needImage = pass.Adapter is not null && (AdapterTrainable || VitTrainable);
+        if (!LlmTrainable && !needImage) return;
+        using var held = new Activations();
+        var dlogprob = held.Keep(_b.FromArray(Enumerable.Repeat(pass.Counted == 0 ? 0f : -1f / pass.Counted, t).ToArray(), DType.F32, [t]));
+        _b.CrossEntropyBackward(pass.Logits, pass.Targets, pass.Lse, dlogprob, pass.Logits); // dlogits replace the logits
+        var dFinal = held.Keep(Linear.Backward(_b, pass.Logits, pass.Final, _head.Value, _head.Grad, null, inputGradient: true)!);
+        var dOut = held.Keep(_finalNorm.Backward(dFinal, pass.Llm.Output, pass.FinalNorm));
+        var dEmb = held.Keep(_llm.Backward(pass.Llm, dOut, pass.Positions, pass.Sequences));
+
+        if (pass.ImageRows is not null)
+        {
+            if (needImage)
+            {
+                var dImage = held.Keep(_b.Activations(pass.ImageRows.Length, c.Llm.HiddenSize));
+                _b.GatherRows(dEmb, pass.ImageRows, dImage);
+                var dVit = _adapter.Backward(pass.Adapter!, dImage, inputGradient: VitTrainable);
+                if (dVit is not null)
+                {
+                    held.Keep(dVit);
+                    _vit.Backward(pass.Vit!, dVit);
+                }
+            }
+            // Image positions took adapter outputs, not token embeddings: their rows carry no embedding gradient.
+            using var zeros = _b.Activations(pass.ImageRows.Length, c.Llm.HiddenSize);
+            _b.ScatterRows(zeros, pass.ImageRows, dEmb);
+        }
+        if (_embed.Grad is not null) _b.EmbeddingBackward(dEmb, pass.Ids, _embed.Grad);
+    }
+
+    public void Dispose() => Parameters.Dispose();
+}
+
+/// <summary>Reads the special tokens the model needs from a Hugging Face tokenizer.json.</summary>
+public static class TokenizerFiles
+{
+    public const string ImageContext = "<IMG_CONTEXT>";
+
+    public static int SpecialTokenId(string tokenizerJson, string content)
+    {
+        if (!File.Exists(tokenizerJson)) throw new FileNotFoundException($"tokenizer not found: {tokenizerJson}", tokenizerJson);
+        JsonNode? root;
+        try { root = JsonNode.Parse(File.ReadAllText(tokenizerJson)); }
+        catch (JsonException e) { throw new InvalidDataException($"{tokenizerJson}: not valid JSON ({e.Message})"); }
+        if (root?["added_tokens"] is JsonArray added)
+            foreach (var tok in added)
+                if (tok?["content"]?.GetValue<string>() == content && tok["id"] is JsonValue id) return id.GetValue<int>();
+        if (root?["model"]?["vocab"] is JsonObject vocab && vocab[content] is JsonValue v) return v.GetValue<int>();
+        throw new InvalidDataException($"{tokenizerJson}: no token '{content}' in added_tokens or the vocabulary");
+    }
+}
