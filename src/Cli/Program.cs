@@ -15,6 +15,8 @@ public static class Program
             BenchCommand.Create(),
             InfoCommand.Create(),
             TrainCommand.Create(),
+            InitCommand.Create(),
+            ScoreCommand.Create(),
         };
         return root.Parse(args).Invoke();
     }

@@ -32,25 +32,12 @@ public static class TrainCommand
         return cmd;
     }
 
-    public static Backend CreateBackend(string name)
-    {
-        switch (name)
-        {
-            case "cpu": return new CpuBackend();
-            case "cuda":
-                if (!CudaBackend.IsAvailable(out var why)) throw new InvalidOperationException($"--backend cuda: {why}");
-                return new CudaBackend();
-            case "auto": return CudaBackend.IsAvailable(out _) ? new CudaBackend() : new CpuBackend();
-            default: throw new ArgumentException($"--backend must be auto, cpu or cuda, got '{name}'");
-        }
-    }
-
     public static int Run(NextTokenSettings settings, string backendName, string? outDir)
     {
         if (settings.Steps < 1 || settings.BatchTokens < 1) throw new ArgumentException("--steps and --batch-tokens must be positive");
         outDir ??= Path.Combine("runs", $"train-{DateTime.Now:yyyyMMdd-HHmmss}");
         Directory.CreateDirectory(outDir);
-        using var backend = CreateBackend(backendName);
+        using var backend = Backends.Create(backendName);
         var corpus = string.Concat(KernelSources.Families.Values);
         var task = new NextTokenTask(corpus);
         var config = new NgramMlpConfig(NextTokenTask.Vocab);
