@@ -61,7 +61,7 @@ public sealed class VisionAdapter
     /// <summary>vit: [n P, C] patch features -> [n P', D] image tokens for the LLM.</summary>
     public State Forward(Tensor vit, int tiles)
     {
-        int side = _c.Vision.PatchesPerSide, r = (int)Math.Round(1 / _c.DownsampleRatio), cv = _c.Vision.HiddenSize;
+        int side = _c.TilePatchesPerSide, r = (int)Math.Round(1 / _c.DownsampleRatio), cv = _c.Vision.HiddenSize;
         var st = new State();
         var h = st.Held;
         var map = ShuffleRows(tiles, side, r, _c.PsVersion);

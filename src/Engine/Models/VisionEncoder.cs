@@ -10,19 +10,63 @@ namespace R1V2.Native.Engine.Models;
 /// bidirectional attention inside each tile (tiles are packed sequences). Shapes: n tiles, P patches per tile,
 /// C width, F MLP width, L = n (1 + P) tokens.
 /// </summary>
-public sealed class VisionEncoder
+public sealed class VisionEncoder : IDisposable
 {
     private readonly Backend _b;
     private readonly VisionConfig _c;
     private readonly ParameterStore _p;
     private readonly Layer[] _layers;
 
-    public VisionEncoder(Backend backend, VisionConfig config, ParameterStore parameters, int layersToRun)
+    private readonly int _tileSize;
+    private readonly Tensor? _interpolation, _interpolationF32; // [P', P] bicubic map when tiles differ from image_size
+
+    public VisionEncoder(Backend backend, VisionConfig config, ParameterStore parameters, int layersToRun, int tileSize)
     {
         _b = backend;
         _c = config;
         _p = parameters;
+        _tileSize = tileSize;
         _layers = Enumerable.Range(0, layersToRun).Select(i => new Layer(backend, config, parameters, i)).ToArray();
+        if (tileSize % config.PatchSize != 0) throw new ArgumentException($"tile size {tileSize} is not a multiple of patch size {config.PatchSize}");
+        int side = tileSize / config.PatchSize;
+        if (side != config.PatchesPerSide)
+        {
+            var m = BicubicMatrix(config.PatchesPerSide, side);
+            _interpolation = backend.FromArray(m, backend.ActivationType, [side * side, config.NumPatches], "position_interpolation");
+            _interpolationF32 = backend.ActivationType == DType.F32 ? null : backend.FromArray(m, DType.F32, [side * side, config.NumPatches]);
+        }
+    }
+
+    /// <summary>
+    /// Bicubic resampling (a = -0.75, half-pixel centres, edge-clamped taps, as torch's align_corners=False) of an
+    /// inSide x inSide grid to outSide x outSide, as a [outSide^2, inSide^2] matrix: separable rows x columns.
+    /// </summary>
+    public static float[] BicubicMatrix(int inSide, int outSide)
+    {
+        const double a = -0.75;
+        var w1 = new double[outSide, inSide];
+        double scale = (double)inSide / outSide;
+        for (int o = 0; o < outSide; o++)
+        {
+            double src = (o + 0.5) * scale - 0.5;
+            int x0 = (int)Math.Floor(src);
+            double t = src - x0;
+            double[] w =
+            [
+                ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+                ((a + 2) * t - (a + 3)) * t * t + 1,
+                ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+                ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
+            ];
+            for (int k = 0; k < 4; k++) w1[o, Math.Clamp(x0 - 1 + k, 0, inSide - 1)] += w[k];
+        }
+        var m = new float[outSide * outSide * inSide * inSide];
+        for (int oy = 0; oy < outSide; oy++)
+            for (int ox = 0; ox < outSide; ox++)
+                for (int iy = 0; iy < inSide; iy++)
+                    for (int ix = 0; ix < inSide; ix++)
+                        m[(oy * outSide + ox) * inSide * inSide + iy * inSide + ix] = (float)(w1[oy, iy] * w1[ox, ix]);
+        return m;
     }
 
     public bool CheckpointLayers { get; set; }
@@ -44,11 +88,11 @@ public sealed class VisionEncoder
         }
     }
 
-    /// <summary>pixels: [n, 3, S, S] normalised, row-major on the host; S = image_size.</summary>
+    /// <summary>pixels: [n, 3, S, S] normalised, row-major on the host; S = the tile size (force_image_size).</summary>
     public State Forward(float[] pixels, int tiles)
     {
         var c = _c;
-        int s = c.ImageSize, p = c.PatchSize, side = c.PatchesPerSide, np = c.NumPatches, cv = c.HiddenSize, seq = 1 + np;
+        int s = _tileSize, p = c.PatchSize, side = s / p, np = side * side, cv = c.HiddenSize, seq = 1 + np;
         if (pixels.Length != tiles * 3 * s * s) throw new ArgumentException($"pixel values hold {pixels.Length} floats, expected {tiles} x 3 x {s} x {s}");
         var st = new State();
         var h = st.Held;
@@ -81,9 +125,10 @@ public sealed class VisionEncoder
             _b.ScatterRows(cls, st.ClsRows, x);
         }
         _b.ScatterRows(patchEmb, st.PatchRows, x);
+        using (var table = PositionTable())
         using (var pos = _b.Activations(tiles * seq, cv))
         {
-            _b.GatherRows(_p["vision_model.embeddings.position_embedding"].Value.Reshape(seq, cv), st.PositionRows, pos);
+            _b.GatherRows(table, st.PositionRows, pos);
             _b.Add(x, x, pos);
         }
 
@@ -100,11 +145,24 @@ public sealed class VisionEncoder
         return st;
     }
 
+    /// <summary>The position table for this tile size, [1 + P', C]: the stored one, or CLS + bicubic-resampled patches.</summary>
+    private Tensor PositionTable()
+    {
+        int cv = _c.HiddenSize;
+        var stored = _p["vision_model.embeddings.position_embedding"].Value.Reshape(1 + _c.NumPatches, cv);
+        if (_interpolation is null) return stored;
+        int np = _interpolation.Dim(0);
+        var table = _b.Activations(1 + np, cv);
+        _b.Convert(stored.SliceRows(0, 1), table.SliceRows(0, 1));
+        _b.Gemm(_interpolation, false, stored.SliceRows(1, _c.NumPatches), false, table.SliceRows(1, np));
+        return table;
+    }
+
     /// <summary>dOutput: [n P, C] -> parameter gradients (pixels get none).</summary>
     public void Backward(State st, Tensor dOutput)
     {
         var c = _c;
-        int np = c.NumPatches, cv = c.HiddenSize, seq = 1 + np, tiles = dOutput.Rows / np;
+        int side = _tileSize / c.PatchSize, np = side * side, cv = c.HiddenSize, seq = 1 + np, tiles = dOutput.Rows / np;
         using var held = new Activations();
         var dx = held.Keep(_b.Activations(tiles * seq, cv));
         _b.ScatterRows(dOutput, st.PatchRows, dx); // CLS rows of the last layer get no gradient
@@ -120,7 +178,16 @@ public sealed class VisionEncoder
         }
 
         var pos = _p["vision_model.embeddings.position_embedding"];
-        if (pos.Grad is not null) _b.EmbeddingBackward(dx, st.PositionRows.Device, pos.Grad.Reshape(seq, cv));
+        if (pos.Grad is not null && _interpolation is null) _b.EmbeddingBackward(dx, st.PositionRows.Device, pos.Grad.Reshape(seq, cv));
+        else if (pos.Grad is not null)
+        {
+            // d(table) by scatter-add, then back through the resampling: dpos[1:] += M^T d(table)[1:].
+            using var dTable = _b.Allocate(DType.F32, seq, cv);
+            _b.EmbeddingBackward(dx, st.PositionRows.Device, dTable);
+            var g = pos.Grad.Reshape(1 + c.NumPatches, cv);
+            _b.Add(g.SliceRows(0, 1), g.SliceRows(0, 1), dTable.SliceRows(0, 1));
+            _b.Gemm(_interpolationF32 ?? _interpolation!, true, dTable.SliceRows(1, np), false, g.SliceRows(1, c.NumPatches), beta: 1f);
+        }
         var cls = _p["vision_model.embeddings.class_embedding"];
         if (cls.Grad is not null)
         {
@@ -137,6 +204,12 @@ public sealed class VisionEncoder
             Linear.Backward(_b, dpatch, st.Patches, w.Value.Reshape(cv, 3 * c.PatchSize * c.PatchSize),
                 w.Grad?.Reshape(cv, 3 * c.PatchSize * c.PatchSize), bias.Grad, inputGradient: false);
         }
+    }
+
+    public void Dispose()
+    {
+        _interpolation?.Dispose();
+        _interpolationF32?.Dispose();
     }
 
     /// <summary>One InternViT layer.</summary>

@@ -44,7 +44,7 @@ public sealed class VisionLanguageModel : IDisposable
         Parameters = parameters;
         ImageContextId = imageContextId;
         int layers = config.SelectLayer >= 0 ? config.SelectLayer : config.Vision.NumLayers + 1 + config.SelectLayer;
-        _vit = new VisionEncoder(backend, config.Vision, parameters, layers);
+        _vit = new VisionEncoder(backend, config.Vision, parameters, layers, config.ForceImageSize);
         _adapter = new VisionAdapter(backend, config, parameters);
         _llm = new Qwen2Decoder(backend, config.Llm, parameters);
         _finalNorm = new Norm(backend, parameters["language_model.model.norm.weight"], null, false, config.Llm.RmsNormEps);
@@ -190,7 +190,11 @@ public sealed class VisionLanguageModel : IDisposable
         if (_embed.Grad is not null) _b.EmbeddingBackward(dEmb, pass.Ids, _embed.Grad);
     }
 
-    public void Dispose() => Parameters.Dispose();
+    public void Dispose()
+    {
+        _vit.Dispose();
+        Parameters.Dispose();
+    }
 }
 
 /// <summary>Reads the special tokens the model needs from a Hugging Face tokenizer.json.</summary>

@@ -31,8 +31,11 @@ public sealed record VlmConfig(
     string ModelType, VisionConfig Vision, LlmConfig Llm, float DownsampleRatio, string PsVersion, int SelectLayer,
     int ForceImageSize, string Template)
 {
-    /// <summary>Image tokens per 448 tile after pixel shuffle: (image/patch * ratio)^2.</summary>
-    public int TokensPerTile => (int)Math.Round(Vision.PatchesPerSide * DownsampleRatio) * (int)Math.Round(Vision.PatchesPerSide * DownsampleRatio);
+    /// <summary>Patches per side of a tile (tiles are force_image_size square).</summary>
+    public int TilePatchesPerSide => ForceImageSize / Vision.PatchSize;
+
+    /// <summary>Image tokens per tile after pixel shuffle: (force_image_size / patch * ratio)^2.</summary>
+    public int TokensPerTile => (int)Math.Round(TilePatchesPerSide * DownsampleRatio) * (int)Math.Round(TilePatchesPerSide * DownsampleRatio);
 
     public static VlmConfig Load(string path)
     {
@@ -73,15 +76,15 @@ public sealed record VlmConfig(
         if (llm.HeadDim % 2 != 0) throw l.Invalid("hidden_size", $"head dim {llm.HeadDim} must be even for RoPE");
 
         var ratio = r.Float("downsample_ratio", 0.5f);
-        var side = vision.PatchesPerSide * ratio;
-        if (Math.Abs(side - Math.Round(side)) > 1e-6 || ratio <= 0 || ratio > 1) throw r.Invalid("downsample_ratio", $"{ratio} does not divide {vision.PatchesPerSide} patches per side evenly");
+        int force = r.Int("force_image_size", vision.ImageSize);
+        if (force <= 0 || force % vision.PatchSize != 0) throw r.Invalid("force_image_size", $"{force} is not a positive multiple of patch_size {vision.PatchSize}");
+        var side = force / vision.PatchSize * ratio;
+        if (Math.Abs(side - Math.Round(side)) > 1e-6 || ratio <= 0 || ratio > 1) throw r.Invalid("downsample_ratio", $"{ratio} does not divide {force / vision.PatchSize} patches per side evenly");
         if (Math.Abs(1 / ratio - Math.Round(1 / ratio)) > 1e-6) throw r.Invalid("downsample_ratio", $"{ratio} is not 1/k");
         var ps = r.String("ps_version", "v2");
         if (ps is not ("v1" or "v2")) throw r.Invalid("ps_version", $"'{ps}' (expected v1 or v2)");
         int select = r.Int("select_layer", -1);
         if (select != -1 && (select < -vision.NumLayers || select >= vision.NumLayers)) throw r.Invalid("select_layer", $"{select} is outside the {vision.NumLayers} ViT layers");
-        int force = r.Int("force_image_size", vision.ImageSize);
-        if (force % vision.PatchSize != 0) throw r.Invalid("force_image_size", $"{force} is not a multiple of patch_size {vision.PatchSize}");
         return new VlmConfig(r.String("model_type", "internvl_chat"), vision, llm, ratio, ps, select, force, r.String("template", "internvl2_5"));
     }
 
