@@ -31,9 +31,12 @@ switch ($Target) {
     'gpu' {
         $stamp = Get-Date -Format 'yyyyMMdd-HHmmss'
         Invoke-Step 'CUDA parity tests' {
-            dotnet test tests/R1V2.Native.Tests -c $Configuration --filter 'FullyQualifiedName~CudaParity|FullyQualifiedName~KernelCompile' `
+            dotnet test tests/R1V2.Native.Tests -c $Configuration --filter 'FullyQualifiedName~CudaParity|FullyQualifiedName~KernelCompile|FullyQualifiedName~Cli' `
                 --logger "trx;LogFileName=gpu-parity-$stamp.trx" --results-directory perf/results
         }
         Invoke-Step 'CUDA kernel benchmarks' { dotnet @engine bench kernels --out perf/results }
+        Invoke-Step 'model step benchmarks' {
+            dotnet @engine bench model --config configs/small.json --sequences 8 --tokens 512 --tiles 1 --backend cuda --out perf/results
+        }
     }
 }

@@ -1,5 +1,7 @@
 using System.CommandLine;
 using R1V2.Native.Engine.Backends.Cuda;
+using R1V2.Native.Engine.Models;
+using R1V2.Native.Trainer.Bench;
 using Spectre.Console;
 
 namespace R1V2.Native.Cli.Commands;
@@ -13,7 +15,47 @@ public static class BenchCommand
         var repeats = new Option<int>("--repeats") { Description = "Timed repeats per kernel (at least 20)", DefaultValueFactory = _ => 25 };
         var kernels = new Command("kernels", "Time each CUDA kernel (warm-up, L2 flushed, median) and report GB/s or TFLOP/s and % of peak") { output, repeats };
         kernels.SetAction(r => RunKernels(r.GetValue(output)!, r.GetValue(repeats)));
-        return new Command("bench", "Benchmarks") { kernels };
+        var config = new Option<string>("--config") { Description = "Model config", DefaultValueFactory = _ => Path.Combine("configs", "small.json") };
+        var sequences = new Option<int>("--sequences") { Description = "Packed sequences per step", DefaultValueFactory = _ => 2 };
+        var tokens = new Option<int>("--tokens") { Description = "Tokens per sequence", DefaultValueFactory = _ => 128 };
+        var tiles = new Option<int>("--tiles") { Description = "Image tiles per sequence", DefaultValueFactory = _ => 1 };
+        var steps = new Option<int>("--steps") { Description = "Timed steps (after one untimed)", DefaultValueFactory = _ => 5 };
+        var trainable = new Option<string>("--trainable") { Description = "adapter | adapter+llm | adapter+vit | all", DefaultValueFactory = _ => "all" };
+        var backend = Backends.Option();
+        var model = new Command("model", "Time forward + backward + AdamW steps of a config: tokens/s, MFU, peak memory against the estimate")
+            { config, sequences, tokens, tiles, steps, trainable, backend, output };
+        model.SetAction(r => RunModel(r.GetValue(config)!, r.GetValue(sequences), r.GetValue(tokens), r.GetValue(tiles), r.GetValue(steps),
+            r.GetValue(trainable)!, r.GetValue(backend)!, r.GetValue(output)!));
+        return new Command("bench", "Benchmarks") { kernels, model };
+    }
+
+    public static TrainableParts ParseTrainable(string s) => s switch
+    {
+        "adapter" => TrainableParts.Adapter,
+        "adapter+llm" => TrainableParts.AdapterAndLlm,
+        "adapter+vit" => TrainableParts.AdapterAndVit,
+        "all" => TrainableParts.All,
+        _ => throw new ArgumentException($"--trainable must be adapter, adapter+llm, adapter+vit or all, got '{s}'"),
+    };
+
+    public static int RunModel(string configPath, int sequences, int tokens, int tiles, int steps, string trainable, string backendName, string outDir)
+    {
+        var config = VlmConfig.Load(configPath);
+        using var backend = Backends.Create(backendName);
+        double? peak = backend is CudaBackend cuda ? KernelBenchmark.PeakBf16Flops(cuda.Device) : null;
+        var shape = StepShape.Uniform(sequences, tokens, tiles);
+        StepTiming t = null!;
+        AnsiConsole.Status().Start($"timing {steps} steps of {Path.GetFileNameWithoutExtension(configPath)} on {backend.Name}", _ =>
+            t = StepBenchmark.Run(backend, config, Path.GetFileNameWithoutExtension(configPath), shape, ParseTrainable(trainable), Math.Max(1, steps), peak));
+        AnsiConsole.MarkupLineInterpolated($"{t.Config} on {t.Backend} ({t.Trainable} trainable): {t.Sequences} x {t.TokensPerSequence} tokens, {t.Tiles} tiles per step");
+        var mfu = t.Mfu is null ? "(MFU: no peak known for this backend)" : $"MFU {100 * t.Mfu:F1}%";
+        AnsiConsole.MarkupLineInterpolated($"median step {t.MedianSeconds * 1e3:F1} ms, {t.TokensPerSecond:F0} tokens/s, {t.AchievedTflops * 1e3:F2} GFLOP/s model FLOPs, {mfu}");
+        AnsiConsole.MarkupLineInterpolated($"peak memory {t.PeakBytes / 1048576.0:F1} MiB, estimate {t.EstimatedBytes / 1048576.0:F1} MiB (ratio {t.PeakOverEstimate:F3})");
+        Directory.CreateDirectory(outDir);
+        var path = Path.Combine(outDir, $"model-{t.Config}-{t.Backend.Replace(':', '-')}-{DateTime.UtcNow:yyyyMMdd-HHmmss}.json");
+        File.WriteAllText(path, System.Text.Json.JsonSerializer.Serialize(t, new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
+        AnsiConsole.MarkupLineInterpolated($"wrote {path}");
+        return 0;
     }
 
     public static int RunKernels(string outDir, int repeats)
