@@ -4,6 +4,13 @@ namespace R1V2.Native.Engine.Backends;
 
 public enum GeluApproximation { Erf = 0, Tanh = 1 }
 
+/// <summary>
+/// Attention forward schedule. RowWise: one warp per (query, head) walking the keys (any head dim up to 256, fp32 or
+/// bf16). Tiled: FlashAttention-2 on tensor cores (64-query tiles, mma.sync, P rounded to bf16 before P V), bf16
+/// storage and head dims 64, 80, 96, 128; its CPU twin runs the same tile schedule and rounding.
+/// </summary>
+public enum AttentionVariant { RowWise, Tiled }
+
 /// <summary>AdamW hyper-parameters for one update.</summary>
 public readonly record struct AdamWSettings(float LearningRate, float Beta1 = 0.9f, float Beta2 = 0.999f, float Epsilon = 1e-8f, float WeightDecay = 0.0f);
 
@@ -363,8 +370,29 @@ public abstract class Backend : IDisposable
     public void AttentionForward(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, float scale, bool causal)
     {
         CheckAttention(q, k, v, sequences, output, lse, "attention_forward");
+        if (Attention == AttentionVariant.Tiled)
+        {
+            if (!TiledHeadDims.Contains(q.Dim(2)))
+                throw new ArgumentException($"attention_forward: the tiled variant takes head dims {string.Join(", ", TiledHeadDims)}, not {q.Dim(2)}; use AttentionVariant.RowWise");
+            CheckTiledAttention(q);
+            TiledAttentionForwardCore(q, k, v, sequences, output, lse, scale, causal);
+            return;
+        }
         AttentionForwardCore(q, k, v, sequences, output, lse, scale, causal);
     }
+
+    /// <summary>Which attention forward schedule runs (backward is the same for both: it reads the saved lse).</summary>
+    public AttentionVariant Attention { get; set; } = AttentionVariant.RowWise;
+
+    public static readonly int[] TiledHeadDims = [64, 80, 96, 128];
+
+    /// <summary>Query rows per tile of the tiled attention (4 warps x 16 rows).</summary>
+    public const int AttentionTileRows = 64;
+
+    /// <summary>Backends that run the tiled variant only in some storage types reject the others here.</summary>
+    protected virtual void CheckTiledAttention(Tensor q) { }
+
+    protected abstract void TiledAttentionForwardCore(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, float scale, bool causal);
 
     /// <summary>dq, dk, dv of <see cref="AttentionForward"/> from dout and the saved output and lse (recomputing p).</summary>
     public void AttentionBackward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, PackedSequences sequences,

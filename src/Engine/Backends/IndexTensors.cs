@@ -15,6 +15,7 @@ public sealed class PackedSequences : IDisposable
             if (cuSeqlens[s] < cuSeqlens[s - 1]) throw new ArgumentException($"cu_seqlens[{s}] = {cuSeqlens[s]} is below cu_seqlens[{s - 1}] = {cuSeqlens[s - 1]}");
         Host = (int[])cuSeqlens.Clone();
         Device = backend.FromArray(cuSeqlens, [cuSeqlens.Length], "cu_seqlens");
+        _backend = backend;
     }
 
     /// <summary>Boundaries of sequences of the given lengths, packed in order.</summary>
@@ -30,6 +31,23 @@ public sealed class PackedSequences : IDisposable
     public int Count => Host.Length - 1;
     public int Tokens => Host[^1];
 
+    private readonly Dictionary<int, (int[] Host, Tensor Device)> _tiles = new();
+    private Backend? _backend;
+
+    /// <summary>
+    /// Query tiles of <paramref name="tileRows"/> rows per sequence as offsets [S + 1]: tiles of sequence s are
+    /// offsets[s] .. offsets[s+1]-1 (a tile never spans two sequences). Made once per tile size.
+    /// </summary>
+    public (int[] Host, Tensor Device) TileOffsets(int tileRows)
+    {
+        if (_tiles.TryGetValue(tileRows, out var t)) return t;
+        var offsets = new int[Host.Length];
+        for (int s = 0; s < Count; s++) offsets[s + 1] = offsets[s] + (Host[s + 1] - Host[s] + tileRows - 1) / tileRows;
+        t = (offsets, _backend!.FromArray(offsets, [offsets.Length], "tile_offsets"));
+        _tiles[tileRows] = t;
+        return t;
+    }
+
     /// <summary>Position ids that restart at every sequence start.</summary>
     public int[] Positions()
     {
@@ -39,7 +57,12 @@ public sealed class PackedSequences : IDisposable
         return pos;
     }
 
-    public void Dispose() => Device.Dispose();
+    public void Dispose()
+    {
+        Device.Dispose();
+        foreach (var (_, d) in _tiles.Values) d.Dispose();
+        _tiles.Clear();
+    }
 }
 
 /// <summary>

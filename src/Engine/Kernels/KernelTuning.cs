@@ -13,6 +13,7 @@ public sealed class KernelTuning
     {
         ["adamw"] = 256,
         ["attention"] = 128,
+        ["attention_mma"] = 128,
         ["bias"] = 256,
         ["cross_entropy"] = 512,
         ["elementwise"] = 256,
@@ -35,6 +36,7 @@ public sealed class KernelTuning
         {
             if (!_blocks.ContainsKey(family)) throw new ArgumentException($"tuning: unknown kernel family '{family}'");
             if (block < 32 || block > 1024 || block % 32 != 0) throw new ArgumentException($"tuning: block size of {family} must be a multiple of 32 in [32, 1024], got {block}");
+            if (family == "attention_mma" && block != 128) throw new ArgumentException("tuning: attention_mma is fixed at 128 threads (4 warps x 16 query rows per 64-row tile)");
             _blocks[family] = block;
         }
     }

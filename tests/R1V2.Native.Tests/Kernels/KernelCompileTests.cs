@@ -29,6 +29,8 @@ public sealed class KernelCompileTests : IDisposable
         }
         foreach (Match m in Regex.Matches(source, @"^extern ""C"" __global__ void (?:__launch_bounds__\(\w+\) )?(\w+)\(", RegexOptions.Multiline))
             yield return m.Groups[1].Value;
+        foreach (Match m in Regex.Matches(source, @"^INSTANTIATE_MMA_FORWARD\((\d+)\)", RegexOptions.Multiline))
+            yield return $"attention_mma_forward_d{m.Groups[1].Value}_bf16";
     }
 
     [SkippableTheory]
@@ -45,6 +47,7 @@ public sealed class KernelCompileTests : IDisposable
             Assert.Empty(KernelCompiler.Warnings(compiled.Log));
             Assert.True(compiled.Image.Length > 4 && compiled.Image[0] == 0x7F && compiled.Image[1] == (byte)'E', $"{family}: not an ELF cubin");
             var reported = compiled.Kernels.Select(k => k.Kernel).ToHashSet();
+            Assert.Equal(DeclaredKernels(source).Count(), reported.Count);
             foreach (var kernel in DeclaredKernels(source))
                 Assert.True(reported.Contains(kernel), $"{family}: ptxas reported no resources for {kernel}");
             Assert.All(compiled.Kernels, k => Assert.InRange(k.Registers, 1, 255));

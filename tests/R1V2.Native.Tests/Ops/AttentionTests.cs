@@ -90,3 +90,55 @@ public sealed class AttentionTests(CpuFixture fx)
         Assert.Throws<ArgumentException>(() => _b.Sequences([0, 4, 3]));
     }
 }
+
+/// <summary>kernels/attention_mma.cu's schedule through its CPU twin (AttentionVariant.Tiled).</summary>
+[Collection("cpu")]
+public sealed class TiledAttentionTests(CpuFixture fx)
+{
+    private readonly Backend _b = fx.Backend;
+
+    private (float[] O, float[] Lse) Run(AttentionVariant variant, int[] cu, int heads, int kv, int dim, float[] q, float[] k, float[] v, bool causal)
+    {
+        int t = cu[^1];
+        using var seq = _b.Sequences(cu);
+        using var tq = _b.FromArray(q, DType.F32, [t, heads, dim]);
+        using var tk = _b.FromArray(k, DType.F32, [t, kv, dim]);
+        using var tv = _b.FromArray(v, DType.F32, [t, kv, dim]);
+        using var o = _b.Allocate(DType.F32, t, heads, dim);
+        using var lse = _b.Allocate(DType.F32, t, heads);
+        var before = _b.Attention;
+        _b.Attention = variant;
+        try { _b.AttentionForward(tq, tk, tv, seq, o, lse, 1f / MathF.Sqrt(dim), causal); }
+        finally { _b.Attention = before; }
+        return (o.ToFloatArray(), lse.ToFloatArray());
+    }
+
+    [Theory]
+    [InlineData(64, true)]
+    [InlineData(64, false)]
+    [InlineData(128, true)]
+    [InlineData(80, false)]
+    public void TiledForward_MatchesDoubleReference_AcrossTileBoundaries(int dim, bool causal)
+    {
+        int[] cu = [0, 150, 151, 217]; // 150 tokens span three 64-row tiles; a single-token sequence; 66 more
+        const int heads = 4, kv = 2;
+        int t = cu[^1];
+        static float[] Bf16(float[] x) => x.Select(BFloat16.Round).ToArray(); // the tensor-core path reads bf16
+        var q = Bf16(TestData.Uniform(1, t * heads * dim, 2f));
+        var k = Bf16(TestData.Uniform(2, t * kv * dim, 2f));
+        var v = Bf16(TestData.Uniform(3, t * kv * dim));
+        var (o, lse) = Run(AttentionVariant.Tiled, cu, heads, kv, dim, q, k, v, causal);
+        var expected = Reference.Attention(TestData.ToDouble(q), TestData.ToDouble(k), TestData.ToDouble(v), cu, heads, kv, dim, 1 / Math.Sqrt(dim), causal);
+        // P is rounded to bf16 (relative error <= 2^-9) before P V, so outputs move by at most 2^-9 max|v| ~ 2e-3.
+        Check.Close(expected, o, 2.5e-3, 0, "o");
+        var (_, lseRowWise) = Run(AttentionVariant.RowWise, cu, heads, kv, dim, q, k, v, causal);
+        Check.Close(TestData.ToDouble(lseRowWise), lse, 1e-5, 1e-5, "lse (sums stay fp32)");
+    }
+
+    [Fact]
+    public void TiledForward_RejectsOtherHeadDims()
+    {
+        var e = Assert.Throws<ArgumentException>(() => Run(AttentionVariant.Tiled, [0, 4], 2, 2, 8, new float[64], new float[64], new float[64], true));
+        Assert.Contains("head dims 64, 80, 96, 128, not 8", e.Message);
+    }
+}

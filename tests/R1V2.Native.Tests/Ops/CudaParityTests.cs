@@ -245,6 +245,46 @@ public sealed class CudaParityTests(CpuFixture fx)
         }
     }
 
+    /// <summary>
+    /// The tensor-core attention against its CPU twin on the same bf16 inputs: both round P to bf16 before P V and
+    /// sum in fp32, so they differ by summation order and the bf16 output rounding (2^-9 relative).
+    /// </summary>
+    [SkippableTheory]
+    [InlineData(64, true)]
+    [InlineData(80, false)]
+    [InlineData(96, true)]
+    [InlineData(128, true)]
+    [InlineData(128, false)]
+    public void CudaTiledAttention_MatchesItsCpuTwin(int dim, bool causal)
+    {
+        Skip.IfNot(Gpu.Available, Gpu.Reason);
+        int[] cu = [0, 200, 201, 330];
+        const int heads = 8, kv = 2;
+        int t = cu[^1];
+        var q = TestData.Uniform(1, t * heads * dim, 2f).Select(BFloat16.Round).ToArray();
+        var k = TestData.Uniform(2, t * kv * dim, 2f).Select(BFloat16.Round).ToArray();
+        var v = TestData.Uniform(3, t * kv * dim).Select(BFloat16.Round).ToArray();
+        float[][] Run(Backend b, DType dt)
+        {
+            using var seq = b.Sequences(cu);
+            using var tq = b.FromArray(q, dt, [t, heads, dim]);
+            using var tk = b.FromArray(k, dt, [t, kv, dim]);
+            using var tv = b.FromArray(v, dt, [t, kv, dim]);
+            using var o = b.Allocate(dt, t, heads, dim);
+            using var lse = b.Allocate(DType.F32, t, heads);
+            b.Attention = AttentionVariant.Tiled;
+            b.AttentionForward(tq, tk, tv, seq, o, lse, 1f / MathF.Sqrt(dim), causal);
+            return [o.ToFloatArray(), lse.ToFloatArray()];
+        }
+        using var cuda = new CudaBackend(activationType: DType.BF16);
+        var before = fx.Backend.Attention;
+        float[][] expected;
+        try { expected = Run(fx.Backend, DType.F32); } finally { fx.Backend.Attention = before; }
+        var actual = Run(cuda, DType.BF16);
+        Check.Close(expected[0], actual[0], 4e-3, 8e-3, $"o (d = {dim}, causal = {causal})");
+        Check.Close(expected[1], actual[1], 1e-4, 1e-4, $"lse (d = {dim}, causal = {causal})");
+    }
+
     [SkippableFact]
     public void CudaEmbedding_IdOutsideVocabulary_GivesTheSameErrorAsCpu()
     {

@@ -44,6 +44,56 @@ internal static class AttentionKernels
         lse[w] = l > 0f ? m + MathF.Log(l) : float.NegativeInfinity;
     }
 
+    /// <summary>
+    /// Twin of kernels/attention_mma.cu: the same FlashAttention-2 tile schedule per (row, head): keys in tiles of
+    /// <paramref name="blockN"/> from the sequence start, masked scores in the exp2 domain, one rescale per tile, p
+    /// summed in fp32 but rounded to bf16 before it multiplies V (as the tensor-core P V does).
+    /// </summary>
+    public static void ForwardTiled(Index1D w, ArrayView<float> o, ArrayView<float> lse, ArrayView<float> q, ArrayView<float> k, ArrayView<float> v,
+        ArrayView<int> cu, AttentionArgs a, int blockN)
+    {
+        int i = w / a.Heads, h = w % a.Heads, kvh = h / (a.Heads / a.KvHeads);
+        int s = SequenceOf(cu, a.NumSeqs, i);
+        int start = cu[s], end = cu[s + 1];
+        int keyEnd = a.Causal != 0 ? i + 1 : end;
+        long qb = ((long)i * a.Heads + h) * a.Dim;
+        float scaleLog2 = a.Scale * 1.4426950408889634f;
+        for (int d = 0; d < a.Dim; d++) o[qb + d] = 0f;
+        float m = float.NegativeInfinity, l = 0f;
+        for (int kb = start; kb < keyEnd; kb += blockN)
+        {
+            float tileMax = float.NegativeInfinity;
+            for (int j = kb; j < kb + blockN; j++)
+                if (j < end && (a.Causal == 0 || j <= i)) tileMax = MathF.Max(tileMax, Score(q, k, qb, j, kvh, a) * scaleLog2);
+            float mNew = MathF.Max(m, tileMax);
+            float b = mNew == float.NegativeInfinity ? 0f : mNew;
+            float corr = MathF.Pow(2f, m - b);
+            m = mNew;
+            l *= corr;
+            for (int d = 0; d < a.Dim; d++) o[qb + d] *= corr;
+            for (int j = kb; j < kb + blockN; j++)
+            {
+                if (j >= end || (a.Causal != 0 && j > i)) continue;
+                float p = MathF.Pow(2f, Score(q, k, qb, j, kvh, a) * scaleLog2 - b);
+                l += p;
+                float pb = ILGPU.Interop.IntAsFloat((uint)CpuMath.ToBf16(p) << 16);
+                long kb2 = ((long)j * a.KvHeads + kvh) * a.Dim;
+                for (int d = 0; d < a.Dim; d++) o[qb + d] += pb * v[kb2 + d];
+            }
+        }
+        float inv = l > 0f ? 1f / l : 0f;
+        for (int d = 0; d < a.Dim; d++) o[qb + d] *= inv;
+        lse[w] = l > 0f ? (m + MathF.Log2(l)) * 0.6931471805599453f : float.NegativeInfinity;
+    }
+
+    private static float Score(ArrayView<float> q, ArrayView<float> k, long qb, int j, int kvh, AttentionArgs a)
+    {
+        long kb = ((long)j * a.KvHeads + kvh) * a.Dim;
+        float sc = 0f;
+        for (int d = 0; d < a.Dim; d++) sc += q[qb + d] * k[kb + d];
+        return sc;
+    }
+
     public static void Delta(Index1D w, ArrayView<float> delta, ArrayView<float> o, ArrayView<float> dout, int dim)
     {
         long b = (long)w.X * dim;

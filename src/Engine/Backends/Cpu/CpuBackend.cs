@@ -57,6 +57,7 @@ public sealed unsafe class CpuBackend : Backend
 
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs> _attnForward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _attnDelta;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs, int> _attnTiled;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs> _attnDq;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs> _attnDkDv;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int> _scatterRows;
@@ -99,6 +100,7 @@ public sealed unsafe class CpuBackend : Backend
         _adamw = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<ushort>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AdamWArgs, int>(AdamWKernels.Update);
         _sumsqPartial = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, long, int>(GradNormKernels.SumSquaresPartial);
         _attnForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs>(AttentionKernels.Forward);
+        _attnTiled = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs, int>(AttentionKernels.ForwardTiled);
         _attnDelta = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(AttentionKernels.Delta);
         _attnDq = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs>(AttentionKernels.BackwardDq);
         _attnDkDv = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs>(AttentionKernels.BackwardDkDv);
@@ -303,6 +305,12 @@ public sealed unsafe class CpuBackend : Backend
     {
         if (q.Dim(0) == 0) return;
         _attnForward(q.Dim(0) * q.Dim(1), F(output), F(lse), F(q), F(k), F(v), I(sequences.Device), AttnArgs(q, k, sequences, scale, causal));
+    }
+
+    protected override void TiledAttentionForwardCore(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, float scale, bool causal)
+    {
+        if (q.Dim(0) == 0) return;
+        _attnTiled(q.Dim(0) * q.Dim(1), F(output), F(lse), F(q), F(k), F(v), I(sequences.Device), AttnArgs(q, k, sequences, scale, causal), q.Dim(2) >= 128 ? 32 : 64);
     }
 
     protected override void AttentionBackwardCore(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, PackedSequences sequences,

@@ -328,6 +328,29 @@ public sealed unsafe class CudaBackend : Backend
             [P(output), P(lse), P(q), P(k), P(v), P(sequences.Device), I(sequences.Count), I(t), I(h), I(hkv), I(d), Fl(scale), I(causal ? 1 : 0)]);
     }
 
+    protected override void CheckTiledAttention(Tensor q)
+    {
+        if (q.DType != DType.BF16) throw new ArgumentException($"attention_forward: the tiled (tensor-core) variant needs bf16 tensors, q is {q.DType.Name()}");
+        // 16-byte vector loads: every row starts 16-byte aligned when the tensors do.
+        foreach (var t in new[] { q })
+            if (P(t) % 16 != 0) throw new ArgumentException($"attention_forward: {t} is not 16-byte aligned for the tiled variant");
+    }
+
+    protected override void TiledAttentionForwardCore(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, float scale, bool causal)
+    {
+        int t = q.Dim(0), h = q.Dim(1), hkv = k.Dim(1), d = q.Dim(2);
+        if (t == 0) return;
+        foreach (var x in new[] { k, v, output })
+            if (P(x) % 16 != 0) throw new ArgumentException($"attention_forward: {x} is not 16-byte aligned for the tiled variant");
+        var (tiles, tileDevice) = sequences.TileOffsets(AttentionTileRows);
+        EnsureCurrent();
+        var f = Function("attention_mma", $"attention_mma_forward_d{d}_bf16");
+        int block = Compiler.Tuning.Block("attention_mma");
+        ReadOnlySpan<ulong> args = [P(output), P(lse), P(q), P(k), P(v), P(sequences.Device), P(tileDevice), I(sequences.Count), I(h), I(hkv), Fl(scale), I(causal ? 1 : 0)];
+        if (tiles[^1] > 0)
+            CudaDriver.Launch(f.Handle, new Dim3((uint)tiles[^1], (uint)h), new Dim3((uint)block), 0, _stream.Handle, args);
+    }
+
     protected override void AttentionBackwardCore(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, PackedSequences sequences,
         Tensor dq, Tensor dk, Tensor dv, float scale, bool causal)
     {

@@ -59,6 +59,31 @@ public sealed class KernelBenchmark(CudaBackend backend, int repeats = 25, int w
         }
         using (var table = b.Allocate(bf, V, C)) using (var ids = b.Allocate(DType.I32, T)) using (var o = b.Allocate(bf, T, C))
             results.Add(Time("embedding_forward", $"[{T}] x [{V}, {C}]", bf, 2.0 * T * C * 2, 0, () => b.EmbeddingForward(table, ids, o)));
+        {
+            // Attention forward, two packed causal sequences of 4096 tokens, 32 query / 8 kv heads of 128: both schedules.
+            const int L = 4096, AH = 32, AKV = 8, AD = 128;
+            using var seq = b.Sequences([0, L, 2 * L]);
+            using var q = b.Allocate(bf, 2 * L, AH, AD);
+            using var k = b.Allocate(bf, 2 * L, AKV, AD);
+            using var v = b.Allocate(bf, 2 * L, AKV, AD);
+            using var o = b.Allocate(bf, 2 * L, AH, AD);
+            using var lse = b.Allocate(DType.F32, 2 * L, AH);
+            double flops = 2 * 4.0 * L * (double)L / 2 * AD * AH; // QK^T and PV, causal half
+            double bytes = 2.0 * 2 * L * (AH + 2 * AKV + AH) * AD;
+            var before = b.Attention;
+            foreach (var variant in new[] { AttentionVariant.RowWise, AttentionVariant.Tiled })
+            {
+                b.Attention = variant;
+                results.Add(Time($"attention_forward ({variant})", $"2 x {L} causal, H {AH}/{AKV}, D {AD}", bf, bytes, flops,
+                    () => b.AttentionForward(q, k, v, seq, o, lse, 1f / MathF.Sqrt(AD), true)));
+            }
+            b.Attention = before;
+            using var dq = b.Allocate(bf, 2 * L, AH, AD);
+            using var dk = b.Allocate(bf, 2 * L, AKV, AD);
+            using var dv = b.Allocate(bf, 2 * L, AKV, AD);
+            results.Add(Time("attention_backward (row-wise)", $"2 x {L} causal, H {AH}/{AKV}, D {AD}", bf, 2 * bytes, 2.5 * flops,
+                () => b.AttentionBackward(o, q, k, v, o, lse, seq, dq, dk, dv, 1f / MathF.Sqrt(AD), true)));
+        }
         const long N = 64L << 20;
         using (var p = b.Allocate(DType.F32, (int)N)) using (var g = b.Allocate(DType.F32, (int)N)) using (var m1 = b.Allocate(DType.F32, (int)N))
         using (var v1 = b.Allocate(DType.F32, (int)N)) using (var c = b.Allocate(bf, (int)N))
