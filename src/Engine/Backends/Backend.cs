@@ -5,9 +5,10 @@ namespace R1V2.Native.Engine.Backends;
 public enum GeluApproximation { Erf = 0, Tanh = 1 }
 
 /// <summary>
-/// Attention forward schedule. RowWise: one warp per (query, head) walking the keys (any head dim up to 256, fp32 or
-/// bf16). Tiled: FlashAttention-2 on tensor cores (64-query tiles, mma.sync, P rounded to bf16 before P V), bf16
-/// storage and head dims 64, 80, 96, 128; its CPU twin runs the same tile schedule and rounding.
+/// Attention schedule. RowWise: one warp per (query, head) walking the keys (any head dim up to 256, fp32 or bf16).
+/// Tiled: FlashAttention-2 on tensor cores (64-row tiles, mma.sync; P and dS rounded to bf16 where they enter an mma),
+/// bf16 storage and head dims 64, 80, 96, 128; its CPU twins run the same schedule and rounding. Both backwards are
+/// deterministic (dq and dk/dv in separate passes, no atomics).
 /// </summary>
 public enum AttentionVariant { RowWise, Tiled }
 
@@ -392,6 +393,9 @@ public abstract class Backend : IDisposable
     /// <summary>Backends that run the tiled variant only in some storage types reject the others here.</summary>
     protected virtual void CheckTiledAttention(Tensor q) { }
 
+    protected abstract void TiledAttentionBackwardCore(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, PackedSequences sequences,
+        Tensor dq, Tensor dk, Tensor dv, float scale, bool causal);
+
     protected abstract void TiledAttentionForwardCore(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, float scale, bool causal);
 
     /// <summary>dq, dk, dv of <see cref="AttentionForward"/> from dout and the saved output and lse (recomputing p).</summary>
@@ -401,6 +405,14 @@ public abstract class Backend : IDisposable
         CheckAttention(q, k, v, sequences, output, lse, "attention_backward");
         SameAs(dout, q, "attention_backward", "dout"); SameAs(dq, q, "attention_backward", "dq");
         SameAs(dk, k, "attention_backward", "dk"); SameAs(dv, v, "attention_backward", "dv");
+        if (Attention == AttentionVariant.Tiled)
+        {
+            if (!TiledHeadDims.Contains(q.Dim(2)))
+                throw new ArgumentException($"attention_backward: the tiled variant takes head dims {string.Join(", ", TiledHeadDims)}, not {q.Dim(2)}; use AttentionVariant.RowWise");
+            CheckTiledAttention(q);
+            TiledAttentionBackwardCore(dout, q, k, v, output, lse, sequences, dq, dk, dv, scale, causal);
+            return;
+        }
         AttentionBackwardCore(dout, q, k, v, output, lse, sequences, dq, dk, dv, scale, causal);
     }
 

@@ -255,7 +255,7 @@ public sealed class CudaParityTests(CpuFixture fx)
     [InlineData(96, true)]
     [InlineData(128, true)]
     [InlineData(128, false)]
-    public void CudaTiledAttention_MatchesItsCpuTwin(int dim, bool causal)
+    public void CudaTiledAttention_ForwardAndBackward_MatchTheirCpuTwins(int dim, bool causal)
     {
         Skip.IfNot(Gpu.Available, Gpu.Reason);
         int[] cu = [0, 200, 201, 330];
@@ -264,6 +264,7 @@ public sealed class CudaParityTests(CpuFixture fx)
         var q = TestData.Uniform(1, t * heads * dim, 2f).Select(BFloat16.Round).ToArray();
         var k = TestData.Uniform(2, t * kv * dim, 2f).Select(BFloat16.Round).ToArray();
         var v = TestData.Uniform(3, t * kv * dim).Select(BFloat16.Round).ToArray();
+        var dout = TestData.Uniform(9, t * heads * dim).Select(BFloat16.Round).ToArray();
         float[][] Run(Backend b, DType dt)
         {
             using var seq = b.Sequences(cu);
@@ -272,9 +273,14 @@ public sealed class CudaParityTests(CpuFixture fx)
             using var tv = b.FromArray(v, dt, [t, kv, dim]);
             using var o = b.Allocate(dt, t, heads, dim);
             using var lse = b.Allocate(DType.F32, t, heads);
+            using var tdo = b.FromArray(dout, dt, [t, heads, dim]);
+            using var dq = b.Allocate(dt, t, heads, dim);
+            using var dk = b.Allocate(dt, t, kv, dim);
+            using var dv = b.Allocate(dt, t, kv, dim);
             b.Attention = AttentionVariant.Tiled;
             b.AttentionForward(tq, tk, tv, seq, o, lse, 1f / MathF.Sqrt(dim), causal);
-            return [o.ToFloatArray(), lse.ToFloatArray()];
+            b.AttentionBackward(tdo, tq, tk, tv, o, lse, seq, dq, dk, dv, 1f / MathF.Sqrt(dim), causal);
+            return [o.ToFloatArray(), lse.ToFloatArray(), dq.ToFloatArray(), dk.ToFloatArray(), dv.ToFloatArray()];
         }
         using var cuda = new CudaBackend(activationType: DType.BF16);
         var before = fx.Backend.Attention;
@@ -283,6 +289,12 @@ public sealed class CudaParityTests(CpuFixture fx)
         var actual = Run(cuda, DType.BF16);
         Check.Close(expected[0], actual[0], 4e-3, 8e-3, $"o (d = {dim}, causal = {causal})");
         Check.Close(expected[1], actual[1], 1e-4, 1e-4, $"lse (d = {dim}, causal = {causal})");
+        // Gradients: the same bf16 roundings of P and dS on both sides; bf16 storage of o, dq, dk, dv adds 2^-9.
+        for (int i = 2; i < 5; i++)
+        {
+            double rel = Check.RelativeL2(TestData.ToDouble(expected[i]), actual[i]);
+            Assert.True(rel <= 1e-2, $"gradient {i - 2} (d = {dim}, causal = {causal}): relative L2 error {rel:E2}");
+        }
     }
 
     [SkippableFact]

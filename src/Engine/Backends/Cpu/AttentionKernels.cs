@@ -94,6 +94,57 @@ internal static class AttentionKernels
         return sc;
     }
 
+    private static float Bf16(float x) => ILGPU.Interop.IntAsFloat((uint)CpuMath.ToBf16(x) << 16);
+
+    /// <summary>Twin of attention_mma_backward_dq: p in the exp2 domain from the saved lse, dS rounded to bf16 before dS K.</summary>
+    public static void BackwardDqTiled(Index1D w, ArrayView<float> dq, ArrayView<float> q, ArrayView<float> k, ArrayView<float> v, ArrayView<float> dout,
+        ArrayView<float> lse, ArrayView<float> delta, ArrayView<int> cu, AttentionArgs a)
+    {
+        const float log2e = 1.4426950408889634f;
+        int i = w / a.Heads, h = w % a.Heads, kvh = h / (a.Heads / a.KvHeads);
+        int s = SequenceOf(cu, a.NumSeqs, i);
+        int start = cu[s], end = a.Causal != 0 ? i + 1 : cu[s + 1];
+        long qb = ((long)i * a.Heads + h) * a.Dim;
+        for (int d = 0; d < a.Dim; d++) dq[qb + d] = 0f;
+        float l2 = lse[w] * log2e, dl = delta[w];
+        for (int j = start; j < end; j++)
+        {
+            long kb = ((long)j * a.KvHeads + kvh) * a.Dim;
+            float sc = 0f, dp = 0f;
+            for (int d = 0; d < a.Dim; d++) { sc += q[qb + d] * k[kb + d]; dp += dout[qb + d] * v[kb + d]; }
+            float ds = Bf16(MathF.Pow(2f, sc * a.Scale * log2e - l2) * (dp - dl));
+            for (int d = 0; d < a.Dim; d++) dq[qb + d] += ds * k[kb + d];
+        }
+        for (int d = 0; d < a.Dim; d++) dq[qb + d] *= a.Scale;
+    }
+
+    /// <summary>Twin of attention_mma_backward_dkdv: P and dS rounded to bf16 before they multiply dO and q.</summary>
+    public static void BackwardDkDvTiled(Index1D w, ArrayView<float> dk, ArrayView<float> dv, ArrayView<float> q, ArrayView<float> k, ArrayView<float> v,
+        ArrayView<float> dout, ArrayView<float> lse, ArrayView<float> delta, ArrayView<int> cu, AttentionArgs a)
+    {
+        const float log2e = 1.4426950408889634f;
+        int j = w / a.KvHeads, g = w % a.KvHeads, group = a.Heads / a.KvHeads;
+        int s = SequenceOf(cu, a.NumSeqs, j);
+        int first = a.Causal != 0 ? j : cu[s], end = cu[s + 1];
+        long kb = ((long)j * a.KvHeads + g) * a.Dim;
+        for (int d = 0; d < a.Dim; d++) { dk[kb + d] = 0f; dv[kb + d] = 0f; }
+        for (int hh = 0; hh < group; hh++)
+        {
+            int h = g * group + hh;
+            for (int i = first; i < end; i++)
+            {
+                long qb = ((long)i * a.Heads + h) * a.Dim;
+                float sc = 0f, dp = 0f;
+                for (int d = 0; d < a.Dim; d++) { sc += k[kb + d] * q[qb + d]; dp += v[kb + d] * dout[qb + d]; }
+                long r = (long)i * a.Heads + h;
+                float p = MathF.Pow(2f, sc * a.Scale * log2e - lse[r] * log2e);
+                float pb = Bf16(p), ds = Bf16(p * (dp - delta[r]));
+                for (int d = 0; d < a.Dim; d++) { dv[kb + d] += pb * dout[qb + d]; dk[kb + d] += ds * q[qb + d]; }
+            }
+        }
+        for (int d = 0; d < a.Dim; d++) dk[kb + d] *= a.Scale;
+    }
+
     public static void Delta(Index1D w, ArrayView<float> delta, ArrayView<float> o, ArrayView<float> dout, int dim)
     {
         long b = (long)w.X * dim;

@@ -351,6 +351,26 @@ public sealed unsafe class CudaBackend : Backend
             CudaDriver.Launch(f.Handle, new Dim3((uint)tiles[^1], (uint)h), new Dim3((uint)block), 0, _stream.Handle, args);
     }
 
+    protected override void TiledAttentionBackwardCore(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, PackedSequences sequences,
+        Tensor dq, Tensor dk, Tensor dv, float scale, bool causal)
+    {
+        int t = q.Dim(0), h = q.Dim(1), hkv = k.Dim(1), d = q.Dim(2);
+        if (t == 0) return;
+        foreach (var x in new[] { k, v, output, dout, dq, dk, dv })
+            if (P(x) % 16 != 0) throw new ArgumentException($"attention_backward: {x} is not 16-byte aligned for the tiled variant");
+        using var delta = Allocate(DType.F32, t, h);
+        Launch("attention", "attention_backward_delta_bf16", WarpGrid("attention", (long)t * h), [P(delta), P(output), P(dout), I(t), I(h), I(d)]);
+        var (tiles, tileDevice) = sequences.TileOffsets(AttentionTileRows);
+        if (tiles[^1] == 0) return;
+        int block = Compiler.Tuning.Block("attention_mma");
+        var dqf = Function("attention_mma", $"attention_mma_backward_dq_d{d}_bf16");
+        ReadOnlySpan<ulong> dqArgs = [P(dq), P(q), P(k), P(v), P(dout), P(lse), P(delta), P(sequences.Device), P(tileDevice), I(sequences.Count), I(h), I(hkv), Fl(scale), I(causal ? 1 : 0)];
+        CudaDriver.Launch(dqf.Handle, new Dim3((uint)tiles[^1], (uint)h), new Dim3((uint)block), 0, _stream.Handle, dqArgs);
+        var kvf = Function("attention_mma", $"attention_mma_backward_dkdv_d{d}_bf16");
+        ReadOnlySpan<ulong> kvArgs = [P(dk), P(dv), P(q), P(k), P(v), P(dout), P(lse), P(delta), P(sequences.Device), P(tileDevice), I(sequences.Count), I(h), I(hkv), Fl(scale), I(causal ? 1 : 0)];
+        CudaDriver.Launch(kvf.Handle, new Dim3((uint)tiles[^1], (uint)hkv), new Dim3((uint)block), 0, _stream.Handle, kvArgs);
+    }
+
     protected override void AttentionBackwardCore(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, PackedSequences sequences,
         Tensor dq, Tensor dk, Tensor dv, float scale, bool causal)
     {

@@ -77,12 +77,16 @@ public sealed class KernelBenchmark(CudaBackend backend, int repeats = 25, int w
                 results.Add(Time($"attention_forward ({variant})", $"2 x {L} causal, H {AH}/{AKV}, D {AD}", bf, bytes, flops,
                     () => b.AttentionForward(q, k, v, seq, o, lse, 1f / MathF.Sqrt(AD), true)));
             }
-            b.Attention = before;
             using var dq = b.Allocate(bf, 2 * L, AH, AD);
             using var dk = b.Allocate(bf, 2 * L, AKV, AD);
             using var dv = b.Allocate(bf, 2 * L, AKV, AD);
-            results.Add(Time("attention_backward (row-wise)", $"2 x {L} causal, H {AH}/{AKV}, D {AD}", bf, 2 * bytes, 2.5 * flops,
-                () => b.AttentionBackward(o, q, k, v, o, lse, seq, dq, dk, dv, 1f / MathF.Sqrt(AD), true)));
+            foreach (var variant in new[] { AttentionVariant.RowWise, AttentionVariant.Tiled })
+            {
+                b.Attention = variant;
+                results.Add(Time($"attention_backward ({variant})", $"2 x {L} causal, H {AH}/{AKV}, D {AD}", bf, 2 * bytes, 2.5 * flops,
+                    () => b.AttentionBackward(o, q, k, v, o, lse, seq, dq, dk, dv, 1f / MathF.Sqrt(AD), true)));
+            }
+            b.Attention = before;
         }
         const long N = 64L << 20;
         using (var p = b.Allocate(DType.F32, (int)N)) using (var g = b.Allocate(DType.F32, (int)N)) using (var m1 = b.Allocate(DType.F32, (int)N))
