@@ -7,6 +7,9 @@ public static class Program
 {
     public static int Main(string[] args)
     {
+        // Numbers in output and files read the same everywhere (ICU stays on: the tokenizer needs Unicode NFC).
+        System.Globalization.CultureInfo.DefaultThreadCurrentCulture = System.Globalization.CultureInfo.InvariantCulture;
+        System.Globalization.CultureInfo.CurrentCulture = System.Globalization.CultureInfo.InvariantCulture;
         // Logs and CI capture output through a pipe: give tables room instead of wrapping them at 80 columns.
         if (Console.IsOutputRedirected) Spectre.Console.AnsiConsole.Profile.Width = 200;
         var root = new RootCommand("R1V2.Native: trains and runs multimodal reasoning models (hybrid RL on a vision-language model).")
