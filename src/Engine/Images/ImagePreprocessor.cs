@@ -57,12 +57,30 @@ public sealed class ImagePreprocessor(int tileSize, int minTiles = 1, int maxTil
             throw new InvalidDataException($"{path}: {header.Width} x {header.Height} pixels is outside the limit of {MaxPixels} pixels");
         try
         {
-            using var image = Image.Load<Rgb24>(path);
+            using var loaded = Image.Load<Rgb24>(path);
+            using var image = loaded.Frames.Count > 1 ? loaded.Frames.CloneFrame(0) : loaded.Clone(); // animations: the first frame
             image.Mutate(x => x.AutoOrient());
             return Tile(image);
         }
         catch (Exception e) when (e is UnknownImageFormatException or InvalidImageContentException or ImageFormatException)
         { throw new InvalidDataException($"{path}: corrupt image ({e.Message})", e); }
+    }
+
+    /// <summary>Several images batched: their tiles concatenated in order, with each image's tile count.</summary>
+    public (float[] Pixels, int[] TilesPerImage) LoadAll(IReadOnlyList<string> paths)
+    {
+        var pixels = new List<float[]>();
+        var tiles = new int[paths.Count];
+        for (int i = 0; i < paths.Count; i++)
+        {
+            var (p, n) = Load(paths[i]);
+            pixels.Add(p);
+            tiles[i] = n;
+        }
+        var all = new float[pixels.Sum(p => p.Length)];
+        int at = 0;
+        foreach (var p in pixels) { p.CopyTo(all, at); at += p.Length; }
+        return (all, tiles);
     }
 
     public (float[] Pixels, int Tiles) Tile(Image<Rgb24> image)
