@@ -475,6 +475,75 @@ public abstract class Backend : IDisposable
     protected abstract void ScaleColumnsCore(Tensor x, Tensor scale, Tensor y);
     protected abstract void ScaleColumnsBackwardCore(Tensor dy, Tensor x, Tensor dscale, bool accumulate);
 
+    // ---- paged KV cache and sampling ----------------------------------------------------------------------
+
+    public PagedBatch Paged(IReadOnlyList<IReadOnlyList<int>> blockTables, int[] contextLengths, int blockSize, int numBlocks) =>
+        new(this, blockTables, contextLengths, blockSize, numBlocks);
+
+    /// <summary>kCache[slots[t]] = k[t], vCache[slots[t]] = v[t]. k, v: [T, Hkv, D]; caches: [slots, Hkv, D].</summary>
+    public void KvAppend(Tensor k, Tensor v, RowIndex slots, Tensor kCache, Tensor vCache)
+    {
+        Float(k, "kv_append", "k"); SameAs(v, k, "kv_append", "v"); SameType(kCache, k, "kv_append", "k_cache"); SameAs(vCache, kCache, "kv_append", "v_cache");
+        if (k.Rank != 3 || kCache.Rank != 3 || k.Dim(1) != kCache.Dim(1) || k.Dim(2) != kCache.Dim(2))
+            throw new ArgumentException($"kv_append: k {k.ShapeString} and cache {kCache.ShapeString} must be [T, Hkv, D] and [slots, Hkv, D]");
+        if (!slots.Distinct || slots.Length != k.Dim(0) || slots.Bound > kCache.Dim(0))
+            throw new ArgumentException($"kv_append: {slots.Length} distinct slots below {kCache.Dim(0)} are needed for {k.Dim(0)} tokens");
+        Own(slots.Device, "kv_append");
+        if (k.Dim(0) > 0) KvAppendCore(k, v, slots, kCache, vCache);
+    }
+
+    /// <summary>
+    /// Decode attention of one new token per sequence over its cached tokens: q [B, H, D], caches [slots, Hkv, D],
+    /// output [B, H, D]. The keys are split into chunks of <paramref name="splitBlocks"/> blocks whose partial results
+    /// are combined by log-sum-exp (split-KV).
+    /// </summary>
+    public void PagedAttentionDecode(Tensor q, Tensor kCache, Tensor vCache, PagedBatch batch, Tensor output, float scale, int splitBlocks)
+    {
+        Float(q, "paged_attention_decode", "q"); SameAs(output, q, "paged_attention_decode", "output");
+        SameType(kCache, q, "paged_attention_decode", "k_cache"); SameAs(vCache, kCache, "paged_attention_decode", "v_cache");
+        if (q.Rank != 3 || kCache.Rank != 3 || q.Dim(0) != batch.Batch || q.Dim(2) != kCache.Dim(2) || q.Dim(1) % kCache.Dim(1) != 0)
+            throw new ArgumentException($"paged_attention_decode: q {q.ShapeString}, cache {kCache.ShapeString} and {batch.Batch} sequences do not fit");
+        if (q.Dim(2) > MaxAttentionHeadDim) throw new ArgumentException($"paged_attention_decode: head dim {q.Dim(2)} is above {MaxAttentionHeadDim}");
+        if (kCache.Dim(0) % batch.BlockSize != 0) throw new ArgumentException($"paged_attention_decode: {kCache.Dim(0)} cache slots are not whole blocks of {batch.BlockSize}");
+        if (splitBlocks < 1) throw new ArgumentOutOfRangeException(nameof(splitBlocks), "split size must be at least one block");
+        Own(batch.Tables, "paged_attention_decode");
+        PagedAttentionDecodeCore(q, kCache, vCache, batch, output, scale, splitBlocks);
+    }
+
+    protected abstract void KvAppendCore(Tensor k, Tensor v, RowIndex slots, Tensor kCache, Tensor vCache);
+    protected abstract void PagedAttentionDecodeCore(Tensor q, Tensor kCache, Tensor vCache, PagedBatch batch, Tensor output, float scale, int splitBlocks);
+
+    /// <summary>Samples one token per row of logits [B, V]; returns the tokens and their log-probs under log softmax(x / T).</summary>
+    public (int[] Tokens, float[] LogProbs) Sample(Tensor logits, IReadOnlyList<SampleRow> rows)
+    {
+        Float(logits, "sample", "logits");
+        if (logits.Rank != 2 || logits.Dim(0) != rows.Count) throw new ArgumentException($"sample: logits {logits.ShapeString} need one row per sampled sequence ({rows.Count})");
+        if (logits.Dim(1) > MaxSamplingVocabulary) throw new ArgumentException($"sample: vocabulary {logits.Dim(1)} is above {MaxSamplingVocabulary}");
+        foreach (var r in rows) r.Params.Validate();
+        if (rows.Count == 0) return ([], []);
+        return SampleCore(logits, rows);
+    }
+
+    /// <summary>The sampling kernel keeps a bitmask of earlier tokens in shared memory: 256K bits.</summary>
+    public const int MaxSamplingVocabulary = 262144;
+
+    protected abstract (int[] Tokens, float[] LogProbs) SampleCore(Tensor logits, IReadOnlyList<SampleRow> rows);
+
+    /// <summary>The per-row argument arrays of a sampling call, as both backends upload them.</summary>
+    protected static (float[] Temp, int[] TopK, float[] TopP, float[] MinP, float[] Pen, ulong[] Seeds, int[] Steps, int[] Prev, int[] Offsets) SamplingArrays(IReadOnlyList<SampleRow> rows)
+    {
+        int n = rows.Count;
+        var offsets = new int[n + 1];
+        for (int i = 0; i < n; i++) offsets[i + 1] = offsets[i] + (rows[i].Params.RepetitionPenalty != 1f ? rows[i].Previous.Count : 0);
+        var prev = new int[Math.Max(1, offsets[n])];
+        for (int i = 0; i < n; i++)
+            if (rows[i].Params.RepetitionPenalty != 1f)
+                for (int j = 0; j < rows[i].Previous.Count; j++) prev[offsets[i] + j] = rows[i].Previous[j];
+        return (rows.Select(r => r.Params.Temperature).ToArray(), rows.Select(r => r.Params.TopK).ToArray(), rows.Select(r => r.Params.TopP).ToArray(),
+            rows.Select(r => r.Params.MinP).ToArray(), rows.Select(r => r.Params.RepetitionPenalty).ToArray(), rows.Select(r => r.Seed).ToArray(),
+            rows.Select(r => r.Step).ToArray(), prev, offsets);
+    }
+
     // ---- optimiser -----------------------------------------------------------------------------------------
 
     /// <summary>

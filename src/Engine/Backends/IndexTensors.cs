@@ -93,3 +93,65 @@ public sealed class RowIndex : IDisposable
 
     public void Dispose() => Device.Dispose();
 }
+
+/// <summary>
+/// The block tables and context lengths of a decode batch over a paged KV cache, validated on the host: every block
+/// id inside the cache, every length within the sequence's blocks. Uploaded once per decode step, used by every layer.
+/// </summary>
+public sealed class PagedBatch : IDisposable
+{
+    internal PagedBatch(Backend backend, IReadOnlyList<IReadOnlyList<int>> blockTables, int[] contextLengths, int blockSize, int numBlocks)
+    {
+        if (blockTables.Count != contextLengths.Length) throw new ArgumentException($"{blockTables.Count} block tables but {contextLengths.Length} context lengths");
+        if (blockTables.Count == 0) throw new ArgumentException("a paged batch needs at least one sequence");
+        MaxBlocks = Math.Max(1, blockTables.Max(t => t.Count));
+        var flat = new int[blockTables.Count * MaxBlocks];
+        for (int b = 0; b < blockTables.Count; b++)
+        {
+            var t = blockTables[b];
+            if (contextLengths[b] < 1 || contextLengths[b] > t.Count * blockSize)
+                throw new ArgumentException($"sequence {b}: context length {contextLengths[b]} does not fit its {t.Count} blocks of {blockSize}");
+            for (int i = 0; i < t.Count; i++)
+            {
+                if (t[i] < 0 || t[i] >= numBlocks) throw new ArgumentException($"sequence {b}: block {t[i]} is outside the cache's {numBlocks} blocks");
+                flat[b * MaxBlocks + i] = t[i];
+            }
+        }
+        Batch = blockTables.Count;
+        BlockSize = blockSize;
+        ContextLengths = (int[])contextLengths.Clone();
+        Tables = backend.FromArray(flat, [flat.Length], "block_tables");
+        Lengths = backend.FromArray(contextLengths, [contextLengths.Length], "context_lens");
+    }
+
+    public int Batch { get; }
+    public int MaxBlocks { get; }
+    public int BlockSize { get; }
+    public int[] ContextLengths { get; }
+    public Tensor Tables { get; }
+    public Tensor Lengths { get; }
+
+    public void Dispose()
+    {
+        Tables.Dispose();
+        Lengths.Dispose();
+    }
+}
+
+/// <summary>Sampling settings of one sequence. Temperature 0 is greedy; TopK 0 and TopP 1 disable those filters.</summary>
+public sealed record SamplingParams(float Temperature = 1f, int TopK = 0, float TopP = 1f, float MinP = 0f, float RepetitionPenalty = 1f)
+{
+    public static SamplingParams Greedy { get; } = new(Temperature: 0f);
+
+    public void Validate()
+    {
+        if (!float.IsFinite(Temperature) || Temperature < 0) throw new ArgumentException($"temperature must be >= 0, got {Temperature}");
+        if (TopK < 0) throw new ArgumentException($"top-k must be >= 0, got {TopK}");
+        if (!(TopP > 0 && TopP <= 1)) throw new ArgumentException($"top-p must be in (0, 1], got {TopP}");
+        if (!(MinP >= 0 && MinP < 1)) throw new ArgumentException($"min-p must be in [0, 1), got {MinP}");
+        if (!(RepetitionPenalty > 0) || !float.IsFinite(RepetitionPenalty)) throw new ArgumentException($"repetition penalty must be > 0, got {RepetitionPenalty}");
+    }
+}
+
+/// <summary>One row of a sampling call: its settings, RNG seed and step, and the tokens the penalty looks at.</summary>
+public readonly record struct SampleRow(SamplingParams Params, ulong Seed, int Step, IReadOnlyList<int> Previous);

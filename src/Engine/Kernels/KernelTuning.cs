@@ -21,9 +21,11 @@ public sealed class KernelTuning
         ["gelu"] = 256,
         ["grad_norm"] = 512,
         ["layernorm"] = 256,
+        ["paged_attention"] = 128,
         ["rmsnorm"] = 256,
         ["rope"] = 256,
         ["rows"] = 256,
+        ["sampling"] = 256,
         ["softmax"] = 256,
         ["swiglu"] = 256,
     };

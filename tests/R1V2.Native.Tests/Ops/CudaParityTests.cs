@@ -197,6 +197,34 @@ public sealed class CudaParityTests(CpuFixture fx)
             b.ScatterRows(y, idx, z);
             return [y.ToFloatArray(), ds.ToFloatArray(), z.ToFloatArray()];
         },
+        ["paged_attention"] = (b, dt, prep) =>
+        {
+            const int blockSize = 16, numBlocks = 40;
+            using var kc = b.FromArray(prep(TestData.Uniform(60, numBlocks * blockSize * 2 * 64, 2)), dt, [numBlocks * blockSize, 2, 64]);
+            using var vc = b.FromArray(prep(TestData.Uniform(61, numBlocks * blockSize * 2 * 64)), dt, [numBlocks * blockSize, 2, 64]);
+            using var batch = b.Paged([[3, 7, 1, 30], [3, 7, 12], [39]], [60, 37, 5], blockSize, numBlocks);
+            using var q = b.FromArray(prep(TestData.Uniform(62, 3 * 8 * 64, 2)), dt, [3, 8, 64]);
+            using var o = b.Allocate(dt, 3, 8, 64);
+            b.PagedAttentionDecode(q, kc, vc, batch, o, 0.125f, splitBlocks: 1);
+            using var k = b.FromArray(prep(TestData.Uniform(63, 2 * 2 * 64)), dt, [2, 2, 64]);
+            using var slots = b.Rows([100, 5], numBlocks * blockSize, distinct: true);
+            b.KvAppend(k, k, slots, kc, vc);
+            return [o.ToFloatArray(), kc.ToFloatArray()];
+        },
+        ["sampling"] = (b, dt, prep) =>
+        {
+            var logits = prep(TestData.Uniform(64, 6 * 1000, 4));
+            using var t = b.FromArray(logits, dt, [6, 1000]);
+            SampleRow[] rows =
+            [
+                new(SamplingParams.Greedy, 0, 0, []), new(new SamplingParams(0.7f, 50, 0.9f), 1, 3, []), new(new SamplingParams(1f, 0, 1f, 0.1f), 2, 9, []),
+                new(new SamplingParams(0.9f, 0, 0.95f, 0f, 1.3f), 3, 1, [5, 9, 5, 700]), new(new SamplingParams(1f, 1), 4, 2, []), new(new SamplingParams(2f), 5, 7, []),
+            ];
+            var (tokens, logp) = b.Sample(t, rows);
+            // Greedy and top-1 are exact; the others are draws from identical distributions with the same uniform, so
+            // they agree unless the draw falls within float rounding of a bucket edge (compared as log-probs too).
+            return [tokens.Take(1).Concat(tokens.Skip(4).Take(1)).Select(x => (float)x).ToArray(), logp.Take(1).ToArray()];
+        },
         ["grad_norm"] = (b, dt, prep) =>
         {
             using var a = b.FromArray(prep(TestData.Uniform(33, 100_000)), dt, [100_000]);

@@ -66,6 +66,11 @@ public sealed unsafe class CpuBackend : Backend
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int> _scaleColumns;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int> _scaleColumnsBackward;
 
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int> _kvAppend;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, PagedArgs> _pagedPartial;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int> _pagedCombine;
+    private readonly Action<Index1D, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, ArrayView<float>, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<ulong>, ArrayView<int>, ArrayView<byte>, int> _sample;
+
     /// <summary>Elements per partial sum of the norm kernels (the CUDA twin uses one block per chunk).</summary>
     private const int NormChunk = 1 << 14;
 
@@ -111,6 +116,10 @@ public sealed unsafe class CpuBackend : Backend
         _scatterRows = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int>(RowsKernels.ScatterRows);
         _scaleColumns = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int>(RowsKernels.ScaleColumns);
         _scaleColumnsBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int>(RowsKernels.ScaleColumnsBackward);
+        _kvAppend = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int>(PagedAttentionKernels.KvAppend);
+        _pagedPartial = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, PagedArgs>(PagedAttentionKernels.DecodePartial);
+        _pagedCombine = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int>(PagedAttentionKernels.Combine);
+        _sample = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, ArrayView<float>, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<ulong>, ArrayView<int>, ArrayView<byte>, int>(SamplingKernels.Sample);
         _sumPartials = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, int>(GradNormKernels.SumPartials);
     }
 
@@ -353,6 +362,43 @@ public sealed unsafe class CpuBackend : Backend
 
     protected override void ScaleColumnsBackwardCore(Tensor dy, Tensor x, Tensor dscale, bool accumulate) =>
         _scaleColumnsBackward(x.Cols, F(dscale), F(dy), F(x), x.Rows, x.Cols, accumulate ? 1 : 0);
+
+    protected override void KvAppendCore(Tensor k, Tensor v, RowIndex slots, Tensor kCache, Tensor vCache)
+    {
+        int g = Grid(k.Length);
+        _kvAppend(g, F(kCache), F(vCache), F(k), F(v), I(slots.Device), k.Dim(1) * k.Dim(2), g);
+    }
+
+    protected override void PagedAttentionDecodeCore(Tensor q, Tensor kCache, Tensor vCache, PagedBatch batch, Tensor output, float scale, int splitBlocks)
+    {
+        int splits = (batch.MaxBlocks + splitBlocks - 1) / splitBlocks, heads = q.Dim(1), dim = q.Dim(2);
+        using var partialO = Allocate(DType.F32, batch.Batch * heads * splits, dim);
+        using var partialLse = Allocate(DType.F32, batch.Batch * heads * splits);
+        var a = new PagedArgs(batch.Batch, batch.MaxBlocks, batch.BlockSize, heads, kCache.Dim(1), dim, splits, splitBlocks, scale);
+        _pagedPartial(batch.Batch * heads * splits, F(partialO), F(partialLse), F(q), F(kCache), F(vCache), I(batch.Tables), I(batch.Lengths), a);
+        _pagedCombine(batch.Batch * heads, F(output), F(partialO), F(partialLse), splits, dim);
+    }
+
+    protected override (int[] Tokens, float[] LogProbs) SampleCore(Tensor logits, IReadOnlyList<SampleRow> rows)
+    {
+        var (temp, topK, topP, minP, pen, seeds, steps, prev, offsets) = SamplingArrays(rows);
+        int n = rows.Count, vocab = logits.Dim(1);
+        using var tTokens = Allocate(DType.I32, n);
+        using var tLogp = Allocate(DType.F32, n);
+        using var tPrev = FromArray(prev, [prev.Length]);
+        using var tOffsets = FromArray(offsets, [offsets.Length]);
+        using var tTemp = FromArray(temp, DType.F32, [n]);
+        using var tTopK = FromArray(topK, [n]);
+        using var tTopP = FromArray(topP, DType.F32, [n]);
+        using var tMinP = FromArray(minP, DType.F32, [n]);
+        using var tPen = FromArray(pen, DType.F32, [n]);
+        using var tSeeds = FromArray(System.Runtime.InteropServices.MemoryMarshal.Cast<ulong, int>(seeds.AsSpan()), [2 * n]);
+        using var tSteps = FromArray(steps, [n]);
+        using var seen = Allocate(DType.I32, (int)(((long)n * vocab + 3) / 4));
+        _sample(n, I(tTokens), F(tLogp), F(logits), I(tPrev), I(tOffsets), F(tTemp), I(tTopK), F(tTopP), F(tMinP), F(tPen),
+            Bytes(tSeeds).Cast<ulong>(), I(tSteps), Bytes(seen).Cast<byte>(), vocab);
+        return (tTokens.ToIntArray(), tLogp.ToFloatArray());
+    }
 
     protected override double SumOfSquaresCore(IReadOnlyList<Tensor> tensors)
     {

@@ -393,6 +393,43 @@ public sealed unsafe class CudaBackend : Backend
     protected override void ScaleColumnsBackwardCore(Tensor dy, Tensor x, Tensor dscale, bool accumulate) =>
         Launch("rows", "scale_columns_backward" + Suffix(x), ColumnGrid("rows", x.Cols), [P(dscale), P(dy), P(x), I(x.Rows), I(x.Cols), I(accumulate ? 1 : 0)]);
 
+    // ---- paged KV cache and sampling -------------------------------------------------------------------------------------
+    protected override void KvAppendCore(Tensor k, Tensor v, RowIndex slots, Tensor kCache, Tensor vCache) =>
+        Launch("paged_attention", "kv_append" + Suffix(k), StrideGrid("paged_attention", k.Length),
+            [P(kCache), P(vCache), P(k), P(v), P(slots.Device), I(k.Dim(0)), I(k.Dim(1)), I(k.Dim(2))]);
+
+    protected override void PagedAttentionDecodeCore(Tensor q, Tensor kCache, Tensor vCache, PagedBatch batch, Tensor output, float scale, int splitBlocks)
+    {
+        int splits = (batch.MaxBlocks + splitBlocks - 1) / splitBlocks, heads = q.Dim(1), dim = q.Dim(2);
+        using var partialO = Allocate(DType.F32, batch.Batch * heads * splits, dim);
+        using var partialLse = Allocate(DType.F32, batch.Batch * heads * splits);
+        Launch("paged_attention", "paged_decode_partial" + Suffix(q), WarpGrid("paged_attention", (long)batch.Batch * heads * splits),
+            [P(partialO), P(partialLse), P(q), P(kCache), P(vCache), P(batch.Tables), P(batch.Lengths), I(batch.Batch), I(batch.MaxBlocks),
+             I(batch.BlockSize), I(heads), I(kCache.Dim(1)), I(dim), I(splits), I(splitBlocks), Fl(scale)]);
+        Launch("paged_attention", "paged_decode_combine" + Suffix(q), WarpGrid("paged_attention", (long)batch.Batch * heads),
+            [P(output), 0, P(partialO), P(partialLse), I(batch.Batch * heads), I(splits), I(dim)]);
+    }
+
+    protected override (int[] Tokens, float[] LogProbs) SampleCore(Tensor logits, IReadOnlyList<SampleRow> rows)
+    {
+        var (temp, topK, topP, minP, pen, seeds, steps, prev, offsets) = SamplingArrays(rows);
+        int n = rows.Count;
+        using var tTokens = Allocate(DType.I32, n);
+        using var tLogp = Allocate(DType.F32, n);
+        using var tPrev = FromArray(prev, [prev.Length]);
+        using var tOffsets = FromArray(offsets, [offsets.Length]);
+        using var tTemp = FromArray(temp, DType.F32, [n]);
+        using var tTopK = FromArray(topK, [n]);
+        using var tTopP = FromArray(topP, DType.F32, [n]);
+        using var tMinP = FromArray(minP, DType.F32, [n]);
+        using var tPen = FromArray(pen, DType.F32, [n]);
+        using var tSeeds = FromArray(System.Runtime.InteropServices.MemoryMarshal.Cast<ulong, int>(seeds.AsSpan()), [2 * n]); // read as u64 by the kernel
+        using var tSteps = FromArray(steps, [n]);
+        Launch("sampling", "sample" + Suffix(logits), n,
+            [P(tTokens), P(tLogp), P(logits), P(tPrev), P(tOffsets), P(tTemp), P(tTopK), P(tTopP), P(tMinP), P(tPen), P(tSeeds), P(tSteps), I(logits.Dim(1))]);
+        return (tTokens.ToIntArray(), tLogp.ToFloatArray());
+    }
+
     // ---- optimiser ---------------------------------------------------------------------------------------------------------
     protected override void AdamWCore(Tensor master, Tensor grad, Tensor m, Tensor v, Tensor? workingCopy, AdamWSettings s, int step, float gradScale)
     {
