@@ -68,6 +68,25 @@ public sealed class Qwen2Decoder
         return owned ? dx : CopyOf(dx);
     }
 
+    /// <summary>Attention of one layer during inference: q [T, H, D], k and v [T, Hkv, D] (after RoPE) into output [T, H, D].</summary>
+    public delegate void Attend(int layer, Tensor q, Tensor k, Tensor v, Tensor output);
+
+    /// <summary>
+    /// Inference through every layer with the attention supplied by the caller (prefill into a KV cache, or paged
+    /// decode): nothing is kept for backward. x: [T, D] -> [T, D], owned by the caller.
+    /// </summary>
+    public Tensor Infer(Tensor x, Tensor positions, Attend attend)
+    {
+        var h = CopyOf(x);
+        for (int i = 0; i < _layers.Length; i++)
+        {
+            var next = _layers[i].Infer(h, positions, (q, k, v, o) => attend(i, q, k, v, o));
+            h.Dispose();
+            h = next;
+        }
+        return h;
+    }
+
     private Tensor CopyOf(Tensor t)
     {
         var c = _b.Activations(t.Rows, t.Cols);
@@ -96,6 +115,31 @@ public sealed class Qwen2Decoder
             _gate = new Linear(b, p[pre + "mlp.gate_proj.weight"], null);
             _up = new Linear(b, p[pre + "mlp.up_proj.weight"], null);
             _down = new Linear(b, p[pre + "mlp.down_proj.weight"], null);
+        }
+
+        public Tensor Infer(Tensor x, Tensor positions, Action<Tensor, Tensor, Tensor, Tensor> attend)
+        {
+            var b = _b;
+            int t = x.Rows, hd = _c.HeadDim, h = _c.NumHeads, kvh = _c.NumKvHeads;
+            using var held = new Activations();
+            var n1 = held.Keep(_inputNorm.Forward(x, out var norm1)); held.Keep(norm1);
+            var qr = held.Keep(b.Activations(t, h * hd));
+            using (var q = _q.Forward(n1)) b.RopeForward(q.Reshape(t, h, hd), positions, qr.Reshape(t, h, hd), _c.RopeTheta);
+            var kr = held.Keep(b.Activations(t, kvh * hd));
+            using (var kk = _k.Forward(n1)) b.RopeForward(kk.Reshape(t, kvh, hd), positions, kr.Reshape(t, kvh, hd), _c.RopeTheta);
+            var v = held.Keep(_v.Forward(n1));
+            var a = held.Keep(b.Activations(t, h * hd));
+            attend(qr.Reshape(t, h, hd), kr.Reshape(t, kvh, hd), v.Reshape(t, kvh, hd), a.Reshape(t, h, hd));
+            var h1 = held.Keep(_o.Forward(a));
+            b.Add(h1, h1, x);
+            var n2 = held.Keep(_postNorm.Forward(h1, out var norm2)); held.Keep(norm2);
+            var gate = held.Keep(_gate.Forward(n2));
+            var up = held.Keep(_up.Forward(n2));
+            var act = held.Keep(b.Activations(t, _c.IntermediateSize));
+            b.SwiGluForward(gate, up, act);
+            var y = _down.Forward(act);
+            b.Add(y, y, h1);
+            return y;
         }
 
         internal sealed class Cache : IDisposable

@@ -156,6 +156,44 @@ public sealed class VisionLanguageModel : IDisposable
         return pass;
     }
 
+    /// <summary>
+    /// Token embeddings of <paramref name="ids"/> with the adapter's image features in the &lt;IMG_CONTEXT&gt; rows
+    /// (inference: nothing is kept for backward). Returns [T, D], owned by the caller.
+    /// </summary>
+    public Tensor Embed(int[] ids, float[]? pixels, int tiles)
+    {
+        int t = ids.Length;
+        var positions = Enumerable.Range(0, t).Where(i => ids[i] == ImageContextId).ToArray();
+        if (positions.Length != tiles * Config.TokensPerTile)
+            throw new ArgumentException($"the prompt has {positions.Length} <IMG_CONTEXT> tokens but {tiles} image tiles x {Config.TokensPerTile} tokens per tile = {tiles * Config.TokensPerTile} image features");
+        var embeddings = _b.Activations(t, Config.Llm.HiddenSize);
+        using (var tid = _b.FromArray(ids, [t], "input_ids")) _b.EmbeddingForward(_embed.Value, tid, embeddings);
+        if (tiles > 0)
+        {
+            using var vit = _vit.Forward(pixels ?? throw new ArgumentException("image tiles but no pixel values"), tiles);
+            using var adapter = _adapter.Forward(vit.Output, tiles);
+            using var rows = _b.Rows(positions, t, distinct: true, "image_positions");
+            _b.ScatterRows(adapter.Output, rows, embeddings);
+        }
+        return embeddings;
+    }
+
+    /// <summary>
+    /// The decoder over <paramref name="embeddings"/> [T, D] at <paramref name="positions"/> with caller-supplied
+    /// attention, then the final norm and LM head on the rows listed in <paramref name="outputRows"/>: logits [rows, V].
+    /// </summary>
+    public Tensor InferLogits(Tensor embeddings, int[] positions, int[] outputRows, Qwen2Decoder.Attend attend)
+    {
+        using var pos = _b.FromArray(positions, [positions.Length], "position_ids");
+        using var hidden = _llm.Infer(embeddings, pos, attend);
+        using var rows = _b.Rows(outputRows, hidden.Rows, distinct: false, "output_rows");
+        using var last = _b.Activations(outputRows.Length, Config.Llm.HiddenSize);
+        _b.GatherRows(hidden, rows, last);
+        using var normed = _finalNorm.Forward(last, out var stats);
+        stats.Dispose();
+        return Linear.Forward(_b, normed, _head.Value, null);
+    }
+
     /// <summary>Backward of the mean NLL of <paramref name="pass"/>; gradients accumulate into trainable parameters.</summary>
     public void Backward(Pass pass)
     {

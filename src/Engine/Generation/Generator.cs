@@ -1,0 +1,276 @@
+using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Models;
+using R1V2.Native.Engine.Tensors;
+using R1V2.Native.Engine.Text;
+
+namespace R1V2.Native.Engine.Generation;
+
+/// <summary>
+/// One prompt to complete. <see cref="Samples"/> completions share the prompt's cache blocks; sample i draws from the
+/// RNG stream (Seed + i, step), so (seed, prompt) reproduces a sample on the same backend.
+/// </summary>
+public sealed record GenerationRequest(
+    int[] PromptIds, float[]? Pixels = null, int Tiles = 0, SamplingParams? Sampling = null, ulong Seed = 0, int MaxNewTokens = 256,
+    IReadOnlyList<int>? StopTokens = null, IReadOnlyList<string>? StopStrings = null, int Samples = 1);
+
+public enum FinishReason { StopToken, StopString, Length }
+
+/// <summary>A finished completion: its tokens (a final stop token included), the log-prob of each, text, and why it ended.</summary>
+public sealed record GeneratedSample(int Request, int Sample, int[] Tokens, float[] LogProbs, string? Text, FinishReason Finish);
+
+/// <summary>A token as it is produced, for streaming.</summary>
+public readonly record struct TokenEvent(int Request, int Sample, int Token, float LogProb);
+
+public sealed record GeneratorOptions(int CacheBlocks = 512, int BlockSize = 16, int MaxBatch = 32, int SplitBlocks = 8);
+
+/// <summary>Counters of one <see cref="Generator.Generate"/> call.</summary>
+public sealed record GenerationStats(int PrefillTokens, int DecodeSteps, int DecodedTokens, int Preemptions, int PeakBlocks, long CopiedBlocks, double PrefillSeconds, double DecodeSeconds);
+
+/// <summary>
+/// Batched generation with continuous batching over a paged KV cache. Each step admits waiting prompts while the
+/// batch and the cache allow (one packed prefill through flash attention for all of them, the prompt's blocks shared by
+/// its samples), then decodes one token for every running sample (split-KV paged attention) and samples it. Finished
+/// samples free their blocks at once, which lets waiting prompts in. Policy when blocks run out mid-decode: preempt the
+/// most recently admitted sample (free its blocks, requeue it with what it generated) and recompute it later by
+/// prefill; a request that cannot fit even alone is an error.
+/// </summary>
+public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenizer = null, GeneratorOptions? options = null)
+{
+    private readonly GeneratorOptions _o = options ?? new GeneratorOptions();
+
+    public GenerationStats? LastStats { get; private set; }
+
+    private sealed class Active
+    {
+        public required int Request, Sample;
+        public required CacheSequence Seq;
+        public required List<int> Context;   // prompt + generated so far (the repetition penalty's view)
+        public readonly List<int> Tokens = [];
+        public readonly List<float> LogProbs = [];
+        public int Pending = -1;             // sampled, not yet in the cache
+        public int Slot;                     // this step's cache slot for the pending token
+        public int Admitted;
+    }
+
+    private sealed record Waiting(int Request, int[] Samples, int[] Prefix, List<int>[]? Generated, List<float>[]? LogProbs);
+
+    public IReadOnlyList<GeneratedSample> Generate(IReadOnlyList<GenerationRequest> requests, Action<TokenEvent>? onToken = null)
+    {
+        var b = model.Backend;
+        var cfg = model.Config.Llm;
+        foreach (var r in requests)
+        {
+            (r.Sampling ?? SamplingParams.Greedy).Validate();
+            if (r.PromptIds.Length == 0) throw new ArgumentException("a prompt needs at least one token");
+            if (r.Samples < 1 || r.Samples > _o.MaxBatch) throw new ArgumentException($"samples per request must be in [1, {_o.MaxBatch}], got {r.Samples}");
+            if (r.MaxNewTokens < 1) throw new ArgumentException("max new tokens must be at least 1");
+            if (r.PromptIds.Length + r.MaxNewTokens > cfg.MaxPositionEmbeddings)
+                throw new ArgumentException($"prompt ({r.PromptIds.Length}) + max new tokens ({r.MaxNewTokens}) exceed max_position_embeddings {cfg.MaxPositionEmbeddings}");
+        }
+        using var cache = new PagedKvCache(b, cfg.NumLayers, cfg.NumKvHeads, cfg.HeadDim, _o.CacheBlocks, _o.BlockSize);
+        var waiting = new LinkedList<Waiting>(requests.Select((r, i) => new Waiting(i, Enumerable.Range(0, r.Samples).ToArray(), r.PromptIds, null, null)));
+        var running = new List<Active>();
+        var done = new List<GeneratedSample>();
+        int admissions = 0, prefillTokens = 0, steps = 0, decoded = 0, preemptions = 0;
+        var prefillTime = new System.Diagnostics.Stopwatch();
+        var decodeTime = new System.Diagnostics.Stopwatch();
+
+        while (waiting.Count > 0 || running.Count > 0)
+        {
+            // Admit while the batch and the cache have room.
+            var admitted = new List<(Waiting W, CacheSequence Parent)>();
+            int freeBlocks = cache.FreeBlocks;
+            while (waiting.First is { } node && running.Count + admitted.Sum(a => a.W.Samples.Length) + node.Value.Samples.Length <= _o.MaxBatch)
+            {
+                var w = node.Value;
+                int prefixBlocks = (w.Prefix.Length + _o.BlockSize - 1) / _o.BlockSize;
+                int needed = prefixBlocks + w.Samples.Length; // each sample may need one more block on its first step
+                if (needed > cache.NumBlocks) throw new InvalidOperationException($"request {w.Request} needs {needed} cache blocks of {_o.BlockSize} tokens; the cache has {cache.NumBlocks}");
+                if (needed > freeBlocks) break;
+                freeBlocks -= needed;
+                waiting.RemoveFirst();
+                admitted.Add((w, cache.Create()));
+            }
+            if (admitted.Count > 0)
+            {
+                prefillTime.Start();
+                prefillTokens += Prefill(cache, requests, admitted, running, ref admissions, onToken, done);
+                prefillTime.Stop();
+            }
+            if (running.Count == 0) continue;
+
+            // One decode step for every running sample; preempt the newest when the cache is full.
+            decodeTime.Start();
+            int idx = 0;
+            while (idx < running.Count)
+            {
+                var a = running[idx];
+                try
+                {
+                    a.Slot = cache.Reserve(a.Seq, 1)[0];
+                    idx++;
+                }
+                catch (OutOfCacheBlocksException)
+                {
+                    if (running.Count == 1) throw new InvalidOperationException($"the KV cache ({cache.NumBlocks} blocks of {cache.BlockSize}) cannot hold a single sequence of {a.Seq.Length + 1} tokens: raise the number of cache blocks");
+                    var victim = running.MaxBy(x => x.Admitted)!;
+                    int at = running.IndexOf(victim);
+                    cache.Release(victim.Seq);
+                    var prefix = victim.Context.Take(victim.Context.Count - 1).ToArray(); // the pending token is fed again after the recompute
+                    waiting.AddFirst(new Waiting(victim.Request, [victim.Sample], prefix, [new List<int>(victim.Tokens)], [new List<float>(victim.LogProbs)]));
+                    running.RemoveAt(at);
+                    preemptions++;
+                    if (at < idx) idx--;
+                }
+            }
+            if (running.Count == 0) { decodeTime.Stop(); continue; }
+            using (var logits = DecodeStep(cache, running, running.Select(a => a.Slot).ToArray()))
+                SampleAndAdvance(logits, requests, running, onToken, done, cache);
+            steps++;
+            decoded += running.Count;
+            decodeTime.Stop();
+            running.RemoveAll(a => a.Seq.BlockTable.Count == 0 && a.Pending < 0);
+        }
+        LastStats = new GenerationStats(prefillTokens, steps, decoded, preemptions, cache.PeakUsedBlocks, cache.CopiedBlocks, prefillTime.Elapsed.TotalSeconds, decodeTime.Elapsed.TotalSeconds);
+        return done.OrderBy(s => s.Request).ThenBy(s => s.Sample).ToList();
+    }
+
+    /// <summary>One packed prefill of every admitted prompt; new requests sample their first token here.</summary>
+    private int Prefill(PagedKvCache cache, IReadOnlyList<GenerationRequest> requests, List<(Waiting W, CacheSequence Parent)> admitted,
+        List<Active> running, ref int admissions, Action<TokenEvent>? onToken, List<GeneratedSample> done)
+    {
+        var b = model.Backend;
+        var ids = new List<int>();
+        var cu = new List<int> { 0 };
+        var pixels = new List<float>();
+        int tiles = 0;
+        var allSlots = new List<int>();
+        foreach (var (w, parent) in admitted)
+        {
+            var r = requests[w.Request];
+            ids.AddRange(w.Prefix);
+            cu.Add(ids.Count);
+            if (r.Tiles > 0) { pixels.AddRange(r.Pixels ?? throw new ArgumentException($"request {w.Request} has tiles but no pixels")); tiles += r.Tiles; }
+            allSlots.AddRange(cache.Reserve(parent, w.Prefix.Length));
+        }
+        using var seqs = b.Sequences([.. cu]);
+        using var slotIndex = b.Rows([.. allSlots], cache.NumBlocks * cache.BlockSize, distinct: true, "slots");
+        using var embeddings = model.Embed([.. ids], tiles > 0 ? [.. pixels] : null, tiles);
+        int t = ids.Count, heads = model.Config.Llm.NumHeads;
+        float scale = 1f / MathF.Sqrt(model.Config.Llm.HeadDim);
+        var lastRows = cu.Skip(1).Select(end => end - 1).ToArray();
+        using var logits = model.InferLogits(embeddings, seqs.Positions(), lastRows, (layer, q, k, v, o) =>
+        {
+            b.KvAppend(k, v, slotIndex, cache.Keys(layer), cache.Values(layer));
+            using var lse = b.Allocate(DType.F32, t, heads);
+            b.AttentionForward(q, k, v, seqs, o, lse, scale, causal: true);
+        });
+
+        // Fresh requests sample their first token from the prompt's last logits; resumed samples already have it.
+        var rows = new List<SampleRow>();
+        var rowOwner = new List<(int Admitted, int Sample)>();
+        for (int a = 0; a < admitted.Count; a++)
+        {
+            var (w, _) = admitted[a];
+            if (w.Generated is not null) continue;
+            var r = requests[w.Request];
+            foreach (var s in w.Samples)
+            {
+                rows.Add(new SampleRow(r.Sampling ?? SamplingParams.Greedy, r.Seed + (ulong)s, 0, w.Prefix));
+                rowOwner.Add((a, s));
+            }
+        }
+        var sampled = rows.Count == 0 ? ([], []) : SampleRowsOf(logits, rowOwner.Select(o => o.Admitted).ToArray(), rows);
+        int row = 0;
+        for (int a = 0; a < admitted.Count; a++)
+        {
+            var (w, parent) = admitted[a];
+            for (int j = 0; j < w.Samples.Length; j++)
+            {
+                var active = new Active
+                {
+                    Request = w.Request, Sample = w.Samples[j], Seq = cache.Fork(parent), Context = [.. w.Prefix], Admitted = admissions++,
+                };
+                if (w.Generated is null)
+                {
+                    Advance(active, sampled.Item1[row], sampled.Item2[row], requests, onToken, done, cache);
+                    row++;
+                }
+                else
+                {
+                    active.Tokens.AddRange(w.Generated[j]);
+                    active.LogProbs.AddRange(w.LogProbs![j]);
+                    active.Pending = w.Generated[j][^1];
+                    active.Context.Add(active.Pending);
+                }
+                if (active.Pending >= 0) running.Add(active);
+            }
+            cache.Release(parent);
+        }
+        return ids.Count;
+    }
+
+    /// <summary>Samples rows that index into a logits tensor with one row per admitted prompt (samples share a row).</summary>
+    private (int[], float[]) SampleRowsOf(Tensor logits, int[] sourceRows, List<SampleRow> rows)
+    {
+        var b = model.Backend;
+        using var index = b.Rows(sourceRows, logits.Rows, distinct: false, "sample_rows");
+        using var expanded = b.Activations(sourceRows.Length, logits.Cols);
+        b.GatherRows(logits, index, expanded);
+        return b.Sample(expanded, rows);
+    }
+
+    private Tensor DecodeStep(PagedKvCache cache, List<Active> running, int[] slots)
+    {
+        var b = model.Backend;
+        var cfg = model.Config.Llm;
+        int n = running.Count;
+        var tokens = running.Select(a => a.Pending).ToArray();
+        var positions = running.Select(a => a.Seq.Length - 1).ToArray();
+        using var batch = b.Paged(running.Select(a => a.Seq.BlockTable).ToList(), running.Select(a => a.Seq.Length).ToArray(), cache.BlockSize, cache.NumBlocks);
+        using var slotIndex = b.Rows(slots, cache.NumBlocks * cache.BlockSize, distinct: true, "slots");
+        using var embeddings = model.Embed(tokens, null, 0);
+        float scale = 1f / MathF.Sqrt(cfg.HeadDim);
+        return model.InferLogits(embeddings, positions, Enumerable.Range(0, n).ToArray(), (layer, q, k, v, o) =>
+        {
+            b.KvAppend(k, v, slotIndex, cache.Keys(layer), cache.Values(layer));
+            b.PagedAttentionDecode(q, cache.Keys(layer), cache.Values(layer), batch, o, scale, _o.SplitBlocks);
+        });
+    }
+
+    private void SampleAndAdvance(Tensor logits, IReadOnlyList<GenerationRequest> requests, List<Active> running, Action<TokenEvent>? onToken,
+        List<GeneratedSample> done, PagedKvCache cache)
+    {
+        var rows = running.Select(a =>
+        {
+            var r = requests[a.Request];
+            return new SampleRow(r.Sampling ?? SamplingParams.Greedy, r.Seed + (ulong)a.Sample, a.Tokens.Count, a.Context);
+        }).ToList();
+        var (tokens, logprobs) = model.Backend.Sample(logits, rows);
+        for (int i = 0; i < running.Count; i++) Advance(running[i], tokens[i], logprobs[i], requests, onToken, done, cache);
+    }
+
+    /// <summary>Records a sampled token and finishes the sample on a stop token, stop string or the length limit.</summary>
+    private void Advance(Active a, int token, float logprob, IReadOnlyList<GenerationRequest> requests, Action<TokenEvent>? onToken,
+        List<GeneratedSample> done, PagedKvCache cache)
+    {
+        var r = requests[a.Request];
+        a.Tokens.Add(token);
+        a.LogProbs.Add(logprob);
+        a.Context.Add(token);
+        a.Pending = token;
+        onToken?.Invoke(new TokenEvent(a.Request, a.Sample, token, logprob));
+        FinishReason? finish = null;
+        if (r.StopTokens?.Contains(token) == true) finish = FinishReason.StopToken;
+        else if (r.StopStrings is { Count: > 0 } stops && tokenizer is not null)
+        {
+            var text = tokenizer.Decode(a.Tokens);
+            if (stops.Any(s => text.Contains(s, StringComparison.Ordinal))) finish = FinishReason.StopString;
+        }
+        if (finish is null && a.Tokens.Count >= r.MaxNewTokens) finish = FinishReason.Length;
+        if (finish is null) return;
+        cache.Release(a.Seq);
+        a.Pending = -1;
+        done.Add(new GeneratedSample(a.Request, a.Sample, [.. a.Tokens], [.. a.LogProbs], tokenizer?.Decode(a.Tokens), finish.Value));
+    }
+}
