@@ -20,6 +20,9 @@ public static class Program
             TrainCommand.Create(),
             InitCommand.Create(),
             ScoreCommand.Create(),
+            TokenizeCommand.Create(),
+            GenerateCommand.CreateGenerate(),
+            GenerateCommand.CreateChat(),
         };
         return root.Parse(args).Invoke();
     }
