@@ -5,6 +5,7 @@
 // the values (32 block-wide counts), never by sorting the vocabulary. temperature <= 0 is greedy (lowest index on ties).
 // logprob: log softmax(x / T) of the token under the model's own tempered distribution (no penalty, no filtering): the
 // "old log-prob" that PPO ratios need. prev tokens are CSR: row b's are prev_tokens[prev_offsets[b] .. prev_offsets[b+1]).
+// Rows are `stride` long; only the first `vocab` entries can be drawn (a tokenizer smaller than the padded LM head).
 #include "common.cuh"
 
 #ifndef SAMPLING_BLOCK
@@ -30,14 +31,14 @@ __device__ __forceinline__ unsigned int order_key(float f)
 template <typename T>
 __device__ void sample_impl(int* tokens, float* logprobs, const T* logits, const int* prev_tokens, const int* prev_offsets,
     const float* temperature, const int* top_k, const float* top_p, const float* min_p, const float* rep_penalty,
-    const unsigned long long* seeds, const int* steps, int vocab)
+    const unsigned long long* seeds, const int* steps, int vocab, int stride)
 {
     __shared__ unsigned int seen[SAMPLING_MAX_VOCAB / 32];
     __shared__ float scratch[32];
     __shared__ float chunk_prefix[SAMPLING_BLOCK + 1];
     __shared__ int chosen;
     const int row = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
-    const T* x = logits + (long long)row * vocab;
+    const T* x = logits + (long long)row * stride;
     const float temp = temperature[row], pen = rep_penalty[row];
     const bool penalise = pen != 1.0f;
 
@@ -152,5 +153,5 @@ __device__ void sample_impl(int* tokens, float* logprobs, const T* logits, const
 }
 INSTANTIATE_F32_BF16(sample, SAMPLING_BLOCK,
     (int* tokens, float* logprobs, const T* logits, const int* prev_tokens, const int* prev_offsets, const float* temperature, const int* top_k,
-     const float* top_p, const float* min_p, const float* rep_penalty, const unsigned long long* seeds, const int* steps, int vocab),
-    (tokens, logprobs, logits, prev_tokens, prev_offsets, temperature, top_k, top_p, min_p, rep_penalty, seeds, steps, vocab))
+     const float* top_p, const float* min_p, const float* rep_penalty, const unsigned long long* seeds, const int* steps, int vocab, int stride),
+    (tokens, logprobs, logits, prev_tokens, prev_offsets, temperature, top_k, top_p, min_p, rep_penalty, seeds, steps, vocab, stride))

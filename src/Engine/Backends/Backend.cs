@@ -513,21 +513,27 @@ public abstract class Backend : IDisposable
     protected abstract void KvAppendCore(Tensor k, Tensor v, RowIndex slots, Tensor kCache, Tensor vCache);
     protected abstract void PagedAttentionDecodeCore(Tensor q, Tensor kCache, Tensor vCache, PagedBatch batch, Tensor output, float scale, int splitBlocks);
 
-    /// <summary>Samples one token per row of logits [B, V]; returns the tokens and their log-probs under log softmax(x / T).</summary>
-    public (int[] Tokens, float[] LogProbs) Sample(Tensor logits, IReadOnlyList<SampleRow> rows)
+    /// <summary>
+    /// Samples one token per row of logits [B, V] among the first <paramref name="vocabularyLimit"/> ids (default all:
+    /// a padded LM head can be wider than the tokenizer); returns the tokens and their log-probs under
+    /// log softmax(x / T) over those ids.
+    /// </summary>
+    public (int[] Tokens, float[] LogProbs) Sample(Tensor logits, IReadOnlyList<SampleRow> rows, int? vocabularyLimit = null)
     {
         Float(logits, "sample", "logits");
         if (logits.Rank != 2 || logits.Dim(0) != rows.Count) throw new ArgumentException($"sample: logits {logits.ShapeString} need one row per sampled sequence ({rows.Count})");
-        if (logits.Dim(1) > MaxSamplingVocabulary) throw new ArgumentException($"sample: vocabulary {logits.Dim(1)} is above {MaxSamplingVocabulary}");
+        int vocab = vocabularyLimit ?? logits.Dim(1);
+        if (vocab < 1 || vocab > logits.Dim(1)) throw new ArgumentException($"sample: vocabulary limit {vocab} is outside [1, {logits.Dim(1)}]");
+        if (vocab > MaxSamplingVocabulary) throw new ArgumentException($"sample: vocabulary {vocab} is above {MaxSamplingVocabulary}");
         foreach (var r in rows) r.Params.Validate();
         if (rows.Count == 0) return ([], []);
-        return SampleCore(logits, rows);
+        return SampleCore(logits, rows, vocab);
     }
 
     /// <summary>The sampling kernel keeps a bitmask of earlier tokens in shared memory: 256K bits.</summary>
     public const int MaxSamplingVocabulary = 262144;
 
-    protected abstract (int[] Tokens, float[] LogProbs) SampleCore(Tensor logits, IReadOnlyList<SampleRow> rows);
+    protected abstract (int[] Tokens, float[] LogProbs) SampleCore(Tensor logits, IReadOnlyList<SampleRow> rows, int vocab);
 
     /// <summary>The per-row argument arrays of a sampling call, as both backends upload them.</summary>
     protected static (float[] Temp, int[] TopK, float[] TopP, float[] MinP, float[] Pen, ulong[] Seeds, int[] Steps, int[] Prev, int[] Offsets) SamplingArrays(IReadOnlyList<SampleRow> rows)

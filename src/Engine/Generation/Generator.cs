@@ -40,6 +40,9 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
 
     public GenerationStats? LastStats { get; private set; }
 
+    /// <summary>Ids the tokenizer knows (the LM head may be padded wider); without a tokenizer every id can be drawn.</summary>
+    private int? VocabularyLimit => tokenizer is null ? null : Math.Min(tokenizer.VocabularySize, model.Config.Llm.VocabSize);
+
     private sealed class Active
     {
         public required int Request, Sample;
@@ -217,7 +220,7 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
         using var index = b.Rows(sourceRows, logits.Rows, distinct: false, "sample_rows");
         using var expanded = b.Activations(sourceRows.Length, logits.Cols);
         b.GatherRows(logits, index, expanded);
-        return b.Sample(expanded, rows);
+        return b.Sample(expanded, rows, VocabularyLimit);
     }
 
     private Tensor DecodeStep(PagedKvCache cache, List<Active> running, int[] slots)
@@ -246,7 +249,7 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
             var r = requests[a.Request];
             return new SampleRow(r.Sampling ?? SamplingParams.Greedy, r.Seed + (ulong)a.Sample, a.Tokens.Count, a.Context);
         }).ToList();
-        var (tokens, logprobs) = model.Backend.Sample(logits, rows);
+        var (tokens, logprobs) = model.Backend.Sample(logits, rows, VocabularyLimit);
         for (int i = 0; i < running.Count; i++) Advance(running[i], tokens[i], logprobs[i], requests, onToken, done, cache);
     }
 

@@ -85,6 +85,20 @@ public sealed class SamplingTests(CpuFixture fx)
     }
 
     [Fact]
+    public void VocabularyLimit_KeepsDrawsAndLogProbsWithinTheTokenizersIds()
+    {
+        // The padded ids 8..11 carry most of the mass; with a limit of 8 they are never drawn nor counted.
+        float[] logits = [0f, 0.5f, 1f, 0.2f, -1f, 0.3f, 0.1f, 0f, 9f, 9f, 9f, 9f];
+        var rows = Enumerable.Range(0, 200).Select(i => new SampleRow(new SamplingParams(1f), (ulong)i, 0, [])).ToList();
+        using var t = _b.FromArray(Enumerable.Repeat(logits, 200).SelectMany(x => x).ToArray(), DType.F32, [200, 12]);
+        var (tokens, logp) = _b.Sample(t, rows, vocabularyLimit: 8);
+        Assert.All(tokens, x => Assert.InRange(x, 0, 7));
+        double z = logits.Take(8).Sum(x => Math.Exp(x));
+        for (int i = 0; i < tokens.Length; i++) Assert.Equal(logits[tokens[i]] - Math.Log(z), logp[i], 4);
+        Assert.Throws<ArgumentException>(() => _b.Sample(t, rows, vocabularyLimit: 13));
+    }
+
+    [Fact]
     public void Greedy_TakesTheLargest_LowestIndexOnTies()
     {
         float[] logits = [1f, 5f, 2f, 5f, -1f];

@@ -69,7 +69,7 @@ public sealed unsafe class CpuBackend : Backend
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int> _kvAppend;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, PagedArgs> _pagedPartial;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int> _pagedCombine;
-    private readonly Action<Index1D, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, ArrayView<float>, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<ulong>, ArrayView<int>, ArrayView<byte>, int> _sample;
+    private readonly Action<Index1D, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, ArrayView<float>, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<ulong>, ArrayView<int>, ArrayView<byte>, SampleShape> _sample;
 
     /// <summary>Elements per partial sum of the norm kernels (the CUDA twin uses one block per chunk).</summary>
     private const int NormChunk = 1 << 14;
@@ -119,7 +119,7 @@ public sealed unsafe class CpuBackend : Backend
         _kvAppend = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int>(PagedAttentionKernels.KvAppend);
         _pagedPartial = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, PagedArgs>(PagedAttentionKernels.DecodePartial);
         _pagedCombine = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int>(PagedAttentionKernels.Combine);
-        _sample = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, ArrayView<float>, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<ulong>, ArrayView<int>, ArrayView<byte>, int>(SamplingKernels.Sample);
+        _sample = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, ArrayView<float>, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<ulong>, ArrayView<int>, ArrayView<byte>, SampleShape>(SamplingKernels.Sample);
         _sumPartials = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, int>(GradNormKernels.SumPartials);
     }
 
@@ -379,10 +379,10 @@ public sealed unsafe class CpuBackend : Backend
         _pagedCombine(batch.Batch * heads, F(output), F(partialO), F(partialLse), splits, dim);
     }
 
-    protected override (int[] Tokens, float[] LogProbs) SampleCore(Tensor logits, IReadOnlyList<SampleRow> rows)
+    protected override (int[] Tokens, float[] LogProbs) SampleCore(Tensor logits, IReadOnlyList<SampleRow> rows, int vocab)
     {
         var (temp, topK, topP, minP, pen, seeds, steps, prev, offsets) = SamplingArrays(rows);
-        int n = rows.Count, vocab = logits.Dim(1);
+        int n = rows.Count, stride = logits.Dim(1);
         using var tTokens = Allocate(DType.I32, n);
         using var tLogp = Allocate(DType.F32, n);
         using var tPrev = FromArray(prev, [prev.Length]);
@@ -394,9 +394,9 @@ public sealed unsafe class CpuBackend : Backend
         using var tPen = FromArray(pen, DType.F32, [n]);
         using var tSeeds = FromArray(System.Runtime.InteropServices.MemoryMarshal.Cast<ulong, int>(seeds.AsSpan()), [2 * n]);
         using var tSteps = FromArray(steps, [n]);
-        using var seen = Allocate(DType.I32, (int)(((long)n * vocab + 3) / 4));
+        using var seen = Allocate(DType.I32, (int)(((long)n * stride + 3) / 4));
         _sample(n, I(tTokens), F(tLogp), F(logits), I(tPrev), I(tOffsets), F(tTemp), I(tTopK), F(tTopP), F(tMinP), F(tPen),
-            Bytes(tSeeds).Cast<ulong>(), I(tSteps), Bytes(seen).Cast<byte>(), vocab);
+            Bytes(tSeeds).Cast<ulong>(), I(tSteps), Bytes(seen).Cast<byte>(), new SampleShape(vocab, stride));
         return (tTokens.ToIntArray(), tLogp.ToFloatArray());
     }
 

@@ -7,6 +7,9 @@ namespace R1V2.Native.Engine.Backends.Cpu;
 /// bisection thresholds over order-preserving keys (top-k, then top-p over its survivors, min-p), the same RNG and the
 /// same inverse-CDF draw in index order.
 /// </summary>
+/// <summary>Row length of the logits and how many leading ids can be drawn.</summary>
+internal readonly record struct SampleShape(int Vocab, int Stride);
+
 internal static class SamplingKernels
 {
     public static ulong SplitMix64(ulong x)
@@ -41,9 +44,10 @@ internal static class SamplingKernels
 
     public static void Sample(Index1D row, ArrayView<int> tokens, ArrayView<float> logprobs, ArrayView<float> logits, ArrayView<int> prev, ArrayView<int> prevOffsets,
         ArrayView<float> temperature, ArrayView<int> topK, ArrayView<float> topP, ArrayView<float> minP, ArrayView<float> repPenalty,
-        ArrayView<ulong> seeds, ArrayView<int> steps, ArrayView<byte> seenScratch, int vocab)
+        ArrayView<ulong> seeds, ArrayView<int> steps, ArrayView<byte> seenScratch, SampleShape shape)
     {
-        long b = (long)row.X * vocab;
+        int vocab = shape.Vocab;
+        long b = (long)row.X * shape.Stride;
         float temp = temperature[row], pen = repPenalty[row], invT = temp > 0f ? 1f / temp : 1f;
         int from = prevOffsets[row], to = prevOffsets[row + 1];
         // Mark distinct earlier tokens (a row's own scratch of V bytes).

@@ -410,7 +410,7 @@ public sealed unsafe class CudaBackend : Backend
             [P(output), 0, P(partialO), P(partialLse), I(batch.Batch * heads), I(splits), I(dim)]);
     }
 
-    protected override (int[] Tokens, float[] LogProbs) SampleCore(Tensor logits, IReadOnlyList<SampleRow> rows)
+    protected override (int[] Tokens, float[] LogProbs) SampleCore(Tensor logits, IReadOnlyList<SampleRow> rows, int vocab)
     {
         var (temp, topK, topP, minP, pen, seeds, steps, prev, offsets) = SamplingArrays(rows);
         int n = rows.Count;
@@ -426,7 +426,7 @@ public sealed unsafe class CudaBackend : Backend
         using var tSeeds = FromArray(System.Runtime.InteropServices.MemoryMarshal.Cast<ulong, int>(seeds.AsSpan()), [2 * n]); // read as u64 by the kernel
         using var tSteps = FromArray(steps, [n]);
         Launch("sampling", "sample" + Suffix(logits), n,
-            [P(tTokens), P(tLogp), P(logits), P(tPrev), P(tOffsets), P(tTemp), P(tTopK), P(tTopP), P(tMinP), P(tPen), P(tSeeds), P(tSteps), I(logits.Dim(1))]);
+            [P(tTokens), P(tLogp), P(logits), P(tPrev), P(tOffsets), P(tTemp), P(tTopK), P(tTopP), P(tMinP), P(tPen), P(tSeeds), P(tSteps), I(vocab), I(logits.Dim(1))]);
         return (tTokens.ToIntArray(), tLogp.ToFloatArray());
     }
 
