@@ -38,5 +38,8 @@ switch ($Target) {
         Invoke-Step 'model step benchmarks' {
             dotnet @engine bench model --config configs/small.json --sequences 8 --tokens 512 --tiles 1 --backend cuda --out perf/results
         }
+        Invoke-Step 'generation benchmarks' {
+            dotnet @engine bench generate --config configs/small.json --batch 1,8,64 --prompt 256 --new 64 --backend cuda --out perf/results
+        }
     }
 }

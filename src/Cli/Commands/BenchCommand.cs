@@ -26,7 +26,39 @@ public static class BenchCommand
             { config, sequences, tokens, tiles, steps, trainable, backend, output };
         model.SetAction(r => RunModel(r.GetValue(config)!, r.GetValue(sequences), r.GetValue(tokens), r.GetValue(tiles), r.GetValue(steps),
             r.GetValue(trainable)!, r.GetValue(backend)!, r.GetValue(output)!));
-        return new Command("bench", "Benchmarks") { kernels, model };
+        var genConfig = new Option<string>("--config") { Description = "Model config", DefaultValueFactory = _ => Path.Combine("configs", "small.json") };
+        var batches = new Option<string>("--batch") { Description = "Comma-separated batch sizes", DefaultValueFactory = _ => "1,4,16" };
+        var promptLen = new Option<int>("--prompt") { Description = "Prompt tokens per sequence", DefaultValueFactory = _ => 64 };
+        var newTokens = new Option<int>("--new") { Description = "Generated tokens per sequence", DefaultValueFactory = _ => 32 };
+        var genBackend = Backends.Option();
+        var generate = new Command("generate", "Prefill and decode tokens/s against batch size; decode's % of the memory-bandwidth roofline on CUDA")
+            { genConfig, batches, promptLen, newTokens, genBackend, output };
+        generate.SetAction(r => RunGenerate(r.GetValue(genConfig)!, r.GetValue(batches)!, r.GetValue(promptLen), r.GetValue(newTokens), r.GetValue(genBackend)!, r.GetValue(output)!));
+        return new Command("bench", "Benchmarks") { kernels, model, generate };
+    }
+
+    public static int RunGenerate(string configPath, string batches, int prompt, int newTokens, string backendName, string outDir)
+    {
+        var config = VlmConfig.Load(configPath);
+        var name = Path.GetFileNameWithoutExtension(configPath);
+        using var backend = Backends.Create(backendName);
+        double? peak = backend is CudaBackend cuda ? cuda.Device.PeakBandwidthBytesPerSecond : null;
+        var table = new Table().AddColumns("batch", "prefill tok/s", "decode tok/s", "decode step (ms)", "decode GB/s", "% of DRAM roofline");
+        var results = new List<GenerationTiming>();
+        foreach (var b in batches.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(int.Parse))
+        {
+            var t = GenerationBenchmark.Run(backend, config, name, b, prompt, newTokens, peak);
+            results.Add(t);
+            table.AddRow(b.ToString(), t.PrefillTokensPerSecond.ToString("F0"), t.DecodeTokensPerSecond.ToString("F0"), t.DecodeStepMilliseconds.ToString("F1"),
+                t.DecodeGigabytesPerSecond.ToString("F2"), t.PercentOfBandwidth is null ? "-" : t.PercentOfBandwidth.Value.ToString("F1"));
+        }
+        AnsiConsole.MarkupLineInterpolated($"{name} on {backend.Name}: prompts of {prompt} tokens, {newTokens} new tokens each");
+        AnsiConsole.Write(table);
+        Directory.CreateDirectory(outDir);
+        var path = Path.Combine(outDir, $"generate-{name}-{backend.Name.Replace(':', '-')}-{DateTime.UtcNow:yyyyMMdd-HHmmss}.json");
+        File.WriteAllText(path, System.Text.Json.JsonSerializer.Serialize(results, new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
+        AnsiConsole.MarkupLineInterpolated($"wrote {path}");
+        return 0;
     }
 
     public static TrainableParts ParseTrainable(string s) => s switch

@@ -4,14 +4,17 @@ using System.Text.Json.Nodes;
 using R1V2.Native.Engine.Backends;
 using R1V2.Native.Engine.Images;
 using R1V2.Native.Engine.Models;
+using R1V2.Native.Engine.Text;
 using Spectre.Console;
 
 namespace R1V2.Native.Cli.Commands;
 
 /// <summary>
 /// `engine score --model DIR --data FILE.jsonl --out OUT.jsonl`: teacher-forced log p(token_t | tokens before t, images)
-/// for t = score_from .. n-1 of each row. Rows: {"input_ids": [...], "images": ["a.png", ...], "score_from": k}; image
-/// paths are relative to the data file. Output rows: {"logprobs": [...]}, one per input row, in order.
+/// for t = score_from .. n-1 of each row. Rows: {"input_ids": [...], "images": ["a.png", ...], "score_from": k}, or as
+/// text {"prompt": "...", "response": "...", "images": [...]} (the prompt goes through the chat template with its
+/// images; the response's tokens are scored). Image paths are relative to the data file. Output rows:
+/// {"logprobs": [...]}, one per input row, in order.
 /// </summary>
 public static class ScoreCommand
 {
@@ -26,8 +29,8 @@ public static class ScoreCommand
         return cmd;
     }
 
-    /// <summary>One parsed input row.</summary>
-    public sealed record Row(int[] InputIds, string[] Images, int ScoreFrom);
+    /// <summary>One parsed input row: token ids with the first scored position, or a prompt and a response as text.</summary>
+    public sealed record Row(int[]? InputIds, string[] Images, int ScoreFrom, string? Prompt = null, string? Response = null);
 
     public static Row ParseRow(string line, string file, int lineNumber)
     {
@@ -35,8 +38,17 @@ public static class ScoreCommand
         JsonObject obj;
         try { obj = JsonNode.Parse(line) as JsonObject ?? throw new JsonException("not an object"); }
         catch (JsonException e) { throw new InvalidDataException($"{Where()}: not a JSON object ({e.Message})"); }
+        var images = obj["images"] is JsonArray imgs ? imgs.Select((x, i) => x is JsonValue s && s.TryGetValue<string>(out var p) ? p
+            : throw new InvalidDataException($"{Where()}: images[{i}] is not a path")).ToArray() : [];
+        if (obj.ContainsKey("prompt") || obj.ContainsKey("response"))
+        {
+            if (obj["prompt"] is not JsonValue pv || !pv.TryGetValue<string>(out var prompt) || obj["response"] is not JsonValue rv || !rv.TryGetValue<string>(out var response))
+                throw new InvalidDataException($"{Where()}: text rows need both 'prompt' and 'response' strings");
+            if (response.Length == 0) throw new InvalidDataException($"{Where()}: 'response' is empty: nothing to score");
+            return new Row(null, images, 0, prompt, response);
+        }
         if (obj.ContainsKey("text") || obj.ContainsKey("messages"))
-            throw new InvalidDataException($"{Where()}: rows with text need the tokenizer, which this build does not have yet; give input_ids");
+            throw new InvalidDataException($"{Where()}: give either input_ids (with score_from) or a prompt and a response");
         if (obj["input_ids"] is not JsonArray ids || ids.Count == 0) throw new InvalidDataException($"{Where()}: 'input_ids' must be a non-empty array of token ids");
         var tokens = new int[ids.Count];
         for (int i = 0; i < tokens.Length; i++)
@@ -44,8 +56,6 @@ public static class ScoreCommand
             if (ids[i] is not JsonValue v || !v.TryGetValue<int>(out tokens[i]))
                 throw new InvalidDataException($"{Where()}: input_ids[{i}] is not an integer");
         }
-        var images = obj["images"] is JsonArray imgs ? imgs.Select((x, i) => x is JsonValue s && s.TryGetValue<string>(out var p) ? p
-            : throw new InvalidDataException($"{Where()}: images[{i}] is not a path")).ToArray() : [];
         int from = obj["score_from"] is JsonValue f && f.TryGetValue<int>(out var k) ? k : 1;
         if (from < 1 || from > tokens.Length) throw new InvalidDataException($"{Where()}: score_from {from} must be in [1, {tokens.Length}] (token 0 has no context)");
         return new Row(tokens, images, from);
@@ -56,6 +66,8 @@ public static class ScoreCommand
         using var backend = Backends.Create(backendName);
         using var model = VisionLanguageModel.Load(backend, modelDir);
         var pre = new ImagePreprocessor(model.Config.ForceImageSize);
+        TextTokenizer? tokenizer = null;
+        var template = new ChatTemplate(model.Config.TokensPerTile);
         var baseDir = Path.GetDirectoryName(Path.GetFullPath(dataPath))!;
         var lines = File.ReadAllLines(dataPath);
         var results = new List<string>();
@@ -67,14 +79,22 @@ public static class ScoreCommand
             if (string.IsNullOrWhiteSpace(line)) continue;
             var row = ParseRow(line, dataPath, lineNumber);
             var pixels = new List<float>();
-            int tiles = 0;
+            var tileCounts = new List<int>();
             foreach (var image in row.Images)
             {
                 var (p, n) = pre.Load(Path.IsPathRooted(image) ? image : Path.Combine(baseDir, image));
                 pixels.AddRange(p);
-                tiles += n;
+                tileCounts.Add(n);
             }
+            int tiles = tileCounts.Sum();
             var ids = row.InputIds;
+            if (ids is null)
+            {
+                tokenizer ??= TextTokenizer.Load(modelDir);
+                var promptIds = tokenizer.Encode(template.Render([new ChatMessage("user", row.Prompt!, tileCounts)]));
+                ids = [.. promptIds, .. tokenizer.Encode(row.Response!)];
+                row = row with { ScoreFrom = promptIds.Length };
+            }
             var targets = new int[ids.Length];
             for (int t = 0; t < ids.Length; t++) targets[t] = t + 1 < ids.Length && t + 1 >= row.ScoreFrom ? ids[t + 1] : Backend.IgnoreIndex;
             var batch = new VlmBatch(ids, targets, [0, ids.Length], tiles > 0 ? [.. pixels] : null, tiles);

@@ -93,7 +93,8 @@ public sealed class ModelCommandTests(CpuFixture fx) : IDisposable
     }
 
     [Theory]
-    [InlineData("{\"text\": \"hello\"}", "rows.jsonl:1: rows with text need the tokenizer")]
+    [InlineData("{\"text\": \"hello\"}", "rows.jsonl:1: give either input_ids")]
+    [InlineData("{\"prompt\": \"hi\"}", "rows.jsonl:1: text rows need both 'prompt' and 'response'")]
     [InlineData("{\"input_ids\": [1, 2], \"score_from\": 0}", "rows.jsonl:1: score_from 0 must be in [1, 2]")]
     [InlineData("{\"input_ids\": [1, \"x\"]}", "rows.jsonl:1: input_ids[1] is not an integer")]
     [InlineData("[1, 2]", "rows.jsonl:1: not a JSON object")]
@@ -101,6 +102,22 @@ public sealed class ModelCommandTests(CpuFixture fx) : IDisposable
     {
         var e = Assert.Throws<InvalidDataException>(() => ScoreCommand.ParseRow(row, "rows.jsonl", 1));
         Assert.StartsWith(message, e.Message);
+    }
+
+    [Fact]
+    public void Score_TextRows_ScoreTheResponseAfterTheChatPrompt()
+    {
+        var ckpt = Path.Combine(_dir, "m");
+        InitCommand.Run(Config("tiny"), ckpt, seed: 2);
+        var tok = R1V2.Native.Engine.Text.TextTokenizer.Load(ckpt);
+        var prompt = tok.Encode(new R1V2.Native.Engine.Text.ChatTemplate(4).Render([new("user", "2+2?")]));
+        var response = tok.Encode("4</think>4");
+        File.WriteAllText(Path.Combine(_dir, "rows.jsonl"),
+            "{\"prompt\": \"2+2?\", \"response\": \"4</think>4\"}\n" + $"{{\"input_ids\": [{string.Join(",", prompt.Concat(response))}], \"score_from\": {prompt.Length}}}\n");
+        ScoreCommand.Run(ckpt, Path.Combine(_dir, "rows.jsonl"), Path.Combine(_dir, "out.jsonl"), "cpu");
+        var lines = File.ReadAllLines(Path.Combine(_dir, "out.jsonl"));
+        Assert.Equal(response.Length, JsonNode.Parse(lines[0])!["logprobs"]!.AsArray().Count);
+        Assert.Equal(lines[1], lines[0]); // the text row is exactly the ids row
     }
 
     [Fact]
