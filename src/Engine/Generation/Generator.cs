@@ -148,9 +148,12 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
         var pixels = new List<float>();
         int tiles = 0;
         var allSlots = new List<int>();
+        var imageRows = new List<int>();
         foreach (var (w, parent) in admitted)
         {
             var r = requests[w.Request];
+            // Image features go to the prompt's own <IMG_CONTEXT> rows, not to any generated after it (a resumed sample).
+            for (int i = 0; i < r.PromptIds.Length; i++) if (r.PromptIds[i] == model.ImageContextId) imageRows.Add(ids.Count + i);
             ids.AddRange(w.Prefix);
             cu.Add(ids.Count);
             if (r.Tiles > 0) { pixels.AddRange(r.Pixels ?? throw new ArgumentException($"request {w.Request} has tiles but no pixels")); tiles += r.Tiles; }
@@ -158,7 +161,7 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
         }
         using var seqs = b.Sequences([.. cu]);
         using var slotIndex = b.Rows([.. allSlots], cache.NumBlocks * cache.BlockSize, distinct: true, "slots");
-        using var embeddings = model.Embed([.. ids], tiles > 0 ? [.. pixels] : null, tiles);
+        using var embeddings = model.Embed([.. ids], tiles > 0 ? [.. pixels] : null, tiles, [.. imageRows]);
         int t = ids.Count, heads = model.Config.Llm.NumHeads;
         float scale = 1f / MathF.Sqrt(model.Config.Llm.HeadDim);
         var lastRows = cu.Skip(1).Select(end => end - 1).ToArray();
@@ -232,7 +235,7 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
         var positions = running.Select(a => a.Seq.Length - 1).ToArray();
         using var batch = b.Paged(running.Select(a => a.Seq.BlockTable).ToList(), running.Select(a => a.Seq.Length).ToArray(), cache.BlockSize, cache.NumBlocks);
         using var slotIndex = b.Rows(slots, cache.NumBlocks * cache.BlockSize, distinct: true, "slots");
-        using var embeddings = model.Embed(tokens, null, 0);
+        using var embeddings = model.EmbedTokens(tokens);
         float scale = 1f / MathF.Sqrt(cfg.HeadDim);
         return model.InferLogits(embeddings, positions, Enumerable.Range(0, n).ToArray(), (layer, q, k, v, o) =>
         {

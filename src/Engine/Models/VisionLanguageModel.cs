@@ -160,10 +160,12 @@ public sealed class VisionLanguageModel : IDisposable
     /// Token embeddings of <paramref name="ids"/> with the adapter's image features in the &lt;IMG_CONTEXT&gt; rows
     /// (inference: nothing is kept for backward). Returns [T, D], owned by the caller.
     /// </summary>
-    public Tensor Embed(int[] ids, float[]? pixels, int tiles)
+    /// <param name="imagePositions">The rows that take image features; by default every &lt;IMG_CONTEXT&gt; in
+    /// <paramref name="ids"/> (a generated one, after the prompt, is an ordinary token: callers then pass the prompt's).</param>
+    public Tensor Embed(int[] ids, float[]? pixels, int tiles, int[]? imagePositions = null)
     {
         int t = ids.Length;
-        var positions = Enumerable.Range(0, t).Where(i => ids[i] == ImageContextId).ToArray();
+        var positions = imagePositions ?? Enumerable.Range(0, t).Where(i => ids[i] == ImageContextId).ToArray();
         if (positions.Length != tiles * Config.TokensPerTile)
             throw new ArgumentException($"the prompt has {positions.Length} <IMG_CONTEXT> tokens but {tiles} image tiles x {Config.TokensPerTile} tokens per tile = {tiles * Config.TokensPerTile} image features");
         var embeddings = _b.Activations(t, Config.Llm.HiddenSize);
@@ -175,6 +177,15 @@ public sealed class VisionLanguageModel : IDisposable
             using var rows = _b.Rows(positions, t, distinct: true, "image_positions");
             _b.ScatterRows(adapter.Output, rows, embeddings);
         }
+        return embeddings;
+    }
+
+    /// <summary>Plain token embeddings (decode steps: a generated &lt;IMG_CONTEXT&gt; is an ordinary token there).</summary>
+    public Tensor EmbedTokens(int[] ids)
+    {
+        var embeddings = _b.Activations(ids.Length, Config.Llm.HiddenSize);
+        using var tid = _b.FromArray(ids, [ids.Length], "input_ids");
+        _b.EmbeddingForward(_embed.Value, tid, embeddings);
         return embeddings;
     }
 

@@ -49,6 +49,23 @@ public sealed class GenerateCommandTests(CpuFixture fx) : IDisposable
     }
 
     [Fact]
+    public void StopStrings_EndTheSampleOnceTheTextContainsThem()
+    {
+        var ckpt = TinyCheckpoint();
+        using var model = VisionLanguageModel.Load(fx.Backend, ckpt);
+        var tok = TextTokenizer.Load(ckpt);
+        var gen = new Generator(model, tok, new GeneratorOptions(CacheBlocks: 32));
+        var prompt = tok.Encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        var free = gen.Generate([new GenerationRequest(prompt, MaxNewTokens: 10)]).Single();
+        var stop = tok.Decode(free.Tokens[..4]);
+        var stopped = gen.Generate([new GenerationRequest(prompt, MaxNewTokens: 10, StopStrings: [stop])]).Single();
+        Assert.Equal(FinishReason.StopString, stopped.Finish);
+        Assert.True(stopped.Tokens.Length <= 4);
+        Assert.Equal(free.Tokens[..stopped.Tokens.Length], stopped.Tokens);
+        Assert.Contains(stop, stopped.Text);
+    }
+
+    [Fact]
     public void ChatLoop_AttachesImages_ReportsBadPaths_AndExits()
     {
         var ckpt = TinyCheckpoint();
