@@ -12,6 +12,16 @@ public enum GeluApproximation { Erf = 0, Tanh = 1 }
 /// </summary>
 public enum AttentionVariant { RowWise, Tiled }
 
+public enum KlEstimator { None = 0, K1 = 1, K3 = 3 }
+
+/// <summary>
+/// The per-token GRPO objective: PPO clip with separate lower and upper epsilons, optional dual clip (c > 1 bounds
+/// the loss of negative-advantage tokens by -c A), and a KL penalty to the reference (k1 or k3, clamped to [-10, 10]).
+/// Logits are divided by <see cref="Temperature"/> (the sampling temperature) before the softmax.
+/// </summary>
+public sealed record GrpoLossSettings(float EpsLow = 0.2f, float EpsHigh = 0.2f, float DualClip = 0f, float KlCoef = 0f, KlEstimator Kl = KlEstimator.None,
+    float Temperature = 1f);
+
 /// <summary>AdamW hyper-parameters for one update.</summary>
 public readonly record struct AdamWSettings(float LearningRate, float Beta1 = 0.9f, float Beta2 = 0.999f, float Epsilon = 1e-8f, float WeightDecay = 0.0f);
 
@@ -549,6 +559,50 @@ public abstract class Backend : IDisposable
             rows.Select(r => r.Params.MinP).ToArray(), rows.Select(r => r.Params.RepetitionPenalty).ToArray(), rows.Select(r => r.Seed).ToArray(),
             rows.Select(r => r.Step).ToArray(), prev, offsets);
     }
+
+    // ---- fused LM head + GRPO loss (vocabulary chunks) -------------------------------------------------------
+
+    /// <summary>Folds a logits chunk [T, Vc] (vocabulary columns from <paramref name="colOffset"/>) into the running
+    /// log-sum-exp (m, s) [T] and gathers the target logit [T] when the target lies in the chunk.</summary>
+    public void ChunkLseUpdate(Tensor chunk, Tensor targets, int colOffset, float inverseTemperature, Tensor m, Tensor s, Tensor targetLogit)
+    {
+        Float(chunk, "chunk_lse_update", "chunk");
+        Ids(targets, "chunk_lse_update", "targets");
+        if (chunk.Rank != 2 || targets.Length != chunk.Rows) throw new ArgumentException($"chunk_lse_update: chunk {chunk.ShapeString} and {targets.Length} targets differ in rows");
+        Stat(m, chunk, "chunk_lse_update", "m"); Stat(s, chunk, "chunk_lse_update", "s"); Stat(targetLogit, chunk, "chunk_lse_update", "target_logit");
+        if (chunk.Rows > 0) ChunkLseUpdateCore(chunk, targets, colOffset, inverseTemperature, m, s, targetLogit);
+    }
+
+    /// <summary>Per-token GRPO loss, d loss / d logprob and logprob from the running log-sum-exp; all [T] fp32.</summary>
+    public void GrpoTokenLoss(Tensor m, Tensor s, Tensor targetLogit, Tensor targets, Tensor oldLogp, Tensor? refLogp, Tensor advantage, Tensor weight,
+        GrpoLossSettings settings, Tensor loss, Tensor dlogp, Tensor logp)
+    {
+        Ids(targets, "grpo_token_loss", "targets");
+        foreach (var (t, n) in new[] { (m, "m"), (s, "s"), (targetLogit, "target_logit"), (oldLogp, "old_logp"), (advantage, "advantage"), (weight, "weight"),
+                     (loss, "loss"), (dlogp, "dlogp"), (logp, "logp") })
+        {
+            Fp32(t, "grpo_token_loss", n);
+            Len(t, targets.Length, "grpo_token_loss", n);
+        }
+        if (refLogp is not null) { Fp32(refLogp, "grpo_token_loss", "ref_logp"); Len(refLogp, targets.Length, "grpo_token_loss", "ref_logp"); }
+        if (settings.Kl != KlEstimator.None && refLogp is null) throw new ArgumentException("grpo_token_loss: a KL penalty needs reference log-probs");
+        if (!(settings.EpsLow >= 0 && settings.EpsLow < 1 && settings.EpsHigh >= 0)) throw new ArgumentException("grpo_token_loss: need 0 <= eps_low < 1 and eps_high >= 0");
+        if (targets.Length > 0) GrpoTokenLossCore(m, s, targetLogit, targets, oldLogp, refLogp, advantage, weight, settings, loss, dlogp, logp);
+    }
+
+    /// <summary>Turns a recomputed logits chunk into d loss / d logits in place: dlogp / T (1[v == target] - p).</summary>
+    public void ChunkLogitGrad(Tensor chunk, Tensor m, Tensor s, Tensor targets, Tensor dlogp, int colOffset, float inverseTemperature)
+    {
+        Float(chunk, "chunk_logit_grad", "chunk");
+        Ids(targets, "chunk_logit_grad", "targets");
+        Stat(m, chunk, "chunk_logit_grad", "m"); Stat(s, chunk, "chunk_logit_grad", "s"); Stat(dlogp, chunk, "chunk_logit_grad", "dlogp");
+        if (chunk.Rows > 0) ChunkLogitGradCore(chunk, m, s, targets, dlogp, colOffset, inverseTemperature);
+    }
+
+    protected abstract void ChunkLseUpdateCore(Tensor chunk, Tensor targets, int colOffset, float inverseTemperature, Tensor m, Tensor s, Tensor targetLogit);
+    protected abstract void GrpoTokenLossCore(Tensor m, Tensor s, Tensor targetLogit, Tensor targets, Tensor oldLogp, Tensor? refLogp, Tensor advantage,
+        Tensor weight, GrpoLossSettings settings, Tensor loss, Tensor dlogp, Tensor logp);
+    protected abstract void ChunkLogitGradCore(Tensor chunk, Tensor m, Tensor s, Tensor targets, Tensor dlogp, int colOffset, float inverseTemperature);
 
     // ---- optimiser -----------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ public sealed class KernelTuning
         ["embedding"] = 256,
         ["gelu"] = 256,
         ["grad_norm"] = 512,
+        ["grpo_loss"] = 256,
         ["layernorm"] = 256,
         ["paged_attention"] = 128,
         ["rmsnorm"] = 256,

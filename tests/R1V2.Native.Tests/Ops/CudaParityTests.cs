@@ -225,6 +225,21 @@ public sealed class CudaParityTests(CpuFixture fx)
             // they agree unless the draw falls within float rounding of a bucket edge (compared as log-probs too).
             return [tokens.Take(1).Concat(tokens.Skip(4).Take(1)).Select(x => (float)x).ToArray(), logp.Take(1).ToArray()];
         },
+        ["grpo_loss"] = (b, dt, prep) =>
+        {
+            using var hidden = b.FromArray(prep(TestData.Uniform(70, 40 * 64, 1.5f)), dt, [40, 64]);
+            using var head = R1V2.Native.Engine.Layers.Parameter.Create(b, "lm_head", [3000, 64], prep(TestData.Uniform(71, 3000 * 64, 0.3f)));
+            var rng = new Random(72);
+            var tokens = new R1V2.Native.Trainer.Grpo.GrpoTokens(
+                Enumerable.Range(0, 40).Select(i => i % 9 == 0 ? Backend.IgnoreIndex : rng.Next(3000)).ToArray(),
+                Enumerable.Range(0, 40).Select(_ => -8f + (float)rng.NextDouble()).ToArray(),
+                Enumerable.Range(0, 40).Select(i => (i % 3 - 1) * 0.7f).ToArray(),
+                Enumerable.Repeat(1f / 40, 40).ToArray(),
+                Enumerable.Range(0, 40).Select(_ => -8f + (float)rng.NextDouble()).ToArray());
+            var settings = new GrpoLossSettings(0.2f, 0.28f, 3f, 0.05f, KlEstimator.K3, 0.8f);
+            using var r = R1V2.Native.Trainer.Grpo.FusedGrpoLoss.Fused(b, hidden, head, tokens, settings, 1024);
+            return [[(float)r.Loss], r.LogProbs, r.HiddenGrad.ToFloatArray(), head.Grad!.ToFloatArray()];
+        },
         ["grad_norm"] = (b, dt, prep) =>
         {
             using var a = b.FromArray(prep(TestData.Uniform(33, 100_000)), dt, [100_000]);

@@ -71,6 +71,10 @@ public sealed unsafe class CpuBackend : Backend
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int> _pagedCombine;
     private readonly Action<Index1D, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, ArrayView<float>, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<ulong>, ArrayView<int>, ArrayView<byte>, SampleShape> _sample;
 
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int, float> _chunkLse;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GrpoArgs> _grpoTokenLoss;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, int, int, float> _chunkGrad;
+
     /// <summary>Elements per partial sum of the norm kernels (the CUDA twin uses one block per chunk).</summary>
     private const int NormChunk = 1 << 14;
 
@@ -120,6 +124,9 @@ public sealed unsafe class CpuBackend : Backend
         _pagedPartial = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, PagedArgs>(PagedAttentionKernels.DecodePartial);
         _pagedCombine = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int>(PagedAttentionKernels.Combine);
         _sample = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, ArrayView<float>, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<ulong>, ArrayView<int>, ArrayView<byte>, SampleShape>(SamplingKernels.Sample);
+        _chunkLse = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int, float>(GrpoLossKernels.ChunkLseUpdate);
+        _grpoTokenLoss = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GrpoArgs>(GrpoLossKernels.TokenLoss);
+        _chunkGrad = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, int, int, float>(GrpoLossKernels.ChunkLogitGrad);
         _sumPartials = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, int>(GradNormKernels.SumPartials);
     }
 
@@ -399,6 +406,17 @@ public sealed unsafe class CpuBackend : Backend
             Bytes(tSeeds).Cast<ulong>(), I(tSteps), Bytes(seen).Cast<byte>(), new SampleShape(vocab, stride));
         return (tTokens.ToIntArray(), tLogp.ToFloatArray());
     }
+
+    protected override void ChunkLseUpdateCore(Tensor chunk, Tensor targets, int colOffset, float inverseTemperature, Tensor m, Tensor s, Tensor targetLogit) =>
+        _chunkLse(chunk.Rows, F(m), F(s), F(targetLogit), F(chunk), I(targets), chunk.Cols, colOffset, inverseTemperature);
+
+    protected override void GrpoTokenLossCore(Tensor m, Tensor s, Tensor targetLogit, Tensor targets, Tensor oldLogp, Tensor? refLogp, Tensor advantage,
+        Tensor weight, GrpoLossSettings g, Tensor loss, Tensor dlogp, Tensor logp) =>
+        _grpoTokenLoss((int)targets.Length, F(loss), F(dlogp), F(logp), F(m), F(s), F(targetLogit), I(targets), F(oldLogp), F(refLogp, oldLogp), F(advantage), F(weight),
+            new GrpoArgs(g.EpsLow, g.EpsHigh, g.DualClip, g.KlCoef, (int)g.Kl, refLogp is null ? 0 : 1));
+
+    protected override void ChunkLogitGradCore(Tensor chunk, Tensor m, Tensor s, Tensor targets, Tensor dlogp, int colOffset, float inverseTemperature) =>
+        _chunkGrad(chunk.Rows, F(chunk), F(m), F(s), I(targets), F(dlogp), chunk.Cols, colOffset, inverseTemperature);
 
     protected override double SumOfSquaresCore(IReadOnlyList<Tensor> tensors)
     {

@@ -430,6 +430,21 @@ public sealed unsafe class CudaBackend : Backend
         return (tTokens.ToIntArray(), tLogp.ToFloatArray());
     }
 
+    // ---- fused GRPO loss ----------------------------------------------------------------------------------------------------
+    protected override void ChunkLseUpdateCore(Tensor chunk, Tensor targets, int colOffset, float inverseTemperature, Tensor m, Tensor s, Tensor targetLogit) =>
+        Launch("grpo_loss", "chunk_lse_update" + Suffix(chunk), chunk.Rows,
+            [P(m), P(s), P(targetLogit), P(chunk), P(targets), I(chunk.Rows), I(chunk.Cols), I(colOffset), Fl(inverseTemperature)]);
+
+    protected override void GrpoTokenLossCore(Tensor m, Tensor s, Tensor targetLogit, Tensor targets, Tensor oldLogp, Tensor? refLogp, Tensor advantage,
+        Tensor weight, GrpoLossSettings g, Tensor loss, Tensor dlogp, Tensor logp) =>
+        Launch("grpo_loss", "grpo_token_loss", StrideGrid("grpo_loss", targets.Length),
+            [P(loss), P(dlogp), P(logp), P(m), P(s), P(targetLogit), P(targets), P(oldLogp), P(refLogp), P(advantage), P(weight), I((int)targets.Length),
+             Fl(g.EpsLow), Fl(g.EpsHigh), Fl(g.DualClip), Fl(g.KlCoef), I((int)g.Kl)]);
+
+    protected override void ChunkLogitGradCore(Tensor chunk, Tensor m, Tensor s, Tensor targets, Tensor dlogp, int colOffset, float inverseTemperature) =>
+        Launch("grpo_loss", "chunk_logit_grad" + Suffix(chunk), chunk.Rows,
+            [P(chunk), P(m), P(s), P(targets), P(dlogp), I(chunk.Rows), I(chunk.Cols), I(colOffset), Fl(inverseTemperature)]);
+
     // ---- optimiser ---------------------------------------------------------------------------------------------------------
     protected override void AdamWCore(Tensor master, Tensor grad, Tensor m, Tensor v, Tensor? workingCopy, AdamWSettings s, int step, float gradScale)
     {

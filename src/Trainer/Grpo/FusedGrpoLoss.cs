@@ -1,0 +1,95 @@
+using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Layers;
+using R1V2.Native.Engine.Models;
+using R1V2.Native.Engine.Tensors;
+
+namespace R1V2.Native.Trainer.Grpo;
+
+/// <summary>Per-token inputs of the GRPO loss for T positions (targets -100 where a position is not a response token).</summary>
+public sealed record GrpoTokens(int[] Targets, float[] OldLogProbs, float[] Advantages, float[] Weights, float[]? RefLogProbs = null);
+
+/// <summary>Result of one loss evaluation: the loss, each token's log-prob, and d loss / d hidden [T, D] in fp32.</summary>
+public sealed class GrpoLossResult(double loss, float[] logProbs, Tensor hiddenGrad) : IDisposable
+{
+    public double Loss { get; } = loss;
+    public float[] LogProbs { get; } = logProbs;
+    public Tensor HiddenGrad { get; } = hiddenGrad;
+    public void Dispose() => HiddenGrad.Dispose();
+}
+
+/// <summary>
+/// The LM head and the GRPO loss together. <see cref="Fused"/> walks the vocabulary in chunks: pass 1 makes each
+/// chunk's logits with a GEMM and folds them into a running log-sum-exp and the target logit; the per-token loss and
+/// d loss / d logp follow; pass 2 remakes each chunk, turns it into its logit gradient in place and applies it to the
+/// hidden-state gradient and the head's weight gradient. Only [T, chunk] logits ever exist. <see cref="Unfused"/> is
+/// the plain composition over the full [T, V] logits with the loss computed on the host, the reference for tests
+/// and for the peak-memory comparison.
+/// </summary>
+public static class FusedGrpoLoss
+{
+    public static GrpoLossResult Fused(Backend b, Tensor hidden, Parameter head, GrpoTokens tokens, GrpoLossSettings settings, int vocabChunk = 8192)
+    {
+        int t = hidden.Rows, v = head.Value.Dim(0);
+        if (vocabChunk < 1) throw new ArgumentOutOfRangeException(nameof(vocabChunk));
+        float invT = 1f / settings.Temperature;
+        using var held = new Activations();
+        var targets = held.Keep(b.FromArray(tokens.Targets, [t], "targets"));
+        var m = held.Keep(b.FromArray(Enumerable.Repeat(float.NegativeInfinity, t).ToArray(), DType.F32, [t], "lse_max"));
+        var s = held.Keep(b.Allocate(DType.F32, [t], "lse_sum"));
+        var target = held.Keep(b.Allocate(DType.F32, [t], "target_logit"));
+        for (int c0 = 0; c0 < v; c0 += vocabChunk)
+        {
+            int n = Math.Min(vocabChunk, v - c0);
+            using var chunk = Linear.Forward(b, hidden, head.Value.SliceRows(c0, n), null);
+            b.ChunkLseUpdate(chunk, targets, c0, invT, m, s, target);
+        }
+        var old = held.Keep(b.FromArray(tokens.OldLogProbs, DType.F32, [t]));
+        var refLp = tokens.RefLogProbs is null ? null : held.Keep(b.FromArray(tokens.RefLogProbs, DType.F32, [t]));
+        var adv = held.Keep(b.FromArray(tokens.Advantages, DType.F32, [t]));
+        var weight = held.Keep(b.FromArray(tokens.Weights, DType.F32, [t]));
+        var loss = held.Keep(b.Allocate(DType.F32, t));
+        var dlogp = held.Keep(b.Allocate(DType.F32, t));
+        var logp = held.Keep(b.Allocate(DType.F32, t));
+        b.GrpoTokenLoss(m, s, target, targets, old, refLp, adv, weight, settings, loss, dlogp, logp);
+
+        var dHidden = b.Allocate(DType.F32, t, hidden.Cols);
+        for (int c0 = 0; c0 < v; c0 += vocabChunk)
+        {
+            int n = Math.Min(vocabChunk, v - c0);
+            var w = head.Value.SliceRows(c0, n);
+            using var chunk = Linear.Forward(b, hidden, w, null);
+            b.ChunkLogitGrad(chunk, m, s, targets, dlogp, c0, invT);
+            b.Gemm(chunk, false, w, false, dHidden, beta: 1f);                                  // dH += dlogits W_chunk
+            if (head.Grad is not null) b.Gemm(chunk, true, hidden, false, head.Grad.SliceRows(c0, n), beta: 1f); // dW_chunk += dlogits^T H
+        }
+        return new GrpoLossResult(loss.ToFloatArray().Sum(x => (double)x), logp.ToFloatArray(), dHidden);
+    }
+
+    public static GrpoLossResult Unfused(Backend b, Tensor hidden, Parameter head, GrpoTokens tokens, GrpoLossSettings settings)
+    {
+        int t = hidden.Rows, v = head.Value.Dim(0);
+        using var logits = Linear.Forward(b, hidden, head.Value, null);                      // [T, V]: what the fused path avoids
+        b.Scale(logits, logits, 1f / settings.Temperature);
+        using var targets = b.FromArray(tokens.Targets, [t], "targets");
+        using var logp = b.Allocate(DType.F32, t);
+        using var lse = b.Allocate(DType.F32, t);
+        b.CrossEntropyForward(logits, targets, logp, lse);
+        var lp = logp.ToFloatArray();
+        double total = 0;
+        var dlp = new float[t];
+        for (int i = 0; i < t; i++)
+        {
+            if (tokens.Targets[i] < 0) continue;
+            var (l, g) = GrpoMath.TokenLoss(lp[i], tokens.OldLogProbs[i], tokens.RefLogProbs?[i], tokens.Advantages[i], tokens.Weights[i], settings);
+            total += l;
+            dlp[i] = (float)g;
+        }
+        using var dlogp = b.FromArray(dlp, DType.F32, [t]);
+        b.CrossEntropyBackward(logits, targets, lse, dlogp, logits);
+        b.Scale(logits, logits, 1f / settings.Temperature);
+        var dHidden = b.Allocate(DType.F32, t, hidden.Cols);
+        b.Gemm(logits, false, head.Value, false, dHidden);
+        if (head.Grad is not null) b.Gemm(logits, true, hidden, false, head.Grad, beta: 1f);
+        return new GrpoLossResult(total, lp, dHidden);
+    }
+}

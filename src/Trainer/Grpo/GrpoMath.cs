@@ -1,0 +1,67 @@
+using R1V2.Native.Engine.Backends;
+
+namespace R1V2.Native.Trainer.Grpo;
+
+public enum AdvantageMode { MeanStd, MeanOnly, LeaveOneOut }
+
+public enum LossAggregation { SequenceMeanTokenMean, TokenMean }
+
+/// <summary>The GRPO formulas on the host, in double: group advantages, token weights, and the per-token objective.</summary>
+public static class GrpoMath
+{
+    /// <summary>
+    /// Advantages of <paramref name="rewards"/> laid out as consecutive groups of <paramref name="groupSize"/> (the G
+    /// samples of one prompt). MeanStd: (r - mean) / (std + eps) with the unbiased std (n - 1), as TRL and verl;
+    /// MeanOnly: r - mean (Dr.GRPO); LeaveOneOut: r - mean of the other samples.
+    /// </summary>
+    public static double[] Advantages(IReadOnlyList<double> rewards, int groupSize, AdvantageMode mode, double eps = 1e-6)
+    {
+        if (groupSize < 1 || rewards.Count % groupSize != 0) throw new ArgumentException($"{rewards.Count} rewards are not whole groups of {groupSize}");
+        var a = new double[rewards.Count];
+        for (int g = 0; g < rewards.Count; g += groupSize)
+        {
+            double sum = 0;
+            for (int i = 0; i < groupSize; i++) sum += rewards[g + i];
+            double mean = sum / groupSize;
+            double var = 0;
+            for (int i = 0; i < groupSize; i++) var += Math.Pow(rewards[g + i] - mean, 2);
+            double std = groupSize > 1 ? Math.Sqrt(var / (groupSize - 1)) : 0;
+            for (int i = 0; i < groupSize; i++)
+                a[g + i] = mode switch
+                {
+                    AdvantageMode.MeanStd => (rewards[g + i] - mean) / (std + eps),
+                    AdvantageMode.MeanOnly => rewards[g + i] - mean,
+                    AdvantageMode.LeaveOneOut => groupSize > 1 ? rewards[g + i] - (sum - rewards[g + i]) / (groupSize - 1) : 0,
+                    _ => throw new ArgumentOutOfRangeException(nameof(mode)),
+                };
+        }
+        return a;
+    }
+
+    /// <summary>
+    /// Per-token weights that turn the sum of token losses into the chosen mean: sequence-mean of token-means
+    /// (1 / (S |y_i|), the paper) or the mean over all tokens (1 / N, DAPO). lengths: response tokens per sequence.
+    /// </summary>
+    public static double[] SequenceWeights(IReadOnlyList<int> lengths, LossAggregation aggregation)
+    {
+        int total = lengths.Sum(), s = lengths.Count;
+        return lengths.Select(n => n == 0 ? 0 : aggregation == LossAggregation.SequenceMeanTokenMean ? 1.0 / (s * (double)n) : 1.0 / total).ToArray();
+    }
+
+    /// <summary>One token's loss and d loss / d logp: weight (-J + beta KL), J the clipped (and dual-clipped) objective.</summary>
+    public static (double Loss, double Grad) TokenLoss(double logp, double oldLogp, double? refLogp, double advantage, double weight, GrpoLossSettings s)
+    {
+        double r = Math.Exp(logp - oldLogp);
+        double unclipped = r * advantage, clipped = Math.Clamp(r, 1 - s.EpsLow, 1 + s.EpsHigh) * advantage;
+        double j = Math.Min(unclipped, clipped), dj = unclipped <= clipped ? r * advantage : 0;
+        if (s.DualClip > 1 && advantage < 0 && s.DualClip * advantage > j) { j = s.DualClip * advantage; dj = 0; }
+        double kl = 0, dkl = 0;
+        if (s.Kl != KlEstimator.None)
+        {
+            double d = (refLogp ?? throw new ArgumentException("a KL penalty needs a reference log-prob")) - logp;
+            (kl, dkl) = s.Kl == KlEstimator.K1 ? (-d, 1.0) : (Math.Exp(d) - d - 1, 1 - Math.Exp(d));
+            if (kl > 10 || kl < -10) { kl = Math.Clamp(kl, -10, 10); dkl = 0; }
+        }
+        return (weight * (-j + s.KlCoef * kl), weight * (-dj + s.KlCoef * dkl));
+    }
+}

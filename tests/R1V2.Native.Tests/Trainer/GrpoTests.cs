@@ -1,0 +1,141 @@
+using R1V2.Native.Engine.Backends.Cpu;
+using R1V2.Native.Engine.Layers;
+using R1V2.Native.Trainer.Grpo;
+
+namespace R1V2.Native.Tests.Trainer;
+
+/// <summary>GRPO formulas pinned to hand-computed values, and the fused LM-head loss against the unfused composition.</summary>
+[Collection("cpu")]
+public sealed class GrpoTests(CpuFixture fx)
+{
+    private readonly Backend _b = fx.Backend;
+
+    [Fact]
+    public void Advantages_MatchHandComputedValues()
+    {
+        double[] r = [1, 0, 0, 1, 0.5, 0.5, 0.5, 0.5];
+        var a = GrpoMath.Advantages(r, 4, AdvantageMode.MeanStd);
+        // mean 0.5, unbiased std sqrt(4 x 0.25 / 3) = 0.57735: (1 - 0.5) / 0.57735 = 0.866025
+        Assert.Equal(0.866025, a[0], 5);
+        Assert.Equal(-0.866025, a[1], 5);
+        Assert.All(a[4..], x => Assert.Equal(0, x)); // a group that agrees carries no signal
+        Assert.Equal([0.5, -0.5, -0.5, 0.5], GrpoMath.Advantages(r, 4, AdvantageMode.MeanOnly)[..4]);
+        var loo = GrpoMath.Advantages(r, 4, AdvantageMode.LeaveOneOut);
+        Assert.Equal(2.0 / 3, loo[0], 10);   // 1 - (0 + 0 + 1) / 3
+        Assert.Equal(-2.0 / 3, loo[1], 10);  // 0 - (1 + 0 + 1) / 3
+    }
+
+    [Fact]
+    public void SequenceWeights_GiveSequenceMeanOfTokenMeans_OrTokenMean()
+    {
+        Assert.Equal([0.25, 0.125], GrpoMath.SequenceWeights([2, 4], LossAggregation.SequenceMeanTokenMean));
+        Assert.Equal([1.0 / 6, 1.0 / 6], GrpoMath.SequenceWeights([2, 4], LossAggregation.TokenMean));
+    }
+
+    [Theory]
+    // logp, old, advantage, eps_low, eps_high, dual clip -> loss, dloss/dlogp (weight 1, no KL)
+    [InlineData(-1.0, -1.2, 2.0, 0.2, 0.28, 0.0, -2.442806, -2.442806)]  // r = e^0.2 = 1.2214 inside [0.8, 1.28]: unclipped
+    [InlineData(-1.0, -1.2, 2.0, 0.2, 0.2, 0.0, -2.4, 0.0)]             // r > 1.2 with A > 0: clipped at 1.2 A, flat
+    [InlineData(-1.6931472, -1.0, -1.0, 0.2, 0.2, 0.0, 0.8, 0.0)]       // r = 0.5 < 0.8 with A < 0: clipped at 0.8 A
+    [InlineData(0.6094379, -1.0, -1.0, 0.2, 0.2, 3.0, 3.0, 0.0)]        // r = 5, A = -1: dual clip caps the loss at -3 A = 3
+    [InlineData(0.6094379, -1.0, -1.0, 0.2, 0.2, 0.0, 5.0, 5.0)]        // without dual clip: loss = -r A = 5, grad = -r A = 5
+    public void TokenLoss_ClipAndDualClip_MatchHandComputedValues(double logp, double old, double adv, float epsLow, float epsHigh, float dual, double loss, double grad)
+    {
+        var (l, g) = GrpoMath.TokenLoss(logp, old, null, adv, 1, new GrpoLossSettings(epsLow, epsHigh, dual));
+        Assert.Equal(loss, l, 5);
+        Assert.Equal(grad, g, 5);
+    }
+
+    [Fact]
+    public void TokenLoss_KlEstimators_MatchHandComputedValues()
+    {
+        // logp = old (r = 1, A = 0): only the KL term; ref - logp = -0.5.
+        var k3 = GrpoMath.TokenLoss(-1, -1, -1.5, 0, 1, new GrpoLossSettings(KlCoef: 1, Kl: KlEstimator.K3));
+        Assert.Equal(Math.Exp(-0.5) + 0.5 - 1, k3.Loss, 10);   // 0.106531
+        Assert.Equal(1 - Math.Exp(-0.5), k3.Grad, 10);          // 0.393469
+        var k1 = GrpoMath.TokenLoss(-1, -1, -1.5, 0, 2, new GrpoLossSettings(KlCoef: 0.1f, Kl: KlEstimator.K1));
+        Assert.Equal(2 * 0.1 * 0.5, k1.Loss, 6);
+        Assert.Equal(2 * 0.1, k1.Grad, 6);
+        var clamped = GrpoMath.TokenLoss(-20, -20, -5, 0, 1, new GrpoLossSettings(KlCoef: 1, Kl: KlEstimator.K3)); // e^15: clamped at 10
+        Assert.Equal(10, clamped.Loss, 10);
+        Assert.Equal(0, clamped.Grad);
+    }
+
+    private static (Tensor Hidden, Parameter Head, GrpoTokens Tokens) Problem(Backend b, int t, int d, int v, int seed)
+    {
+        var hidden = b.FromArray(TestData.Uniform(seed, t * d, 1.5f), DType.F32, [t, d]);
+        var head = Parameter.Create(b, "lm_head.weight", [v, d], TestData.Uniform(seed + 1, v * d, 0.5f));
+        var rng = new Random(seed + 2);
+        var targets = Enumerable.Range(0, t).Select(i => i % 7 == 3 ? Backend.IgnoreIndex : rng.Next(v)).ToArray();
+        var old = Enumerable.Range(0, t).Select(_ => (float)(-Math.Log(v) + rng.NextDouble() * 2 - 1)).ToArray();
+        var refLp = old.Select(x => x + (float)(rng.NextDouble() - 0.5)).ToArray();
+        var adv = Enumerable.Range(0, t).Select(i => (float)((i / 5) % 3 - 1) * 1.3f).ToArray();
+        int[] lengths = [t / 4 + 1, t / 4 - 1, t / 4, t - 3 * (t / 4)]; // four sequences of unequal lengths
+        var weights = GrpoMath.SequenceWeights(lengths, LossAggregation.SequenceMeanTokenMean);
+        var w = new float[t];
+        int at = 0;
+        for (int s = 0; s < 4; s++) for (int i = 0; i < lengths[s]; i++) w[at++] = (float)weights[s];
+        return (hidden, head, new GrpoTokens(targets, old, adv, w, refLp));
+    }
+
+    [Theory]
+    [InlineData(128)]
+    [InlineData(333)]
+    [InlineData(5000)]
+    public void FusedLoss_EqualsTheUnfusedComposition(int chunk)
+    {
+        var settings = new GrpoLossSettings(EpsLow: 0.2f, EpsHigh: 0.28f, DualClip: 3f, KlCoef: 0.05f, Kl: KlEstimator.K3, Temperature: 0.7f);
+        var (hidden, head, tokens) = Problem(_b, 37, 24, 1000, 3);
+        using var _h = hidden;
+        using var _w = head;
+        using var fused = FusedGrpoLoss.Fused(_b, hidden, head, tokens, settings, chunk);
+        var fusedHead = head.Grad!.ToFloatArray();
+        head.ZeroGrad();
+        using var unfused = FusedGrpoLoss.Unfused(_b, hidden, head, tokens, settings);
+        Assert.Equal(unfused.Loss, fused.Loss, 5);
+        Check.Close(TestData.ToDouble(unfused.LogProbs), fused.LogProbs, 1e-5, 1e-5, "logp");
+        Assert.True(Check.RelativeL2(TestData.ToDouble(unfused.HiddenGrad.ToFloatArray()), fused.HiddenGrad.ToFloatArray()) < 1e-5, "d hidden");
+        Assert.True(Check.RelativeL2(TestData.ToDouble(head.Grad!.ToFloatArray()), fusedHead) < 1e-5, "d head");
+    }
+
+    [Fact]
+    public void FusedLoss_HiddenGradient_MatchesFiniteDifferences()
+    {
+        var settings = new GrpoLossSettings(EpsLow: 0.2f, EpsHigh: 0.28f, KlCoef: 0.1f, Kl: KlEstimator.K3, Temperature: 0.9f);
+        var (hidden, head, tokens) = Problem(_b, 12, 8, 50, 9);
+        using var _h = hidden;
+        using var _w = head;
+        // Old log-probs near the current ones keep every token on the smooth (unclipped) branch for the probe.
+        using (var probe = FusedGrpoLoss.Unfused(_b, hidden, head, tokens, settings))
+            tokens = tokens with { OldLogProbs = probe.LogProbs.Select(x => x + 0.01f).ToArray() };
+        using var fused = FusedGrpoLoss.Fused(_b, hidden, head, tokens, settings, vocabChunk: 16);
+        var h = hidden.ToFloatArray();
+        FiniteDifference.CheckGradient(x =>
+        {
+            using var t = _b.FromArray(x, DType.F32, [12, 8]);
+            using var r = FusedGrpoLoss.Fused(_b, t, head, tokens, settings, 16);
+            return r.Loss;
+        }, h, fused.HiddenGrad.ToFloatArray(), "d loss / d hidden", samples: 16, h: 1e-2f, tolerance: 2e-3);
+    }
+
+    [Fact]
+    public void FusedLoss_PeakMemory_IsFarBelowTheUnfusedPath()
+    {
+        var settings = new GrpoLossSettings();
+        long Peak(bool fused)
+        {
+            using var b = new CpuBackend();
+            var (hidden, head, tokens) = Problem(b, 256, 64, 32000, 5);
+            using var _h = hidden;
+            using var _w = head;
+            b.Synchronize();
+            long before = b.Memory.BytesInUse;
+            using var r = fused ? FusedGrpoLoss.Fused(b, hidden, head, tokens, settings, 2048) : FusedGrpoLoss.Unfused(b, hidden, head, tokens, settings);
+            return b.Memory.PeakBytesInUse - before;
+        }
+        long fusedPeak = Peak(true), unfusedPeak = Peak(false);
+        long logitsBytes = 256L * 32000 * 4;
+        Assert.True(unfusedPeak >= logitsBytes, $"the unfused path should hold [T, V] logits ({logitsBytes} B), peak {unfusedPeak}");
+        Assert.True(fusedPeak < logitsBytes / 8, $"fused peak {fusedPeak} B should be a small fraction of the {logitsBytes} B of logits");
+    }
+}
