@@ -1,0 +1,87 @@
+using R1V2.Native.Engine.Text;
+
+namespace R1V2.Native.Trainer.Rewards;
+
+/// <summary>What a rollout is scored against: the reference answer and, for multiple choice, the options.</summary>
+public sealed record RewardContext(string Reference, IReadOnlyList<string>? Choices = null);
+
+/// <summary>
+/// The format reward: the response must close its reasoning with one <c>&lt;/think&gt;</c> and then give a non-empty
+/// answer. Unfinished reasoning (no <c>&lt;/think&gt;</c>) and repeated reasoning blocks are penalised.
+/// </summary>
+public sealed record FormatReward(double WellFormed = 1.0, double EmptyAnswer = 0.0, double Unfinished = -1.0, double Repeated = -1.0)
+{
+    public double Score(string response)
+    {
+        int closes = Count(response, "</think>"), opens = Count(response, "<think>");
+        if (closes == 0) return Unfinished;
+        if (closes > 1 || opens > 1) return Repeated;
+        return ChatTemplate.Split(response).Answer.Length == 0 ? EmptyAnswer : WellFormed;
+    }
+
+    private static int Count(string s, string what)
+    {
+        int n = 0;
+        for (int i = s.IndexOf(what, StringComparison.Ordinal); i >= 0; i = s.IndexOf(what, i + 1, StringComparison.Ordinal)) n++;
+        return n;
+    }
+}
+
+public enum RewardModelTransform { Identity, Clip, Standardise }
+
+/// <summary>
+/// How reward-model scores enter the hybrid reward: identity, clipped to [lo, hi], or standardised by the running
+/// mean and variance of all scores seen so far (Welford). Scores at or below the threshold contribute nothing.
+/// </summary>
+public sealed class RewardModelScaling(RewardModelTransform transform = RewardModelTransform.Identity, double clipLow = -5, double clipHigh = 5,
+    double threshold = double.NegativeInfinity)
+{
+    private long _count;
+    private double _mean, _m2;
+
+    public RewardModelTransform Transform { get; } = transform;
+    public double Threshold { get; } = threshold;
+    public (long Count, double Mean, double M2) State => (_count, _mean, _m2);
+
+    public void Restore((long Count, double Mean, double M2) state) => (_count, _mean, _m2) = state;
+
+    /// <summary>f(score), or 0 when the score does not pass the threshold. Standardisation updates its statistics first.</summary>
+    public double Apply(double score)
+    {
+        if (Transform == RewardModelTransform.Standardise)
+        {
+            _count++;
+            double delta = score - _mean;
+            _mean += delta / _count;
+            _m2 += delta * (score - _mean);
+        }
+        if (!(score > Threshold)) return 0;
+        return Transform switch
+        {
+            RewardModelTransform.Identity => score,
+            RewardModelTransform.Clip => Math.Clamp(score, clipLow, clipHigh),
+            RewardModelTransform.Standardise => _count < 2 ? 0 : (score - _mean) / (Math.Sqrt(_m2 / (_count - 1)) + 1e-8),
+            _ => throw new InvalidOperationException(),
+        };
+    }
+}
+
+/// <summary>The parts of one rollout's reward, for the hallucination monitor and the metrics.</summary>
+public sealed record RewardBreakdown(double Rule, double RewardModelRaw, double RewardModel, double Format, double Total);
+
+/// <summary>r = r_rule + w_rm f(r_rm) + r_format, summed unweighted otherwise (as the paper).</summary>
+public sealed class HybridReward(FormatReward format, double rewardModelWeight = 0, RewardModelScaling? scaling = null)
+{
+    private readonly RewardModelScaling _scaling = scaling ?? new RewardModelScaling();
+
+    public RewardModelScaling Scaling => _scaling;
+
+    /// <param name="rewardModelScore">The reward model's raw score, or null when no reward model is used.</param>
+    public RewardBreakdown Score(string response, RewardContext context, double? rewardModelScore = null)
+    {
+        double rule = AnswerVerifier.Score(ChatTemplate.Split(response).Answer is { Length: > 0 } a ? a : response, context.Reference, context.Choices);
+        double fmt = format.Score(response);
+        double raw = rewardModelScore ?? 0, rm = rewardModelScore is null || rewardModelWeight == 0 ? 0 : rewardModelWeight * _scaling.Apply(raw);
+        return new RewardBreakdown(rule, raw, rm, fmt, rule + rm + fmt);
+    }
+}

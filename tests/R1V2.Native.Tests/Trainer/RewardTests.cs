@@ -1,0 +1,86 @@
+using R1V2.Native.Trainer.Rewards;
+
+namespace R1V2.Native.Tests.Trainer;
+
+public sealed class RewardTests
+{
+    [Theory]
+    [InlineData("so the total is \\boxed{42}.", "42")]
+    [InlineData("first \\boxed{1} then \\boxed{\\frac{3}{4}}", "\\frac{3}{4}")]
+    [InlineData("\\boxed {x^{2} + 1}", "x^{2} + 1")]
+    [InlineData("reasoning...\nAnswer: 7.\n", "7")]
+    [InlineData("**Final Answer:** B", "B")]
+    [InlineData("no answer given here", null)]
+    public void ExtractAnswer_TakesTheLastBoxedOrAnswerLine(string response, string? expected)
+    {
+        Assert.Equal(expected, AnswerVerifier.ExtractAnswer(response));
+    }
+
+    [Theory]
+    [InlineData("0.5", "1/2", true)]
+    [InlineData("\\frac{1}{2}", "0.5", true)]
+    [InlineData("\\dfrac{3}{4}", "75%", true)]
+    [InlineData("50%", "50", true)]
+    [InlineData("1,000", "1000", true)]
+    [InlineData("-3", "\u22123", true)]
+    [InlineData("2\\sqrt{2}", "2.8284271247", true)]
+    [InlineData("\\sqrt 9", "3", true)]
+    [InlineData("$12$", "12.0", true)]
+    [InlineData("12", "13", false)]
+    [InlineData("0.333", "1/3", false)]
+    [InlineData("\\text{ Paris }", "paris", true)]
+    [InlineData("New  York", "new york.", true)]
+    [InlineData("London", "Paris", false)]
+    public void Equivalent_ComparesNumbersAndText(string answer, string reference, bool equal)
+    {
+        Assert.Equal(equal, AnswerVerifier.Equivalent(answer, reference));
+    }
+
+    [Theory]
+    [InlineData("(B)", "B", true)]
+    [InlineData("b.", "B", true)]
+    [InlineData("option C", "B", false)]
+    [InlineData("a circle", "A", true)]
+    [InlineData("a square", "A", false)]
+    public void MultipleChoice_ByLetterOrChoiceText(string answer, string reference, bool equal)
+    {
+        Assert.Equal(equal, AnswerVerifier.Equivalent(answer, reference, ["A circle", "A square", "A line"]));
+        Assert.Equal(equal ? 1.0 : 0.0, AnswerVerifier.Score($"thinking</think>\\boxed{{{answer}}}", reference, ["A circle", "A square", "A line"]));
+    }
+
+    [Theory]
+    [InlineData("count them</think>\nThe answer is \\boxed{3}.", 1.0)]
+    [InlineData("<think>count</think>  ", 0.0)]
+    [InlineData("still counting", -1.0)]
+    [InlineData("a</think>b</think>c", -1.0)]
+    [InlineData("<think>a</think><think>b</think>c", -1.0)]
+    public void FormatReward_RequiresClosedReasoningAndAnAnswer(string response, double expected)
+    {
+        Assert.Equal(expected, new FormatReward().Score(response));
+    }
+
+    [Fact]
+    public void HybridReward_SumsRuleFormatAndWeightedRewardModel_AboveTheThreshold()
+    {
+        var hybrid = new HybridReward(new FormatReward(), rewardModelWeight: 0.5, new RewardModelScaling(RewardModelTransform.Clip, -2, 2, threshold: 0));
+        var r = hybrid.Score("sum</think>\\boxed{7}", new RewardContext("7"), rewardModelScore: 6);
+        Assert.Equal(new RewardBreakdown(1, 6, 1.0, 1, 3.0), r); // 0.5 x clip(6) = 1
+        var below = hybrid.Score("sum</think>\\boxed{8}", new RewardContext("7"), rewardModelScore: -3);
+        Assert.Equal(0, below.RewardModel);   // at or below the threshold: no contribution
+        Assert.Equal(1.0, below.Total);       // format only
+    }
+
+    [Fact]
+    public void RewardModelStandardisation_UsesTheRunningMeanAndUnbiasedStd()
+    {
+        var s = new RewardModelScaling(RewardModelTransform.Standardise);
+        Assert.Equal(0, s.Apply(2));                  // one score: no spread yet
+        double z = s.Apply(4);                        // mean 3, std sqrt(2)
+        Assert.Equal(1 / Math.Sqrt(2), z, 6);
+        double z3 = s.Apply(9);                       // mean 5, var ((2-5)^2 + (4-5)^2 + (9-5)^2) / 2 = 13
+        Assert.Equal(4 / Math.Sqrt(13), z3, 6);
+        var copy = new RewardModelScaling(RewardModelTransform.Standardise);
+        copy.Restore(s.State);
+        Assert.Equal(s.State, copy.State);
+    }
+}
