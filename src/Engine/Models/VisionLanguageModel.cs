@@ -104,6 +104,9 @@ public sealed class VisionLanguageModel : IDisposable
         /// <summary>log p(target_t) per token (0 where ignored).</summary>
         public float[] LogProbs { get; internal set; } = [];
 
+        /// <summary>Final hidden states after the last norm [T, D] (what the LM head reads).</summary>
+        public Tensor Hidden => Final;
+
         /// <summary>Mean negative log-likelihood over the tokens with a target.</summary>
         public double Loss { get; internal set; }
 
@@ -116,7 +119,15 @@ public sealed class VisionLanguageModel : IDisposable
         }
     }
 
-    public Pass Forward(VlmBatch batch)
+    /// <summary>The LM head's weight (the token embedding when they are tied).</summary>
+    public Parameter LmHead => _head;
+
+    /// <summary>
+    /// Forward through the final norm. With <paramref name="withLoss"/> (the default) also the LM head and the
+    /// fused log-softmax loss over the batch's targets; without it the pass ends at the final hidden states
+    /// (<see cref="Pass.Hidden"/>), for losses that fuse the head themselves (GRPO, reward heads).
+    /// </summary>
+    public Pass Forward(VlmBatch batch, bool withLoss = true)
     {
         var c = Config;
         int t = batch.InputIds.Length;
@@ -146,12 +157,13 @@ public sealed class VisionLanguageModel : IDisposable
 
         pass.Llm = _llm.Forward(pass.Embeddings, pass.Positions, pass.Sequences);
         pass.Final = h.Keep(_finalNorm.Forward(pass.Llm.Output, out pass.FinalNorm)); h.Keep(pass.FinalNorm);
+        pass.Counted = batch.Targets.Count(x => x != Backend.IgnoreIndex);
+        if (!withLoss) return pass;
         pass.Logits = h.Keep(Linear.Forward(_b, pass.Final, _head.Value, null));
         pass.LogProb = h.Keep(_b.Allocate(DType.F32, t));
         pass.Lse = h.Keep(_b.Allocate(DType.F32, t));
         _b.CrossEntropyForward(pass.Logits, pass.Targets, pass.LogProb, pass.Lse);
         pass.LogProbs = pass.LogProb.ToFloatArray();
-        pass.Counted = batch.Targets.Count(x => x != Backend.IgnoreIndex);
         pass.Loss = pass.Counted == 0 ? 0 : -pass.LogProbs.Sum(x => (double)x) / pass.Counted;
         return pass;
     }
@@ -213,9 +225,29 @@ public sealed class VisionLanguageModel : IDisposable
         bool needImage = pass.Adapter is not null && (AdapterTrainable || VitTrainable);
         if (!LlmTrainable && !needImage) return;
         using var held = new Activations();
+        if (pass.Logits is null) throw new InvalidOperationException("this pass ran without the loss: use BackwardFromHidden");
         var dlogprob = held.Keep(_b.FromArray(Enumerable.Repeat(pass.Counted == 0 ? 0f : -1f / pass.Counted, t).ToArray(), DType.F32, [t]));
         _b.CrossEntropyBackward(pass.Logits, pass.Targets, pass.Lse, dlogprob, pass.Logits); // dlogits replace the logits
         var dFinal = held.Keep(Linear.Backward(_b, pass.Logits, pass.Final, _head.Value, _head.Grad, null, inputGradient: true)!);
+        BackwardFromHidden(pass, dFinal);
+    }
+
+    /// <summary>
+    /// Backward from a gradient with respect to the final hidden states [T, D] (any float type; converted to the
+    /// activation type), for losses that applied the LM head themselves.
+    /// </summary>
+    public void BackwardFromHidden(Pass pass, Tensor dHidden)
+    {
+        var c = Config;
+        bool needImage = pass.Adapter is not null && (AdapterTrainable || VitTrainable);
+        if (!LlmTrainable && !needImage) return;
+        using var held = new Activations();
+        var dFinal = dHidden;
+        if (dHidden.DType != _b.ActivationType)
+        {
+            dFinal = held.Keep(_b.Activations(dHidden.Rows, dHidden.Cols));
+            _b.Convert(dHidden, dFinal);
+        }
         var dOut = held.Keep(_finalNorm.Backward(dFinal, pass.Llm.Output, pass.FinalNorm));
         var dEmb = held.Keep(_llm.Backward(pass.Llm, dOut, pass.Positions, pass.Sequences));
 

@@ -1,0 +1,72 @@
+using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Models;
+using R1V2.Native.Trainer.Ssb;
+
+namespace R1V2.Native.Trainer.Grpo;
+
+/// <summary>Statistics of one GRPO policy update.</summary>
+public sealed record GrpoUpdateStats(double Loss, int Sequences, int Tokens, double MeanRatio, double ClippedFraction, double MeanLogProbChange);
+
+/// <summary>
+/// One GRPO policy update on a batch of rollouts: the rollouts are packed (prompt + response, images included), a
+/// forward runs to the final hidden states, the fused LM-head loss gives per-token log-probs and d loss / d hidden for
+/// the response tokens (old log-probs from generation, one advantage per sequence, the chosen aggregation), and the
+/// backward fills the trainable parameters' gradients. The caller steps the optimiser.
+/// </summary>
+public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings settings, LossAggregation aggregation = LossAggregation.SequenceMeanTokenMean,
+    int vocabChunk = 8192)
+{
+    public GrpoUpdateStats Accumulate(IReadOnlyList<Rollout> rollouts, IReadOnlyList<float[]>? referenceLogProbs = null)
+    {
+        if (rollouts.Count == 0) throw new ArgumentException("an update needs at least one rollout");
+        var ids = new List<int>();
+        var targets = new List<int>();
+        var old = new List<float>();
+        var refs = referenceLogProbs is null ? null : new List<float>();
+        var adv = new List<float>();
+        var weights = new List<float>();
+        var cu = new List<int> { 0 };
+        var pixels = new List<float>();
+        int tiles = 0;
+        var seqWeights = GrpoMath.SequenceWeights(rollouts.Select(r => r.Response.Length).ToList(), aggregation);
+        for (int i = 0; i < rollouts.Count; i++)
+        {
+            var r = rollouts[i];
+            if (r.OldLogProbs.Length != r.Response.Length) throw new ArgumentException($"rollout {i}: {r.OldLogProbs.Length} old log-probs for {r.Response.Length} response tokens");
+            int p = r.PromptIds.Length;
+            ids.AddRange(r.PromptIds);
+            ids.AddRange(r.Response);
+            // Position t predicts token t + 1: the response's tokens are the targets of positions p - 1 .. p + n - 2.
+            for (int t = 0; t < p + r.Response.Length; t++)
+            {
+                int k = t - (p - 1);
+                bool response = k >= 0 && k < r.Response.Length;
+                targets.Add(response ? r.Response[k] : Backend.IgnoreIndex);
+                old.Add(response ? r.OldLogProbs[k] : 0f);
+                refs?.Add(response ? referenceLogProbs![i][k] : 0f);
+                adv.Add(response ? (float)r.Advantage : 0f);
+                weights.Add(response ? (float)seqWeights[i] : 0f);
+            }
+            cu.Add(ids.Count);
+            if (r.Tiles > 0) { pixels.AddRange(r.Pixels ?? throw new ArgumentException($"rollout {i} has tiles but no pixels")); tiles += r.Tiles; }
+        }
+        var batch = new VlmBatch([.. ids], [.. targets], [.. cu], tiles > 0 ? [.. pixels] : null, tiles);
+        using var pass = model.Forward(batch, withLoss: false);
+        var tokens = new GrpoTokens([.. targets], [.. old], [.. adv], [.. weights], refs?.ToArray());
+        using var result = FusedGrpoLoss.Fused(model.Backend, pass.Hidden, model.LmHead, tokens, settings, vocabChunk);
+        model.BackwardFromHidden(pass, result.HiddenGrad);
+
+        int n = 0, clipped = 0;
+        double ratioSum = 0, change = 0;
+        for (int t = 0; t < targets.Count; t++)
+        {
+            if (targets[t] < 0) continue;
+            double ratio = Math.Exp(result.LogProbs[t] - old[t]);
+            ratioSum += ratio;
+            change += result.LogProbs[t] - old[t];
+            if (ratio < 1 - settings.EpsLow || ratio > 1 + settings.EpsHigh) clipped++;
+            n++;
+        }
+        return new GrpoUpdateStats(result.Loss, rollouts.Count, n, ratioSum / Math.Max(1, n), clipped / (double)Math.Max(1, n), change / Math.Max(1, n));
+    }
+}

@@ -1,0 +1,69 @@
+using System.Text.Json.Nodes;
+using R1V2.Native.Engine.Checkpoints;
+using R1V2.Native.Engine.Generation;
+using R1V2.Native.Engine.Models;
+using R1V2.Native.Tests.Models;
+using R1V2.Native.Trainer.Grpo;
+using R1V2.Native.Trainer.Optim;
+using R1V2.Native.Trainer.Ssb;
+
+namespace R1V2.Native.Tests.Trainer;
+
+/// <summary>Rollouts from the generator through a GRPO update of the VLM.</summary>
+[Collection("cpu")]
+public sealed class GrpoUpdateTests(CpuFixture fx)
+{
+    [Fact]
+    public void GeneratorLogProbs_AreTheUpdatesOldLogProbs_AndUpdatesRaiseTheAdvantageWeightedLikelihood()
+    {
+        var dir = VlmParityTests.FixtureDir("internvit6b");
+        var inputs = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "inputs.json")))!.AsObject();
+        int end = inputs["cu_seqlens"]![1]!.GetValue<int>();
+        var prompt = inputs["input_ids"]!.AsArray().Select(x => x!.GetValue<int>()).Take(end).ToArray();
+        float[] pixels;
+        using (var e = SafetensorsFile.Open(Path.Combine(dir, "expected.safetensors"))) pixels = e.ReadFloats("pixel_values")[..(3 * 28 * 28)];
+        using var model = VisionLanguageModel.Load(fx.Backend, dir, TrainableParts.AdapterAndLlm);
+
+        const int g = 6;
+        var settings = new GrpoLossSettings(EpsLow: 0.2f, EpsHigh: 0.28f, Temperature: 1f);
+        var samples = new Generator(model, options: new GeneratorOptions(CacheBlocks: 64, BlockSize: 4))
+            .Generate([new GenerationRequest(prompt, pixels, 1, new SamplingParams(1f), Seed: 11, MaxNewTokens: 5, Samples: g)]);
+        // A reward the samples disagree on: how many of their tokens fall in the lower half of the vocabulary.
+        var rewards = samples.Select(s => (double)s.Tokens.Count(t => t < 150)).ToArray();
+        var advantages = GrpoMath.Advantages(rewards, g, AdvantageMode.MeanStd);
+        Assert.Contains(advantages, a => Math.Abs(a) > 0.1);
+        var rollouts = samples.Select((s, i) => new Rollout(0, prompt, pixels, 1, s.Tokens, s.LogProbs, rewards[i], advantages[i], 0)).ToList();
+
+        var update = new GrpoUpdate(model, settings);
+        foreach (var p in model.Parameters.Trainable) p.ZeroGrad();
+        var first = update.Accumulate(rollouts);
+        // Same weights as at sampling: every ratio is 1 (the generator's log-probs are the training log-probs).
+        Assert.True(Math.Abs(first.MeanRatio - 1) < 1e-4, $"mean ratio {first.MeanRatio}");
+        Assert.True(Math.Abs(first.MeanLogProbChange) < 1e-4, $"mean log-prob change {first.MeanLogProbChange}");
+        Assert.Equal(g * 5, first.Tokens);
+
+        double Objective()
+        {
+            // sum_i A_i log pi(y_i) at the current weights, through a plain scoring forward.
+            double total = 0;
+            foreach (var r in rollouts)
+            {
+                var ids = r.PromptIds.Concat(r.Response).ToArray();
+                using var pass = model.Forward(VlmBatch.Single(ids, r.Pixels, r.Tiles, lossFrom: r.PromptIds.Length));
+                total += r.Advantage * pass.LogProbs.Sum(x => (double)x);
+            }
+            return total;
+        }
+        double before = Objective();
+        using var opt = new AdamWOptimizer(fx.Backend, model.Parameters.Trainable, new AdamWSettings(3e-3f));
+        opt.Step(3e-3f);
+        for (int step = 0; step < 2; step++)
+        {
+            opt.ZeroGrad();
+            update.Accumulate(rollouts);
+            opt.Step(3e-3f);
+        }
+        double after = Objective();
+        Assert.True(after > before + 0.05, $"the advantage-weighted log-likelihood should rise: {before:F4} -> {after:F4}");
+    }
+}
