@@ -10,9 +10,10 @@ namespace R1V2.Native.Engine.Models;
 /// <summary>
 /// A packed batch: several sequences in one token buffer. Tokens, targets [T] (Backend.IgnoreIndex where no loss),
 /// sequence boundaries cu_seqlens [S + 1], and the image tiles [n, 3, S, S] whose features replace the
-/// &lt;IMG_CONTEXT&gt; tokens in order.
+/// &lt;IMG_CONTEXT&gt; tokens in order (or the rows in <c>ImagePositions</c> when given: a generated &lt;IMG_CONTEXT&gt;
+/// in a response is an ordinary token).
 /// </summary>
-public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, float[]? Pixels = null, int Tiles = 0)
+public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, float[]? Pixels = null, int Tiles = 0, int[]? ImagePositions = null)
 {
     /// <summary>One sequence; targets are the next tokens from <paramref name="lossFrom"/> on (teacher forcing).</summary>
     public static VlmBatch Single(int[] ids, float[]? pixels = null, int tiles = 0, int lossFrom = 0)
@@ -132,7 +133,7 @@ public sealed class VisionLanguageModel : IDisposable
         var c = Config;
         int t = batch.InputIds.Length;
         if (batch.Targets.Length != t) throw new ArgumentException($"targets has {batch.Targets.Length} entries, input_ids {t}");
-        var imagePositions = Enumerable.Range(0, t).Where(i => batch.InputIds[i] == ImageContextId).ToArray();
+        var imagePositions = batch.ImagePositions ?? Enumerable.Range(0, t).Where(i => batch.InputIds[i] == ImageContextId).ToArray();
         int features = batch.Tiles * c.TokensPerTile;
         if (imagePositions.Length != features)
             throw new ArgumentException($"the batch has {imagePositions.Length} <IMG_CONTEXT> tokens but {batch.Tiles} image tiles x {c.TokensPerTile} tokens per tile = {features} image features");

@@ -28,12 +28,14 @@ public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings setti
         var cu = new List<int> { 0 };
         var pixels = new List<float>();
         int tiles = 0;
+        var imageRows = new List<int>();
         var seqWeights = GrpoMath.SequenceWeights(rollouts.Select(r => r.Response.Length).ToList(), aggregation);
         for (int i = 0; i < rollouts.Count; i++)
         {
             var r = rollouts[i];
             if (r.OldLogProbs.Length != r.Response.Length) throw new ArgumentException($"rollout {i}: {r.OldLogProbs.Length} old log-probs for {r.Response.Length} response tokens");
             int p = r.PromptIds.Length;
+            for (int k = 0; k < p; k++) if (r.PromptIds[k] == model.ImageContextId) imageRows.Add(ids.Count + k);
             ids.AddRange(r.PromptIds);
             ids.AddRange(r.Response);
             // Position t predicts token t + 1: the response's tokens are the targets of positions p - 1 .. p + n - 2.
@@ -50,7 +52,7 @@ public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings setti
             cu.Add(ids.Count);
             if (r.Tiles > 0) { pixels.AddRange(r.Pixels ?? throw new ArgumentException($"rollout {i} has tiles but no pixels")); tiles += r.Tiles; }
         }
-        var batch = new VlmBatch([.. ids], [.. targets], [.. cu], tiles > 0 ? [.. pixels] : null, tiles);
+        var batch = new VlmBatch([.. ids], [.. targets], [.. cu], tiles > 0 ? [.. pixels] : null, tiles, [.. imageRows]);
         using var pass = model.Forward(batch, withLoss: false);
         var tokens = new GrpoTokens([.. targets], [.. old], [.. adv], [.. weights], refs?.ToArray());
         using var result = FusedGrpoLoss.Fused(model.Backend, pass.Hidden, model.LmHead, tokens, settings, vocabChunk);

@@ -30,6 +30,21 @@ public sealed class AdamWOptimizer : IDisposable
     public double MaxGradNorm { get; }
     public int StepCount { get; private set; }
 
+    /// <summary>The moments of every trainable parameter by name, and the step count (for checkpoints).</summary>
+    public (int Step, IReadOnlyList<(string Name, int[] Shape, float[] M, float[] V)> Moments) Export() =>
+        (StepCount, _state.Select(s => (s.P.Name, s.M.Shape.ToArray(), s.M.ToFloatArray(), s.V.ToFloatArray())).ToList());
+
+    public void Import(int step, IReadOnlyDictionary<string, (float[] M, float[] V)> moments)
+    {
+        foreach (var (p, m, v) in _state)
+        {
+            if (!moments.TryGetValue(p.Name, out var mv)) throw new InvalidDataException($"optimiser state has no moments for '{p.Name}'");
+            m.CopyFrom(mv.M);
+            v.CopyFrom(mv.V);
+        }
+        StepCount = step;
+    }
+
     public void ZeroGrad()
     {
         foreach (var (p, _, _) in _state) p.ZeroGrad();

@@ -1,0 +1,166 @@
+using YamlDotNet.Core;
+using YamlDotNet.RepresentationModel;
+using YamlDotNet.Serialization;
+using YamlDotNet.Serialization.NamingConventions;
+
+namespace R1V2.Native.Trainer.Config;
+
+/// <summary>Every knob of a run, from one YAML file (snake_case keys) with --set overrides; saved resolved into the run.</summary>
+public sealed class TrainConfig
+{
+    public string Stage { get; set; } = "grpo";
+    public string Model { get; set; } = "";
+    public string Output { get; set; } = "runs/grpo";
+    public int Seed { get; set; } = 1;
+    public string Backend { get; set; } = "auto";
+    public string Trainable { get; set; } = "adapter";
+    public int Steps { get; set; } = 20;
+    public DataConfig Data { get; set; } = new();
+    public OptimConfig Optim { get; set; } = new();
+    public CheckpointConfig Checkpoint { get; set; } = new();
+    public GrpoConfig Grpo { get; set; } = new();
+    public RewardConfig Reward { get; set; } = new();
+    public MonitorConfig Monitor { get; set; } = new();
+
+    public sealed class DataConfig
+    {
+        public string Path { get; set; } = "";
+        public bool Shuffle { get; set; } = true;
+        public bool SkipBadRows { get; set; }
+    }
+
+    public sealed class OptimConfig
+    {
+        public float Lr { get; set; } = 1e-5f;
+        public int Warmup { get; set; }
+        public string Schedule { get; set; } = "constant";
+        public float MinLrRatio { get; set; } = 0.1f;
+        public float WeightDecay { get; set; }
+        public float Beta1 { get; set; } = 0.9f;
+        public float Beta2 { get; set; } = 0.999f;
+        public float Eps { get; set; } = 1e-8f;
+        public double MaxGradNorm { get; set; } = 1.0;
+        public int MaxBadSteps { get; set; } = 3;
+    }
+
+    public sealed class CheckpointConfig
+    {
+        public int Every { get; set; } = 10;
+        public int Keep { get; set; } = 2;
+    }
+
+    public sealed class GrpoConfig
+    {
+        public int GroupSize { get; set; } = 4;
+        public int PromptsPerStep { get; set; } = 2;
+        public int Minibatches { get; set; } = 1;
+        public int MaxNewTokens { get; set; } = 64;
+        public float Temperature { get; set; } = 1f;
+        public float TopP { get; set; } = 1f;
+        public float EpsLow { get; set; } = 0.2f;
+        public float EpsHigh { get; set; } = 0.28f;
+        public float DualClip { get; set; }
+        public float KlCoef { get; set; }
+        public string Kl { get; set; } = "none";
+        public string Aggregation { get; set; } = "seq_mean_token_mean";
+        public string Advantage { get; set; } = "mean_std";
+        public int VocabChunk { get; set; } = 8192;
+        public int CacheBlocks { get; set; } = 1024;
+        public SsbConfig Ssb { get; set; } = new();
+        public DynamicSamplingConfig DynamicSampling { get; set; } = new();
+    }
+
+    public sealed class SsbConfig
+    {
+        public bool Enabled { get; set; } = true;
+        public int Capacity { get; set; } = 256;
+        public int MaxAge { get; set; } = 8;
+    }
+
+    public sealed class DynamicSamplingConfig
+    {
+        public bool Enabled { get; set; }
+        public int MaxRounds { get; set; } = 3;
+    }
+
+    public sealed class RewardConfig
+    {
+        public double FormatWellFormed { get; set; } = 0.5;
+        public double FormatEmptyAnswer { get; set; }
+        public double FormatUnfinished { get; set; } = -0.5;
+        public double FormatRepeated { get; set; } = -0.5;
+    }
+
+    public sealed class MonitorConfig
+    {
+        /// <summary>Warn when reward rose by at least this much over the window while grounding fell by at least GroundingDrop.</summary>
+        public int Window { get; set; } = 5;
+        public double RewardRise { get; set; } = 0.1;
+        public double GroundingDrop { get; set; } = 0.05;
+    }
+
+    private static IDeserializer Deserializer() => new DeserializerBuilder().WithNamingConvention(UnderscoredNamingConvention.Instance).Build();
+
+    /// <summary>Loads a YAML file (or defaults when <paramref name="path"/> is null) and applies key.path=value overrides.</summary>
+    public static TrainConfig Load(string? path, IEnumerable<string>? overrides = null)
+    {
+        var stream = new YamlStream();
+        string source = path ?? "(defaults)";
+        if (path is not null)
+        {
+            if (!File.Exists(path)) throw new FileNotFoundException($"config not found: {path}", path);
+            try { stream.Load(new StringReader(File.ReadAllText(path))); }
+            catch (YamlException e) { throw new InvalidDataException($"{path}:{e.Start.Line}: {e.Message}", e); }
+        }
+        var root = stream.Documents.Count > 0 && stream.Documents[0].RootNode is YamlMappingNode m ? m : new YamlMappingNode();
+        foreach (var o in overrides ?? [])
+        {
+            int eq = o.IndexOf('=');
+            if (eq <= 0) throw new ArgumentException($"--set '{o}': expected key.path=value");
+            var keys = o[..eq].Trim().Split('.');
+            var node = root;
+            for (int i = 0; i < keys.Length - 1; i++)
+            {
+                if (!node.Children.TryGetValue(new YamlScalarNode(keys[i]), out var child) || child is not YamlMappingNode next)
+                {
+                    next = new YamlMappingNode();
+                    node.Children[new YamlScalarNode(keys[i])] = next;
+                }
+                node = next;
+            }
+            node.Children[new YamlScalarNode(keys[^1])] = new YamlScalarNode(o[(eq + 1)..].Trim());
+        }
+        var text = new YamlStream(new YamlDocument(root));
+        using var writer = new StringWriter();
+        text.Save(writer, assignAnchors: false);
+        try
+        {
+            var config = Deserializer().Deserialize<TrainConfig>(writer.ToString()) ?? new TrainConfig();
+            config.Validate(source);
+            return config;
+        }
+        catch (YamlException e)
+        {
+            var inner = e.InnerException?.Message ?? e.Message;
+            throw new InvalidDataException($"{source}: {inner.Replace("Property '", "unknown key '").Replace("' not found on type", "' (not a setting of")}{(inner.Contains("not found on type") ? ")" : "")}", e);
+        }
+    }
+
+    public string ToYaml() => new SerializerBuilder().WithNamingConvention(UnderscoredNamingConvention.Instance).Build().Serialize(this);
+
+    private void Validate(string source)
+    {
+        void Require(bool ok, string what) { if (!ok) throw new InvalidDataException($"{source}: {what}"); }
+        Require(Stage is "grpo" or "mpo" or "rm", $"stage must be grpo, mpo or rm, not '{Stage}'");
+        Require(Steps >= 1, "steps must be at least 1");
+        Require(Grpo.GroupSize >= 2, "grpo.group_size must be at least 2 (advantages compare samples of one prompt)");
+        Require(Grpo.PromptsPerStep >= 1, "grpo.prompts_per_step must be at least 1");
+        Require(Grpo.Minibatches >= 1, "grpo.minibatches must be at least 1");
+        Require(Grpo.Kl is "none" or "k1" or "k3", $"grpo.kl must be none, k1 or k3, not '{Grpo.Kl}'");
+        Require(Grpo.Aggregation is "seq_mean_token_mean" or "token_mean", $"grpo.aggregation must be seq_mean_token_mean or token_mean, not '{Grpo.Aggregation}'");
+        Require(Grpo.Advantage is "mean_std" or "mean_only" or "leave_one_out", $"grpo.advantage must be mean_std, mean_only or leave_one_out, not '{Grpo.Advantage}'");
+        Require(Optim.Schedule is "constant" or "linear" or "cosine", $"optim.schedule must be constant, linear or cosine, not '{Optim.Schedule}'");
+        Require(Checkpoint.Every >= 1 && Checkpoint.Keep >= 1, "checkpoint.every and checkpoint.keep must be at least 1");
+        Require(Trainable is "adapter" or "adapter+llm" or "adapter+vit" or "all", $"trainable must be adapter, adapter+llm, adapter+vit or all, not '{Trainable}'");
+    }
+}

@@ -1,0 +1,261 @@
+using System.Diagnostics;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Checkpoints;
+using R1V2.Native.Engine.Generation;
+using R1V2.Native.Engine.Models;
+using R1V2.Native.Engine.Text;
+using R1V2.Native.Trainer.Config;
+using R1V2.Native.Trainer.Data;
+using R1V2.Native.Trainer.Grpo;
+using R1V2.Native.Trainer.Optim;
+using R1V2.Native.Trainer.Rewards;
+using R1V2.Native.Trainer.Ssb;
+
+namespace R1V2.Native.Trainer;
+
+/// <summary>One logged GRPO step.</summary>
+public sealed record GrpoStepMetrics(int Step, double Loss, double Reward, double Accuracy, double FormatRate, double ResponseLength, double EffectiveRatio,
+    double FreshInformativeRatio, int Replayed, double MeanRatio, double ClippedFraction, double GradNorm, float LearningRate, int SkippedUpdates,
+    double? HallucinationRate, double TokensPerSecond, double Seconds, string? Warning);
+
+/// <summary>
+/// The GRPO stage: each step draws prompts, samples G responses per prompt with the paged generator, scores them with
+/// the hybrid reward, turns rewards into group advantages, builds the update batch (Selective Sample Buffer or all
+/// rollouts), and runs minibatch updates with the fused loss. Checkpoints every N steps hold the weights, optimiser
+/// moments, buffer, data position and counters, written to a temporary directory and renamed; a run resumes from
+/// the newest one and, on the CPU backend, continues bit for bit.
+/// </summary>
+public sealed class GrpoTrainer : IDisposable
+{
+    private readonly TrainConfig _c;
+    private readonly Backend _b;
+    private readonly VisionLanguageModel _model;
+    private readonly TextTokenizer _tokenizer;
+    private readonly ChatRunner _chat;
+    private readonly PromptDataset _data;
+    private readonly AdamWOptimizer _opt;
+    private readonly SelectiveSampleBuffer _ssb;
+    private readonly HybridReward _reward;
+    private readonly LearningRateSchedule _schedule;
+    private readonly GrpoUpdate _update;
+    private readonly List<GrpoStepMetrics> _history = [];
+    private int _step, _badInARow;
+
+    private readonly Func<string, PromptRow, RewardBreakdown> _score;
+
+    /// <param name="reward">Scores a response text against its prompt; by default the hybrid reward (rule + format).</param>
+    public GrpoTrainer(TrainConfig config, Backend backend, Func<string, PromptRow, RewardBreakdown>? reward = null)
+    {
+        _c = config;
+        _b = backend;
+        Directory.CreateDirectory(config.Output);
+        var resume = LatestCheckpoint(config.Output);
+        var source = resume ?? config.Model;
+        var parts = config.Trainable switch
+        {
+            "adapter" => TrainableParts.Adapter, "adapter+llm" => TrainableParts.AdapterAndLlm, "adapter+vit" => TrainableParts.AdapterAndVit, _ => TrainableParts.All,
+        };
+        _model = VisionLanguageModel.Load(backend, source, parts);
+        _tokenizer = TextTokenizer.Load(source);
+        var g = config.Grpo;
+        _chat = new ChatRunner(_model, _tokenizer, new GeneratorOptions(g.CacheBlocks, MaxBatch: Math.Max(g.GroupSize * g.PromptsPerStep, 1)));
+        _data = new PromptDataset(config.Data.Path, config.Seed, config.Data.Shuffle, config.Data.SkipBadRows);
+        var o = config.Optim;
+        _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
+        _schedule = new LearningRateSchedule(o.Lr, o.Warmup, config.Steps,
+            o.Schedule switch { "linear" => ScheduleKind.Linear, "cosine" => ScheduleKind.Cosine, _ => ScheduleKind.Constant }, o.MinLrRatio);
+        _ssb = new SelectiveSampleBuffer(g.Ssb.Capacity, g.Ssb.MaxAge, (ulong)config.Seed * 0x9E3779B97F4A7C15ul + 1);
+        var r = config.Reward;
+        _reward = new HybridReward(new FormatReward(r.FormatWellFormed, r.FormatEmptyAnswer, r.FormatUnfinished, r.FormatRepeated));
+        _score = reward ?? ((text, p) => _reward.Score(text, new RewardContext(p.Answer, p.Choices)));
+        var settings = new GrpoLossSettings(g.EpsLow, g.EpsHigh, g.DualClip, g.KlCoef,
+            g.Kl switch { "k1" => KlEstimator.K1, "k3" => KlEstimator.K3, _ => KlEstimator.None }, g.Temperature);
+        if (settings.Kl != KlEstimator.None) throw new NotSupportedException("grpo.kl needs reference log-probs from a frozen copy, which this trainer does not keep yet; set grpo.kl: none");
+        _update = new GrpoUpdate(_model, settings, g.Aggregation == "token_mean" ? LossAggregation.TokenMean : LossAggregation.SequenceMeanTokenMean, g.VocabChunk);
+        if (resume is not null) Restore(resume);
+        File.WriteAllText(Path.Combine(config.Output, "config.resolved.yaml"), config.ToYaml());
+    }
+
+    public int Step => _step;
+    public IReadOnlyList<GrpoStepMetrics> History => _history;
+    public string MetricsPath => Path.Combine(_c.Output, "metrics.jsonl");
+
+    /// <summary>Runs until the configured step count or cancellation (a checkpoint is written on the way out).</summary>
+    public void Run(Action<GrpoStepMetrics>? onStep = null, CancellationToken cancel = default)
+    {
+        while (_step < _c.Steps)
+        {
+            var m = RunStep();
+            _history.Add(m);
+            File.AppendAllText(MetricsPath, JsonSerializer.Serialize(m) + "\n");
+            onStep?.Invoke(m);
+            if (_step % _c.Checkpoint.Every == 0 || _step == _c.Steps || cancel.IsCancellationRequested) SaveCheckpoint();
+            if (cancel.IsCancellationRequested) return;
+        }
+    }
+
+    private GrpoStepMetrics RunStep()
+    {
+        var clock = Stopwatch.StartNew();
+        var g = _c.Grpo;
+        int step = _step;
+        var prompts = _data.Next(g.PromptsPerStep);
+        var requests = new List<GenerationRequest>();
+        var promptInputs = new List<(int[] Ids, float[]? Pixels, int Tiles)>();
+        foreach (var p in prompts)
+        {
+            var (ids, pixels, tiles) = _chat.Prompt([new ChatTurn("user", p.Question, p.Images)]);
+            promptInputs.Add((ids, pixels, tiles));
+            ulong seed = (ulong)HashCode.Combine(_c.Seed, step, p.Index) & 0x7fffffffUL;
+            requests.Add(new GenerationRequest(ids, pixels, tiles, new SamplingParams(g.Temperature, TopP: g.TopP), seed, g.MaxNewTokens, _chat.StopTokens,
+                Samples: g.GroupSize));
+        }
+        var samples = new Generator(_model, _tokenizer, new GeneratorOptions(g.CacheBlocks, MaxBatch: g.GroupSize * g.PromptsPerStep)).Generate(requests);
+
+        var rollouts = new List<Rollout>();
+        var rewards = new List<double>();
+        double accuracy = 0, format = 0, length = 0;
+        int grounded = 0, groundingChecks = 0, tokens = 0;
+        foreach (var s in samples)
+        {
+            var p = prompts[s.Request];
+            var text = _chat.Text(s);
+            var r = _score(text, p);
+            rewards.Add(r.Total);
+            accuracy += r.Rule;
+            format += r.Format > 0 ? 1 : 0;
+            length += s.Tokens.Length;
+            tokens += s.Tokens.Length;
+            if (p.ImageDigits is { } digits)
+            {
+                groundingChecks++;
+                if (Grounding.ClaimsOnlyPresentDigits(ChatTemplate.Split(text).Answer, digits)) grounded++;
+            }
+        }
+        var advantages = GrpoMath.Advantages(rewards, g.GroupSize,
+            g.Advantage switch { "mean_only" => AdvantageMode.MeanOnly, "leave_one_out" => AdvantageMode.LeaveOneOut, _ => AdvantageMode.MeanStd });
+        for (int i = 0; i < samples.Count; i++)
+        {
+            var s = samples[i];
+            var (ids, pixels, tiles) = promptInputs[s.Request];
+            rollouts.Add(new Rollout(prompts[s.Request].Index, ids, pixels, tiles, s.Tokens, s.LogProbs, rewards[i], advantages[i], step));
+        }
+        int target = rollouts.Count;
+        var batch = g.Ssb.Enabled ? _ssb.Build(rollouts, target, step) : new UpdateBatch(rollouts, rollouts.Count, 0, target);
+        double freshRatio = rollouts.Count(r => Math.Abs(r.Advantage) > SelectiveSampleBuffer.ZeroAdvantage) / (double)target;
+
+        double loss = 0, meanRatio = 0, clipped = 0, gradNorm = 0;
+        int skipped = 0, updates = 0;
+        var lr = _schedule.At(step + 1);
+        var informative = batch.Samples.Where(r => Math.Abs(r.Advantage) > SelectiveSampleBuffer.ZeroAdvantage).ToList();
+        if (informative.Count > 0)
+        {
+            int per = (informative.Count + g.Minibatches - 1) / g.Minibatches;
+            for (int mb = 0; mb < informative.Count; mb += per)
+            {
+                _opt.ZeroGrad();
+                var stats = _update.Accumulate(informative.Skip(mb).Take(per).ToList());
+                var report = _opt.Step(lr);
+                if (report.Skipped)
+                {
+                    skipped++;
+                    if (++_badInARow >= _c.Optim.MaxBadSteps)
+                        throw new InvalidOperationException($"step {step + 1}: {_badInARow} updates in a row had a non-finite gradient norm; stopping (lower optim.lr or check the data)");
+                }
+                else _badInARow = 0;
+                loss += stats.Loss; meanRatio += stats.MeanRatio; clipped += stats.ClippedFraction; gradNorm += report.GradNorm;
+                updates++;
+            }
+        }
+        _step++;
+        double n = Math.Max(1, samples.Count), u = Math.Max(1, updates);
+        double seconds = clock.Elapsed.TotalSeconds;
+        double? halluc = groundingChecks == 0 ? null : 1 - grounded / (double)groundingChecks;
+        var metrics = new GrpoStepMetrics(_step, loss / u, rewards.Average(), accuracy / n, format / n, length / n, batch.EffectiveRatio, freshRatio, batch.Replayed,
+            meanRatio / u, clipped / u, gradNorm / u, lr, skipped, halluc, tokens / seconds, seconds, null);
+        return metrics with { Warning = Monitor.Check(_history.Append(metrics).ToList(), _c.Monitor) };
+    }
+
+    // ---- checkpoints ---------------------------------------------------------------------------------------------
+
+    public static string? LatestCheckpoint(string output)
+    {
+        var dir = Path.Combine(output, "checkpoints");
+        if (!Directory.Exists(dir)) return null;
+        return Directory.GetDirectories(dir, "step-*").Where(d => !d.Contains(".tmp")).OrderBy(d => d, StringComparer.Ordinal).LastOrDefault();
+    }
+
+    public void SaveCheckpoint()
+    {
+        var root = Path.Combine(_c.Output, "checkpoints");
+        Directory.CreateDirectory(root);
+        var final = Path.Combine(root, $"step-{_step:D6}");
+        var tmp = final + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
+        Directory.CreateDirectory(tmp);
+        _model.Save(tmp);
+        File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"));
+        var (optStep, moments) = _opt.Export();
+        SafetensorsFile.Write(Path.Combine(tmp, "optimizer.safetensors"),
+            moments.SelectMany(m => new[] { (m.Name + ".exp_avg", m.Shape, m.M), (m.Name + ".exp_avg_sq", m.Shape, m.V) }));
+        var (rng, items) = _ssb.Snapshot();
+        var state = new JsonObject
+        {
+            ["step"] = _step,
+            ["optimizer_step"] = optStep,
+            ["bad_in_a_row"] = _badInARow,
+            ["data_epoch"] = _data.Position.Epoch,
+            ["data_index"] = _data.Position.Index,
+            ["ssb_rng"] = rng.ToString(),
+            ["ssb"] = JsonSerializer.SerializeToNode(items),
+        };
+        File.WriteAllText(Path.Combine(tmp, "trainer_state.json"), state.ToJsonString());
+        if (Directory.Exists(final)) Directory.Delete(final, true);
+        Directory.Move(tmp, final);
+        foreach (var old in Directory.GetDirectories(root, "step-*").Where(d => !d.Contains(".tmp")).OrderBy(d => d, StringComparer.Ordinal).SkipLast(_c.Checkpoint.Keep))
+            Directory.Delete(old, true);
+    }
+
+    private void Restore(string dir)
+    {
+        var state = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "trainer_state.json")))!.AsObject();
+        _step = state["step"]!.GetValue<int>();
+        _badInARow = state["bad_in_a_row"]!.GetValue<int>();
+        _data.Seek((state["data_epoch"]!.GetValue<int>(), state["data_index"]!.GetValue<int>()));
+        _ssb.Restore(ulong.Parse(state["ssb_rng"]!.GetValue<string>()), state["ssb"].Deserialize<List<Rollout>>()!);
+        using var opt = SafetensorsFile.Open(Path.Combine(dir, "optimizer.safetensors"));
+        var moments = _model.Parameters.Trainable.ToDictionary(p => p.Name, p => (opt.ReadFloats(p.Name + ".exp_avg"), opt.ReadFloats(p.Name + ".exp_avg_sq")));
+        _opt.Import(state["optimizer_step"]!.GetValue<int>(), moments);
+        if (File.Exists(MetricsPath))
+            foreach (var line in File.ReadAllLines(MetricsPath).Take(_step)) _history.Add(JsonSerializer.Deserialize<GrpoStepMetrics>(line)!);
+        File.WriteAllLines(MetricsPath, _history.Select(h => JsonSerializer.Serialize(h))); // drop steps after the checkpoint
+    }
+
+    public void Dispose() => _model.Dispose();
+}
+
+/// <summary>The visual-grounding check where the dataset knows the image's digits.</summary>
+public static class Grounding
+{
+    /// <summary>True when every digit the answer names is one the image holds (an answer naming none is grounded).</summary>
+    public static bool ClaimsOnlyPresentDigits(string answer, IReadOnlyList<int> present) =>
+        answer.Where(char.IsDigit).Select(ch => ch - '0').All(present.Contains);
+}
+
+/// <summary>Warns when the reward keeps rising while visual grounding falls (the reward-hacking sign the paper watches).</summary>
+public static class Monitor
+{
+    public static string? Check(IReadOnlyList<GrpoStepMetrics> history, TrainConfig.MonitorConfig c)
+    {
+        if (history.Count < 2 * c.Window) return null;
+        var recent = history.TakeLast(c.Window).ToList();
+        var before = history.SkipLast(c.Window).TakeLast(c.Window).ToList();
+        if (recent.Any(h => h.HallucinationRate is null) || before.Any(h => h.HallucinationRate is null)) return null;
+        double rewardRise = recent.Average(h => h.Reward) - before.Average(h => h.Reward);
+        double groundingDrop = before.Average(h => 1 - h.HallucinationRate!.Value) - recent.Average(h => 1 - h.HallucinationRate!.Value);
+        return rewardRise >= c.RewardRise && groundingDrop >= c.GroundingDrop
+            ? $"reward rose by {rewardRise:F3} over the last {c.Window} steps while grounding fell by {groundingDrop:F3}: possible reward hacking"
+            : null;
+    }
+}
