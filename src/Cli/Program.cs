@@ -23,6 +23,7 @@ public static class Program
             TokenizeCommand.Create(),
             GenerateCommand.CreateGenerate(),
             GenerateCommand.CreateChat(),
+            ReportCommand.Create(),
         };
         return root.Parse(args).Invoke();
     }

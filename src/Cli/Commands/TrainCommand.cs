@@ -5,6 +5,8 @@ using R1V2.Native.Engine.Backends.Cpu;
 using R1V2.Native.Engine.Backends.Cuda;
 using R1V2.Native.Engine.Kernels;
 using R1V2.Native.Engine.Models;
+using R1V2.Native.Trainer;
+using R1V2.Native.Trainer.Config;
 using R1V2.Native.Trainer.Tasks;
 using Spectre.Console;
 
@@ -25,11 +27,49 @@ public static class TrainCommand
         var seed = new Option<int>("--seed") { Description = "Seed for initialisation and batches", DefaultValueFactory = _ => 1234 };
         var backend = new Option<string>("--backend") { Description = "auto | cpu | cuda", DefaultValueFactory = _ => "auto" };
         var output = new Option<string?>("--out") { Description = "Run directory (default runs/train-<time>)" };
-        var cmd = new Command("train", "Train on the built-in task (next-byte prediction with the op-library model until the VLM pipeline lands)")
-            { steps, batch, lr, seed, backend, output };
-        cmd.SetAction(r => Run(new NextTokenSettings(r.GetValue(steps), r.GetValue(batch), r.GetValue(lr), Seed: r.GetValue(seed)),
-            r.GetValue(backend)!, r.GetValue(output)));
+        var config = new Option<string?>("--config") { Description = "Run config (YAML): trains the VLM stage it names (grpo)" };
+        var set = new Option<string[]>("--set") { Description = "Override a config key, e.g. --set grpo.group_size=8 (repeatable)" };
+        var cmd = new Command("train", "Train: with --config, the VLM stage it names (grpo); without, the built-in task")
+            { steps, batch, lr, seed, backend, output, config, set };
+        cmd.SetAction(r => r.GetValue(config) is { } cfg || (r.GetValue(set)?.Length ?? 0) > 0
+            ? RunStage(r.GetValue(config), r.GetValue(set) ?? [], r.GetValue(output))
+            : Run(new NextTokenSettings(r.GetValue(steps), r.GetValue(batch), r.GetValue(lr), Seed: r.GetValue(seed)), r.GetValue(backend)!, r.GetValue(output)));
         return cmd;
+    }
+
+    /// <summary>A VLM training stage from a YAML config, with a live display; Ctrl-C checkpoints and exits.</summary>
+    public static int RunStage(string? configPath, string[] overrides, string? outDir)
+    {
+        var config = TrainConfig.Load(configPath, outDir is null ? overrides : [.. overrides, $"output={outDir}"]);
+        if (config.Stage != "grpo")
+            throw new NotSupportedException($"stage '{config.Stage}' is not available in this build; stage grpo is");
+        using var backend = Backends.Create(config.Backend);
+        using var trainer = new GrpoTrainer(config, backend);
+        using var cancel = new CancellationTokenSource();
+        ConsoleCancelEventHandler stop = (_, e) => { e.Cancel = true; cancel.Cancel(); };
+        Console.CancelKeyPress += stop;
+        try
+        {
+            var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
+            AnsiConsole.MarkupLineInterpolated($"stage grpo on {backend.Name}: {config.Steps} steps of {config.Grpo.PromptsPerStep} prompts x {config.Grpo.GroupSize} samples; run directory {config.Output}{resumed}");
+            AnsiConsole.Progress()
+                .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
+                .Start(ctx =>
+                {
+                    var bar = ctx.AddTask("grpo", maxValue: config.Steps);
+                    bar.Value = trainer.Step;
+                    trainer.Run(m =>
+                    {
+                        bar.Description = $"step {m.Step} reward {m.Reward:F3} acc {m.Accuracy:F2} eff {m.EffectiveRatio:F2} {m.TokensPerSecond:F0} tok/s";
+                        bar.Value = m.Step;
+                        if (m.Warning is not null) AnsiConsole.MarkupLineInterpolated($"[yellow]warning:[/] {m.Warning}");
+                    }, cancel.Token);
+                });
+        }
+        finally { Console.CancelKeyPress -= stop; }
+        if (cancel.IsCancellationRequested) AnsiConsole.MarkupLineInterpolated($"interrupted: checkpoint written at step {trainer.Step}; run again to resume");
+        foreach (var f in Report.Write(config.Output)) AnsiConsole.MarkupLineInterpolated($"wrote {f}");
+        return cancel.IsCancellationRequested ? 130 : 0;
     }
 
     public static int Run(NextTokenSettings settings, string backendName, string? outDir)

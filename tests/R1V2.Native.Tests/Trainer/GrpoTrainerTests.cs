@@ -59,6 +59,12 @@ public sealed class GrpoTrainerTests(CpuFixture fx) : IDisposable
         Assert.Equal(straight.Select(m => m.Loss), resumed.Select(m => m.Loss));      // bit for bit
         Assert.Equal(straight.Select(m => m.Reward), resumed.Select(m => m.Reward));
         Assert.Equal(straight.Select(m => m.GradNorm), resumed.Select(m => m.GradNorm));
+
+        var files = Report.Write(straightDir);
+        Assert.Contains(files, f => f.EndsWith("effective_ratio.png"));
+        Assert.Contains(files, f => f.EndsWith("summary.md"));
+        using var png = SixLabors.ImageSharp.Image.Load(files.First(f => f.EndsWith("reward.png")));
+        Assert.Equal(800, png.Width);
     }
 
     [Fact]

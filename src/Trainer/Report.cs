@@ -1,0 +1,62 @@
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+
+namespace R1V2.Native.Trainer;
+
+/// <summary>PNG plots (ScottPlot) and a markdown summary of a run's metrics.jsonl.</summary>
+public static class Report
+{
+    public static IReadOnlyList<string> Write(string runDirectory)
+    {
+        var metricsPath = Path.Combine(runDirectory, "metrics.jsonl");
+        if (!File.Exists(metricsPath)) throw new FileNotFoundException($"{runDirectory} has no metrics.jsonl", metricsPath);
+        var rows = File.ReadAllLines(metricsPath).Where(l => l.Trim().Length > 0).Select(l => JsonSerializer.Deserialize<GrpoStepMetrics>(l)!).ToList();
+        if (rows.Count == 0) throw new InvalidDataException($"{metricsPath} holds no steps");
+        var plots = Path.Combine(runDirectory, "plots");
+        Directory.CreateDirectory(plots);
+        var written = new List<string>();
+        double[] steps = rows.Select(r => (double)r.Step).ToArray();
+        void Plot(string name, string title, params (string Label, double[] Values)[] series)
+        {
+            var plot = new ScottPlot.Plot();
+            foreach (var (label, values) in series)
+            {
+                var line = plot.Add.Scatter(steps, values);
+                line.LegendText = label;
+            }
+            plot.Title(title);
+            plot.XLabel("step");
+            if (series.Length > 1) plot.ShowLegend();
+            var path = Path.Combine(plots, name + ".png");
+            plot.SavePng(path, 800, 450);
+            written.Add(path);
+        }
+        Plot("reward", "Reward (mean over samples)", ("reward", rows.Select(r => r.Reward).ToArray()));
+        Plot("accuracy", "Rule accuracy", ("accuracy", rows.Select(r => r.Accuracy).ToArray()));
+        Plot("effective_ratio", "Effective-sample ratio", ("update batch", rows.Select(r => r.EffectiveRatio).ToArray()),
+            ("fresh rollouts only", rows.Select(r => r.FreshInformativeRatio).ToArray()));
+        Plot("response_length", "Response length (tokens)", ("length", rows.Select(r => r.ResponseLength).ToArray()));
+        Plot("policy_ratio", "Mean PPO ratio and clipped fraction", ("mean ratio", rows.Select(r => r.MeanRatio).ToArray()),
+            ("clipped fraction", rows.Select(r => r.ClippedFraction).ToArray()));
+        if (rows.All(r => r.HallucinationRate is not null))
+            Plot("hallucination", "Hallucination rate (digits claimed but absent)", ("rate", rows.Select(r => r.HallucinationRate!.Value).ToArray()));
+
+        var md = new StringBuilder();
+        var inv = CultureInfo.InvariantCulture;
+        md.AppendLine($"# Run summary: {Path.GetFileName(Path.GetFullPath(runDirectory))}").AppendLine();
+        md.AppendLine($"{rows.Count} steps. First and last steps:").AppendLine();
+        md.AppendLine("| step | reward | accuracy | format rate | length | effective ratio | replayed | loss | grad norm | tokens/s |");
+        md.AppendLine("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        foreach (var r in rows.Take(3).Concat(rows.Count > 6 ? rows.TakeLast(3) : rows.Skip(3)))
+            md.AppendLine(string.Format(inv, "| {0} | {1:F3} | {2:F3} | {3:F3} | {4:F1} | {5:F3} | {6} | {7:E3} | {8:F3} | {9:F0} |",
+                r.Step, r.Reward, r.Accuracy, r.FormatRate, r.ResponseLength, r.EffectiveRatio, r.Replayed, r.Loss, r.GradNorm, r.TokensPerSecond));
+        var warnings = rows.Where(r => r.Warning is not null).ToList();
+        md.AppendLine().AppendLine(warnings.Count == 0 ? "No reward-hacking warnings." : $"{warnings.Count} warnings; the first at step {warnings[0].Step}: {warnings[0].Warning}");
+        md.AppendLine().AppendLine(string.Join("\n", written.Select(p => $"![{Path.GetFileNameWithoutExtension(p)}](plots/{Path.GetFileName(p)})")));
+        var summary = Path.Combine(runDirectory, "summary.md");
+        File.WriteAllText(summary, md.ToString());
+        written.Add(summary);
+        return written;
+    }
+}
