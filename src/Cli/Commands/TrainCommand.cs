@@ -41,8 +41,17 @@ public static class TrainCommand
     public static int RunStage(string? configPath, string[] overrides, string? outDir)
     {
         var config = TrainConfig.Load(configPath, outDir is null ? overrides : [.. overrides, $"output={outDir}"]);
-        if (config.Stage != "grpo")
-            throw new NotSupportedException($"stage '{config.Stage}' is not available in this build; stage grpo is");
+        if (config.Stage is "rm" or "mpo")
+        {
+            using var pb = Backends.Create(config.Backend);
+            using var pt = new PreferenceTrainer(config, pb);
+            AnsiConsole.MarkupLineInterpolated($"stage {config.Stage} on {pb.Name}: {config.Steps} steps of {config.Pairs.PairsPerStep} pairs; run directory {config.Output}");
+            PreferenceSummary summary = null!;
+            AnsiConsole.Status().Start($"training ({config.Stage})", _ => summary = pt.Run());
+            var last = pt.History[^1];
+            AnsiConsole.MarkupLineInterpolated($"final loss {last.Loss:F4}, train accuracy {last.Accuracy:F2}; held-out accuracy {summary.HeldOutAccuracy:F3} on {summary.HeldOutPairs} pairs; model in {Path.Combine(config.Output, "final")}");
+            return 0;
+        }
         using var backend = Backends.Create(config.Backend);
         using var trainer = new GrpoTrainer(config, backend);
         using var cancel = new CancellationTokenSource();

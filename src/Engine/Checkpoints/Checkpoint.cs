@@ -80,7 +80,7 @@ public sealed class Checkpoint : IDisposable
     }
 
     /// <summary>Checks names and shapes against what the model expects, listing every problem at once.</summary>
-    public void Validate(IReadOnlyDictionary<string, int[]> expected)
+    public void Validate(IReadOnlyDictionary<string, int[]> expected, IReadOnlyDictionary<string, int[]>? optional = null)
     {
         var problems = new List<string>();
         foreach (var (name, shape) in expected)
@@ -92,8 +92,11 @@ public sealed class Checkpoint : IDisposable
             if (info.DType is not ("F32" or "BF16" or "F16"))
                 problems.Add($"{Path.GetFileName(file.Path)}: tensor '{name}' is {info.DType}, expected F32, BF16 or F16");
         }
+        foreach (var (name, shape) in optional ?? new Dictionary<string, int[]>())
+            if (_where.TryGetValue(name, out var file) && !file.Tensors[name].Shape.SequenceEqual(shape.Select(d => (long)d)))
+                problems.Add($"{Path.GetFileName(file.Path)}: tensor '{name}' has shape {file.Tensors[name].ShapeString}, expected [{string.Join(", ", shape)}]");
         foreach (var name in _where.Keys)
-            if (!expected.ContainsKey(name)) problems.Add($"{Path.GetFileName(_where[name].Path)}: unexpected tensor '{name}'");
+            if (!expected.ContainsKey(name) && optional?.ContainsKey(name) != true) problems.Add($"{Path.GetFileName(_where[name].Path)}: unexpected tensor '{name}'");
         if (problems.Count > 0)
             throw new CheckpointException($"{Directory}: the checkpoint does not match the model config:\n  " + string.Join("\n  ", problems));
     }

@@ -67,19 +67,22 @@ public sealed class VisionLanguageModel : IDisposable
     private bool LlmTrainable => Parameters.All.Any(p => p.Name.StartsWith(VlmWeights.Llm, StringComparison.Ordinal) && p.Parameter.Trainable);
 
     /// <summary>Loads config.json, the safetensors weights and the &lt;IMG_CONTEXT&gt; id from tokenizer.json.</summary>
-    public static VisionLanguageModel Load(Backend backend, string directory, TrainableParts trainable = TrainableParts.None)
+    /// <param name="optional">Extra tensors the checkpoint may hold beside the VLM's (a reward head); not loaded here.</param>
+    public static VisionLanguageModel Load(Backend backend, string directory, TrainableParts trainable = TrainableParts.None,
+        IReadOnlyDictionary<string, int[]>? optional = null)
     {
         var config = VlmConfig.Load(Path.Combine(directory, "config.json"));
         int imageContext = TokenizerFiles.SpecialTokenId(Path.Combine(directory, "tokenizer.json"), TokenizerFiles.ImageContext);
         using var checkpoint = Checkpoint.Open(directory);
-        return new VisionLanguageModel(backend, config, ParameterStore.FromCheckpoint(backend, config, checkpoint, trainable), imageContext);
+        return new VisionLanguageModel(backend, config, ParameterStore.FromCheckpoint(backend, config, checkpoint, trainable, optional), imageContext);
     }
 
     /// <summary>Writes config.json and the weights (fp32 masters when present) in the HF layout.</summary>
-    public void Save(string directory, string dtype = "F32", long maxShardBytes = 4L << 30)
+    public void Save(string directory, string dtype = "F32", long maxShardBytes = 4L << 30, IEnumerable<Parameter>? extra = null)
     {
         Directory.CreateDirectory(directory);
-        var tensors = Parameters.All.Select(p => (p.Name, p.Parameter.Weights.Shape.ToArray(), p.Parameter.Weights.ToFloatArray())).ToList();
+        var tensors = Parameters.All.Select(p => (p.Name, p.Parameter.Weights.Shape.ToArray(), p.Parameter.Weights.ToFloatArray()))
+            .Concat((extra ?? []).Select(p => (p.Name, p.Weights.Shape.ToArray(), p.Weights.ToFloatArray()))).ToList();
         Checkpoint.Save(directory, tensors, dtype, maxShardBytes);
         var path = Path.Combine(directory, "config.json");
         File.WriteAllText(path + ".tmp", Config.ToJson().ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
@@ -221,13 +224,20 @@ public sealed class VisionLanguageModel : IDisposable
     /// <summary>Backward of the mean NLL of <paramref name="pass"/>; gradients accumulate into trainable parameters.</summary>
     public void Backward(Pass pass)
     {
-        var c = Config;
         int t = (int)pass.Ids.Length;
+        Backward(pass, Enumerable.Repeat(pass.Counted == 0 ? 0f : -1f / pass.Counted, t).ToArray());
+    }
+
+    /// <summary>Backward of any loss of the per-token log-probs, given d loss / d logprob for each position [T].</summary>
+    public void Backward(Pass pass, float[] dLogProb)
+    {
+        int t = (int)pass.Ids.Length;
+        if (dLogProb.Length != t) throw new ArgumentException($"{dLogProb.Length} log-prob gradients for {t} positions");
         bool needImage = pass.Adapter is not null && (AdapterTrainable || VitTrainable);
         if (!LlmTrainable && !needImage) return;
         using var held = new Activations();
         if (pass.Logits is null) throw new InvalidOperationException("this pass ran without the loss: use BackwardFromHidden");
-        var dlogprob = held.Keep(_b.FromArray(Enumerable.Repeat(pass.Counted == 0 ? 0f : -1f / pass.Counted, t).ToArray(), DType.F32, [t]));
+        var dlogprob = held.Keep(_b.FromArray(dLogProb, DType.F32, [t]));
         _b.CrossEntropyBackward(pass.Logits, pass.Targets, pass.Lse, dlogprob, pass.Logits); // dlogits replace the logits
         var dFinal = held.Keep(Linear.Backward(_b, pass.Logits, pass.Final, _head.Value, _head.Grad, null, inputGradient: true)!);
         BackwardFromHidden(pass, dFinal);

@@ -145,9 +145,10 @@ public sealed class ParameterStore : IDisposable
         }
     }
 
-    public static ParameterStore FromCheckpoint(Backend backend, VlmConfig config, Checkpoint checkpoint, TrainableParts trainable)
+    public static ParameterStore FromCheckpoint(Backend backend, VlmConfig config, Checkpoint checkpoint, TrainableParts trainable,
+        IReadOnlyDictionary<string, int[]>? optional = null)
     {
-        checkpoint.Validate(VlmWeights.Expected(config).ToDictionary(t => t.Name, t => t.Shape));
+        checkpoint.Validate(VlmWeights.Expected(config).ToDictionary(t => t.Name, t => t.Shape), optional);
         return new ParameterStore(backend, config, trainable, checkpoint.Read);
     }
 

@@ -21,6 +21,25 @@ public sealed class TrainConfig
     public GrpoConfig Grpo { get; set; } = new();
     public RewardConfig Reward { get; set; } = new();
     public MonitorConfig Monitor { get; set; } = new();
+    public PairsConfig Pairs { get; set; } = new();
+    public MpoConfig Mpo { get; set; } = new();
+
+    /// <summary>Preference-pair stages (rm, mpo): pairs per step and the share of rows held out for evaluation.</summary>
+    public sealed class PairsConfig
+    {
+        public int PairsPerStep { get; set; } = 4;
+        public double HeldOut { get; set; } = 0.2;
+    }
+
+    /// <summary>MPO: beta, the weights of DPO / BCO / NLL, and the decay of BCO's reward moving average.</summary>
+    public sealed class MpoConfig
+    {
+        public double Beta { get; set; } = 0.1;
+        public double WPref { get; set; } = 0.8;
+        public double WQuality { get; set; } = 0.2;
+        public double WGen { get; set; } = 1.0;
+        public double DeltaDecay { get; set; } = 0.99;
+    }
 
     public sealed class DataConfig
     {
@@ -152,6 +171,8 @@ public sealed class TrainConfig
     {
         void Require(bool ok, string what) { if (!ok) throw new InvalidDataException($"{source}: {what}"); }
         Require(Stage is "grpo" or "mpo" or "rm", $"stage must be grpo, mpo or rm, not '{Stage}'");
+        Require(Pairs.PairsPerStep >= 1, "pairs.pairs_per_step must be at least 1");
+        Require(Pairs.HeldOut >= 0 && Pairs.HeldOut < 1, "pairs.held_out must be in [0, 1)");
         Require(Steps >= 1, "steps must be at least 1");
         Require(Grpo.GroupSize >= 2, "grpo.group_size must be at least 2 (advantages compare samples of one prompt)");
         Require(Grpo.PromptsPerStep >= 1, "grpo.prompts_per_step must be at least 1");

@@ -1,0 +1,245 @@
+using System.Text.Json;
+using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Images;
+using R1V2.Native.Engine.Models;
+using R1V2.Native.Engine.Text;
+using R1V2.Native.Trainer.Config;
+using R1V2.Native.Trainer.Data;
+using R1V2.Native.Trainer.Mpo;
+using R1V2.Native.Trainer.Optim;
+
+namespace R1V2.Native.Trainer;
+
+/// <summary>One logged step of a preference stage (reward model or MPO).</summary>
+public sealed record PreferenceStepMetrics(int Step, double Loss, double Accuracy, double Margin, double Delta, double GradNorm, float LearningRate);
+
+/// <summary>The end of a preference stage: accuracy on the held-out pairs (never trained on).</summary>
+public sealed record PreferenceSummary(string Stage, int Steps, int TrainPairs, int HeldOutPairs, double HeldOutAccuracy, double FinalLoss);
+
+/// <summary>
+/// The two preference stages. rm: the reward model (VLM + scalar head on the last token) trained with the
+/// Bradley-Terry loss -log sigmoid(r_c - r_r). mpo: the policy trained with DPO + BCO + the chosen answer's
+/// length-normalised NLL against a frozen reference copy (log-probs of the reference are computed with the same
+/// scoring pass). A fixed share of the pairs (the last rows of the file) is held out and only evaluated. The trained
+/// model is saved to output/final (temporary directory, then renamed).
+/// </summary>
+public sealed class PreferenceTrainer : IDisposable
+{
+    private readonly TrainConfig _c;
+    private readonly Backend _b;
+    private readonly TextTokenizer _tokenizer;
+    private readonly ChatTemplate _template;
+    private readonly ImagePreprocessor _images;
+    private readonly PreferenceDataset _data;
+    private readonly HashSet<int> _heldOut;
+    private readonly RewardModel? _rm;
+    private readonly VisionLanguageModel? _policy, _reference;
+    private readonly AdamWOptimizer _opt;
+    private readonly LearningRateSchedule _schedule;
+    private readonly BcoDelta _delta;
+    private readonly int _imEnd;
+
+    public PreferenceTrainer(TrainConfig config, Backend backend)
+    {
+        _c = config;
+        _b = backend;
+        var parts = config.Trainable switch
+        {
+            "adapter" => TrainableParts.Adapter, "adapter+llm" => TrainableParts.AdapterAndLlm, "adapter+vit" => TrainableParts.AdapterAndVit, _ => TrainableParts.All,
+        };
+        _tokenizer = TextTokenizer.Load(config.Model);
+        _imEnd = _tokenizer.RequireToken("<|im_end|>");
+        _data = new PreferenceDataset(config.Data.Path, config.Seed, config.Data.Shuffle, config.Data.SkipBadRows);
+        int held = (int)Math.Floor(_data.Count * config.Pairs.HeldOut);
+        if (_data.Count - held < 1) throw new InvalidDataException($"{config.Data.Path}: {_data.Count} pairs leave none to train on with held_out {config.Pairs.HeldOut}");
+        _heldOut = Enumerable.Range(_data.Count - held, held).ToHashSet();
+        IEnumerable<Engine.Layers.Parameter> trainable;
+        VlmConfig vlmConfig;
+        if (config.Stage == "rm")
+        {
+            _rm = RewardModel.Load(backend, config.Model, parts);
+            trainable = _rm.Trainable;
+            vlmConfig = _rm.Vlm.Config;
+        }
+        else
+        {
+            _policy = VisionLanguageModel.Load(backend, config.Model, parts);
+            _reference = VisionLanguageModel.Load(backend, config.Model, TrainableParts.None);
+            trainable = _policy.Parameters.Trainable;
+            vlmConfig = _policy.Config;
+        }
+        _template = new ChatTemplate(vlmConfig.TokensPerTile);
+        _images = new ImagePreprocessor(vlmConfig.ForceImageSize);
+        var o = config.Optim;
+        _opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
+        _schedule = new LearningRateSchedule(o.Lr, o.Warmup, config.Steps,
+            o.Schedule switch { "linear" => ScheduleKind.Linear, "cosine" => ScheduleKind.Cosine, _ => ScheduleKind.Constant }, o.MinLrRatio);
+        _delta = new BcoDelta(config.Mpo.DeltaDecay);
+        Directory.CreateDirectory(config.Output);
+    }
+
+    public List<PreferenceStepMetrics> History { get; } = [];
+
+    /// <summary>Packs each pair as two sequences (prompt + chosen + &lt;|im_end|&gt;, prompt + rejected + ...); targets on the responses.</summary>
+    private (VlmBatch Batch, List<(int Start, int End)> Responses) Pack(IReadOnlyList<PreferencePair> pairs)
+    {
+        var ids = new List<int>();
+        var targets = new List<int>();
+        var cu = new List<int> { 0 };
+        var pixels = new List<float>();
+        var imageRows = new List<int>();
+        var spans = new List<(int, int)>();
+        int tiles = 0;
+        foreach (var p in pairs)
+        {
+            var counts = new List<int>();
+            var pairPixels = new List<float>();
+            foreach (var img in p.Images)
+            {
+                var (px, n) = _images.Load(img);
+                pairPixels.AddRange(px);
+                counts.Add(n);
+            }
+            var prompt = _tokenizer.Encode(_template.Render([new ChatMessage("user", p.Prompt, counts)]));
+            foreach (var response in new[] { p.Chosen, p.Rejected })
+            {
+                int offset = ids.Count;
+                for (int k = 0; k < prompt.Length; k++) if (prompt[k] == (_policy ?? _rm!.Vlm).ImageContextId) imageRows.Add(offset + k);
+                int[] seq = [.. prompt, .. _tokenizer.Encode(response), _imEnd];
+                ids.AddRange(seq);
+                for (int t = 0; t < seq.Length; t++) targets.Add(t + 1 < seq.Length && t + 1 >= prompt.Length ? seq[t + 1] : Backend.IgnoreIndex);
+                spans.Add((offset + prompt.Length - 1, offset + seq.Length - 1)); // positions whose targets are the response
+                cu.Add(ids.Count);
+                pixels.AddRange(pairPixels);
+                tiles += counts.Sum();
+            }
+        }
+        return (new VlmBatch([.. ids], [.. targets], [.. cu], tiles > 0 ? [.. pixels] : null, tiles, [.. imageRows]), spans);
+    }
+
+    private static double Sum(float[] logp, (int Start, int End) span)
+    {
+        double s = 0;
+        for (int t = span.Start; t < span.End; t++) s += logp[t];
+        return s;
+    }
+
+    public PreferenceSummary Run()
+    {
+        var metricsPath = Path.Combine(_c.Output, "metrics.jsonl");
+        File.WriteAllText(metricsPath, "");
+        for (int step = 0; step < _c.Steps; step++)
+        {
+            var pairs = new List<PreferencePair>();
+            while (pairs.Count < _c.Pairs.PairsPerStep)
+                pairs.AddRange(_data.Next(1).Where(p => !_heldOut.Contains(p.Index)));
+            var m = _rm is not null ? RewardStep(pairs, step) : MpoStep(pairs, step);
+            History.Add(m);
+            File.AppendAllText(metricsPath, JsonSerializer.Serialize(m) + "\n");
+        }
+        var held = _heldOut.Order().Select(_data.Read).ToList();
+        double accuracy = held.Count == 0 ? double.NaN : Evaluate(held);
+        var summary = new PreferenceSummary(_c.Stage, _c.Steps, _data.Count - held.Count, held.Count, accuracy, History.Count > 0 ? History[^1].Loss : double.NaN);
+        File.WriteAllText(Path.Combine(_c.Output, "summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
+        SaveFinal();
+        return summary;
+    }
+
+    private PreferenceStepMetrics RewardStep(List<PreferencePair> pairs, int step)
+    {
+        var (batch, _) = Pack(pairs);
+        _opt.ZeroGrad();
+        using var scored = _rm!.Score(batch);
+        var d = new float[scored.Scores.Length];
+        double loss = 0, correct = 0, margin = 0;
+        for (int i = 0; i < pairs.Count; i++)
+        {
+            double rc = scored.Scores[2 * i], rr = scored.Scores[2 * i + 1];
+            var (l, g) = MpoMath.BradleyTerry(rc, rr);
+            loss += l / pairs.Count;
+            d[2 * i] = (float)(g / pairs.Count);
+            d[2 * i + 1] = (float)(-g / pairs.Count);
+            correct += rc > rr ? 1 : 0;
+            margin += rc - rr;
+        }
+        _rm.Backward(scored, d);
+        var lr = _schedule.At(step + 1);
+        var report = _opt.Step(lr);
+        return new PreferenceStepMetrics(step + 1, loss, correct / pairs.Count, margin / pairs.Count, 0, report.GradNorm, lr);
+    }
+
+    private PreferenceStepMetrics MpoStep(List<PreferencePair> pairs, int step)
+    {
+        var (batch, spans) = Pack(pairs);
+        double[] refSums;
+        using (var refPass = _reference!.Forward(batch)) refSums = spans.Select(s => Sum(refPass.LogProbs, s)).ToArray();
+        _opt.ZeroGrad();
+        using var pass = _policy!.Forward(batch);
+        var sums = spans.Select(s => Sum(pass.LogProbs, s)).ToArray();
+        var dlogp = new float[batch.InputIds.Length];
+        double loss = 0, correct = 0, margin = 0, implicitMean = 0;
+        var mpo = _c.Mpo;
+        for (int i = 0; i < pairs.Count; i++)
+        {
+            var (cs, rs) = (spans[2 * i], spans[2 * i + 1]);
+            var l = MpoMath.Loss(sums[2 * i], refSums[2 * i], cs.End - cs.Start, sums[2 * i + 1], refSums[2 * i + 1], mpo.Beta, _delta.Value, mpo.WPref, mpo.WQuality, mpo.WGen);
+            loss += l.Loss / pairs.Count;
+            for (int t = cs.Start; t < cs.End; t++) dlogp[t] = (float)(l.GradChosen / pairs.Count);
+            for (int t = rs.Start; t < rs.End; t++) dlogp[t] = (float)(l.GradRejected / pairs.Count);
+            double lc = sums[2 * i] - refSums[2 * i], lr = sums[2 * i + 1] - refSums[2 * i + 1];
+            correct += lc > lr ? 1 : 0;
+            margin += mpo.Beta * (lc - lr);
+            implicitMean += mpo.Beta * (lc + lr) / 2;
+        }
+        _policy.Backward(pass, dlogp);
+        _delta.Update(implicitMean / pairs.Count); // BCO's delta: moving average of the implicit rewards beta lr(y)
+        var lrate = _schedule.At(step + 1);
+        var report = _opt.Step(lrate);
+        return new PreferenceStepMetrics(step + 1, loss, correct / pairs.Count, margin / pairs.Count, _delta.Value, report.GradNorm, lrate);
+    }
+
+    /// <summary>Held-out accuracy: the reward model scores chosen above rejected; MPO's implicit reward does.</summary>
+    private double Evaluate(List<PreferencePair> pairs)
+    {
+        double correct = 0;
+        foreach (var chunk in pairs.Chunk(Math.Max(1, _c.Pairs.PairsPerStep)))
+        {
+            var (batch, spans) = Pack(chunk);
+            if (_rm is not null)
+            {
+                using var scored = _rm.Score(batch);
+                for (int i = 0; i < chunk.Length; i++) correct += scored.Scores[2 * i] > scored.Scores[2 * i + 1] ? 1 : 0;
+            }
+            else
+            {
+                using var refPass = _reference!.Forward(batch);
+                using var pass = _policy!.Forward(batch);
+                for (int i = 0; i < chunk.Length; i++)
+                {
+                    double lc = Sum(pass.LogProbs, spans[2 * i]) - Sum(refPass.LogProbs, spans[2 * i]);
+                    double lr = Sum(pass.LogProbs, spans[2 * i + 1]) - Sum(refPass.LogProbs, spans[2 * i + 1]);
+                    correct += lc > lr ? 1 : 0;
+                }
+            }
+        }
+        return correct / pairs.Count;
+    }
+
+    private void SaveFinal()
+    {
+        var final = Path.Combine(_c.Output, "final");
+        var tmp = final + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
+        if (_rm is not null) _rm.Save(tmp); else _policy!.Save(tmp);
+        File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"));
+        if (Directory.Exists(final)) Directory.Delete(final, true);
+        Directory.Move(tmp, final);
+    }
+
+    public void Dispose()
+    {
+        _opt.Dispose();
+        _rm?.Dispose();
+        _policy?.Dispose();
+        _reference?.Dispose();
+    }
+}
