@@ -18,7 +18,7 @@ namespace R1V2.Native.Trainer;
 /// <summary>One logged GRPO step.</summary>
 public sealed record GrpoStepMetrics(int Step, double Loss, double Reward, double Accuracy, double FormatRate, double ResponseLength, double EffectiveRatio,
     double FreshInformativeRatio, int Replayed, double MeanRatio, double ClippedFraction, double GradNorm, float LearningRate, int SkippedUpdates,
-    double? HallucinationRate, double TokensPerSecond, double Seconds, string? Warning);
+    double? HallucinationRate, double TokensPerSecond, double Seconds, string? Warning, double? RewardModelMean = null, double? RewardModelStd = null);
 
 /// <summary>
 /// The GRPO stage: each step draws prompts, samples G responses per prompt with the paged generator, scores them with
@@ -41,6 +41,8 @@ public sealed class GrpoTrainer : IDisposable
     private readonly LearningRateSchedule _schedule;
     private readonly GrpoUpdate _update;
     private readonly List<GrpoStepMetrics> _history = [];
+    private readonly VisionLanguageModel? _reference;
+    private readonly RewardModel? _rewardModel;
     private int _step, _badInARow;
 
     private readonly Func<string, PromptRow, RewardBreakdown> _score;
@@ -68,15 +70,21 @@ public sealed class GrpoTrainer : IDisposable
             o.Schedule switch { "linear" => ScheduleKind.Linear, "cosine" => ScheduleKind.Cosine, _ => ScheduleKind.Constant }, o.MinLrRatio);
         _ssb = new SelectiveSampleBuffer(g.Ssb.Capacity, g.Ssb.MaxAge, (ulong)config.Seed * 0x9E3779B97F4A7C15ul + 1);
         var r = config.Reward;
-        _reward = new HybridReward(new FormatReward(r.FormatWellFormed, r.FormatEmptyAnswer, r.FormatUnfinished, r.FormatRepeated));
+        if (r.RmPath.Length > 0) _rewardModel = RewardModel.Load(backend, r.RmPath, TrainableParts.None, trainHead: false);
+        var scaling = new RewardModelScaling(r.RmTransform switch { "clip" => RewardModelTransform.Clip, "standardise" => RewardModelTransform.Standardise, _ => RewardModelTransform.Identity },
+            -r.RmClip, r.RmClip, r.RmThreshold);
+        _reward = new HybridReward(new FormatReward(r.FormatWellFormed, r.FormatEmptyAnswer, r.FormatUnfinished, r.FormatRepeated), _rewardModel is null ? 0 : r.RmWeight, scaling);
         _score = reward ?? ((text, p) => _reward.Score(text, new RewardContext(p.Answer, p.Choices)));
+        _customReward = reward is not null;
         var settings = new GrpoLossSettings(g.EpsLow, g.EpsHigh, g.DualClip, g.KlCoef,
             g.Kl switch { "k1" => KlEstimator.K1, "k3" => KlEstimator.K3, _ => KlEstimator.None }, g.Temperature);
-        if (settings.Kl != KlEstimator.None) throw new NotSupportedException("grpo.kl needs reference log-probs from a frozen copy, which this trainer does not keep yet; set grpo.kl: none");
+        if (settings.Kl != KlEstimator.None) _reference = VisionLanguageModel.Load(backend, config.Model, TrainableParts.None); // frozen copy
         _update = new GrpoUpdate(_model, settings, g.Aggregation == "token_mean" ? LossAggregation.TokenMean : LossAggregation.SequenceMeanTokenMean, g.VocabChunk);
         if (resume is not null) Restore(resume);
         File.WriteAllText(Path.Combine(config.Output, "config.resolved.yaml"), config.ToYaml());
     }
+
+    private readonly bool _customReward;
 
     public int Step => _step;
     public IReadOnlyList<GrpoStepMetrics> History => _history;
@@ -114,15 +122,18 @@ public sealed class GrpoTrainer : IDisposable
         }
         var samples = new Generator(_model, _tokenizer, new GeneratorOptions(g.CacheBlocks, MaxBatch: g.GroupSize * g.PromptsPerStep)).Generate(requests);
 
+        var texts = samples.Select(_chat.Text).ToList();
+        double[]? rmScores = _rewardModel is null || _customReward ? null : ScoreWithRewardModel(samples, promptInputs);
         var rollouts = new List<Rollout>();
         var rewards = new List<double>();
         double accuracy = 0, format = 0, length = 0;
         int grounded = 0, groundingChecks = 0, tokens = 0;
-        foreach (var s in samples)
+        for (int si = 0; si < samples.Count; si++)
         {
+            var s = samples[si];
             var p = prompts[s.Request];
-            var text = _chat.Text(s);
-            var r = _score(text, p);
+            var text = texts[si];
+            var r = rmScores is null ? _score(text, p) : _reward.Score(text, new RewardContext(p.Answer, p.Choices), rmScores[si]);
             rewards.Add(r.Total);
             accuracy += r.Rule;
             format += r.Format > 0 ? 1 : 0;
@@ -147,16 +158,22 @@ public sealed class GrpoTrainer : IDisposable
         double freshRatio = rollouts.Count(r => Math.Abs(r.Advantage) > SelectiveSampleBuffer.ZeroAdvantage) / (double)target;
 
         double loss = 0, meanRatio = 0, clipped = 0, gradNorm = 0;
-        int skipped = 0, updates = 0;
+        int skipped = 0, updates = 0, optimizerSteps = 0;
         var lr = _schedule.At(step + 1);
         var informative = batch.Samples.Where(r => Math.Abs(r.Advantage) > SelectiveSampleBuffer.ZeroAdvantage).ToList();
         if (informative.Count > 0)
         {
             int per = (informative.Count + g.Minibatches - 1) / g.Minibatches;
+            int accumulated = 0;
             for (int mb = 0; mb < informative.Count; mb += per)
             {
-                _opt.ZeroGrad();
-                var stats = _update.Accumulate(informative.Skip(mb).Take(per).ToList());
+                if (accumulated == 0) _opt.ZeroGrad();
+                var chunk = informative.Skip(mb).Take(per).ToList();
+                var stats = _update.Accumulate(chunk, _reference is null ? null : ReferenceLogProbs(chunk));
+                loss += stats.Loss; meanRatio += stats.MeanRatio; clipped += stats.ClippedFraction;
+                updates++;
+                if (++accumulated < _c.Optim.GradAccum && mb + per < informative.Count) continue;
+                accumulated = 0;
                 var report = _opt.Step(lr);
                 if (report.Skipped)
                 {
@@ -165,8 +182,8 @@ public sealed class GrpoTrainer : IDisposable
                         throw new InvalidOperationException($"step {step + 1}: {_badInARow} updates in a row had a non-finite gradient norm; stopping (lower optim.lr or check the data)");
                 }
                 else _badInARow = 0;
-                loss += stats.Loss; meanRatio += stats.MeanRatio; clipped += stats.ClippedFraction; gradNorm += report.GradNorm;
-                updates++;
+                gradNorm += report.GradNorm;
+                optimizerSteps++;
             }
         }
         _step++;
@@ -174,8 +191,44 @@ public sealed class GrpoTrainer : IDisposable
         double seconds = clock.Elapsed.TotalSeconds;
         double? halluc = groundingChecks == 0 ? null : 1 - grounded / (double)groundingChecks;
         var metrics = new GrpoStepMetrics(_step, loss / u, rewards.Average(), accuracy / n, format / n, length / n, batch.EffectiveRatio, freshRatio, batch.Replayed,
-            meanRatio / u, clipped / u, gradNorm / u, lr, skipped, halluc, tokens / seconds, seconds, null);
+            meanRatio / u, clipped / u, gradNorm / Math.Max(1, optimizerSteps), lr, skipped, halluc, tokens / seconds, seconds, null);
+        if (rmScores is not null)
+        {
+            double mean = rmScores.Average();
+            metrics = metrics with { RewardModelMean = mean, RewardModelStd = Math.Sqrt(rmScores.Sum(x => (x - mean) * (x - mean)) / rmScores.Length) };
+        }
         return metrics with { Warning = Monitor.Check(_history.Append(metrics).ToList(), _c.Monitor) };
+    }
+
+    /// <summary>The frozen reference's log-probs of each rollout's response tokens (teacher forced).</summary>
+    private List<float[]> ReferenceLogProbs(IReadOnlyList<Rollout> rollouts)
+    {
+        var result = new List<float[]>();
+        foreach (var r in rollouts)
+        {
+            var ids = r.PromptIds.Concat(r.Response).ToArray();
+            var imageRows = Enumerable.Range(0, r.PromptIds.Length).Where(i => r.PromptIds[i] == _reference!.ImageContextId).ToArray();
+            using var pass = _reference!.Forward(VlmBatch.Single(ids, r.Pixels, r.Tiles, lossFrom: r.PromptIds.Length) with { ImagePositions = imageRows });
+            result.Add(pass.LogProbs[(r.PromptIds.Length - 1)..(ids.Length - 1)]);
+        }
+        return result;
+    }
+
+    /// <summary>Reward-model scores of every sample (prompt + response + &lt;|im_end|&gt;, the last token's score).</summary>
+    private double[] ScoreWithRewardModel(IReadOnlyList<GeneratedSample> samples, IReadOnlyList<(int[] Ids, float[]? Pixels, int Tiles)> prompts)
+    {
+        int imEnd = _tokenizer.RequireToken("<|im_end|>");
+        var scores = new double[samples.Count];
+        for (int i = 0; i < samples.Count; i++)
+        {
+            var (ids, pixels, tiles) = prompts[samples[i].Request];
+            var tokens = samples[i].Tokens.Length > 0 && samples[i].Tokens[^1] == imEnd ? samples[i].Tokens : [.. samples[i].Tokens, imEnd];
+            int[] seq = [.. ids, .. tokens];
+            var imageRows = Enumerable.Range(0, ids.Length).Where(k => ids[k] == _rewardModel!.Vlm.ImageContextId).ToArray();
+            using var scored = _rewardModel!.Score(new VlmBatch(seq, Enumerable.Repeat(Backend.IgnoreIndex, seq.Length).ToArray(), [0, seq.Length], pixels, tiles, imageRows));
+            scores[i] = scored.Scores[0];
+        }
+        return scores;
     }
 
     // ---- checkpoints ---------------------------------------------------------------------------------------------
@@ -209,6 +262,7 @@ public sealed class GrpoTrainer : IDisposable
             ["data_index"] = _data.Position.Index,
             ["ssb_rng"] = rng.ToString(),
             ["ssb"] = JsonSerializer.SerializeToNode(items),
+            ["rm_scaling"] = new JsonArray(_reward.Scaling.State.Count, _reward.Scaling.State.Mean, _reward.Scaling.State.M2),
         };
         File.WriteAllText(Path.Combine(tmp, "trainer_state.json"), state.ToJsonString());
         if (Directory.Exists(final)) Directory.Delete(final, true);
@@ -224,6 +278,8 @@ public sealed class GrpoTrainer : IDisposable
         _badInARow = state["bad_in_a_row"]!.GetValue<int>();
         _data.Seek((state["data_epoch"]!.GetValue<int>(), state["data_index"]!.GetValue<int>()));
         _ssb.Restore(ulong.Parse(state["ssb_rng"]!.GetValue<string>()), state["ssb"].Deserialize<List<Rollout>>()!);
+        if (state["rm_scaling"] is JsonArray sc)
+            _reward.Scaling.Restore((sc[0]!.GetValue<long>(), sc[1]!.GetValue<double>(), sc[2]!.GetValue<double>()));
         using var opt = SafetensorsFile.Open(Path.Combine(dir, "optimizer.safetensors"));
         var moments = _model.Parameters.Trainable.ToDictionary(p => p.Name, p => (opt.ReadFloats(p.Name + ".exp_avg"), opt.ReadFloats(p.Name + ".exp_avg_sq")));
         _opt.Import(state["optimizer_step"]!.GetValue<int>(), moments);
@@ -232,7 +288,13 @@ public sealed class GrpoTrainer : IDisposable
         File.WriteAllLines(MetricsPath, _history.Select(h => JsonSerializer.Serialize(h))); // drop steps after the checkpoint
     }
 
-    public void Dispose() => _model.Dispose();
+    public void Dispose()
+    {
+        _opt.Dispose();
+        _model.Dispose();
+        _reference?.Dispose();
+        _rewardModel?.Dispose();
+    }
 }
 
 /// <summary>The visual-grounding check where the dataset knows the image's digits.</summary>

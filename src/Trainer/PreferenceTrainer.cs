@@ -14,7 +14,7 @@ namespace R1V2.Native.Trainer;
 public sealed record PreferenceStepMetrics(int Step, double Loss, double Accuracy, double Margin, double Delta, double GradNorm, float LearningRate);
 
 /// <summary>The end of a preference stage: accuracy on the held-out pairs (never trained on).</summary>
-public sealed record PreferenceSummary(string Stage, int Steps, int TrainPairs, int HeldOutPairs, double HeldOutAccuracy, double FinalLoss);
+public sealed record PreferenceSummary(string Stage, int Steps, int TrainPairs, int HeldOutPairs, double? HeldOutAccuracy, double FinalLoss);
 
 /// <summary>
 /// The two preference stages. rm: the reward model (VLM + scalar head on the last token) trained with the
@@ -138,7 +138,7 @@ public sealed class PreferenceTrainer : IDisposable
             File.AppendAllText(metricsPath, JsonSerializer.Serialize(m) + "\n");
         }
         var held = _heldOut.Order().Select(_data.Read).ToList();
-        double accuracy = held.Count == 0 ? double.NaN : Evaluate(held);
+        double? accuracy = held.Count == 0 ? null : Evaluate(held);
         var summary = new PreferenceSummary(_c.Stage, _c.Steps, _data.Count - held.Count, held.Count, accuracy, History.Count > 0 ? History[^1].Loss : double.NaN);
         File.WriteAllText(Path.Combine(_c.Output, "summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
         SaveFinal();

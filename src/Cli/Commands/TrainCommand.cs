@@ -49,7 +49,7 @@ public static class TrainCommand
             PreferenceSummary summary = null!;
             AnsiConsole.Status().Start($"training ({config.Stage})", _ => summary = pt.Run());
             var last = pt.History[^1];
-            AnsiConsole.MarkupLineInterpolated($"final loss {last.Loss:F4}, train accuracy {last.Accuracy:F2}; held-out accuracy {summary.HeldOutAccuracy:F3} on {summary.HeldOutPairs} pairs; model in {Path.Combine(config.Output, "final")}");
+            AnsiConsole.MarkupLineInterpolated($"final loss {last.Loss:F4}, train accuracy {last.Accuracy:F2}; held-out accuracy {(summary.HeldOutAccuracy is { } a ? a.ToString("F3") : "-")} on {summary.HeldOutPairs} pairs; model in {Path.Combine(config.Output, "final")}");
             return 0;
         }
         using var backend = Backends.Create(config.Backend);

@@ -59,6 +59,8 @@ public sealed class TrainConfig
         public float Beta2 { get; set; } = 0.999f;
         public float Eps { get; set; } = 1e-8f;
         public double MaxGradNorm { get; set; } = 1.0;
+        /// <summary>Minibatches whose gradients add up before one optimiser step.</summary>
+        public int GradAccum { get; set; } = 1;
         public int MaxBadSteps { get; set; } = 3;
     }
 
@@ -104,6 +106,12 @@ public sealed class TrainConfig
 
     public sealed class RewardConfig
     {
+        /// <summary>A reward-model checkpoint (engine train --stage rm output); empty: no reward model.</summary>
+        public string RmPath { get; set; } = "";
+        public double RmWeight { get; set; } = 1.0;
+        public string RmTransform { get; set; } = "identity";
+        public double RmClip { get; set; } = 5.0;
+        public double RmThreshold { get; set; } = double.NegativeInfinity;
         public double FormatWellFormed { get; set; } = 0.5;
         public double FormatEmptyAnswer { get; set; }
         public double FormatUnfinished { get; set; } = -0.5;
@@ -172,6 +180,8 @@ public sealed class TrainConfig
         void Require(bool ok, string what) { if (!ok) throw new InvalidDataException($"{source}: {what}"); }
         Require(Stage is "grpo" or "mpo" or "rm", $"stage must be grpo, mpo or rm, not '{Stage}'");
         Require(Pairs.PairsPerStep >= 1, "pairs.pairs_per_step must be at least 1");
+        Require(Optim.GradAccum >= 1, "optim.grad_accum must be at least 1");
+        Require(Reward.RmTransform is "identity" or "clip" or "standardise", $"reward.rm_transform must be identity, clip or standardise, not '{Reward.RmTransform}'");
         Require(Pairs.HeldOut >= 0 && Pairs.HeldOut < 1, "pairs.held_out must be in [0, 1)");
         Require(Steps >= 1, "steps must be at least 1");
         Require(Grpo.GroupSize >= 2, "grpo.group_size must be at least 2 (advantages compare samples of one prompt)");

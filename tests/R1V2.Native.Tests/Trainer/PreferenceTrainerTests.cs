@@ -50,3 +50,60 @@ public sealed class PreferenceTrainerTests(CpuFixture fx) : IDisposable
         Assert.NotEqual(0, t.History[^1].Delta); // BCO's delta follows the implicit rewards
     }
 }
+
+/// <summary>GRPO with a KL penalty to a frozen reference and with a trained reward model in the hybrid reward.</summary>
+[Collection("cpu")]
+public sealed class GrpoWithReferenceTests(CpuFixture fx) : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("r1v2-grpo-kl-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, true);
+
+    private TrainConfig Config(string name, params string[] extra)
+    {
+        var ckpt = Path.Combine(_dir, "tiny");
+        if (!Directory.Exists(ckpt)) InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), ckpt, seed: 8);
+        var data = Path.Combine(_dir, "prompts.jsonl");
+        File.WriteAllLines(data, Enumerable.Range(0, 4).Select(i => JsonSerializer.Serialize(new { question = $"say {i}", answer = $"{i}" })));
+        return TrainConfig.Load(null, [$"model={ckpt}", $"output={Path.Combine(_dir, name)}", $"data.path={data}", "steps=2", "trainable=all", "optim.lr=0.003",
+            "grpo.group_size=4", "grpo.prompts_per_step=1", "grpo.max_new_tokens=5", "grpo.cache_blocks=32", .. extra]);
+    }
+
+    private static R1V2.Native.Trainer.Rewards.RewardBreakdown Letters(string text, R1V2.Native.Trainer.Data.PromptRow _)
+    {
+        double r = text.Length == 0 ? 0 : text.Count(ch => ch is >= 'a' and <= 'z') / (double)text.Length;
+        return new R1V2.Native.Trainer.Rewards.RewardBreakdown(r, 0, 0, 0, r);
+    }
+
+    [Fact]
+    public void KlToTheReference_IsZeroAtTheStart_AndActsAfterwards()
+    {
+        List<GrpoStepMetrics> Run(string name, params string[] extra)
+        {
+            using var t = new GrpoTrainer(Config(name, extra), fx.Backend, Letters);
+            t.Run();
+            return t.History.ToList();
+        }
+        var plain = Run("plain");
+        var kl = Run("kl", "grpo.kl=k3", "grpo.kl_coef=0.5");
+        // Step 1 runs at the reference's own weights: k3 = 0 there, so the losses agree up to float rounding.
+        Assert.True(Math.Abs(plain[0].Loss - kl[0].Loss) < 1e-5, $"step 1: {plain[0].Loss} vs {kl[0].Loss}");
+        Assert.NotEqual(plain[1].Loss, kl[1].Loss);
+    }
+
+    [Fact]
+    public void RewardModelScores_EnterTheHybridReward_AndTheMetrics()
+    {
+        var rmDir = Path.Combine(_dir, "rm");
+        var pairs = Path.Combine(_dir, "pairs.jsonl");
+        File.WriteAllLines(pairs, Enumerable.Range(0, 8).Select(i => JsonSerializer.Serialize(new { prompt = $"q{i}", chosen = "yes", rejected = "no" })));
+        var rmConfig = TrainConfig.Load(null, ["stage=rm", $"model={Path.Combine(_dir, "tiny")}", $"output={rmDir}", $"data.path={pairs}", "steps=3",
+            "trainable=adapter+llm", "pairs.held_out=0", "optim.lr=0.003"]);
+        Config("init"); // makes the tiny checkpoint
+        using (var rmTrainer = new PreferenceTrainer(rmConfig, fx.Backend)) rmTrainer.Run();
+        using var t = new GrpoTrainer(Config("with-rm", $"reward.rm_path={Path.Combine(rmDir, "final")}", "reward.rm_transform=clip", "reward.rm_weight=2"), fx.Backend);
+        t.Run();
+        Assert.All(t.History, m => Assert.NotNull(m.RewardModelMean));
+        Assert.All(t.History, m => Assert.True(m.RewardModelStd > 0, "samples should get different reward-model scores"));
+    }
+}
