@@ -24,6 +24,8 @@ public static class Program
             GenerateCommand.CreateGenerate(),
             GenerateCommand.CreateChat(),
             ReportCommand.Create(),
+            SamplingCommands.CreateBuildPairs(),
+            SamplingCommands.CreatePrefilter(),
         };
         return root.Parse(args).Invoke();
     }

@@ -29,10 +29,11 @@ public static class TrainCommand
         var output = new Option<string?>("--out") { Description = "Run directory (default runs/train-<time>)" };
         var config = new Option<string?>("--config") { Description = "Run config (YAML): trains the VLM stage it names (grpo)" };
         var set = new Option<string[]>("--set") { Description = "Override a config key, e.g. --set grpo.group_size=8 (repeatable)" };
+        var stage = new Option<string?>("--stage") { Description = "grpo | mpo | rm (the same as --set stage=...)" };
         var cmd = new Command("train", "Train: with --config, the VLM stage it names (grpo); without, the built-in task")
-            { steps, batch, lr, seed, backend, output, config, set };
-        cmd.SetAction(r => r.GetValue(config) is { } cfg || (r.GetValue(set)?.Length ?? 0) > 0
-            ? RunStage(r.GetValue(config), r.GetValue(set) ?? [], r.GetValue(output))
+            { steps, batch, lr, seed, backend, output, config, set, stage };
+        cmd.SetAction(r => r.GetValue(config) is not null || (r.GetValue(set)?.Length ?? 0) > 0 || r.GetValue(stage) is not null
+            ? RunStage(r.GetValue(config), [.. r.GetValue(set) ?? [], .. r.GetValue(stage) is { } st ? new[] { $"stage={st}" } : []], r.GetValue(output))
             : Run(new NextTokenSettings(r.GetValue(steps), r.GetValue(batch), r.GetValue(lr), Seed: r.GetValue(seed)), r.GetValue(backend)!, r.GetValue(output)));
         return cmd;
     }

@@ -107,3 +107,46 @@ public sealed class GrpoWithReferenceTests(CpuFixture fx) : IDisposable
         Assert.All(t.History, m => Assert.True(m.RewardModelStd > 0, "samples should get different reward-model scores"));
     }
 }
+
+/// <summary>The MPO pair builder and the prompt pre-filter over sampled groups.</summary>
+[Collection("cpu")]
+public sealed class PromptSamplingTests(CpuFixture fx) : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("r1v2-sampling-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, true);
+
+    [Fact]
+    public void PairsAndPrefilter_FromSampledGroups()
+    {
+        var ckpt = Path.Combine(_dir, "tiny");
+        InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), ckpt, seed: 3);
+        var data = Path.Combine(_dir, "prompts.jsonl");
+        File.WriteAllLines(data, Enumerable.Range(0, 6).Select(i => JsonSerializer.Serialize(new { question = $"q {i}", answer = "x" })));
+        var prompts = new R1V2.Native.Trainer.Data.PromptDataset(data, 0, shuffle: false);
+        var rows = Enumerable.Range(0, prompts.Count).Select(prompts.Read).ToList();
+        using var model = VisionLanguageModel.Load(fx.Backend, ckpt);
+        var tok = R1V2.Native.Engine.Text.TextTokenizer.Load(ckpt);
+        // Even prompts: every sample gets 0.5 (no signal); odd prompts: the share of lowercase letters.
+        R1V2.Native.Trainer.Rewards.RewardBreakdown Reward(string text, R1V2.Native.Trainer.Data.PromptRow p)
+        {
+            double r = p.Index % 2 == 0 ? 0.5 : text.Count(ch => ch is >= 'a' and <= 'z') / Math.Max(1.0, text.Length);
+            return new(r, 0, 0, 0, r);
+        }
+        var groups = PromptSampling.Sample(model, tok, rows, 4, new SamplingParams(1f), 6, 5, Reward, cacheBlocks: 64);
+        Assert.Equal(6, groups.Count);
+        Assert.All(groups, g => Assert.Equal(4, g.Responses.Count));
+
+        var pairs = PromptSampling.Pairs(groups, margin: 0.01);
+        Assert.NotEmpty(pairs);
+        Assert.All(pairs, p => Assert.True(p.Group.Rewards[p.Chosen].Total - p.Group.Rewards[p.Rejected].Total >= 0.01));
+        Assert.DoesNotContain(pairs, p => p.Group.Prompt.Index % 2 == 0);
+        var pairsPath = Path.Combine(_dir, "pairs.jsonl");
+        PromptSampling.WritePairs(pairsPath, pairs);
+        Assert.Equal(pairs.Count, new R1V2.Native.Trainer.Data.PreferenceDataset(pairsPath, 0).Count); // MPO can train on it
+
+        var kept = PromptSampling.WriteInformative(Path.Combine(_dir, "kept.jsonl"), groups);
+        Assert.Equal(groups.Count(g => g.Rewards.Select(r => r.Total).Distinct().Count() > 1), kept);
+        Assert.True(kept <= 3);
+    }
+}
