@@ -3,28 +3,68 @@ using System.Text.Json.Nodes;
 
 namespace R1V2.Native.Trainer.Data;
 
+/// <summary>Rows that can be counted and read by number.</summary>
+public interface IRowSource<out T>
+{
+    int Count { get; }
+    int SkippedRows { get; }
+    T Read(int row);
+}
+
+/// <summary>
+/// A seeded permutation of a row source per epoch, read in order; the position (epoch, index) is what checkpoints save.
+/// </summary>
+public sealed class ShuffledRows<T>(IRowSource<T> source, int seed, bool shuffle)
+{
+    private int[] _order = Order(source.Count, seed, shuffle, 0);
+
+    public IRowSource<T> Source => source;
+    public (int Epoch, int Index) Position { get; private set; }
+
+    private static int[] Order(int count, int seed, bool shuffle, int epoch)
+    {
+        var order = Enumerable.Range(0, count).ToArray();
+        if (shuffle) new Random(HashCode.Combine(seed, epoch)).Shuffle(order);
+        return order;
+    }
+
+    public void Seek((int Epoch, int Index) position)
+    {
+        Position = position;
+        _order = Order(source.Count, seed, shuffle, position.Epoch);
+    }
+
+    /// <summary>The next <paramref name="count"/> rows with their row numbers, wrapping into the next epoch.</summary>
+    public List<(int Row, T Item)> Next(int count)
+    {
+        var rows = new List<(int, T)>();
+        while (rows.Count < count)
+        {
+            if (Position.Index >= source.Count) Seek((Position.Epoch + 1, 0));
+            int row = _order[Position.Index];
+            rows.Add((row, source.Read(row)));
+            Position = (Position.Epoch, Position.Index + 1);
+        }
+        return rows;
+    }
+}
+
 /// <summary>
 /// A JSONL file indexed by byte offset in one validating pass; rows are parsed again when read. A bad row is an
-/// error naming file and line, or with skip-bad-rows is left out and counted. Order: a seeded permutation per epoch;
-/// the position (epoch, index) is what checkpoints save.
+/// error naming file and line, or with skip-bad-rows is left out and counted.
 /// </summary>
-public sealed class JsonlRows<T>
+public sealed class JsonlRows<T> : IRowSource<T>
 {
     private readonly string _path;
     private readonly Func<JsonObject, Func<string>, T> _parse;
     private readonly List<long> _offsets = [];
     private readonly List<int> _lines = [];
-    private readonly int _seed;
-    private readonly bool _shuffle;
-    private int[] _order = [];
 
-    public JsonlRows(string path, Func<JsonObject, Func<string>, T> parse, int seed, bool shuffle, bool skipBadRows)
+    public JsonlRows(string path, Func<JsonObject, Func<string>, T> parse, bool skipBadRows)
     {
         if (!File.Exists(path)) throw new FileNotFoundException($"dataset not found: {path}", path);
         _path = path;
         _parse = parse;
-        _seed = seed;
-        _shuffle = shuffle;
         var bytes = File.ReadAllBytes(path); // one pass to index lines; rows are parsed again on demand
         int line = 0;
         for (long start = 0; start < bytes.Length;)
@@ -46,34 +86,10 @@ public sealed class JsonlRows<T>
             start = end + 1;
         }
         if (_offsets.Count == 0) throw new InvalidDataException($"{path}: no usable rows");
-        Seek((0, 0));
     }
 
     public int Count => _offsets.Count;
     public int SkippedRows { get; }
-    public (int Epoch, int Index) Position { get; private set; }
-
-    public void Seek((int Epoch, int Index) position)
-    {
-        Position = position;
-        var order = Enumerable.Range(0, Count).ToArray();
-        if (_shuffle) new Random(HashCode.Combine(_seed, position.Epoch)).Shuffle(order);
-        _order = order;
-    }
-
-    /// <summary>The next <paramref name="count"/> rows with their row numbers, wrapping into the next epoch.</summary>
-    public List<(int Row, T Item)> Next(int count)
-    {
-        var rows = new List<(int, T)>();
-        while (rows.Count < count)
-        {
-            if (Position.Index >= Count) Seek((Position.Epoch + 1, 0));
-            int row = _order[Position.Index];
-            rows.Add((row, Read(row)));
-            Position = (Position.Epoch, Position.Index + 1);
-        }
-        return rows;
-    }
 
     public T Read(int row)
     {

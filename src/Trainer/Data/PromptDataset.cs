@@ -10,17 +10,28 @@ namespace R1V2.Native.Trainer.Data;
 public sealed record PromptRow(int Index, string Question, string Answer, IReadOnlyList<string> Images, IReadOnlyList<string>? Choices,
     IReadOnlyList<int>? ImageDigits);
 
-/// <summary>Prompts in JSONL: "question" (or "prompt"), "answer", optional "images"/"image", "choices", "image_digits".</summary>
-public sealed class PromptDataset(string path, int seed, bool shuffle = true, bool skipBadRows = false)
+/// <summary>
+/// Prompts from JSONL ("question" or "prompt", "answer", optional "images"/"image", "choices", "image_digits") or
+/// Parquet (columns question, answer, optional image as bytes, choices, image_digits; see <see cref="ParquetPrompts"/>).
+/// </summary>
+public sealed class PromptDataset
 {
-    private readonly JsonlRows<PromptRow> _rows = new(path, (o, where) => Parse(o, path, where), seed, shuffle, skipBadRows);
+    private readonly ShuffledRows<PromptRow> _rows;
 
-    public int Count => _rows.Count;
-    public int SkippedRows => _rows.SkippedRows;
+    public PromptDataset(string path, int seed, bool shuffle = true, bool skipBadRows = false)
+    {
+        IRowSource<PromptRow> source = path.EndsWith(".parquet", StringComparison.OrdinalIgnoreCase)
+            ? new ParquetPrompts(path, skipBadRows)
+            : new JsonlRows<PromptRow>(path, (o, where) => Parse(o, path, where), skipBadRows);
+        _rows = new ShuffledRows<PromptRow>(source, seed, shuffle);
+    }
+
+    public int Count => _rows.Source.Count;
+    public int SkippedRows => _rows.Source.SkippedRows;
     public (int Epoch, int Index) Position => _rows.Position;
     public void Seek((int Epoch, int Index) position) => _rows.Seek(position);
     public List<PromptRow> Next(int count) => _rows.Next(count).Select(r => r.Item with { Index = r.Row }).ToList();
-    public PromptRow Read(int row) => _rows.Read(row) with { Index = row };
+    public PromptRow Read(int row) => _rows.Source.Read(row) with { Index = row };
 
     private static PromptRow Parse(JsonObject o, string path, Func<string> where)
     {
@@ -40,14 +51,14 @@ public sealed record PreferencePair(int Index, string Prompt, IReadOnlyList<stri
 /// <summary>Preference pairs in JSONL: "prompt" (or "question"), optional "images", "chosen", "rejected".</summary>
 public sealed class PreferenceDataset(string path, int seed, bool shuffle = true, bool skipBadRows = false)
 {
-    private readonly JsonlRows<PreferencePair> _rows = new(path, (o, where) => Parse(o, path, where), seed, shuffle, skipBadRows);
+    private readonly ShuffledRows<PreferencePair> _rows = new(new JsonlRows<PreferencePair>(path, (o, where) => Parse(o, path, where), skipBadRows), seed, shuffle);
 
-    public int Count => _rows.Count;
-    public int SkippedRows => _rows.SkippedRows;
+    public int Count => _rows.Source.Count;
+    public int SkippedRows => _rows.Source.SkippedRows;
     public (int Epoch, int Index) Position => _rows.Position;
     public void Seek((int Epoch, int Index) position) => _rows.Seek(position);
     public List<PreferencePair> Next(int count) => _rows.Next(count).Select(r => r.Item with { Index = r.Row }).ToList();
-    public PreferencePair Read(int row) => _rows.Read(row) with { Index = row };
+    public PreferencePair Read(int row) => _rows.Source.Read(row) with { Index = row };
 
     private static PreferencePair Parse(JsonObject o, string path, Func<string> where)
     {

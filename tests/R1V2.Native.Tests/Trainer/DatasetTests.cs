@@ -1,0 +1,78 @@
+using R1V2.Native.Trainer.Data;
+
+namespace R1V2.Native.Tests.Trainer;
+
+public sealed class DatasetTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("r1v2-data-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, true);
+
+    [Fact]
+    public void Parquet_RoundTripsQuestionsAnswersChoicesAndImageBytes()
+    {
+        var path = Path.Combine(_dir, "prompts.parquet");
+        byte[] png = [0x89, 0x50, 0x4E, 0x47, 1, 2, 3, 4, 5];
+        ParquetPrompts.Write(path,
+        [
+            new ParquetPromptRecord { Question = "What is 2+3?", Answer = "5" },
+            new ParquetPromptRecord { Question = "Which digit is shown?", Answer = "B", Image = png, Choices = ["1", "7"], ImageDigits = [7] },
+        ]);
+        var data = new PromptDataset(path, seed: 0, shuffle: false);
+        Assert.Equal(2, data.Count);
+        var a = data.Read(0);
+        Assert.Equal(("What is 2+3?", "5", 0), (a.Question, a.Answer, a.Images.Count));
+        var b = data.Read(1);
+        Assert.Equal(1, b.Index);
+        Assert.Equal(["1", "7"], b.Choices!);
+        Assert.Equal([7], b.ImageDigits!);
+        Assert.Equal(png, File.ReadAllBytes(Assert.Single(b.Images)));
+        var order = data.Next(4).Select(r => r.Index).ToList();
+        Assert.Equal([0, 1, 0, 1], order); // unshuffled epochs wrap in file order
+    }
+
+    [Fact]
+    public void Parquet_RowWithoutAnswer_NamesFileAndRow_OrIsSkippedWhenAsked()
+    {
+        var path = Path.Combine(_dir, "bad.parquet");
+        ParquetPrompts.Write(path,
+        [
+            new ParquetPromptRecord { Question = "q0", Answer = "1" },
+            new ParquetPromptRecord { Question = "q1", Answer = null },
+            new ParquetPromptRecord { Question = "q2", Answer = "2" },
+        ]);
+        var e = Assert.Throws<InvalidDataException>(() => new PromptDataset(path, 0));
+        Assert.Contains("bad.parquet", e.Message);
+        Assert.Contains("row 1", e.Message);
+        var skipped = new PromptDataset(path, 0, shuffle: false, skipBadRows: true);
+        Assert.Equal((2, 1), (skipped.Count, skipped.SkippedRows));
+        Assert.Equal("q2", skipped.Read(1).Question);
+    }
+
+    [Fact]
+    public void Parquet_NotAParquetFile_IsAClearError()
+    {
+        var path = Path.Combine(_dir, "junk.parquet");
+        File.WriteAllText(path, "question,answer\n1,2\n");
+        var e = Assert.Throws<InvalidDataException>(() => new PromptDataset(path, 0));
+        Assert.Contains("junk.parquet", e.Message);
+    }
+
+    [Fact]
+    public void Jsonl_BadRow_NamesLine_AndShuffleIsAPermutationPerEpoch()
+    {
+        var path = Path.Combine(_dir, "p.jsonl");
+        File.WriteAllLines(path, Enumerable.Range(0, 5).Select(i => $"{{\"question\":\"q{i}\",\"answer\":{i}}}").Append("{\"question\":\"x\"}"));
+        var e = Assert.Throws<InvalidDataException>(() => new PromptDataset(path, 0));
+        Assert.Contains("p.jsonl", e.Message);
+        Assert.Contains("6", e.Message); // 1-based line of the bad row
+        var data = new PromptDataset(path, seed: 3, skipBadRows: true);
+        Assert.Equal(5, data.Count);
+        var epoch = data.Next(5).Select(r => r.Index).Order().ToList();
+        Assert.Equal([0, 1, 2, 3, 4], epoch);
+        var pos = data.Position;
+        var next = data.Next(3).Select(r => r.Index).ToList();
+        data.Seek(pos);
+        Assert.Equal(next, data.Next(3).Select(r => r.Index).ToList()); // resumable position
+    }
+}
