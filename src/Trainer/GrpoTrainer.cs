@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using System.Text.RegularExpressions;
 using R1V2.Native.Engine.Backends;
 using R1V2.Native.Engine.Checkpoints;
 using R1V2.Native.Engine.Generation;
@@ -18,7 +19,7 @@ namespace R1V2.Native.Trainer;
 /// <summary>One logged GRPO step.</summary>
 public sealed record GrpoStepMetrics(int Step, double Loss, double Reward, double Accuracy, double FormatRate, double ResponseLength, double EffectiveRatio,
     double FreshInformativeRatio, int Replayed, double MeanRatio, double ClippedFraction, double GradNorm, float LearningRate, int SkippedUpdates,
-    double? HallucinationRate, double TokensPerSecond, double Seconds, string? Warning, double? RewardModelMean = null, double? RewardModelStd = null);
+    double? HallucinationRate, double TokensPerSecond, double Seconds, string? Warning, double? RewardModelMean = null, double? RewardModelStd = null, double? Kl = null);
 
 /// <summary>
 /// The GRPO stage: each step draws prompts, samples G responses per prompt with the paged generator, scores them with
@@ -35,6 +36,7 @@ public sealed class GrpoTrainer : IDisposable
     private readonly TextTokenizer _tokenizer;
     private readonly ChatRunner _chat;
     private readonly PromptDataset _data;
+    private readonly Grounding _grounding;
     private readonly AdamWOptimizer _opt;
     private readonly SelectiveSampleBuffer _ssb;
     private readonly HybridReward _reward;
@@ -64,6 +66,7 @@ public sealed class GrpoTrainer : IDisposable
         var g = config.Grpo;
         _chat = new ChatRunner(_model, _tokenizer, new GeneratorOptions(g.CacheBlocks, MaxBatch: Math.Max(g.GroupSize * g.PromptsPerStep, 1)));
         _data = new PromptDataset(config.Data.Path, config.Seed, config.Data.Shuffle, config.Data.SkipBadRows);
+        _grounding = new Grounding(config.Monitor.ObjectWords.Concat(Enumerable.Range(0, _data.Count).SelectMany(i => _data.Read(i).ImageObjects ?? [])));
         var o = config.Optim;
         _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
         _schedule = new LearningRateSchedule(o.Lr, o.Warmup, config.Steps,
@@ -139,10 +142,10 @@ public sealed class GrpoTrainer : IDisposable
             format += r.Format > 0 ? 1 : 0;
             length += s.Tokens.Length;
             tokens += s.Tokens.Length;
-            if (p.ImageDigits is { } digits)
+            if (_grounding.Check(ChatTemplate.Split(text).Answer, p) is { } ok)
             {
                 groundingChecks++;
-                if (Grounding.ClaimsOnlyPresentDigits(ChatTemplate.Split(text).Answer, digits)) grounded++;
+                if (ok) grounded++;
             }
         }
         var advantages = GrpoMath.Advantages(rewards, g.GroupSize,
@@ -157,7 +160,7 @@ public sealed class GrpoTrainer : IDisposable
         var batch = g.Ssb.Enabled ? _ssb.Build(rollouts, target, step) : new UpdateBatch(rollouts, rollouts.Count, 0, target);
         double freshRatio = rollouts.Count(r => Math.Abs(r.Advantage) > SelectiveSampleBuffer.ZeroAdvantage) / (double)target;
 
-        double loss = 0, meanRatio = 0, clipped = 0, gradNorm = 0;
+        double loss = 0, meanRatio = 0, clipped = 0, gradNorm = 0, kl = 0;
         int skipped = 0, updates = 0, optimizerSteps = 0;
         var lr = _schedule.At(step + 1);
         var informative = batch.Samples.Where(r => Math.Abs(r.Advantage) > SelectiveSampleBuffer.ZeroAdvantage).ToList();
@@ -170,7 +173,7 @@ public sealed class GrpoTrainer : IDisposable
                 if (accumulated == 0) _opt.ZeroGrad();
                 var chunk = informative.Skip(mb).Take(per).ToList();
                 var stats = _update.Accumulate(chunk, _reference is null ? null : ReferenceLogProbs(chunk));
-                loss += stats.Loss; meanRatio += stats.MeanRatio; clipped += stats.ClippedFraction;
+                loss += stats.Loss; meanRatio += stats.MeanRatio; clipped += stats.ClippedFraction; kl += stats.Kl ?? 0;
                 updates++;
                 if (++accumulated < _c.Optim.GradAccum && mb + per < informative.Count) continue;
                 accumulated = 0;
@@ -192,12 +195,13 @@ public sealed class GrpoTrainer : IDisposable
         double? halluc = groundingChecks == 0 ? null : 1 - grounded / (double)groundingChecks;
         var metrics = new GrpoStepMetrics(_step, loss / u, rewards.Average(), accuracy / n, format / n, length / n, batch.EffectiveRatio, freshRatio, batch.Replayed,
             meanRatio / u, clipped / u, gradNorm / Math.Max(1, optimizerSteps), lr, skipped, halluc, tokens / seconds, seconds, null);
+        if (_reference is not null && updates > 0) metrics = metrics with { Kl = kl / u };
         if (rmScores is not null)
         {
             double mean = rmScores.Average();
             metrics = metrics with { RewardModelMean = mean, RewardModelStd = Math.Sqrt(rmScores.Sum(x => (x - mean) * (x - mean)) / rmScores.Length) };
         }
-        return metrics with { Warning = Monitor.Check(_history.Append(metrics).ToList(), _c.Monitor) };
+        return metrics with { Warning = RewardHackingMonitor.Check(_history.Append(metrics).ToList(), _c.Monitor) };
     }
 
     /// <summary>The frozen reference's log-probs of each rollout's response tokens (teacher forced).</summary>
@@ -297,16 +301,48 @@ public sealed class GrpoTrainer : IDisposable
     }
 }
 
-/// <summary>The visual-grounding check where the dataset knows the image's digits.</summary>
-public static class Grounding
+/// <summary>
+/// The visual-grounding check where the dataset knows what the image holds: an answer is grounded when every digit it
+/// names is one of the row's <c>image_digits</c> and every object word it names (from the object vocabulary: the
+/// configured <c>monitor.object_words</c> plus every <c>image_objects</c> entry in the dataset; plurals in -s/-es count)
+/// is one of the row's <c>image_objects</c>. Claims are found by word match, so a negated mention ("no cat") counts
+/// as a claim: the rate is an upper bound, meant for watching trends.
+/// </summary>
+public sealed class Grounding
 {
+    private readonly List<(string Word, Regex Pattern)> _objects;
+
+    public Grounding(IEnumerable<string> objectVocabulary) =>
+        _objects = objectVocabulary.Select(w => w.Trim().ToLowerInvariant()).Where(w => w.Length > 0).Distinct(StringComparer.Ordinal)
+            .Select(w => (w, new Regex($@"(?<![\p{{L}}\p{{N}}]){Regex.Escape(w).Replace(@"\ ", @"\s+")}(?:s|es)?(?![\p{{L}}\p{{N}}])",
+                RegexOptions.IgnoreCase | RegexOptions.CultureInvariant)))
+            .ToList();
+
+    public int VocabularySize => _objects.Count;
+
     /// <summary>True when every digit the answer names is one the image holds (an answer naming none is grounded).</summary>
     public static bool ClaimsOnlyPresentDigits(string answer, IReadOnlyList<int> present) =>
-        answer.Where(char.IsDigit).Select(ch => ch - '0').All(present.Contains);
+        answer.Where(char.IsAsciiDigit).Select(ch => ch - '0').All(present.Contains);
+
+    /// <summary>The vocabulary's object words the answer names.</summary>
+    public IEnumerable<string> ClaimedObjects(string answer) => _objects.Where(o => o.Pattern.IsMatch(answer)).Select(o => o.Word);
+
+    /// <summary>Whether the answer claims only what the row says the image holds; null when the row says nothing.</summary>
+    public bool? Check(string answer, PromptRow row)
+    {
+        if (row.ImageDigits is null && row.ImageObjects is null) return null;
+        if (row.ImageDigits is { } digits && !ClaimsOnlyPresentDigits(answer, digits)) return false;
+        if (row.ImageObjects is { } objects)
+        {
+            var present = objects.Select(o => o.Trim().ToLowerInvariant()).ToHashSet(StringComparer.Ordinal);
+            if (ClaimedObjects(answer).Any(o => !present.Contains(o))) return false;
+        }
+        return true;
+    }
 }
 
 /// <summary>Warns when the reward keeps rising while visual grounding falls (the reward-hacking sign the paper watches).</summary>
-public static class Monitor
+public static class RewardHackingMonitor
 {
     public static string? Check(IReadOnlyList<GrpoStepMetrics> history, TrainConfig.MonitorConfig c)
     {

@@ -79,7 +79,7 @@ public static class PromptSampling
         var kept = groups.Where(g => DynamicSampling.Informative(g.Rewards.Select(r => r.Total).ToList())).ToList();
         File.WriteAllLines(path + ".tmp", kept.Select(g => JsonSerializer.Serialize(new
         {
-            question = g.Prompt.Question, answer = g.Prompt.Answer, images = g.Prompt.Images, choices = g.Prompt.Choices, image_digits = g.Prompt.ImageDigits,
+            question = g.Prompt.Question, answer = g.Prompt.Answer, images = g.Prompt.Images, choices = g.Prompt.Choices, image_digits = g.Prompt.ImageDigits, image_objects = g.Prompt.ImageObjects,
         })));
         File.Move(path + ".tmp", path, overwrite: true);
         return kept.Count;

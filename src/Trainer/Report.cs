@@ -39,8 +39,13 @@ public static class Report
         Plot("response_length", "Response length (tokens)", ("length", rows.Select(r => r.ResponseLength).ToArray()));
         Plot("policy_ratio", "Mean PPO ratio and clipped fraction", ("mean ratio", rows.Select(r => r.MeanRatio).ToArray()),
             ("clipped fraction", rows.Select(r => r.ClippedFraction).ToArray()));
+        if (rows.Any(r => r.Kl is not null))
+            Plot("kl", "KL(policy || reference), k3 estimate", ("kl", rows.Select(r => r.Kl ?? double.NaN).ToArray()));
+        if (rows.Any(r => r.RewardModelMean is not null))
+            Plot("reward_model", "Reward-model score", ("mean", rows.Select(r => r.RewardModelMean ?? double.NaN).ToArray()),
+                ("std", rows.Select(r => r.RewardModelStd ?? double.NaN).ToArray()));
         if (rows.All(r => r.HallucinationRate is not null))
-            Plot("hallucination", "Hallucination rate (digits claimed but absent)", ("rate", rows.Select(r => r.HallucinationRate!.Value).ToArray()));
+            Plot("hallucination", "Hallucination rate (digits or objects claimed but absent)", ("rate", rows.Select(r => r.HallucinationRate!.Value).ToArray()));
 
         var md = new StringBuilder();
         var inv = CultureInfo.InvariantCulture;

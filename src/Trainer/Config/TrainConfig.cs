@@ -124,6 +124,8 @@ public sealed class TrainConfig
         public int Window { get; set; } = 5;
         public double RewardRise { get; set; } = 0.1;
         public double GroundingDrop { get; set; } = 0.05;
+        /// <summary>Object words the grounding check looks for in answers, beside every image_objects entry of the dataset.</summary>
+        public List<string> ObjectWords { get; set; } = [];
     }
 
     private static IDeserializer Deserializer() => new DeserializerBuilder().WithNamingConvention(UnderscoredNamingConvention.Instance).Build();

@@ -12,6 +12,7 @@ public sealed class ParquetPromptRecord
     [JsonPropertyName("image")] public byte[]? Image { get; set; }
     [JsonPropertyName("choices")] public List<string>? Choices { get; set; }
     [JsonPropertyName("image_digits")] public List<int>? ImageDigits { get; set; }
+    [JsonPropertyName("image_objects")] public List<string>? ImageObjects { get; set; }
 }
 
 /// <summary>
@@ -46,7 +47,7 @@ public sealed class ParquetPrompts : IRowSource<PromptRow>
                 if (!File.Exists(file) || new FileInfo(file).Length != bytes.Length) File.WriteAllBytes(file, bytes);
                 images.Add(file);
             }
-            _rows.Add(new PromptRow(-1, r.Question, r.Answer, images, r.Choices, r.ImageDigits));
+            _rows.Add(new PromptRow(-1, r.Question, r.Answer, images, r.Choices, r.ImageDigits, r.ImageObjects));
         }
         if (_rows.Count == 0) throw new InvalidDataException($"{path}: no usable rows");
     }

@@ -5,14 +5,14 @@ namespace R1V2.Native.Trainer.Data;
 
 /// <summary>
 /// One training prompt: the question, the verifiable answer, optional multiple-choice options, image files, and what
-/// the images are known to hold (for the grounding check), e.g. "image_digits": [3, 7].
+/// the images are known to hold (for the grounding check), e.g. "image_digits": [3, 7] and "image_objects": ["cat", "sofa"].
 /// </summary>
 public sealed record PromptRow(int Index, string Question, string Answer, IReadOnlyList<string> Images, IReadOnlyList<string>? Choices,
-    IReadOnlyList<int>? ImageDigits);
+    IReadOnlyList<int>? ImageDigits, IReadOnlyList<string>? ImageObjects = null);
 
 /// <summary>
-/// Prompts from JSONL ("question" or "prompt", "answer", optional "images"/"image", "choices", "image_digits") or
-/// Parquet (columns question, answer, optional image as bytes, choices, image_digits; see <see cref="ParquetPrompts"/>).
+/// Prompts from JSONL ("question" or "prompt", "answer", optional "images"/"image", "choices", "image_digits",
+/// "image_objects") or Parquet (columns question, answer, optional image as bytes, choices, image_digits, image_objects; see <see cref="ParquetPrompts"/>).
 /// </summary>
 public sealed class PromptDataset
 {
@@ -40,8 +40,19 @@ public sealed class PromptDataset
             ?? (o["answer"] is JsonValue n && n.TryGetValue<double>(out var d) ? d.ToString(CultureInfo.InvariantCulture) : null)
             ?? throw new InvalidDataException($"{where()}: no 'answer'");
         var choices = o["choices"] is JsonArray c ? c.Select(x => x?.ToString() ?? "").ToList() : null;
-        var digits = o["image_digits"] is JsonArray dg ? dg.Select(x => x!.GetValue<int>()).ToList() : null;
-        return new PromptRow(-1, question, answer, JsonlRows<PromptRow>.Images(o, path, where), choices, digits);
+        List<int>? digits;
+        List<string>? objects;
+        try
+        {
+            digits = o["image_digits"] is JsonArray dg ? dg.Select(x => x!.GetValue<int>()).ToList() : null;
+            objects = o["image_objects"] is JsonArray ob ? ob.Select(x => x!.GetValue<string>()).ToList() : null;
+        }
+        catch (Exception e) when (e is InvalidOperationException or FormatException or NullReferenceException)
+        {
+            throw new InvalidDataException($"{where()}: 'image_digits' must be a list of integers and 'image_objects' a list of strings");
+        }
+        if (digits is not null && digits.Any(d => d is < 0 or > 9)) throw new InvalidDataException($"{where()}: 'image_digits' holds single digits 0-9");
+        return new PromptRow(-1, question, answer, JsonlRows<PromptRow>.Images(o, path, where), choices, digits, objects);
     }
 }
 

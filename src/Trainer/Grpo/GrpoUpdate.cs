@@ -5,7 +5,8 @@ using R1V2.Native.Trainer.Ssb;
 namespace R1V2.Native.Trainer.Grpo;
 
 /// <summary>Statistics of one GRPO policy update.</summary>
-public sealed record GrpoUpdateStats(double Loss, int Sequences, int Tokens, double MeanRatio, double ClippedFraction, double MeanLogProbChange);
+/// <remarks><see cref="Kl"/> is the mean k3 estimate of KL(policy || reference) over response tokens, null without a reference.</remarks>
+public sealed record GrpoUpdateStats(double Loss, int Sequences, int Tokens, double MeanRatio, double ClippedFraction, double MeanLogProbChange, double? Kl = null);
 
 /// <summary>
 /// One GRPO policy update on a batch of rollouts: the rollouts are packed (prompt + response, images included), a
@@ -59,16 +60,22 @@ public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings setti
         model.BackwardFromHidden(pass, result.HiddenGrad);
 
         int n = 0, clipped = 0;
-        double ratioSum = 0, change = 0;
+        double ratioSum = 0, change = 0, kl = 0;
         for (int t = 0; t < targets.Count; t++)
         {
             if (targets[t] < 0) continue;
             double ratio = Math.Exp(result.LogProbs[t] - old[t]);
             ratioSum += ratio;
             change += result.LogProbs[t] - old[t];
+            if (refs is not null)
+            {
+                double d = refs[t] - result.LogProbs[t];
+                kl += Math.Exp(d) - d - 1;
+            }
             if (ratio < 1 - settings.EpsLow || ratio > 1 + settings.EpsHigh) clipped++;
             n++;
         }
-        return new GrpoUpdateStats(result.Loss, rollouts.Count, n, ratioSum / Math.Max(1, n), clipped / (double)Math.Max(1, n), change / Math.Max(1, n));
+        return new GrpoUpdateStats(result.Loss, rollouts.Count, n, ratioSum / Math.Max(1, n), clipped / (double)Math.Max(1, n), change / Math.Max(1, n),
+            refs is null ? null : kl / Math.Max(1, n));
     }
 }

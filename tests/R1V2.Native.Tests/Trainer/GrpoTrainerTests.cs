@@ -77,4 +77,20 @@ public sealed class GrpoTrainerTests(CpuFixture fx) : IDisposable
         Assert.Equal(1, t.Step);
         Assert.EndsWith("step-000001", GrpoTrainer.LatestCheckpoint(output));
     }
+
+    [Fact]
+    public void RowsThatKnowTheirImage_GiveAHallucinationRate()
+    {
+        var output = Path.Combine(_dir, "grounded");
+        var config = Config(output, 1);
+        File.WriteAllLines(config.Data.Path, Enumerable.Range(0, 4).Select(i =>
+            $"{{\"question\": \"what is shown?\", \"answer\": \"cat\", \"image_objects\": [\"cat\"], \"image_digits\": [{i}]}}"));
+        using var t = new GrpoTrainer(config, fx.Backend, Letters);
+        t.Run();
+        Assert.True(t.History[0].HallucinationRate is >= 0 and <= 1, $"rate {t.History[0].HallucinationRate}");
+        var plain = Path.Combine(_dir, "plain");
+        using var u = new GrpoTrainer(Config(plain, 1), fx.Backend, Letters);
+        u.Run();
+        Assert.Null(u.History[0].HallucinationRate); // the rows say nothing about their images
+    }
 }

@@ -41,6 +41,12 @@ public sealed class GrpoUpdateTests(CpuFixture fx)
         Assert.True(Math.Abs(first.MeanRatio - 1) < 1e-4, $"mean ratio {first.MeanRatio}");
         Assert.True(Math.Abs(first.MeanLogProbChange) < 1e-4, $"mean log-prob change {first.MeanLogProbChange}");
         Assert.Equal(g * 5, first.Tokens);
+        Assert.Null(first.Kl);
+        // A reference 0.3 nats above the policy on every token: k3 = e^0.3 - 0.3 - 1 per token.
+        foreach (var p in model.Parameters.Trainable) p.ZeroGrad();
+        var shifted = update.Accumulate(rollouts, rollouts.Select(r => r.OldLogProbs.Select(x => x + 0.3f).ToArray()).ToList());
+        Assert.True(Math.Abs(shifted.Kl!.Value - (Math.Exp(0.3) - 1.3)) < 2e-4, $"k3 {shifted.Kl}");
+        foreach (var p in model.Parameters.Trainable) p.ZeroGrad();
 
         double Objective()
         {

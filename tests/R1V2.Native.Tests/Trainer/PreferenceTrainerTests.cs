@@ -89,6 +89,11 @@ public sealed class GrpoWithReferenceTests(CpuFixture fx) : IDisposable
         // Step 1 runs at the reference's own weights: k3 = 0 there, so the losses agree up to float rounding.
         Assert.True(Math.Abs(plain[0].Loss - kl[0].Loss) < 1e-5, $"step 1: {plain[0].Loss} vs {kl[0].Loss}");
         Assert.NotEqual(plain[1].Loss, kl[1].Loss);
+        // The logged KL: absent without a reference, ~0 at the reference's weights, positive once the policy moved.
+        Assert.All(plain, m => Assert.Null(m.Kl));
+        Assert.True(kl[0].Kl is >= 0 and < 1e-5, $"step 1 KL {kl[0].Kl}");
+        Assert.True(kl[1].Kl > 1e-6, $"step 2 KL {kl[1].Kl}");
+        Assert.Contains(Report.Write(Path.Combine(_dir, "kl")), f => f.EndsWith("kl.png"));
     }
 
     [Fact]
