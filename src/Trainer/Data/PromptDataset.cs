@@ -12,7 +12,8 @@ public sealed record PromptRow(int Index, string Question, string Answer, IReadO
 
 /// <summary>
 /// Prompts from JSONL ("question" or "prompt", "answer", optional "images"/"image", "choices", "image_digits",
-/// "image_objects") or Parquet (columns question, answer, optional image as bytes, choices, image_digits, image_objects; see <see cref="ParquetPrompts"/>).
+/// "image_objects") or Parquet (the same columns; "image"/"images" as bytes, paths or HF {bytes, path} structs; see
+/// <see cref="ParquetRows{T}"/>), chosen by the file's extension.
 /// </summary>
 public sealed class PromptDataset
 {
@@ -21,7 +22,7 @@ public sealed class PromptDataset
     public PromptDataset(string path, int seed, bool shuffle = true, bool skipBadRows = false)
     {
         IRowSource<PromptRow> source = path.EndsWith(".parquet", StringComparison.OrdinalIgnoreCase)
-            ? new ParquetPrompts(path, skipBadRows)
+            ? new ParquetRows<PromptRow>(path, ParseParquet, skipBadRows)
             : new JsonlRows<PromptRow>(path, (o, where) => Parse(o, path, where), skipBadRows);
         _rows = new ShuffledRows<PromptRow>(source, seed, shuffle);
     }
@@ -32,6 +33,15 @@ public sealed class PromptDataset
     public void Seek((int Epoch, int Index) position) => _rows.Seek(position);
     public List<PromptRow> Next(int count) => _rows.Next(count).Select(r => r.Item with { Index = r.Row }).ToList();
     public PromptRow Read(int row) => _rows.Source.Read(row) with { Index = row };
+
+    private static PromptRow ParseParquet(ParquetRow r)
+    {
+        var question = r.String("question", "prompt", "problem") ?? throw new InvalidDataException($"{r.Where}: no 'question' string");
+        var answer = r.String("answer") ?? throw new InvalidDataException($"{r.Where}: no 'answer'");
+        var digits = r.List<int>("image_digits");
+        if (digits is not null && digits.Any(d => d is < 0 or > 9)) throw new InvalidDataException($"{r.Where}: 'image_digits' holds single digits 0-9");
+        return new PromptRow(-1, question, answer, r.Images(), r.List<string>("choices"), digits, r.List<string>("image_objects"));
+    }
 
     private static PromptRow Parse(JsonObject o, string path, Func<string> where)
     {
@@ -59,10 +69,14 @@ public sealed class PromptDataset
 /// <summary>One preference pair: a prompt (with images) and a chosen and a rejected response.</summary>
 public sealed record PreferencePair(int Index, string Prompt, IReadOnlyList<string> Images, string Chosen, string Rejected);
 
-/// <summary>Preference pairs in JSONL: "prompt" (or "question"), optional "images", "chosen", "rejected".</summary>
+/// <summary>
+/// Preference pairs in JSONL or Parquet: "prompt" (or "question"), optional "images"/"image", "chosen", "rejected".
+/// </summary>
 public sealed class PreferenceDataset(string path, int seed, bool shuffle = true, bool skipBadRows = false)
 {
-    private readonly ShuffledRows<PreferencePair> _rows = new(new JsonlRows<PreferencePair>(path, (o, where) => Parse(o, path, where), skipBadRows), seed, shuffle);
+    private readonly ShuffledRows<PreferencePair> _rows = new(path.EndsWith(".parquet", StringComparison.OrdinalIgnoreCase)
+        ? new ParquetRows<PreferencePair>(path, ParseParquet, skipBadRows)
+        : new JsonlRows<PreferencePair>(path, (o, where) => Parse(o, path, where), skipBadRows), seed, shuffle);
 
     public int Count => _rows.Source.Count;
     public int SkippedRows => _rows.Source.SkippedRows;
@@ -70,6 +84,15 @@ public sealed class PreferenceDataset(string path, int seed, bool shuffle = true
     public void Seek((int Epoch, int Index) position) => _rows.Seek(position);
     public List<PreferencePair> Next(int count) => _rows.Next(count).Select(r => r.Item with { Index = r.Row }).ToList();
     public PreferencePair Read(int row) => _rows.Source.Read(row) with { Index = row };
+
+    private static PreferencePair ParseParquet(ParquetRow r)
+    {
+        var prompt = r.String("prompt", "question") ?? throw new InvalidDataException($"{r.Where}: no 'prompt' string");
+        var chosen = r.String("chosen") ?? throw new InvalidDataException($"{r.Where}: no 'chosen' string");
+        var rejected = r.String("rejected") ?? throw new InvalidDataException($"{r.Where}: no 'rejected' string");
+        if (chosen.Length == 0 || rejected.Length == 0) throw new InvalidDataException($"{r.Where}: 'chosen' and 'rejected' must not be empty");
+        return new PreferencePair(-1, prompt, r.Images(), chosen, rejected);
+    }
 
     private static PreferencePair Parse(JsonObject o, string path, Func<string> where)
     {
