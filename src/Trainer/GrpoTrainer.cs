@@ -56,6 +56,7 @@ public sealed class GrpoTrainer : IDisposable
         _b = backend;
         Directory.CreateDirectory(config.Output);
         var resume = LatestCheckpoint(config.Output);
+        if (resume is not null) RunCheckpoints.CheckStage(resume, "grpo");
         var source = resume ?? config.Model;
         var parts = config.Trainable switch
         {
@@ -237,28 +238,17 @@ public sealed class GrpoTrainer : IDisposable
 
     // ---- checkpoints ---------------------------------------------------------------------------------------------
 
-    public static string? LatestCheckpoint(string output)
-    {
-        var dir = Path.Combine(output, "checkpoints");
-        if (!Directory.Exists(dir)) return null;
-        return Directory.GetDirectories(dir, "step-*").Where(d => !d.Contains(".tmp")).OrderBy(d => d, StringComparer.Ordinal).LastOrDefault();
-    }
+    public static string? LatestCheckpoint(string output) => RunCheckpoints.Latest(output);
 
-    public void SaveCheckpoint()
+    public void SaveCheckpoint() => RunCheckpoints.Save(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
     {
-        var root = Path.Combine(_c.Output, "checkpoints");
-        Directory.CreateDirectory(root);
-        var final = Path.Combine(root, $"step-{_step:D6}");
-        var tmp = final + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
-        Directory.CreateDirectory(tmp);
         _model.Save(tmp);
         File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"));
-        var (optStep, moments) = _opt.Export();
-        SafetensorsFile.Write(Path.Combine(tmp, "optimizer.safetensors"),
-            moments.SelectMany(m => new[] { (m.Name + ".exp_avg", m.Shape, m.M), (m.Name + ".exp_avg_sq", m.Shape, m.V) }));
+        int optStep = RunCheckpoints.SaveOptimizer(tmp, _opt);
         var (rng, items) = _ssb.Snapshot();
         var state = new JsonObject
         {
+            ["stage"] = "grpo",
             ["step"] = _step,
             ["optimizer_step"] = optStep,
             ["bad_in_a_row"] = _badInARow,
@@ -269,11 +259,7 @@ public sealed class GrpoTrainer : IDisposable
             ["rm_scaling"] = new JsonArray(_reward.Scaling.State.Count, _reward.Scaling.State.Mean, _reward.Scaling.State.M2),
         };
         File.WriteAllText(Path.Combine(tmp, "trainer_state.json"), state.ToJsonString());
-        if (Directory.Exists(final)) Directory.Delete(final, true);
-        Directory.Move(tmp, final);
-        foreach (var old in Directory.GetDirectories(root, "step-*").Where(d => !d.Contains(".tmp")).OrderBy(d => d, StringComparer.Ordinal).SkipLast(_c.Checkpoint.Keep))
-            Directory.Delete(old, true);
-    }
+    });
 
     private void Restore(string dir)
     {
@@ -284,9 +270,7 @@ public sealed class GrpoTrainer : IDisposable
         _ssb.Restore(ulong.Parse(state["ssb_rng"]!.GetValue<string>()), state["ssb"].Deserialize<List<Rollout>>()!);
         if (state["rm_scaling"] is JsonArray sc)
             _reward.Scaling.Restore((sc[0]!.GetValue<long>(), sc[1]!.GetValue<double>(), sc[2]!.GetValue<double>()));
-        using var opt = SafetensorsFile.Open(Path.Combine(dir, "optimizer.safetensors"));
-        var moments = _model.Parameters.Trainable.ToDictionary(p => p.Name, p => (opt.ReadFloats(p.Name + ".exp_avg"), opt.ReadFloats(p.Name + ".exp_avg_sq")));
-        _opt.Import(state["optimizer_step"]!.GetValue<int>(), moments);
+        RunCheckpoints.LoadOptimizer(dir, _opt, state["optimizer_step"]!.GetValue<int>());
         if (File.Exists(MetricsPath))
             foreach (var line in File.ReadAllLines(MetricsPath).Take(_step)) _history.Add(JsonSerializer.Deserialize<GrpoStepMetrics>(line)!);
         File.WriteAllLines(MetricsPath, _history.Select(h => JsonSerializer.Serialize(h))); // drop steps after the checkpoint

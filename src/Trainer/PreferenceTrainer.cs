@@ -20,8 +20,10 @@ public sealed record PreferenceSummary(string Stage, int Steps, int TrainPairs, 
 /// The two preference stages. rm: the reward model (VLM + scalar head on the last token) trained with the
 /// Bradley-Terry loss -log sigmoid(r_c - r_r). mpo: the policy trained with DPO + BCO + the chosen answer's
 /// length-normalised NLL against a frozen reference copy (log-probs of the reference are computed with the same
-/// scoring pass). A fixed share of the pairs (the last rows of the file) is held out and only evaluated. The trained
-/// model is saved to output/final (temporary directory, then renamed).
+/// scoring pass). A fixed share of the pairs (the last rows of the file) is held out and only evaluated. Checkpoints
+/// every N steps (weights, optimiser moments, data position, BCO delta, guard counters) make a run resumable: a new
+/// trainer on the same output continues from the newest one, bit for bit on the CPU backend. The trained model is
+/// saved to output/final (temporary directory, then renamed).
 /// </summary>
 public sealed class PreferenceTrainer : IDisposable
 {
@@ -38,6 +40,7 @@ public sealed class PreferenceTrainer : IDisposable
     private readonly LearningRateSchedule _schedule;
     private readonly BcoDelta _delta;
     private readonly int _imEnd;
+    private int _step, _badInARow;
 
     public PreferenceTrainer(TrainConfig config, Backend backend)
     {
@@ -47,6 +50,10 @@ public sealed class PreferenceTrainer : IDisposable
         {
             "adapter" => TrainableParts.Adapter, "adapter+llm" => TrainableParts.AdapterAndLlm, "adapter+vit" => TrainableParts.AdapterAndVit, _ => TrainableParts.All,
         };
+        Directory.CreateDirectory(config.Output);
+        var resume = RunCheckpoints.Latest(config.Output);
+        if (resume is not null) RunCheckpoints.CheckStage(resume, config.Stage);
+        var source = resume ?? config.Model;
         _tokenizer = TextTokenizer.Load(config.Model);
         _imEnd = _tokenizer.RequireToken("<|im_end|>");
         _data = new PreferenceDataset(config.Data.Path, config.Seed, config.Data.Shuffle, config.Data.SkipBadRows);
@@ -57,14 +64,14 @@ public sealed class PreferenceTrainer : IDisposable
         VlmConfig vlmConfig;
         if (config.Stage == "rm")
         {
-            _rm = RewardModel.Load(backend, config.Model, parts);
+            _rm = RewardModel.Load(backend, source, parts);
             trainable = _rm.Trainable;
             vlmConfig = _rm.Vlm.Config;
         }
         else
         {
-            _policy = VisionLanguageModel.Load(backend, config.Model, parts);
-            _reference = VisionLanguageModel.Load(backend, config.Model, TrainableParts.None);
+            _policy = VisionLanguageModel.Load(backend, source, parts);
+            _reference = VisionLanguageModel.Load(backend, config.Model, TrainableParts.None); // the frozen start, also on resume
             trainable = _policy.Parameters.Trainable;
             vlmConfig = _policy.Config;
         }
@@ -75,10 +82,14 @@ public sealed class PreferenceTrainer : IDisposable
         _schedule = new LearningRateSchedule(o.Lr, o.Warmup, config.Steps,
             o.Schedule switch { "linear" => ScheduleKind.Linear, "cosine" => ScheduleKind.Cosine, _ => ScheduleKind.Constant }, o.MinLrRatio);
         _delta = new BcoDelta(config.Mpo.DeltaDecay);
-        Directory.CreateDirectory(config.Output);
+        if (resume is not null) Restore(resume);
+        else File.WriteAllText(MetricsPath, "");
+        File.WriteAllText(Path.Combine(config.Output, "config.resolved.yaml"), config.ToYaml());
     }
 
     public List<PreferenceStepMetrics> History { get; } = [];
+    public int Step => _step;
+    public string MetricsPath => Path.Combine(_c.Output, "metrics.jsonl");
 
     /// <summary>Packs each pair as two sequences (prompt + chosen + &lt;|im_end|&gt;, prompt + rejected + ...); targets on the responses.</summary>
     private (VlmBatch Batch, List<(int Start, int End)> Responses) Pack(IReadOnlyList<PreferencePair> pairs)
@@ -124,18 +135,24 @@ public sealed class PreferenceTrainer : IDisposable
         return s;
     }
 
-    public PreferenceSummary Run()
+    /// <summary>
+    /// Runs to the configured step count, then evaluates the held-out pairs and saves the model; on cancellation writes a
+    /// checkpoint and returns null.
+    /// </summary>
+    public PreferenceSummary? Run(Action<PreferenceStepMetrics>? onStep = null, CancellationToken cancel = default)
     {
-        var metricsPath = Path.Combine(_c.Output, "metrics.jsonl");
-        File.WriteAllText(metricsPath, "");
-        for (int step = 0; step < _c.Steps; step++)
+        while (_step < _c.Steps)
         {
             var pairs = new List<PreferencePair>();
             while (pairs.Count < _c.Pairs.PairsPerStep)
                 pairs.AddRange(_data.Next(1).Where(p => !_heldOut.Contains(p.Index)));
-            var m = _rm is not null ? RewardStep(pairs, step) : MpoStep(pairs, step);
+            var m = _rm is not null ? RewardStep(pairs, _step) : MpoStep(pairs, _step);
+            _step++;
             History.Add(m);
-            File.AppendAllText(metricsPath, JsonSerializer.Serialize(m) + "\n");
+            File.AppendAllText(MetricsPath, JsonSerializer.Serialize(m) + "\n");
+            onStep?.Invoke(m);
+            if (_step % _c.Checkpoint.Every == 0 || _step == _c.Steps || cancel.IsCancellationRequested) SaveCheckpoint();
+            if (cancel.IsCancellationRequested) return null;
         }
         var held = _heldOut.Order().Select(_data.Read).ToList();
         double? accuracy = held.Count == 0 ? null : Evaluate(held);
@@ -143,6 +160,48 @@ public sealed class PreferenceTrainer : IDisposable
         File.WriteAllText(Path.Combine(_c.Output, "summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
         SaveFinal();
         return summary;
+    }
+
+    /// <summary>Steps the optimiser unless the gradient norm is not finite; several such steps in a row stop the run.</summary>
+    private StepReport OptimiserStep(float lr, int step)
+    {
+        var report = _opt.Step(lr);
+        if (!report.Skipped) { _badInARow = 0; return report; }
+        if (++_badInARow >= _c.Optim.MaxBadSteps)
+            throw new InvalidOperationException($"step {step + 1}: {_badInARow} updates in a row had a non-finite gradient norm; stopping (lower optim.lr or check the data)");
+        return report;
+    }
+
+    public void SaveCheckpoint() => RunCheckpoints.Save(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
+    {
+        if (_rm is not null) _rm.Save(tmp); else _policy!.Save(tmp);
+        File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"), overwrite: true);
+        int optStep = RunCheckpoints.SaveOptimizer(tmp, _opt);
+        var state = new System.Text.Json.Nodes.JsonObject
+        {
+            ["stage"] = _c.Stage,
+            ["step"] = _step,
+            ["optimizer_step"] = optStep,
+            ["bad_in_a_row"] = _badInARow,
+            ["data_epoch"] = _data.Position.Epoch,
+            ["data_index"] = _data.Position.Index,
+            ["bco_delta"] = _delta.Value,
+        };
+        File.WriteAllText(Path.Combine(tmp, "trainer_state.json"), state.ToJsonString());
+    });
+
+    private void Restore(string dir)
+    {
+        var statePath = Path.Combine(dir, "trainer_state.json");
+        var state = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(statePath))!.AsObject();
+        _step = state["step"]!.GetValue<int>();
+        _badInARow = state["bad_in_a_row"]!.GetValue<int>();
+        _data.Seek((state["data_epoch"]!.GetValue<int>(), state["data_index"]!.GetValue<int>()));
+        _delta.Restore(state["bco_delta"]!.GetValue<double>());
+        RunCheckpoints.LoadOptimizer(dir, _opt, state["optimizer_step"]!.GetValue<int>());
+        if (File.Exists(MetricsPath))
+            foreach (var line in File.ReadAllLines(MetricsPath).Where(l => l.Length > 0).Take(_step)) History.Add(JsonSerializer.Deserialize<PreferenceStepMetrics>(line)!);
+        File.WriteAllLines(MetricsPath, History.Select(h => JsonSerializer.Serialize(h))); // drop steps after the checkpoint
     }
 
     private PreferenceStepMetrics RewardStep(List<PreferencePair> pairs, int step)
@@ -164,7 +223,7 @@ public sealed class PreferenceTrainer : IDisposable
         }
         _rm.Backward(scored, d);
         var lr = _schedule.At(step + 1);
-        var report = _opt.Step(lr);
+        var report = OptimiserStep(lr, step);
         return new PreferenceStepMetrics(step + 1, loss, correct / pairs.Count, margin / pairs.Count, 0, report.GradNorm, lr);
     }
 
@@ -194,7 +253,7 @@ public sealed class PreferenceTrainer : IDisposable
         _policy.Backward(pass, dlogp);
         _delta.Update(implicitMean / pairs.Count); // BCO's delta: moving average of the implicit rewards beta lr(y)
         var lrate = _schedule.At(step + 1);
-        var report = _opt.Step(lrate);
+        var report = OptimiserStep(lrate, step);
         return new PreferenceStepMetrics(step + 1, loss, correct / pairs.Count, margin / pairs.Count, _delta.Value, report.GradNorm, lrate);
     }
 

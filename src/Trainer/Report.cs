@@ -4,20 +4,26 @@ using System.Text.Json;
 
 namespace R1V2.Native.Trainer;
 
-/// <summary>PNG plots (ScottPlot) and a markdown summary of a run's metrics.jsonl.</summary>
+/// <summary>PNG plots (ScottPlot) and a markdown summary of a run's metrics.jsonl (a GRPO run or a preference stage).</summary>
 public static class Report
 {
     public static IReadOnlyList<string> Write(string runDirectory)
     {
         var metricsPath = Path.Combine(runDirectory, "metrics.jsonl");
         if (!File.Exists(metricsPath)) throw new FileNotFoundException($"{runDirectory} has no metrics.jsonl", metricsPath);
-        var rows = File.ReadAllLines(metricsPath).Where(l => l.Trim().Length > 0).Select(l => JsonSerializer.Deserialize<GrpoStepMetrics>(l)!).ToList();
-        if (rows.Count == 0) throw new InvalidDataException($"{metricsPath} holds no steps");
+        var lines = File.ReadAllLines(metricsPath).Where(l => l.Trim().Length > 0).ToList();
+        if (lines.Count == 0) throw new InvalidDataException($"{metricsPath} holds no steps");
+        bool preference = JsonDocument.Parse(lines[0]).RootElement.TryGetProperty(nameof(PreferenceStepMetrics.Margin), out _);
+        return preference
+            ? WritePreference(runDirectory, lines.Select(l => JsonSerializer.Deserialize<PreferenceStepMetrics>(l)!).ToList())
+            : WriteGrpo(runDirectory, lines.Select(l => JsonSerializer.Deserialize<GrpoStepMetrics>(l)!).ToList());
+    }
+
+    private static Action<string, string, (string Label, double[] Values)[]> Plotter(string runDirectory, double[] steps, List<string> written)
+    {
         var plots = Path.Combine(runDirectory, "plots");
         Directory.CreateDirectory(plots);
-        var written = new List<string>();
-        double[] steps = rows.Select(r => (double)r.Step).ToArray();
-        void Plot(string name, string title, params (string Label, double[] Values)[] series)
+        return (name, title, series) =>
         {
             var plot = new ScottPlot.Plot();
             foreach (var (label, values) in series)
@@ -31,7 +37,42 @@ public static class Report
             var path = Path.Combine(plots, name + ".png");
             plot.SavePng(path, 800, 450);
             written.Add(path);
-        }
+        };
+    }
+
+    private static IReadOnlyList<string> WritePreference(string runDirectory, List<PreferenceStepMetrics> rows)
+    {
+        var written = new List<string>();
+        var plot = Plotter(runDirectory, rows.Select(r => (double)r.Step).ToArray(), written);
+        plot("loss", "Loss", [("loss", rows.Select(r => r.Loss).ToArray())]);
+        plot("accuracy", "Pair accuracy (train batch)", [("accuracy", rows.Select(r => r.Accuracy).ToArray())]);
+        plot("margin", "Reward margin, chosen minus rejected", [("margin", rows.Select(r => r.Margin).ToArray())]);
+        if (rows.Any(r => r.Delta != 0)) plot("bco_delta", "BCO delta (moving average of implicit rewards)", [("delta", rows.Select(r => r.Delta).ToArray())]);
+        plot("grad_norm", "Gradient norm", [("grad norm", rows.Select(r => r.GradNorm).ToArray())]);
+        var inv = CultureInfo.InvariantCulture;
+        var md = new StringBuilder();
+        md.AppendLine($"# Run summary: {Path.GetFileName(Path.GetFullPath(runDirectory))}").AppendLine();
+        md.AppendLine($"{rows.Count} steps. First and last steps:").AppendLine();
+        md.AppendLine("| step | loss | accuracy | margin | delta | grad norm | lr |");
+        md.AppendLine("| --- | --- | --- | --- | --- | --- | --- |");
+        foreach (var r in rows.Take(3).Concat(rows.Count > 6 ? rows.TakeLast(3) : rows.Skip(3)))
+            md.AppendLine(string.Format(inv, "| {0} | {1:F4} | {2:F3} | {3:F3} | {4:F3} | {5:F3} | {6:E2} |", r.Step, r.Loss, r.Accuracy, r.Margin, r.Delta, r.GradNorm, r.LearningRate));
+        var summaryJson = Path.Combine(runDirectory, "summary.json");
+        if (File.Exists(summaryJson) && JsonSerializer.Deserialize<PreferenceSummary>(File.ReadAllText(summaryJson)) is { } s)
+            md.AppendLine().AppendLine(string.Format(inv, "Stage {0}: {1} training pairs, held-out accuracy {2} on {3} pairs.", s.Stage, s.TrainPairs,
+                s.HeldOutAccuracy is { } a ? a.ToString("F3", inv) : "-", s.HeldOutPairs));
+        md.AppendLine().AppendLine(string.Join("\n", written.Select(p => $"![{Path.GetFileNameWithoutExtension(p)}](plots/{Path.GetFileName(p)})")));
+        var summary = Path.Combine(runDirectory, "summary.md");
+        File.WriteAllText(summary, md.ToString());
+        written.Add(summary);
+        return written;
+    }
+
+    private static IReadOnlyList<string> WriteGrpo(string runDirectory, List<GrpoStepMetrics> rows)
+    {
+        var written = new List<string>();
+        var plotter = Plotter(runDirectory, rows.Select(r => (double)r.Step).ToArray(), written);
+        void Plot(string name, string title, params (string Label, double[] Values)[] series) => plotter(name, title, series);
         Plot("reward", "Reward (mean over samples)", ("reward", rows.Select(r => r.Reward).ToArray()));
         Plot("accuracy", "Rule accuracy", ("accuracy", rows.Select(r => r.Accuracy).ToArray()));
         Plot("effective_ratio", "Effective-sample ratio", ("update batch", rows.Select(r => r.EffectiveRatio).ToArray()),

@@ -42,41 +42,69 @@ public static class TrainCommand
     public static int RunStage(string? configPath, string[] overrides, string? outDir)
     {
         var config = TrainConfig.Load(configPath, outDir is null ? overrides : [.. overrides, $"output={outDir}"]);
-        if (config.Stage is "rm" or "mpo")
-        {
-            using var pb = Backends.Create(config.Backend);
-            using var pt = new PreferenceTrainer(config, pb);
-            AnsiConsole.MarkupLineInterpolated($"stage {config.Stage} on {pb.Name}: {config.Steps} steps of {config.Pairs.PairsPerStep} pairs; run directory {config.Output}");
-            PreferenceSummary summary = null!;
-            AnsiConsole.Status().Start($"training ({config.Stage})", _ => summary = pt.Run());
-            var last = pt.History[^1];
-            AnsiConsole.MarkupLineInterpolated($"final loss {last.Loss:F4}, train accuracy {last.Accuracy:F2}; held-out accuracy {(summary.HeldOutAccuracy is { } a ? a.ToString("F3") : "-")} on {summary.HeldOutPairs} pairs; model in {Path.Combine(config.Output, "final")}");
-            return 0;
-        }
-        using var backend = Backends.Create(config.Backend);
-        using var trainer = new GrpoTrainer(config, backend);
         using var cancel = new CancellationTokenSource();
         ConsoleCancelEventHandler stop = (_, e) => { e.Cancel = true; cancel.Cancel(); };
         Console.CancelKeyPress += stop;
         try
         {
-            var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
-            AnsiConsole.MarkupLineInterpolated($"stage grpo on {backend.Name}: {config.Steps} steps of {config.Grpo.PromptsPerStep} prompts x {config.Grpo.GroupSize} samples; run directory {config.Output}{resumed}");
-            AnsiConsole.Progress()
-                .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
-                .Start(ctx =>
-                {
-                    var bar = ctx.AddTask("grpo", maxValue: config.Steps);
-                    bar.Value = trainer.Step;
-                    trainer.Run(m =>
-                    {
-                        bar.Description = $"step {m.Step} reward {m.Reward:F3} acc {m.Accuracy:F2} eff {m.EffectiveRatio:F2} {m.TokensPerSecond:F0} tok/s";
-                        bar.Value = m.Step;
-                        if (m.Warning is not null) AnsiConsole.MarkupLineInterpolated($"[yellow]warning:[/] {m.Warning}");
-                    }, cancel.Token);
-                });
+            return config.Stage is "rm" or "mpo" ? RunPreference(config, cancel) : RunGrpo(config, cancel);
         }
         finally { Console.CancelKeyPress -= stop; }
+    }
+
+    private static ProgressTask Bar(ProgressContext ctx, string stage, int steps, int done)
+    {
+        var bar = ctx.AddTask(stage, maxValue: steps);
+        bar.Value = done;
+        return bar;
+    }
+
+    private static Progress Progress() => AnsiConsole.Progress()
+        .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn(), new RemainingTimeColumn());
+
+    private static int RunPreference(TrainConfig config, CancellationTokenSource cancel)
+    {
+        using var backend = Backends.Create(config.Backend);
+        using var trainer = new PreferenceTrainer(config, backend);
+        var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
+        AnsiConsole.MarkupLineInterpolated($"stage {config.Stage} on {backend.Name}: {config.Steps} steps of {config.Pairs.PairsPerStep} pairs; run directory {config.Output}{resumed}");
+        PreferenceSummary? summary = null;
+        Progress().Start(ctx =>
+        {
+            var bar = Bar(ctx, config.Stage, config.Steps, trainer.Step);
+            summary = trainer.Run(m =>
+            {
+                bar.Description = $"step {m.Step} loss {m.Loss:F4} acc {m.Accuracy:F2} margin {m.Margin:F3}" + (config.Stage == "mpo" ? $" delta {m.Delta:F3}" : "");
+                bar.Value = m.Step;
+            }, cancel.Token);
+        });
+        if (summary is null)
+        {
+            AnsiConsole.MarkupLineInterpolated($"interrupted: checkpoint written at step {trainer.Step}; run again to resume");
+            return 130;
+        }
+        var last = trainer.History[^1];
+        AnsiConsole.MarkupLineInterpolated($"final loss {last.Loss:F4}, train accuracy {last.Accuracy:F2}; held-out accuracy {(summary.HeldOutAccuracy is { } a ? a.ToString("F3") : "-")} on {summary.HeldOutPairs} pairs; model in {Path.Combine(config.Output, "final")}");
+        foreach (var f in Report.Write(config.Output)) AnsiConsole.MarkupLineInterpolated($"wrote {f}");
+        return 0;
+    }
+
+    private static int RunGrpo(TrainConfig config, CancellationTokenSource cancel)
+    {
+        using var backend = Backends.Create(config.Backend);
+        using var trainer = new GrpoTrainer(config, backend);
+        var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
+        AnsiConsole.MarkupLineInterpolated($"stage grpo on {backend.Name}: {config.Steps} steps of {config.Grpo.PromptsPerStep} prompts x {config.Grpo.GroupSize} samples; run directory {config.Output}{resumed}");
+        Progress().Start(ctx =>
+        {
+            var bar = Bar(ctx, "grpo", config.Steps, trainer.Step);
+            trainer.Run(m =>
+            {
+                bar.Description = $"step {m.Step} reward {m.Reward:F3} acc {m.Accuracy:F2} eff {m.EffectiveRatio:F2} {m.TokensPerSecond:F0} tok/s";
+                bar.Value = m.Step;
+                if (m.Warning is not null) AnsiConsole.MarkupLineInterpolated($"[yellow]warning:[/] {m.Warning}");
+            }, cancel.Token);
+        });
         if (cancel.IsCancellationRequested) AnsiConsole.MarkupLineInterpolated($"interrupted: checkpoint written at step {trainer.Step}; run again to resume");
         foreach (var f in Report.Write(config.Output)) AnsiConsole.MarkupLineInterpolated($"wrote {f}");
         return cancel.IsCancellationRequested ? 130 : 0;

@@ -34,6 +34,9 @@ public sealed class AdamWOptimizer : IDisposable
     public (int Step, IReadOnlyList<(string Name, int[] Shape, float[] M, float[] V)> Moments) Export() =>
         (StepCount, _state.Select(s => (s.P.Name, s.M.Shape.ToArray(), s.M.ToFloatArray(), s.V.ToFloatArray())).ToList());
 
+    /// <summary>The names of the parameters this optimiser updates, in order.</summary>
+    public IEnumerable<string> ParameterNames => _state.Select(s => s.P.Name);
+
     public void Import(int step, IReadOnlyDictionary<string, (float[] M, float[] V)> moments)
     {
         foreach (var (p, m, v) in _state)

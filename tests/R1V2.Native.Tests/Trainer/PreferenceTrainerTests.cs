@@ -14,7 +14,7 @@ public sealed class PreferenceTrainerTests(CpuFixture fx) : IDisposable
 
     public void Dispose() => Directory.Delete(_dir, true);
 
-    private TrainConfig Config(string stage, int steps, string lr)
+    private TrainConfig Config(string stage, int steps, string lr, string? output = null, params string[] extra)
     {
         var ckpt = Path.Combine(_dir, "tiny");
         if (!Directory.Exists(ckpt)) InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), ckpt, seed: 8);
@@ -22,15 +22,15 @@ public sealed class PreferenceTrainerTests(CpuFixture fx) : IDisposable
         // The preferred answer always says yes, the other no: a pattern both stages can learn and apply to held-out rows.
         File.WriteAllLines(data, Enumerable.Range(0, 25).Select(i =>
             JsonSerializer.Serialize(new { prompt = $"Is {i} a number?", chosen = $"yes, {i} is", rejected = $"no, {i} is not" })));
-        return TrainConfig.Load(null, [$"stage={stage}", $"model={ckpt}", $"output={Path.Combine(_dir, stage)}", $"data.path={data}", $"steps={steps}",
-            "trainable=all", $"optim.lr={lr}", "pairs.pairs_per_step=4", "pairs.held_out=0.2", "mpo.beta=0.5"]);
+        return TrainConfig.Load(null, [$"stage={stage}", $"model={ckpt}", $"output={output ?? Path.Combine(_dir, stage)}", $"data.path={data}",
+            $"steps={steps}", "trainable=all", $"optim.lr={lr}", "pairs.pairs_per_step=4", "pairs.held_out=0.2", "mpo.beta=0.5", .. extra]);
     }
 
     [Fact]
     public void RewardModel_LearnsThePreference_AndScoresHeldOutPairs()
     {
         using var t = new PreferenceTrainer(Config("rm", 25, "0.003"), fx.Backend);
-        var summary = t.Run();
+        var summary = t.Run()!;
         Assert.Equal(5, summary.HeldOutPairs);
         Assert.True(t.History[0].Loss > 0.6, $"initial Bradley-Terry loss {t.History[0].Loss} should be near ln 2 (a zero head)");
         Assert.True(t.History[^1].Loss < 0.2, $"final loss {t.History[^1].Loss}");
@@ -43,11 +43,53 @@ public sealed class PreferenceTrainerTests(CpuFixture fx) : IDisposable
     public void Mpo_RaisesTheChosenOverTheRejected_OnHeldOutPairs()
     {
         using var t = new PreferenceTrainer(Config("mpo", 20, "0.002"), fx.Backend);
-        var summary = t.Run();
+        var summary = t.Run()!;
         Assert.True(t.History[^1].Loss < t.History[0].Loss, $"loss {t.History[0].Loss} -> {t.History[^1].Loss}");
         Assert.True(t.History[^1].Margin > 1, $"implicit reward margin {t.History[^1].Margin}");
         Assert.Equal(1.0, summary.HeldOutAccuracy);
         Assert.NotEqual(0, t.History[^1].Delta); // BCO's delta follows the implicit rewards
+    }
+
+    [Theory]
+    [InlineData("rm")]
+    [InlineData("mpo")]
+    public void Resume_IsBitIdentical_AndCancellationCheckpoints(string stage)
+    {
+        string[] extra = ["checkpoint.every=2", "checkpoint.keep=2", "optim.schedule=cosine", "optim.warmup=1"];
+        var straight = Path.Combine(_dir, stage + "-straight");
+        using (var t = new PreferenceTrainer(Config(stage, 6, "0.003", straight, extra), fx.Backend)) Assert.NotNull(t.Run());
+        var resumed = Path.Combine(_dir, stage + "-resumed");
+        using var cts = new CancellationTokenSource();
+        using (var t = new PreferenceTrainer(Config(stage, 6, "0.003", resumed, extra), fx.Backend))
+            Assert.Null(t.Run(m => { if (m.Step == 3) cts.Cancel(); }, cts.Token)); // Ctrl-C after step 3: checkpoint, no final model
+        Assert.EndsWith("step-000003", RunCheckpoints.Latest(resumed));
+        Assert.Equal(2, Directory.GetDirectories(Path.Combine(resumed, "checkpoints")).Length); // keep = 2
+        Assert.False(Directory.Exists(Path.Combine(resumed, "final")));
+        using (var t = new PreferenceTrainer(Config(stage, 6, "0.003", resumed, extra), fx.Backend))
+        {
+            Assert.Equal(3, t.Step);
+            Assert.NotNull(t.Run());
+        }
+        PreferenceStepMetrics[] Read(string dir) => File.ReadAllLines(Path.Combine(dir, "metrics.jsonl")).Select(l => JsonSerializer.Deserialize<PreferenceStepMetrics>(l)!).ToArray();
+        var a = Read(straight);
+        var b = Read(resumed);
+        Assert.Equal(6, b.Length);
+        Assert.Equal(a.Select(m => m.Loss), b.Select(m => m.Loss));           // bit for bit
+        Assert.Equal(a.Select(m => m.GradNorm), b.Select(m => m.GradNorm));
+        Assert.Equal(a.Select(m => m.Delta), b.Select(m => m.Delta));
+        Assert.Equal(File.ReadAllText(Path.Combine(straight, "summary.json")), File.ReadAllText(Path.Combine(resumed, "summary.json")));
+        var files = Report.Write(resumed);
+        Assert.Contains(files, f => f.EndsWith("margin.png"));
+        Assert.Contains("held-out accuracy", File.ReadAllText(files.Single(f => f.EndsWith("summary.md"))));
+    }
+
+    [Fact]
+    public void Resume_FromAnotherStagesCheckpoint_IsAClearError()
+    {
+        var output = Path.Combine(_dir, "mixed");
+        using (var t = new PreferenceTrainer(Config("rm", 2, "0.003", output), fx.Backend)) t.Run();
+        var e = Assert.Throws<InvalidDataException>(() => new PreferenceTrainer(Config("mpo", 4, "0.003", output), fx.Backend));
+        Assert.Contains("stage 'rm'", e.Message);
     }
 }
 
