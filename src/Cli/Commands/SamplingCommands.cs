@@ -15,7 +15,7 @@ public static class SamplingCommands
     private static (Option<string> Model, Option<string> Data, Option<string> Out, Option<int> Samples, Option<int> MaxNew, Option<float> Temperature,
         Option<ulong> Seed, Option<string> Backend) Common() => (
         new("--model") { Description = "Checkpoint directory", Required = true },
-        new("--data") { Description = "Prompt JSONL (question, answer, images, choices)", Required = true },
+        new("--data") { Description = "Prompt dataset, JSONL or Parquet (question, answer, images, choices)", Required = true },
         new("--out") { Description = "Output JSONL", Required = true },
         new("--samples") { Description = "Responses per prompt", DefaultValueFactory = _ => 8 },
         new("--max-new-tokens") { DefaultValueFactory = _ => 256 },
