@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using System.Text.RegularExpressions;
+using R1V2.Native.Engine;
 using R1V2.Native.Engine.Backends;
 using R1V2.Native.Engine.Checkpoints;
 using R1V2.Native.Engine.Generation;
@@ -120,7 +121,7 @@ public sealed class GrpoTrainer : IDisposable
         {
             var (ids, pixels, tiles) = _chat.Prompt([new ChatTurn("user", p.Question, p.Images)]);
             promptInputs.Add((ids, pixels, tiles));
-            ulong seed = (ulong)HashCode.Combine(_c.Seed, step, p.Index) & 0x7fffffffUL;
+            ulong seed = Seeds.Combine(_c.Seed, step, p.Index) & 0x7fffffffUL;
             requests.Add(new GenerationRequest(ids, pixels, tiles, new SamplingParams(g.Temperature, TopP: g.TopP), seed, g.MaxNewTokens, _chat.StopTokens,
                 Samples: g.GroupSize));
         }

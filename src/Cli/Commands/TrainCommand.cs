@@ -32,8 +32,10 @@ public static class TrainCommand
         var stage = new Option<string?>("--stage") { Description = "grpo | mpo | rm (the same as --set stage=...)" };
         var cmd = new Command("train", "Train: with --config, the VLM stage it names (grpo); without, the built-in task")
             { steps, batch, lr, seed, backend, output, config, set, stage };
+        // With a config, an explicit --backend overrides the config's backend key (as --set backend=... would).
         cmd.SetAction(r => r.GetValue(config) is not null || (r.GetValue(set)?.Length ?? 0) > 0 || r.GetValue(stage) is not null
-            ? RunStage(r.GetValue(config), [.. r.GetValue(set) ?? [], .. r.GetValue(stage) is { } st ? new[] { $"stage={st}" } : []], r.GetValue(output))
+            ? RunStage(r.GetValue(config), [.. r.GetValue(set) ?? [], .. r.GetValue(stage) is { } st ? new[] { $"stage={st}" } : [],
+                .. r.GetResult(backend) is { Implicit: false } ? new[] { $"backend={r.GetValue(backend)}" } : []], r.GetValue(output))
             : Run(new NextTokenSettings(r.GetValue(steps), r.GetValue(batch), r.GetValue(lr), Seed: r.GetValue(seed)), r.GetValue(backend)!, r.GetValue(output)));
         return cmd;
     }

@@ -108,7 +108,7 @@ public static class VlmWeights
         if (isNormWeight) { Array.Fill(values, 1f); return values; }
         if (name.EndsWith(".bias")) return values;
         if (name.EndsWith(".ls1") || name.EndsWith(".ls2")) { Array.Fill(values, c.Vision.InitialLayerScale); return values; }
-        var rng = new Random(HashCode.Combine(seed, StableHash(name)));
+        var rng = new Random(Seeds.ForRandom(seed, Seeds.Hash(name)));
         for (int i = 0; i < n; i += 2)
         {
             // Box-Muller: two normals per pair of uniforms.
@@ -118,14 +118,6 @@ public static class VlmWeights
             if (i + 1 < n) values[i + 1] = (float)(r * Math.Sin(2 * Math.PI * u2));
         }
         return values;
-    }
-
-    /// <summary>FNV-1a of the name: stable across processes (string.GetHashCode is randomised).</summary>
-    private static int StableHash(string s)
-    {
-        uint h = 2166136261;
-        foreach (char ch in s) { h ^= ch; h *= 16777619; }
-        return (int)h;
     }
 }
 

@@ -24,7 +24,7 @@ public sealed class ShuffledRows<T>(IRowSource<T> source, int seed, bool shuffle
     private static int[] Order(int count, int seed, bool shuffle, int epoch)
     {
         var order = Enumerable.Range(0, count).ToArray();
-        if (shuffle) new Random(HashCode.Combine(seed, epoch)).Shuffle(order);
+        if (shuffle) new Random(R1V2.Native.Engine.Seeds.ForRandom(seed, epoch)).Shuffle(order);
         return order;
     }
 
