@@ -26,6 +26,7 @@ public static class Program
             ReportCommand.Create(),
             SamplingCommands.CreateBuildPairs(),
             SamplingCommands.CreatePrefilter(),
+            DigitsCommand.Create(),
         };
         return root.Parse(args).Invoke();
     }

@@ -1,0 +1,145 @@
+using System.Text.Json;
+using SixLabors.ImageSharp;
+using SixLabors.ImageSharp.PixelFormats;
+
+namespace R1V2.Native.Trainer.Tasks;
+
+/// <summary>The kinds of question asked about a scene of digits.</summary>
+public enum DigitQuestionType { Sum, Largest, Count, Present, LeftToRight }
+
+public static class DigitQuestionTypes
+{
+    /// <summary>The name used in datasets and reports: sum, largest, count, present, left_to_right.</summary>
+    public static string Name(this DigitQuestionType t) => t == DigitQuestionType.LeftToRight ? "left_to_right" : t.ToString().ToLowerInvariant();
+}
+
+/// <summary>One visual question: a canvas with 1-4 handwritten digits, the question, and its verifiable answer.</summary>
+/// <param name="Digits">The digits on the canvas from left to right.</param>
+/// <param name="Canvas">Grey pixels, row-major, <paramref name="CanvasSize"/> squared.</param>
+/// <param name="Sources">The <see cref="DigitImage"/> drawn for each digit (its split and source index), for audits.</param>
+public sealed record DigitTaskItem(string Question, string Answer, DigitQuestionType Type, int[] Digits, byte[] Canvas, int CanvasSize, DigitImage[] Sources)
+{
+    /// <summary>The canvas as a PNG file.</summary>
+    public void SavePng(string path)
+    {
+        using var image = Image.LoadPixelData<L8>(Canvas, CanvasSize, CanvasSize);
+        image.SaveAsPng(path);
+    }
+}
+
+/// <summary>
+/// Composes scenes of 1 to <c>maxDigits</c> handwritten digits from one split of <see cref="MnistDigits"/> on a square
+/// canvas (each digit scaled, placed at a random height, left to right without overlap) and asks a verifiable question:
+/// the sum, the largest digit, how many times a digit appears, whether a digit is present, or the digits from left to
+/// right. Everything is drawn from the caller's seeded <see cref="Random"/>, so a seed gives the same items.
+/// </summary>
+public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvasSize = 64, int maxDigits = 4)
+{
+    public const string LeftToRightSeparator = ", ";
+
+    public int CanvasSize => canvasSize;
+    public DigitSplit Split => split;
+
+    public DigitTaskItem Sample(Random rng, DigitQuestionType? type = null)
+    {
+        if (canvasSize < 28 || maxDigits < 1 || maxDigits > 4) throw new ArgumentException("canvas must be at least 28 pixels and 1-4 digits per scene");
+        int n = rng.Next(1, maxDigits + 1);
+        var digits = new int[n];
+        for (int i = 0; i < n; i++) digits[i] = rng.Next(10);
+        var (canvas, sources) = Compose(rng, digits);
+        var kind = type ?? (DigitQuestionType)rng.Next(5);
+        var (question, answer) = Ask(rng, kind, digits);
+        return new DigitTaskItem(question, answer, kind, digits, canvas, canvasSize, sources);
+    }
+
+    private static (string Question, string Answer) Ask(Random rng, DigitQuestionType kind, int[] digits)
+    {
+        switch (kind)
+        {
+            case DigitQuestionType.Sum: return ("What is the sum of the digits in the image?", digits.Sum().ToString());
+            case DigitQuestionType.Largest: return ("What is the largest digit in the image?", digits.Max().ToString());
+            case DigitQuestionType.Count:
+            {
+                int d = rng.Next(2) == 0 ? digits[rng.Next(digits.Length)] : rng.Next(10); // half the time a digit that is there
+                return ($"How many times does the digit {d} appear in the image?", digits.Count(x => x == d).ToString());
+            }
+            case DigitQuestionType.Present:
+            {
+                int d = rng.Next(2) == 0 ? digits[rng.Next(digits.Length)] : rng.Next(10);
+                return ($"Is the digit {d} in the image? Answer yes or no.", digits.Contains(d) ? "yes" : "no");
+            }
+            default: return ("Read the digits in the image from left to right.", string.Join(LeftToRightSeparator, digits));
+        }
+    }
+
+    /// <summary>Draws the digits left to right: sizes in [0.6, 1] of the largest that fits, random gaps and heights.</summary>
+    private (byte[] Canvas, DigitImage[] Sources) Compose(Random rng, int[] digits)
+    {
+        var sources = new DigitImage[digits.Length];
+        int n = digits.Length, w = canvasSize;
+        var canvas = new byte[w * w];
+        int max = Math.Min(w, w / n), min = Math.Max(10, (int)(0.6 * max));
+        var sizes = digits.Select(_ => rng.Next(min, max + 1)).ToArray();
+        int free = w - sizes.Sum();
+        // Split the free width into n + 1 gaps at sorted random cut points.
+        var cuts = Enumerable.Range(0, n).Select(_ => rng.Next(free + 1)).Order().ToArray();
+        int x = 0;
+        for (int i = 0; i < n; i++)
+        {
+            x += cuts[i] - (i == 0 ? 0 : cuts[i - 1]);
+            var pool = source.Of(split, digits[i]);
+            var image = sources[i] = pool[rng.Next(pool.Count)];
+            int y = rng.Next(w - sizes[i] + 1);
+            Draw(canvas, w, image.Pixels, x, y, sizes[i]);
+            x += sizes[i];
+        }
+        return (canvas, sources);
+    }
+
+    /// <summary>Bilinear resize of a 28 x 28 digit to size x size, drawn with max blending at (x0, y0).</summary>
+    private static void Draw(byte[] canvas, int w, byte[] digit, int x0, int y0, int size)
+    {
+        const int s = DigitImage.Size;
+        double scale = (double)s / size;
+        for (int y = 0; y < size; y++)
+        for (int x = 0; x < size; x++)
+        {
+            double sx = Math.Clamp((x + 0.5) * scale - 0.5, 0, s - 1), sy = Math.Clamp((y + 0.5) * scale - 0.5, 0, s - 1);
+            int ix = Math.Min((int)sx, s - 2), iy = Math.Min((int)sy, s - 2);
+            double fx = sx - ix, fy = sy - iy;
+            double v = (1 - fy) * ((1 - fx) * digit[iy * s + ix] + fx * digit[iy * s + ix + 1])
+                + fy * ((1 - fx) * digit[(iy + 1) * s + ix] + fx * digit[(iy + 1) * s + ix + 1]);
+            int at = (y0 + y) * w + x0 + x;
+            canvas[at] = Math.Max(canvas[at], (byte)Math.Round(v));
+        }
+    }
+
+    /// <summary>
+    /// Writes <paramref name="count"/> items as DIR/images/NNNNNN.png and DIR/prompts.jsonl (question, answer, images,
+    /// image_digits: the distinct digits present, type), the prompt format of <see cref="Data.PromptDataset"/>.
+    /// </summary>
+    public IReadOnlyList<DigitTaskItem> WriteDataset(string directory, int count, int seed)
+    {
+        var images = Path.Combine(directory, "images");
+        Directory.CreateDirectory(images);
+        var rng = new Random(seed);
+        var items = new List<DigitTaskItem>(count);
+        var lines = new List<string>(count);
+        for (int i = 0; i < count; i++)
+        {
+            var item = Sample(rng);
+            var name = $"{i:D6}.png";
+            item.SavePng(Path.Combine(images, name));
+            items.Add(item);
+            lines.Add(JsonSerializer.Serialize(new
+            {
+                question = item.Question, answer = item.Answer, images = new[] { $"images/{name}" },
+                image_digits = item.Digits.Distinct().Order().ToArray(), type = item.Type.Name(), digits = item.Digits,
+            }));
+        }
+        var path = Path.Combine(directory, "prompts.jsonl");
+        File.WriteAllLines(path + ".tmp", lines);
+        File.Move(path + ".tmp", path, overwrite: true);
+        return items;
+    }
+}

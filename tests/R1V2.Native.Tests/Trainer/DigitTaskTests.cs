@@ -1,0 +1,112 @@
+using R1V2.Native.Engine.Images;
+using R1V2.Native.Trainer.Data;
+using R1V2.Native.Trainer.Rewards;
+using R1V2.Native.Trainer.Tasks;
+
+namespace R1V2.Native.Tests.Trainer;
+
+public sealed class DigitTaskTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("r1v2-digits-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, true);
+
+    [Fact]
+    public void EmbeddedSubset_Holds300TrainAnd100HeldOutPerDigit_FromDisjointSourceImages()
+    {
+        var m = MnistDigits.Embedded();
+        Assert.Equal(4000, m.All.Count);
+        for (int d = 0; d < 10; d++)
+        {
+            var train = m.Of(DigitSplit.Train, d);
+            var held = m.Of(DigitSplit.HeldOut, d);
+            Assert.Equal((300, 100), (train.Count, held.Count));
+            Assert.Empty(train.Select(x => x.SourceIndex).Intersect(held.Select(x => x.SourceIndex)));
+            Assert.All(train.Concat(held), img =>
+            {
+                Assert.Equal(784, img.Pixels.Length);
+                Assert.Equal(0, img.Pixels[0]);                  // background corner
+                Assert.InRange(img.Pixels.Count(p => p > 128), 20, 500); // some ink, not a filled square
+            });
+        }
+        // No two images of a split are the same picture.
+        Assert.Equal(4000, m.All.Select(x => Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(x.Pixels))).Distinct().Count());
+    }
+
+    [Fact]
+    public void BadSubsetFile_IsAClearError()
+    {
+        using var ms = new MemoryStream();
+        using (var z = new System.IO.Compression.GZipStream(ms, System.IO.Compression.CompressionLevel.Fastest, leaveOpen: true)) z.Write("R1MN\u0001\0\0\0\u0005\0\0\0"u8);
+        ms.Position = 0;
+        var e = Assert.Throws<InvalidDataException>(() => MnistDigits.Read(ms, "bad.gz"));
+        Assert.Contains("bad.gz", e.Message);
+    }
+
+    [Fact]
+    public void Scenes_AnswersFollowFromTheDigits_AndDrawOnlyFromTheirSplit()
+    {
+        var m = MnistDigits.Embedded();
+        foreach (var split in new[] { DigitSplit.Train, DigitSplit.HeldOut })
+        {
+            var scenes = new DigitScenes(m, split);
+            var rng = new Random(3);
+            var counts = new int[5];
+            for (int i = 0; i < 400; i++)
+            {
+                var item = scenes.Sample(rng);
+                counts[(int)item.Type]++;
+                Assert.InRange(item.Digits.Length, 1, 4);
+                Assert.All(item.Sources, s => Assert.Equal(split, s.Split));
+                Assert.Equal(item.Digits, item.Sources.Select(s => s.Label));
+                Assert.True(item.Canvas.Count(p => p > 128) >= 10 * item.Digits.Length / 2, "the digits are drawn");
+                string expected = item.Type switch
+                {
+                    DigitQuestionType.Sum => item.Digits.Sum().ToString(),
+                    DigitQuestionType.Largest => item.Digits.Max().ToString(),
+                    DigitQuestionType.Count => item.Digits.Count(d => d == Asked(item.Question)).ToString(),
+                    DigitQuestionType.Present => item.Digits.Contains(Asked(item.Question)) ? "yes" : "no",
+                    _ => string.Join(", ", item.Digits),
+                };
+                Assert.Equal(expected, item.Answer);
+                Assert.Equal(1.0, AnswerVerifier.Score($"<think>...</think> \\boxed{{{item.Answer}}}", item.Answer));
+            }
+            Assert.All(counts, c => Assert.InRange(c, 50, 110)); // five types, about 80 each
+        }
+        Assert.False(AnswerVerifier.Equivalent("37", "3, 7"));     // reading order is not a number
+        Assert.False(AnswerVerifier.Equivalent("7, 3", "3, 7"));
+    }
+
+    private static int Asked(string question) => question.First(char.IsAsciiDigit) - '0';
+
+    [Fact]
+    public void Dataset_IsReproducibleFromItsSeed_AndReadsAsPrompts()
+    {
+        var scenes = new DigitScenes(MnistDigits.Embedded(), DigitSplit.HeldOut, canvasSize: 64);
+        var a = scenes.WriteDataset(Path.Combine(_dir, "a"), 20, seed: 9);
+        var b = scenes.WriteDataset(Path.Combine(_dir, "b"), 20, seed: 9);
+        Assert.Equal(File.ReadAllLines(Path.Combine(_dir, "a", "prompts.jsonl")), File.ReadAllLines(Path.Combine(_dir, "b", "prompts.jsonl")));
+        Assert.Equal(a.Select(x => x.Canvas), b.Select(x => x.Canvas));
+        var c = scenes.WriteDataset(Path.Combine(_dir, "c"), 20, seed: 10);
+        Assert.NotEqual(a.Select(x => x.Answer + x.Question), c.Select(x => x.Answer + x.Question));
+
+        var data = new PromptDataset(Path.Combine(_dir, "a", "prompts.jsonl"), 0, shuffle: false);
+        Assert.Equal(20, data.Count);
+        var row = data.Read(0);
+        Assert.Equal(a[0].Question, row.Question);
+        Assert.Equal(a[0].Digits.Distinct().Order(), row.ImageDigits!);
+        var (pixels, tiles) = new ImagePreprocessor(64).Load(Assert.Single(row.Images));
+        Assert.Equal(1, tiles);
+        Assert.Equal(3 * 64 * 64, pixels.Length);
+    }
+
+    [Fact]
+    public void DigitsCommand_WritesTheDataset_AndRejectsAnUnknownSplit()
+    {
+        Assert.Equal(0, R1V2.Native.Cli.Commands.DigitsCommand.Run(Path.Combine(_dir, "cli"), "train", 5, 1, 64));
+        var lines = File.ReadAllLines(Path.Combine(_dir, "cli", "prompts.jsonl"));
+        Assert.Equal(5, lines.Length);
+        Assert.All(lines, l => Assert.Matches("\"type\":\"(sum|largest|count|present|left_to_right)\"", l));
+        Assert.Throws<ArgumentException>(() => R1V2.Native.Cli.Commands.DigitsCommand.Run(Path.Combine(_dir, "x"), "test", 5, 1, 64));
+    }
+}
