@@ -27,6 +27,7 @@ public static class Program
             SamplingCommands.CreateBuildPairs(),
             SamplingCommands.CreatePrefilter(),
             DigitsCommand.Create(),
+            EvalCommand.Create(),
         };
         return root.Parse(args).Invoke();
     }

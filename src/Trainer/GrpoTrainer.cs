@@ -68,7 +68,8 @@ public sealed class GrpoTrainer : IDisposable
         var g = config.Grpo;
         _chat = new ChatRunner(_model, _tokenizer, new GeneratorOptions(g.CacheBlocks, MaxBatch: Math.Max(g.GroupSize * g.PromptsPerStep, 1)));
         _data = new PromptDataset(config.Data.Path, config.Seed, config.Data.Shuffle, config.Data.SkipBadRows);
-        _grounding = new Grounding(config.Monitor.ObjectWords.Concat(Enumerable.Range(0, _data.Count).SelectMany(i => _data.Read(i).ImageObjects ?? [])));
+        _grounding = new Grounding(config.Monitor.ObjectWords.Concat(Enumerable.Range(0, _data.Count).SelectMany(i => _data.Read(i).ImageObjects ?? [])),
+            config.Monitor.ClaimPattern.Length > 0 ? config.Monitor.ClaimPattern : null);
         var o = config.Optim;
         _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
         _schedule = new LearningRateSchedule(o.Lr, o.Warmup, config.Steps,
@@ -144,7 +145,7 @@ public sealed class GrpoTrainer : IDisposable
             format += r.Format > 0 ? 1 : 0;
             length += s.Tokens.Length;
             tokens += s.Tokens.Length;
-            if (_grounding.Check(ChatTemplate.Split(text).Answer, p) is { } ok)
+            if (_grounding.Check(text, p) is { } ok)
             {
                 groundingChecks++;
                 if (ok) grounded++;
@@ -283,46 +284,6 @@ public sealed class GrpoTrainer : IDisposable
         _model.Dispose();
         _reference?.Dispose();
         _rewardModel?.Dispose();
-    }
-}
-
-/// <summary>
-/// The visual-grounding check where the dataset knows what the image holds: an answer is grounded when every digit it
-/// names is one of the row's <c>image_digits</c> and every object word it names (from the object vocabulary: the
-/// configured <c>monitor.object_words</c> plus every <c>image_objects</c> entry in the dataset; plurals in -s/-es count)
-/// is one of the row's <c>image_objects</c>. Claims are found by word match, so a negated mention ("no cat") counts
-/// as a claim: the rate is an upper bound, meant for watching trends.
-/// </summary>
-public sealed class Grounding
-{
-    private readonly List<(string Word, Regex Pattern)> _objects;
-
-    public Grounding(IEnumerable<string> objectVocabulary) =>
-        _objects = objectVocabulary.Select(w => w.Trim().ToLowerInvariant()).Where(w => w.Length > 0).Distinct(StringComparer.Ordinal)
-            .Select(w => (w, new Regex($@"(?<![\p{{L}}\p{{N}}]){Regex.Escape(w).Replace(@"\ ", @"\s+")}(?:s|es)?(?![\p{{L}}\p{{N}}])",
-                RegexOptions.IgnoreCase | RegexOptions.CultureInvariant)))
-            .ToList();
-
-    public int VocabularySize => _objects.Count;
-
-    /// <summary>True when every digit the answer names is one the image holds (an answer naming none is grounded).</summary>
-    public static bool ClaimsOnlyPresentDigits(string answer, IReadOnlyList<int> present) =>
-        answer.Where(char.IsAsciiDigit).Select(ch => ch - '0').All(present.Contains);
-
-    /// <summary>The vocabulary's object words the answer names.</summary>
-    public IEnumerable<string> ClaimedObjects(string answer) => _objects.Where(o => o.Pattern.IsMatch(answer)).Select(o => o.Word);
-
-    /// <summary>Whether the answer claims only what the row says the image holds; null when the row says nothing.</summary>
-    public bool? Check(string answer, PromptRow row)
-    {
-        if (row.ImageDigits is null && row.ImageObjects is null) return null;
-        if (row.ImageDigits is { } digits && !ClaimsOnlyPresentDigits(answer, digits)) return false;
-        if (row.ImageObjects is { } objects)
-        {
-            var present = objects.Select(o => o.Trim().ToLowerInvariant()).ToHashSet(StringComparer.Ordinal);
-            if (ClaimedObjects(answer).Any(o => !present.Contains(o))) return false;
-        }
-        return true;
     }
 }
 

@@ -126,6 +126,8 @@ public sealed class TrainConfig
         public double GroundingDrop { get; set; } = 0.05;
         /// <summary>Object words the grounding check looks for in answers, beside every image_objects entry of the dataset.</summary>
         public List<string> ObjectWords { get; set; } = [];
+        /// <summary>A regex whose first group holds the digits a response claims to see (searched in the whole response); empty: the answer's digits.</summary>
+        public string ClaimPattern { get; set; } = "";
     }
 
     private static IDeserializer Deserializer() => new DeserializerBuilder().WithNamingConvention(UnderscoredNamingConvention.Instance).Build();

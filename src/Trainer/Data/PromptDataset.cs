@@ -8,11 +8,11 @@ namespace R1V2.Native.Trainer.Data;
 /// the images are known to hold (for the grounding check), e.g. "image_digits": [3, 7] and "image_objects": ["cat", "sofa"].
 /// </summary>
 public sealed record PromptRow(int Index, string Question, string Answer, IReadOnlyList<string> Images, IReadOnlyList<string>? Choices,
-    IReadOnlyList<int>? ImageDigits, IReadOnlyList<string>? ImageObjects = null);
+    IReadOnlyList<int>? ImageDigits, IReadOnlyList<string>? ImageObjects = null, string? Type = null);
 
 /// <summary>
 /// Prompts from JSONL ("question" or "prompt", "answer", optional "images"/"image", "choices", "image_digits",
-/// "image_objects") or Parquet (the same columns; "image"/"images" as bytes, paths or HF {bytes, path} structs; see
+/// "image_objects", "type": a question type that evaluations report accuracy by) or Parquet (the same columns; "image"/"images" as bytes, paths or HF {bytes, path} structs; see
 /// <see cref="ParquetRows{T}"/>), chosen by the file's extension.
 /// </summary>
 public sealed class PromptDataset
@@ -40,7 +40,7 @@ public sealed class PromptDataset
         var answer = r.String("answer") ?? throw new InvalidDataException($"{r.Where}: no 'answer'");
         var digits = r.List<int>("image_digits");
         if (digits is not null && digits.Any(d => d is < 0 or > 9)) throw new InvalidDataException($"{r.Where}: 'image_digits' holds single digits 0-9");
-        return new PromptRow(-1, question, answer, r.Images(), r.List<string>("choices"), digits, r.List<string>("image_objects"));
+        return new PromptRow(-1, question, answer, r.Images(), r.List<string>("choices"), digits, r.List<string>("image_objects"), r.String("type"));
     }
 
     private static PromptRow Parse(JsonObject o, string path, Func<string> where)
@@ -62,7 +62,7 @@ public sealed class PromptDataset
             throw new InvalidDataException($"{where()}: 'image_digits' must be a list of integers and 'image_objects' a list of strings");
         }
         if (digits is not null && digits.Any(d => d is < 0 or > 9)) throw new InvalidDataException($"{where()}: 'image_digits' holds single digits 0-9");
-        return new PromptRow(-1, question, answer, JsonlRows<PromptRow>.Images(o, path, where), choices, digits, objects);
+        return new PromptRow(-1, question, answer, JsonlRows<PromptRow>.Images(o, path, where), choices, digits, objects, JsonlRows<PromptRow>.String(o, "type"));
     }
 }
 

@@ -34,6 +34,22 @@ public sealed class GroundingTests
         Assert.True(g.Check("cat number 3", Row([3], ["cat"])));
     }
 
+    [Fact]
+    public void ClaimPattern_TakesDigitClaimsFromTheReasoning_NotFromAComputedAnswer()
+    {
+        var g = new Grounding([], @"I see the digits? ([0-9](?:, [0-9])*)");
+        var row = Row([5, 7], null);
+        Assert.True(g.Check("<think>I see the digits 5, 7. 5 + 7 = 12.</think> \\boxed{12}", row)); // 12 is a sum, not a claim
+        Assert.False(g.Check("<think>I see the digits 5, 8. 5 + 8 = 13.</think> \\boxed{13}", row));
+        Assert.True(g.Check("<think>no listing</think> 9", row));                                // nothing claimed
+        var plain = new Grounding([]);
+        Assert.False(plain.Check("<think>I see 5, 7</think> 12", row));                          // without a pattern: the answer's digits
+        Assert.True(plain.Check("<think>unfinished 9", row));                                     // no answer yet, no claim
+        Assert.False(plain.Check("9", row));                                                      // no thinking: all of it is the answer
+        Assert.Throws<ArgumentException>(() => new Grounding([], "no group"));
+        Assert.Throws<ArgumentException>(() => new Grounding([], "(unclosed"));
+    }
+
     private static GrpoStepMetrics Step(int step, double reward, double? hallucination) =>
         new(step, 0, reward, 0, 0, 0, 1, 1, 0, 1, 0, 0, 0, 0, hallucination, 0, 0, null);
 

@@ -1,0 +1,106 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Models;
+using R1V2.Native.Engine.Text;
+using R1V2.Native.Trainer.Data;
+using R1V2.Native.Trainer.Rewards;
+
+namespace R1V2.Native.Trainer;
+
+/// <summary>How an evaluation samples: k responses per prompt at the given sampling settings and seed.</summary>
+public sealed record EvalSettings(int Samples = 1, int MaxNewTokens = 256, float Temperature = 0.6f, float TopP = 0.95f, ulong Seed = 1,
+    string? ClaimPattern = null, int CacheBlocks = 1024);
+
+/// <summary>Accuracy on the prompts of one question type.</summary>
+public sealed record EvalTypeResult(string Type, int Prompts, double PassAt1);
+
+/// <summary>
+/// pass@1 averaged over k samples (the mean over prompts of each prompt's share of correct samples, with the standard
+/// error of that mean), the share of well-formed responses (closed reasoning, then an answer), the hallucination rate
+/// (share of samples, among prompts whose images are described, that claim what is not there) and accuracy per type.
+/// </summary>
+public sealed record EvalResult(string Model, string Data, int Prompts, int SamplesPerPrompt, double PassAt1, double PassAt1StdError, double FormatRate,
+    double? HallucinationRate, int GroundingChecks, double MeanResponseTokens, IReadOnlyList<EvalTypeResult> ByType, EvalSettings Settings, double Seconds);
+
+/// <summary>One scored response (samples.jsonl beside the summary).</summary>
+public sealed record EvalSample(int Prompt, int Sample, string? Type, string Answer, string Response, bool Correct, bool WellFormed, bool? Grounded);
+
+/// <summary>`engine eval`: samples responses with the paged generator and scores them with the rule verifier.</summary>
+public static class Evaluation
+{
+    public static (EvalResult Result, List<EvalSample> Samples) Run(VisionLanguageModel model, TextTokenizer tokenizer, IReadOnlyList<PromptRow> prompts,
+        EvalSettings s, string modelName = "", string dataName = "")
+    {
+        if (s.Samples < 1) throw new ArgumentException("samples must be at least 1");
+        if (prompts.Count == 0) throw new ArgumentException("no prompts to evaluate");
+        var clock = Stopwatch.StartNew();
+        var format = new FormatReward();
+        var grounding = new Grounding(prompts.SelectMany(p => p.ImageObjects ?? []), s.ClaimPattern);
+        var groups = PromptSampling.Sample(model, tokenizer, prompts, s.Samples, new SamplingParams(s.Temperature, TopP: s.TopP), s.MaxNewTokens, s.Seed,
+            (text, p) => new RewardBreakdown(AnswerVerifier.Score(text, p.Answer, p.Choices), 0, 0, format.Score(text), 0), s.CacheBlocks);
+        var samples = new List<EvalSample>();
+        var perPrompt = new List<(string? Type, double Pass)>();
+        long tokens = 0;
+        int checks = 0, ungrounded = 0;
+        for (int i = 0; i < groups.Count; i++)
+        {
+            var g = groups[i];
+            int correct = 0;
+            for (int k = 0; k < g.Responses.Count; k++)
+            {
+                var text = g.Responses[k];
+                bool ok = g.Rewards[k].Rule > 0, formed = g.Rewards[k].Format == format.WellFormed;
+                bool? grounded = grounding.Check(text, g.Prompt);
+                if (grounded is { } gr) { checks++; if (!gr) ungrounded++; }
+                correct += ok ? 1 : 0;
+                tokens += tokenizer.Encode(text).Length;
+                samples.Add(new EvalSample(g.Prompt.Index, k, g.Prompt.Type, g.Prompt.Answer, text, ok, formed, grounded));
+            }
+            perPrompt.Add((g.Prompt.Type, correct / (double)g.Responses.Count));
+        }
+        double mean = perPrompt.Average(p => p.Pass);
+        double se = perPrompt.Count > 1 ? Math.Sqrt(perPrompt.Sum(p => (p.Pass - mean) * (p.Pass - mean)) / (perPrompt.Count - 1) / perPrompt.Count) : 0;
+        var byType = perPrompt.Where(p => p.Type is not null).GroupBy(p => p.Type!).OrderBy(t => t.Key, StringComparer.Ordinal)
+            .Select(t => new EvalTypeResult(t.Key, t.Count(), t.Average(p => p.Pass))).ToList();
+        var result = new EvalResult(modelName, dataName, prompts.Count, s.Samples, mean, se, samples.Average(x => x.WellFormed ? 1.0 : 0.0),
+            checks == 0 ? null : ungrounded / (double)checks, checks, tokens / (double)samples.Count, byType, s, clock.Elapsed.TotalSeconds);
+        return (result, samples);
+    }
+
+    /// <summary>Writes eval.json, eval.md and samples.jsonl into <paramref name="directory"/>; returns the paths.</summary>
+    public static IReadOnlyList<string> Write(string directory, EvalResult r, IEnumerable<EvalSample> samples)
+    {
+        Directory.CreateDirectory(directory);
+        var json = Path.Combine(directory, "eval.json");
+        File.WriteAllText(json, JsonSerializer.Serialize(r, new JsonSerializerOptions { WriteIndented = true }));
+        var lines = Path.Combine(directory, "samples.jsonl");
+        File.WriteAllLines(lines, samples.Select(x => JsonSerializer.Serialize(x)));
+        var md = Path.Combine(directory, "eval.md");
+        File.WriteAllText(md, Markdown(r));
+        return [json, md, lines];
+    }
+
+    public static string Markdown(EvalResult r)
+    {
+        var inv = CultureInfo.InvariantCulture;
+        var sb = new StringBuilder();
+        sb.AppendLine($"# Evaluation of {r.Model}").AppendLine();
+        sb.AppendLine(string.Format(inv, "{0} prompts from {1}, {2} sample(s) each (temperature {3}, top-p {4}, seed {5}, at most {6} new tokens).",
+            r.Prompts, r.Data, r.SamplesPerPrompt, r.Settings.Temperature, r.Settings.TopP, r.Settings.Seed, r.Settings.MaxNewTokens)).AppendLine();
+        sb.AppendLine("| metric | value |").AppendLine("| --- | --- |");
+        sb.AppendLine(string.Format(inv, "| pass@1 (mean over {0} samples) | {1:F3} ± {2:F3} |", r.SamplesPerPrompt, r.PassAt1, r.PassAt1StdError));
+        sb.AppendLine(string.Format(inv, "| format rate | {0:F3} |", r.FormatRate));
+        sb.AppendLine(r.HallucinationRate is { } h ? string.Format(inv, "| hallucination rate ({0} checked samples) | {1:F3} |", r.GroundingChecks, h) : "| hallucination rate | - (no image contents known) |");
+        sb.AppendLine(string.Format(inv, "| mean response length (tokens) | {0:F1} |", r.MeanResponseTokens));
+        if (r.ByType.Count > 0)
+        {
+            sb.AppendLine().AppendLine("| question type | prompts | pass@1 |").AppendLine("| --- | --- | --- |");
+            foreach (var t in r.ByType) sb.AppendLine(string.Format(inv, "| {0} | {1} | {2:F3} |", t.Type, t.Prompts, t.PassAt1));
+        }
+        sb.AppendLine().AppendLine("± is the standard error of the mean over prompts.");
+        return sb.ToString();
+    }
+}

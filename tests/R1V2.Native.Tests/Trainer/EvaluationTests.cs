@@ -1,0 +1,85 @@
+using System.Text.Json;
+using R1V2.Native.Cli;
+using R1V2.Native.Cli.Commands;
+using R1V2.Native.Engine.Models;
+using R1V2.Native.Engine.Text;
+using R1V2.Native.Trainer;
+using R1V2.Native.Trainer.Data;
+using R1V2.Native.Trainer.Rewards;
+using R1V2.Native.Trainer.Tasks;
+
+namespace R1V2.Native.Tests.Trainer;
+
+[Collection("cpu")]
+public sealed class EvaluationTests(CpuFixture fx) : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("r1v2-eval-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, true);
+
+    private (string Model, string Data) Setup()
+    {
+        var ckpt = Path.Combine(_dir, "tiny");
+        InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), ckpt, seed: 5);
+        new DigitScenes(MnistDigits.Embedded(), DigitSplit.HeldOut).WriteDataset(Path.Combine(_dir, "digits"), 6, seed: 2);
+        return (ckpt, Path.Combine(_dir, "digits", "prompts.jsonl"));
+    }
+
+    [Fact]
+    public void Metrics_AreTheAggregatesOfTheScoredSamples_AndReproduceFromTheSeed()
+    {
+        var (ckpt, data) = Setup();
+        var dataset = new PromptDataset(data, 0, shuffle: false);
+        var prompts = Enumerable.Range(0, dataset.Count).Select(dataset.Read).ToList();
+        using var model = VisionLanguageModel.Load(fx.Backend, ckpt);
+        var tok = TextTokenizer.Load(ckpt);
+        var settings = new EvalSettings(Samples: 3, MaxNewTokens: 6, Temperature: 1f, TopP: 1f, Seed: 4, ClaimPattern: EvalCommand.DigitClaimPattern);
+        var (r, samples) = Evaluation.Run(model, tok, prompts, settings);
+        Assert.Equal(18, samples.Count);
+        foreach (var s in samples)
+        {
+            Assert.Equal(AnswerVerifier.Score(s.Response, prompts[s.Prompt].Answer) > 0, s.Correct);
+            Assert.Equal(new FormatReward().Score(s.Response) == 1.0, s.WellFormed);
+            Assert.NotNull(s.Grounded); // every digit prompt knows its image
+        }
+        var perPrompt = samples.GroupBy(s => s.Prompt).Select(g => g.Average(s => s.Correct ? 1.0 : 0.0)).ToList();
+        Assert.Equal(perPrompt.Average(), r.PassAt1, 12);
+        Assert.Equal(samples.Average(s => s.WellFormed ? 1.0 : 0.0), r.FormatRate, 12);
+        Assert.Equal(samples.Average(s => s.Grounded!.Value ? 0.0 : 1.0), r.HallucinationRate!.Value, 12);
+        Assert.Equal(18, r.GroundingChecks);
+        Assert.Equal(prompts.GroupBy(p => p.Type).Count(), r.ByType.Count);
+        Assert.Equal(6, r.ByType.Sum(t => t.Prompts));
+
+        var (again, againSamples) = Evaluation.Run(model, tok, prompts, settings);
+        Assert.Equal(samples.Select(s => s.Response), againSamples.Select(s => s.Response));
+        Assert.Equal(r.PassAt1, again.PassAt1);
+
+        var files = Evaluation.Write(Path.Combine(_dir, "out"), r, samples);
+        Assert.Equal(18, File.ReadAllLines(files.Single(f => f.EndsWith("samples.jsonl"))).Length);
+        Assert.Equal(r.PassAt1, JsonDocument.Parse(File.ReadAllText(files.Single(f => f.EndsWith("eval.json")))).RootElement.GetProperty("PassAt1").GetDouble());
+    }
+
+    [Fact]
+    public void Markdown_ShowsEveryMetricAndType()
+    {
+        var r = new EvalResult("m", "d.jsonl", 4, 2, 0.625, 0.1, 0.75, 0.125, 8, 12.5,
+            [new EvalTypeResult("sum", 2, 0.5), new EvalTypeResult("present", 2, 0.75)], new EvalSettings(2), 1.0);
+        var md = Evaluation.Markdown(r);
+        Assert.Contains("| pass@1 (mean over 2 samples) | 0.625 ± 0.100 |", md);
+        Assert.Contains("| format rate | 0.750 |", md);
+        Assert.Contains("| hallucination rate (8 checked samples) | 0.125 |", md);
+        Assert.Contains("| sum | 2 | 0.500 |", md);
+        Assert.Contains("| present | 2 | 0.750 |", md);
+    }
+
+    [Fact]
+    public void EvalCommand_WritesTheSummary()
+    {
+        var (ckpt, data) = Setup();
+        var output = Path.Combine(_dir, "cli");
+        Assert.Equal(0, Program.Main(["eval", "--model", ckpt, "--data", data, "--limit", "2", "--max-new-tokens", "4", "--backend", "cpu", "--out", output]));
+        var json = JsonDocument.Parse(File.ReadAllText(Path.Combine(output, "eval.json"))).RootElement;
+        Assert.Equal(2, json.GetProperty("Prompts").GetInt32());
+        Assert.True(File.Exists(Path.Combine(output, "eval.md")));
+    }
+}
