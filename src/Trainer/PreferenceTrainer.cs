@@ -1,6 +1,5 @@
 using System.Text.Json;
 using R1V2.Native.Engine.Backends;
-using R1V2.Native.Engine.Images;
 using R1V2.Native.Engine.Models;
 using R1V2.Native.Engine.Text;
 using R1V2.Native.Trainer.Config;
@@ -30,8 +29,7 @@ public sealed class PreferenceTrainer : IDisposable
     private readonly TrainConfig _c;
     private readonly Backend _b;
     private readonly TextTokenizer _tokenizer;
-    private readonly ChatTemplate _template;
-    private readonly ImagePreprocessor _images;
+    private readonly ResponsePacker _packer;
     private readonly PreferenceDataset _data;
     private readonly HashSet<int> _heldOut;
     private readonly RewardModel? _rm;
@@ -39,7 +37,6 @@ public sealed class PreferenceTrainer : IDisposable
     private readonly AdamWOptimizer _opt;
     private readonly LearningRateSchedule _schedule;
     private readonly BcoDelta _delta;
-    private readonly int _imEnd;
     private int _step, _badInARow;
 
     public PreferenceTrainer(TrainConfig config, Backend backend)
@@ -55,28 +52,23 @@ public sealed class PreferenceTrainer : IDisposable
         if (resume is not null) RunCheckpoints.CheckStage(resume, config.Stage);
         var source = resume ?? config.Model;
         _tokenizer = TextTokenizer.Load(config.Model);
-        _imEnd = _tokenizer.RequireToken("<|im_end|>");
         _data = new PreferenceDataset(config.Data.Path, config.Seed, config.Data.Shuffle, config.Data.SkipBadRows);
         int held = (int)Math.Floor(_data.Count * config.Pairs.HeldOut);
         if (_data.Count - held < 1) throw new InvalidDataException($"{config.Data.Path}: {_data.Count} pairs leave none to train on with held_out {config.Pairs.HeldOut}");
         _heldOut = Enumerable.Range(_data.Count - held, held).ToHashSet();
         IEnumerable<Engine.Layers.Parameter> trainable;
-        VlmConfig vlmConfig;
         if (config.Stage == "rm")
         {
             _rm = RewardModel.Load(backend, source, parts);
             trainable = _rm.Trainable;
-            vlmConfig = _rm.Vlm.Config;
         }
         else
         {
             _policy = VisionLanguageModel.Load(backend, source, parts);
             _reference = VisionLanguageModel.Load(backend, config.Model, TrainableParts.None); // the frozen start, also on resume
             trainable = _policy.Parameters.Trainable;
-            vlmConfig = _policy.Config;
         }
-        _template = new ChatTemplate(vlmConfig.TokensPerTile);
-        _images = new ImagePreprocessor(vlmConfig.ForceImageSize);
+        _packer = new ResponsePacker(_policy ?? _rm!.Vlm, _tokenizer);
         var o = config.Optim;
         _opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
         _schedule = new LearningRateSchedule(o.Lr, o.Warmup, config.Steps,
@@ -92,48 +84,10 @@ public sealed class PreferenceTrainer : IDisposable
     public string MetricsPath => Path.Combine(_c.Output, "metrics.jsonl");
 
     /// <summary>Packs each pair as two sequences (prompt + chosen + &lt;|im_end|&gt;, prompt + rejected + ...); targets on the responses.</summary>
-    private (VlmBatch Batch, List<(int Start, int End)> Responses) Pack(IReadOnlyList<PreferencePair> pairs)
-    {
-        var ids = new List<int>();
-        var targets = new List<int>();
-        var cu = new List<int> { 0 };
-        var pixels = new List<float>();
-        var imageRows = new List<int>();
-        var spans = new List<(int, int)>();
-        int tiles = 0;
-        foreach (var p in pairs)
-        {
-            var counts = new List<int>();
-            var pairPixels = new List<float>();
-            foreach (var img in p.Images)
-            {
-                var (px, n) = _images.Load(img);
-                pairPixels.AddRange(px);
-                counts.Add(n);
-            }
-            var prompt = _tokenizer.Encode(_template.Render([new ChatMessage("user", p.Prompt, counts)]));
-            foreach (var response in new[] { p.Chosen, p.Rejected })
-            {
-                int offset = ids.Count;
-                for (int k = 0; k < prompt.Length; k++) if (prompt[k] == (_policy ?? _rm!.Vlm).ImageContextId) imageRows.Add(offset + k);
-                int[] seq = [.. prompt, .. _tokenizer.Encode(response), _imEnd];
-                ids.AddRange(seq);
-                for (int t = 0; t < seq.Length; t++) targets.Add(t + 1 < seq.Length && t + 1 >= prompt.Length ? seq[t + 1] : Backend.IgnoreIndex);
-                spans.Add((offset + prompt.Length - 1, offset + seq.Length - 1)); // positions whose targets are the response
-                cu.Add(ids.Count);
-                pixels.AddRange(pairPixels);
-                tiles += counts.Sum();
-            }
-        }
-        return (new VlmBatch([.. ids], [.. targets], [.. cu], tiles > 0 ? [.. pixels] : null, tiles, [.. imageRows]), spans);
-    }
+    private (VlmBatch Batch, List<(int Start, int End)> Responses) Pack(IReadOnlyList<PreferencePair> pairs) =>
+        _packer.Pack(pairs.Select(p => (p.Prompt, p.Images, (IReadOnlyList<string>)[p.Chosen, p.Rejected])));
 
-    private static double Sum(float[] logp, (int Start, int End) span)
-    {
-        double s = 0;
-        for (int t = span.Start; t < span.End; t++) s += logp[t];
-        return s;
-    }
+    private static double Sum(float[] logp, (int Start, int End) span) => ResponsePacker.Sum(logp, span);
 
     /// <summary>
     /// Runs to the configured step count, then evaluates the held-out pairs and saves the model; on cancellation writes a
