@@ -59,10 +59,7 @@ public sealed class GrpoTrainer : IDisposable
         var resume = LatestCheckpoint(config.Output);
         if (resume is not null) RunCheckpoints.CheckStage(resume, "grpo");
         var source = resume ?? config.Model;
-        var parts = config.Trainable switch
-        {
-            "adapter" => TrainableParts.Adapter, "adapter+llm" => TrainableParts.AdapterAndLlm, "adapter+vit" => TrainableParts.AdapterAndVit, _ => TrainableParts.All,
-        };
+        var parts = config.TrainableParts();
         _model = VisionLanguageModel.Load(backend, source, parts);
         _tokenizer = TextTokenizer.Load(source);
         var g = config.Grpo;
@@ -72,8 +69,7 @@ public sealed class GrpoTrainer : IDisposable
             config.Monitor.ClaimPattern.Length > 0 ? config.Monitor.ClaimPattern : null);
         var o = config.Optim;
         _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
-        _schedule = new LearningRateSchedule(o.Lr, o.Warmup, config.Steps,
-            o.Schedule switch { "linear" => ScheduleKind.Linear, "cosine" => ScheduleKind.Cosine, _ => ScheduleKind.Constant }, o.MinLrRatio);
+        _schedule = config.Schedule();
         _ssb = new SelectiveSampleBuffer(g.Ssb.Capacity, g.Ssb.MaxAge, (ulong)config.Seed * 0x9E3779B97F4A7C15ul + 1);
         var r = config.Reward;
         if (r.RmPath.Length > 0) _rewardModel = RewardModel.Load(backend, r.RmPath, TrainableParts.None, trainHead: false);

@@ -43,10 +43,7 @@ public sealed class PreferenceTrainer : IDisposable
     {
         _c = config;
         _b = backend;
-        var parts = config.Trainable switch
-        {
-            "adapter" => TrainableParts.Adapter, "adapter+llm" => TrainableParts.AdapterAndLlm, "adapter+vit" => TrainableParts.AdapterAndVit, _ => TrainableParts.All,
-        };
+        var parts = config.TrainableParts();
         Directory.CreateDirectory(config.Output);
         var resume = RunCheckpoints.Latest(config.Output);
         if (resume is not null) RunCheckpoints.CheckStage(resume, config.Stage);
@@ -71,8 +68,7 @@ public sealed class PreferenceTrainer : IDisposable
         _packer = new ResponsePacker(_policy ?? _rm!.Vlm, _tokenizer);
         var o = config.Optim;
         _opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
-        _schedule = new LearningRateSchedule(o.Lr, o.Warmup, config.Steps,
-            o.Schedule switch { "linear" => ScheduleKind.Linear, "cosine" => ScheduleKind.Cosine, _ => ScheduleKind.Constant }, o.MinLrRatio);
+        _schedule = config.Schedule();
         _delta = new BcoDelta(config.Mpo.DeltaDecay);
         if (resume is not null) Restore(resume);
         else File.WriteAllText(MetricsPath, "");

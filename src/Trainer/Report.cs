@@ -13,10 +13,12 @@ public static class Report
         if (!File.Exists(metricsPath)) throw new FileNotFoundException($"{runDirectory} has no metrics.jsonl", metricsPath);
         var lines = File.ReadAllLines(metricsPath).Where(l => l.Trim().Length > 0).ToList();
         if (lines.Count == 0) throw new InvalidDataException($"{metricsPath} holds no steps");
-        bool preference = JsonDocument.Parse(lines[0]).RootElement.TryGetProperty(nameof(PreferenceStepMetrics.Margin), out _);
-        return preference
-            ? WritePreference(runDirectory, lines.Select(l => JsonSerializer.Deserialize<PreferenceStepMetrics>(l)!).ToList())
-            : WriteGrpo(runDirectory, lines.Select(l => JsonSerializer.Deserialize<GrpoStepMetrics>(l)!).ToList());
+        var first = JsonDocument.Parse(lines[0]).RootElement;
+        if (first.TryGetProperty(nameof(PreferenceStepMetrics.Margin), out _))
+            return WritePreference(runDirectory, lines.Select(l => JsonSerializer.Deserialize<PreferenceStepMetrics>(l)!).ToList());
+        if (first.TryGetProperty(nameof(SftStepMetrics.Tokens), out _) && !first.TryGetProperty(nameof(GrpoStepMetrics.Reward), out _))
+            return WriteSft(runDirectory, lines.Select(l => JsonSerializer.Deserialize<SftStepMetrics>(l)!).ToList());
+        return WriteGrpo(runDirectory, lines.Select(l => JsonSerializer.Deserialize<GrpoStepMetrics>(l)!).ToList());
     }
 
     private static Action<string, string, (string Label, double[] Values)[]> Plotter(string runDirectory, double[] steps, List<string> written)
@@ -38,6 +40,31 @@ public static class Report
             plot.SavePng(path, 800, 450);
             written.Add(path);
         };
+    }
+
+    private static IReadOnlyList<string> WriteSft(string runDirectory, List<SftStepMetrics> rows)
+    {
+        var written = new List<string>();
+        var plot = Plotter(runDirectory, rows.Select(r => (double)r.Step).ToArray(), written);
+        plot("loss", "Loss (mean NLL per response token)", [("train", rows.Select(r => r.Loss).ToArray()),
+            ("held out", rows.Select(r => r.HeldOutLoss ?? double.NaN).ToArray())]);
+        plot("grad_norm", "Gradient norm", [("grad norm", rows.Select(r => r.GradNorm).ToArray())]);
+        var inv = CultureInfo.InvariantCulture;
+        var md = new StringBuilder();
+        md.AppendLine($"# Run summary: {Path.GetFileName(Path.GetFullPath(runDirectory))}").AppendLine();
+        md.AppendLine($"{rows.Count} supervised steps. First and last steps:").AppendLine();
+        md.AppendLine("| step | loss | held-out loss | grad norm | lr | tokens |").AppendLine("| --- | --- | --- | --- | --- | --- |");
+        foreach (var r in rows.Take(3).Concat(rows.Count > 6 ? rows.TakeLast(3) : rows.Skip(3)))
+            md.AppendLine(string.Format(inv, "| {0} | {1:F4} | {2} | {3:F3} | {4:E2} | {5} |", r.Step, r.Loss, r.HeldOutLoss is { } h ? h.ToString("F4", inv) : "-", r.GradNorm, r.LearningRate, r.Tokens));
+        var summaryJson = Path.Combine(runDirectory, "summary.json");
+        if (File.Exists(summaryJson) && JsonSerializer.Deserialize<SftSummary>(File.ReadAllText(summaryJson)) is { } s)
+            md.AppendLine().AppendLine(string.Format(inv, "{0} training examples; held-out loss {1} before, {2} after ({3} examples).", s.TrainExamples,
+                s.HeldOutLossBefore is { } b ? b.ToString("F4", inv) : "-", s.HeldOutLossAfter is { } a ? a.ToString("F4", inv) : "-", s.HeldOutExamples));
+        md.AppendLine().AppendLine(string.Join("\n", written.Select(p => $"![{Path.GetFileNameWithoutExtension(p)}](plots/{Path.GetFileName(p)})")));
+        var summary = Path.Combine(runDirectory, "summary.md");
+        File.WriteAllText(summary, md.ToString());
+        written.Add(summary);
+        return written;
     }
 
     private static IReadOnlyList<string> WritePreference(string runDirectory, List<PreferenceStepMetrics> rows)

@@ -29,7 +29,7 @@ public static class TrainCommand
         var output = new Option<string?>("--out") { Description = "Run directory (default runs/train-<time>)" };
         var config = new Option<string?>("--config") { Description = "Run config (YAML): trains the VLM stage it names (grpo)" };
         var set = new Option<string[]>("--set") { Description = "Override a config key, e.g. --set grpo.group_size=8 (repeatable)" };
-        var stage = new Option<string?>("--stage") { Description = "grpo | mpo | rm (the same as --set stage=...)" };
+        var stage = new Option<string?>("--stage") { Description = "sft | rm | mpo | grpo (the same as --set stage=...)" };
         var cmd = new Command("train", "Train: with --config, the VLM stage it names (grpo); without, the built-in task")
             { steps, batch, lr, seed, backend, output, config, set, stage };
         // With a config, an explicit --backend overrides the config's backend key (as --set backend=... would).
@@ -49,7 +49,12 @@ public static class TrainCommand
         Console.CancelKeyPress += stop;
         try
         {
-            return config.Stage is "rm" or "mpo" ? RunPreference(config, cancel) : RunGrpo(config, cancel);
+            return config.Stage switch
+            {
+                "sft" => RunSft(config, cancel),
+                "rm" or "mpo" => RunPreference(config, cancel),
+                _ => RunGrpo(config, cancel),
+            };
         }
         finally { Console.CancelKeyPress -= stop; }
     }
@@ -63,6 +68,32 @@ public static class TrainCommand
 
     private static Progress Progress() => AnsiConsole.Progress()
         .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn(), new RemainingTimeColumn());
+
+    private static int RunSft(TrainConfig config, CancellationTokenSource cancel)
+    {
+        using var backend = Backends.Create(config.Backend);
+        using var trainer = new SftTrainer(config, backend);
+        var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
+        AnsiConsole.MarkupLineInterpolated($"stage sft on {backend.Name}: {config.Steps} steps of {config.Sft.Batch} examples; run directory {config.Output}{resumed}");
+        SftSummary? summary = null;
+        Progress().Start(ctx =>
+        {
+            var bar = Bar(ctx, "sft", config.Steps, trainer.Step);
+            summary = trainer.Run(m =>
+            {
+                bar.Description = $"step {m.Step} loss {m.Loss:F4}" + (m.HeldOutLoss is { } h ? $" held-out {h:F4}" : "");
+                bar.Value = m.Step;
+            }, cancel.Token);
+        });
+        if (summary is null)
+        {
+            AnsiConsole.MarkupLineInterpolated($"interrupted: checkpoint written at step {trainer.Step}; run again to resume");
+            return 130;
+        }
+        AnsiConsole.MarkupLineInterpolated($"final loss {summary.FinalLoss:F4}; held-out loss {summary.HeldOutLossBefore:F4} -> {summary.HeldOutLossAfter:F4} on {summary.HeldOutExamples} examples; model in {Path.Combine(config.Output, "final")}");
+        foreach (var f in Report.Write(config.Output)) AnsiConsole.MarkupLineInterpolated($"wrote {f}");
+        return 0;
+    }
 
     private static int RunPreference(TrainConfig config, CancellationTokenSource cancel)
     {

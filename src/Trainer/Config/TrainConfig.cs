@@ -23,6 +23,28 @@ public sealed class TrainConfig
     public MonitorConfig Monitor { get; set; } = new();
     public PairsConfig Pairs { get; set; } = new();
     public MpoConfig Mpo { get; set; } = new();
+    public SftConfig Sft { get; set; } = new();
+
+    /// <summary>The model parts that train, from <see cref="Trainable"/>.</summary>
+    public Engine.Models.TrainableParts TrainableParts() => Trainable switch
+    {
+        "adapter" => Engine.Models.TrainableParts.Adapter,
+        "adapter+llm" => Engine.Models.TrainableParts.AdapterAndLlm,
+        "adapter+vit" => Engine.Models.TrainableParts.AdapterAndVit,
+        _ => Engine.Models.TrainableParts.All,
+    };
+
+    /// <summary>The learning-rate schedule over <see cref="Steps"/> from the optim section.</summary>
+    public Optim.LearningRateSchedule Schedule() => new(Optim.Lr, Optim.Warmup, Steps,
+        Optim.Schedule switch { "linear" => R1V2.Native.Trainer.Optim.ScheduleKind.Linear, "cosine" => R1V2.Native.Trainer.Optim.ScheduleKind.Cosine, _ => R1V2.Native.Trainer.Optim.ScheduleKind.Constant },
+        Optim.MinLrRatio);
+
+    /// <summary>Supervised fine-tuning: examples per step and the share of rows held out for the validation loss.</summary>
+    public sealed class SftConfig
+    {
+        public int Batch { get; set; } = 8;
+        public double HeldOut { get; set; } = 0.1;
+    }
 
     /// <summary>Preference-pair stages (rm, mpo): pairs per step and the share of rows held out for evaluation.</summary>
     public sealed class PairsConfig
@@ -182,7 +204,9 @@ public sealed class TrainConfig
     private void Validate(string source)
     {
         void Require(bool ok, string what) { if (!ok) throw new InvalidDataException($"{source}: {what}"); }
-        Require(Stage is "grpo" or "mpo" or "rm", $"stage must be grpo, mpo or rm, not '{Stage}'");
+        Require(Stage is "grpo" or "mpo" or "rm" or "sft", $"stage must be sft, rm, mpo or grpo, not '{Stage}'");
+        Require(Sft.Batch >= 1, "sft.batch must be at least 1");
+        Require(Sft.HeldOut is >= 0 and < 1, "sft.held_out must be in [0, 1)");
         Require(Pairs.PairsPerStep >= 1, "pairs.pairs_per_step must be at least 1");
         Require(Optim.GradAccum >= 1, "optim.grad_accum must be at least 1");
         Require(Reward.RmTransform is "identity" or "clip" or "standardise", $"reward.rm_transform must be identity, clip or standardise, not '{Reward.RmTransform}'");

@@ -103,3 +103,37 @@ public sealed class PreferenceDataset(string path, int seed, bool shuffle = true
         return new PreferencePair(-1, prompt, JsonlRows<PreferencePair>.Images(o, path, where), chosen, rejected);
     }
 }
+
+/// <summary>One supervised example: a prompt (with images) and the response to imitate.</summary>
+public sealed record SftExample(int Index, string Prompt, IReadOnlyList<string> Images, string Response);
+
+/// <summary>Supervised examples in JSONL or Parquet: "prompt" (or "question"), optional "images"/"image", "response".</summary>
+public sealed class SftDataset(string path, int seed, bool shuffle = true, bool skipBadRows = false)
+{
+    private readonly ShuffledRows<SftExample> _rows = new(path.EndsWith(".parquet", StringComparison.OrdinalIgnoreCase)
+        ? new ParquetRows<SftExample>(path, ParseParquet, skipBadRows)
+        : new JsonlRows<SftExample>(path, (o, where) => Parse(o, path, where), skipBadRows), seed, shuffle);
+
+    public int Count => _rows.Source.Count;
+    public int SkippedRows => _rows.Source.SkippedRows;
+    public (int Epoch, int Index) Position => _rows.Position;
+    public void Seek((int Epoch, int Index) position) => _rows.Seek(position);
+    public List<SftExample> Next(int count) => _rows.Next(count).Select(r => r.Item with { Index = r.Row }).ToList();
+    public SftExample Read(int row) => _rows.Source.Read(row) with { Index = row };
+
+    private static SftExample ParseParquet(ParquetRow r)
+    {
+        var prompt = r.String("prompt", "question") ?? throw new InvalidDataException($"{r.Where}: no 'prompt' string");
+        var response = r.String("response") ?? throw new InvalidDataException($"{r.Where}: no 'response' string");
+        if (response.Length == 0) throw new InvalidDataException($"{r.Where}: 'response' must not be empty");
+        return new SftExample(-1, prompt, r.Images(), response);
+    }
+
+    private static SftExample Parse(JsonObject o, string path, Func<string> where)
+    {
+        var prompt = JsonlRows<SftExample>.String(o, "prompt") ?? JsonlRows<SftExample>.String(o, "question") ?? throw new InvalidDataException($"{where()}: no 'prompt' string");
+        var response = JsonlRows<SftExample>.String(o, "response") ?? throw new InvalidDataException($"{where()}: no 'response' string");
+        if (response.Length == 0) throw new InvalidDataException($"{where()}: 'response' must not be empty");
+        return new SftExample(-1, prompt, JsonlRows<SftExample>.Images(o, path, where), response);
+    }
+}

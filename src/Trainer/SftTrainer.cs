@@ -1,0 +1,161 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Models;
+using R1V2.Native.Engine.Text;
+using R1V2.Native.Trainer.Config;
+using R1V2.Native.Trainer.Data;
+using R1V2.Native.Trainer.Optim;
+
+namespace R1V2.Native.Trainer;
+
+/// <summary>One logged supervised step: mean NLL per response token; at checkpoints also the held-out loss.</summary>
+public sealed record SftStepMetrics(int Step, double Loss, double GradNorm, float LearningRate, int Tokens, double? HeldOutLoss = null);
+
+/// <summary>The end of a supervised stage: the held-out loss before and after (rows never trained on).</summary>
+public sealed record SftSummary(int Steps, int TrainExamples, int HeldOutExamples, double? HeldOutLossBefore, double? HeldOutLossAfter, double FinalLoss);
+
+/// <summary>
+/// Supervised fine-tuning (the warm start before RL): teacher-forced mean NLL of the responses given prompt and
+/// images, AdamW with the configured schedule and guard. The last rows of the file (sft.held_out) are never trained
+/// on; their loss is measured before training, every checkpoint, and at the end. Checkpoints every N steps make the
+/// run resumable (bit for bit on the CPU backend); the model is saved to output/final.
+/// </summary>
+public sealed class SftTrainer : IDisposable
+{
+    private readonly TrainConfig _c;
+    private readonly TextTokenizer _tokenizer;
+    private readonly SftDataset _data;
+    private readonly HashSet<int> _heldOut;
+    private readonly VisionLanguageModel _model;
+    private readonly ResponsePacker _packer;
+    private readonly AdamWOptimizer _opt;
+    private readonly LearningRateSchedule _schedule;
+    private int _step, _badInARow;
+    private double? _heldOutBefore;
+
+    public SftTrainer(TrainConfig config, Backend backend)
+    {
+        _c = config;
+        Directory.CreateDirectory(config.Output);
+        var resume = RunCheckpoints.Latest(config.Output);
+        if (resume is not null) RunCheckpoints.CheckStage(resume, "sft");
+        _tokenizer = TextTokenizer.Load(config.Model);
+        _data = new SftDataset(config.Data.Path, config.Seed, config.Data.Shuffle, config.Data.SkipBadRows);
+        int held = (int)Math.Floor(_data.Count * config.Sft.HeldOut);
+        if (_data.Count - held < 1) throw new InvalidDataException($"{config.Data.Path}: {_data.Count} examples leave none to train on with sft.held_out {config.Sft.HeldOut}");
+        _heldOut = Enumerable.Range(_data.Count - held, held).ToHashSet();
+        _model = VisionLanguageModel.Load(backend, resume ?? config.Model, config.TrainableParts());
+        _packer = new ResponsePacker(_model, _tokenizer);
+        var o = config.Optim;
+        _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
+        _schedule = config.Schedule();
+        if (resume is not null) Restore(resume);
+        else
+        {
+            File.WriteAllText(MetricsPath, "");
+            _heldOutBefore = HeldOutLoss();
+        }
+        File.WriteAllText(Path.Combine(config.Output, "config.resolved.yaml"), config.ToYaml());
+    }
+
+    public List<SftStepMetrics> History { get; } = [];
+    public int Step => _step;
+    public string MetricsPath => Path.Combine(_c.Output, "metrics.jsonl");
+    public VisionLanguageModel Model => _model;
+
+    /// <summary>Runs to the configured step count, then measures the held-out loss and saves the model; null when cancelled (after a checkpoint).</summary>
+    public SftSummary? Run(Action<SftStepMetrics>? onStep = null, CancellationToken cancel = default)
+    {
+        while (_step < _c.Steps)
+        {
+            var batch = new List<SftExample>();
+            while (batch.Count < _c.Sft.Batch) batch.AddRange(_data.Next(1).Where(e => !_heldOut.Contains(e.Index)));
+            var (packed, _) = _packer.Pack(batch.Select(e => (e.Prompt, e.Images, (IReadOnlyList<string>)[e.Response])));
+            _opt.ZeroGrad();
+            double loss;
+            using (var pass = _model.Forward(packed))
+            {
+                loss = pass.Loss;
+                _model.Backward(pass);
+            }
+            var lr = _schedule.At(_step + 1);
+            var report = _opt.Step(lr);
+            if (!report.Skipped) _badInARow = 0;
+            else if (++_badInARow >= _c.Optim.MaxBadSteps)
+                throw new InvalidOperationException($"step {_step + 1}: {_badInARow} updates in a row had a non-finite gradient norm; stopping (lower optim.lr or check the data)");
+            _step++;
+            bool scheduled = _step % _c.Checkpoint.Every == 0 || _step == _c.Steps;
+            var m = new SftStepMetrics(_step, loss, report.GradNorm, lr, packed.Targets.Count(t => t >= 0), scheduled ? HeldOutLoss() : null);
+            History.Add(m);
+            File.AppendAllText(MetricsPath, JsonSerializer.Serialize(m) + "\n");
+            onStep?.Invoke(m);
+            if (scheduled || cancel.IsCancellationRequested) SaveCheckpoint();
+            if (cancel.IsCancellationRequested) return null;
+        }
+        var after = History.LastOrDefault(h => h.HeldOutLoss is not null)?.HeldOutLoss ?? HeldOutLoss();
+        var summary = new SftSummary(_c.Steps, _data.Count - _heldOut.Count, _heldOut.Count, _heldOutBefore, after, History.Count > 0 ? History[^1].Loss : double.NaN);
+        File.WriteAllText(Path.Combine(_c.Output, "summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
+        var final = Path.Combine(_c.Output, "final");
+        var tmp = final + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
+        _model.Save(tmp);
+        File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"));
+        if (Directory.Exists(final)) Directory.Delete(final, true);
+        Directory.Move(tmp, final);
+        return summary;
+    }
+
+    /// <summary>Mean NLL per response token over the held-out rows (null when none are held out).</summary>
+    public double? HeldOutLoss()
+    {
+        if (_heldOut.Count == 0) return null;
+        double total = 0;
+        long tokens = 0;
+        foreach (var chunk in _heldOut.Order().Select(_data.Read).Chunk(Math.Max(1, _c.Sft.Batch)))
+        {
+            var (packed, _) = _packer.Pack(chunk.Select(e => (e.Prompt, e.Images, (IReadOnlyList<string>)[e.Response])));
+            using var pass = _model.Forward(packed);
+            int n = packed.Targets.Count(t => t >= 0);
+            total += pass.Loss * n;
+            tokens += n;
+        }
+        return total / tokens;
+    }
+
+    public void SaveCheckpoint() => RunCheckpoints.Save(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
+    {
+        _model.Save(tmp);
+        File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"), overwrite: true);
+        int optStep = RunCheckpoints.SaveOptimizer(tmp, _opt);
+        var state = new JsonObject
+        {
+            ["stage"] = "sft",
+            ["step"] = _step,
+            ["optimizer_step"] = optStep,
+            ["bad_in_a_row"] = _badInARow,
+            ["data_epoch"] = _data.Position.Epoch,
+            ["data_index"] = _data.Position.Index,
+            ["held_out_before"] = _heldOutBefore,
+        };
+        File.WriteAllText(Path.Combine(tmp, "trainer_state.json"), state.ToJsonString());
+    });
+
+    private void Restore(string dir)
+    {
+        var state = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "trainer_state.json")))!.AsObject();
+        _step = state["step"]!.GetValue<int>();
+        _badInARow = state["bad_in_a_row"]!.GetValue<int>();
+        _data.Seek((state["data_epoch"]!.GetValue<int>(), state["data_index"]!.GetValue<int>()));
+        _heldOutBefore = state["held_out_before"]?.GetValue<double>();
+        RunCheckpoints.LoadOptimizer(dir, _opt, state["optimizer_step"]!.GetValue<int>());
+        if (File.Exists(MetricsPath))
+            foreach (var line in File.ReadAllLines(MetricsPath).Where(l => l.Length > 0).Take(_step)) History.Add(JsonSerializer.Deserialize<SftStepMetrics>(line)!);
+        File.WriteAllLines(MetricsPath, History.Select(h => JsonSerializer.Serialize(h)));
+    }
+
+    public void Dispose()
+    {
+        _opt.Dispose();
+        _model.Dispose();
+    }
+}
