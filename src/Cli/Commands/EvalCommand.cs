@@ -3,6 +3,7 @@ using R1V2.Native.Engine.Models;
 using R1V2.Native.Engine.Text;
 using R1V2.Native.Trainer;
 using R1V2.Native.Trainer.Data;
+using R1V2.Native.Trainer.Tasks;
 using Spectre.Console;
 
 namespace R1V2.Native.Cli.Commands;
@@ -11,7 +12,7 @@ namespace R1V2.Native.Cli.Commands;
 public static class EvalCommand
 {
     /// <summary>The digit task's reasoning lists what it sees as "I see the digits 3, 7": those are its digit claims.</summary>
-    public const string DigitClaimPattern = @"I see the digits? ([0-9](?:, [0-9])*)";
+    public const string DigitClaimPattern = DigitScenes.ClaimPattern;
 
     public static Command Create()
     {

@@ -19,6 +19,25 @@ public static class DigitQuestionTypes
 /// <param name="Sources">The <see cref="DigitImage"/> drawn for each digit (its split and source index), for audits.</param>
 public sealed record DigitTaskItem(string Question, string Answer, DigitQuestionType Type, int[] Digits, byte[] Canvas, int CanvasSize, DigitImage[] Sources)
 {
+    /// <summary>
+    /// A templated reasoning trace ending in the answer: first what the image shows ("I see the digits 5, 7." left to
+    /// right, the claim the grounding check reads), then the step the question needs, then <c>\boxed{answer}</c>.
+    /// </summary>
+    public string Trace()
+    {
+        var seen = $"I see the digit{(Digits.Length > 1 ? "s" : "")} {string.Join(", ", Digits)}.";
+        int asked = Question.FirstOrDefault(char.IsAsciiDigit) - '0';
+        var step = Type switch
+        {
+            DigitQuestionType.Sum => Digits.Length == 1 ? $" The sum is {Answer}." : $" {string.Join(" + ", Digits)} = {Answer}.",
+            DigitQuestionType.Largest => $" The largest is {Answer}.",
+            DigitQuestionType.Count => $" {asked} appears {Answer} time{(Answer == "1" ? "" : "s")}.",
+            DigitQuestionType.Present => Answer == "yes" ? $" {asked} is among them." : $" {asked} is not among them.",
+            _ => "",
+        };
+        return $"<think>{seen}{step}</think>\\boxed{{{Answer}}}";
+    }
+
     /// <summary>The canvas as a PNG file.</summary>
     public void SavePng(string path)
     {
@@ -36,6 +55,9 @@ public sealed record DigitTaskItem(string Question, string Answer, DigitQuestion
 public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvasSize = 64, int maxDigits = 4)
 {
     public const string LeftToRightSeparator = ", ";
+
+    /// <summary>Where a trace says what it sees ("I see the digits 5, 7"): the digits it claims, for the grounding check.</summary>
+    public const string ClaimPattern = @"I see the digits? ([0-9](?:, [0-9])*)";
 
     public int CanvasSize => canvasSize;
     public DigitSplit Split => split;
@@ -115,8 +137,9 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
     }
 
     /// <summary>
-    /// Writes <paramref name="count"/> items as DIR/images/NNNNNN.png and DIR/prompts.jsonl (question, answer, images,
-    /// image_digits: the distinct digits present, type), the prompt format of <see cref="Data.PromptDataset"/>.
+    /// Writes <paramref name="count"/> items as DIR/images/NNNNNN.png, DIR/prompts.jsonl (question, answer, images,
+    /// image_digits: the distinct digits present, type; the prompt format of <see cref="Data.PromptDataset"/>) and
+    /// DIR/sft.jsonl (prompt, images, response: the reasoning trace; the format of <see cref="Data.SftDataset"/>).
     /// </summary>
     public IReadOnlyList<DigitTaskItem> WriteDataset(string directory, int count, int seed)
     {
@@ -140,6 +163,9 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
         var path = Path.Combine(directory, "prompts.jsonl");
         File.WriteAllLines(path + ".tmp", lines);
         File.Move(path + ".tmp", path, overwrite: true);
+        var sft = Path.Combine(directory, "sft.jsonl");
+        File.WriteAllLines(sft + ".tmp", items.Select((item, i) => JsonSerializer.Serialize(new { prompt = item.Question, images = new[] { $"images/{i:D6}.png" }, response = item.Trace() })));
+        File.Move(sft + ".tmp", sft, overwrite: true);
         return items;
     }
 }

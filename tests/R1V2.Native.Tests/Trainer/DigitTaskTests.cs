@@ -77,6 +77,28 @@ public sealed class DigitTaskTests : IDisposable
         Assert.False(AnswerVerifier.Equivalent("7, 3", "3, 7"));
     }
 
+    [Fact]
+    public void Traces_EarnTheFullRuleAndFormatReward_AndClaimExactlyTheDigitsShown()
+    {
+        var scenes = new DigitScenes(MnistDigits.Embedded(), DigitSplit.Train);
+        var rng = new Random(8);
+        var grounding = new R1V2.Native.Trainer.Grounding([], DigitScenes.ClaimPattern);
+        for (int i = 0; i < 200; i++)
+        {
+            var item = scenes.Sample(rng);
+            var trace = item.Trace();
+            Assert.Equal(1.0, AnswerVerifier.Score(trace, item.Answer));
+            Assert.Equal(1.0, new FormatReward().Score(trace));
+            var row = new PromptRow(i, item.Question, item.Answer, [], null, item.Digits.Distinct().ToList());
+            Assert.True(grounding.Check(trace, row));
+            Assert.Equal(string.Concat(item.Digits), grounding.DigitClaims(trace).Replace(", ", ""));
+            int absent = Enumerable.Range(0, 10).FirstOrDefault(d => !item.Digits.Contains(d), -1);
+            if (absent >= 0) Assert.False(grounding.Check(trace.Replace($"see the digit{(item.Digits.Length > 1 ? "s" : "")} {item.Digits[0]}", $"see the digit{(item.Digits.Length > 1 ? "s" : "")} {absent}"), row));
+        }
+        var seven = new DigitTaskItem("What is the sum of the digits in the image?", "12", DigitQuestionType.Sum, [5, 7], [], 64, []);
+        Assert.Equal("<think>I see the digits 5, 7. 5 + 7 = 12.</think>\\boxed{12}", seven.Trace());
+    }
+
     private static int Asked(string question) => question.First(char.IsAsciiDigit) - '0';
 
     [Fact]
@@ -106,6 +128,7 @@ public sealed class DigitTaskTests : IDisposable
         Assert.Equal(0, R1V2.Native.Cli.Commands.DigitsCommand.Run(Path.Combine(_dir, "cli"), "train", 5, 1, 64));
         var lines = File.ReadAllLines(Path.Combine(_dir, "cli", "prompts.jsonl"));
         Assert.Equal(5, lines.Length);
+        Assert.Equal(5, new SftDataset(Path.Combine(_dir, "cli", "sft.jsonl"), 0).Count);
         Assert.All(lines, l => Assert.Matches("\"type\":\"(sum|largest|count|present|left_to_right)\"", l));
         Assert.Throws<ArgumentException>(() => R1V2.Native.Cli.Commands.DigitsCommand.Run(Path.Combine(_dir, "x"), "test", 5, 1, 64));
     }
