@@ -20,7 +20,8 @@ public static class DigitQuestionTypes
 public sealed record DigitTaskItem(string Question, string Answer, DigitQuestionType Type, int[] Digits, byte[] Canvas, int CanvasSize, DigitImage[] Sources)
 {
     /// <summary>
-    /// A templated reasoning trace ending in the answer: first what the image shows ("I see the digits 5, 7." left to
+    /// A templated reasoning trace ending in the answer, as the model writes it after the generation prompt (which
+    /// opens <c>&lt;think&gt;</c>): first what the image shows ("I see the digits 5, 7." left to
     /// right, the claim the grounding check reads), then the step the question needs, then <c>\boxed{answer}</c>.
     /// </summary>
     public string Trace()
@@ -35,7 +36,7 @@ public sealed record DigitTaskItem(string Question, string Answer, DigitQuestion
             DigitQuestionType.Present => Answer == "yes" ? $" {asked} is among them." : $" {asked} is not among them.",
             _ => "",
         };
-        return $"<think>{seen}{step}</think>\\boxed{{{Answer}}}";
+        return $"{seen}{step}</think>\\boxed{{{Answer}}}"; // the generation prompt already opened <think>
     }
 
     /// <summary>The canvas as a PNG file.</summary>

@@ -96,7 +96,7 @@ public sealed class DigitTaskTests : IDisposable
             if (absent >= 0) Assert.False(grounding.Check(trace.Replace($"see the digit{(item.Digits.Length > 1 ? "s" : "")} {item.Digits[0]}", $"see the digit{(item.Digits.Length > 1 ? "s" : "")} {absent}"), row));
         }
         var seven = new DigitTaskItem("What is the sum of the digits in the image?", "12", DigitQuestionType.Sum, [5, 7], [], 64, []);
-        Assert.Equal("<think>I see the digits 5, 7. 5 + 7 = 12.</think>\\boxed{12}", seven.Trace());
+        Assert.Equal("I see the digits 5, 7. 5 + 7 = 12.</think>\\boxed{12}", seven.Trace());
     }
 
     private static int Asked(string question) => question.First(char.IsAsciiDigit) - '0';
