@@ -6,8 +6,9 @@ namespace R1V2.Native.Engine.Models;
 
 /// <summary>
 /// Writes a byte-level BPE tokenizer in the Hugging Face tokenizer.json format for randomly initialised checkpoints:
-/// the 256 byte symbols (GPT-2's byte-to-unicode table) as ids 0..255, no merges, then the special tokens the chat
-/// template needs, and a tokenizer_config.json with the ChatML template.
+/// the 256 byte symbols (GPT-2's byte-to-unicode table) as ids 0..255, the special tokens the chat template needs,
+/// then the tokens of the given merges (none by default; <see cref="Text.BpeTrainer"/> learns them from a corpus), and
+/// a tokenizer_config.json with the ChatML template.
 /// </summary>
 public static class TokenizerWriter
 {
@@ -29,12 +30,20 @@ public static class TokenizerWriter
         return table;
     }
 
-    public static void Write(string directory, int vocabSize)
+    public static void Write(string directory, int vocabSize, IReadOnlyList<(string Left, string Right)>? merges = null)
     {
-        if (vocabSize < MinimumVocabulary) throw new ArgumentException($"vocab_size {vocabSize} is below the {MinimumVocabulary} byte and special tokens of the built-in tokenizer");
+        merges ??= [];
+        if (vocabSize < MinimumVocabulary + merges.Count)
+            throw new ArgumentException($"vocab_size {vocabSize} is below the {MinimumVocabulary} byte and special tokens plus {merges.Count} merges of the tokenizer");
         var vocab = new JsonObject();
         var symbols = ByteSymbols();
         for (int b = 0; b < 256; b++) vocab[symbols[b].ToString()] = b;
+        for (int i = 0; i < merges.Count; i++)
+        {
+            var token = merges[i].Left + merges[i].Right;
+            if (vocab.ContainsKey(token)) throw new ArgumentException($"merge {i} ('{merges[i].Left}' '{merges[i].Right}') repeats the token '{token}'");
+            vocab[token] = MinimumVocabulary + i;
+        }
         var added = new JsonArray();
         for (int i = 0; i < SpecialTokens.Length; i++)
             added.Add(new JsonObject
@@ -61,7 +70,7 @@ public static class TokenizerWriter
             ["model"] = new JsonObject
             {
                 ["type"] = "BPE", ["dropout"] = null, ["unk_token"] = null, ["continuing_subword_prefix"] = "", ["end_of_word_suffix"] = "",
-                ["fuse_unk"] = false, ["byte_fallback"] = false, ["vocab"] = vocab, ["merges"] = new JsonArray(),
+                ["fuse_unk"] = false, ["byte_fallback"] = false, ["vocab"] = vocab, ["merges"] = new JsonArray(merges.Select(m => (JsonNode)$"{m.Left} {m.Right}").ToArray()),
             },
         };
         var config = new JsonObject
