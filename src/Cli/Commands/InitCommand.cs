@@ -1,7 +1,5 @@
 using System.CommandLine;
-using R1V2.Native.Engine.Backends.Cpu;
 using R1V2.Native.Engine.Models;
-using R1V2.Native.Engine.Text;
 using Spectre.Console;
 
 namespace R1V2.Native.Cli.Commands;
@@ -22,42 +20,11 @@ public static class InitCommand
         return cmd;
     }
 
-    /// <summary>The texts of a corpus file: each JSONL row's prompt, question and response strings, or each line of plain text.</summary>
-    public static IEnumerable<string> CorpusTexts(string path)
-    {
-        if (!File.Exists(path)) throw new FileNotFoundException($"tokenizer corpus not found: {path}", path);
-        int line = 0;
-        foreach (var text in File.ReadLines(path))
-        {
-            line++;
-            if (!path.EndsWith(".jsonl", StringComparison.OrdinalIgnoreCase)) { yield return text; continue; }
-            if (text.Trim().Length == 0) continue;
-            System.Text.Json.Nodes.JsonObject o;
-            try { o = System.Text.Json.Nodes.JsonNode.Parse(text)!.AsObject(); }
-            catch (Exception e) when (e is System.Text.Json.JsonException or InvalidOperationException or NullReferenceException)
-            { throw new InvalidDataException($"{path}:{line}: not a JSON object"); }
-            foreach (var key in new[] { "prompt", "question", "response" })
-                if (o[key] is System.Text.Json.Nodes.JsonValue v && v.TryGetValue<string>(out var s)) yield return s;
-        }
-    }
-
     public static int Run(string configPath, string outDir, int seed, string dtype = "fp32", string? tokenizerCorpus = null)
     {
-        var stored = dtype switch { "fp32" => "F32", "bf16" => "BF16", _ => throw new ArgumentException($"--dtype must be fp32 or bf16, got '{dtype}'") };
-        var config = VlmConfig.Load(configPath);
-        long parameters = VlmWeights.ParameterCount(config);
-        if (parameters > 2_000_000_000L)
-            throw new InvalidOperationException($"{configPath} describes {parameters / 1e9:F1}B parameters; engine init writes random checkpoints for configs up to 2B (the large configs are for memory planning)");
-        Directory.CreateDirectory(outDir);
-        using var backend = new CpuBackend();
-        using var store = new ParameterStore(backend, config, TrainableParts.None, (name, shape) => VlmWeights.RandomInit(config, name, shape, seed));
-        var merges = tokenizerCorpus is null ? [] : BpeTrainer.Train(CorpusTexts(tokenizerCorpus), config.Llm.VocabSize - TokenizerWriter.MinimumVocabulary);
-        TokenizerWriter.Write(outDir, config.Llm.VocabSize, merges);
-        int imageContext = TokenizerFiles.SpecialTokenId(Path.Combine(outDir, "tokenizer.json"), TokenizerFiles.ImageContext);
-        using var model = new VisionLanguageModel(backend, config, store, imageContext);
-        model.Save(outDir, stored);
-        var learned = tokenizerCorpus is null ? "" : $"; tokenizer with {merges.Count} merges learned from {tokenizerCorpus}";
-        AnsiConsole.MarkupLineInterpolated($"wrote {outDir}: {parameters:N0} parameters ({stored}), seed {seed}, <IMG_CONTEXT> = {imageContext}, {config.TokensPerTile} image tokens per tile{learned}");
+        var r = ModelFactory.Init(configPath, outDir, seed, tokenizerCorpus, dtype);
+        var learned = tokenizerCorpus is null ? "" : $"; tokenizer with {r.Merges} merges learned from {tokenizerCorpus}";
+        AnsiConsole.MarkupLineInterpolated($"wrote {outDir}: {r.Parameters:N0} parameters ({r.StoredType}), seed {seed}, <IMG_CONTEXT> = {r.ImageContextId}, {r.TokensPerTile} image tokens per tile{learned}");
         return 0;
     }
 }

@@ -7,15 +7,17 @@ using R1V2.Native.Engine.Kernels;
 using R1V2.Native.Engine.Models;
 using R1V2.Native.Trainer;
 using R1V2.Native.Trainer.Config;
+using R1V2.Native.Trainer.Pipeline;
 using R1V2.Native.Trainer.Tasks;
 using Spectre.Console;
 
 namespace R1V2.Native.Cli.Commands;
 
 /// <summary>
-/// `engine train`: with no arguments, the built-in task. Until the vision-language pipeline lands this is next-byte
-/// prediction on the engine's own CUDA sources with the op-library model (embeddings, RMSNorm, SwiGLU MLPs, LM head,
-/// fused cross-entropy, AdamW), on the GPU when one is usable and on the CPU otherwise.
+/// `engine train`: with no arguments, the built-in task: the R1V2 pipeline (SFT, reward model, MPO, GRPO with and
+/// without the Selective Sample Buffer) on handwritten-digit scenes, evaluated on held-out scenes after each stage.
+/// `--task next-byte` is the op-library smoke task (next byte of the engine's CUDA sources). With --config or
+/// --stage, one VLM stage. On the GPU when one is usable, else on the CPU.
 /// </summary>
 public static class TrainCommand
 {
@@ -30,13 +32,24 @@ public static class TrainCommand
         var config = new Option<string?>("--config") { Description = "Run config (YAML): trains the VLM stage it names (grpo)" };
         var set = new Option<string[]>("--set") { Description = "Override a config key, e.g. --set grpo.group_size=8 (repeatable)" };
         var stage = new Option<string?>("--stage") { Description = "sft | rm | mpo | grpo (the same as --set stage=...)" };
-        var cmd = new Command("train", "Train: with --config, the VLM stage it names (grpo); without, the built-in task")
-            { steps, batch, lr, seed, backend, output, config, set, stage };
+        var task = new Option<string>("--task")
+            { Description = "Without --config: digits (the R1V2 pipeline on MNIST digit scenes: sft, rm, mpo, grpo) | next-byte (the op-library smoke task; --steps, --batch-tokens, --lr)", DefaultValueFactory = _ => "digits" };
+        var cmd = new Command("train", "Train: with --config or --stage, that VLM stage; without, the built-in task (the full digit pipeline)")
+            { steps, batch, lr, seed, backend, output, config, set, stage, task };
         // With a config, an explicit --backend overrides the config's backend key (as --set backend=... would).
         cmd.SetAction(r => r.GetValue(config) is not null || (r.GetValue(set)?.Length ?? 0) > 0 || r.GetValue(stage) is not null
             ? RunStage(r.GetValue(config), [.. r.GetValue(set) ?? [], .. r.GetValue(stage) is { } st ? new[] { $"stage={st}" } : [],
                 .. r.GetResult(backend) is { Implicit: false } ? new[] { $"backend={r.GetValue(backend)}" } : []], r.GetValue(output))
-            : Run(new NextTokenSettings(r.GetValue(steps), r.GetValue(batch), r.GetValue(lr), Seed: r.GetValue(seed)), r.GetValue(backend)!, r.GetValue(output)));
+            : r.GetValue(task) switch
+            {
+                "next-byte" => Run(new NextTokenSettings(r.GetValue(steps), r.GetValue(batch), r.GetValue(lr), Seed: r.GetValue(seed)), r.GetValue(backend)!, r.GetValue(output)),
+                "digits" => RunPipeline(new PipelineSettings
+                {
+                    Output = r.GetValue(output) ?? Path.Combine("runs", $"digits-{DateTime.Now:yyyyMMdd-HHmmss}"),
+                    Seed = r.GetResult(seed) is { Implicit: false } ? r.GetValue(seed) : 1,
+                }, r.GetValue(backend)!),
+                var other => throw new ArgumentException($"--task must be digits or next-byte, not '{other}'"),
+            });
         return cmd;
     }
 
@@ -68,6 +81,40 @@ public static class TrainCommand
 
     private static Progress Progress() => AnsiConsole.Progress()
         .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn(), new RemainingTimeColumn());
+
+    /// <summary>The default pipeline with a bar per stage; Ctrl-C stops after the running stage's checkpoint (run again with --out to continue).</summary>
+    public static int RunPipeline(PipelineSettings settings, string backendName)
+    {
+        using var backend = Backends.Create(backendName);
+        using var cancel = new CancellationTokenSource();
+        ConsoleCancelEventHandler stop = (_, e) => { e.Cancel = true; cancel.Cancel(); };
+        Console.CancelKeyPress += stop;
+        AnsiConsole.MarkupLineInterpolated($"[bold]engine train[/]: the R1V2 pipeline on handwritten-digit scenes on {backend.Name}; run directory {settings.Output}");
+        PipelineSummary? summary = null;
+        try
+        {
+            var lines = new List<string>();
+            Progress().Start(ctx =>
+            {
+                var bars = new Dictionary<string, ProgressTask>();
+                var pipeline = new DigitPipeline(settings, backend, line => AnsiConsole.MarkupLineInterpolated($"{line}"));
+                summary = pipeline.Run((stage, fraction) =>
+                {
+                    if (!bars.TryGetValue(stage, out var bar)) bars[stage] = bar = ctx.AddTask(stage, maxValue: 1);
+                    bar.Value = fraction;
+                }, cancel.Token);
+            });
+        }
+        catch (OperationCanceledException e)
+        {
+            AnsiConsole.MarkupLineInterpolated($"{e.Message}: checkpoints are written; run again with --out {settings.Output} to continue");
+            return 130;
+        }
+        finally { Console.CancelKeyPress -= stop; }
+        AnsiConsole.MarkupLineInterpolated($"done in {summary!.Seconds:F0} s; {Path.Combine(settings.Output, "summary.md")}:");
+        AnsiConsole.WriteLine(File.ReadAllText(Path.Combine(settings.Output, "summary.md")));
+        return 0;
+    }
 
     private static int RunSft(TrainConfig config, CancellationTokenSource cancel)
     {

@@ -101,7 +101,7 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
         var sources = new DigitImage[digits.Length];
         int n = digits.Length, w = canvasSize;
         var canvas = new byte[w * w];
-        int max = Math.Min(w, w / n), min = Math.Max(10, (int)(0.6 * max));
+        int max = Math.Min(w, w / n), min = Math.Min(max, Math.Max(10, (int)(0.6 * max)));
         var sizes = digits.Select(_ => rng.Next(min, max + 1)).ToArray();
         int free = w - sizes.Sum();
         // Split the free width into n + 1 gaps at sorted random cut points.

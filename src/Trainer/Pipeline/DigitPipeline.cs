@@ -1,0 +1,271 @@
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Generation;
+using R1V2.Native.Engine.Models;
+using R1V2.Native.Engine.Text;
+using R1V2.Native.Trainer.Config;
+using R1V2.Native.Trainer.Data;
+using R1V2.Native.Trainer.Rewards;
+using R1V2.Native.Trainer.Tasks;
+
+namespace R1V2.Native.Trainer.Pipeline;
+
+/// <summary>
+/// The budget of the default pipeline. The defaults are sized for 2 CPU cores; every stage's steps and batch can be
+/// changed (tests run it at a few steps per stage).
+/// </summary>
+public sealed record PipelineSettings
+{
+    public string Output { get; init; } = "runs/digits";
+    public int Seed { get; init; } = 1;
+    /// <summary>Model config (InternVL layout); null: the built-in configs/digits.json.</summary>
+    public string? ModelConfig { get; init; }
+    public int TrainScenes { get; init; } = 3000;
+    public int HeldOutScenes { get; init; } = 200;
+    public int SftSteps { get; init; } = 150;
+    public int SftBatch { get; init; } = 16;
+    public float SftLr { get; init; } = 3e-3f;
+    public int PairPrompts { get; init; } = 96;
+    public int PairSamples { get; init; } = 4;
+    public double PairMargin { get; init; } = 0.5;
+    public int RmSteps { get; init; } = 40;
+    public int MpoSteps { get; init; } = 40;
+    public int PairsPerStep { get; init; } = 8;
+    public float PreferenceLr { get; init; } = 5e-4f;
+    public int GrpoSteps { get; init; } = 30;
+    public int GrpoPrompts { get; init; } = 4;
+    public int GroupSize { get; init; } = 4;
+    public float GrpoLr { get; init; } = 5e-4f;
+    public int MaxNewTokens { get; init; } = 40;
+    public int EvalSamples { get; init; } = 1;
+}
+
+/// <summary>One evaluated stage of the pipeline.</summary>
+public sealed record StageResult(string Stage, string Model, EvalResult Eval);
+
+/// <summary>What the pipeline measured: every stage's held-out evaluation, the reward model's pair accuracy, both GRPO runs.</summary>
+public sealed record PipelineSummary(IReadOnlyList<StageResult> Stages, double? RewardModelPairAccuracy, int Pairs, double Seconds,
+    IReadOnlyList<double> EffectiveRatioWithBuffer, IReadOnlyList<double> EffectiveRatioWithoutBuffer);
+
+/// <summary>
+/// The default `engine train`: the R1V2 recipe end to end on the digit task. Data: scenes composed from the training
+/// split of the MNIST subset for training, from the held-out split for evaluation. Model: configs/digits.json with a
+/// tokenizer learned from the training traces. Stages: SFT warm start on templated traces; pairs sampled from the SFT
+/// model and scored by the rule + format reward; a reward model on them; MPO; then GRPO from the MPO model with the
+/// hybrid reward (rule + format + reward model) with the Selective Sample Buffer, and the same GRPO without it. Each
+/// stage is evaluated on the held-out scenes; the run directory holds every stage's run, the evaluations, plots and
+/// summary.md. A stage whose output exists is not run again, so an interrupted pipeline continues where it stopped.
+/// </summary>
+public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<string>? log = null)
+{
+    private readonly Action<string> _log = log ?? (_ => { });
+
+    private string Dir(params string[] parts) => Path.Combine([s.Output, .. parts]);
+
+    public PipelineSummary Run(Action<string, double>? progress = null, CancellationToken cancel = default)
+    {
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        Directory.CreateDirectory(s.Output);
+        // 1. Data.
+        var configText = s.ModelConfig is null ? BuiltInConfig() : File.ReadAllText(s.ModelConfig);
+        var configPath = Dir("model-config.json");
+        File.WriteAllText(configPath, configText);
+        var vlm = VlmConfig.Load(configPath);
+        int canvas = vlm.ForceImageSize;
+        var digits = MnistDigits.Embedded();
+        if (!File.Exists(Dir("data", "train", "sft.jsonl")))
+            new DigitScenes(digits, DigitSplit.Train, canvas).WriteDataset(Dir("data", "train"), s.TrainScenes, s.Seed);
+        if (!File.Exists(Dir("data", "held-out", "prompts.jsonl")))
+            new DigitScenes(digits, DigitSplit.HeldOut, canvas).WriteDataset(Dir("data", "held-out"), s.HeldOutScenes, s.Seed + 1_000_003);
+        _log($"data: {s.TrainScenes} training scenes, {s.HeldOutScenes} held-out scenes (held-out digit images never used in training)");
+
+        // 2. Model and tokenizer.
+        var init = Dir("init");
+        if (!File.Exists(Path.Combine(init, "model.safetensors")))
+            ModelFactory.Init(configPath, init, s.Seed, Dir("data", "train", "sft.jsonl"));
+
+        var stages = new List<StageResult>();
+        // 3. SFT.
+        var sftOut = Dir("sft");
+        if (!Directory.Exists(Path.Combine(sftOut, "final")))
+        {
+            using var sft = new SftTrainer(Stage("sft", init, sftOut, Dir("data", "train", "sft.jsonl"), s.SftSteps,
+                [$"sft.batch={s.SftBatch}", $"optim.lr={s.SftLr.ToString(CultureInfo.InvariantCulture)}", "optim.warmup=10", "optim.schedule=cosine", "sft.held_out=0.02"]), backend);
+            if (sft.Run(m => progress?.Invoke("sft", m.Step / (double)s.SftSteps), cancel) is null) throw new OperationCanceledException("interrupted during sft");
+        }
+        var sftModel = Path.Combine(sftOut, "final");
+        stages.Add(Evaluate("sft", sftModel));
+
+        // 4. Preference pairs from the SFT model, scored by rule + format.
+        var pairsPath = Dir("data", "pairs.jsonl");
+        if (!File.Exists(pairsPath)) BuildPairs(sftModel, pairsPath);
+        int pairs = File.ReadAllLines(pairsPath).Length;
+        _log($"pairs: {pairs} from {s.PairPrompts} prompts x ({s.PairSamples} samples + the reference trace), margin {s.PairMargin}");
+
+        double? rmAccuracy = null;
+        string? rmModel = null;
+        string mpoModel = sftModel;
+        if (pairs >= 4)
+        {
+            // 5. Reward model.
+            var rmOut = Dir("rm");
+            if (!Directory.Exists(Path.Combine(rmOut, "final")))
+            {
+                using var rm = new PreferenceTrainer(Stage("rm", sftModel, rmOut, pairsPath, s.RmSteps, PreferenceOverrides()), backend);
+                if (rm.Run(m => progress?.Invoke("rm", m.Step / (double)s.RmSteps), cancel) is null) throw new OperationCanceledException("interrupted during rm");
+            }
+            rmModel = Path.Combine(rmOut, "final");
+            rmAccuracy = JsonSerializer.Deserialize<PreferenceSummary>(File.ReadAllText(Path.Combine(rmOut, "summary.json")))!.HeldOutAccuracy;
+            // 6. MPO.
+            var mpoOut = Dir("mpo");
+            if (!Directory.Exists(Path.Combine(mpoOut, "final")))
+            {
+                using var mpo = new PreferenceTrainer(Stage("mpo", sftModel, mpoOut, pairsPath, s.MpoSteps, PreferenceOverrides()), backend);
+                if (mpo.Run(m => progress?.Invoke("mpo", m.Step / (double)s.MpoSteps), cancel) is null) throw new OperationCanceledException("interrupted during mpo");
+            }
+            mpoModel = Path.Combine(mpoOut, "final");
+            stages.Add(Evaluate("mpo", mpoModel));
+        }
+        else _log($"only {pairs} pairs passed the margin: the reward model and MPO are skipped, GRPO starts from the SFT model");
+
+        // 7. GRPO with and without the Selective Sample Buffer, same seed and budget.
+        var with = RunGrpo("grpo", mpoModel, rmModel, buffer: true, progress, cancel);
+        var without = RunGrpo("grpo-no-ssb", mpoModel, rmModel, buffer: false, progress, cancel);
+        stages.Add(Evaluate("grpo", with.Model));
+        stages.Add(Evaluate("grpo-no-ssb", without.Model));
+
+        var summary = new PipelineSummary(stages, rmAccuracy, pairs, clock.Elapsed.TotalSeconds, with.Ratios, without.Ratios);
+        File.WriteAllText(Dir("summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
+        WriteSummary(summary);
+        return summary;
+    }
+
+    private string[] PreferenceOverrides() =>
+        [$"pairs.pairs_per_step={s.PairsPerStep}", "pairs.held_out=0.2", $"optim.lr={s.PreferenceLr.ToString(CultureInfo.InvariantCulture)}", "mpo.beta=0.1"];
+
+    private TrainConfig Stage(string stage, string model, string output, string data, int steps, string[] extra) =>
+        TrainConfig.Load(null, [$"stage={stage}", $"model={model}", $"output={output}", $"data.path={data}", $"steps={steps}", $"seed={s.Seed}",
+            "trainable=all", $"checkpoint.every={Math.Max(1, steps / 2)}", "checkpoint.keep=1", .. extra]);
+
+    private (string Model, List<double> Ratios) RunGrpo(string name, string model, string? rmModel, bool buffer, Action<string, double>? progress, CancellationToken cancel)
+    {
+        var output = Dir(name);
+        var config = Stage("grpo", model, output, Dir("data", "train", "prompts.jsonl"), s.GrpoSteps,
+        [
+            $"grpo.group_size={s.GroupSize}", $"grpo.prompts_per_step={s.GrpoPrompts}", $"grpo.max_new_tokens={s.MaxNewTokens}", "grpo.minibatches=2",
+            $"grpo.ssb.enabled={(buffer ? "true" : "false")}", "grpo.temperature=1.0", $"optim.lr={s.GrpoLr.ToString(CultureInfo.InvariantCulture)}",
+            $"monitor.claim_pattern={DigitScenes.ClaimPattern}", "grpo.cache_blocks=2048",
+            .. rmModel is null ? Array.Empty<string>() : [$"reward.rm_path={rmModel}", "reward.rm_weight=0.5", "reward.rm_transform=standardise"],
+        ]);
+        using (var t = new GrpoTrainer(config, backend))
+        {
+            if (t.Step < s.GrpoSteps)
+            {
+                t.Run(m => progress?.Invoke(name, m.Step / (double)s.GrpoSteps), cancel);
+                if (cancel.IsCancellationRequested) throw new OperationCanceledException($"interrupted during {name}");
+            }
+        }
+        Report.Write(output);
+        var ratios = File.ReadAllLines(Path.Combine(output, "metrics.jsonl")).Select(l => JsonSerializer.Deserialize<GrpoStepMetrics>(l)!.EffectiveRatio).ToList();
+        return (RunCheckpoints.Latest(output) ?? throw new InvalidOperationException($"{output} has no checkpoint"), ratios);
+    }
+
+    /// <summary>
+    /// Candidates per prompt: the SFT model's samples plus the task's reference trace; each is scored by rule + format,
+    /// and the best and worst form a pair when their margin passes.
+    /// </summary>
+    private void BuildPairs(string model, string path)
+    {
+        var prompts = new PromptDataset(Dir("data", "train", "prompts.jsonl"), s.Seed + 7);
+        var traces = new SftDataset(Dir("data", "train", "sft.jsonl"), 0, shuffle: false);
+        if (traces.Count != prompts.Count) throw new InvalidDataException($"{Dir("data", "train")}: {prompts.Count} prompts but {traces.Count} traces");
+        var rows = prompts.Next(s.PairPrompts);
+        using var vlm = VisionLanguageModel.Load(backend, model);
+        var tokenizer = TextTokenizer.Load(model);
+        var format = new FormatReward();
+        var reward = new HybridReward(format);
+        var groups = PromptSampling.Sample(vlm, tokenizer, rows, s.PairSamples, new SamplingParams(1f), s.MaxNewTokens, (ulong)s.Seed,
+            (text, p) => reward.Score(text, new RewardContext(p.Answer, p.Choices)));
+        var withTraces = groups.Select(g =>
+        {
+            var trace = traces.Read(g.Prompt.Index).Response;
+            return new SampledGroup(g.Prompt, [.. g.Responses, trace], [.. g.Rewards, reward.Score(trace, new RewardContext(g.Prompt.Answer, g.Prompt.Choices))]);
+        });
+        Directory.CreateDirectory(Path.GetDirectoryName(path)!);
+        PromptSampling.WritePairs(path, PromptSampling.Pairs(withTraces, s.PairMargin));
+    }
+
+    private StageResult Evaluate(string stage, string model)
+    {
+        var evalDir = Dir("eval", stage);
+        EvalResult result;
+        if (File.Exists(Path.Combine(evalDir, "eval.json")))
+            result = JsonSerializer.Deserialize<EvalResult>(File.ReadAllText(Path.Combine(evalDir, "eval.json")))!;
+        else
+        {
+            var data = new PromptDataset(Dir("data", "held-out", "prompts.jsonl"), 0, shuffle: false);
+            var prompts = Enumerable.Range(0, data.Count).Select(data.Read).ToList();
+            using var vlm = VisionLanguageModel.Load(backend, model);
+            var tokenizer = TextTokenizer.Load(model);
+            var settings = new EvalSettings(s.EvalSamples, s.MaxNewTokens, Temperature: s.EvalSamples == 1 ? 0f : 0.6f, TopP: s.EvalSamples == 1 ? 1f : 0.95f,
+                Seed: (ulong)s.Seed, ClaimPattern: DigitScenes.ClaimPattern);
+            (result, var samples) = Evaluation.Run(vlm, tokenizer, prompts, settings, model, Dir("data", "held-out", "prompts.jsonl"));
+            Evaluation.Write(evalDir, result, samples);
+        }
+        _log(string.Format(CultureInfo.InvariantCulture, "{0}: held-out pass@1 {1:F3} ± {2:F3}, format {3:F3}, hallucination {4}", stage, result.PassAt1,
+            result.PassAt1StdError, result.FormatRate, result.HallucinationRate is { } h ? h.ToString("F3", CultureInfo.InvariantCulture) : "-"));
+        return new StageResult(stage, model, result);
+    }
+
+    private void WriteSummary(PipelineSummary summary)
+    {
+        var inv = CultureInfo.InvariantCulture;
+        var plots = Dir("plots");
+        Directory.CreateDirectory(plots);
+        var ratio = new ScottPlot.Plot();
+        var a = ratio.Add.Scatter(Enumerable.Range(1, summary.EffectiveRatioWithBuffer.Count).Select(x => (double)x).ToArray(), summary.EffectiveRatioWithBuffer.ToArray());
+        a.LegendText = "with the Selective Sample Buffer";
+        var b = ratio.Add.Scatter(Enumerable.Range(1, summary.EffectiveRatioWithoutBuffer.Count).Select(x => (double)x).ToArray(), summary.EffectiveRatioWithoutBuffer.ToArray());
+        b.LegendText = "without";
+        ratio.Title("GRPO effective-sample ratio");
+        ratio.XLabel("step");
+        ratio.ShowLegend();
+        ratio.SavePng(Path.Combine(plots, "effective_ratio.png"), 800, 450);
+        var acc = new ScottPlot.Plot();
+        var bars = acc.Add.Bars(summary.Stages.Select(x => x.Eval.PassAt1).ToArray());
+        acc.Axes.Bottom.SetTicks(Enumerable.Range(0, summary.Stages.Count).Select(i => (double)i).ToArray(), summary.Stages.Select(x => x.Stage).ToArray());
+        acc.Title("Held-out pass@1 after each stage");
+        acc.SavePng(Path.Combine(plots, "accuracy_by_stage.png"), 800, 450);
+
+        var md = new StringBuilder();
+        md.AppendLine("# The digit pipeline").AppendLine();
+        md.AppendLine(string.Format(inv, "Seed {0}; {1:F0} s in all. Held-out scenes are composed only from held-out MNIST images; nothing was tuned on them.", s.Seed, summary.Seconds)).AppendLine();
+        md.AppendLine("| stage | held-out pass@1 | format rate | hallucination rate |").AppendLine("| --- | --- | --- | --- |");
+        foreach (var st in summary.Stages)
+            md.AppendLine(string.Format(inv, "| {0} | {1:F3} ± {2:F3} | {3:F3} | {4} |", st.Stage, st.Eval.PassAt1, st.Eval.PassAt1StdError, st.Eval.FormatRate,
+                st.Eval.HallucinationRate is { } h ? h.ToString("F3", inv) : "-"));
+        var types = summary.Stages.SelectMany(x => x.Eval.ByType.Select(t => t.Type)).Distinct().Order(StringComparer.Ordinal).ToList();
+        if (types.Count > 0)
+        {
+            md.AppendLine().AppendLine("| stage | " + string.Join(" | ", types) + " |").AppendLine("| --- |" + string.Concat(types.Select(_ => " --- |")));
+            foreach (var st in summary.Stages)
+                md.AppendLine($"| {st.Stage} | " + string.Join(" | ", types.Select(t => st.Eval.ByType.FirstOrDefault(x => x.Type == t)?.PassAt1.ToString("F3", inv) ?? "-")) + " |");
+        }
+        md.AppendLine().AppendLine(string.Format(inv, "Reward model held-out pair accuracy: {0} ({1} pairs).", summary.RewardModelPairAccuracy is { } r ? r.ToString("F3", inv) : "-", summary.Pairs));
+        md.AppendLine(string.Format(inv, "Mean effective-sample ratio: {0:F3} with the buffer, {1:F3} without.",
+            summary.EffectiveRatioWithBuffer.DefaultIfEmpty().Average(), summary.EffectiveRatioWithoutBuffer.DefaultIfEmpty().Average()));
+        md.AppendLine().AppendLine("![accuracy](plots/accuracy_by_stage.png)").AppendLine("![effective ratio](plots/effective_ratio.png)");
+        File.WriteAllText(Dir("summary.md"), md.ToString());
+    }
+
+    /// <summary>The built-in model config of the digit task (configs/digits.json, embedded).</summary>
+    public static string BuiltInConfig()
+    {
+        using var stream = typeof(DigitPipeline).Assembly.GetManifestResourceStream("configs/digits.json")
+            ?? throw new InvalidOperationException("configs/digits.json is not embedded in R1V2.Native.Trainer");
+        using var reader = new StreamReader(stream);
+        return reader.ReadToEnd();
+    }
+}

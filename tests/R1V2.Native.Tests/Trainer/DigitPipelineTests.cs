@@ -1,0 +1,49 @@
+using System.Text.Json;
+using R1V2.Native.Trainer.Pipeline;
+
+namespace R1V2.Native.Tests.Trainer;
+
+/// <summary>The default pipeline end to end at a few steps per stage on the tiny config (wiring, outputs, resume).</summary>
+[Collection("cpu")]
+public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("r1v2-pipeline-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, true);
+
+    private PipelineSettings Settings() => new()
+    {
+        Output = Path.Combine(_dir, "run"), Seed = 3, ModelConfig = Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"),
+        TrainScenes = 40, HeldOutScenes = 6, SftSteps = 3, SftBatch = 4, PairPrompts = 6, PairSamples = 2, RmSteps = 2, MpoSteps = 2, PairsPerStep = 2,
+        GrpoSteps = 2, GrpoPrompts = 2, GroupSize = 3, MaxNewTokens = 6,
+    };
+
+    [Fact]
+    public void EveryStageRuns_IsEvaluatedOnHeldOutScenes_AndARerunContinuesInsteadOfRepeating()
+    {
+        var lines = new List<string>();
+        var stages = new HashSet<string>();
+        var summary = new DigitPipeline(Settings(), fx.Backend, lines.Add).Run((stage, _) => stages.Add(stage));
+        Assert.Equal(["sft", "mpo", "grpo", "grpo-no-ssb"], summary.Stages.Select(s => s.Stage));
+        Assert.Equal(["sft", "rm", "mpo", "grpo", "grpo-no-ssb"], stages.Order(StringComparer.Ordinal).OrderBy(s => s switch { "sft" => 0, "rm" => 1, "mpo" => 2, "grpo" => 3, _ => 4 }));
+        Assert.True(summary.Pairs >= 4, $"{summary.Pairs} pairs: the reference trace beats untrained samples");
+        Assert.NotNull(summary.RewardModelPairAccuracy);
+        Assert.All(summary.Stages, s => Assert.Equal(6, s.Eval.Prompts));
+        Assert.All(summary.Stages, s => Assert.NotNull(s.Eval.HallucinationRate)); // the held-out scenes know their digits
+        Assert.Equal(2, summary.EffectiveRatioWithBuffer.Count);
+        Assert.Equal(2, summary.EffectiveRatioWithoutBuffer.Count);
+        var md = File.ReadAllText(Path.Combine(_dir, "run", "summary.md"));
+        Assert.Contains("| grpo-no-ssb |", md);
+        Assert.True(File.Exists(Path.Combine(_dir, "run", "plots", "effective_ratio.png")));
+        Assert.True(File.Exists(Path.Combine(_dir, "run", "eval", "mpo", "eval.md")));
+        // Held-out scenes draw only held-out digit images: the datasets record their type; the images come from DigitScenes(HeldOut).
+        Assert.Equal(6, File.ReadAllLines(Path.Combine(_dir, "run", "data", "held-out", "prompts.jsonl")).Length);
+
+        // Everything is in place: a rerun loads the results instead of training again, and reports the same numbers.
+        var sftWeights = File.GetLastWriteTimeUtc(Path.Combine(_dir, "run", "sft", "final", "model.safetensors"));
+        var again = new DigitPipeline(Settings(), fx.Backend).Run();
+        Assert.Equal(sftWeights, File.GetLastWriteTimeUtc(Path.Combine(_dir, "run", "sft", "final", "model.safetensors")));
+        Assert.Equal(summary.Stages.Select(s => s.Eval.PassAt1), again.Stages.Select(s => s.Eval.PassAt1));
+        Assert.Equal(JsonSerializer.Serialize(summary.EffectiveRatioWithBuffer), JsonSerializer.Serialize(again.EffectiveRatioWithBuffer));
+    }
+}
