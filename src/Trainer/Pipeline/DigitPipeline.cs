@@ -37,7 +37,7 @@ public sealed record PipelineSettings
     public int GrpoSteps { get; init; } = 30;
     public int GrpoPrompts { get; init; } = 4;
     public int GroupSize { get; init; } = 4;
-    public float GrpoLr { get; init; } = 5e-4f;
+    public float GrpoLr { get; init; } = 1e-4f;
     public int MaxNewTokens { get; init; } = 40;
     public int EvalSamples { get; init; } = 1;
 }
@@ -157,7 +157,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             $"grpo.group_size={s.GroupSize}", $"grpo.prompts_per_step={s.GrpoPrompts}", $"grpo.max_new_tokens={s.MaxNewTokens}", "grpo.minibatches=2",
             $"grpo.ssb.enabled={(buffer ? "true" : "false")}", "grpo.temperature=1.0", $"optim.lr={s.GrpoLr.ToString(CultureInfo.InvariantCulture)}",
             $"monitor.claim_pattern={DigitScenes.ClaimPattern}", "grpo.cache_blocks=2048",
-            .. rmModel is null ? Array.Empty<string>() : [$"reward.rm_path={rmModel}", "reward.rm_weight=0.5", "reward.rm_transform=standardise"],
+            .. rmModel is null ? Array.Empty<string>() : [$"reward.rm_path={rmModel}", "reward.rm_weight=0.25", "reward.rm_transform=standardise", "reward.rm_threshold=0.5"],
         ]);
         using (var t = new GrpoTrainer(config, backend))
         {
