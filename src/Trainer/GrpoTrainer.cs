@@ -65,7 +65,7 @@ public sealed class GrpoTrainer : IDisposable
         var g = config.Grpo;
         _chat = new ChatRunner(_model, _tokenizer, new GeneratorOptions(g.CacheBlocks, MaxBatch: Math.Max(g.GroupSize * g.PromptsPerStep, 1)));
         _data = new PromptDataset(config.Data.Path, config.Seed, config.Data.Shuffle, config.Data.SkipBadRows);
-        _grounding = new Grounding(config.Monitor.ObjectWords.Concat(Enumerable.Range(0, _data.Count).SelectMany(i => _data.Read(i).ImageObjects ?? [])),
+        _grounding = new Grounding(config.Monitor.ObjectWords.Concat(_data.ObjectWords),
             config.Monitor.ClaimPattern.Length > 0 ? config.Monitor.ClaimPattern : null);
         var o = config.Optim;
         _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);

@@ -18,14 +18,24 @@ public sealed record PromptRow(int Index, string Question, string Answer, IReadO
 public sealed class PromptDataset
 {
     private readonly ShuffledRows<PromptRow> _rows;
+    private readonly SortedSet<string> _objects = new(StringComparer.Ordinal);
 
     public PromptDataset(string path, int seed, bool shuffle = true, bool skipBadRows = false)
     {
+        // The sources validate every row once while indexing; the object words are collected in that same pass.
+        PromptRow Collect(PromptRow row)
+        {
+            foreach (var o in row.ImageObjects ?? []) _objects.Add(o);
+            return row;
+        }
         IRowSource<PromptRow> source = path.EndsWith(".parquet", StringComparison.OrdinalIgnoreCase)
-            ? new ParquetRows<PromptRow>(path, ParseParquet, skipBadRows)
-            : new JsonlRows<PromptRow>(path, (o, where) => Parse(o, path, where), skipBadRows);
+            ? new ParquetRows<PromptRow>(path, r => Collect(ParseParquet(r)), skipBadRows)
+            : new JsonlRows<PromptRow>(path, (o, where) => Collect(Parse(o, path, where)), skipBadRows);
         _rows = new ShuffledRows<PromptRow>(source, seed, shuffle);
     }
+
+    /// <summary>Every image_objects entry of the file's rows (the grounding check's object vocabulary).</summary>
+    public IReadOnlyCollection<string> ObjectWords => _objects;
 
     public int Count => _rows.Source.Count;
     public int SkippedRows => _rows.Source.SkippedRows;

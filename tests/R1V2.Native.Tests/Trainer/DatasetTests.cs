@@ -28,6 +28,7 @@ public sealed class DatasetTests : IDisposable
         Assert.Equal(["1", "7"], b.Choices!);
         Assert.Equal([7], b.ImageDigits!);
         Assert.Equal(["sign"], b.ImageObjects!);
+        Assert.Equal(["sign"], data.ObjectWords); // collected while the rows were validated
         Assert.Equal(png, File.ReadAllBytes(Assert.Single(b.Images)));
         Assert.Equal("q2", data.Read(2).Question);
         var order = data.Next(5).Select(r => r.Index).ToList();
