@@ -93,7 +93,6 @@ public static class TrainCommand
         PipelineSummary? summary = null;
         try
         {
-            var lines = new List<string>();
             Progress().Start(ctx =>
             {
                 var bars = new Dictionary<string, ProgressTask>();

@@ -34,10 +34,10 @@ public sealed record PipelineSettings
     public int MpoSteps { get; init; } = 40;
     public int PairsPerStep { get; init; } = 8;
     public float PreferenceLr { get; init; } = 5e-4f;
-    public int GrpoSteps { get; init; } = 30;
+    public int GrpoSteps { get; init; } = 40;
     public int GrpoPrompts { get; init; } = 4;
     public int GroupSize { get; init; } = 4;
-    public float GrpoLr { get; init; } = 1e-4f;
+    public float GrpoLr { get; init; } = 3e-4f;
     public int MaxNewTokens { get; init; } = 40;
     public int EvalSamples { get; init; } = 1;
 }
@@ -157,7 +157,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             $"grpo.group_size={s.GroupSize}", $"grpo.prompts_per_step={s.GrpoPrompts}", $"grpo.max_new_tokens={s.MaxNewTokens}", "grpo.minibatches=2",
             $"grpo.ssb.enabled={(buffer ? "true" : "false")}", "grpo.temperature=1.0", $"optim.lr={s.GrpoLr.ToString(CultureInfo.InvariantCulture)}",
             $"monitor.claim_pattern={DigitScenes.ClaimPattern}", "grpo.cache_blocks=2048",
-            .. rmModel is null ? Array.Empty<string>() : [$"reward.rm_path={rmModel}", "reward.rm_weight=0.25", "reward.rm_transform=standardise", "reward.rm_threshold=0.5"],
+            .. rmModel is null ? Array.Empty<string>() : [$"reward.rm_path={rmModel}", "reward.rm_weight=0.25", "reward.rm_transform=standardise", "reward.rm_threshold=0.75"],
         ]);
         using (var t = new GrpoTrainer(config, backend))
         {
