@@ -14,13 +14,14 @@ public static class DigitsCommand
         var count = new Option<int>("--count") { Description = "Number of questions", DefaultValueFactory = _ => 200 };
         var seed = new Option<int>("--seed") { DefaultValueFactory = _ => 1 };
         var canvas = new Option<int>("--canvas") { Description = "Canvas side in pixels", DefaultValueFactory = _ => 64 };
+        var maxDigits = new Option<int>("--max-digits") { Description = "At most this many digits per scene (1-4)", DefaultValueFactory = _ => 4 };
         var cmd = new Command("digits", "Write visual questions about 1-4 handwritten MNIST digits (sum, largest, count, presence, left to right) as PNGs + prompts.jsonl")
-            { output, split, count, seed, canvas };
-        cmd.SetAction(r => Run(r.GetValue(output)!, r.GetValue(split)!, r.GetValue(count), r.GetValue(seed), r.GetValue(canvas)));
+            { output, split, count, seed, canvas, maxDigits };
+        cmd.SetAction(r => Run(r.GetValue(output)!, r.GetValue(split)!, r.GetValue(count), r.GetValue(seed), r.GetValue(canvas), r.GetValue(maxDigits)));
         return cmd;
     }
 
-    public static int Run(string output, string split, int count, int seed, int canvas)
+    public static int Run(string output, string split, int count, int seed, int canvas, int maxDigits = 4)
     {
         var s = split switch
         {
@@ -29,7 +30,7 @@ public static class DigitsCommand
             _ => throw new ArgumentException($"--split must be train or held-out, not '{split}'"),
         };
         if (count < 1) throw new ArgumentException("--count must be positive");
-        var items = new DigitScenes(MnistDigits.Embedded(), s, canvas).WriteDataset(output, count, seed);
+        var items = new DigitScenes(MnistDigits.Embedded(), s, canvas, maxDigits).WriteDataset(output, count, seed);
         var byType = items.GroupBy(i => i.Type).OrderBy(g => g.Key).Select(g => $"{g.Key.Name()} {g.Count()}");
         AnsiConsole.MarkupLineInterpolated($"wrote {items.Count} questions ({string.Join(", ", byType)}) on {(s == DigitSplit.Train ? "training" : "held-out")} digit images to {Path.Combine(output, "prompts.jsonl")}");
         return 0;

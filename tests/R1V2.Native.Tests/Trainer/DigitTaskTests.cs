@@ -131,5 +131,7 @@ public sealed class DigitTaskTests : IDisposable
         Assert.Equal(5, new SftDataset(Path.Combine(_dir, "cli", "sft.jsonl"), 0).Count);
         Assert.All(lines, l => Assert.Matches("\"type\":\"(sum|largest|count|present|left_to_right)\"", l));
         Assert.Throws<ArgumentException>(() => R1V2.Native.Cli.Commands.DigitsCommand.Run(Path.Combine(_dir, "x"), "test", 5, 1, 64));
+        Assert.Equal(0, R1V2.Native.Cli.Commands.DigitsCommand.Run(Path.Combine(_dir, "one"), "train", 20, 1, 64, maxDigits: 1));
+        Assert.All(File.ReadAllLines(Path.Combine(_dir, "one", "prompts.jsonl")), l => Assert.Matches("\"digits\":\\[[0-9]\\]", l));
     }
 }
