@@ -241,7 +241,8 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
 
         var md = new StringBuilder();
         md.AppendLine("# The digit pipeline").AppendLine();
-        md.AppendLine(string.Format(inv, "Seed {0}; {1:F0} s in all. Held-out scenes are composed only from held-out MNIST images; nothing was tuned on them.", s.Seed, summary.Seconds)).AppendLine();
+        md.AppendLine(string.Format(inv, "Seed {0}; this invocation took {1:F0} s (stages finished by an earlier one are loaded, not rerun). Held-out scenes are composed only from held-out MNIST images; nothing was tuned on them.",
+            s.Seed, summary.Seconds)).AppendLine();
         md.AppendLine("| stage | held-out pass@1 | format rate | hallucination rate |").AppendLine("| --- | --- | --- | --- |");
         foreach (var st in summary.Stages)
             md.AppendLine(string.Format(inv, "| {0} | {1:F3} ± {2:F3} | {3:F3} | {4} |", st.Stage, st.Eval.PassAt1, st.Eval.PassAt1StdError, st.Eval.FormatRate,
