@@ -23,13 +23,13 @@ public static class TrainCommand
 {
     public static Command Create()
     {
-        var steps = new Option<int>("--steps") { Description = "Optimiser steps", DefaultValueFactory = _ => 300 };
-        var batch = new Option<int>("--batch-tokens") { Description = "Positions per step", DefaultValueFactory = _ => 256 };
-        var lr = new Option<float>("--lr") { Description = "Peak learning rate", DefaultValueFactory = _ => 3e-3f };
-        var seed = new Option<int>("--seed") { Description = "Seed for initialisation and batches", DefaultValueFactory = _ => 1234 };
+        var steps = new Option<int>("--steps") { Description = "next-byte task: optimiser steps", DefaultValueFactory = _ => 300 };
+        var batch = new Option<int>("--batch-tokens") { Description = "next-byte task: positions per step", DefaultValueFactory = _ => 256 };
+        var lr = new Option<float>("--lr") { Description = "next-byte task: peak learning rate", DefaultValueFactory = _ => 3e-3f };
+        var seed = new Option<int>("--seed") { Description = "Seed for data, initialisation and sampling (the digit pipeline uses 1 unless given)", DefaultValueFactory = _ => 1234 };
         var backend = new Option<string>("--backend") { Description = "auto | cpu | cuda", DefaultValueFactory = _ => "auto" };
-        var output = new Option<string?>("--out") { Description = "Run directory (default runs/train-<time>)" };
-        var config = new Option<string?>("--config") { Description = "Run config (YAML): trains the VLM stage it names (grpo)" };
+        var output = new Option<string?>("--out") { Description = "Run directory (default runs/digits-<time>, or runs/train-<time> for next-byte; with --config it replaces the config's output)" };
+        var config = new Option<string?>("--config") { Description = "Run config (YAML): trains the VLM stage it names (sft, rm, mpo or grpo)" };
         var set = new Option<string[]>("--set") { Description = "Override a config key, e.g. --set grpo.group_size=8 (repeatable)" };
         var stage = new Option<string?>("--stage") { Description = "sft | rm | mpo | grpo (the same as --set stage=...)" };
         var task = new Option<string>("--task")
