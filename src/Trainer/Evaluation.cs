@@ -37,36 +37,42 @@ public static class Evaluation
         if (s.Samples < 1) throw new ArgumentException("samples must be at least 1");
         if (prompts.Count == 0) throw new ArgumentException("no prompts to evaluate");
         var clock = Stopwatch.StartNew();
-        var format = new FormatReward();
-        var grounding = new Grounding(prompts.SelectMany(p => p.ImageObjects ?? []), s.ClaimPattern);
         var groups = PromptSampling.Sample(model, tokenizer, prompts, s.Samples, new SamplingParams(s.Temperature, TopP: s.TopP), s.MaxNewTokens, s.Seed,
-            (text, p) => new RewardBreakdown(AnswerVerifier.Score(text, p.Answer, p.Choices), 0, 0, format.Score(text), 0), s.CacheBlocks);
+            (_, _) => new RewardBreakdown(0, 0, 0, 0, 0), s.CacheBlocks);
+        return Score(groups.Select(g => (g.Prompt, g.Responses)).ToList(), s, text => tokenizer.Encode(text).Length, modelName, dataName, clock);
+    }
+
+    /// <summary>Scores given responses: the rule verifier, the format reward and the grounding check per sample, then the aggregates.</summary>
+    public static (EvalResult Result, List<EvalSample> Samples) Score(IReadOnlyList<(PromptRow Prompt, IReadOnlyList<string> Responses)> groups, EvalSettings s,
+        Func<string, int> length, string modelName = "", string dataName = "", Stopwatch? clock = null)
+    {
+        var format = new FormatReward();
+        var grounding = new Grounding(groups.SelectMany(g => g.Prompt.ImageObjects ?? []), s.ClaimPattern);
         var samples = new List<EvalSample>();
         var perPrompt = new List<(string? Type, double Pass)>();
         long tokens = 0;
         int checks = 0, ungrounded = 0;
-        for (int i = 0; i < groups.Count; i++)
+        foreach (var (prompt, responses) in groups)
         {
-            var g = groups[i];
             int correct = 0;
-            for (int k = 0; k < g.Responses.Count; k++)
+            for (int k = 0; k < responses.Count; k++)
             {
-                var text = g.Responses[k];
-                bool ok = g.Rewards[k].Rule > 0, formed = g.Rewards[k].Format == format.WellFormed;
-                bool? grounded = grounding.Check(text, g.Prompt);
+                var text = responses[k];
+                bool ok = AnswerVerifier.Score(text, prompt.Answer, prompt.Choices) > 0, formed = format.Score(text) == format.WellFormed;
+                bool? grounded = grounding.Check(text, prompt);
                 if (grounded is { } gr) { checks++; if (!gr) ungrounded++; }
                 correct += ok ? 1 : 0;
-                tokens += tokenizer.Encode(text).Length;
-                samples.Add(new EvalSample(g.Prompt.Index, k, g.Prompt.Type, g.Prompt.Answer, text, ok, formed, grounded));
+                tokens += length(text);
+                samples.Add(new EvalSample(prompt.Index, k, prompt.Type, prompt.Answer, text, ok, formed, grounded));
             }
-            perPrompt.Add((g.Prompt.Type, correct / (double)g.Responses.Count));
+            perPrompt.Add((prompt.Type, correct / (double)responses.Count));
         }
         double mean = perPrompt.Average(p => p.Pass);
         double se = perPrompt.Count > 1 ? Math.Sqrt(perPrompt.Sum(p => (p.Pass - mean) * (p.Pass - mean)) / (perPrompt.Count - 1) / perPrompt.Count) : 0;
         var byType = perPrompt.Where(p => p.Type is not null).GroupBy(p => p.Type!).OrderBy(t => t.Key, StringComparer.Ordinal)
             .Select(t => new EvalTypeResult(t.Key, t.Count(), t.Average(p => p.Pass))).ToList();
-        var result = new EvalResult(modelName, dataName, prompts.Count, s.Samples, mean, se, samples.Average(x => x.WellFormed ? 1.0 : 0.0),
-            checks == 0 ? null : ungrounded / (double)checks, checks, tokens / (double)samples.Count, byType, s, clock.Elapsed.TotalSeconds);
+        var result = new EvalResult(modelName, dataName, groups.Count, s.Samples, mean, se, samples.Average(x => x.WellFormed ? 1.0 : 0.0),
+            checks == 0 ? null : ungrounded / (double)checks, checks, tokens / (double)samples.Count, byType, s, clock?.Elapsed.TotalSeconds ?? 0);
         return (result, samples);
     }
 

@@ -46,7 +46,8 @@ public sealed class GrpoTrainer : IDisposable
     private readonly List<GrpoStepMetrics> _history = [];
     private readonly VisionLanguageModel? _reference;
     private readonly RewardModel? _rewardModel;
-    private int _step, _badInARow;
+    private int _step;
+    private readonly NonFiniteGuard _guard;
 
     private readonly Func<string, PromptRow, RewardBreakdown> _score;
 
@@ -70,6 +71,7 @@ public sealed class GrpoTrainer : IDisposable
         var o = config.Optim;
         _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
         _schedule = config.Schedule();
+        _guard = new NonFiniteGuard(config.Optim.MaxBadSteps);
         _ssb = new SelectiveSampleBuffer(g.Ssb.Capacity, g.Ssb.MaxAge, (ulong)config.Seed * 0x9E3779B97F4A7C15ul + 1);
         var r = config.Reward;
         if (r.RmPath.Length > 0) _rewardModel = RewardModel.Load(backend, r.RmPath, TrainableParts.None, trainHead: false);
@@ -176,14 +178,8 @@ public sealed class GrpoTrainer : IDisposable
                 updates++;
                 if (++accumulated < _c.Optim.GradAccum && mb + per < informative.Count) continue;
                 accumulated = 0;
-                var report = _opt.Step(lr);
-                if (report.Skipped)
-                {
-                    skipped++;
-                    if (++_badInARow >= _c.Optim.MaxBadSteps)
-                        throw new InvalidOperationException($"step {step + 1}: {_badInARow} updates in a row had a non-finite gradient norm; stopping (lower optim.lr or check the data)");
-                }
-                else _badInARow = 0;
+                var report = _guard.Step(_opt, lr, step);
+                if (report.Skipped) skipped++;
                 gradNorm += report.GradNorm;
                 optimizerSteps++;
             }
@@ -242,36 +238,25 @@ public sealed class GrpoTrainer : IDisposable
     {
         _model.Save(tmp);
         File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"));
-        int optStep = RunCheckpoints.SaveOptimizer(tmp, _opt);
         var (rng, items) = _ssb.Snapshot();
-        var state = new JsonObject
+        RunCheckpoints.WriteState(tmp, new TrainerState("grpo", _step, _guard.InARow, _data.Position, new JsonObject
         {
-            ["stage"] = "grpo",
-            ["step"] = _step,
-            ["optimizer_step"] = optStep,
-            ["bad_in_a_row"] = _badInARow,
-            ["data_epoch"] = _data.Position.Epoch,
-            ["data_index"] = _data.Position.Index,
             ["ssb_rng"] = rng.ToString(),
             ["ssb"] = JsonSerializer.SerializeToNode(items),
             ["rm_scaling"] = new JsonArray(_reward.Scaling.State.Count, _reward.Scaling.State.Mean, _reward.Scaling.State.M2),
-        };
-        File.WriteAllText(Path.Combine(tmp, "trainer_state.json"), state.ToJsonString());
+        }), _opt);
     });
 
     private void Restore(string dir)
     {
-        var state = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "trainer_state.json")))!.AsObject();
-        _step = state["step"]!.GetValue<int>();
-        _badInARow = state["bad_in_a_row"]!.GetValue<int>();
-        _data.Seek((state["data_epoch"]!.GetValue<int>(), state["data_index"]!.GetValue<int>()));
-        _ssb.Restore(ulong.Parse(state["ssb_rng"]!.GetValue<string>()), state["ssb"].Deserialize<List<Rollout>>()!);
-        if (state["rm_scaling"] is JsonArray sc)
+        var state = RunCheckpoints.ReadState(dir, _opt);
+        _step = state.Step;
+        _guard.InARow = state.BadInARow;
+        _data.Seek(state.DataPosition);
+        _ssb.Restore(ulong.Parse(state.Extra["ssb_rng"]!.GetValue<string>()), state.Extra["ssb"].Deserialize<List<Rollout>>()!);
+        if (state.Extra["rm_scaling"] is JsonArray sc)
             _reward.Scaling.Restore((sc[0]!.GetValue<long>(), sc[1]!.GetValue<double>(), sc[2]!.GetValue<double>()));
-        RunCheckpoints.LoadOptimizer(dir, _opt, state["optimizer_step"]!.GetValue<int>());
-        if (File.Exists(MetricsPath))
-            foreach (var line in File.ReadAllLines(MetricsPath).Take(_step)) _history.Add(JsonSerializer.Deserialize<GrpoStepMetrics>(line)!);
-        File.WriteAllLines(MetricsPath, _history.Select(h => JsonSerializer.Serialize(h))); // drop steps after the checkpoint
+        _history.AddRange(RunCheckpoints.RewindMetrics<GrpoStepMetrics>(MetricsPath, _step));
     }
 
     public void Dispose()

@@ -37,7 +37,8 @@ public sealed class PreferenceTrainer : IDisposable
     private readonly AdamWOptimizer _opt;
     private readonly LearningRateSchedule _schedule;
     private readonly BcoDelta _delta;
-    private int _step, _badInARow;
+    private int _step;
+    private readonly NonFiniteGuard _guard;
 
     public PreferenceTrainer(TrainConfig config, Backend backend)
     {
@@ -70,6 +71,7 @@ public sealed class PreferenceTrainer : IDisposable
         _opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
         _schedule = config.Schedule();
         _delta = new BcoDelta(config.Mpo.DeltaDecay);
+        _guard = new NonFiniteGuard(config.Optim.MaxBadSteps);
         if (resume is not null) Restore(resume);
         else File.WriteAllText(MetricsPath, "");
         File.WriteAllText(Path.Combine(config.Output, "config.resolved.yaml"), config.ToYaml());
@@ -108,50 +110,31 @@ public sealed class PreferenceTrainer : IDisposable
         double? accuracy = held.Count == 0 ? null : Evaluate(held);
         var summary = new PreferenceSummary(_c.Stage, _c.Steps, _data.Count - held.Count, held.Count, accuracy, History.Count > 0 ? History[^1].Loss : double.NaN);
         File.WriteAllText(Path.Combine(_c.Output, "summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
-        SaveFinal();
+        RunCheckpoints.SaveFinal(_c.Output, SaveModel);
         return summary;
-    }
-
-    /// <summary>Steps the optimiser unless the gradient norm is not finite; several such steps in a row stop the run.</summary>
-    private StepReport OptimiserStep(float lr, int step)
-    {
-        var report = _opt.Step(lr);
-        if (!report.Skipped) { _badInARow = 0; return report; }
-        if (++_badInARow >= _c.Optim.MaxBadSteps)
-            throw new InvalidOperationException($"step {step + 1}: {_badInARow} updates in a row had a non-finite gradient norm; stopping (lower optim.lr or check the data)");
-        return report;
     }
 
     public void SaveCheckpoint() => RunCheckpoints.Save(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
     {
-        if (_rm is not null) _rm.Save(tmp); else _policy!.Save(tmp);
-        File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"), overwrite: true);
-        int optStep = RunCheckpoints.SaveOptimizer(tmp, _opt);
-        var state = new System.Text.Json.Nodes.JsonObject
-        {
-            ["stage"] = _c.Stage,
-            ["step"] = _step,
-            ["optimizer_step"] = optStep,
-            ["bad_in_a_row"] = _badInARow,
-            ["data_epoch"] = _data.Position.Epoch,
-            ["data_index"] = _data.Position.Index,
-            ["bco_delta"] = _delta.Value,
-        };
-        File.WriteAllText(Path.Combine(tmp, "trainer_state.json"), state.ToJsonString());
+        SaveModel(tmp);
+        RunCheckpoints.WriteState(tmp, new TrainerState(_c.Stage, _step, _guard.InARow, _data.Position,
+            new System.Text.Json.Nodes.JsonObject { ["bco_delta"] = _delta.Value }), _opt);
     });
+
+    private void SaveModel(string dir)
+    {
+        if (_rm is not null) _rm.Save(dir); else _policy!.Save(dir);
+        File.Copy(_tokenizer.Source, Path.Combine(dir, "tokenizer.json"), overwrite: true);
+    }
 
     private void Restore(string dir)
     {
-        var statePath = Path.Combine(dir, "trainer_state.json");
-        var state = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(statePath))!.AsObject();
-        _step = state["step"]!.GetValue<int>();
-        _badInARow = state["bad_in_a_row"]!.GetValue<int>();
-        _data.Seek((state["data_epoch"]!.GetValue<int>(), state["data_index"]!.GetValue<int>()));
-        _delta.Restore(state["bco_delta"]!.GetValue<double>());
-        RunCheckpoints.LoadOptimizer(dir, _opt, state["optimizer_step"]!.GetValue<int>());
-        if (File.Exists(MetricsPath))
-            foreach (var line in File.ReadAllLines(MetricsPath).Where(l => l.Length > 0).Take(_step)) History.Add(JsonSerializer.Deserialize<PreferenceStepMetrics>(line)!);
-        File.WriteAllLines(MetricsPath, History.Select(h => JsonSerializer.Serialize(h))); // drop steps after the checkpoint
+        var state = RunCheckpoints.ReadState(dir, _opt);
+        _step = state.Step;
+        _guard.InARow = state.BadInARow;
+        _data.Seek(state.DataPosition);
+        _delta.Restore(state.Extra["bco_delta"]!.GetValue<double>());
+        History.AddRange(RunCheckpoints.RewindMetrics<PreferenceStepMetrics>(MetricsPath, _step));
     }
 
     private PreferenceStepMetrics RewardStep(List<PreferencePair> pairs, int step)
@@ -173,7 +156,7 @@ public sealed class PreferenceTrainer : IDisposable
         }
         _rm.Backward(scored, d);
         var lr = _schedule.At(step + 1);
-        var report = OptimiserStep(lr, step);
+        var report = _guard.Step(_opt, lr, step);
         return new PreferenceStepMetrics(step + 1, loss, correct / pairs.Count, margin / pairs.Count, 0, report.GradNorm, lr);
     }
 
@@ -203,7 +186,7 @@ public sealed class PreferenceTrainer : IDisposable
         _policy.Backward(pass, dlogp);
         _delta.Update(implicitMean / pairs.Count); // BCO's delta: moving average of the implicit rewards beta lr(y)
         var lrate = _schedule.At(step + 1);
-        var report = OptimiserStep(lrate, step);
+        var report = _guard.Step(_opt, lrate, step);
         return new PreferenceStepMetrics(step + 1, loss, correct / pairs.Count, margin / pairs.Count, _delta.Value, report.GradNorm, lrate);
     }
 
@@ -232,16 +215,6 @@ public sealed class PreferenceTrainer : IDisposable
             }
         }
         return correct / pairs.Count;
-    }
-
-    private void SaveFinal()
-    {
-        var final = Path.Combine(_c.Output, "final");
-        var tmp = final + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
-        if (_rm is not null) _rm.Save(tmp); else _policy!.Save(tmp);
-        File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"));
-        if (Directory.Exists(final)) Directory.Delete(final, true);
-        Directory.Move(tmp, final);
     }
 
     public void Dispose()

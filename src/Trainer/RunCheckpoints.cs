@@ -1,7 +1,12 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
 using R1V2.Native.Engine.Checkpoints;
 using R1V2.Native.Trainer.Optim;
 
 namespace R1V2.Native.Trainer;
+
+/// <summary>What every trainer's checkpoint records beside its weights; <see cref="Extra"/> holds the stage's own fields.</summary>
+public sealed record TrainerState(string Stage, int Step, int BadInARow, (int Epoch, int Index) DataPosition, JsonObject Extra);
 
 /// <summary>
 /// Checkpoints of a run directory: output/checkpoints/step-NNNNNN, each written into a temporary directory and then
@@ -35,6 +40,64 @@ public static class RunCheckpoints
         Directory.Move(tmp, final);
         foreach (var old in Directory.GetDirectories(root, "step-*").Where(d => !d.Contains(".tmp")).OrderBy(d => d, StringComparer.Ordinal).SkipLast(Math.Max(1, keep)))
             Directory.Delete(old, true);
+        return final;
+    }
+
+    /// <summary>
+    /// The common part of a checkpoint: the optimiser moments (optimizer.safetensors) and trainer_state.json with the
+    /// stage, step, optimiser step, guard count, data position and the stage's extra fields.
+    /// </summary>
+    public static void WriteState(string dir, TrainerState state, AdamWOptimizer opt)
+    {
+        int optStep = SaveOptimizer(dir, opt);
+        var json = new JsonObject
+        {
+            ["stage"] = state.Stage,
+            ["step"] = state.Step,
+            ["optimizer_step"] = optStep,
+            ["bad_in_a_row"] = state.BadInARow,
+            ["data_epoch"] = state.DataPosition.Epoch,
+            ["data_index"] = state.DataPosition.Index,
+        };
+        foreach (var (key, value) in state.Extra) json[key] = value?.DeepClone();
+        File.WriteAllText(Path.Combine(dir, "trainer_state.json"), json.ToJsonString());
+    }
+
+    /// <summary>Reads trainer_state.json and loads the optimiser moments of <paramref name="dir"/> into <paramref name="opt"/>.</summary>
+    public static TrainerState ReadState(string dir, AdamWOptimizer opt)
+    {
+        var path = Path.Combine(dir, "trainer_state.json");
+        if (!File.Exists(path)) throw new InvalidDataException($"checkpoint {dir} has no trainer_state.json");
+        var json = JsonNode.Parse(File.ReadAllText(path))!.AsObject();
+        int Int(string key) => json[key]?.GetValue<int>() ?? throw new InvalidDataException($"{path}: no '{key}'");
+        LoadOptimizer(dir, opt, Int("optimizer_step"));
+        return new TrainerState(json["stage"]?.GetValue<string>() ?? "grpo", Int("step"), Int("bad_in_a_row"), (Int("data_epoch"), Int("data_index")), json);
+    }
+
+    /// <summary>The first <paramref name="steps"/> lines of a run's metrics.jsonl; later lines (steps after the checkpoint) are dropped from the file.</summary>
+    public static List<T> RewindMetrics<T>(string metricsPath, int steps)
+    {
+        var kept = File.Exists(metricsPath)
+            ? File.ReadAllLines(metricsPath).Where(l => l.Trim().Length > 0).Take(steps).Select(l => JsonSerializer.Deserialize<T>(l)!).ToList()
+            : [];
+        File.WriteAllLines(metricsPath, kept.Select(m => JsonSerializer.Serialize(m)));
+        return kept;
+    }
+
+    /// <summary>Writes output/final through <paramref name="write"/> into a temporary directory, then renames it over the old one.</summary>
+    public static string SaveFinal(string output, Action<string> write)
+    {
+        var final = Path.Combine(output, "final");
+        var tmp = final + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
+        Directory.CreateDirectory(tmp);
+        try { write(tmp); }
+        catch
+        {
+            Directory.Delete(tmp, true);
+            throw;
+        }
+        if (Directory.Exists(final)) Directory.Delete(final, true);
+        Directory.Move(tmp, final);
         return final;
     }
 

@@ -31,7 +31,8 @@ public sealed class SftTrainer : IDisposable
     private readonly ResponsePacker _packer;
     private readonly AdamWOptimizer _opt;
     private readonly LearningRateSchedule _schedule;
-    private int _step, _badInARow;
+    private int _step;
+    private readonly NonFiniteGuard _guard;
     private double? _heldOutBefore;
 
     public SftTrainer(TrainConfig config, Backend backend)
@@ -50,6 +51,7 @@ public sealed class SftTrainer : IDisposable
         var o = config.Optim;
         _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
         _schedule = config.Schedule();
+        _guard = new NonFiniteGuard(config.Optim.MaxBadSteps);
         if (resume is not null) Restore(resume);
         else
         {
@@ -80,10 +82,7 @@ public sealed class SftTrainer : IDisposable
                 _model.Backward(pass);
             }
             var lr = _schedule.At(_step + 1);
-            var report = _opt.Step(lr);
-            if (!report.Skipped) _badInARow = 0;
-            else if (++_badInARow >= _c.Optim.MaxBadSteps)
-                throw new InvalidOperationException($"step {_step + 1}: {_badInARow} updates in a row had a non-finite gradient norm; stopping (lower optim.lr or check the data)");
+            var report = _guard.Step(_opt, lr, _step);
             _step++;
             bool scheduled = _step % _c.Checkpoint.Every == 0 || _step == _c.Steps;
             var m = new SftStepMetrics(_step, loss, report.GradNorm, lr, packed.Targets.Count(t => t >= 0), scheduled ? HeldOutLoss() : null);
@@ -96,12 +95,7 @@ public sealed class SftTrainer : IDisposable
         var after = History.LastOrDefault(h => h.HeldOutLoss is not null)?.HeldOutLoss ?? HeldOutLoss();
         var summary = new SftSummary(_c.Steps, _data.Count - _heldOut.Count, _heldOut.Count, _heldOutBefore, after, History.Count > 0 ? History[^1].Loss : double.NaN);
         File.WriteAllText(Path.Combine(_c.Output, "summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
-        var final = Path.Combine(_c.Output, "final");
-        var tmp = final + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
-        _model.Save(tmp);
-        File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"));
-        if (Directory.Exists(final)) Directory.Delete(final, true);
-        Directory.Move(tmp, final);
+        RunCheckpoints.SaveFinal(_c.Output, SaveModel);
         return summary;
     }
 
@@ -124,33 +118,24 @@ public sealed class SftTrainer : IDisposable
 
     public void SaveCheckpoint() => RunCheckpoints.Save(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
     {
-        _model.Save(tmp);
-        File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"), overwrite: true);
-        int optStep = RunCheckpoints.SaveOptimizer(tmp, _opt);
-        var state = new JsonObject
-        {
-            ["stage"] = "sft",
-            ["step"] = _step,
-            ["optimizer_step"] = optStep,
-            ["bad_in_a_row"] = _badInARow,
-            ["data_epoch"] = _data.Position.Epoch,
-            ["data_index"] = _data.Position.Index,
-            ["held_out_before"] = _heldOutBefore,
-        };
-        File.WriteAllText(Path.Combine(tmp, "trainer_state.json"), state.ToJsonString());
+        SaveModel(tmp);
+        RunCheckpoints.WriteState(tmp, new TrainerState("sft", _step, _guard.InARow, _data.Position, new JsonObject { ["held_out_before"] = _heldOutBefore }), _opt);
     });
+
+    private void SaveModel(string dir)
+    {
+        _model.Save(dir);
+        File.Copy(_tokenizer.Source, Path.Combine(dir, "tokenizer.json"), overwrite: true);
+    }
 
     private void Restore(string dir)
     {
-        var state = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "trainer_state.json")))!.AsObject();
-        _step = state["step"]!.GetValue<int>();
-        _badInARow = state["bad_in_a_row"]!.GetValue<int>();
-        _data.Seek((state["data_epoch"]!.GetValue<int>(), state["data_index"]!.GetValue<int>()));
-        _heldOutBefore = state["held_out_before"]?.GetValue<double>();
-        RunCheckpoints.LoadOptimizer(dir, _opt, state["optimizer_step"]!.GetValue<int>());
-        if (File.Exists(MetricsPath))
-            foreach (var line in File.ReadAllLines(MetricsPath).Where(l => l.Length > 0).Take(_step)) History.Add(JsonSerializer.Deserialize<SftStepMetrics>(line)!);
-        File.WriteAllLines(MetricsPath, History.Select(h => JsonSerializer.Serialize(h)));
+        var state = RunCheckpoints.ReadState(dir, _opt);
+        _step = state.Step;
+        _guard.InARow = state.BadInARow;
+        _data.Seek(state.DataPosition);
+        _heldOutBefore = state.Extra["held_out_before"]?.GetValue<double>();
+        History.AddRange(RunCheckpoints.RewindMetrics<SftStepMetrics>(MetricsPath, _step));
     }
 
     public void Dispose()
