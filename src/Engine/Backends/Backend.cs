@@ -43,6 +43,23 @@ public abstract class Backend : IDisposable
     /// <summary>Collective operations across data-parallel ranks (a single process until multi-GPU lands).</summary>
     public ICollectives Collectives { get; protected set; } = SingleProcessCollectives.Instance;
 
+    /// <summary>
+    /// Per-op wall time, when enabled: every op synchronizes before and after, so the times are the op's own (and the
+    /// whole run is slower). Null when off, which costs one null check per op.
+    /// </summary>
+    public OpProfile? Profile { get; private set; }
+
+    public OpProfile StartProfiling() => Profile = new OpProfile();
+
+    public void StopProfiling() => Profile = null;
+
+    private OpProfile.Scope Profiled(string op)
+    {
+        if (Profile is null) return default;
+        Synchronize();
+        return new OpProfile.Scope(this, Profile, op);
+    }
+
     // ---- memory ------------------------------------------------------------------------------------------
 
     /// <summary>A zero-filled tensor from the pool.</summary>
@@ -146,7 +163,7 @@ public abstract class Backend : IDisposable
         }
         if ((long)batch * m * n == 0) return;
         if (k == 0) throw new ArgumentException($"gemm: the inner dimension of a {a.ShapeString} and b {b.ShapeString} is 0");
-        GemmCore(a, transA, b, transB, c, bias, alpha, beta, batch, m, n, k);
+        using (Profiled("gemm")) GemmCore(a, transA, b, transB, c, bias, alpha, beta, batch, m, n, k);
     }
 
     protected abstract void GemmCore(Tensor a, bool transA, Tensor b, bool transB, Tensor c, Tensor? bias, float alpha, float beta, int batch, int m, int n, int k);
@@ -156,7 +173,7 @@ public abstract class Backend : IDisposable
     {
         Float(dy, "bias_backward", "dy"); Fp32(dbias, "bias_backward", "dbias");
         Len(dbias, dy.Cols, "bias_backward", "dbias");
-        BiasBackwardCore(dy, dbias, accumulate);
+        using (Profiled("bias_backward")) BiasBackwardCore(dy, dbias, accumulate);
     }
 
     protected abstract void BiasBackwardCore(Tensor dy, Tensor dbias, bool accumulate);
@@ -168,7 +185,7 @@ public abstract class Backend : IDisposable
     {
         Float(output, "axpby", "output"); SameAs(a, output, "axpby", "a");
         if (b is not null) SameAs(b, output, "axpby", "b");
-        AxpbyCore(output, a, b, alpha, beta);
+        using (Profiled("axpby")) AxpbyCore(output, a, b, alpha, beta);
     }
 
     public void Add(Tensor output, Tensor a, Tensor b) => Axpby(output, a, b, 1f, 1f);
@@ -182,7 +199,7 @@ public abstract class Backend : IDisposable
         Own(source, "convert"); Own(destination, "convert");
         if (source.Length != destination.Length) throw new ArgumentException($"convert: {source} and {destination} differ in length");
         if (source.DType == DType.I32 || destination.DType == DType.I32) throw new ArgumentException("convert: float tensors only");
-        ConvertCore(source, destination);
+        using (Profiled("convert")) ConvertCore(source, destination);
     }
 
     protected abstract void ConvertCore(Tensor source, Tensor destination);
@@ -194,7 +211,7 @@ public abstract class Backend : IDisposable
     {
         Float(x, "rmsnorm_forward", "x"); SameAs(y, x, "rmsnorm_forward", "y");
         Param(weight, x, "rmsnorm_forward", "weight"); Stat(rstd, x, "rmsnorm_forward", "rstd");
-        RmsNormForwardCore(x, weight, y, rstd, eps);
+        using (Profiled("rms_norm_forward")) RmsNormForwardCore(x, weight, y, rstd, eps);
     }
 
     /// <summary>dx = d/dx, and dweight (+)= sum_t dy * x * rstd (fp32).</summary>
@@ -203,7 +220,7 @@ public abstract class Backend : IDisposable
         Float(x, "rmsnorm_backward", "x"); SameAs(dy, x, "rmsnorm_backward", "dy"); SameAs(dx, x, "rmsnorm_backward", "dx");
         Param(weight, x, "rmsnorm_backward", "weight"); Stat(rstd, x, "rmsnorm_backward", "rstd");
         if (dweight is not null) { Fp32(dweight, "rmsnorm_backward", "dweight"); Len(dweight, x.Cols, "rmsnorm_backward", "dweight"); }
-        RmsNormBackwardCore(dy, x, weight, rstd, dx, dweight, accumulate);
+        using (Profiled("rms_norm_backward")) RmsNormBackwardCore(dy, x, weight, rstd, dx, dweight, accumulate);
     }
 
     protected abstract void RmsNormForwardCore(Tensor x, Tensor weight, Tensor y, Tensor rstd, float eps);
@@ -216,7 +233,7 @@ public abstract class Backend : IDisposable
         Param(weight, x, "layernorm_forward", "weight");
         if (bias is not null) Param(bias, x, "layernorm_forward", "bias");
         Stat(mean, x, "layernorm_forward", "mean"); Stat(rstd, x, "layernorm_forward", "rstd");
-        LayerNormForwardCore(x, weight, bias, y, mean, rstd, eps);
+        using (Profiled("layer_norm_forward")) LayerNormForwardCore(x, weight, bias, y, mean, rstd, eps);
     }
 
     public void LayerNormBackward(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor dx, Tensor? dweight, Tensor? dbias, bool accumulate)
@@ -227,7 +244,7 @@ public abstract class Backend : IDisposable
         if (dweight is not null) { Fp32(dweight, "layernorm_backward", "dweight"); Len(dweight, x.Cols, "layernorm_backward", "dweight"); }
         if (dbias is not null) { Fp32(dbias, "layernorm_backward", "dbias"); Len(dbias, x.Cols, "layernorm_backward", "dbias"); }
         if (dbias is not null && dweight is null) throw new ArgumentException("layernorm_backward: dbias needs dweight");
-        LayerNormBackwardCore(dy, x, weight, mean, rstd, dx, dweight, dbias, accumulate);
+        using (Profiled("layer_norm_backward")) LayerNormBackwardCore(dy, x, weight, mean, rstd, dx, dweight, dbias, accumulate);
     }
 
     protected abstract void LayerNormForwardCore(Tensor x, Tensor weight, Tensor? bias, Tensor y, Tensor mean, Tensor rstd, float eps);
@@ -239,14 +256,14 @@ public abstract class Backend : IDisposable
     public void RopeForward(Tensor x, Tensor positions, Tensor y, float theta)
     {
         CheckRope(x, positions, y, "rope_forward", theta);
-        RopeCore(x, positions, y, theta, forward: true);
+        using (Profiled("rope")) RopeCore(x, positions, y, theta, forward: true);
     }
 
     /// <summary>dx = rotation of dy by the negative angle.</summary>
     public void RopeBackward(Tensor dy, Tensor positions, Tensor dx, float theta)
     {
         CheckRope(dy, positions, dx, "rope_backward", theta);
-        RopeCore(dy, positions, dx, theta, forward: false);
+        using (Profiled("rope")) RopeCore(dy, positions, dx, theta, forward: false);
     }
 
     private void CheckRope(Tensor x, Tensor positions, Tensor y, string op, float theta)
@@ -266,7 +283,7 @@ public abstract class Backend : IDisposable
     public void SwiGluForward(Tensor gate, Tensor up, Tensor y)
     {
         Float(gate, "swiglu_forward", "gate"); SameAs(up, gate, "swiglu_forward", "up"); SameAs(y, gate, "swiglu_forward", "y");
-        SwiGluForwardCore(gate, up, y);
+        using (Profiled("swiglu_forward")) SwiGluForwardCore(gate, up, y);
     }
 
     public void SwiGluBackward(Tensor dy, Tensor gate, Tensor up, Tensor dgate, Tensor dup)
@@ -274,7 +291,7 @@ public abstract class Backend : IDisposable
         Float(gate, "swiglu_backward", "gate");
         SameAs(up, gate, "swiglu_backward", "up"); SameAs(dy, gate, "swiglu_backward", "dy");
         SameAs(dgate, gate, "swiglu_backward", "dgate"); SameAs(dup, gate, "swiglu_backward", "dup");
-        SwiGluBackwardCore(dy, gate, up, dgate, dup);
+        using (Profiled("swiglu_backward")) SwiGluBackwardCore(dy, gate, up, dgate, dup);
     }
 
     protected abstract void SwiGluForwardCore(Tensor gate, Tensor up, Tensor y);
@@ -283,13 +300,13 @@ public abstract class Backend : IDisposable
     public void GeluForward(Tensor x, Tensor y, GeluApproximation approximation)
     {
         Float(x, "gelu_forward", "x"); SameAs(y, x, "gelu_forward", "y");
-        GeluForwardCore(x, y, approximation);
+        using (Profiled("gelu_forward")) GeluForwardCore(x, y, approximation);
     }
 
     public void GeluBackward(Tensor dy, Tensor x, Tensor dx, GeluApproximation approximation)
     {
         Float(x, "gelu_backward", "x"); SameAs(dy, x, "gelu_backward", "dy"); SameAs(dx, x, "gelu_backward", "dx");
-        GeluBackwardCore(dy, x, dx, approximation);
+        using (Profiled("gelu_backward")) GeluBackwardCore(dy, x, dx, approximation);
     }
 
     protected abstract void GeluForwardCore(Tensor x, Tensor y, GeluApproximation approximation);
@@ -299,14 +316,14 @@ public abstract class Backend : IDisposable
     public void SoftmaxForward(Tensor x, Tensor y, float scale = 1f)
     {
         Float(x, "softmax_forward", "x"); SameAs(y, x, "softmax_forward", "y");
-        SoftmaxForwardCore(x, y, scale);
+        using (Profiled("softmax_forward")) SoftmaxForwardCore(x, y, scale);
     }
 
     /// <summary>dx = scale * y * (dy - sum(dy * y)).</summary>
     public void SoftmaxBackward(Tensor dy, Tensor y, Tensor dx, float scale = 1f)
     {
         Float(y, "softmax_backward", "y"); SameAs(dy, y, "softmax_backward", "dy"); SameAs(dx, y, "softmax_backward", "dx");
-        SoftmaxBackwardCore(dy, y, dx, scale);
+        using (Profiled("softmax_backward")) SoftmaxBackwardCore(dy, y, dx, scale);
     }
 
     protected abstract void SoftmaxForwardCore(Tensor x, Tensor y, float scale);
@@ -322,7 +339,7 @@ public abstract class Backend : IDisposable
         Ids(ids, "embedding_forward", "ids");
         SameType(output, table, "embedding_forward", "output");
         if (output.Length != (long)ids.Length * table.Dim(1)) throw new ArgumentException($"embedding_forward: output is {output.ShapeString}, expected [{ids.Length}, {table.Dim(1)}]");
-        EmbeddingForwardCore(table, ids, output);
+        using (Profiled("embedding_forward")) EmbeddingForwardCore(table, ids, output);
     }
 
     /// <summary>dtable[ids[t], :] += doutput[t, :] (scatter-add; dtable is fp32 and is accumulated into).</summary>
@@ -333,7 +350,7 @@ public abstract class Backend : IDisposable
         Ids(ids, "embedding_backward", "ids");
         Float(doutput, "embedding_backward", "doutput");
         if (doutput.Length != (long)ids.Length * dtable.Dim(1)) throw new ArgumentException($"embedding_backward: doutput is {doutput.ShapeString}, expected [{ids.Length}, {dtable.Dim(1)}]");
-        EmbeddingBackwardCore(doutput, ids, dtable);
+        using (Profiled("embedding_backward")) EmbeddingBackwardCore(doutput, ids, dtable);
     }
 
     protected abstract void EmbeddingForwardCore(Tensor table, Tensor ids, Tensor output);
@@ -352,7 +369,7 @@ public abstract class Backend : IDisposable
         Ids(targets, "cross_entropy_forward", "targets");
         if (targets.Length != logits.Rows) throw new ArgumentException($"cross_entropy_forward: targets has {targets.Length} elements, logits has {logits.Rows} rows");
         Stat(logprob, logits, "cross_entropy_forward", "logprob"); Stat(lse, logits, "cross_entropy_forward", "lse");
-        CrossEntropyForwardCore(logits, targets, logprob, lse, ignoreIndex);
+        using (Profiled("cross_entropy_forward")) CrossEntropyForwardCore(logits, targets, logprob, lse, ignoreIndex);
     }
 
     /// <summary>dlogits[t, v] = dlogprob[t] * (1[v == target] - exp(logits[t, v] - lse[t])); dlogits may be logits (in place).</summary>
@@ -362,7 +379,7 @@ public abstract class Backend : IDisposable
         Ids(targets, "cross_entropy_backward", "targets");
         if (targets.Length != logits.Rows) throw new ArgumentException($"cross_entropy_backward: targets has {targets.Length} elements, logits has {logits.Rows} rows");
         Stat(lse, logits, "cross_entropy_backward", "lse"); Stat(dlogprob, logits, "cross_entropy_backward", "dlogprob");
-        CrossEntropyBackwardCore(logits, targets, lse, dlogprob, dlogits, ignoreIndex);
+        using (Profiled("cross_entropy_backward")) CrossEntropyBackwardCore(logits, targets, lse, dlogprob, dlogits, ignoreIndex);
     }
 
     protected abstract void CrossEntropyForwardCore(Tensor logits, Tensor targets, Tensor logprob, Tensor lse, int ignoreIndex);
@@ -386,10 +403,10 @@ public abstract class Backend : IDisposable
             if (!TiledHeadDims.Contains(q.Dim(2)))
                 throw new ArgumentException($"attention_forward: the tiled variant takes head dims {string.Join(", ", TiledHeadDims)}, not {q.Dim(2)}; use AttentionVariant.RowWise");
             CheckTiledAttention(q);
-            TiledAttentionForwardCore(q, k, v, sequences, output, lse, scale, causal);
+            using (Profiled("tiled_attention_forward")) TiledAttentionForwardCore(q, k, v, sequences, output, lse, scale, causal);
             return;
         }
-        AttentionForwardCore(q, k, v, sequences, output, lse, scale, causal);
+        using (Profiled("attention_forward")) AttentionForwardCore(q, k, v, sequences, output, lse, scale, causal);
     }
 
     /// <summary>Which attention forward schedule runs (backward is the same for both: it reads the saved lse).</summary>
@@ -420,10 +437,10 @@ public abstract class Backend : IDisposable
             if (!TiledHeadDims.Contains(q.Dim(2)))
                 throw new ArgumentException($"attention_backward: the tiled variant takes head dims {string.Join(", ", TiledHeadDims)}, not {q.Dim(2)}; use AttentionVariant.RowWise");
             CheckTiledAttention(q);
-            TiledAttentionBackwardCore(dout, q, k, v, output, lse, sequences, dq, dk, dv, scale, causal);
+            using (Profiled("tiled_attention_backward")) TiledAttentionBackwardCore(dout, q, k, v, output, lse, sequences, dq, dk, dv, scale, causal);
             return;
         }
-        AttentionBackwardCore(dout, q, k, v, output, lse, sequences, dq, dk, dv, scale, causal);
+        using (Profiled("attention_backward")) AttentionBackwardCore(dout, q, k, v, output, lse, sequences, dq, dk, dv, scale, causal);
     }
 
     /// <summary>Largest head dim the attention kernels take (32 lanes x 8 elements).</summary>
@@ -455,7 +472,7 @@ public abstract class Backend : IDisposable
         if (source.Rows != rows.Length || source.Cols != destination.Cols || rows.Bound > destination.Rows)
             throw new ArgumentException($"scatter_rows: source {source.ShapeString}, {rows.Length} rows below {rows.Bound}, destination {destination.ShapeString} do not fit");
         Own(rows.Device, "scatter_rows");
-        if (rows.Length > 0) ScatterRowsCore(source, rows, destination);
+        if (rows.Length > 0) using (Profiled("scatter_rows")) ScatterRowsCore(source, rows, destination);
     }
 
     /// <summary>destination[r, :] = source[rows[r], :] (an embedding lookup with a validated index).</summary>
@@ -471,7 +488,7 @@ public abstract class Backend : IDisposable
     public void ScaleColumns(Tensor x, Tensor scale, Tensor y)
     {
         Float(x, "scale_columns", "x"); SameAs(y, x, "scale_columns", "y"); Param(scale, x, "scale_columns", "scale");
-        ScaleColumnsCore(x, scale, y);
+        using (Profiled("scale_columns")) ScaleColumnsCore(x, scale, y);
     }
 
     /// <summary>dscale[c] (+)= sum_t dy[t, c] * x[t, c] (fp32).</summary>
@@ -479,7 +496,7 @@ public abstract class Backend : IDisposable
     {
         Float(x, "scale_columns_backward", "x"); SameAs(dy, x, "scale_columns_backward", "dy");
         Fp32(dscale, "scale_columns_backward", "dscale"); Len(dscale, x.Cols, "scale_columns_backward", "dscale");
-        ScaleColumnsBackwardCore(dy, x, dscale, accumulate);
+        using (Profiled("scale_columns_backward")) ScaleColumnsBackwardCore(dy, x, dscale, accumulate);
     }
 
     protected abstract void ScaleColumnsCore(Tensor x, Tensor scale, Tensor y);
@@ -499,7 +516,7 @@ public abstract class Backend : IDisposable
         if (!slots.Distinct || slots.Length != k.Dim(0) || slots.Bound > kCache.Dim(0))
             throw new ArgumentException($"kv_append: {slots.Length} distinct slots below {kCache.Dim(0)} are needed for {k.Dim(0)} tokens");
         Own(slots.Device, "kv_append");
-        if (k.Dim(0) > 0) KvAppendCore(k, v, slots, kCache, vCache);
+        if (k.Dim(0) > 0) using (Profiled("kv_append")) KvAppendCore(k, v, slots, kCache, vCache);
     }
 
     /// <summary>
@@ -517,7 +534,7 @@ public abstract class Backend : IDisposable
         if (kCache.Dim(0) % batch.BlockSize != 0) throw new ArgumentException($"paged_attention_decode: {kCache.Dim(0)} cache slots are not whole blocks of {batch.BlockSize}");
         if (splitBlocks < 1) throw new ArgumentOutOfRangeException(nameof(splitBlocks), "split size must be at least one block");
         Own(batch.Tables, "paged_attention_decode");
-        PagedAttentionDecodeCore(q, kCache, vCache, batch, output, scale, splitBlocks);
+        using (Profiled("paged_attention_decode")) PagedAttentionDecodeCore(q, kCache, vCache, batch, output, scale, splitBlocks);
     }
 
     protected abstract void KvAppendCore(Tensor k, Tensor v, RowIndex slots, Tensor kCache, Tensor vCache);
@@ -570,7 +587,7 @@ public abstract class Backend : IDisposable
         Ids(targets, "chunk_lse_update", "targets");
         if (chunk.Rank != 2 || targets.Length != chunk.Rows) throw new ArgumentException($"chunk_lse_update: chunk {chunk.ShapeString} and {targets.Length} targets differ in rows");
         Stat(m, chunk, "chunk_lse_update", "m"); Stat(s, chunk, "chunk_lse_update", "s"); Stat(targetLogit, chunk, "chunk_lse_update", "target_logit");
-        if (chunk.Rows > 0) ChunkLseUpdateCore(chunk, targets, colOffset, inverseTemperature, m, s, targetLogit);
+        if (chunk.Rows > 0) using (Profiled("chunk_lse_update")) ChunkLseUpdateCore(chunk, targets, colOffset, inverseTemperature, m, s, targetLogit);
     }
 
     /// <summary>Per-token GRPO loss, d loss / d logprob and logprob from the running log-sum-exp; all [T] fp32.</summary>
@@ -587,7 +604,7 @@ public abstract class Backend : IDisposable
         if (refLogp is not null) { Fp32(refLogp, "grpo_token_loss", "ref_logp"); Len(refLogp, targets.Length, "grpo_token_loss", "ref_logp"); }
         if (settings.Kl != KlEstimator.None && refLogp is null) throw new ArgumentException("grpo_token_loss: a KL penalty needs reference log-probs");
         if (!(settings.EpsLow >= 0 && settings.EpsLow < 1 && settings.EpsHigh >= 0)) throw new ArgumentException("grpo_token_loss: need 0 <= eps_low < 1 and eps_high >= 0");
-        if (targets.Length > 0) GrpoTokenLossCore(m, s, targetLogit, targets, oldLogp, refLogp, advantage, weight, settings, loss, dlogp, logp);
+        if (targets.Length > 0) using (Profiled("grpo_token_loss")) GrpoTokenLossCore(m, s, targetLogit, targets, oldLogp, refLogp, advantage, weight, settings, loss, dlogp, logp);
     }
 
     /// <summary>Turns a recomputed logits chunk into d loss / d logits in place: dlogp / T (1[v == target] - p).</summary>
@@ -596,7 +613,7 @@ public abstract class Backend : IDisposable
         Float(chunk, "chunk_logit_grad", "chunk");
         Ids(targets, "chunk_logit_grad", "targets");
         Stat(m, chunk, "chunk_logit_grad", "m"); Stat(s, chunk, "chunk_logit_grad", "s"); Stat(dlogp, chunk, "chunk_logit_grad", "dlogp");
-        if (chunk.Rows > 0) ChunkLogitGradCore(chunk, m, s, targets, dlogp, colOffset, inverseTemperature);
+        if (chunk.Rows > 0) using (Profiled("chunk_logit_grad")) ChunkLogitGradCore(chunk, m, s, targets, dlogp, colOffset, inverseTemperature);
     }
 
     protected abstract void ChunkLseUpdateCore(Tensor chunk, Tensor targets, int colOffset, float inverseTemperature, Tensor m, Tensor s, Tensor targetLogit);
@@ -620,7 +637,7 @@ public abstract class Backend : IDisposable
             if (workingCopy.DType != DType.BF16 || workingCopy.Length != master.Length) throw new ArgumentException($"adamw: working copy is {workingCopy}, expected {master.Length} bf16 elements");
         }
         if (step < 1) throw new ArgumentOutOfRangeException(nameof(step), "adamw: step counts from 1");
-        AdamWCore(master, grad, m, v, workingCopy, s, step, gradScale);
+        using (Profiled("adamw")) AdamWCore(master, grad, m, v, workingCopy, s, step, gradScale);
     }
 
     protected abstract void AdamWCore(Tensor master, Tensor grad, Tensor m, Tensor v, Tensor? workingCopy, AdamWSettings s, int step, float gradScale);

@@ -9,7 +9,14 @@ namespace R1V2.Native.Trainer.Bench;
 /// <summary>Result of timing training steps of one config and batch shape.</summary>
 public sealed record StepTiming(string Config, string Backend, string Trainable, int Sequences, int TokensPerSequence, int Tiles, int Steps,
     double MedianSeconds, double TokensPerSecond, double ModelTflopsPerStep, double AchievedTflops, double? Mfu,
-    long PeakBytes, long EstimatedBytes, double PeakOverEstimate);
+    long PeakBytes, long EstimatedBytes, double PeakOverEstimate)
+{
+    /// <summary>With profiling: each op's calls and synchronized milliseconds per step, the most expensive first.</summary>
+    public IReadOnlyList<OpProfile.Entry>? Ops { get; init; }
+
+    /// <summary>With profiling: the profiled step's wall time (longer than <see cref="MedianSeconds"/>: every op synchronizes).</summary>
+    public double? ProfiledStepMilliseconds { get; init; }
+}
 
 /// <summary>
 /// Times forward + backward + AdamW steps of a randomly initialised VLM on a synthetic packed batch (text with image
@@ -19,7 +26,7 @@ public sealed record StepTiming(string Config, string Backend, string Trainable,
 public static class StepBenchmark
 {
     public static StepTiming Run(Backend backend, VlmConfig config, string configName, StepShape shape, TrainableParts trainable, int steps,
-        double? peakFlops, int imageContextId = 261)
+        double? peakFlops, int imageContextId = 261, bool profile = false)
     {
         using var store = new ParameterStore(backend, config, trainable, (n, s) => VlmWeights.RandomInit(config, n, s, 1));
         using var model = new VisionLanguageModel(backend, config, store, imageContextId);
@@ -36,13 +43,30 @@ public static class StepBenchmark
             if (i > 0) times.Add(sw.Elapsed.TotalSeconds);
         }
         times.Sort();
+        IReadOnlyList<OpProfile.Entry>? ops = null;
+        double? profiledStep = null;
+        if (profile)
+        {
+            var p = backend.StartProfiling();
+            var sw = Stopwatch.StartNew();
+            for (int i = 0; i < steps; i++)
+            {
+                opt.ZeroGrad();
+                using (var pass = model.Forward(batch)) model.Backward(pass);
+                opt.Step(1e-4f);
+            }
+            backend.Synchronize();
+            backend.StopProfiling();
+            profiledStep = sw.Elapsed.TotalMilliseconds / steps;
+            ops = [.. p.Entries.Select(e => e with { Calls = e.Calls / steps, Milliseconds = e.Milliseconds / steps })];
+        }
         double median = times[times.Count / 2];
         double flops = StepCost.TrainingFlops(config, shape);
         var estimate = StepCost.TrainingMemory(config, shape, trainable, backend.ActivationType);
         long peak = backend.Memory.PeakBytesInUse;
         return new StepTiming(configName, backend.Name, trainable.ToString(), shape.SequenceLengths.Length, shape.SequenceLengths[0], shape.Tiles, steps,
             median, shape.TextTokens / median, flops / 1e12, flops / median / 1e12, peakFlops is null ? null : flops / median / peakFlops,
-            peak, estimate.Total, (double)peak / estimate.Total);
+            peak, estimate.Total, (double)peak / estimate.Total) { Ops = ops, ProfiledStepMilliseconds = profiledStep };
     }
 
     /// <summary>Sequences of <c>TokensPerSequence</c> tokens, each starting with its image tiles' context tokens.</summary>

@@ -1,10 +1,23 @@
+using R1V2.Native.Engine.Backends.Cpu;
+
 namespace R1V2.Native.Tests.Ops;
 
-/// <summary>kernels/attention.cu through its ILGPU twin: packed sequences, GQA, causal and bidirectional.</summary>
+/// <summary>
+/// Row-wise attention on the CPU backend, both paths: kernels/attention.cu through its ILGPU twin (twins = true) and
+/// the SIMD host path (the default): packed sequences, GQA, causal and bidirectional.
+/// </summary>
 [Collection("cpu")]
 public sealed class AttentionTests(CpuFixture fx)
 {
-    private readonly Backend _b = fx.Backend;
+    private readonly CpuBackend _b = fx.Backend;
+
+    private T With<T>(bool twins, Func<T> body)
+    {
+        bool before = _b.AttentionTwins;
+        _b.AttentionTwins = twins;
+        try { return body(); }
+        finally { _b.AttentionTwins = before; }
+    }
     private static readonly int[] Cu = [0, 3, 3, 7, 8]; // sequences of 3, 0, 4 and 1 tokens
     private const int Heads = 4, KvHeads = 2, Dim = 8;
     private static readonly float Scale = 1f / MathF.Sqrt(Dim);
@@ -29,12 +42,14 @@ public sealed class AttentionTests(CpuFixture fx)
     }
 
     [Theory]
-    [InlineData(true)]
-    [InlineData(false)]
-    public void AttentionForward_MatchesDoubleReference_PackedGqa(bool causal)
+    [InlineData(true, true)]
+    [InlineData(false, true)]
+    [InlineData(true, false)]
+    [InlineData(false, false)]
+    public void AttentionForward_MatchesDoubleReference_PackedGqa(bool causal, bool twins)
     {
         var (q, k, v) = Inputs();
-        var (o, lse) = Forward(q, k, v, causal);
+        var (o, lse) = With(twins, () => Forward(q, k, v, causal));
         var expected = Reference.Attention(TestData.ToDouble(q), TestData.ToDouble(k), TestData.ToDouble(v), Cu, Heads, KvHeads, Dim, Scale, causal);
         Check.Close(expected, o, 1e-6, 1e-5, "o");
         // The first token of a causal sequence attends only to itself: o = v of its kv head, lse = its own score.
@@ -49,9 +64,11 @@ public sealed class AttentionTests(CpuFixture fx)
     }
 
     [Theory]
-    [InlineData(true)]
-    [InlineData(false)]
-    public void AttentionBackward_MatchesDoubleReferenceGradients(bool causal)
+    [InlineData(true, true)]
+    [InlineData(false, true)]
+    [InlineData(true, false)]
+    [InlineData(false, false)]
+    public void AttentionBackward_MatchesDoubleReferenceGradients(bool causal, bool twins) => With(twins, () =>
     {
         var (q, k, v) = Inputs();
         int t = Cu[^1];
@@ -75,6 +92,40 @@ public sealed class AttentionTests(CpuFixture fx)
         Check.Close(Reference.Gradient(x => Loss(qd, x, vd), kd), dk.ToFloatArray(), 1e-5, 1e-4, "dk");
         Check.Close(Reference.Gradient(x => Loss(qd, kd, x), vd), dv.ToFloatArray(), 1e-5, 1e-4, "dv");
         FiniteDifference.CheckGradient(x => FiniteDifference.Dot(r, Forward(x, k, v, causal).O), q, dq.ToFloatArray(), "dq (backend fd)");
+        return 0;
+    });
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void HostPath_EqualsTheTwin_OnLongerSequences(bool causal)
+    {
+        // 3 sequences of 37, 64 and 5 tokens (enough work for the parallel path), 8 heads over 2 kv heads, D = 24.
+        int[] cu = [0, 37, 101, 106];
+        const int h = 8, hk = 2, d = 24;
+        int t = cu[^1];
+        var q = TestData.Uniform(11, t * h * d, 2f); var k = TestData.Uniform(12, t * hk * d, 2f); var v = TestData.Uniform(13, t * hk * d);
+        var dO = TestData.Uniform(14, t * h * d);
+        float[][] Run(bool twins) => With(twins, () =>
+        {
+            using var seq = _b.Sequences(cu);
+            using var tq = _b.FromArray(q, DType.F32, [t, h, d]);
+            using var tk = _b.FromArray(k, DType.F32, [t, hk, d]);
+            using var tv = _b.FromArray(v, DType.F32, [t, hk, d]);
+            using var o = _b.Allocate(DType.F32, t, h, d);
+            using var lse = _b.Allocate(DType.F32, t, h);
+            _b.AttentionForward(tq, tk, tv, seq, o, lse, 0.2f, causal);
+            using var tdo = _b.FromArray(dO, DType.F32, [t, h, d]);
+            using var dq = _b.Allocate(DType.F32, t, h, d);
+            using var dk = _b.Allocate(DType.F32, t, hk, d);
+            using var dv = _b.Allocate(DType.F32, t, hk, d);
+            _b.AttentionBackward(tdo, tq, tk, tv, o, lse, seq, dq, dk, dv, 0.2f, causal);
+            return new[] { o.ToFloatArray(), lse.ToFloatArray(), dq.ToFloatArray(), dk.ToFloatArray(), dv.ToFloatArray() };
+        });
+        var twin = Run(true);
+        var host = Run(false);
+        string[] names = ["o", "lse", "dq", "dk", "dv"];
+        for (int i = 0; i < names.Length; i++) Check.Close(twin[i], host[i], 1e-5, 1e-4, names[i]);
     }
 
     [Fact]

@@ -26,8 +26,8 @@ public sealed unsafe class CpuBackend : Backend
     private readonly Action<Index1D, ArrayView<float>, ArrayView<ushort>, int> _fromBf16;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, int> _biasAdd;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, int, int> _biasBackward;
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float> _rmsForward;
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _rmsBackward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, float, int> _rmsForward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int> _rmsBackward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int> _rmsBackwardWeight;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, float> _lnForward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _lnBackward;
@@ -91,8 +91,8 @@ public sealed unsafe class CpuBackend : Backend
         _fromBf16 = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<ushort>, int>(ElementwiseKernels.ConvertBf16ToF32);
         _biasAdd = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, int>(BiasKernels.Add);
         _biasBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, int, int>(BiasKernels.Backward);
-        _rmsForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float>(RmsNormKernels.Forward);
-        _rmsBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(RmsNormKernels.Backward);
+        _rmsForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, float, int>(RmsNormKernels.Forward);
+        _rmsBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int>(RmsNormKernels.Backward);
         _rmsBackwardWeight = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int>(RmsNormKernels.BackwardWeight);
         _lnForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, float>(LayerNormKernels.Forward);
         _lnBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(LayerNormKernels.Backward);
@@ -129,6 +129,12 @@ public sealed unsafe class CpuBackend : Backend
         _chunkGrad = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, int, int, float>(GrpoLossKernels.ChunkLogitGrad);
         _sumPartials = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, int>(GradNormKernels.SumPartials);
     }
+
+    /// <summary>
+    /// Run row-wise attention through the ILGPU twins of kernels/attention.cu (what the twin tests check) instead of the
+    /// SIMD host path <see cref="CpuAttention"/> (the default: the same results, 5-10x faster on a CPU).
+    /// </summary>
+    public bool AttentionTwins { get; set; }
 
     public override string Name => "cpu";
     public override DType ActivationType => DType.F32;
@@ -221,14 +227,18 @@ public sealed unsafe class CpuBackend : Backend
         }
     }
 
-    protected override void RmsNormForwardCore(Tensor x, Tensor weight, Tensor y, Tensor rstd, float eps) =>
-        _rmsForward(x.Rows, F(y), F(rstd), F(x), F(weight), x.Cols, eps);
+    protected override void RmsNormForwardCore(Tensor x, Tensor weight, Tensor y, Tensor rstd, float eps)
+    {
+        int g = Grid(x.Rows);
+        _rmsForward(g, F(y), F(rstd), F(x), F(weight), x.Rows, x.Cols, eps, g);
+    }
 
     protected override void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight, bool accumulate)
     {
         // The weight gradient reads dy before dx is written (dx may alias dy).
         if (dweight is not null) _rmsBackwardWeight(x.Cols, F(dweight), F(dy), F(x), F(rstd), x.Rows, x.Cols, accumulate ? 1 : 0);
-        _rmsBackward(x.Rows, F(dx), F(dy), F(x), F(weight), F(rstd), x.Cols);
+        int g = Grid(x.Rows);
+        _rmsBackward(g, F(dx), F(dy), F(x), F(weight), F(rstd), x.Rows, x.Cols, g);
     }
 
     protected override void LayerNormForwardCore(Tensor x, Tensor weight, Tensor? bias, Tensor y, Tensor mean, Tensor rstd, float eps) =>
@@ -324,6 +334,12 @@ public sealed unsafe class CpuBackend : Backend
     protected override void AttentionForwardCore(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, float scale, bool causal)
     {
         if (q.Dim(0) == 0) return;
+        if (!AttentionTwins)
+        {
+            CpuAttention.Forward((float*)Pointer(q), (float*)Pointer(k), (float*)Pointer(v), (float*)Pointer(output), (float*)Pointer(lse), sequences.Host,
+                q.Dim(1), k.Dim(1), q.Dim(2), scale, causal);
+            return;
+        }
         _attnForward(q.Dim(0) * q.Dim(1), F(output), F(lse), F(q), F(k), F(v), I(sequences.Device), AttnArgs(q, k, sequences, scale, causal));
     }
 
@@ -348,6 +364,12 @@ public sealed unsafe class CpuBackend : Backend
         Tensor dq, Tensor dk, Tensor dv, float scale, bool causal)
     {
         if (q.Dim(0) == 0) return;
+        if (!AttentionTwins)
+        {
+            CpuAttention.Backward((float*)Pointer(dout), (float*)Pointer(q), (float*)Pointer(k), (float*)Pointer(v), (float*)Pointer(output), (float*)Pointer(lse),
+                (float*)Pointer(dq), (float*)Pointer(dk), (float*)Pointer(dv), sequences.Host, q.Dim(1), k.Dim(1), q.Dim(2), scale, causal);
+            return;
+        }
         var a = AttnArgs(q, k, sequences, scale, causal);
         using var delta = Allocate(DType.F32, q.Dim(0), q.Dim(1));
         _attnDelta(q.Dim(0) * q.Dim(1), F(delta), F(output), F(dout), q.Dim(2));

@@ -2,12 +2,20 @@ using ILGPU;
 
 namespace R1V2.Native.Engine.Backends.Cpu;
 
-/// <summary>ILGPU twins of kernels/rmsnorm.cu: one thread per row (the CUDA kernels use a block per row).</summary>
+/// <summary>
+/// ILGPU twins of kernels/rmsnorm.cu: rows in a grid-stride loop, each row by one thread (the CUDA kernels use a block
+/// per row); the weight gradient one thread per column.
+/// </summary>
 internal static class RmsNormKernels
 {
-    public static void Forward(Index1D row, ArrayView<float> y, ArrayView<float> rstd, ArrayView<float> x, ArrayView<float> w, int cols, float eps)
+    public static void Forward(Index1D t, ArrayView<float> y, ArrayView<float> rstd, ArrayView<float> x, ArrayView<float> w, int rows, int cols, float eps, int threads)
     {
-        long b = (long)row.X * cols;
+        for (int row = t; row < rows; row += threads) ForwardRow(row, y, rstd, x, w, cols, eps);
+    }
+
+    private static void ForwardRow(int row, ArrayView<float> y, ArrayView<float> rstd, ArrayView<float> x, ArrayView<float> w, int cols, float eps)
+    {
+        long b = (long)row * cols;
         float ss = 0f;
         for (int c = 0; c < cols; c++) { float v = x[b + c]; ss += v * v; }
         float r = 1f / MathF.Sqrt(ss / cols + eps);
@@ -16,9 +24,15 @@ internal static class RmsNormKernels
     }
 
     /// <summary>dx = rstd * (g - xhat * mean(g * xhat)), g = w * dy.</summary>
-    public static void Backward(Index1D row, ArrayView<float> dx, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> w, ArrayView<float> rstd, int cols)
+    public static void Backward(Index1D t, ArrayView<float> dx, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> w, ArrayView<float> rstd,
+        int rows, int cols, int threads)
     {
-        long b = (long)row.X * cols;
+        for (int row = t; row < rows; row += threads) BackwardRow(row, dx, dy, x, w, rstd, cols);
+    }
+
+    private static void BackwardRow(int row, ArrayView<float> dx, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> w, ArrayView<float> rstd, int cols)
+    {
+        long b = (long)row * cols;
         float r = rstd[row];
         float dot = 0f;
         for (int c = 0; c < cols; c++) dot += w[c] * dy[b + c] * x[b + c] * r;

@@ -1,0 +1,30 @@
+using R1V2.Native.Engine.Backends.Cpu;
+using R1V2.Native.Engine.Models;
+using R1V2.Native.Trainer.Bench;
+
+namespace R1V2.Native.Tests.Models;
+
+/// <summary>Per-op profiling of a training step (`engine bench model --profile`).</summary>
+public sealed class StepProfileTests
+{
+    [Fact]
+    public void ProfiledStep_CountsEveryOpOfTheModel_AndTheirTimesFitInTheStep()
+    {
+        var config = VlmConfig.Load(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"));
+        using var b = new CpuBackend();
+        var t = StepBenchmark.Run(b, config, "tiny", StepShape.Uniform(2, 48, 1), TrainableParts.All, steps: 2, peakFlops: null, profile: true);
+        var ops = t.Ops!.ToDictionary(o => o.Op);
+        int vit = config.Vision.NumLayers, llm = config.Llm.NumLayers;
+        // One attention forward and backward per layer of either tower, every step.
+        Assert.Equal(vit + llm, ops["attention_forward"].Calls);
+        Assert.Equal(vit + llm, ops["attention_backward"].Calls);
+        Assert.Equal(1, ops["cross_entropy_forward"].Calls);
+        Assert.True(ops["gemm"].Calls >= 4 * (vit + llm), $"{ops["gemm"].Calls} GEMMs");
+        Assert.All(t.Ops!, o => Assert.True(o.Milliseconds >= 0));
+        Assert.True(t.Ops!.Sum(o => o.Milliseconds) <= t.ProfiledStepMilliseconds!.Value * 1.001, "op times exceed the step");
+        Assert.Equal(t.Ops!.OrderByDescending(o => o.Milliseconds).Select(o => o.Op), t.Ops!.Select(o => o.Op));
+        Assert.Null(b.Profile); // profiling ends with the benchmark
+        var plain = StepBenchmark.Run(b, config, "tiny", StepShape.Uniform(2, 48, 1), TrainableParts.All, steps: 1, peakFlops: null);
+        Assert.Null(plain.Ops);
+    }
+}
