@@ -196,6 +196,39 @@ public sealed class VisionLanguageModel : IDisposable
         return embeddings;
     }
 
+    /// <summary>The adapter's image tokens of some tiles, kept for <see cref="BackwardImage"/> (vision pretraining).</summary>
+    public sealed class ImagePass : IDisposable
+    {
+        internal VisionEncoder.State Vit = null!;
+        internal VisionAdapter.State Adapter = null!;
+
+        /// <summary>[tiles x tokens per tile, D]: what the LLM reads at the &lt;IMG_CONTEXT&gt; rows, in the same order.</summary>
+        public Tensor Tokens => Adapter.Output;
+
+        public void Dispose()
+        {
+            Adapter?.Dispose();
+            Vit?.Dispose();
+        }
+    }
+
+    /// <summary>ViT and adapter forward alone: pixels [tiles, 3, S, S] -> image tokens.</summary>
+    public ImagePass ForwardImage(float[] pixels, int tiles)
+    {
+        var pass = new ImagePass { Vit = _vit.Forward(pixels, tiles) };
+        pass.Adapter = _adapter.Forward(pass.Vit.Output, tiles);
+        return pass;
+    }
+
+    /// <summary>Gradients of the trainable ViT and adapter parameters from d loss / d image tokens.</summary>
+    public void BackwardImage(ImagePass pass, Tensor dTokens)
+    {
+        if (!AdapterTrainable && !VitTrainable) return;
+        var dVit = _adapter.Backward(pass.Adapter, dTokens, inputGradient: VitTrainable);
+        if (dVit is null) return;
+        using (dVit) _vit.Backward(pass.Vit, dVit);
+    }
+
     /// <summary>Plain token embeddings (decode steps: a generated &lt;IMG_CONTEXT&gt; is an ordinary token there).</summary>
     public Tensor EmbedTokens(int[] ids)
     {

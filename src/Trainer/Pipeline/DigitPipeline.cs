@@ -24,6 +24,9 @@ public sealed record PipelineSettings
     public string? ModelConfig { get; init; }
     public int TrainScenes { get; init; } = 3000;
     public int HeldOutScenes { get; init; } = 200;
+    public int VisionSteps { get; init; } = 200;
+    public int VisionBatch { get; init; } = 32;
+    public float VisionLr { get; init; } = 3e-3f;
     public int SftSteps { get; init; } = 150;
     public int SftBatch { get; init; } = 16;
     public float SftLr { get; init; } = 3e-3f;
@@ -87,7 +90,33 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             ModelFactory.Init(configPath, init, s.Seed, Dir("data", "train", "sft.jsonl"));
 
         var stages = new List<StageResult>();
-        // 3. SFT.
+        // 3. Vision pretraining: the ViT and adapter learn to see the digits before SFT.
+        var visionOut = Dir("vision");
+        VisionPretrainResult? vision = null;
+        if (s.VisionSteps > 0)
+        {
+            if (!Directory.Exists(Path.Combine(visionOut, "final")))
+            {
+                using var vlmInit = VisionLanguageModel.Load(backend, init, TrainableParts.AdapterAndVit);
+                vision = VisionPretraining.Run(vlmInit, new DigitScenes(digits, DigitSplit.Train, canvas), new DigitScenes(digits, DigitSplit.HeldOut, canvas),
+                    new VisionPretrainSettings(s.VisionSteps, s.VisionBatch, s.VisionLr, s.Seed), (step, _) => progress?.Invoke("vision", step / (double)s.VisionSteps), cancel,
+                    DigitProbeRows(vlmInit, TextTokenizer.Load(init), s.Seed));
+                if (cancel.IsCancellationRequested) throw new OperationCanceledException("interrupted during vision pretraining");
+                Directory.CreateDirectory(visionOut);
+                File.WriteAllText(Path.Combine(visionOut, "summary.json"), JsonSerializer.Serialize(vision, new JsonSerializerOptions { WriteIndented = true }));
+                RunCheckpoints.SaveFinal(visionOut, dir =>
+                {
+                    vlmInit.Save(dir);
+                    foreach (var f in Directory.GetFiles(init, "tokenizer*.json")) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+                });
+            }
+            else vision = JsonSerializer.Deserialize<VisionPretrainResult>(File.ReadAllText(Path.Combine(visionOut, "summary.json")));
+            _log(string.Format(CultureInfo.InvariantCulture, "vision: {0} steps; held-out cells read right {1:F3} (cells with a digit {2:F3})",
+                s.VisionSteps, vision!.HeldOutTokenAccuracy, vision.HeldOutDigitAccuracy));
+            init = Path.Combine(visionOut, "final");
+        }
+
+        // 4. SFT.
         var sftOut = Dir("sft");
         if (!Directory.Exists(Path.Combine(sftOut, "final")))
         {
@@ -98,7 +127,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         var sftModel = Path.Combine(sftOut, "final");
         stages.Add(Evaluate("sft", sftModel));
 
-        // 4. Preference pairs from the SFT model, scored by rule + format.
+        // 5. Preference pairs from the SFT model, scored by rule + format.
         var pairsPath = Dir("data", "pairs.jsonl");
         if (!File.Exists(pairsPath)) BuildPairs(sftModel, pairsPath);
         int pairs = File.ReadAllLines(pairsPath).Length;
@@ -109,7 +138,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         string mpoModel = sftModel;
         if (pairs >= 4)
         {
-            // 5. Reward model.
+            // 6. Reward model.
             var rmOut = Dir("rm");
             if (!Directory.Exists(Path.Combine(rmOut, "final")))
             {
@@ -118,7 +147,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             }
             rmModel = Path.Combine(rmOut, "final");
             rmAccuracy = JsonSerializer.Deserialize<PreferenceSummary>(File.ReadAllText(Path.Combine(rmOut, "summary.json")))!.HeldOutAccuracy;
-            // 6. MPO.
+            // 7. MPO.
             var mpoOut = Dir("mpo");
             if (!Directory.Exists(Path.Combine(mpoOut, "final")))
             {
@@ -130,7 +159,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         }
         else _log($"only {pairs} pairs passed the margin: the reward model and MPO are skipped, GRPO starts from the SFT model");
 
-        // 7. GRPO with and without the Selective Sample Buffer, same seed and budget.
+        // 8. GRPO with and without the Selective Sample Buffer, same seed and budget.
         var with = RunGrpo("grpo", mpoModel, rmModel, buffer: true, progress, cancel);
         var without = RunGrpo("grpo-no-ssb", mpoModel, rmModel, buffer: false, progress, cancel);
         stages.Add(Evaluate("grpo", with.Model));
@@ -140,6 +169,27 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         File.WriteAllText(Dir("summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
         WriteSummary(summary);
         return summary;
+    }
+
+    /// <summary>
+    /// The probe of vision pretraining: the LLM's input embeddings of the tokens "0" to "9" and, for an empty cell, a
+    /// random vector of the same scale, so the adapter learns to hand the LLM each digit as the embedding of its word.
+    /// </summary>
+    private static float[] DigitProbeRows(VisionLanguageModel model, TextTokenizer tokenizer, int seed)
+    {
+        var embed = model.Parameters["language_model.model.embed_tokens.weight"].Value.ToFloatArray();
+        int d = model.Config.Llm.HiddenSize;
+        var rows = new float[VisionPretraining.Classes * d];
+        for (int digit = 0; digit < 10; digit++)
+        {
+            var ids = tokenizer.Encode(digit.ToString(CultureInfo.InvariantCulture));
+            if (ids.Length != 1) throw new InvalidOperationException($"the tokenizer splits \"{digit}\" into {ids.Length} tokens");
+            Array.Copy(embed, (long)ids[0] * d, rows, digit * d, d);
+        }
+        var rng = new Random(Engine.Seeds.ForRandom(seed, Engine.Seeds.Hash("vision_probe_empty")));
+        double scale = Math.Sqrt(rows.Take(10 * d).Average(x => (double)x * x));
+        for (int i = 0; i < d; i++) rows[VisionPretraining.Empty * d + i] = (float)((rng.NextDouble() * 2 - 1) * Math.Sqrt(3) * scale);
+        return rows;
     }
 
     private string[] PreferenceOverrides() =>

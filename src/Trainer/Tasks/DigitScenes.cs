@@ -19,6 +19,9 @@ public static class DigitQuestionTypes
 /// <param name="Sources">The <see cref="DigitImage"/> drawn for each digit (its split and source index), for audits.</param>
 public sealed record DigitTaskItem(string Question, string Answer, DigitQuestionType Type, int[] Digits, byte[] Canvas, int CanvasSize, DigitImage[] Sources)
 {
+    /// <summary>The digit in each cell of the layout grid, row by row (<see cref="DigitScenes.GridCells"/> squared; -1: empty).</summary>
+    public int[] Cells { get; init; } = [];
+
     /// <summary>
     /// A templated reasoning trace ending in the answer, as the model writes it after the generation prompt (which
     /// opens <c>&lt;think&gt;</c>): first what the image shows ("I see the digits 5, 7." left to
@@ -49,7 +52,8 @@ public sealed record DigitTaskItem(string Question, string Answer, DigitQuestion
 
 /// <summary>
 /// Composes scenes of 1 to <c>maxDigits</c> handwritten digits from one split of <see cref="MnistDigits"/> on a square
-/// canvas (each digit scaled, placed at a random height, left to right without overlap) and asks a verifiable question:
+/// canvas (each digit scaled and placed at random in its own cell of a 4 x 4 grid, in distinct columns, so left to right
+/// is well defined) and asks a verifiable question:
 /// the sum, the largest digit, how many times a digit appears, whether a digit is present, or the digits from left to
 /// right. Everything is drawn from the caller's seeded <see cref="Random"/>, so a seed gives the same items.
 /// </summary>
@@ -60,19 +64,23 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
     /// <summary>Where a trace says what it sees ("I see the digits 5, 7"): the digits it claims, for the grounding check.</summary>
     public const string ClaimPattern = @"I see the digits? ([0-9](?:, [0-9])*)";
 
+    /// <summary>Cells per side of the layout grid.</summary>
+    public const int GridCells = 4;
+
     public int CanvasSize => canvasSize;
     public DigitSplit Split => split;
 
     public DigitTaskItem Sample(Random rng, DigitQuestionType? type = null)
     {
-        if (canvasSize < 28 || maxDigits < 1 || maxDigits > 4) throw new ArgumentException("canvas must be at least 28 pixels and 1-4 digits per scene");
+        if (canvasSize < 8 * GridCells || canvasSize % GridCells != 0 || maxDigits < 1 || maxDigits > GridCells)
+            throw new ArgumentException($"the canvas must be a multiple of {GridCells} pixels, at least {8 * GridCells}, and a scene holds 1-{GridCells} digits");
         int n = rng.Next(1, maxDigits + 1);
         var digits = new int[n];
         for (int i = 0; i < n; i++) digits[i] = rng.Next(10);
-        var (canvas, sources) = Compose(rng, digits);
+        var (canvas, sources, cells) = Compose(rng, digits);
         var kind = type ?? (DigitQuestionType)rng.Next(5);
         var (question, answer) = Ask(rng, kind, digits);
-        return new DigitTaskItem(question, answer, kind, digits, canvas, canvasSize, sources);
+        return new DigitTaskItem(question, answer, kind, digits, canvas, canvasSize, sources) { Cells = cells };
     }
 
     private static (string Question, string Answer) Ask(Random rng, DigitQuestionType kind, int[] digits)
@@ -95,28 +103,33 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
         }
     }
 
-    /// <summary>Draws the digits left to right: sizes in [0.6, 1] of the largest that fits, random gaps and heights.</summary>
-    private (byte[] Canvas, DigitImage[] Sources) Compose(Random rng, int[] digits)
+    /// <summary>
+    /// Draws the digits left to right on a <see cref="GridCells"/> x <see cref="GridCells"/> grid of cells: each digit in
+    /// its own column (random columns, in order), at a random row, scaled to 3/4 to all of a cell and jittered inside
+    /// it. With configs/digits.json a cell is what one image token covers (a 2 x 2 group of 8-pixel patches after the
+    /// pixel shuffle), so every digit lies whole in one image token.
+    /// </summary>
+    private (byte[] Canvas, DigitImage[] Sources, int[] Cells) Compose(Random rng, int[] digits)
     {
-        var sources = new DigitImage[digits.Length];
-        int n = digits.Length, w = canvasSize;
+        int n = digits.Length, w = canvasSize, cell = w / GridCells;
+        var sources = new DigitImage[n];
         var canvas = new byte[w * w];
-        int max = Math.Min(w, w / n), min = Math.Min(max, Math.Max(10, (int)(0.6 * max)));
-        var sizes = digits.Select(_ => rng.Next(min, max + 1)).ToArray();
-        int free = w - sizes.Sum();
-        // Split the free width into n + 1 gaps at sorted random cut points.
-        var cuts = Enumerable.Range(0, n).Select(_ => rng.Next(free + 1)).Order().ToArray();
-        int x = 0;
+        var cells = Enumerable.Repeat(-1, GridCells * GridCells).ToArray();
+        // n distinct columns, in increasing order: a partial Fisher-Yates shuffle of 0..GridCells-1.
+        var columns = Enumerable.Range(0, GridCells).ToArray();
+        for (int i = 0; i < n; i++) { int k = rng.Next(i, GridCells); (columns[i], columns[k]) = (columns[k], columns[i]); }
+        Array.Sort(columns, 0, n);
         for (int i = 0; i < n; i++)
         {
-            x += cuts[i] - (i == 0 ? 0 : cuts[i - 1]);
             var pool = source.Of(split, digits[i]);
             var image = sources[i] = pool[rng.Next(pool.Count)];
-            int y = rng.Next(w - sizes[i] + 1);
-            Draw(canvas, w, image.Pixels, x, y, sizes[i]);
-            x += sizes[i];
+            int size = rng.Next((3 * cell + 3) / 4, cell + 1);
+            int row = rng.Next(GridCells);
+            int x = columns[i] * cell + rng.Next(cell - size + 1), y = row * cell + rng.Next(cell - size + 1);
+            Draw(canvas, w, image.Pixels, x, y, size);
+            cells[row * GridCells + columns[i]] = digits[i];
         }
-        return (canvas, sources);
+        return (canvas, sources, cells);
     }
 
     /// <summary>Bilinear resize of a 28 x 28 digit to size x size, drawn with max blending at (x0, y0).</summary>
@@ -158,7 +171,7 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
             lines.Add(JsonSerializer.Serialize(new
             {
                 question = item.Question, answer = item.Answer, images = new[] { $"images/{name}" },
-                image_digits = item.Digits.Distinct().Order().ToArray(), type = item.Type.Name(), digits = item.Digits,
+                image_digits = item.Digits.Distinct().Order().ToArray(), type = item.Type.Name(), digits = item.Digits, cells = item.Cells,
             }));
         }
         var path = Path.Combine(directory, "prompts.jsonl");

@@ -1,0 +1,151 @@
+using System.Diagnostics;
+using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Images;
+using R1V2.Native.Engine.Layers;
+using R1V2.Native.Engine.Models;
+using R1V2.Native.Engine.Tensors;
+using R1V2.Native.Trainer.Optim;
+using R1V2.Native.Trainer.Tasks;
+using SixLabors.ImageSharp;
+using SixLabors.ImageSharp.PixelFormats;
+
+namespace R1V2.Native.Trainer.Pipeline;
+
+public sealed record VisionPretrainSettings(int Steps, int Batch, float LearningRate, int Seed, int Warmup = 10, int HeldOutScenes = 200);
+
+/// <summary>What vision pretraining measured: the loss per step, and on scenes of held-out digit images the share of
+/// image tokens whose cell content (a digit or empty) the probe reads right, and of those that hold a digit.</summary>
+public sealed record VisionPretrainResult(IReadOnlyList<double> Losses, double HeldOutTokenAccuracy, double HeldOutDigitAccuracy, double Seconds);
+
+/// <summary>
+/// Stage 0 of the digit pipeline: the vision encoder and the adapter learn to see before the LLM learns to talk
+/// about what they see (the role of a pretrained InternViT and the MLP warm-up in InternVL). A linear probe
+/// [D -> 11] reads every image token the adapter gives the LLM and is trained, with the ViT and the adapter, to
+/// name the content of the grid cell the token covers: a digit or empty (class 10). The probe is discarded; the
+/// ViT and adapter weights go into the checkpoint that SFT starts from, the LLM untouched.
+/// </summary>
+public static class VisionPretraining
+{
+    public const int Empty = 10, Classes = 11;
+
+    /// <summary>
+    /// For each image token of one tile (the adapter's order), the grid cell its patches lie in, row by row.
+    /// Fails when a token's patches straddle cells (the model's patch grid does not refine the scene grid).
+    /// </summary>
+    public static int[] TokenCells(VlmConfig c, int gridCells)
+    {
+        int side = c.TilePatchesPerSide, r = (int)Math.Round(1 / c.DownsampleRatio);
+        if (side % gridCells != 0) throw new ArgumentException($"{side} patches per side do not divide into a {gridCells} x {gridCells} grid");
+        var map = VisionAdapter.ShuffleRows(1, side, r, c.PsVersion);
+        int tokens = map.Length / (r * r), per = side / gridCells;
+        var cells = new int[tokens];
+        for (int o = 0; o < tokens; o++)
+        {
+            var of = Enumerable.Range(0, r * r).Select(j => map[o * r * r + j]).Select(p => p / side / per * gridCells + p % side / per).Distinct().ToList();
+            if (of.Count != 1)
+                throw new ArgumentException($"image token {o} covers patches of {of.Count} grid cells: with {side} patches per side and pixel shuffle {r}, a token must lie in one of the {gridCells} x {gridCells} cells");
+            cells[o] = of[0];
+        }
+        return cells;
+    }
+
+    /// <summary>Pixel values of one scene, through the same preprocessing as an image file of the dataset.</summary>
+    public static float[] Pixels(ImagePreprocessor pre, DigitTaskItem item)
+    {
+        using var grey = Image.LoadPixelData<L8>(item.Canvas, item.CanvasSize, item.CanvasSize);
+        using var rgb = grey.CloneAs<Rgb24>();
+        var (pixels, tiles) = pre.Tile(rgb);
+        if (tiles != 1) throw new InvalidOperationException($"a {item.CanvasSize}-pixel scene became {tiles} tiles; the model's image size must equal the canvas");
+        return pixels;
+    }
+
+    /// <param name="probeRows">[11, D] fixed probe rows (the LLM's embeddings of the digit tokens and a vector for
+    /// empty): the adapter then learns to put a cell's digit in the LLM's own word-embedding space. Null: a probe
+    /// learned alongside.</param>
+    public static VisionPretrainResult Run(VisionLanguageModel model, DigitScenes train, DigitScenes heldOut, VisionPretrainSettings s,
+        Action<int, double>? progress = null, CancellationToken cancel = default, float[]? probeRows = null)
+    {
+        var clock = Stopwatch.StartNew();
+        var b = model.Backend;
+        var c = model.Config;
+        if (c.ForceImageSize != train.CanvasSize) throw new ArgumentException($"the model sees {c.ForceImageSize}-pixel tiles but the scenes are {train.CanvasSize} pixels");
+        var tokenCells = TokenCells(c, DigitScenes.GridCells);
+        var pre = new ImagePreprocessor(c.ForceImageSize);
+        int d = c.Llm.HiddenSize, perTile = tokenCells.Length;
+
+        var init = new Random(Engine.Seeds.ForRandom(s.Seed, Engine.Seeds.Hash("vision_probe")));
+        var probeInit = new float[Classes * d];
+        for (int i = 0; i < probeInit.Length; i++) probeInit[i] = (float)((init.NextDouble() * 2 - 1) * Math.Sqrt(3.0 / d));
+        if (probeRows is not null && probeRows.Length != Classes * d) throw new ArgumentException($"probe rows hold {probeRows.Length} values, expected {Classes} x {d}");
+        using var probe = Parameter.Create(b, "vision_probe.weight", [Classes, d], probeRows ?? probeInit, trainable: probeRows is null);
+        using var opt = new AdamWOptimizer(b, [.. model.Parameters.Trainable, .. probeRows is null ? new[] { probe } : []], new AdamWSettings(s.LearningRate));
+        var schedule = new LearningRateSchedule(s.LearningRate, s.Warmup, s.Steps);
+        var rng = new Random(s.Seed);
+        var losses = new List<double>();
+        for (int step = 1; step <= s.Steps && !cancel.IsCancellationRequested; step++)
+        {
+            var items = Enumerable.Range(0, s.Batch).Select(_ => train.Sample(rng)).ToList();
+            opt.ZeroGrad();
+            var (loss, _) = Probe(model, probe, pre, items, tokenCells, backward: true);
+            opt.Step(schedule.At(step));
+            losses.Add(loss);
+            progress?.Invoke(step, loss);
+        }
+
+        // Held-out digit images, a fixed set of scenes.
+        var heldRng = new Random(s.Seed + 7_000_001);
+        var held = Enumerable.Range(0, s.HeldOutScenes).Select(_ => heldOut.Sample(heldRng)).ToList();
+        long right = 0, total = 0, digitRight = 0, digits = 0;
+        foreach (var chunk in held.Chunk(Math.Max(1, s.Batch)))
+        {
+            var (_, predicted) = Probe(model, probe, pre, chunk, tokenCells, backward: false);
+            for (int i = 0; i < chunk.Length; i++)
+                for (int o = 0; o < perTile; o++)
+                {
+                    int truth = Label(chunk[i], tokenCells[o]), guess = predicted[i * perTile + o];
+                    total++; right += guess == truth ? 1 : 0;
+                    if (truth != Empty) { digits++; digitRight += guess == truth ? 1 : 0; }
+                }
+        }
+        return new VisionPretrainResult(losses, (double)right / total, digits == 0 ? 0 : (double)digitRight / digits, clock.Elapsed.TotalSeconds);
+    }
+
+    private static int Label(DigitTaskItem item, int cell) =>
+        item.Cells.Length == 0 ? throw new ArgumentException("the scene has no cell labels") : item.Cells[cell] < 0 ? Empty : item.Cells[cell];
+
+    /// <summary>Mean cross-entropy of the probe over every image token of the scenes, the argmax per token, and (when
+    /// <paramref name="backward"/>) the gradients of the probe, the adapter and the ViT.</summary>
+    private static (double Loss, int[] Predicted) Probe(VisionLanguageModel model, Parameter probe, ImagePreprocessor pre, IReadOnlyList<DigitTaskItem> items,
+        int[] tokenCells, bool backward)
+    {
+        var b = model.Backend;
+        int n = items.Count, perTile = tokenCells.Length, rows = n * perTile;
+        var pixels = items.SelectMany(x => Pixels(pre, x)).ToArray();
+        var labels = new int[rows];
+        for (int i = 0; i < n; i++)
+            for (int o = 0; o < perTile; o++) labels[i * perTile + o] = Label(items[i], tokenCells[o]);
+        using var pass = model.ForwardImage(pixels, n);
+        using var logits = Linear.Forward(b, pass.Tokens, probe.Value, null);
+        using var targets = b.FromArray(labels, [rows], "cell_labels");
+        using var logp = b.Allocate(DType.F32, rows);
+        using var lse = b.Allocate(DType.F32, rows);
+        b.CrossEntropyForward(logits, targets, logp, lse);
+        double loss = -logp.ToFloatArray().Sum(x => (double)x) / rows;
+        var values = logits.ToFloatArray();
+        var predicted = new int[rows];
+        for (int r = 0; r < rows; r++)
+        {
+            int best = 0;
+            for (int k = 1; k < Classes; k++) if (values[r * Classes + k] > values[r * Classes + best]) best = k;
+            predicted[r] = best;
+        }
+        if (backward)
+        {
+            using var dlogp = b.FromArray(Enumerable.Repeat(-1f / rows, rows).ToArray(), DType.F32, [rows]);
+            b.CrossEntropyBackward(logits, targets, lse, dlogp, logits); // dlogits replace the logits
+            using var dTokens = Linear.Backward(b, logits, pass.Tokens, probe.Value, probe.Grad, null, inputGradient: true)!;
+            model.BackwardImage(pass, dTokens);
+        }
+        return (loss, predicted);
+    }
+}
