@@ -11,6 +11,12 @@ public sealed class GemmTests(CpuFixture fx)
     [InlineData(true, false, 1, 9, 4)]
     [InlineData(false, true, 6, 1, 11)]
     [InlineData(true, true, 13, 17, 33)]
+    // The blocked kernel's paths: 4-row blocks and a remainder, two-vector column chunks, single vectors and scalar
+    // columns, several k slices of 256 and a partial one.
+    [InlineData(false, false, 37, 45, 300)]
+    [InlineData(true, false, 8, 64, 513)]
+    [InlineData(false, true, 4, 16, 257)]
+    [InlineData(true, true, 41, 67, 600)]
     public void Gemm_MatchesDoubleReference_AllTransposes_WithBiasAndBeta(bool transA, bool transB, int m, int n, int k)
     {
         var a = TestData.Uniform(51, m * k);
