@@ -24,6 +24,7 @@ public sealed record PipelineSettings
     public string? ModelConfig { get; init; }
     public int TrainScenes { get; init; } = 3000;
     public int HeldOutScenes { get; init; } = 200;
+    public int WarmupSteps { get; init; } = 150;
     public int VisionSteps { get; init; } = 200;
     public int VisionBatch { get; init; } = 32;
     public float VisionLr { get; init; } = 3e-3f;
@@ -87,10 +88,22 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         // 2. Model and tokenizer.
         var init = Dir("init");
         if (!File.Exists(Path.Combine(init, "model.safetensors")))
-            ModelFactory.Init(configPath, init, s.Seed, Dir("data", "train", "sft.jsonl"));
+            ModelFactory.Init(configPath, init, s.Seed, Dir("data", "train", "text-sft.jsonl"));
 
         var stages = new List<StageResult>();
-        // 3. Vision pretraining: the ViT and adapter learn to see the digits before SFT.
+        // 3. Language warm-up: the decoder learns the traces with the digits given as text (the role of a pretrained LLM).
+        if (s.WarmupSteps > 0)
+        {
+            var warmOut = Dir("warmup");
+            if (!Directory.Exists(Path.Combine(warmOut, "final")))
+            {
+                using var warm = new SftTrainer(Stage("sft", init, warmOut, Dir("data", "train", "text-sft.jsonl"), s.WarmupSteps,
+                    [$"sft.batch={s.SftBatch}", $"optim.lr={s.SftLr.ToString(CultureInfo.InvariantCulture)}", "optim.warmup=10", "optim.schedule=cosine", "sft.held_out=0.02"]), backend);
+                if (warm.Run(m => progress?.Invoke("warmup", m.Step / (double)s.WarmupSteps), cancel) is null) throw new OperationCanceledException("interrupted during the warm-up");
+            }
+            init = Path.Combine(warmOut, "final");
+        }
+        // 4. Vision alignment: the ViT and adapter learn to hand the decoder each cell's digit as the embedding of its word.
         var visionOut = Dir("vision");
         VisionPretrainResult? vision = null;
         if (s.VisionSteps > 0)
@@ -116,7 +129,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             init = Path.Combine(visionOut, "final");
         }
 
-        // 4. SFT.
+        // 5. SFT.
         var sftOut = Dir("sft");
         if (!Directory.Exists(Path.Combine(sftOut, "final")))
         {
@@ -127,7 +140,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         var sftModel = Path.Combine(sftOut, "final");
         stages.Add(Evaluate("sft", sftModel));
 
-        // 5. Preference pairs from the SFT model, scored by rule + format.
+        // 6. Preference pairs from the SFT model, scored by rule + format.
         var pairsPath = Dir("data", "pairs.jsonl");
         if (!File.Exists(pairsPath)) BuildPairs(sftModel, pairsPath);
         int pairs = File.ReadAllLines(pairsPath).Length;
@@ -138,7 +151,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         string mpoModel = sftModel;
         if (pairs >= 4)
         {
-            // 6. Reward model.
+            // 7. Reward model.
             var rmOut = Dir("rm");
             if (!Directory.Exists(Path.Combine(rmOut, "final")))
             {
@@ -147,7 +160,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             }
             rmModel = Path.Combine(rmOut, "final");
             rmAccuracy = JsonSerializer.Deserialize<PreferenceSummary>(File.ReadAllText(Path.Combine(rmOut, "summary.json")))!.HeldOutAccuracy;
-            // 7. MPO.
+            // 8. MPO.
             var mpoOut = Dir("mpo");
             if (!Directory.Exists(Path.Combine(mpoOut, "final")))
             {
@@ -159,7 +172,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         }
         else _log($"only {pairs} pairs passed the margin: the reward model and MPO are skipped, GRPO starts from the SFT model");
 
-        // 8. GRPO with and without the Selective Sample Buffer, same seed and budget.
+        // 9. GRPO with and without the Selective Sample Buffer, same seed and budget.
         var with = RunGrpo("grpo", mpoModel, rmModel, buffer: true, progress, cancel);
         var without = RunGrpo("grpo-no-ssb", mpoModel, rmModel, buffer: false, progress, cancel);
         stages.Add(Evaluate("grpo", with.Model));

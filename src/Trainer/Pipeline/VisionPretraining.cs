@@ -28,6 +28,9 @@ public static class VisionPretraining
 {
     public const int Empty = 10, Classes = 11;
 
+    /// <summary>tau of the cosine probe: logits tau * cos(token, row).</summary>
+    public const float CosineScale = 10f;
+
     /// <summary>
     /// For each image token of one tile (the adapter's order), the grid cell its patches lie in, row by row.
     /// Fails when a token's patches straddle cells (the model's patch grid does not refine the scene grid).
@@ -77,7 +80,18 @@ public static class VisionPretraining
         var probeInit = new float[Classes * d];
         for (int i = 0; i < probeInit.Length; i++) probeInit[i] = (float)((init.NextDouble() * 2 - 1) * Math.Sqrt(3.0 / d));
         if (probeRows is not null && probeRows.Length != Classes * d) throw new ArgumentException($"probe rows hold {probeRows.Length} values, expected {Classes} x {d}");
-        using var probe = Parameter.Create(b, "vision_probe.weight", [Classes, d], probeRows ?? probeInit, trainable: probeRows is null);
+        float[]? fixedRows = null;
+        if (probeRows is not null)
+        {
+            // Cosine logits: tau * cos(token, row), from the RMS-normalised token (norm sqrt(D)) and rows scaled to tau / sqrt(D).
+            fixedRows = new float[probeRows.Length];
+            for (int k = 0; k < Classes; k++)
+            {
+                double norm = Math.Sqrt(Enumerable.Range(0, d).Sum(i => (double)probeRows[k * d + i] * probeRows[k * d + i]));
+                for (int i = 0; i < d; i++) fixedRows[k * d + i] = (float)(probeRows[k * d + i] / norm * CosineScale / Math.Sqrt(d));
+            }
+        }
+        using var probe = Parameter.Create(b, "vision_probe.weight", [Classes, d], fixedRows ?? probeInit, trainable: probeRows is null);
         using var opt = new AdamWOptimizer(b, [.. model.Parameters.Trainable, .. probeRows is null ? new[] { probe } : []], new AdamWSettings(s.LearningRate));
         var schedule = new LearningRateSchedule(s.LearningRate, s.Warmup, s.Steps);
         var rng = new Random(s.Seed);
@@ -86,7 +100,7 @@ public static class VisionPretraining
         {
             var items = Enumerable.Range(0, s.Batch).Select(_ => train.Sample(rng)).ToList();
             opt.ZeroGrad();
-            var (loss, _) = Probe(model, probe, pre, items, tokenCells, backward: true);
+            var (loss, _) = Probe(model, probe, pre, items, tokenCells, backward: true, cosine: probeRows is not null);
             opt.Step(schedule.At(step));
             losses.Add(loss);
             progress?.Invoke(step, loss);
@@ -98,7 +112,7 @@ public static class VisionPretraining
         long right = 0, total = 0, digitRight = 0, digits = 0;
         foreach (var chunk in held.Chunk(Math.Max(1, s.Batch)))
         {
-            var (_, predicted) = Probe(model, probe, pre, chunk, tokenCells, backward: false);
+            var (_, predicted) = Probe(model, probe, pre, chunk, tokenCells, backward: false, cosine: probeRows is not null);
             for (int i = 0; i < chunk.Length; i++)
                 for (int o = 0; o < perTile; o++)
                 {
@@ -116,7 +130,7 @@ public static class VisionPretraining
     /// <summary>Mean cross-entropy of the probe over every image token of the scenes, the argmax per token, and (when
     /// <paramref name="backward"/>) the gradients of the probe, the adapter and the ViT.</summary>
     private static (double Loss, int[] Predicted) Probe(VisionLanguageModel model, Parameter probe, ImagePreprocessor pre, IReadOnlyList<DigitTaskItem> items,
-        int[] tokenCells, bool backward)
+        int[] tokenCells, bool backward, bool cosine)
     {
         var b = model.Backend;
         int n = items.Count, perTile = tokenCells.Length, rows = n * perTile;
@@ -125,7 +139,13 @@ public static class VisionPretraining
         for (int i = 0; i < n; i++)
             for (int o = 0; o < perTile; o++) labels[i * perTile + o] = Label(items[i], tokenCells[o]);
         using var pass = model.ForwardImage(pixels, n);
-        using var logits = Linear.Forward(b, pass.Tokens, probe.Value, null);
+        int d = model.Config.Llm.HiddenSize;
+        using var ones = cosine ? b.FromArray(Enumerable.Repeat(1f, d).ToArray(), DType.F32, [d]) : null;
+        using var rstd = cosine ? b.Allocate(DType.F32, rows) : null;
+        using var normed = cosine ? b.Activations(rows, d) : null;
+        if (cosine) b.RmsNormForward(pass.Tokens, ones!, normed!, rstd!, 1e-6f);
+        var features = cosine ? normed! : pass.Tokens;
+        using var logits = Linear.Forward(b, features, probe.Value, null);
         using var targets = b.FromArray(labels, [rows], "cell_labels");
         using var logp = b.Allocate(DType.F32, rows);
         using var lse = b.Allocate(DType.F32, rows);
@@ -143,8 +163,9 @@ public static class VisionPretraining
         {
             using var dlogp = b.FromArray(Enumerable.Repeat(-1f / rows, rows).ToArray(), DType.F32, [rows]);
             b.CrossEntropyBackward(logits, targets, lse, dlogp, logits); // dlogits replace the logits
-            using var dTokens = Linear.Backward(b, logits, pass.Tokens, probe.Value, probe.Grad, null, inputGradient: true)!;
-            model.BackwardImage(pass, dTokens);
+            using var dFeatures = Linear.Backward(b, logits, features, probe.Value, probe.Grad, null, inputGradient: true)!;
+            if (cosine) b.RmsNormBackward(dFeatures, pass.Tokens, ones!, rstd!, dFeatures, null, false);
+            model.BackwardImage(pass, dFeatures);
         }
         return (loss, predicted);
     }

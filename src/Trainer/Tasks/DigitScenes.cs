@@ -42,6 +42,12 @@ public sealed record DigitTaskItem(string Question, string Answer, DigitQuestion
         return $"{seen}{step}</think>\\boxed{{{Answer}}}"; // the generation prompt already opened <think>
     }
 
+    /// <summary>
+    /// The question with the scene's digits given as text instead of the image ("Digits: 5 7." on the line before):
+    /// the language warm-up's prompt, which teaches the decoder the traces and to use digits it finds in its context.
+    /// </summary>
+    public string TextPrompt => $"Digits: {string.Join(" ", Digits)}.\n{Question}";
+
     /// <summary>The canvas as a PNG file.</summary>
     public void SavePng(string path)
     {
@@ -153,7 +159,8 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
     /// <summary>
     /// Writes <paramref name="count"/> items as DIR/images/NNNNNN.png, DIR/prompts.jsonl (question, answer, images,
     /// image_digits: the distinct digits present, type; the prompt format of <see cref="Data.PromptDataset"/>) and
-    /// DIR/sft.jsonl (prompt, images, response: the reasoning trace; the format of <see cref="Data.SftDataset"/>).
+    /// DIR/sft.jsonl (prompt, images, response: the reasoning trace; the format of <see cref="Data.SftDataset"/>) and
+    /// DIR/text-sft.jsonl (the same traces after <see cref="DigitTaskItem.TextPrompt"/>, no image).
     /// </summary>
     public IReadOnlyList<DigitTaskItem> WriteDataset(string directory, int count, int seed)
     {
@@ -180,6 +187,9 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
         var sft = Path.Combine(directory, "sft.jsonl");
         File.WriteAllLines(sft + ".tmp", items.Select((item, i) => JsonSerializer.Serialize(new { prompt = item.Question, images = new[] { $"images/{i:D6}.png" }, response = item.Trace() })));
         File.Move(sft + ".tmp", sft, overwrite: true);
+        var text = Path.Combine(directory, "text-sft.jsonl");
+        File.WriteAllLines(text + ".tmp", items.Select(item => JsonSerializer.Serialize(new { prompt = item.TextPrompt, images = Array.Empty<string>(), response = item.Trace() })));
+        File.Move(text + ".tmp", text, overwrite: true);
         return items;
     }
 }

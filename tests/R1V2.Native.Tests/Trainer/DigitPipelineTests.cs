@@ -13,8 +13,8 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
 
     private PipelineSettings Settings() => new()
     {
-        Output = Path.Combine(_dir, "run"), Seed = 3, ModelConfig = Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"),
-        TrainScenes = 40, HeldOutScenes = 6, SftSteps = 3, SftBatch = 4, PairPrompts = 6, PairSamples = 2, RmSteps = 2, MpoSteps = 2, PairsPerStep = 2,
+        Output = Path.Combine(_dir, "run"), Seed = 3, ModelConfig = Path.Combine(AppContext.BaseDirectory, "configs", "digits-tiny.json"),
+        TrainScenes = 40, HeldOutScenes = 6, WarmupSteps = 2, VisionSteps = 3, VisionBatch = 4, SftSteps = 3, SftBatch = 4, PairPrompts = 6, PairSamples = 2, RmSteps = 2, MpoSteps = 2, PairsPerStep = 2,
         GrpoSteps = 2, GrpoPrompts = 2, GroupSize = 3, MaxNewTokens = 6,
     };
 
@@ -25,7 +25,14 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         var stages = new HashSet<string>();
         var summary = new DigitPipeline(Settings(), fx.Backend, lines.Add).Run((stage, _) => stages.Add(stage));
         Assert.Equal(["sft", "mpo", "grpo", "grpo-no-ssb"], summary.Stages.Select(s => s.Stage));
-        Assert.Equal(["sft", "rm", "mpo", "grpo", "grpo-no-ssb"], stages.Order(StringComparer.Ordinal).OrderBy(s => s switch { "sft" => 0, "rm" => 1, "mpo" => 2, "grpo" => 3, _ => 4 }));
+        Assert.Equal(["warmup", "vision", "sft", "rm", "mpo", "grpo", "grpo-no-ssb"],
+            stages.OrderBy(s => s switch { "warmup" => 0, "vision" => 1, "sft" => 2, "rm" => 3, "mpo" => 4, "grpo" => 5, _ => 6 }));
+        // The language warm-up trained on the text prompts; vision alignment wrote its measurement and a checkpoint SFT started from.
+        Assert.True(File.Exists(Path.Combine(_dir, "run", "warmup", "final", "model.safetensors")));
+        var vision = JsonSerializer.Deserialize<VisionPretrainResult>(File.ReadAllText(Path.Combine(_dir, "run", "vision", "summary.json")))!;
+        Assert.Equal(3, vision.Losses.Count);
+        Assert.InRange(vision.HeldOutDigitAccuracy, 0, 1);
+        Assert.Contains("model=" + Path.Combine(_dir, "run", "vision", "final"), File.ReadAllText(Path.Combine(_dir, "run", "sft", "config.resolved.yaml")).Replace("model: ", "model="));
         Assert.True(summary.Pairs >= 4, $"{summary.Pairs} pairs: the reference trace beats untrained samples");
         Assert.NotNull(summary.RewardModelPairAccuracy);
         Assert.All(summary.Stages, s => Assert.Equal(6, s.Eval.Prompts));

@@ -99,6 +99,58 @@ public sealed class DigitTaskTests : IDisposable
         Assert.Equal("I see the digits 5, 7. 5 + 7 = 12.</think>\\boxed{12}", seven.Trace());
     }
 
+    [Fact]
+    public void Scenes_PutEachDigitInItsOwnCell_InDistinctColumnsFromLeftToRight_AndInkNowhereElse()
+    {
+        var scenes = new DigitScenes(MnistDigits.Embedded(), DigitSplit.Train, canvasSize: 64);
+        var rng = new Random(21);
+        const int g = DigitScenes.GridCells, cell = 64 / g;
+        var columnsUsed = new HashSet<int>();
+        for (int i = 0; i < 300; i++)
+        {
+            var item = scenes.Sample(rng);
+            Assert.Equal(g * g, item.Cells.Length);
+            Assert.Equal(item.Digits.Length, item.Cells.Count(c => c >= 0));
+            // Column by column, at most one digit each; read left to right they are the scene's digits in order.
+            var read = new List<int>();
+            for (int col = 0; col < g; col++)
+            {
+                var inColumn = Enumerable.Range(0, g).Select(r => item.Cells[r * g + col]).Where(c => c >= 0).ToList();
+                Assert.True(inColumn.Count <= 1, $"scene {i}: column {col} holds {inColumn.Count} digits");
+                if (inColumn.Count == 1) { read.Add(inColumn[0]); columnsUsed.Add(col); }
+            }
+            Assert.Equal(item.Digits, read);
+            // Ink only inside the cells that hold a digit, and some in each of them.
+            for (int c = 0; c < g * g; c++)
+            {
+                int ink = 0;
+                for (int y = c / g * cell; y < (c / g + 1) * cell; y++)
+                    for (int x = c % g * cell; x < (c % g + 1) * cell; x++) ink += item.Canvas[y * 64 + x] > 0 ? 1 : 0;
+                if (item.Cells[c] < 0) Assert.Equal(0, ink);
+                else Assert.True(ink > 10, $"scene {i}: the {item.Cells[c]} in cell {c} has {ink} ink pixels");
+            }
+        }
+        Assert.Equal(g, columnsUsed.Count);
+    }
+
+    [Fact]
+    public void TextPrompts_StateTheDigits_AndTheTextDatasetPairsThemWithTheSameTraces()
+    {
+        var items = new DigitScenes(MnistDigits.Embedded(), DigitSplit.Train).WriteDataset(Path.Combine(_dir, "t"), 12, seed: 4);
+        var text = new SftDataset(Path.Combine(_dir, "t", "text-sft.jsonl"), 0, shuffle: false);
+        var image = new SftDataset(Path.Combine(_dir, "t", "sft.jsonl"), 0, shuffle: false);
+        Assert.Equal(12, text.Count);
+        for (int i = 0; i < 12; i++)
+        {
+            var t = text.Read(i);
+            Assert.Equal($"Digits: {string.Join(" ", items[i].Digits)}.\n{items[i].Question}", t.Prompt);
+            Assert.Empty(t.Images);
+            Assert.Equal(image.Read(i).Response, t.Response);
+        }
+        var seven = new DigitTaskItem("What is the sum of the digits in the image?", "12", DigitQuestionType.Sum, [5, 7], [], 64, []);
+        Assert.Equal("Digits: 5 7.\nWhat is the sum of the digits in the image?", seven.TextPrompt);
+    }
+
     private static int Asked(string question) => question.First(char.IsAsciiDigit) - '0';
 
     [Fact]
