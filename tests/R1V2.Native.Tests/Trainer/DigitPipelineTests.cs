@@ -41,6 +41,8 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         Assert.Equal(2, summary.EffectiveRatioWithoutBuffer.Count);
         var md = File.ReadAllText(Path.Combine(_dir, "run", "summary.md"));
         Assert.Contains("| grpo-no-ssb |", md);
+        Assert.Contains("Vision alignment (3 steps)", md);
+        Assert.Equal(vision.HeldOutDigitAccuracy, summary.VisionDigitAccuracy);
         Assert.True(File.Exists(Path.Combine(_dir, "run", "plots", "effective_ratio.png")));
         Assert.True(File.Exists(Path.Combine(_dir, "run", "eval", "mpo", "eval.md")));
         // Held-out scenes draw only held-out digit images: the datasets record their type; the images come from DigitScenes(HeldOut).
