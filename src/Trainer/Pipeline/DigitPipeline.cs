@@ -34,7 +34,8 @@ public sealed record PipelineSettings
     public int PairPrompts { get; init; } = 96;
     public int PairSamples { get; init; } = 4;
     public double PairMargin { get; init; } = 0.5;
-    public int RmSteps { get; init; } = 40;
+    public int RmSteps { get; init; } = 80;
+    public float RmLr { get; init; } = 1e-3f;
     public int MpoSteps { get; init; } = 40;
     public int PairsPerStep { get; init; } = 8;
     public float PreferenceLr { get; init; } = 2e-4f;
@@ -160,7 +161,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             var rmOut = Dir("rm");
             if (!Directory.Exists(Path.Combine(rmOut, "final")))
             {
-                using var rm = new PreferenceTrainer(Stage("rm", sftModel, rmOut, pairsPath, s.RmSteps, PreferenceOverrides()), backend);
+                using var rm = new PreferenceTrainer(Stage("rm", sftModel, rmOut, pairsPath, s.RmSteps, PreferenceOverrides(s.RmLr)), backend);
                 if (rm.Run(m => progress?.Invoke("rm", m.Step / (double)s.RmSteps), cancel) is null) throw new OperationCanceledException("interrupted during rm");
             }
             rmModel = Path.Combine(rmOut, "final");
@@ -211,8 +212,8 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         return rows;
     }
 
-    private string[] PreferenceOverrides() =>
-        [$"pairs.pairs_per_step={s.PairsPerStep}", "pairs.held_out=0.2", $"optim.lr={s.PreferenceLr.ToString(CultureInfo.InvariantCulture)}", "mpo.beta=0.1"];
+    private string[] PreferenceOverrides(float? lr = null) =>
+        [$"pairs.pairs_per_step={s.PairsPerStep}", "pairs.held_out=0.2", $"optim.lr={(lr ?? s.PreferenceLr).ToString(CultureInfo.InvariantCulture)}", "mpo.beta=0.1"];
 
     private TrainConfig Stage(string stage, string model, string output, string data, int steps, string[] extra) =>
         TrainConfig.Load(null, [$"stage={stage}", $"model={model}", $"output={output}", $"data.path={data}", $"steps={steps}", $"seed={s.Seed}",
