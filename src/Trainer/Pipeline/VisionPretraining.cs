@@ -76,9 +76,6 @@ public static class VisionPretraining
         var pre = new ImagePreprocessor(c.ForceImageSize);
         int d = c.Llm.HiddenSize, perTile = tokenCells.Length;
 
-        var init = new Random(Engine.Seeds.ForRandom(s.Seed, Engine.Seeds.Hash("vision_probe")));
-        var probeInit = new float[Classes * d];
-        for (int i = 0; i < probeInit.Length; i++) probeInit[i] = (float)((init.NextDouble() * 2 - 1) * Math.Sqrt(3.0 / d));
         if (probeRows is not null && probeRows.Length != Classes * d) throw new ArgumentException($"probe rows hold {probeRows.Length} values, expected {Classes} x {d}");
         float[]? fixedRows = null;
         if (probeRows is not null)
@@ -91,7 +88,7 @@ public static class VisionPretraining
                 for (int i = 0; i < d; i++) fixedRows[k * d + i] = (float)(probeRows[k * d + i] / norm * CosineScale / Math.Sqrt(d));
             }
         }
-        using var probe = Parameter.Create(b, "vision_probe.weight", [Classes, d], fixedRows ?? probeInit, trainable: probeRows is null);
+        using var probe = Parameter.Create(b, "vision_probe.weight", [Classes, d], fixedRows ?? LearnedProbeInit(d, s.Seed), trainable: probeRows is null);
         using var opt = new AdamWOptimizer(b, [.. model.Parameters.Trainable, .. probeRows is null ? new[] { probe } : []], new AdamWSettings(s.LearningRate));
         var schedule = new LearningRateSchedule(s.LearningRate, s.Warmup, s.Steps);
         var rng = new Random(s.Seed);
@@ -122,6 +119,15 @@ public static class VisionPretraining
                 }
         }
         return new VisionPretrainResult(losses, (double)right / total, digits == 0 ? 0 : (double)digitRight / digits, clock.Elapsed.TotalSeconds);
+    }
+
+    /// <summary>Uniform in +-sqrt(3 / D): logits of unit variance for tokens of unit RMS.</summary>
+    private static float[] LearnedProbeInit(int d, int seed)
+    {
+        var init = new Random(Engine.Seeds.ForRandom(seed, Engine.Seeds.Hash("vision_probe")));
+        var values = new float[Classes * d];
+        for (int i = 0; i < values.Length; i++) values[i] = (float)((init.NextDouble() * 2 - 1) * Math.Sqrt(3.0 / d));
+        return values;
     }
 
     private static int Label(DigitTaskItem item, int cell) =>
