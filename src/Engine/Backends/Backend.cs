@@ -554,27 +554,56 @@ public abstract class Backend : IDisposable
         if (vocab > MaxSamplingVocabulary) throw new ArgumentException($"sample: vocabulary {vocab} is above {MaxSamplingVocabulary}");
         foreach (var r in rows) r.Params.Validate();
         if (rows.Count == 0) return ([], []);
-        return SampleCore(logits, rows, vocab);
+        using var inputs = new SamplingInputs(this, rows);
+        using (Profiled("sample")) return SampleCore(logits, inputs, vocab);
     }
 
     /// <summary>The sampling kernel keeps a bitmask of earlier tokens in shared memory: 256K bits.</summary>
     public const int MaxSamplingVocabulary = 262144;
 
-    protected abstract (int[] Tokens, float[] LogProbs) SampleCore(Tensor logits, IReadOnlyList<SampleRow> rows, int vocab);
+    protected abstract (int[] Tokens, float[] LogProbs) SampleCore(Tensor logits, SamplingInputs inputs, int vocab);
 
-    /// <summary>The per-row argument arrays of a sampling call, as both backends upload them.</summary>
-    protected static (float[] Temp, int[] TopK, float[] TopP, float[] MinP, float[] Pen, ulong[] Seeds, int[] Steps, int[] Prev, int[] Offsets) SamplingArrays(IReadOnlyList<SampleRow> rows)
+    /// <summary>The per-row arguments of a sampling call as device tensors, built once for both backends.</summary>
+    protected sealed class SamplingInputs : IDisposable
     {
-        int n = rows.Count;
-        var offsets = new int[n + 1];
-        for (int i = 0; i < n; i++) offsets[i + 1] = offsets[i] + (rows[i].Params.RepetitionPenalty != 1f ? rows[i].Previous.Count : 0);
-        var prev = new int[Math.Max(1, offsets[n])];
-        for (int i = 0; i < n; i++)
-            if (rows[i].Params.RepetitionPenalty != 1f)
-                for (int j = 0; j < rows[i].Previous.Count; j++) prev[offsets[i] + j] = rows[i].Previous[j];
-        return (rows.Select(r => r.Params.Temperature).ToArray(), rows.Select(r => r.Params.TopK).ToArray(), rows.Select(r => r.Params.TopP).ToArray(),
-            rows.Select(r => r.Params.MinP).ToArray(), rows.Select(r => r.Params.RepetitionPenalty).ToArray(), rows.Select(r => r.Seed).ToArray(),
-            rows.Select(r => r.Step).ToArray(), prev, offsets);
+        public SamplingInputs(Backend b, IReadOnlyList<SampleRow> rows)
+        {
+            Count = rows.Count;
+            var offsets = new int[Count + 1];
+            for (int i = 0; i < Count; i++) offsets[i + 1] = offsets[i] + (rows[i].Params.RepetitionPenalty != 1f ? rows[i].Previous.Count : 0);
+            var prev = new int[Math.Max(1, offsets[Count])];
+            for (int i = 0; i < Count; i++)
+                if (rows[i].Params.RepetitionPenalty != 1f)
+                    for (int j = 0; j < rows[i].Previous.Count; j++) prev[offsets[i] + j] = rows[i].Previous[j];
+            Previous = b.FromArray(prev, [prev.Length]);
+            Offsets = b.FromArray(offsets, [offsets.Length]);
+            Temperature = b.FromArray(rows.Select(r => r.Params.Temperature).ToArray(), DType.F32, [Count]);
+            TopK = b.FromArray(rows.Select(r => r.Params.TopK).ToArray(), [Count]);
+            TopP = b.FromArray(rows.Select(r => r.Params.TopP).ToArray(), DType.F32, [Count]);
+            MinP = b.FromArray(rows.Select(r => r.Params.MinP).ToArray(), DType.F32, [Count]);
+            Penalty = b.FromArray(rows.Select(r => r.Params.RepetitionPenalty).ToArray(), DType.F32, [Count]);
+            var seeds = rows.Select(r => r.Seed).ToArray();
+            Seeds = b.FromArray(System.Runtime.InteropServices.MemoryMarshal.Cast<ulong, int>(seeds.AsSpan()), [2 * Count]); // read as u64 by the kernels
+            Steps = b.FromArray(rows.Select(r => r.Step).ToArray(), [Count]);
+        }
+
+        public int Count { get; }
+        /// <summary>The earlier tokens of rows with a repetition penalty, concatenated; <see cref="Offsets"/> [n + 1] delimit them.</summary>
+        public Tensor Previous { get; }
+        public Tensor Offsets { get; }
+        public Tensor Temperature { get; }
+        public Tensor TopK { get; }
+        public Tensor TopP { get; }
+        public Tensor MinP { get; }
+        public Tensor Penalty { get; }
+        /// <summary>One u64 seed per row, stored as 2 int32.</summary>
+        public Tensor Seeds { get; }
+        public Tensor Steps { get; }
+
+        public void Dispose()
+        {
+            foreach (var t in new[] { Previous, Offsets, Temperature, TopK, TopP, MinP, Penalty, Seeds, Steps }) t.Dispose();
+        }
     }
 
     // ---- fused LM head + GRPO loss (vocabulary chunks) -------------------------------------------------------

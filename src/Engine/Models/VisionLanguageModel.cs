@@ -93,8 +93,7 @@ public sealed class VisionLanguageModel : IDisposable
     public sealed class Pass : IDisposable
     {
         internal readonly Activations Held = new();
-        internal VisionEncoder.State? Vit;
-        internal VisionAdapter.State? Adapter;
+        internal ImagePass? Image;
         internal Qwen2Decoder.State Llm = null!;
         internal RowIndex? ImageRows;
         internal Tensor Ids = null!, Positions = null!, Targets = null!, Embeddings = null!, Final = null!, Lse = null!, LogProb = null!;
@@ -117,8 +116,7 @@ public sealed class VisionLanguageModel : IDisposable
         public void Dispose()
         {
             Held.Dispose();
-            Vit?.Dispose();
-            Adapter?.Dispose();
+            Image?.Dispose();
             Llm?.Dispose();
         }
     }
@@ -153,10 +151,9 @@ public sealed class VisionLanguageModel : IDisposable
 
         if (batch.Tiles > 0)
         {
-            pass.Vit = _vit.Forward(batch.Pixels ?? throw new ArgumentException("the batch has tiles but no pixel values"), batch.Tiles);
-            pass.Adapter = _adapter.Forward(pass.Vit.Output, batch.Tiles);
+            pass.Image = ForwardImage(batch.Pixels ?? throw new ArgumentException("the batch has tiles but no pixel values"), batch.Tiles);
             pass.ImageRows = h.Keep(_b.Rows(imagePositions, t, distinct: true, "image_positions"));
-            _b.ScatterRows(pass.Adapter.Output, pass.ImageRows, pass.Embeddings);
+            _b.ScatterRows(pass.Image.Tokens, pass.ImageRows, pass.Embeddings);
         }
 
         pass.Llm = _llm.Forward(pass.Embeddings, pass.Positions, pass.Sequences);
@@ -188,10 +185,9 @@ public sealed class VisionLanguageModel : IDisposable
         using (var tid = _b.FromArray(ids, [t], "input_ids")) _b.EmbeddingForward(_embed.Value, tid, embeddings);
         if (tiles > 0)
         {
-            using var vit = _vit.Forward(pixels ?? throw new ArgumentException("image tiles but no pixel values"), tiles);
-            using var adapter = _adapter.Forward(vit.Output, tiles);
+            using var image = ForwardImage(pixels ?? throw new ArgumentException("image tiles but no pixel values"), tiles);
             using var rows = _b.Rows(positions, t, distinct: true, "image_positions");
-            _b.ScatterRows(adapter.Output, rows, embeddings);
+            _b.ScatterRows(image.Tokens, rows, embeddings);
         }
         return embeddings;
     }
@@ -266,7 +262,7 @@ public sealed class VisionLanguageModel : IDisposable
     {
         int t = (int)pass.Ids.Length;
         if (dLogProb.Length != t) throw new ArgumentException($"{dLogProb.Length} log-prob gradients for {t} positions");
-        bool needImage = pass.Adapter is not null && (AdapterTrainable || VitTrainable);
+        bool needImage = pass.Image is not null && (AdapterTrainable || VitTrainable);
         if (!LlmTrainable && !needImage) return;
         using var held = new Activations();
         if (pass.Logits is null) throw new InvalidOperationException("this pass ran without the loss: use BackwardFromHidden");
@@ -283,7 +279,7 @@ public sealed class VisionLanguageModel : IDisposable
     public void BackwardFromHidden(Pass pass, Tensor dHidden)
     {
         var c = Config;
-        bool needImage = pass.Adapter is not null && (AdapterTrainable || VitTrainable);
+        bool needImage = pass.Image is not null && (AdapterTrainable || VitTrainable);
         if (!LlmTrainable && !needImage) return;
         using var held = new Activations();
         var dFinal = dHidden;
@@ -301,12 +297,7 @@ public sealed class VisionLanguageModel : IDisposable
             {
                 var dImage = held.Keep(_b.Activations(pass.ImageRows.Length, c.Llm.HiddenSize));
                 _b.GatherRows(dEmb, pass.ImageRows, dImage);
-                var dVit = _adapter.Backward(pass.Adapter!, dImage, inputGradient: VitTrainable);
-                if (dVit is not null)
-                {
-                    held.Keep(dVit);
-                    _vit.Backward(pass.Vit!, dVit);
-                }
+                BackwardImage(pass.Image!, dImage);
             }
             // Image positions took adapter outputs, not token embeddings: their rows carry no embedding gradient.
             using var zeros = _b.Activations(pass.ImageRows.Length, c.Llm.HiddenSize);

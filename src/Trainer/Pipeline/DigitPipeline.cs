@@ -104,7 +104,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             if (!Directory.Exists(Path.Combine(warmOut, "final")))
             {
                 using var warm = new SftTrainer(Stage("sft", init, warmOut, Dir("data", "train", "text-sft.jsonl"), s.WarmupSteps,
-                    [$"sft.batch={s.SftBatch}", $"optim.lr={s.SftLr.ToString(CultureInfo.InvariantCulture)}", "optim.warmup=10", "optim.schedule=cosine", "sft.held_out=0.02"]), backend);
+                    SftOverrides()), backend);
                 if (warm.Run(m => progress?.Invoke("warmup", m.Step / (double)s.WarmupSteps), cancel) is null) throw new OperationCanceledException("interrupted during the warm-up");
             }
             init = Path.Combine(warmOut, "final");
@@ -118,8 +118,8 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             {
                 using var vlmInit = VisionLanguageModel.Load(backend, init, TrainableParts.AdapterAndVit);
                 vision = VisionPretraining.Run(vlmInit, new DigitScenes(digits, DigitSplit.Train, canvas), new DigitScenes(digits, DigitSplit.HeldOut, canvas),
-                    new VisionPretrainSettings(s.VisionSteps, s.VisionBatch, s.VisionLr, s.Seed), (step, _) => progress?.Invoke("vision", step / (double)s.VisionSteps), cancel,
-                    DigitProbeRows(vlmInit, TextTokenizer.Load(init), s.Seed));
+                    new VisionPretrainSettings(s.VisionSteps, s.VisionBatch, s.VisionLr, s.Seed), DigitProbeRows(vlmInit, TextTokenizer.Load(init), s.Seed),
+                    (step, _) => progress?.Invoke("vision", step / (double)s.VisionSteps), cancel);
                 if (cancel.IsCancellationRequested) throw new OperationCanceledException("interrupted during vision pretraining");
                 Directory.CreateDirectory(visionOut);
                 File.WriteAllText(Path.Combine(visionOut, "summary.json"), JsonSerializer.Serialize(vision, new JsonSerializerOptions { WriteIndented = true }));
@@ -140,7 +140,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         if (!Directory.Exists(Path.Combine(sftOut, "final")))
         {
             using var sft = new SftTrainer(Stage("sft", init, sftOut, Dir("data", "train", "sft.jsonl"), s.SftSteps,
-                [$"sft.batch={s.SftBatch}", $"optim.lr={s.SftLr.ToString(CultureInfo.InvariantCulture)}", "optim.warmup=10", "optim.schedule=cosine", "sft.held_out=0.02"]), backend);
+                SftOverrides()), backend);
             if (sft.Run(m => progress?.Invoke("sft", m.Step / (double)s.SftSteps), cancel) is null) throw new OperationCanceledException("interrupted during sft");
         }
         var sftModel = Path.Combine(sftOut, "final");
@@ -193,7 +193,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
 
     /// <summary>
     /// The probe of vision pretraining: the LLM's input embeddings of the tokens "0" to "9" and, for an empty cell, a
-    /// random vector of the same scale, so the adapter learns to hand the LLM each digit as the embedding of its word.
+    /// random direction, so the adapter learns to hand the LLM each digit as the embedding of its word.
     /// </summary>
     private static float[] DigitProbeRows(VisionLanguageModel model, TextTokenizer tokenizer, int seed)
     {
@@ -207,10 +207,12 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             Array.Copy(embed, (long)ids[0] * d, rows, digit * d, d);
         }
         var rng = new Random(Engine.Seeds.ForRandom(seed, Engine.Seeds.Hash("vision_probe_empty")));
-        double scale = Math.Sqrt(rows.Take(10 * d).Average(x => (double)x * x));
-        for (int i = 0; i < d; i++) rows[VisionPretraining.Empty * d + i] = (float)((rng.NextDouble() * 2 - 1) * Math.Sqrt(3) * scale);
+        for (int i = 0; i < d; i++) rows[VisionPretraining.Empty * d + i] = (float)(rng.NextDouble() * 2 - 1); // the probe uses directions only
         return rows;
     }
+
+    private string[] SftOverrides() =>
+        [$"sft.batch={s.SftBatch}", $"optim.lr={s.SftLr.ToString(CultureInfo.InvariantCulture)}", "optim.warmup=10", "optim.schedule=cosine", "sft.held_out=0.02"];
 
     private string[] PreferenceOverrides(float? lr = null) =>
         [$"pairs.pairs_per_step={s.PairsPerStep}", "pairs.held_out=0.2", $"optim.lr={(lr ?? s.PreferenceLr).ToString(CultureInfo.InvariantCulture)}", "mpo.beta=0.1"];

@@ -18,11 +18,11 @@ public sealed record VisionPretrainSettings(int Steps, int Batch, float Learning
 public sealed record VisionPretrainResult(IReadOnlyList<double> Losses, double HeldOutTokenAccuracy, double HeldOutDigitAccuracy, double Seconds);
 
 /// <summary>
-/// Stage 0 of the digit pipeline: the vision encoder and the adapter learn to see before the LLM learns to talk
-/// about what they see (the role of a pretrained InternViT and the MLP warm-up in InternVL). A linear probe
-/// [D -> 11] reads every image token the adapter gives the LLM and is trained, with the ViT and the adapter, to
-/// name the content of the grid cell the token covers: a digit or empty (class 10). The probe is discarded; the
-/// ViT and adapter weights go into the checkpoint that SFT starts from, the LLM untouched.
+/// Vision alignment in the digit pipeline: the vision encoder and the adapter learn to hand the LLM what they see in
+/// the LLM's own terms (the role of a pretrained InternViT and the MLP warm-up in InternVL). A fixed probe [11, D]
+/// holds the LLM's embeddings of the digit words and a direction for "empty"; every image token, RMS-normalised, is
+/// scored by tau * cos against each row and trained (cross-entropy, ViT and adapter only) to pick the content of the
+/// grid cell it covers. The LLM is untouched; the ViT and adapter weights go into the checkpoint SFT starts from.
 /// </summary>
 public static class VisionPretraining
 {
@@ -62,11 +62,10 @@ public static class VisionPretraining
         return pixels;
     }
 
-    /// <param name="probeRows">[11, D] fixed probe rows (the LLM's embeddings of the digit tokens and a vector for
-    /// empty): the adapter then learns to put a cell's digit in the LLM's own word-embedding space. Null: a probe
-    /// learned alongside.</param>
-    public static VisionPretrainResult Run(VisionLanguageModel model, DigitScenes train, DigitScenes heldOut, VisionPretrainSettings s,
-        Action<int, double>? progress = null, CancellationToken cancel = default, float[]? probeRows = null)
+    /// <param name="probeRows">[11, D]: the LLM's embeddings of the tokens "0".."9" and a direction for an empty cell
+    /// (only directions matter).</param>
+    public static VisionPretrainResult Run(VisionLanguageModel model, DigitScenes train, DigitScenes heldOut, VisionPretrainSettings s, float[] probeRows,
+        Action<int, double>? progress = null, CancellationToken cancel = default)
     {
         var clock = Stopwatch.StartNew();
         var b = model.Backend;
@@ -76,20 +75,17 @@ public static class VisionPretraining
         var pre = new ImagePreprocessor(c.ForceImageSize);
         int d = c.Llm.HiddenSize, perTile = tokenCells.Length;
 
-        if (probeRows is not null && probeRows.Length != Classes * d) throw new ArgumentException($"probe rows hold {probeRows.Length} values, expected {Classes} x {d}");
-        float[]? fixedRows = null;
-        if (probeRows is not null)
+        if (probeRows.Length != Classes * d) throw new ArgumentException($"probe rows hold {probeRows.Length} values, expected {Classes} x {d}");
+        // Cosine logits: tau * cos(token, row), from the RMS-normalised token (norm sqrt(D)) and rows scaled to tau / sqrt(D).
+        var rows = new float[probeRows.Length];
+        for (int k = 0; k < Classes; k++)
         {
-            // Cosine logits: tau * cos(token, row), from the RMS-normalised token (norm sqrt(D)) and rows scaled to tau / sqrt(D).
-            fixedRows = new float[probeRows.Length];
-            for (int k = 0; k < Classes; k++)
-            {
-                double norm = Math.Sqrt(Enumerable.Range(0, d).Sum(i => (double)probeRows[k * d + i] * probeRows[k * d + i]));
-                for (int i = 0; i < d; i++) fixedRows[k * d + i] = (float)(probeRows[k * d + i] / norm * CosineScale / Math.Sqrt(d));
-            }
+            double norm = Math.Sqrt(Enumerable.Range(0, d).Sum(i => (double)probeRows[k * d + i] * probeRows[k * d + i]));
+            for (int i = 0; i < d; i++) rows[k * d + i] = (float)(probeRows[k * d + i] / norm * CosineScale / Math.Sqrt(d));
         }
-        using var probe = Parameter.Create(b, "vision_probe.weight", [Classes, d], fixedRows ?? LearnedProbeInit(d, s.Seed), trainable: probeRows is null);
-        using var opt = new AdamWOptimizer(b, [.. model.Parameters.Trainable, .. probeRows is null ? new[] { probe } : []], new AdamWSettings(s.LearningRate));
+        using var probe = b.FromArray(rows, DType.F32, [Classes, d], "vision_probe");
+        using var ones = b.FromArray(Enumerable.Repeat(1f, d).ToArray(), DType.F32, [d], "vision_probe_norm");
+        using var opt = new AdamWOptimizer(b, model.Parameters.Trainable, new AdamWSettings(s.LearningRate));
         var schedule = new LearningRateSchedule(s.LearningRate, s.Warmup, s.Steps);
         var rng = new Random(s.Seed);
         var losses = new List<double>();
@@ -97,7 +93,7 @@ public static class VisionPretraining
         {
             var items = Enumerable.Range(0, s.Batch).Select(_ => train.Sample(rng)).ToList();
             opt.ZeroGrad();
-            var (loss, _) = Probe(model, probe, pre, items, tokenCells, backward: true, cosine: probeRows is not null);
+            var (loss, _) = Probe(model, probe, ones, pre, items, tokenCells, backward: true);
             opt.Step(schedule.At(step));
             losses.Add(loss);
             progress?.Invoke(step, loss);
@@ -109,11 +105,11 @@ public static class VisionPretraining
         long right = 0, total = 0, digitRight = 0, digits = 0;
         foreach (var chunk in held.Chunk(Math.Max(1, s.Batch)))
         {
-            var (_, predicted) = Probe(model, probe, pre, chunk, tokenCells, backward: false, cosine: probeRows is not null);
+            var (_, predicted) = Probe(model, probe, ones, pre, chunk, tokenCells, backward: false);
             for (int i = 0; i < chunk.Length; i++)
                 for (int o = 0; o < perTile; o++)
                 {
-                    int truth = Label(chunk[i], tokenCells[o]), guess = predicted[i * perTile + o];
+                    int truth = Label(chunk[i], tokenCells[o]), guess = predicted![i * perTile + o];
                     total++; right += guess == truth ? 1 : 0;
                     if (truth != Empty) { digits++; digitRight += guess == truth ? 1 : 0; }
                 }
@@ -121,58 +117,47 @@ public static class VisionPretraining
         return new VisionPretrainResult(losses, (double)right / total, digits == 0 ? 0 : (double)digitRight / digits, clock.Elapsed.TotalSeconds);
     }
 
-    /// <summary>Uniform in +-sqrt(3 / D): logits of unit variance for tokens of unit RMS.</summary>
-    private static float[] LearnedProbeInit(int d, int seed)
-    {
-        var init = new Random(Engine.Seeds.ForRandom(seed, Engine.Seeds.Hash("vision_probe")));
-        var values = new float[Classes * d];
-        for (int i = 0; i < values.Length; i++) values[i] = (float)((init.NextDouble() * 2 - 1) * Math.Sqrt(3.0 / d));
-        return values;
-    }
-
     private static int Label(DigitTaskItem item, int cell) =>
         item.Cells.Length == 0 ? throw new ArgumentException("the scene has no cell labels") : item.Cells[cell] < 0 ? Empty : item.Cells[cell];
 
-    /// <summary>Mean cross-entropy of the probe over every image token of the scenes, the argmax per token, and (when
-    /// <paramref name="backward"/>) the gradients of the probe, the adapter and the ViT.</summary>
-    private static (double Loss, int[] Predicted) Probe(VisionLanguageModel model, Parameter probe, ImagePreprocessor pre, IReadOnlyList<DigitTaskItem> items,
-        int[] tokenCells, bool backward, bool cosine)
+    /// <summary>Mean cross-entropy of the probe over every image token of the scenes; with <paramref name="backward"/>
+    /// the gradients of the adapter and the ViT, without it the probe's choice per token.</summary>
+    private static (double Loss, int[]? Predicted) Probe(VisionLanguageModel model, Tensor probe, Tensor ones, ImagePreprocessor pre,
+        IReadOnlyList<DigitTaskItem> items, int[] tokenCells, bool backward)
     {
         var b = model.Backend;
-        int n = items.Count, perTile = tokenCells.Length, rows = n * perTile;
+        int n = items.Count, perTile = tokenCells.Length, rows = n * perTile, d = model.Config.Llm.HiddenSize;
         var pixels = items.SelectMany(x => Pixels(pre, x)).ToArray();
         var labels = new int[rows];
         for (int i = 0; i < n; i++)
             for (int o = 0; o < perTile; o++) labels[i * perTile + o] = Label(items[i], tokenCells[o]);
         using var pass = model.ForwardImage(pixels, n);
-        int d = model.Config.Llm.HiddenSize;
-        using var ones = cosine ? b.FromArray(Enumerable.Repeat(1f, d).ToArray(), DType.F32, [d]) : null;
-        using var rstd = cosine ? b.Allocate(DType.F32, rows) : null;
-        using var normed = cosine ? b.Activations(rows, d) : null;
-        if (cosine) b.RmsNormForward(pass.Tokens, ones!, normed!, rstd!, 1e-6f);
-        var features = cosine ? normed! : pass.Tokens;
-        using var logits = Linear.Forward(b, features, probe.Value, null);
+        using var rstd = b.Allocate(DType.F32, rows);
+        using var normed = b.Activations(rows, d);
+        b.RmsNormForward(pass.Tokens, ones, normed, rstd, 1e-6f);
+        using var logits = Linear.Forward(b, normed, probe, null);
         using var targets = b.FromArray(labels, [rows], "cell_labels");
         using var logp = b.Allocate(DType.F32, rows);
         using var lse = b.Allocate(DType.F32, rows);
         b.CrossEntropyForward(logits, targets, logp, lse);
         double loss = -logp.ToFloatArray().Sum(x => (double)x) / rows;
-        var values = logits.ToFloatArray();
-        var predicted = new int[rows];
-        for (int r = 0; r < rows; r++)
+        if (!backward)
         {
-            int best = 0;
-            for (int k = 1; k < Classes; k++) if (values[r * Classes + k] > values[r * Classes + best]) best = k;
-            predicted[r] = best;
+            var values = logits.ToFloatArray();
+            var predicted = new int[rows];
+            for (int r = 0; r < rows; r++)
+            {
+                int best = 0;
+                for (int k = 1; k < Classes; k++) if (values[r * Classes + k] > values[r * Classes + best]) best = k;
+                predicted[r] = best;
+            }
+            return (loss, predicted);
         }
-        if (backward)
-        {
-            using var dlogp = b.FromArray(Enumerable.Repeat(-1f / rows, rows).ToArray(), DType.F32, [rows]);
-            b.CrossEntropyBackward(logits, targets, lse, dlogp, logits); // dlogits replace the logits
-            using var dFeatures = Linear.Backward(b, logits, features, probe.Value, probe.Grad, null, inputGradient: true)!;
-            if (cosine) b.RmsNormBackward(dFeatures, pass.Tokens, ones!, rstd!, dFeatures, null, false);
-            model.BackwardImage(pass, dFeatures);
-        }
-        return (loss, predicted);
+        using var dlogp = b.FromArray(Enumerable.Repeat(-1f / rows, rows).ToArray(), DType.F32, [rows]);
+        b.CrossEntropyBackward(logits, targets, lse, dlogp, logits); // dlogits replace the logits
+        using var dNormed = Linear.Backward(b, logits, normed, probe, null, null, inputGradient: true)!;
+        b.RmsNormBackward(dNormed, pass.Tokens, ones, rstd, dNormed, null, false);
+        model.BackwardImage(pass, dNormed);
+        return (loss, null);
     }
 }

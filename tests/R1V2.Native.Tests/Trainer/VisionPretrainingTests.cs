@@ -29,24 +29,18 @@ public sealed class VisionPretrainingTests(CpuFixture fx)
         Assert.Contains("must lie in one of the 4 x 4 cells", e.Message);
     }
 
-    [Theory]
-    [InlineData(false)]
-    [InlineData(true)]
-    public void Training_LowersTheProbeLoss_MovesTheVisionSide_AndLeavesTheLlmAlone(bool cosine)
+    [Fact]
+    public void Training_LowersTheProbeLoss_MovesTheVisionSide_AndLeavesTheLlmAlone()
     {
         var c = Config("digits-tiny");
         using var store = new ParameterStore(fx.Backend, c, TrainableParts.AdapterAndVit, (n, s) => VlmWeights.RandomInit(c, n, s, 5));
         using var model = new VisionLanguageModel(fx.Backend, c, store, 261);
         var before = store.All.ToDictionary(p => p.Name, p => p.Parameter.Value.ToFloatArray());
         var digits = MnistDigits.Embedded();
-        float[]? rows = null;
-        if (cosine)
-        {
-            var rng = new Random(3);
-            rows = Enumerable.Range(0, VisionPretraining.Classes * c.Llm.HiddenSize).Select(_ => (float)(rng.NextDouble() - 0.5)).ToArray();
-        }
+        var rng = new Random(3);
+        var rows = Enumerable.Range(0, VisionPretraining.Classes * c.Llm.HiddenSize).Select(_ => (float)(rng.NextDouble() - 0.5)).ToArray();
         var result = VisionPretraining.Run(model, new DigitScenes(digits, DigitSplit.Train, 32), new DigitScenes(digits, DigitSplit.HeldOut, 32),
-            new VisionPretrainSettings(Steps: 40, Batch: 8, LearningRate: 3e-3f, Seed: 2, HeldOutScenes: 20), probeRows: rows);
+            new VisionPretrainSettings(Steps: 40, Batch: 8, LearningRate: 3e-3f, Seed: 2, HeldOutScenes: 20), rows);
         Assert.Equal(40, result.Losses.Count);
         double first = result.Losses.Take(5).Average(), last = result.Losses.TakeLast(5).Average();
         Assert.True(last < 0.7 * first, $"probe loss {first:F3} -> {last:F3}");

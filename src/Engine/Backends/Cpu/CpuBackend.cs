@@ -408,24 +408,14 @@ public sealed unsafe class CpuBackend : Backend
         _pagedCombine(batch.Batch * heads, F(output), F(partialO), F(partialLse), splits, dim);
     }
 
-    protected override (int[] Tokens, float[] LogProbs) SampleCore(Tensor logits, IReadOnlyList<SampleRow> rows, int vocab)
+    protected override (int[] Tokens, float[] LogProbs) SampleCore(Tensor logits, SamplingInputs x, int vocab)
     {
-        var (temp, topK, topP, minP, pen, seeds, steps, prev, offsets) = SamplingArrays(rows);
-        int n = rows.Count, stride = logits.Dim(1);
+        int n = x.Count, stride = logits.Dim(1);
         using var tTokens = Allocate(DType.I32, n);
         using var tLogp = Allocate(DType.F32, n);
-        using var tPrev = FromArray(prev, [prev.Length]);
-        using var tOffsets = FromArray(offsets, [offsets.Length]);
-        using var tTemp = FromArray(temp, DType.F32, [n]);
-        using var tTopK = FromArray(topK, [n]);
-        using var tTopP = FromArray(topP, DType.F32, [n]);
-        using var tMinP = FromArray(minP, DType.F32, [n]);
-        using var tPen = FromArray(pen, DType.F32, [n]);
-        using var tSeeds = FromArray(System.Runtime.InteropServices.MemoryMarshal.Cast<ulong, int>(seeds.AsSpan()), [2 * n]);
-        using var tSteps = FromArray(steps, [n]);
         using var seen = Allocate(DType.I32, (int)(((long)n * stride + 3) / 4));
-        _sample(n, I(tTokens), F(tLogp), F(logits), I(tPrev), I(tOffsets), F(tTemp), I(tTopK), F(tTopP), F(tMinP), F(tPen),
-            Bytes(tSeeds).Cast<ulong>(), I(tSteps), Bytes(seen).Cast<byte>(), new SampleShape(vocab, stride));
+        _sample(n, I(tTokens), F(tLogp), F(logits), I(x.Previous), I(x.Offsets), F(x.Temperature), I(x.TopK), F(x.TopP), F(x.MinP), F(x.Penalty),
+            Bytes(x.Seeds).Cast<ulong>(), I(x.Steps), Bytes(seen).Cast<byte>(), new SampleShape(vocab, stride));
         return (tTokens.ToIntArray(), tLogp.ToFloatArray());
     }
 

@@ -410,23 +410,14 @@ public sealed unsafe class CudaBackend : Backend
             [P(output), 0, P(partialO), P(partialLse), I(batch.Batch * heads), I(splits), I(dim)]);
     }
 
-    protected override (int[] Tokens, float[] LogProbs) SampleCore(Tensor logits, IReadOnlyList<SampleRow> rows, int vocab)
+    protected override (int[] Tokens, float[] LogProbs) SampleCore(Tensor logits, SamplingInputs x, int vocab)
     {
-        var (temp, topK, topP, minP, pen, seeds, steps, prev, offsets) = SamplingArrays(rows);
-        int n = rows.Count;
+        int n = x.Count;
         using var tTokens = Allocate(DType.I32, n);
         using var tLogp = Allocate(DType.F32, n);
-        using var tPrev = FromArray(prev, [prev.Length]);
-        using var tOffsets = FromArray(offsets, [offsets.Length]);
-        using var tTemp = FromArray(temp, DType.F32, [n]);
-        using var tTopK = FromArray(topK, [n]);
-        using var tTopP = FromArray(topP, DType.F32, [n]);
-        using var tMinP = FromArray(minP, DType.F32, [n]);
-        using var tPen = FromArray(pen, DType.F32, [n]);
-        using var tSeeds = FromArray(System.Runtime.InteropServices.MemoryMarshal.Cast<ulong, int>(seeds.AsSpan()), [2 * n]); // read as u64 by the kernel
-        using var tSteps = FromArray(steps, [n]);
         Launch("sampling", "sample" + Suffix(logits), n,
-            [P(tTokens), P(tLogp), P(logits), P(tPrev), P(tOffsets), P(tTemp), P(tTopK), P(tTopP), P(tMinP), P(tPen), P(tSeeds), P(tSteps), I(vocab), I(logits.Dim(1))]);
+            [P(tTokens), P(tLogp), P(logits), P(x.Previous), P(x.Offsets), P(x.Temperature), P(x.TopK), P(x.TopP), P(x.MinP), P(x.Penalty), P(x.Seeds), P(x.Steps),
+             I(vocab), I(logits.Dim(1))]);
         return (tTokens.ToIntArray(), tLogp.ToFloatArray());
     }
 
