@@ -193,7 +193,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
 
     /// <summary>
     /// The probe of vision pretraining: the LLM's input embeddings of the tokens "0" to "9" and, for an empty cell, a
-    /// random direction, so the adapter learns to hand the LLM each digit as the embedding of its word.
+    /// random vector at their scale, so the adapter learns to hand the LLM each digit as the embedding of its word.
     /// </summary>
     private static float[] DigitProbeRows(VisionLanguageModel model, TextTokenizer tokenizer, int seed)
     {
@@ -207,7 +207,8 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             Array.Copy(embed, (long)ids[0] * d, rows, digit * d, d);
         }
         var rng = new Random(Engine.Seeds.ForRandom(seed, Engine.Seeds.Hash("vision_probe_empty")));
-        for (int i = 0; i < d; i++) rows[VisionPretraining.Empty * d + i] = (float)(rng.NextDouble() * 2 - 1); // the probe uses directions only
+        double scale = Math.Sqrt(rows.Take(10 * d).Average(x => (double)x * x)); // the digit rows' scale (only directions matter to the probe)
+        for (int i = 0; i < d; i++) rows[VisionPretraining.Empty * d + i] = (float)((rng.NextDouble() * 2 - 1) * Math.Sqrt(3) * scale);
         return rows;
     }
 
