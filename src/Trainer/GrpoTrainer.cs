@@ -213,21 +213,17 @@ public sealed class GrpoTrainer : IDisposable
         return result;
     }
 
-    /// <summary>Reward-model scores of every sample (prompt + response + &lt;|im_end|&gt;, the last token's score).</summary>
+    /// <summary>Reward-model scores of every sample (prompt + response + &lt;|im_end|&gt;, the last token's score), in one packed pass.</summary>
     private double[] ScoreWithRewardModel(IReadOnlyList<GeneratedSample> samples, IReadOnlyList<(int[] Ids, float[]? Pixels, int Tiles)> prompts)
     {
         int imEnd = _tokenizer.RequireToken("<|im_end|>");
-        var scores = new double[samples.Count];
-        for (int i = 0; i < samples.Count; i++)
+        var sequences = samples.Select(s =>
         {
-            var (ids, pixels, tiles) = prompts[samples[i].Request];
-            var tokens = samples[i].Tokens.Length > 0 && samples[i].Tokens[^1] == imEnd ? samples[i].Tokens : [.. samples[i].Tokens, imEnd];
-            int[] seq = [.. ids, .. tokens];
-            var imageRows = Enumerable.Range(0, ids.Length).Where(k => ids[k] == _rewardModel!.Vlm.ImageContextId).ToArray();
-            using var scored = _rewardModel!.Score(new VlmBatch(seq, Enumerable.Repeat(Backend.IgnoreIndex, seq.Length).ToArray(), [0, seq.Length], pixels, tiles, imageRows));
-            scores[i] = scored.Scores[0];
-        }
-        return scores;
+            var (ids, pixels, tiles) = prompts[s.Request];
+            var tokens = s.Tokens.Length > 0 && s.Tokens[^1] == imEnd ? s.Tokens : [.. s.Tokens, imEnd];
+            return ((int[])[.. ids, .. tokens], pixels, tiles);
+        }).ToList();
+        return _rewardModel!.ScoreSequences(sequences).Select(x => (double)x).ToArray();
     }
 
     // ---- checkpoints ---------------------------------------------------------------------------------------------

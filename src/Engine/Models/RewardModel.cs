@@ -74,6 +74,26 @@ public sealed class RewardModel : IDisposable
         return new Scored(pass, last, lastHidden, scores.ToFloatArray());
     }
 
+    /// <summary>Scores of whole sequences (each with its own image, if any), packed into one forward pass.</summary>
+    public float[] ScoreSequences(IReadOnlyList<(int[] Ids, float[]? Pixels, int Tiles)> sequences)
+    {
+        if (sequences.Count == 0) return [];
+        var ids = new List<int>();
+        var cu = new List<int> { 0 };
+        var pixels = new List<float>();
+        int tiles = 0;
+        for (int i = 0; i < sequences.Count; i++)
+        {
+            var (seq, px, t) = sequences[i];
+            if (seq.Length == 0) throw new ArgumentException($"sequence {i} to score is empty");
+            ids.AddRange(seq);
+            cu.Add(ids.Count);
+            if (t > 0) { pixels.AddRange(px ?? throw new ArgumentException($"sequence {i} has {t} tiles but no pixels")); tiles += t; }
+        }
+        using var scored = Score(new VlmBatch([.. ids], Enumerable.Repeat(Backend.IgnoreIndex, ids.Count).ToArray(), [.. cu], tiles > 0 ? [.. pixels] : null, tiles));
+        return scored.Scores;
+    }
+
     /// <summary>Backward of a loss given d loss / d score for each sequence.</summary>
     public void Backward(Scored scored, float[] dScores)
     {

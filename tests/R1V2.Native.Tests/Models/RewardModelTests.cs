@@ -1,0 +1,44 @@
+using R1V2.Native.Engine.Models;
+
+namespace R1V2.Native.Tests.Models;
+
+/// <summary>The reward model's scores: packing several sequences (with their images) into one pass changes nothing.</summary>
+[Collection("cpu")]
+public sealed class RewardModelTests(CpuFixture fx) : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("r1v2-rm-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, true);
+
+    [Fact]
+    public void PackedScores_EqualEachSequenceScoredAlone()
+    {
+        var init = ModelFactory.Init(Path.Combine(AppContext.BaseDirectory, "configs", "digits-tiny.json"), _dir, seed: 4);
+        using var rm = RewardModel.Load(fx.Backend, _dir, TrainableParts.None, trainHead: false);
+        var rng = new Random(11);
+        int d = rm.Vlm.Config.Llm.HiddenSize, side = rm.Vlm.Config.ForceImageSize;
+        rm.Weight.Value.CopyFrom(Enumerable.Range(0, d).Select(_ => (float)(rng.NextDouble() - 0.5)).ToArray());
+        rm.Bias.Value.CopyFrom([0.25f]);
+        float[] Image() => Enumerable.Range(0, 3 * side * side).Select(_ => (float)(rng.NextDouble() * 2 - 1)).ToArray();
+        int[] Text(int n) => Enumerable.Range(0, n).Select(_ => rng.Next(3, 200)).ToArray();
+        int[] WithImage(int before, int after) => [.. Text(before), .. Enumerable.Repeat(init.ImageContextId, init.TokensPerTile), .. Text(after)];
+        var sequences = new List<(int[] Ids, float[]? Pixels, int Tiles)>
+        {
+            (WithImage(3, 9), Image(), 1),
+            (Text(7), null, 0),                 // a text-only sequence between two with images
+            (WithImage(1, 14), Image(), 1),
+        };
+
+        var packed = rm.ScoreSequences(sequences);
+
+        Assert.Equal(3, packed.Length);
+        for (int i = 0; i < sequences.Count; i++)
+        {
+            var (ids, pixels, tiles) = sequences[i];
+            using var alone = rm.Score(new VlmBatch(ids, Enumerable.Repeat(Engine.Backends.Backend.IgnoreIndex, ids.Length).ToArray(), [0, ids.Length], pixels, tiles));
+            Assert.Equal(alone.Scores[0], packed[i], 1e-4f * Math.Max(1, Math.Abs(alone.Scores[0])));
+        }
+        Assert.True(packed.Distinct().Count() == 3, "the three sequences should not score alike");
+        Assert.Empty(rm.ScoreSequences([]));
+    }
+}
