@@ -20,11 +20,14 @@ public sealed record SampledGroup(PromptRow Prompt, IReadOnlyList<string> Respon
 public static class PromptSampling
 {
     public static List<SampledGroup> Sample(VisionLanguageModel model, TextTokenizer tokenizer, IReadOnlyList<PromptRow> prompts, int samples,
-        SamplingParams sampling, int maxNewTokens, ulong seed, Func<string, PromptRow, RewardBreakdown> reward, int cacheBlocks = 1024)
+        SamplingParams sampling, int maxNewTokens, ulong seed, Func<string, PromptRow, RewardBreakdown> reward, int cacheBlocks = 1024, int batchSequences = 64)
     {
-        var chat = new ChatRunner(model, tokenizer, new GeneratorOptions(cacheBlocks, MaxBatch: Math.Max(samples, 1) * 4));
+        // Prompts are generated together until about batchSequences sequences decode at once (each prompt's seed is its
+        // own, so the responses do not depend on the batching).
+        int promptsPerBatch = Math.Max(1, batchSequences / Math.Max(samples, 1));
+        var chat = new ChatRunner(model, tokenizer, new GeneratorOptions(cacheBlocks, MaxBatch: Math.Max(samples, 1) * promptsPerBatch));
         var groups = new List<SampledGroup>();
-        foreach (var batch in prompts.Chunk(4))
+        foreach (var batch in prompts.Chunk(promptsPerBatch))
         {
             var requests = batch.Select(p =>
             {

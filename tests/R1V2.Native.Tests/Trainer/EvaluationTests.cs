@@ -54,6 +54,14 @@ public sealed class EvaluationTests(CpuFixture fx) : IDisposable
         Assert.Equal(samples.Select(s => s.Response), againSamples.Select(s => s.Response));
         Assert.Equal(r.PassAt1, again.PassAt1);
 
+        // Each prompt samples from its own seed: one prompt per generator batch or all six at once, the same responses.
+        var sampling = new Engine.Backends.SamplingParams(1f, TopP: 1f);
+        RewardBreakdown None(string _, PromptRow __) => new(0, 0, 0, 0, 0);
+        var alone = PromptSampling.Sample(model, tok, prompts, 3, sampling, 6, 4, None, batchSequences: 3);
+        var together = PromptSampling.Sample(model, tok, prompts, 3, sampling, 6, 4, None, batchSequences: 64);
+        Assert.Equal(alone.SelectMany(g => g.Responses), together.SelectMany(g => g.Responses));
+        Assert.True(alone.SelectMany(g => g.Responses).Distinct().Count() > 6, "the samples should differ");
+
         var files = Evaluation.Write(Path.Combine(_dir, "out"), r, samples);
         Assert.Equal(18, File.ReadAllLines(files.Single(f => f.EndsWith("samples.jsonl"))).Length);
         Assert.Equal(r.PassAt1, JsonDocument.Parse(File.ReadAllText(files.Single(f => f.EndsWith("eval.json")))).RootElement.GetProperty("PassAt1").GetDouble());
