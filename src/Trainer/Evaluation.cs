@@ -76,6 +76,28 @@ public static class Evaluation
         return (result, samples);
     }
 
+    /// <summary>
+    /// The paired difference of pass@1 between two evaluations of the same prompts: the mean over prompts of (other's
+    /// per-prompt pass rate - baseline's) and its standard error. Pairing removes the prompts' shared difficulty from the
+    /// error, so this is the measure of whether one stage beats another.
+    /// </summary>
+    public static (double Difference, double StdError, int Prompts) PairedDifference(IReadOnlyList<EvalSample> baseline, IReadOnlyList<EvalSample> other)
+    {
+        static Dictionary<int, double> PerPrompt(IEnumerable<EvalSample> samples) =>
+            samples.GroupBy(x => x.Prompt).ToDictionary(g => g.Key, g => g.Average(x => x.Correct ? 1.0 : 0.0));
+        var a = PerPrompt(baseline);
+        var b = PerPrompt(other);
+        if (a.Count == 0 || a.Count != b.Count || a.Keys.Any(k => !b.ContainsKey(k)))
+            throw new ArgumentException($"a paired difference needs the same prompts in both evaluations ({a.Count} and {b.Count} prompts)");
+        var d = a.Keys.Order().Select(k => b[k] - a[k]).ToList();
+        double mean = d.Average();
+        double se = d.Count > 1 ? Math.Sqrt(d.Sum(x => (x - mean) * (x - mean)) / (d.Count - 1) / d.Count) : 0;
+        return (mean, se, d.Count);
+    }
+
+    public static List<EvalSample> ReadSamples(string path) =>
+        File.ReadLines(path).Select((l, i) => JsonSerializer.Deserialize<EvalSample>(l) ?? throw new InvalidDataException($"{path}:{i + 1}: not an evaluation sample")).ToList();
+
     /// <summary>Writes eval.json, eval.md and samples.jsonl into <paramref name="directory"/>; returns the paths.</summary>
     public static IReadOnlyList<string> Write(string directory, EvalResult r, IEnumerable<EvalSample> samples)
     {

@@ -221,7 +221,7 @@ public sealed class GrpoTrainer : IDisposable
         {
             var (ids, pixels, tiles) = prompts[s.Request];
             var tokens = s.Tokens.Length > 0 && s.Tokens[^1] == imEnd ? s.Tokens : [.. s.Tokens, imEnd];
-            return ((int[])[.. ids, .. tokens], pixels, tiles);
+            return ((int[])[.. ids, .. tokens], ids.Length, pixels, tiles);
         }).ToList();
         return _rewardModel!.ScoreSequences(sequences).Select(x => (double)x).ToArray();
     }

@@ -28,7 +28,7 @@ public sealed record PipelineSettings
     public int VisionSteps { get; init; } = 200;
     public int VisionBatch { get; init; } = 32;
     public float VisionLr { get; init; } = 3e-3f;
-    public int SftSteps { get; init; } = 150;
+    public int SftSteps { get; init; } = 600;
     public int SftBatch { get; init; } = 16;
     public float SftLr { get; init; } = 3e-3f;
     public int PairPrompts { get; init; } = 96;
@@ -43,13 +43,26 @@ public sealed record PipelineSettings
     public int GrpoPrompts { get; init; } = 4;
     public int GroupSize { get; init; } = 4;
     public float GrpoLr { get; init; } = 1e-4f;
+    /// <summary>Rollout sampling of GRPO: the temperature and top-p the held-out evaluation samples with.</summary>
+    public float GrpoTemperature { get; init; } = 0.6f;
+    public float GrpoTopP { get; init; } = 0.95f;
+    /// <summary>mean_std (the paper), mean_only (Dr.GRPO) or leave_one_out.</summary>
+    public string GrpoAdvantage { get; init; } = "mean_std";
+    /// <summary>Weight of the standardised reward-model score in the hybrid reward (0: rule + format only).</summary>
+    public double RmWeight { get; init; } = 0.25;
     public int MaxNewTokens { get; init; } = 40;
     /// <summary>Samples per held-out prompt: pass@1 is their mean (temperature 0.6, top-p 0.95; 1 sample: greedy).</summary>
     public int EvalSamples { get; init; } = 4;
 }
 
 /// <summary>One evaluated stage of the pipeline.</summary>
-public sealed record StageResult(string Stage, string Model, EvalResult Eval);
+public sealed record StageResult(string Stage, string Model, EvalResult Eval)
+{
+    /// <summary>pass@1 minus the SFT model's on the same held-out prompts, with its paired standard error (null for SFT itself).</summary>
+    public PairedDifference? VersusSft { get; init; }
+}
+
+public sealed record PairedDifference(double Difference, double StdError, int Prompts);
 
 /// <summary>What the pipeline measured: every stage's held-out evaluation, the reward model's pair accuracy, both GRPO runs.</summary>
 public sealed record PipelineSummary(IReadOnlyList<StageResult> Stages, double? RewardModelPairAccuracy, int Pairs, double Seconds,
@@ -184,6 +197,11 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         stages.Add(Evaluate("grpo", with.Model));
         stages.Add(Evaluate("grpo-no-ssb", without.Model));
 
+        var sftSamples = Evaluation.ReadSamples(Dir("eval", "sft", "samples.jsonl"));
+        stages = stages.Select(st => st.Stage == "sft" ? st : st with
+        {
+            VersusSft = Evaluation.PairedDifference(sftSamples, Evaluation.ReadSamples(Dir("eval", st.Stage, "samples.jsonl"))) is var (d, se, n) ? new PairedDifference(d, se, n) : null,
+        }).ToList();
         var summary = new PipelineSummary(stages, rmAccuracy, pairs, clock.Elapsed.TotalSeconds, with.Ratios, without.Ratios)
             { VisionDigitAccuracy = vision?.HeldOutDigitAccuracy };
         File.WriteAllText(Dir("summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
@@ -229,9 +247,10 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         var config = Stage("grpo", model, output, Dir("data", "train", "prompts.jsonl"), s.GrpoSteps,
         [
             $"grpo.group_size={s.GroupSize}", $"grpo.prompts_per_step={s.GrpoPrompts}", $"grpo.max_new_tokens={s.MaxNewTokens}", "grpo.minibatches=2",
-            $"grpo.ssb.enabled={(buffer ? "true" : "false")}", "grpo.temperature=1.0", $"optim.lr={s.GrpoLr.ToString(CultureInfo.InvariantCulture)}",
+            $"grpo.ssb.enabled={(buffer ? "true" : "false")}", $"grpo.temperature={s.GrpoTemperature.ToString(CultureInfo.InvariantCulture)}",
+            $"grpo.top_p={s.GrpoTopP.ToString(CultureInfo.InvariantCulture)}", $"grpo.advantage={s.GrpoAdvantage}", $"optim.lr={s.GrpoLr.ToString(CultureInfo.InvariantCulture)}",
             $"monitor.claim_pattern={DigitScenes.ClaimPattern}", "grpo.cache_blocks=2048",
-            .. rmModel is null ? Array.Empty<string>() : [$"reward.rm_path={rmModel}", "reward.rm_weight=0.25", "reward.rm_transform=standardise", "reward.rm_threshold=0.75"],
+            .. rmModel is null ? Array.Empty<string>() : [$"reward.rm_path={rmModel}", $"reward.rm_weight={s.RmWeight.ToString(CultureInfo.InvariantCulture)}", "reward.rm_transform=standardise", "reward.rm_threshold=0.75"],
         ]);
         using (var t = new GrpoTrainer(config, backend))
         {
@@ -315,11 +334,12 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
 
         var md = new StringBuilder();
         md.AppendLine("# The digit pipeline").AppendLine();
-        md.AppendLine(string.Format(inv, "Seed {0}; this invocation took {1:F0} s (stages finished by an earlier one are loaded, not rerun). Held-out scenes are composed only from held-out MNIST images; nothing was tuned on them.",
+        md.AppendLine(string.Format(inv, "Seed {0}; this invocation took {1:F0} s (stages finished by an earlier one are loaded, not rerun). Held-out scenes are composed only from held-out MNIST images; nothing was tuned on them. \"vs sft\" is the difference in pass@1 from the SFT model on the same prompts, ± its paired standard error.",
             s.Seed, summary.Seconds)).AppendLine();
-        md.AppendLine("| stage | held-out pass@1 | format rate | hallucination rate |").AppendLine("| --- | --- | --- | --- |");
+        md.AppendLine("| stage | held-out pass@1 | vs sft (paired) | format rate | hallucination rate |").AppendLine("| --- | --- | --- | --- | --- |");
         foreach (var st in summary.Stages)
-            md.AppendLine(string.Format(inv, "| {0} | {1:F3} ± {2:F3} | {3:F3} | {4} |", st.Stage, st.Eval.PassAt1, st.Eval.PassAt1StdError, st.Eval.FormatRate,
+            md.AppendLine(string.Format(inv, "| {0} | {1:F3} ± {2:F3} | {3} | {4:F3} | {5} |", st.Stage, st.Eval.PassAt1, st.Eval.PassAt1StdError,
+                st.VersusSft is { } v ? string.Format(inv, "{0:+0.000;-0.000} ± {1:F3}", v.Difference, v.StdError) : "-", st.Eval.FormatRate,
                 st.Eval.HallucinationRate is { } h ? h.ToString("F3", inv) : "-"));
         var types = summary.Stages.SelectMany(x => x.Eval.ByType.Select(t => t.Type)).Distinct().Order(StringComparer.Ordinal).ToList();
         if (types.Count > 0)

@@ -41,6 +41,13 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         Assert.Equal(2, summary.EffectiveRatioWithoutBuffer.Count);
         var md = File.ReadAllText(Path.Combine(_dir, "run", "summary.md"));
         Assert.Contains("| grpo-no-ssb |", md);
+        Assert.Null(summary.Stages[0].VersusSft);
+        foreach (var st in summary.Stages.Skip(1))
+        {
+            // The paired column is each stage's per-prompt gain over SFT on the same held-out prompts.
+            Assert.Equal(6, st.VersusSft!.Prompts);
+            Assert.Equal(st.Eval.PassAt1 - summary.Stages[0].Eval.PassAt1, st.VersusSft.Difference, 12);
+        }
         Assert.Contains("Vision alignment (3 steps)", md);
         Assert.Equal(vision.HeldOutDigitAccuracy, summary.VisionDigitAccuracy);
         Assert.True(File.Exists(Path.Combine(_dir, "run", "plots", "effective_ratio.png")));

@@ -115,4 +115,19 @@ public sealed class EvaluationTests(CpuFixture fx) : IDisposable
         Assert.Equal(2, json.GetProperty("Prompts").GetInt32());
         Assert.True(File.Exists(Path.Combine(output, "eval.md")));
     }
+    [Fact]
+    public void PairedDifference_IsTheMeanPerPromptGain_WithItsStandardError()
+    {
+        static List<EvalSample> Of(params bool[][] prompts) =>
+            prompts.SelectMany((p, i) => p.Select((c, k) => new EvalSample(i, k, "sum", "1", "", c, true, null))).ToList();
+        // Per-prompt pass rates: baseline 1/2, 0, 1; other 1, 1/2, 1 -> differences 1/2, 1/2, 0.
+        var baseline = Of([true, false], [false, false], [true, true]);
+        var other = Of([true, true], [true, false], [true, true]);
+        var (d, se, n) = Evaluation.PairedDifference(baseline, other);
+        Assert.Equal(3, n);
+        Assert.Equal(1.0 / 3, d, 12);
+        // Sample variance of (1/2, 1/2, 0) around 1/3 is (1/36 + 1/36 + 4/36) / 2 = 1/12; SE = sqrt(1/12 / 3) = 1/6.
+        Assert.Equal(1.0 / 6, se, 12);
+        Assert.Throws<ArgumentException>(() => Evaluation.PairedDifference(baseline, Of([true, true])));
+    }
 }
