@@ -34,7 +34,9 @@ public sealed record PipelineSettings
     public int PairPrompts { get; init; } = 96;
     public int PairSamples { get; init; } = 4;
     public double PairMargin { get; init; } = 0.5;
-    public int RmSteps { get; init; } = 80;
+    public int RmSteps { get; init; } = 160;
+    /// <summary>Reference-vs-wrong-trace pairs added to the sampled ones for the reward model (not for MPO).</summary>
+    public int RmSyntheticPairs { get; init; } = 640;
     public float RmLr { get; init; } = 1e-3f;
     public int MpoSteps { get; init; } = 40;
     public int PairsPerStep { get; init; } = 8;
@@ -50,6 +52,8 @@ public sealed record PipelineSettings
     public string GrpoAdvantage { get; init; } = "mean_std";
     /// <summary>Weight of the standardised reward-model score in the hybrid reward (0: rule + format only).</summary>
     public double RmWeight { get; init; } = 0.25;
+    /// <summary>The reward model joins GRPO's reward only when its held-out pair accuracy reaches this.</summary>
+    public double RmMinAccuracy { get; init; } = 0.6;
     public int MaxNewTokens { get; init; } = 40;
     /// <summary>Samples per held-out prompt: pass@1 is their mean (temperature 0.6, top-p 0.95; 1 sample: greedy).</summary>
     public int EvalSamples { get; init; } = 4;
@@ -70,6 +74,9 @@ public sealed record PipelineSummary(IReadOnlyList<StageResult> Stages, double? 
 {
     /// <summary>Vision alignment on held-out scenes: the share of image tokens over a digit whose digit the probe names.</summary>
     public double? VisionDigitAccuracy { get; init; }
+
+    /// <summary>What GRPO's reward was made of in this run, and why.</summary>
+    public string? GrpoReward { get; init; }
 }
 
 /// <summary>
@@ -161,7 +168,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
 
         // 6. Preference pairs from the SFT model, scored by rule + format.
         var pairsPath = Dir("data", "pairs.jsonl");
-        if (!File.Exists(pairsPath)) BuildPairs(sftModel, pairsPath);
+        if (!File.Exists(pairsPath) || !File.Exists(RmPairsPath)) BuildPairs(sftModel, pairsPath);
         int pairs = File.ReadAllLines(pairsPath).Length;
         _log($"pairs: {pairs} from {s.PairPrompts} prompts x ({s.PairSamples} samples + the reference trace), margin {s.PairMargin}");
 
@@ -174,7 +181,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             var rmOut = Dir("rm");
             if (!Directory.Exists(Path.Combine(rmOut, "final")))
             {
-                using var rm = new PreferenceTrainer(Stage("rm", sftModel, rmOut, pairsPath, s.RmSteps, PreferenceOverrides(s.RmLr)), backend);
+                using var rm = new PreferenceTrainer(Stage("rm", sftModel, rmOut, RmPairsPath, s.RmSteps, PreferenceOverrides(s.RmLr)), backend);
                 if (rm.Run(m => progress?.Invoke("rm", m.Step / (double)s.RmSteps), cancel) is null) throw new OperationCanceledException("interrupted during rm");
             }
             rmModel = Path.Combine(rmOut, "final");
@@ -192,8 +199,16 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         else _log($"only {pairs} pairs passed the margin: the reward model and MPO are skipped, GRPO starts from the SFT model");
 
         // 9. GRPO with and without the Selective Sample Buffer, same seed and budget.
-        var with = RunGrpo("grpo", mpoModel, rmModel, buffer: true, progress, cancel);
-        var without = RunGrpo("grpo-no-ssb", mpoModel, rmModel, buffer: false, progress, cancel);
+        // The reward model enters GRPO's hybrid reward only when it ranks held-out pairs better than the gate: a reward
+        // model near chance gives the policy nothing to learn but a target to game (reward rises, accuracy falls).
+        string? grpoRm = rmModel is not null && rmAccuracy >= s.RmMinAccuracy && s.RmWeight > 0 ? rmModel : null;
+        string rewardNote = grpoRm is not null
+            ? string.Format(CultureInfo.InvariantCulture, "GRPO reward: rule + format + {0} x the standardised reward-model score (its held-out pair accuracy {1:F3} passes the {2:F2} gate).", s.RmWeight, rmAccuracy, s.RmMinAccuracy)
+            : rmModel is null ? "GRPO reward: rule + format (no reward model was trained)."
+            : string.Format(CultureInfo.InvariantCulture, "GRPO reward: rule + format only: the reward model's held-out pair accuracy {0:F3} is below the {1:F2} gate (PipelineSettings.RmMinAccuracy), so its score is left out.", rmAccuracy, s.RmMinAccuracy);
+        _log(rewardNote);
+        var with = RunGrpo("grpo", mpoModel, grpoRm, buffer: true, progress, cancel);
+        var without = RunGrpo("grpo-no-ssb", mpoModel, grpoRm, buffer: false, progress, cancel);
         stages.Add(Evaluate("grpo", with.Model));
         stages.Add(Evaluate("grpo-no-ssb", without.Model));
 
@@ -203,7 +218,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             VersusSft = Evaluation.PairedDifference(sftSamples, Evaluation.ReadSamples(Dir("eval", st.Stage, "samples.jsonl"))) is var (d, se, n) ? new PairedDifference(d, se, n) : null,
         }).ToList();
         var summary = new PipelineSummary(stages, rmAccuracy, pairs, clock.Elapsed.TotalSeconds, with.Ratios, without.Ratios)
-            { VisionDigitAccuracy = vision?.HeldOutDigitAccuracy };
+            { VisionDigitAccuracy = vision?.HeldOutDigitAccuracy, GrpoReward = rewardNote };
         File.WriteAllText(Dir("summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
         WriteSummary(summary);
         return summary;
@@ -287,8 +302,27 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             return new SampledGroup(g.Prompt, [.. g.Responses, trace], [.. g.Rewards, reward.Score(trace, new RewardContext(g.Prompt.Answer, g.Prompt.Choices))]);
         });
         Directory.CreateDirectory(Path.GetDirectoryName(path)!);
-        PromptSampling.WritePairs(path, PromptSampling.Pairs(withTraces, s.PairMargin));
+        var sampled = PromptSampling.Pairs(withTraces, s.PairMargin);
+        PromptSampling.WritePairs(path, sampled);
+
+        // The reward model's pairs: the sampled ones plus, for further training scenes, the reference trace against a
+        // wrong one (a misread digit followed consistently, or the right digits and a wrong conclusion), scored by rule
+        // + format. They teach it what the policy's samples are too few to: whether the claims fit the image and the
+        // conclusion fits the claims.
+        var rng = new Random(Engine.Seeds.ForRandom(s.Seed, Engine.Seeds.Hash("rm_pairs")));
+        var synthetic = prompts.Next(s.RmSyntheticPairs).Select(p =>
+        {
+            var trace = traces.Read(p.Index).Response;
+            var claim = System.Text.RegularExpressions.Regex.Match(trace, DigitScenes.ClaimPattern);
+            if (!claim.Success || p.Type is null) throw new InvalidDataException($"{Dir("data", "train", "sft.jsonl")}:{p.Index + 1}: a digit trace with its claim and a typed prompt expected");
+            var item = new DigitTaskItem(p.Question, p.Answer, DigitQuestionTypes.Parse(p.Type), claim.Groups[1].Value.Split(", ").Select(int.Parse).ToArray(), [], 0, []);
+            var rejected = DigitScenes.Rejected(item, rng).Trace();
+            return (new SampledGroup(p, [trace, rejected], [reward.Score(trace, new RewardContext(p.Answer)), reward.Score(rejected, new RewardContext(p.Answer))]), 0, 1);
+        });
+        PromptSampling.WritePairs(RmPairsPath, [.. sampled, .. synthetic]);
     }
+
+    private string RmPairsPath => Dir("data", "rm-pairs.jsonl");
 
     private StageResult Evaluate(string stage, string model)
     {
@@ -351,6 +385,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         if (summary.VisionDigitAccuracy is { } va)
             md.AppendLine().AppendLine(string.Format(inv, "Vision alignment ({0} steps): on held-out scenes the probe names the digit of {1:F3} of the image tokens over one.", s.VisionSteps, va));
         md.AppendLine().AppendLine(string.Format(inv, "Reward model held-out pair accuracy: {0} ({1} pairs).", summary.RewardModelPairAccuracy is { } r ? r.ToString("F3", inv) : "-", summary.Pairs));
+        if (summary.GrpoReward is { } note) md.AppendLine(note);
         md.AppendLine(string.Format(inv, "Mean effective-sample ratio: {0:F3} with the buffer, {1:F3} without.",
             summary.EffectiveRatioWithBuffer.DefaultIfEmpty().Average(), summary.EffectiveRatioWithoutBuffer.DefaultIfEmpty().Average()));
         md.AppendLine().AppendLine("![accuracy](plots/accuracy_by_stage.png)").AppendLine("![effective ratio](plots/effective_ratio.png)");

@@ -11,6 +11,9 @@ public static class DigitQuestionTypes
 {
     /// <summary>The name used in datasets and reports: sum, largest, count, present, left_to_right.</summary>
     public static string Name(this DigitQuestionType t) => t == DigitQuestionType.LeftToRight ? "left_to_right" : t.ToString().ToLowerInvariant();
+
+    public static DigitQuestionType Parse(string name) => Enum.GetValues<DigitQuestionType>().FirstOrDefault(t => t.Name() == name, (DigitQuestionType)(-1)) is var t && Enum.IsDefined(t)
+        ? t : throw new ArgumentException($"unknown digit question type '{name}' (sum, largest, count, present, left_to_right)");
 }
 
 /// <summary>One visual question: a canvas with 1-4 handwritten digits, the question, and its verifiable answer.</summary>
@@ -91,22 +94,56 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
 
     private static (string Question, string Answer) Ask(Random rng, DigitQuestionType kind, int[] digits)
     {
-        switch (kind)
+        // Count and presence ask about a digit that is there half the time (only they draw one, so the stream stays as it was).
+        int d = kind is DigitQuestionType.Count or DigitQuestionType.Present ? (rng.Next(2) == 0 ? digits[rng.Next(digits.Length)] : rng.Next(10)) : 0;
+        var question = kind switch
         {
-            case DigitQuestionType.Sum: return ("What is the sum of the digits in the image?", digits.Sum().ToString());
-            case DigitQuestionType.Largest: return ("What is the largest digit in the image?", digits.Max().ToString());
-            case DigitQuestionType.Count:
-            {
-                int d = rng.Next(2) == 0 ? digits[rng.Next(digits.Length)] : rng.Next(10); // half the time a digit that is there
-                return ($"How many times does the digit {d} appear in the image?", digits.Count(x => x == d).ToString());
-            }
-            case DigitQuestionType.Present:
-            {
-                int d = rng.Next(2) == 0 ? digits[rng.Next(digits.Length)] : rng.Next(10);
-                return ($"Is the digit {d} in the image? Answer yes or no.", digits.Contains(d) ? "yes" : "no");
-            }
-            default: return ("Read the digits in the image from left to right.", string.Join(LeftToRightSeparator, digits));
+            DigitQuestionType.Sum => "What is the sum of the digits in the image?",
+            DigitQuestionType.Largest => "What is the largest digit in the image?",
+            DigitQuestionType.Count => $"How many times does the digit {d} appear in the image?",
+            DigitQuestionType.Present => $"Is the digit {d} in the image? Answer yes or no.",
+            _ => "Read the digits in the image from left to right.",
+        };
+        return (question, AnswerFor(kind, question, digits));
+    }
+
+    /// <summary>The answer to a question of this task about these digits (left to right).</summary>
+    public static string AnswerFor(DigitQuestionType kind, string question, IReadOnlyList<int> digits)
+    {
+        int asked = question.FirstOrDefault(char.IsAsciiDigit) - '0';
+        return kind switch
+        {
+            DigitQuestionType.Sum => digits.Sum().ToString(),
+            DigitQuestionType.Largest => digits.Max().ToString(),
+            DigitQuestionType.Count => digits.Count(x => x == asked).ToString(),
+            DigitQuestionType.Present => digits.Contains(asked) ? "yes" : "no",
+            _ => string.Join(LeftToRightSeparator, digits),
+        };
+    }
+
+    /// <summary>
+    /// A wrong version of an item's trace, for the rejected side of a reward model's pair: half the time one digit is
+    /// misread and the reasoning follows the wrong claim (a hallucination; the answer may still come out right), half
+    /// the time the digits are read right and the conclusion is wrong.
+    /// </summary>
+    public static DigitTaskItem Rejected(DigitTaskItem item, Random rng)
+    {
+        if (rng.Next(2) == 0)
+        {
+            var misread = item.Digits.ToArray();
+            int i = rng.Next(misread.Length);
+            misread[i] = (misread[i] + 1 + rng.Next(9)) % 10;
+            return item with { Digits = misread, Answer = AnswerFor(item.Type, item.Question, misread) };
         }
+        string wrong = item.Type switch
+        {
+            DigitQuestionType.Sum => (int.Parse(item.Answer) is var sum && 1 + rng.Next(3) is var off && sum >= off && rng.Next(2) == 0 ? sum - off : sum + off).ToString(),
+            DigitQuestionType.Largest => ((int.Parse(item.Answer) + 1 + rng.Next(9)) % 10).ToString(),
+            DigitQuestionType.Count => (item.Answer == "0" || rng.Next(2) == 0 ? int.Parse(item.Answer) + 1 : int.Parse(item.Answer) - 1).ToString(),
+            DigitQuestionType.Present => item.Answer == "yes" ? "no" : "yes",
+            _ => string.Join(LeftToRightSeparator, item.Digits.Select((x, k) => k == item.Digits.Length - 1 ? (x + 1 + rng.Next(9)) % 10 : x)),
+        };
+        return item with { Answer = wrong };
     }
 
     /// <summary>

@@ -15,7 +15,7 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
     {
         Output = Path.Combine(_dir, "run"), Seed = 3, ModelConfig = Path.Combine(AppContext.BaseDirectory, "configs", "digits-tiny.json"),
         TrainScenes = 40, HeldOutScenes = 6, WarmupSteps = 2, VisionSteps = 3, VisionBatch = 4, SftSteps = 3, SftBatch = 4, PairPrompts = 6, PairSamples = 2, RmSteps = 2, MpoSteps = 2, PairsPerStep = 2,
-        GrpoSteps = 2, GrpoPrompts = 2, GroupSize = 3, MaxNewTokens = 6,
+        GrpoSteps = 2, GrpoPrompts = 2, GroupSize = 3, MaxNewTokens = 6, RmSyntheticPairs = 8, RmMinAccuracy = 0,
     };
 
     [Fact]
@@ -41,6 +41,11 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         Assert.Equal(2, summary.EffectiveRatioWithoutBuffer.Count);
         var md = File.ReadAllText(Path.Combine(_dir, "run", "summary.md"));
         Assert.Contains("| grpo-no-ssb |", md);
+        // The reward model trains on the sampled pairs plus reference-vs-wrong traces, and (gate 0) joins GRPO's reward.
+        Assert.Equal(summary.Pairs + 8, File.ReadAllLines(Path.Combine(_dir, "run", "data", "rm-pairs.jsonl")).Length);
+        Assert.Contains("rm_path: " + Path.Combine(_dir, "run", "rm", "final"), File.ReadAllText(Path.Combine(_dir, "run", "grpo", "config.resolved.yaml")));
+        Assert.StartsWith("GRPO reward: rule + format + 0.25", summary.GrpoReward);
+        Assert.Contains(summary.GrpoReward!, md);
         Assert.Null(summary.Stages[0].VersusSft);
         foreach (var st in summary.Stages.Skip(1))
         {
@@ -61,5 +66,15 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         Assert.Equal(sftWeights, File.GetLastWriteTimeUtc(Path.Combine(_dir, "run", "sft", "final", "model.safetensors")));
         Assert.Equal(summary.Stages.Select(s => s.Eval.PassAt1), again.Stages.Select(s => s.Eval.PassAt1));
         Assert.Equal(JsonSerializer.Serialize(summary.EffectiveRatioWithBuffer), JsonSerializer.Serialize(again.EffectiveRatioWithBuffer));
+    }
+
+    [Fact]
+    public void ARewardModelBelowTheGate_IsLeftOutOfGrpo_AndTheSummarySaysSo()
+    {
+        var summary = new DigitPipeline(Settings() with { RmMinAccuracy = 1.01, GrpoSteps = 1 }, fx.Backend).Run();
+        Assert.NotNull(summary.RewardModelPairAccuracy);
+        Assert.StartsWith("GRPO reward: rule + format only", summary.GrpoReward);
+        Assert.Contains("rm_path: ''", File.ReadAllText(Path.Combine(_dir, "run", "grpo", "config.resolved.yaml")));
+        Assert.Contains("below the 1.01 gate", File.ReadAllText(Path.Combine(_dir, "run", "summary.md")));
     }
 }

@@ -100,6 +100,43 @@ public sealed class DigitTaskTests : IDisposable
     }
 
     [Fact]
+    public void RejectedTraces_MisreadOneDigitOrConcludeWrongly_AndNeverMatchTheReference()
+    {
+        var scenes = new DigitScenes(MnistDigits.Embedded(), DigitSplit.Train);
+        var rng = new Random(21);
+        var grounding = new R1V2.Native.Trainer.Grounding([], DigitScenes.ClaimPattern);
+        int misread = 0, wrongConclusion = 0;
+        for (int i = 0; i < 400; i++)
+        {
+            var item = scenes.Sample(rng);
+            Assert.Equal(item.Answer, DigitScenes.AnswerFor(item.Type, item.Question, item.Digits));
+            Assert.Equal(item.Type, DigitQuestionTypes.Parse(item.Type.Name()));
+            var bad = DigitScenes.Rejected(item, rng);
+            var trace = bad.Trace();
+            Assert.NotEqual(item.Trace(), trace);
+            Assert.Equal(1.0, new FormatReward().Score(trace));
+            var claimed = grounding.DigitClaims(trace).Split(", ").Select(int.Parse).ToArray();
+            Assert.Equal(item.Digits.Length, claimed.Length);
+            int differing = claimed.Zip(item.Digits).Count(x => x.First != x.Second);
+            if (differing == 1)
+            {
+                misread++; // the reasoning follows the wrong claim
+                Assert.Equal(DigitScenes.AnswerFor(item.Type, item.Question, claimed), bad.Answer);
+            }
+            else
+            {
+                wrongConclusion++; // right claims, wrong answer
+                Assert.Equal(0, differing);
+                Assert.Equal(0.0, AnswerVerifier.Score(trace, item.Answer));
+                Assert.DoesNotContain("-", bad.Answer);
+            }
+        }
+        Assert.InRange(misread, 150, 250);
+        Assert.InRange(wrongConclusion, 150, 250);
+        Assert.Throws<ArgumentException>(() => DigitQuestionTypes.Parse("product"));
+    }
+
+    [Fact]
     public void Scenes_PutEachDigitInItsOwnCell_InDistinctColumnsFromLeftToRight_AndInkNowhereElse()
     {
         var scenes = new DigitScenes(MnistDigits.Embedded(), DigitSplit.Train, canvasSize: 64);
