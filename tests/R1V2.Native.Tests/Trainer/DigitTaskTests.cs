@@ -12,17 +12,21 @@ public sealed class DigitTaskTests : IDisposable
     public void Dispose() => Directory.Delete(_dir, true);
 
     [Fact]
-    public void EmbeddedSubset_Holds300TrainAnd100HeldOutPerDigit_FromDisjointSourceImages()
+    public void EmbeddedSubset_Holds250Train50ValidationAnd100HeldOutPerDigit_FromDisjointSourceImages()
     {
         var m = MnistDigits.Embedded();
         Assert.Equal(4000, m.All.Count);
         for (int d = 0; d < 10; d++)
         {
             var train = m.Of(DigitSplit.Train, d);
+            var validation = m.Of(DigitSplit.Validation, d);
             var held = m.Of(DigitSplit.HeldOut, d);
-            Assert.Equal((300, 100), (train.Count, held.Count));
+            Assert.Equal((250, 50, 100), (train.Count, validation.Count, held.Count));
             Assert.Empty(train.Select(x => x.SourceIndex).Intersect(held.Select(x => x.SourceIndex)));
-            Assert.All(train.Concat(held), img =>
+            Assert.Empty(train.Select(x => x.SourceIndex).Intersect(validation.Select(x => x.SourceIndex)));
+            Assert.Empty(validation.Select(x => x.SourceIndex).Intersect(held.Select(x => x.SourceIndex)));
+            Assert.All(validation, img => Assert.Equal(DigitSplit.Validation, img.Split));
+            Assert.All(train.Concat(validation).Concat(held), img =>
             {
                 Assert.Equal(784, img.Pixels.Length);
                 Assert.Equal(0, img.Pixels[0]);                  // background corner
@@ -222,5 +226,10 @@ public sealed class DigitTaskTests : IDisposable
         Assert.Throws<ArgumentException>(() => R1V2.Native.Cli.Commands.DigitsCommand.Run(Path.Combine(_dir, "x"), "test", 5, 1, 64));
         Assert.Equal(0, R1V2.Native.Cli.Commands.DigitsCommand.Run(Path.Combine(_dir, "one"), "train", 20, 1, 64, maxDigits: 1));
         Assert.All(File.ReadAllLines(Path.Combine(_dir, "one", "prompts.jsonl")), l => Assert.Matches("\"digits\":\\[[0-9]\\]", l));
+        Assert.Equal(0, R1V2.Native.Cli.Commands.DigitsCommand.Run(Path.Combine(_dir, "val"), "validation", 5, 1, 64));
+        Assert.Equal(5, File.ReadAllLines(Path.Combine(_dir, "val", "prompts.jsonl")).Length);
+        // Validation scenes draw only validation images.
+        var items = new DigitScenes(MnistDigits.Embedded(), DigitSplit.Validation).WriteDataset(Path.Combine(_dir, "val2"), 20, 3);
+        Assert.All(items.SelectMany(i => i.Sources), src => Assert.Equal(DigitSplit.Validation, src.Split));
     }
 }
