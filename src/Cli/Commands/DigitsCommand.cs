@@ -10,7 +10,7 @@ public static class DigitsCommand
     public static Command Create()
     {
         var output = new Option<string>("--out") { Description = "Output directory (images/ and prompts.jsonl)", Required = true };
-        var split = new Option<string>("--split") { Description = "train | validation | held-out: which source digit images to draw (validation and held-out images are never used in training)", DefaultValueFactory = _ => "held-out" };
+        var split = new Option<string>("--split") { Description = "train | reinforcement | validation | held-out: which source digit images to draw (reinforcement images are only seen by GRPO; validation and held-out images are never used in training)", DefaultValueFactory = _ => "held-out" };
         var count = new Option<int>("--count") { Description = "Number of questions", DefaultValueFactory = _ => 200 };
         var seed = new Option<int>("--seed") { DefaultValueFactory = _ => 1 };
         var canvas = new Option<int>("--canvas") { Description = "Canvas side in pixels", DefaultValueFactory = _ => 64 };
@@ -28,12 +28,13 @@ public static class DigitsCommand
             "train" => DigitSplit.Train,
             "held-out" or "heldout" => DigitSplit.HeldOut,
             "validation" => DigitSplit.Validation,
-            _ => throw new ArgumentException($"--split must be train, validation or held-out, not '{split}'"),
+            "reinforcement" => DigitSplit.Reinforcement,
+            _ => throw new ArgumentException($"--split must be train, reinforcement, validation or held-out, not '{split}'"),
         };
         if (count < 1) throw new ArgumentException("--count must be positive");
         var items = new DigitScenes(MnistDigits.Embedded(), s, canvas, maxDigits).WriteDataset(output, count, seed);
         var byType = items.GroupBy(i => i.Type).OrderBy(g => g.Key).Select(g => $"{g.Key.Name()} {g.Count()}");
-        AnsiConsole.MarkupLineInterpolated($"wrote {items.Count} questions ({string.Join(", ", byType)}) on {s switch { DigitSplit.Train => "training", DigitSplit.Validation => "validation", _ => "held-out" }} digit images to {Path.Combine(output, "prompts.jsonl")}");
+        AnsiConsole.MarkupLineInterpolated($"wrote {items.Count} questions ({string.Join(", ", byType)}) on {s switch { DigitSplit.Train => "training", DigitSplit.Validation => "validation", DigitSplit.Reinforcement => "reinforcement", _ => "held-out" }} digit images to {Path.Combine(output, "prompts.jsonl")}");
         return 0;
     }
 }

@@ -24,6 +24,8 @@ public sealed record PipelineSettings
     public string? ModelConfig { get; init; }
     public int TrainScenes { get; init; } = 3000;
     public int HeldOutScenes { get; init; } = 200;
+    /// <summary>GRPO's prompts: scenes of the reinforcement digit images, which no supervised stage sees.</summary>
+    public int RlScenes { get; init; } = 1000;
     public int WarmupSteps { get; init; } = 150;
     public int VisionSteps { get; init; } = 200;
     public int VisionBatch { get; init; } = 32;
@@ -75,6 +77,9 @@ public sealed record PipelineSummary(IReadOnlyList<StageResult> Stages, double? 
     /// <summary>Vision alignment on held-out scenes: the share of image tokens over a digit whose digit the probe names.</summary>
     public double? VisionDigitAccuracy { get; init; }
 
+    /// <summary>How many held-out pairs the reward model's accuracy is measured on.</summary>
+    public int RewardModelHeldOutPairs { get; init; }
+
     /// <summary>What GRPO's reward was made of in this run, and why.</summary>
     public string? GrpoReward { get; init; }
 }
@@ -107,9 +112,11 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         var digits = MnistDigits.Embedded();
         if (!File.Exists(Dir("data", "train", "sft.jsonl")))
             new DigitScenes(digits, DigitSplit.Train, canvas).WriteDataset(Dir("data", "train"), s.TrainScenes, s.Seed);
+        if (!File.Exists(Dir("data", "rl", "prompts.jsonl")))
+            new DigitScenes(digits, DigitSplit.Reinforcement, canvas).WriteDataset(Dir("data", "rl"), s.RlScenes, s.Seed + 2_000_003);
         if (!File.Exists(Dir("data", "held-out", "prompts.jsonl")))
             new DigitScenes(digits, DigitSplit.HeldOut, canvas).WriteDataset(Dir("data", "held-out"), s.HeldOutScenes, s.Seed + 1_000_003);
-        _log($"data: {s.TrainScenes} training scenes, {s.HeldOutScenes} held-out scenes (held-out digit images never used in training)");
+        _log($"data: {s.TrainScenes} training scenes, {s.RlScenes} GRPO scenes on their own digit images, {s.HeldOutScenes} held-out scenes (held-out digit images never used in training)");
 
         // 2. Model and tokenizer.
         var init = Dir("init");
@@ -173,6 +180,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         _log($"pairs: {pairs} from {s.PairPrompts} prompts x ({s.PairSamples} samples + the reference trace), margin {s.PairMargin}");
 
         double? rmAccuracy = null;
+        int rmHeldOutPairs = 0;
         string? rmModel = null;
         string mpoModel = sftModel;
         if (pairs >= 4)
@@ -185,7 +193,9 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
                 if (rm.Run(m => progress?.Invoke("rm", m.Step / (double)s.RmSteps), cancel) is null) throw new OperationCanceledException("interrupted during rm");
             }
             rmModel = Path.Combine(rmOut, "final");
-            rmAccuracy = JsonSerializer.Deserialize<PreferenceSummary>(File.ReadAllText(Path.Combine(rmOut, "summary.json")))!.HeldOutAccuracy;
+            var rmSummary = JsonSerializer.Deserialize<PreferenceSummary>(File.ReadAllText(Path.Combine(rmOut, "summary.json")))!;
+            rmAccuracy = rmSummary.HeldOutAccuracy;
+            rmHeldOutPairs = rmSummary.HeldOutPairs;
             // 8. MPO.
             var mpoOut = Dir("mpo");
             if (!Directory.Exists(Path.Combine(mpoOut, "final")))
@@ -218,7 +228,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             VersusSft = Evaluation.PairedDifference(sftSamples, Evaluation.ReadSamples(Dir("eval", st.Stage, "samples.jsonl"))) is var (d, se, n) ? new PairedDifference(d, se, n) : null,
         }).ToList();
         var summary = new PipelineSummary(stages, rmAccuracy, pairs, clock.Elapsed.TotalSeconds, with.Ratios, without.Ratios)
-            { VisionDigitAccuracy = vision?.HeldOutDigitAccuracy, GrpoReward = rewardNote };
+            { VisionDigitAccuracy = vision?.HeldOutDigitAccuracy, GrpoReward = rewardNote, RewardModelHeldOutPairs = rmHeldOutPairs };
         File.WriteAllText(Dir("summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
         WriteSummary(summary);
         return summary;
@@ -259,7 +269,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
     private (string Model, List<double> Ratios) RunGrpo(string name, string model, string? rmModel, bool buffer, Action<string, double>? progress, CancellationToken cancel)
     {
         var output = Dir(name);
-        var config = Stage("grpo", model, output, Dir("data", "train", "prompts.jsonl"), s.GrpoSteps,
+        var config = Stage("grpo", model, output, Dir("data", "rl", "prompts.jsonl"), s.GrpoSteps,
         [
             $"grpo.group_size={s.GroupSize}", $"grpo.prompts_per_step={s.GrpoPrompts}", $"grpo.max_new_tokens={s.MaxNewTokens}", "grpo.minibatches=2",
             $"grpo.ssb.enabled={(buffer ? "true" : "false")}", $"grpo.temperature={s.GrpoTemperature.ToString(CultureInfo.InvariantCulture)}",
@@ -384,7 +394,8 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         }
         if (summary.VisionDigitAccuracy is { } va)
             md.AppendLine().AppendLine(string.Format(inv, "Vision alignment ({0} steps): on held-out scenes the probe names the digit of {1:F3} of the image tokens over one.", s.VisionSteps, va));
-        md.AppendLine().AppendLine(string.Format(inv, "Reward model held-out pair accuracy: {0} ({1} pairs).", summary.RewardModelPairAccuracy is { } r ? r.ToString("F3", inv) : "-", summary.Pairs));
+        md.AppendLine().AppendLine(string.Format(inv, "Reward model held-out pair accuracy: {0} on {1} pairs it did not train on; MPO trains on the {2} pairs sampled from the SFT model.",
+            summary.RewardModelPairAccuracy is { } r ? r.ToString("F3", inv) : "-", summary.RewardModelHeldOutPairs, summary.Pairs));
         if (summary.GrpoReward is { } note) md.AppendLine(note);
         md.AppendLine(string.Format(inv, "Mean effective-sample ratio: {0:F3} with the buffer, {1:F3} without.",
             summary.EffectiveRatioWithBuffer.DefaultIfEmpty().Average(), summary.EffectiveRatioWithoutBuffer.DefaultIfEmpty().Average()));

