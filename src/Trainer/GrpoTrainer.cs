@@ -199,18 +199,16 @@ public sealed class GrpoTrainer : IDisposable
         return metrics with { Warning = RewardHackingMonitor.Check(_history.Append(metrics).ToList(), _c.Monitor) };
     }
 
-    /// <summary>The frozen reference's log-probs of each rollout's response tokens (teacher forced).</summary>
+    /// <summary>
+    /// The frozen reference's log-probs of each rollout's response tokens (teacher forced, at the rollouts' sampling
+    /// temperature like the policy's), from one packed forward pass.
+    /// </summary>
     private List<float[]> ReferenceLogProbs(IReadOnlyList<Rollout> rollouts)
     {
-        var result = new List<float[]>();
-        foreach (var r in rollouts)
-        {
-            var ids = r.PromptIds.Concat(r.Response).ToArray();
-            var imageRows = Enumerable.Range(0, r.PromptIds.Length).Where(i => r.PromptIds[i] == _reference!.ImageContextId).ToArray();
-            using var pass = _reference!.Forward(VlmBatch.Single(ids, r.Pixels, r.Tiles, lossFrom: r.PromptIds.Length) with { ImagePositions = imageRows });
-            result.Add(pass.LogProbs[(r.PromptIds.Length - 1)..(ids.Length - 1)]);
-        }
-        return result;
+        var packed = PackedRollouts.Pack(rollouts, _reference!.ImageContextId);
+        using var pass = _reference.Forward(packed.Batch, withLoss: false);
+        var logp = FusedGrpoLoss.TokenLogProbs(_b, pass.Hidden, _reference.LmHead, packed.Batch.Targets, _c.Grpo.Temperature, _c.Grpo.VocabChunk);
+        return rollouts.Select((r, i) => logp[packed.ResponseStarts[i]..(packed.ResponseStarts[i] + r.Response.Length)]).ToList();
     }
 
     /// <summary>Reward-model scores of every sample (prompt + response + &lt;|im_end|&gt;, the last token's score), in one packed pass.</summary>

@@ -65,6 +65,32 @@ public static class FusedGrpoLoss
         return new GrpoLossResult(loss.ToFloatArray().Sum(x => (double)x), logp.ToFloatArray(), dHidden);
     }
 
+    /// <summary>
+    /// log softmax(logits / temperature)[target] of each position (0 where the target is ignored), walking the vocabulary
+    /// in chunks like <see cref="Fused"/>'s first pass: the reference model's log-probs at the policy's temperature.
+    /// </summary>
+    public static float[] TokenLogProbs(Backend b, Tensor hidden, Parameter head, int[] targets, float temperature, int vocabChunk = 8192)
+    {
+        int t = hidden.Rows, v = head.Value.Dim(0);
+        if (targets.Length != t) throw new ArgumentException($"{targets.Length} targets for {t} hidden rows");
+        if (vocabChunk < 1) throw new ArgumentOutOfRangeException(nameof(vocabChunk));
+        using var held = new Activations();
+        var ids = held.Keep(b.FromArray(targets, [t], "targets"));
+        var m = held.Keep(b.FromArray(Enumerable.Repeat(float.NegativeInfinity, t).ToArray(), DType.F32, [t], "lse_max"));
+        var s = held.Keep(b.Allocate(DType.F32, [t], "lse_sum"));
+        var target = held.Keep(b.Allocate(DType.F32, [t], "target_logit"));
+        for (int c0 = 0; c0 < v; c0 += vocabChunk)
+        {
+            int n = Math.Min(vocabChunk, v - c0);
+            using var chunk = Linear.Forward(b, hidden, head.Value.SliceRows(c0, n), null);
+            b.ChunkLseUpdate(chunk, ids, c0, 1f / temperature, m, s, target);
+        }
+        float[] mh = m.ToFloatArray(), sh = s.ToFloatArray(), th = target.ToFloatArray();
+        var logp = new float[t];
+        for (int i = 0; i < t; i++) if (targets[i] >= 0) logp[i] = (float)(th[i] - mh[i] - Math.Log(sh[i]));
+        return logp;
+    }
+
     public static GrpoLossResult Unfused(Backend b, Tensor hidden, Parameter head, GrpoTokens tokens, GrpoLossSettings settings)
     {
         int t = hidden.Rows, v = head.Value.Dim(0);

@@ -20,48 +20,36 @@ public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings setti
     public GrpoUpdateStats Accumulate(IReadOnlyList<Rollout> rollouts, IReadOnlyList<float[]>? referenceLogProbs = null)
     {
         if (rollouts.Count == 0) throw new ArgumentException("an update needs at least one rollout");
-        var ids = new List<int>();
-        var targets = new List<int>();
-        var old = new List<float>();
-        var refs = referenceLogProbs is null ? null : new List<float>();
-        var adv = new List<float>();
-        var weights = new List<float>();
-        var cu = new List<int> { 0 };
-        var pixels = new List<float>();
-        int tiles = 0;
-        var imageRows = new List<int>();
+        var packed = PackedRollouts.Pack(rollouts, model.ImageContextId);
+        var batch = packed.Batch;
+        var targets = batch.Targets;
+        int total = targets.Length;
+        float[] old = new float[total], adv = new float[total], weights = new float[total];
+        var refs = referenceLogProbs is null ? null : new float[total];
         var seqWeights = GrpoMath.SequenceWeights(rollouts.Select(r => r.Response.Length).ToList(), aggregation);
         for (int i = 0; i < rollouts.Count; i++)
         {
             var r = rollouts[i];
             if (r.OldLogProbs.Length != r.Response.Length) throw new ArgumentException($"rollout {i}: {r.OldLogProbs.Length} old log-probs for {r.Response.Length} response tokens");
-            int p = r.PromptIds.Length;
-            for (int k = 0; k < p; k++) if (r.PromptIds[k] == model.ImageContextId) imageRows.Add(ids.Count + k);
-            ids.AddRange(r.PromptIds);
-            ids.AddRange(r.Response);
-            // Position t predicts token t + 1: the response's tokens are the targets of positions p - 1 .. p + n - 2.
-            for (int t = 0; t < p + r.Response.Length; t++)
+            if (referenceLogProbs is not null && referenceLogProbs[i].Length != r.Response.Length)
+                throw new ArgumentException($"rollout {i}: {referenceLogProbs[i].Length} reference log-probs for {r.Response.Length} response tokens");
+            for (int k = 0; k < r.Response.Length; k++)
             {
-                int k = t - (p - 1);
-                bool response = k >= 0 && k < r.Response.Length;
-                targets.Add(response ? r.Response[k] : Backend.IgnoreIndex);
-                old.Add(response ? r.OldLogProbs[k] : 0f);
-                refs?.Add(response ? referenceLogProbs![i][k] : 0f);
-                adv.Add(response ? (float)r.Advantage : 0f);
-                weights.Add(response ? (float)seqWeights[i] : 0f);
+                int at = packed.ResponseStarts[i] + k;
+                old[at] = r.OldLogProbs[k];
+                adv[at] = (float)r.Advantage;
+                weights[at] = (float)seqWeights[i];
+                if (refs is not null) refs[at] = referenceLogProbs![i][k];
             }
-            cu.Add(ids.Count);
-            if (r.Tiles > 0) { pixels.AddRange(r.Pixels ?? throw new ArgumentException($"rollout {i} has tiles but no pixels")); tiles += r.Tiles; }
         }
-        var batch = new VlmBatch([.. ids], [.. targets], [.. cu], tiles > 0 ? [.. pixels] : null, tiles, [.. imageRows]);
         using var pass = model.Forward(batch, withLoss: false);
-        var tokens = new GrpoTokens([.. targets], [.. old], [.. adv], [.. weights], refs?.ToArray());
+        var tokens = new GrpoTokens(targets, old, adv, weights, refs);
         using var result = FusedGrpoLoss.Fused(model.Backend, pass.Hidden, model.LmHead, tokens, settings, vocabChunk);
         model.BackwardFromHidden(pass, result.HiddenGrad);
 
         int n = 0, clipped = 0;
         double ratioSum = 0, change = 0, kl = 0;
-        for (int t = 0; t < targets.Count; t++)
+        for (int t = 0; t < targets.Length; t++)
         {
             if (targets[t] < 0) continue;
             double ratio = Math.Exp(result.LogProbs[t] - old[t]);

@@ -79,6 +79,22 @@ public sealed class GrpoTests(CpuFixture fx)
     }
 
     [Theory]
+    [InlineData(128, 0.7f)]
+    [InlineData(5000, 1f)]
+    public void TokenLogProbs_EqualTheFullSoftmaxAtTheTemperature(int chunk, float temperature)
+    {
+        var settings = new GrpoLossSettings(Temperature: temperature);
+        var (hidden, head, tokens) = Problem(_b, 37, 24, 1000, 5);
+        using var _h = hidden;
+        using var _w = head;
+        using var unfused = FusedGrpoLoss.Unfused(_b, hidden, head, tokens, settings); // log softmax(logits / T) over all V
+        var logp = FusedGrpoLoss.TokenLogProbs(_b, hidden, head, tokens.Targets, temperature, chunk);
+        for (int i = 0; i < tokens.Targets.Length; i++)
+            if (tokens.Targets[i] < 0) Assert.Equal(0f, logp[i]);
+            else Assert.True(Math.Abs(unfused.LogProbs[i] - logp[i]) < 1e-5, $"position {i}: {logp[i]} vs {unfused.LogProbs[i]}");
+    }
+
+    [Theory]
     [InlineData(128)]
     [InlineData(333)]
     [InlineData(5000)]

@@ -34,6 +34,17 @@ public sealed class GrpoUpdateTests(CpuFixture fx)
         Assert.Contains(advantages, a => Math.Abs(a) > 0.1);
         var rollouts = samples.Select((s, i) => new Rollout(0, prompt, pixels, 1, s.Tokens, s.LogProbs, rewards[i], advantages[i], 0)).ToList();
 
+        // Packed teacher forcing at the sampling temperature gives back every rollout's sampling log-probs (the
+        // reference model's log-probs for the KL term are computed this way).
+        var packed = PackedRollouts.Pack(rollouts, model.ImageContextId);
+        using (var pass = model.Forward(packed.Batch, withLoss: false))
+        {
+            var lp = FusedGrpoLoss.TokenLogProbs(fx.Backend, pass.Hidden, model.LmHead, packed.Batch.Targets, 1f, 100);
+            for (int i = 0; i < g; i++)
+                for (int k = 0; k < rollouts[i].Response.Length; k++)
+                    Assert.True(Math.Abs(rollouts[i].OldLogProbs[k] - lp[packed.ResponseStarts[i] + k]) < 1e-4, $"rollout {i} token {k}");
+        }
+
         var update = new GrpoUpdate(model, settings);
         foreach (var p in model.Parameters.Trainable) p.ZeroGrad();
         var first = update.Accumulate(rollouts);
