@@ -34,15 +34,7 @@ public static class FusedGrpoLoss
         float invT = 1f / settings.Temperature;
         using var held = new Activations();
         var targets = held.Keep(b.FromArray(tokens.Targets, [t], "targets"));
-        var m = held.Keep(b.FromArray(Enumerable.Repeat(float.NegativeInfinity, t).ToArray(), DType.F32, [t], "lse_max"));
-        var s = held.Keep(b.Allocate(DType.F32, [t], "lse_sum"));
-        var target = held.Keep(b.Allocate(DType.F32, [t], "target_logit"));
-        for (int c0 = 0; c0 < v; c0 += vocabChunk)
-        {
-            int n = Math.Min(vocabChunk, v - c0);
-            using var chunk = Linear.Forward(b, hidden, head.Value.SliceRows(c0, n), null);
-            b.ChunkLseUpdate(chunk, targets, c0, invT, m, s, target);
-        }
+        var (m, s, target) = LogSumExpPass(b, hidden, head, targets, invT, vocabChunk, held);
         var old = held.Keep(b.FromArray(tokens.OldLogProbs, DType.F32, [t]));
         var refLp = tokens.RefLogProbs is null ? null : held.Keep(b.FromArray(tokens.RefLogProbs, DType.F32, [t]));
         var adv = held.Keep(b.FromArray(tokens.Advantages, DType.F32, [t]));
@@ -71,11 +63,23 @@ public static class FusedGrpoLoss
     /// </summary>
     public static float[] TokenLogProbs(Backend b, Tensor hidden, Parameter head, int[] targets, float temperature, int vocabChunk = 8192)
     {
-        int t = hidden.Rows, v = head.Value.Dim(0);
+        int t = hidden.Rows;
         if (targets.Length != t) throw new ArgumentException($"{targets.Length} targets for {t} hidden rows");
         if (vocabChunk < 1) throw new ArgumentOutOfRangeException(nameof(vocabChunk));
         using var held = new Activations();
         var ids = held.Keep(b.FromArray(targets, [t], "targets"));
+        var (m, s, target) = LogSumExpPass(b, hidden, head, ids, 1f / temperature, vocabChunk, held);
+        float[] mh = m.ToFloatArray(), sh = s.ToFloatArray(), th = target.ToFloatArray();
+        var logp = new float[t];
+        for (int i = 0; i < t; i++) if (targets[i] >= 0) logp[i] = (float)(th[i] - mh[i] - Math.Log(sh[i]));
+        return logp;
+    }
+
+    /// <summary>Pass 1 over the vocabulary in chunks: each row's running max and sum of exp(logit / T) and its target's scaled logit.</summary>
+    private static (Tensor Max, Tensor Sum, Tensor Target) LogSumExpPass(Backend b, Tensor hidden, Parameter head, Tensor targets, float invT, int vocabChunk,
+        Activations held)
+    {
+        int t = hidden.Rows, v = head.Value.Dim(0);
         var m = held.Keep(b.FromArray(Enumerable.Repeat(float.NegativeInfinity, t).ToArray(), DType.F32, [t], "lse_max"));
         var s = held.Keep(b.Allocate(DType.F32, [t], "lse_sum"));
         var target = held.Keep(b.Allocate(DType.F32, [t], "target_logit"));
@@ -83,12 +87,9 @@ public static class FusedGrpoLoss
         {
             int n = Math.Min(vocabChunk, v - c0);
             using var chunk = Linear.Forward(b, hidden, head.Value.SliceRows(c0, n), null);
-            b.ChunkLseUpdate(chunk, ids, c0, 1f / temperature, m, s, target);
+            b.ChunkLseUpdate(chunk, targets, c0, invT, m, s, target);
         }
-        float[] mh = m.ToFloatArray(), sh = s.ToFloatArray(), th = target.ToFloatArray();
-        var logp = new float[t];
-        for (int i = 0; i < t; i++) if (targets[i] >= 0) logp[i] = (float)(th[i] - mh[i] - Math.Log(sh[i]));
-        return logp;
+        return (m, s, target);
     }
 
     public static GrpoLossResult Unfused(Backend b, Tensor hidden, Parameter head, GrpoTokens tokens, GrpoLossSettings settings)
