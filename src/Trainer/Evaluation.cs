@@ -25,6 +25,9 @@ public sealed record EvalTypeResult(string Type, int Prompts, double PassAt1);
 public sealed record EvalResult(string Model, string Data, int Prompts, int SamplesPerPrompt, double PassAt1, double PassAt1StdError, double FormatRate,
     double? HallucinationRate, int GroundingChecks, double MeanResponseTokens, IReadOnlyList<EvalTypeResult> ByType, EvalSettings Settings, double Seconds);
 
+/// <summary>The mean per-prompt difference in pass@1 between two evaluations of the same prompts, with its standard error.</summary>
+public sealed record PairedDifference(double Difference, double StdError, int Prompts);
+
 /// <summary>One scored response (samples.jsonl beside the summary).</summary>
 public sealed record EvalSample(int Prompt, int Sample, string? Type, string Answer, string Response, bool Correct, bool WellFormed, bool? Grounded);
 
@@ -81,7 +84,7 @@ public static class Evaluation
     /// per-prompt pass rate - baseline's) and its standard error. Pairing removes the prompts' shared difficulty from the
     /// error, so this is the measure of whether one stage beats another.
     /// </summary>
-    public static (double Difference, double StdError, int Prompts) PairedDifference(IReadOnlyList<EvalSample> baseline, IReadOnlyList<EvalSample> other)
+    public static PairedDifference PairedDifference(IReadOnlyList<EvalSample> baseline, IReadOnlyList<EvalSample> other)
     {
         static Dictionary<int, double> PerPrompt(IEnumerable<EvalSample> samples) =>
             samples.GroupBy(x => x.Prompt).ToDictionary(g => g.Key, g => g.Average(x => x.Correct ? 1.0 : 0.0));
@@ -92,7 +95,7 @@ public static class Evaluation
         var d = a.Keys.Order().Select(k => b[k] - a[k]).ToList();
         double mean = d.Average();
         double se = d.Count > 1 ? Math.Sqrt(d.Sum(x => (x - mean) * (x - mean)) / (d.Count - 1) / d.Count) : 0;
-        return (mean, se, d.Count);
+        return new PairedDifference(mean, se, d.Count);
     }
 
     public static List<EvalSample> ReadSamples(string path) =>

@@ -68,7 +68,6 @@ public sealed record StageResult(string Stage, string Model, EvalResult Eval)
     public PairedDifference? VersusSft { get; init; }
 }
 
-public sealed record PairedDifference(double Difference, double StdError, int Prompts);
 
 /// <summary>What the pipeline measured: every stage's held-out evaluation, the reward model's pair accuracy, both GRPO runs.</summary>
 public sealed record PipelineSummary(IReadOnlyList<StageResult> Stages, double? RewardModelPairAccuracy, int Pairs, double Seconds,
@@ -225,7 +224,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         var sftSamples = Evaluation.ReadSamples(Dir("eval", "sft", "samples.jsonl"));
         stages = stages.Select(st => st.Stage == "sft" ? st : st with
         {
-            VersusSft = Evaluation.PairedDifference(sftSamples, Evaluation.ReadSamples(Dir("eval", st.Stage, "samples.jsonl"))) is var (d, se, n) ? new PairedDifference(d, se, n) : null,
+            VersusSft = Evaluation.PairedDifference(sftSamples, Evaluation.ReadSamples(Dir("eval", st.Stage, "samples.jsonl"))),
         }).ToList();
         var summary = new PipelineSummary(stages, rmAccuracy, pairs, clock.Elapsed.TotalSeconds, with.Ratios, without.Ratios)
             { VisionDigitAccuracy = vision?.HeldOutDigitAccuracy, GrpoReward = rewardNote, RewardModelHeldOutPairs = rmHeldOutPairs };
