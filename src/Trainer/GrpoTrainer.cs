@@ -205,10 +205,10 @@ public sealed class GrpoTrainer : IDisposable
     /// </summary>
     private List<float[]> ReferenceLogProbs(IReadOnlyList<Rollout> rollouts)
     {
-        var packed = PackedRollouts.Pack(rollouts, _reference!.ImageContextId);
-        using var pass = _reference.Forward(packed.Batch, withLoss: false);
-        var logp = FusedGrpoLoss.TokenLogProbs(_b, pass.Hidden, _reference.LmHead, packed.Batch.Targets, _c.Grpo.Temperature, _c.Grpo.VocabChunk);
-        return rollouts.Select((r, i) => logp[packed.ResponseStarts[i]..(packed.ResponseStarts[i] + r.Response.Length)]).ToList();
+        var (batch, starts) = Rollout.Pack(rollouts, _reference!.ImageContextId);
+        using var pass = _reference.Forward(batch, withLoss: false);
+        var logp = FusedGrpoLoss.TokenLogProbs(_b, pass.Hidden, _reference.LmHead, batch.Targets, _c.Grpo.Temperature, _c.Grpo.VocabChunk);
+        return rollouts.Select((r, i) => logp[starts[i]..(starts[i] + r.Response.Length)]).ToList();
     }
 
     /// <summary>Reward-model scores of every sample (prompt + response + &lt;|im_end|&gt;, the last token's score), in one packed pass.</summary>
@@ -219,7 +219,7 @@ public sealed class GrpoTrainer : IDisposable
         {
             var (ids, pixels, tiles) = prompts[s.Request];
             var tokens = s.Tokens.Length > 0 && s.Tokens[^1] == imEnd ? s.Tokens : [.. s.Tokens, imEnd];
-            return ((int[])[.. ids, .. tokens], ids.Length, pixels, tiles);
+            return (ids, tokens, pixels, tiles);
         }).ToList();
         return _rewardModel!.ScoreSequences(sequences).Select(x => (double)x).ToArray();
     }

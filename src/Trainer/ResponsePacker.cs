@@ -1,4 +1,3 @@
-using R1V2.Native.Engine.Backends;
 using R1V2.Native.Engine.Images;
 using R1V2.Native.Engine.Models;
 using R1V2.Native.Engine.Text;
@@ -18,13 +17,7 @@ public sealed class ResponsePacker(VisionLanguageModel model, TextTokenizer toke
 
     public (VlmBatch Batch, List<(int Start, int End)> Spans) Pack(IEnumerable<(string Prompt, IReadOnlyList<string> Images, IReadOnlyList<string> Responses)> rows)
     {
-        var ids = new List<int>();
-        var targets = new List<int>();
-        var cu = new List<int> { 0 };
-        var pixels = new List<float>();
-        var imageRows = new List<int>();
-        var spans = new List<(int, int)>();
-        int tiles = 0;
+        var sequences = new List<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)>();
         foreach (var (promptText, images, responses) in rows)
         {
             var counts = new List<int>();
@@ -36,20 +29,12 @@ public sealed class ResponsePacker(VisionLanguageModel model, TextTokenizer toke
                 counts.Add(n);
             }
             var prompt = tokenizer.Encode(_template.Render([new ChatMessage("user", promptText, counts)]));
-            foreach (var response in responses)
-            {
-                int offset = ids.Count;
-                for (int k = 0; k < prompt.Length; k++) if (prompt[k] == model.ImageContextId) imageRows.Add(offset + k);
-                int[] seq = [.. prompt, .. tokenizer.Encode(response), _imEnd];
-                ids.AddRange(seq);
-                for (int t = 0; t < seq.Length; t++) targets.Add(t + 1 < seq.Length && t + 1 >= prompt.Length ? seq[t + 1] : Backend.IgnoreIndex);
-                spans.Add((offset + prompt.Length - 1, offset + seq.Length - 1)); // positions whose targets are the response
-                cu.Add(ids.Count);
-                pixels.AddRange(rowPixels);
-                tiles += counts.Sum();
-            }
+            float[]? pixels = counts.Sum() > 0 ? [.. rowPixels] : null;
+            foreach (var response in responses) sequences.Add((prompt, [.. tokenizer.Encode(response), _imEnd], pixels, counts.Sum()));
         }
-        return (new VlmBatch([.. ids], [.. targets], [.. cu], tiles > 0 ? [.. pixels] : null, tiles, [.. imageRows]), spans);
+        var (batch, starts) = VlmBatch.Pack(sequences, model.ImageContextId);
+        // Positions whose targets are the response (and its end token).
+        return (batch, starts.Select((start, i) => (start, start + sequences[i].Response.Length)).ToList());
     }
 
     /// <summary>The sum of per-token log-probs over a span.</summary>

@@ -74,31 +74,11 @@ public sealed class RewardModel : IDisposable
         return new Scored(pass, last, lastHidden, scores.ToFloatArray());
     }
 
-    /// <summary>
-    /// Scores of whole sequences (each with its own image, if any), packed into one forward pass. Only the image-context
-    /// tokens among a sequence's first <c>PromptLength</c> tokens take image features: a response that happens to emit
-    /// the image-context token keeps it as an ordinary token.
-    /// </summary>
-    public float[] ScoreSequences(IReadOnlyList<(int[] Ids, int PromptLength, float[]? Pixels, int Tiles)> sequences)
+    /// <summary>Scores of prompt + response sequences (each with its own image tiles), packed into one forward pass.</summary>
+    public float[] ScoreSequences(IReadOnlyList<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)> sequences)
     {
         if (sequences.Count == 0) return [];
-        var ids = new List<int>();
-        var cu = new List<int> { 0 };
-        var pixels = new List<float>();
-        var imageRows = new List<int>();
-        int tiles = 0;
-        for (int i = 0; i < sequences.Count; i++)
-        {
-            var (seq, promptLength, px, t) = sequences[i];
-            if (seq.Length == 0) throw new ArgumentException($"sequence {i} to score is empty");
-            if (promptLength < 0 || promptLength > seq.Length) throw new ArgumentException($"sequence {i}: prompt length {promptLength} outside its {seq.Length} tokens");
-            for (int k = 0; k < promptLength; k++) if (seq[k] == Vlm.ImageContextId) imageRows.Add(ids.Count + k);
-            ids.AddRange(seq);
-            cu.Add(ids.Count);
-            if (t > 0) { pixels.AddRange(px ?? throw new ArgumentException($"sequence {i} has {t} tiles but no pixels")); tiles += t; }
-        }
-        using var scored = Score(new VlmBatch([.. ids], Enumerable.Repeat(Backend.IgnoreIndex, ids.Count).ToArray(), [.. cu], tiles > 0 ? [.. pixels] : null, tiles,
-            [.. imageRows]));
+        using var scored = Score(VlmBatch.Pack(sequences, Vlm.ImageContextId).Batch);
         return scored.Scores;
     }
 

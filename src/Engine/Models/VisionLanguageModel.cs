@@ -22,6 +22,42 @@ public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, fl
         for (int t = 0; t < ids.Length; t++) targets[t] = t + 1 < ids.Length && t + 1 >= lossFrom ? ids[t + 1] : Backend.IgnoreIndex;
         return new VlmBatch(ids, targets, [0, ids.Length], pixels, tiles);
     }
+
+    /// <summary>
+    /// Packs prompt + response sequences (each with its own image tiles) into one batch for teacher forcing. Position
+    /// t predicts token t + 1, so sequence i's response tokens are the targets of the positions from
+    /// ResponseStarts[i] (its prompt's last position) on; every other target is ignored. Only image-context tokens
+    /// inside a prompt take image features: a response that emits the token keeps it as an ordinary token.
+    /// </summary>
+    public static (VlmBatch Batch, int[] ResponseStarts) Pack(IReadOnlyList<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)> sequences, int imageContextId)
+    {
+        if (sequences.Count == 0) throw new ArgumentException("nothing to pack: no sequences");
+        var ids = new List<int>();
+        var targets = new List<int>();
+        var cu = new List<int> { 0 };
+        var pixels = new List<float>();
+        var imageRows = new List<int>();
+        var starts = new int[sequences.Count];
+        int tiles = 0;
+        for (int i = 0; i < sequences.Count; i++)
+        {
+            var (prompt, response, px, n) = sequences[i];
+            int p = prompt.Length;
+            if (p == 0) throw new ArgumentException($"sequence {i} has an empty prompt");
+            for (int k = 0; k < p; k++) if (prompt[k] == imageContextId) imageRows.Add(ids.Count + k);
+            starts[i] = ids.Count + p - 1;
+            ids.AddRange(prompt);
+            ids.AddRange(response);
+            for (int t = 0; t < p + response.Length; t++)
+            {
+                int k = t - (p - 1);
+                targets.Add(k >= 0 && k < response.Length ? response[k] : Backend.IgnoreIndex);
+            }
+            cu.Add(ids.Count);
+            if (n > 0) { pixels.AddRange(px ?? throw new ArgumentException($"sequence {i} has {n} tiles but no pixels")); tiles += n; }
+        }
+        return (new VlmBatch([.. ids], [.. targets], [.. cu], tiles > 0 ? [.. pixels] : null, tiles, [.. imageRows]), starts);
+    }
 }
 
 /// <summary>

@@ -20,8 +20,7 @@ public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings setti
     public GrpoUpdateStats Accumulate(IReadOnlyList<Rollout> rollouts, IReadOnlyList<float[]>? referenceLogProbs = null)
     {
         if (rollouts.Count == 0) throw new ArgumentException("an update needs at least one rollout");
-        var packed = PackedRollouts.Pack(rollouts, model.ImageContextId);
-        var batch = packed.Batch;
+        var (batch, starts) = Rollout.Pack(rollouts, model.ImageContextId);
         var targets = batch.Targets;
         int total = targets.Length;
         float[] old = new float[total], adv = new float[total], weights = new float[total];
@@ -35,7 +34,7 @@ public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings setti
                 throw new ArgumentException($"rollout {i}: {referenceLogProbs[i].Length} reference log-probs for {r.Response.Length} response tokens");
             for (int k = 0; k < r.Response.Length; k++)
             {
-                int at = packed.ResponseStarts[i] + k;
+                int at = starts[i] + k;
                 old[at] = r.OldLogProbs[k];
                 adv[at] = (float)r.Advantage;
                 weights[at] = (float)seqWeights[i];

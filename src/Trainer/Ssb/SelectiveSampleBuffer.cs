@@ -1,10 +1,17 @@
+using R1V2.Native.Engine.Models;
+
 namespace R1V2.Native.Trainer.Ssb;
 
 /// <summary>
 /// One sampled response with what a policy update needs: the prompt (and its image tiles), the response tokens, the
 /// log-probs they were sampled with (old log-probs), the reward, the group advantage, and the step it was born in.
 /// </summary>
-public sealed record Rollout(int Prompt, int[] PromptIds, float[]? Pixels, int Tiles, int[] Response, float[] OldLogProbs, double Reward, double Advantage, int Born);
+public sealed record Rollout(int Prompt, int[] PromptIds, float[]? Pixels, int Tiles, int[] Response, float[] OldLogProbs, double Reward, double Advantage, int Born)
+{
+    /// <summary>Rollouts packed for teacher forcing (<see cref="VlmBatch.Pack"/>): the responses are the targets.</summary>
+    public static (VlmBatch Batch, int[] ResponseStarts) Pack(IReadOnlyList<Rollout> rollouts, int imageContextId) =>
+        VlmBatch.Pack(rollouts.Select(r => (r.PromptIds, r.Response, r.Pixels, r.Tiles)).ToList(), imageContextId);
+}
 
 /// <summary>An update batch and how much of it carries signal.</summary>
 public sealed record UpdateBatch(IReadOnlyList<Rollout> Samples, int Fresh, int Replayed, int TargetSize)

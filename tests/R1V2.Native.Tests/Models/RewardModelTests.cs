@@ -22,13 +22,13 @@ public sealed class RewardModelTests(CpuFixture fx) : IDisposable
         float[] Image() => Enumerable.Range(0, 3 * side * side).Select(_ => (float)(rng.NextDouble() * 2 - 1)).ToArray();
         int[] Text(int n) => Enumerable.Range(0, n).Select(_ => rng.Next(3, 200)).ToArray();
         int[] WithImage(int before, int after) => [.. Text(before), .. Enumerable.Repeat(init.ImageContextId, init.TokensPerTile), .. Text(after)];
-        var last = WithImage(1, 14);
-        last[^2] = init.ImageContextId;         // a response may emit the image-context token: it stays a plain token
-        var sequences = new List<(int[] Ids, int PromptLength, float[]? Pixels, int Tiles)>
+        var reply = Text(12);
+        reply[^2] = init.ImageContextId;        // a response may emit the image-context token: it stays a plain token
+        var sequences = new List<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)>
         {
-            (WithImage(3, 9), 3 + init.TokensPerTile + 2, Image(), 1),
-            (Text(7), 4, null, 0),              // a text-only sequence between two with images
-            (last, 1 + init.TokensPerTile + 5, Image(), 1),
+            (WithImage(3, 2), Text(7), Image(), 1),
+            (Text(4), Text(3), null, 0),        // a text-only sequence between two with images
+            (WithImage(1, 5), reply, Image(), 1),
         };
 
         var packed = rm.ScoreSequences(sequences);
@@ -36,8 +36,9 @@ public sealed class RewardModelTests(CpuFixture fx) : IDisposable
         Assert.Equal(3, packed.Length);
         for (int i = 0; i < sequences.Count; i++)
         {
-            var (ids, promptLength, pixels, tiles) = sequences[i];
-            var imageRows = Enumerable.Range(0, promptLength).Where(k => ids[k] == init.ImageContextId).ToArray();
+            var (prompt, response, pixels, tiles) = sequences[i];
+            int[] ids = [.. prompt, .. response];
+            var imageRows = Enumerable.Range(0, prompt.Length).Where(k => ids[k] == init.ImageContextId).ToArray();
             using var alone = rm.Score(new VlmBatch(ids, Enumerable.Repeat(Engine.Backends.Backend.IgnoreIndex, ids.Length).ToArray(), [0, ids.Length], pixels, tiles, imageRows));
             Assert.Equal(alone.Scores[0], packed[i], 1e-4f * Math.Max(1, Math.Abs(alone.Scores[0])));
         }

@@ -36,13 +36,13 @@ public sealed class GrpoUpdateTests(CpuFixture fx)
 
         // Packed teacher forcing at the sampling temperature gives back every rollout's sampling log-probs (the
         // reference model's log-probs for the KL term are computed this way).
-        var packed = PackedRollouts.Pack(rollouts, model.ImageContextId);
-        using (var pass = model.Forward(packed.Batch, withLoss: false))
+        var (packed, starts) = Rollout.Pack(rollouts, model.ImageContextId);
+        using (var pass = model.Forward(packed, withLoss: false))
         {
-            var lp = FusedGrpoLoss.TokenLogProbs(fx.Backend, pass.Hidden, model.LmHead, packed.Batch.Targets, 1f, 100);
+            var lp = FusedGrpoLoss.TokenLogProbs(fx.Backend, pass.Hidden, model.LmHead, packed.Targets, 1f, 100);
             for (int i = 0; i < g; i++)
                 for (int k = 0; k < rollouts[i].Response.Length; k++)
-                    Assert.True(Math.Abs(rollouts[i].OldLogProbs[k] - lp[packed.ResponseStarts[i] + k]) < 1e-4, $"rollout {i} token {k}");
+                    Assert.True(Math.Abs(rollouts[i].OldLogProbs[k] - lp[starts[i] + k]) < 1e-4, $"rollout {i} token {k}");
         }
 
         var update = new GrpoUpdate(model, settings);
