@@ -26,13 +26,19 @@ public sealed record PipelineSettings
     public int HeldOutScenes { get; init; } = 200;
     /// <summary>GRPO's prompts: scenes of the reinforcement digit images, which no supervised stage sees.</summary>
     public int RlScenes { get; init; } = 1000;
-    public int WarmupSteps { get; init; } = 150;
+    /// <summary>
+    /// Language warm-up steps (the stand-in for a pretrained LLM): at 150 steps the decoder could not yet copy a digit
+    /// list or test membership (given the digits as text: 0.43 pass@1, "is d present" at chance); 1000 steps at
+    /// <see cref="SftLr"/> reach 0.76 and lift SFT on validation scenes from 0.399 to 0.535.
+    /// </summary>
+    public int WarmupSteps { get; init; } = 1000;
     public int VisionSteps { get; init; } = 200;
     public int VisionBatch { get; init; } = 32;
     public float VisionLr { get; init; } = 3e-3f;
     public int SftSteps { get; init; } = 600;
     public int SftBatch { get; init; } = 16;
-    public float SftLr { get; init; } = 3e-3f;
+    /// <summary>Peak learning rate of the warm-up and SFT (cosine): at 3e-3 the warm-up's membership test stayed at chance for 2000 steps.</summary>
+    public float SftLr { get; init; } = 1e-3f;
     public int PairPrompts { get; init; } = 96;
     public int PairSamples { get; init; } = 4;
     public double PairMargin { get; init; } = 0.5;
@@ -42,11 +48,13 @@ public sealed record PipelineSettings
     public float RmLr { get; init; } = 3e-4f;
     public int MpoSteps { get; init; } = 40;
     public int PairsPerStep { get; init; } = 8;
-    public float PreferenceLr { get; init; } = 2e-4f;
+    /// <summary>MPO's learning rate: 2e-4 (tuned for a weaker SFT model) cost the SFT model of 1000 warm-up steps 0.145 on validation; 2e-5 keeps it.</summary>
+    public float PreferenceLr { get; init; } = 2e-5f;
     public int GrpoSteps { get; init; } = 120;
     public int GrpoPrompts { get; init; } = 4;
     public int GroupSize { get; init; } = 4;
-    public float GrpoLr { get; init; } = 1e-4f;
+    /// <summary>GRPO's learning rate: at 1e-4 GRPO undid the SFT model's reasoning (validation -0.11, its training reward fell); 2e-5 keeps it.</summary>
+    public float GrpoLr { get; init; } = 2e-5f;
     /// <summary>Rollout sampling of GRPO: the temperature and top-p the held-out evaluation samples with.</summary>
     public float GrpoTemperature { get; init; } = 0.6f;
     public float GrpoTopP { get; init; } = 0.95f;
