@@ -45,7 +45,11 @@ public sealed record PipelineSettings
     public int RmSteps { get; init; } = 160;
     /// <summary>Reference-vs-wrong-trace pairs added to the sampled ones for the reward model (not for MPO).</summary>
     public int RmSyntheticPairs { get; init; } = 640;
-    public float RmLr { get; init; } = 3e-4f;
+    /// <summary>
+    /// The reward model's learning rate: from the SFT model of the 1000-step warm-up, 3e-4 reached held-out pair
+    /// accuracy 0.570 in 160 steps (0.528 in 480), 1e-4 reached 0.697 (1e-3 learned nothing from a weaker model).
+    /// </summary>
+    public float RmLr { get; init; } = 1e-4f;
     public int MpoSteps { get; init; } = 40;
     public int PairsPerStep { get; init; } = 8;
     /// <summary>MPO's learning rate: 2e-4 (tuned for a weaker SFT model) cost the SFT model of 1000 warm-up steps 0.145 on validation; 2e-5 keeps it.</summary>
