@@ -20,7 +20,11 @@ namespace R1V2.Native.Trainer;
 /// <summary>One logged GRPO step.</summary>
 public sealed record GrpoStepMetrics(int Step, double Loss, double Reward, double Accuracy, double FormatRate, double ResponseLength, double EffectiveRatio,
     double FreshInformativeRatio, int Replayed, double MeanRatio, double ClippedFraction, double GradNorm, float LearningRate, int SkippedUpdates,
-    double? HallucinationRate, double TokensPerSecond, double Seconds, string? Warning, double? RewardModelMean = null, double? RewardModelStd = null, double? Kl = null);
+    double? HallucinationRate, double TokensPerSecond, double Seconds, string? Warning, double? RewardModelMean = null, double? RewardModelStd = null, double? Kl = null)
+{
+    /// <summary>Mean |weighted, transformed reward-model term| added to the rewards: 0 means the reward model changed nothing.</summary>
+    public double? RewardModelTerm { get; init; }
+}
 
 /// <summary>
 /// The GRPO stage: each step draws prompts, samples G responses per prompt with the paged generator, scores them with
@@ -130,7 +134,7 @@ public sealed class GrpoTrainer : IDisposable
         double[]? rmScores = _rewardModel is null || _customReward ? null : ScoreWithRewardModel(samples, promptInputs);
         var rollouts = new List<Rollout>();
         var rewards = new List<double>();
-        double accuracy = 0, format = 0, length = 0;
+        double accuracy = 0, format = 0, length = 0, rmTerm = 0;
         int grounded = 0, groundingChecks = 0, tokens = 0;
         for (int si = 0; si < samples.Count; si++)
         {
@@ -140,6 +144,7 @@ public sealed class GrpoTrainer : IDisposable
             var r = rmScores is null ? _score(text, p) : _reward.Score(text, new RewardContext(p.Answer, p.Choices), rmScores[si]);
             rewards.Add(r.Total);
             accuracy += r.Rule;
+            rmTerm += Math.Abs(r.RewardModel);
             format += r.Format > 0 ? 1 : 0;
             length += s.Tokens.Length;
             tokens += s.Tokens.Length;
@@ -194,7 +199,7 @@ public sealed class GrpoTrainer : IDisposable
         if (rmScores is not null)
         {
             double mean = rmScores.Average();
-            metrics = metrics with { RewardModelMean = mean, RewardModelStd = Math.Sqrt(rmScores.Sum(x => (x - mean) * (x - mean)) / rmScores.Length) };
+            metrics = metrics with { RewardModelMean = mean, RewardModelStd = Math.Sqrt(rmScores.Sum(x => (x - mean) * (x - mean)) / rmScores.Length), RewardModelTerm = rmTerm / n };
         }
         return metrics with { Warning = RewardHackingMonitor.Check(_history.Append(metrics).ToList(), _c.Monitor) };
     }

@@ -286,7 +286,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             $"grpo.ssb.enabled={(buffer ? "true" : "false")}", $"grpo.temperature={s.GrpoTemperature.ToString(CultureInfo.InvariantCulture)}",
             $"grpo.top_p={s.GrpoTopP.ToString(CultureInfo.InvariantCulture)}", $"grpo.advantage={s.GrpoAdvantage}", $"optim.lr={s.GrpoLr.ToString(CultureInfo.InvariantCulture)}",
             $"monitor.claim_pattern={DigitScenes.ClaimPattern}", "grpo.cache_blocks=2048",
-            .. rmModel is null ? Array.Empty<string>() : [$"reward.rm_path={rmModel}", $"reward.rm_weight={s.RmWeight.ToString(CultureInfo.InvariantCulture)}", "reward.rm_transform=standardise", "reward.rm_threshold=0.75"],
+            .. rmModel is null ? Array.Empty<string>() : [$"reward.rm_path={rmModel}", $"reward.rm_weight={s.RmWeight.ToString(CultureInfo.InvariantCulture)}", "reward.rm_transform=standardise"],
         ]);
         using (var t = new GrpoTrainer(config, backend))
         {

@@ -45,6 +45,9 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         Assert.Equal(summary.Pairs + 8, File.ReadAllLines(Path.Combine(_dir, "run", "data", "rm-pairs.jsonl")).Length);
         Assert.Contains("rm_path: " + Path.Combine(_dir, "run", "rm", "final"), File.ReadAllText(Path.Combine(_dir, "run", "grpo", "config.resolved.yaml")));
         Assert.StartsWith("GRPO reward: rule + format + 0.25", summary.GrpoReward);
+        // ... and its term really reaches the rewards (a raw-score threshold once silenced it while the summary said otherwise).
+        var grpoSteps = File.ReadAllLines(Path.Combine(_dir, "run", "grpo", "metrics.jsonl")).Select(l => JsonSerializer.Deserialize<R1V2.Native.Trainer.GrpoStepMetrics>(l)!).ToList();
+        Assert.Contains(grpoSteps, m => m.RewardModelTerm > 0);
         // GRPO's prompts are scenes of the reinforcement images, which no supervised stage saw.
         Assert.Contains("path: " + Path.Combine(_dir, "run", "data", "rl", "prompts.jsonl"), File.ReadAllText(Path.Combine(_dir, "run", "grpo", "config.resolved.yaml")));
         Assert.Equal(12, File.ReadAllLines(Path.Combine(_dir, "run", "data", "rl", "prompts.jsonl")).Length);
