@@ -133,6 +133,7 @@ public sealed class TrainConfig
         public double RmWeight { get; set; } = 1.0;
         public string RmTransform { get; set; } = "identity";
         public double RmClip { get; set; } = 5.0;
+        /// <summary>The reward-model term counts only where the transformed score exceeds this (with standardise: in standard deviations).</summary>
         public double RmThreshold { get; set; } = double.NegativeInfinity;
         public double FormatWellFormed { get; set; } = 0.5;
         public double FormatEmptyAnswer { get; set; }

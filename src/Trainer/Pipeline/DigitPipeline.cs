@@ -68,6 +68,12 @@ public sealed record PipelineSettings
     public double RmWeight { get; init; } = 0.25;
     /// <summary>The reward model joins GRPO's reward only when its held-out pair accuracy reaches this.</summary>
     public double RmMinAccuracy { get; init; } = 0.6;
+    /// <summary>
+    /// The reward-model term counts only for responses it scores this many standard deviations above its running mean
+    /// (about one sample in six), so groups whose rule rewards tie mostly keep zero advantage and the buffer compares
+    /// with GRPO without it; with no threshold every group had a spread and both runs were identical.
+    /// </summary>
+    public double RmThreshold { get; init; } = 1.0;
     public int MaxNewTokens { get; init; } = 40;
     /// <summary>Samples per held-out prompt: pass@1 is their mean (temperature 0.6, top-p 0.95; 1 sample: greedy).</summary>
     public int EvalSamples { get; init; } = 4;
@@ -286,7 +292,8 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             $"grpo.ssb.enabled={(buffer ? "true" : "false")}", $"grpo.temperature={s.GrpoTemperature.ToString(CultureInfo.InvariantCulture)}",
             $"grpo.top_p={s.GrpoTopP.ToString(CultureInfo.InvariantCulture)}", $"grpo.advantage={s.GrpoAdvantage}", $"optim.lr={s.GrpoLr.ToString(CultureInfo.InvariantCulture)}",
             $"monitor.claim_pattern={DigitScenes.ClaimPattern}", "grpo.cache_blocks=2048",
-            .. rmModel is null ? Array.Empty<string>() : [$"reward.rm_path={rmModel}", $"reward.rm_weight={s.RmWeight.ToString(CultureInfo.InvariantCulture)}", "reward.rm_transform=standardise"],
+            .. rmModel is null ? Array.Empty<string>() : [$"reward.rm_path={rmModel}", $"reward.rm_weight={s.RmWeight.ToString(CultureInfo.InvariantCulture)}", "reward.rm_transform=standardise",
+                $"reward.rm_threshold={s.RmThreshold.ToString(CultureInfo.InvariantCulture)}"],
         ]);
         using (var t = new GrpoTrainer(config, backend))
         {

@@ -31,7 +31,10 @@ public enum RewardModelTransform { Identity, Clip, Standardise }
 
 /// <summary>
 /// How reward-model scores enter the hybrid reward: identity, clipped to [lo, hi], or standardised by the running
-/// mean and variance of all scores seen so far (Welford). Scores at or below the threshold contribute nothing.
+/// mean and variance of all scores seen so far (Welford). Transformed scores at or below the threshold contribute
+/// nothing: with standardisation the threshold is in standard deviations, so it means the same for any reward model
+/// (only responses the reward model rates clearly above its usual score earn a bonus, and groups whose rule rewards tie
+/// mostly keep zero advantage for the Selective Sample Buffer).
 /// </summary>
 public sealed class RewardModelScaling(RewardModelTransform transform = RewardModelTransform.Identity, double clipLow = -5, double clipHigh = 5,
     double threshold = double.NegativeInfinity)
@@ -45,7 +48,7 @@ public sealed class RewardModelScaling(RewardModelTransform transform = RewardMo
 
     public void Restore((long Count, double Mean, double M2) state) => (_count, _mean, _m2) = state;
 
-    /// <summary>f(score), or 0 when the score does not pass the threshold. Standardisation updates its statistics first.</summary>
+    /// <summary>f(score), or 0 when f(score) does not pass the threshold. Standardisation updates its statistics first.</summary>
     public double Apply(double score)
     {
         if (Transform == RewardModelTransform.Standardise)
@@ -55,14 +58,14 @@ public sealed class RewardModelScaling(RewardModelTransform transform = RewardMo
             _mean += delta / _count;
             _m2 += delta * (score - _mean);
         }
-        if (!(score > Threshold)) return 0;
-        return Transform switch
+        double f = Transform switch
         {
             RewardModelTransform.Identity => score,
             RewardModelTransform.Clip => Math.Clamp(score, clipLow, clipHigh),
             RewardModelTransform.Standardise => _count < 2 ? 0 : (score - _mean) / (Math.Sqrt(_m2 / (_count - 1)) + 1e-8),
             _ => throw new InvalidOperationException(),
         };
+        return f > Threshold ? f : 0;
     }
 }
 

@@ -71,6 +71,24 @@ public sealed class RewardTests
     }
 
     [Fact]
+    public void StandardisedScores_MeetTheThresholdInStandardDeviations_WhateverTheRawScale()
+    {
+        // Raw scores near 0 (as a Bradley-Terry head gives): a raw threshold of 0.75 would pass none of them.
+        double[] raw = [-0.3, -0.1, 0.1, -0.2, 0.0, 0.35, -0.05, 0.2];
+        var s = new RewardModelScaling(RewardModelTransform.Standardise, threshold: 0.75);
+        var got = raw.Select(s.Apply).ToArray();
+        for (int i = 0; i < raw.Length; i++)
+        {
+            var seen = raw[..(i + 1)];
+            double mean = seen.Average(), sd = i == 0 ? 0 : Math.Sqrt(seen.Sum(x => (x - mean) * (x - mean)) / i);
+            double z = i == 0 ? 0 : (raw[i] - mean) / (sd + 1e-8);
+            Assert.Equal(z > 0.75 ? z : 0, got[i], 9);
+        }
+        Assert.Contains(got, z => z > 0.75);   // the 0.35 and 0.2 stand out from the scores before them
+        Assert.Contains(got, z => z == 0);
+    }
+
+    [Fact]
     public void RewardModelStandardisation_UsesTheRunningMeanAndUnbiasedStd()
     {
         var s = new RewardModelScaling(RewardModelTransform.Standardise);
