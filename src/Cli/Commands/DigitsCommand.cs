@@ -23,18 +23,11 @@ public static class DigitsCommand
 
     public static int Run(string output, string split, int count, int seed, int canvas, int maxDigits = 4)
     {
-        var s = split switch
-        {
-            "train" => DigitSplit.Train,
-            "held-out" or "heldout" => DigitSplit.HeldOut,
-            "validation" => DigitSplit.Validation,
-            "reinforcement" => DigitSplit.Reinforcement,
-            _ => throw new ArgumentException($"--split must be train, reinforcement, validation or held-out, not '{split}'"),
-        };
+        var s = DigitSplits.Parse(split);
         if (count < 1) throw new ArgumentException("--count must be positive");
         var items = new DigitScenes(MnistDigits.Embedded(), s, canvas, maxDigits).WriteDataset(output, count, seed);
         var byType = items.GroupBy(i => i.Type).OrderBy(g => g.Key).Select(g => $"{g.Key.Name()} {g.Count()}");
-        AnsiConsole.MarkupLineInterpolated($"wrote {items.Count} questions ({string.Join(", ", byType)}) on {s switch { DigitSplit.Train => "training", DigitSplit.Validation => "validation", DigitSplit.Reinforcement => "reinforcement", _ => "held-out" }} digit images to {Path.Combine(output, "prompts.jsonl")}");
+        AnsiConsole.MarkupLineInterpolated($"wrote {items.Count} questions ({string.Join(", ", byType)}) on {s.Name()} digit images to {Path.Combine(output, "prompts.jsonl")}");
         return 0;
     }
 }
