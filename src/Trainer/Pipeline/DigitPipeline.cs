@@ -99,6 +99,21 @@ public sealed record PipelineSummary(IReadOnlyList<StageResult> Stages, double? 
 
     /// <summary>What GRPO's reward was made of in this run, and why.</summary>
     public string? GrpoReward { get; init; }
+
+    /// <summary>GRPO's accuracy on its own training prompts, step by step, with the buffer and without.</summary>
+    public IReadOnlyList<double> TrainAccuracyWithBuffer { get; init; } = [];
+    public IReadOnlyList<double> TrainAccuracyWithoutBuffer { get; init; } = [];
+
+    /// <summary>
+    /// Mean of the first and of the last quarter (at least one step) of a per-step series: how far GRPO moved on its
+    /// own training prompts, to set beside its held-out change.
+    /// </summary>
+    public static (double First, double Last) Trend(IReadOnlyList<double> perStep)
+    {
+        if (perStep.Count == 0) throw new ArgumentException("a trend needs at least one step");
+        int n = Math.Max(1, perStep.Count / 4);
+        return (perStep.Take(n).Average(), perStep.TakeLast(n).Average());
+    }
 }
 
 /// <summary>
@@ -245,7 +260,10 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             VersusSft = Evaluation.PairedDifference(sftSamples, Evaluation.ReadSamples(Dir("eval", st.Stage, "samples.jsonl"))),
         }).ToList();
         var summary = new PipelineSummary(stages, rmAccuracy, pairs, clock.Elapsed.TotalSeconds, with.Ratios, without.Ratios)
-            { VisionDigitAccuracy = vision?.HeldOutDigitAccuracy, GrpoReward = rewardNote, RewardModelHeldOutPairs = rmHeldOutPairs };
+        {
+            VisionDigitAccuracy = vision?.HeldOutDigitAccuracy, GrpoReward = rewardNote, RewardModelHeldOutPairs = rmHeldOutPairs,
+            TrainAccuracyWithBuffer = with.Accuracy, TrainAccuracyWithoutBuffer = without.Accuracy,
+        };
         File.WriteAllText(Dir("summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
         WriteSummary(summary);
         return summary;
@@ -283,7 +301,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             // Warm-up and SFT train everything; the reward model, MPO and GRPO keep the aligned vision encoder as it is.
             $"trainable={(stage == "sft" ? "all" : "adapter+llm")}", $"checkpoint.every={Math.Max(1, steps / 2)}", "checkpoint.keep=1", .. extra]);
 
-    private (string Model, List<double> Ratios) RunGrpo(string name, string model, string? rmModel, bool buffer, Action<string, double>? progress, CancellationToken cancel)
+    private (string Model, List<double> Ratios, List<double> Accuracy) RunGrpo(string name, string model, string? rmModel, bool buffer, Action<string, double>? progress, CancellationToken cancel)
     {
         var output = Dir(name);
         var config = Stage("grpo", model, output, Dir("data", "rl", "prompts.jsonl"), s.GrpoSteps,
@@ -304,8 +322,9 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             }
         }
         Report.Write(output);
-        var ratios = File.ReadAllLines(Path.Combine(output, "metrics.jsonl")).Select(l => JsonSerializer.Deserialize<GrpoStepMetrics>(l)!.EffectiveRatio).ToList();
-        return (RunCheckpoints.Latest(output) ?? throw new InvalidOperationException($"{output} has no checkpoint"), ratios);
+        var steps = File.ReadAllLines(Path.Combine(output, "metrics.jsonl")).Select(l => JsonSerializer.Deserialize<GrpoStepMetrics>(l)!).ToList();
+        return (RunCheckpoints.Latest(output) ?? throw new InvalidOperationException($"{output} has no checkpoint"),
+            steps.Select(m => m.EffectiveRatio).ToList(), steps.Select(m => m.Accuracy).ToList());
     }
 
     /// <summary>
@@ -388,6 +407,18 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         ratio.XLabel("step");
         ratio.ShowLegend();
         ratio.SavePng(Path.Combine(plots, "effective_ratio.png"), 800, 450);
+        var train = new ScottPlot.Plot();
+        foreach (var (series, label) in new[] { (summary.TrainAccuracyWithBuffer, "with the Selective Sample Buffer"), (summary.TrainAccuracyWithoutBuffer, "without") })
+        {
+            if (series.Count == 0) continue;
+            int window = Math.Max(1, series.Count / 10);
+            var smooth = series.Select((_, i) => series.Skip(Math.Max(0, i - window + 1)).Take(Math.Min(window, i + 1)).Average()).ToArray();
+            train.Add.Scatter(Enumerable.Range(1, smooth.Length).Select(x => (double)x).ToArray(), smooth).LegendText = label;
+        }
+        train.Title("GRPO accuracy on its training prompts (moving mean)");
+        train.XLabel("step");
+        train.ShowLegend();
+        train.SavePng(Path.Combine(plots, "grpo_train_accuracy.png"), 800, 450);
         var acc = new ScottPlot.Plot();
         var bars = acc.Add.Bars(summary.Stages.Select(x => x.Eval.PassAt1).ToArray());
         acc.Axes.Bottom.SetTicks(Enumerable.Range(0, summary.Stages.Count).Select(i => (double)i).ToArray(), summary.Stages.Select(x => x.Stage).ToArray());
@@ -417,7 +448,15 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         if (summary.GrpoReward is { } note) md.AppendLine(note);
         md.AppendLine(string.Format(inv, "Mean effective-sample ratio: {0:F3} with the buffer, {1:F3} without.",
             summary.EffectiveRatioWithBuffer.DefaultIfEmpty().Average(), summary.EffectiveRatioWithoutBuffer.DefaultIfEmpty().Average()));
-        md.AppendLine().AppendLine("![accuracy](plots/accuracy_by_stage.png)").AppendLine("![effective ratio](plots/effective_ratio.png)");
+        if (summary.TrainAccuracyWithBuffer.Count > 0 && summary.TrainAccuracyWithoutBuffer.Count > 0)
+        {
+            var (w0, w1) = PipelineSummary.Trend(summary.TrainAccuracyWithBuffer);
+            var (n0, n1) = PipelineSummary.Trend(summary.TrainAccuracyWithoutBuffer);
+            md.AppendLine(string.Format(inv, "GRPO accuracy on its own training prompts (first quarter of the steps -> last quarter): {0:F3} -> {1:F3} with the buffer, {2:F3} -> {3:F3} without. A rise here with none on held-out scenes is learning the training prompts, not the task.",
+                w0, w1, n0, n1));
+        }
+        md.AppendLine().AppendLine("![accuracy](plots/accuracy_by_stage.png)").AppendLine("![effective ratio](plots/effective_ratio.png)")
+            .AppendLine("![GRPO training accuracy](plots/grpo_train_accuracy.png)");
         File.WriteAllText(Dir("summary.md"), md.ToString());
     }
 

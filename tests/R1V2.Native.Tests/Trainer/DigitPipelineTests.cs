@@ -48,6 +48,11 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         // ... and its term really reaches the rewards (a raw-score threshold once silenced it while the summary said otherwise).
         var grpoSteps = File.ReadAllLines(Path.Combine(_dir, "run", "grpo", "metrics.jsonl")).Select(l => JsonSerializer.Deserialize<R1V2.Native.Trainer.GrpoStepMetrics>(l)!).ToList();
         Assert.Contains(grpoSteps, m => m.RewardModelTerm > 0);
+        // The summary sets GRPO's accuracy on its own prompts beside the held-out change, read from each run's metrics.
+        Assert.Equal(grpoSteps.Select(m => m.Accuracy), summary.TrainAccuracyWithBuffer);
+        Assert.Equal(2, summary.TrainAccuracyWithoutBuffer.Count);
+        Assert.Contains(string.Format(System.Globalization.CultureInfo.InvariantCulture, "{0:F3} -> {1:F3} with the buffer", grpoSteps[0].Accuracy, grpoSteps[1].Accuracy), md);
+        Assert.True(File.Exists(Path.Combine(_dir, "run", "plots", "grpo_train_accuracy.png")));
         // GRPO's prompts are scenes of the reinforcement images, which no supervised stage saw.
         Assert.Contains("path: " + Path.Combine(_dir, "run", "data", "rl", "prompts.jsonl"), File.ReadAllText(Path.Combine(_dir, "run", "grpo", "config.resolved.yaml")));
         Assert.Equal(12, File.ReadAllLines(Path.Combine(_dir, "run", "data", "rl", "prompts.jsonl")).Length);
@@ -72,6 +77,15 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         Assert.Equal(sftWeights, File.GetLastWriteTimeUtc(Path.Combine(_dir, "run", "sft", "final", "model.safetensors")));
         Assert.Equal(summary.Stages.Select(s => s.Eval.PassAt1), again.Stages.Select(s => s.Eval.PassAt1));
         Assert.Equal(JsonSerializer.Serialize(summary.EffectiveRatioWithBuffer), JsonSerializer.Serialize(again.EffectiveRatioWithBuffer));
+    }
+
+    [Fact]
+    public void Trend_AveragesTheFirstAndLastQuarter_AtLeastOneStep()
+    {
+        Assert.Equal((1.5, 7.5), PipelineSummary.Trend([1, 2, 3, 4, 5, 6, 7, 8]));
+        Assert.Equal((0.25, 0.75), PipelineSummary.Trend([0.25, 0.5, 0.75]));
+        Assert.Equal((0.5, 0.5), PipelineSummary.Trend([0.5]));
+        Assert.Throws<ArgumentException>(() => PipelineSummary.Trend([]));
     }
 
     [Fact]
