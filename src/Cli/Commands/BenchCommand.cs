@@ -32,13 +32,15 @@ public static class BenchCommand
         var promptLen = new Option<int>("--prompt") { Description = "Prompt tokens per sequence", DefaultValueFactory = _ => 64 };
         var newTokens = new Option<int>("--new") { Description = "Generated tokens per sequence", DefaultValueFactory = _ => 32 };
         var genBackend = Backends.Option();
+        var genProfile = new Option<bool>("--profile") { Description = "Then generate again with every op synchronized and timed, and print the time per op and decode step" };
         var generate = new Command("generate", "Prefill and decode tokens/s against batch size; decode's % of the memory-bandwidth roofline on CUDA")
-            { genConfig, batches, promptLen, newTokens, genBackend, output };
-        generate.SetAction(r => RunGenerate(r.GetValue(genConfig)!, r.GetValue(batches)!, r.GetValue(promptLen), r.GetValue(newTokens), r.GetValue(genBackend)!, r.GetValue(output)!));
+            { genConfig, batches, promptLen, newTokens, genBackend, output, genProfile };
+        generate.SetAction(r => RunGenerate(r.GetValue(genConfig)!, r.GetValue(batches)!, r.GetValue(promptLen), r.GetValue(newTokens), r.GetValue(genBackend)!, r.GetValue(output)!,
+            r.GetValue(genProfile)));
         return new Command("bench", "Benchmarks") { kernels, model, generate };
     }
 
-    public static int RunGenerate(string configPath, string batches, int prompt, int newTokens, string backendName, string outDir)
+    public static int RunGenerate(string configPath, string batches, int prompt, int newTokens, string backendName, string outDir, bool profile = false)
     {
         var config = VlmConfig.Load(configPath);
         var name = Path.GetFileNameWithoutExtension(configPath);
@@ -48,13 +50,22 @@ public static class BenchCommand
         var results = new List<GenerationTiming>();
         foreach (var b in batches.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(int.Parse))
         {
-            var t = GenerationBenchmark.Run(backend, config, name, b, prompt, newTokens, peak);
+            var t = GenerationBenchmark.Run(backend, config, name, b, prompt, newTokens, peak, profile);
             results.Add(t);
             table.AddRow(b.ToString(), t.PrefillTokensPerSecond.ToString("F0"), t.DecodeTokensPerSecond.ToString("F0"), t.DecodeStepMilliseconds.ToString("F1"),
                 t.DecodeGigabytesPerSecond.ToString("F2"), t.PercentOfBandwidth is null ? "-" : t.PercentOfBandwidth.Value.ToString("F1"));
         }
         AnsiConsole.MarkupLineInterpolated($"{name} on {backend.Name}: prompts of {prompt} tokens, {newTokens} new tokens each");
         AnsiConsole.Write(table);
+        foreach (var t in results.Where(t => t.Ops is not null))
+        {
+            double total = t.Ops!.Sum(o => o.Milliseconds);
+            var ops = new Table().AddColumns("op", "calls per decode step", "ms per decode step", "% of op time");
+            foreach (var o in t.Ops!) ops.AddRow(o.Op, o.Calls.ToString(), o.Milliseconds.ToString("F3"), (100 * o.Milliseconds / total).ToString("F1"));
+            AnsiConsole.MarkupLineInterpolated($"batch {t.Batch}, profiled (prefill spread over the decode steps):");
+            AnsiConsole.Write(ops);
+            AnsiConsole.MarkupLineInterpolated($"profiled {t.ProfiledStepMilliseconds:F2} ms per decode step: {total:F2} ms in ops, {t.ProfiledStepMilliseconds - total:F2} ms in host code between them");
+        }
         Directory.CreateDirectory(outDir);
         var path = Path.Combine(outDir, $"generate-{name}-{backend.Name.Replace(':', '-')}-{DateTime.UtcNow:yyyyMMdd-HHmmss}.json");
         File.WriteAllText(path, System.Text.Json.JsonSerializer.Serialize(results, new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));

@@ -7,7 +7,14 @@ namespace R1V2.Native.Trainer.Bench;
 
 /// <summary>Prefill and decode throughput at one batch size, with decode's share of the memory-bandwidth roofline.</summary>
 public sealed record GenerationTiming(string Config, string Backend, int Batch, int PromptTokens, int NewTokens, double PrefillTokensPerSecond,
-    double DecodeTokensPerSecond, double DecodeStepMilliseconds, double DecodeBytesPerStep, double DecodeGigabytesPerSecond, double? PercentOfBandwidth);
+    double DecodeTokensPerSecond, double DecodeStepMilliseconds, double DecodeBytesPerStep, double DecodeGigabytesPerSecond, double? PercentOfBandwidth)
+{
+    /// <summary>With profiling: each op's calls and synchronized milliseconds per decode step (prefill included, spread over the steps).</summary>
+    public IReadOnlyList<OpProfile.Entry>? Ops { get; init; }
+
+    /// <summary>With profiling: wall milliseconds of the profiled run per decode step (ops plus the host code between them).</summary>
+    public double? ProfiledStepMilliseconds { get; init; }
+}
 
 /// <summary>
 /// Times generation of a randomly initialised config: <c>batch</c> text prompts of <c>prompt</c> tokens, each extended by
@@ -17,7 +24,7 @@ public sealed record GenerationTiming(string Config, string Backend, int Batch, 
 /// </summary>
 public static class GenerationBenchmark
 {
-    public static GenerationTiming Run(Backend backend, VlmConfig config, string name, int batch, int prompt, int newTokens, double? peakBandwidth)
+    public static GenerationTiming Run(Backend backend, VlmConfig config, string name, int batch, int prompt, int newTokens, double? peakBandwidth, bool profile = false)
     {
         using var store = new ParameterStore(backend, config, TrainableParts.None, (n, s) => VlmWeights.RandomInit(config, n, s, 1));
         using var model = new VisionLanguageModel(backend, config, store, 261);
@@ -39,7 +46,20 @@ public static class GenerationBenchmark
         double stepSeconds = s.DecodeSeconds / Math.Max(1, s.DecodeSteps);
         double bytesPerStep = weightBytes + kvBytes;
         double gbps = bytesPerStep / stepSeconds / 1e9;
-        return new GenerationTiming(name, backend.Name, batch, prompt, newTokens, s.PrefillTokens / s.PrefillSeconds, s.DecodedTokens / s.DecodeSeconds,
+        var timing = new GenerationTiming(name, backend.Name, batch, prompt, newTokens, s.PrefillTokens / s.PrefillSeconds, s.DecodedTokens / s.DecodeSeconds,
             stepSeconds * 1e3, bytesPerStep, gbps, peakBandwidth is null ? null : 100 * gbps * 1e9 / peakBandwidth);
+        if (!profile) return timing;
+        // The same generation again with every op synchronized and timed.
+        var p = backend.StartProfiling();
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        gen.Generate(requests);
+        backend.Synchronize();
+        backend.StopProfiling();
+        int steps = Math.Max(1, gen.LastStats!.DecodeSteps);
+        return timing with
+        {
+            Ops = [.. p.Entries.Select(e => e with { Calls = (e.Calls + steps - 1) / steps, Milliseconds = e.Milliseconds / steps })],
+            ProfiledStepMilliseconds = clock.Elapsed.TotalMilliseconds / steps,
+        };
     }
 }

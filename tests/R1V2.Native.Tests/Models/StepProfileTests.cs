@@ -4,7 +4,7 @@ using R1V2.Native.Trainer.Bench;
 
 namespace R1V2.Native.Tests.Models;
 
-/// <summary>Per-op profiling of a training step (`engine bench model --profile`).</summary>
+/// <summary>Per-op profiling of a training step (`engine bench model --profile`) and of decoding (`engine bench generate --profile`).</summary>
 public sealed class StepProfileTests
 {
     [Fact]
@@ -26,5 +26,21 @@ public sealed class StepProfileTests
         Assert.Null(b.Profile); // profiling ends with the benchmark
         var plain = StepBenchmark.Run(b, config, "tiny", StepShape.Uniform(2, 48, 1), TrainableParts.All, steps: 1, peakFlops: null);
         Assert.Null(plain.Ops);
+    }
+
+    [Fact]
+    public void ProfiledGeneration_CountsOpsPerDecodeStep_AndTheirTimesFitInTheStep()
+    {
+        var config = VlmConfig.Load(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"));
+        using var b = new CpuBackend();
+        var t = GenerationBenchmark.Run(b, config, "tiny", batch: 2, prompt: 8, newTokens: 5, peakBandwidth: null, profile: true);
+        var ops = t.Ops!.ToDictionary(o => o.Op);
+        // Every decode step attends over the paged cache once per LLM layer and samples the next tokens.
+        Assert.Equal(config.Llm.NumLayers, ops["paged_attention_decode"].Calls);
+        Assert.True(ops["sample"].Calls >= 1);
+        Assert.True(ops["gemm"].Calls >= 4 * config.Llm.NumLayers, $"{ops["gemm"].Calls} GEMMs per decode step");
+        Assert.True(t.Ops!.Sum(o => o.Milliseconds) <= t.ProfiledStepMilliseconds!.Value * 1.001, "op times exceed the step");
+        Assert.Null(b.Profile);
+        Assert.Null(GenerationBenchmark.Run(b, config, "tiny", 2, 8, 5, null).Ops);
     }
 }

@@ -17,6 +17,9 @@ public sealed class GemmTests(CpuFixture fx)
     [InlineData(true, false, 8, 64, 513)]
     [InlineData(false, true, 4, 16, 257)]
     [InlineData(true, true, 41, 67, 600)]
+    // A weight stored [n, k] (a linear layer): b transposed into the blocked kernel, vector and scalar column tails.
+    [InlineData(false, true, 32, 300, 43)]
+    [InlineData(false, true, 33, 45, 300)]
     public void Gemm_MatchesDoubleReference_AllTransposes_WithBiasAndBeta(bool transA, bool transB, int m, int n, int k)
     {
         var a = TestData.Uniform(51, m * k);
