@@ -54,7 +54,12 @@ public sealed record PipelineSettings
     public int PairsPerStep { get; init; } = 8;
     /// <summary>MPO's learning rate: 2e-4 (tuned for a weaker SFT model) cost the SFT model of 1000 warm-up steps 0.145 on validation; 2e-5 keeps it.</summary>
     public float PreferenceLr { get; init; } = 2e-5f;
-    public int GrpoSteps { get; init; } = 120;
+    /// <summary>
+    /// Steps of each GRPO run (with and without the buffer). 100 rather than 120 keeps a fresh clone on 2 cores under
+    /// 10 minutes with margin (it had reached 9 min 37 s); on validation scenes GRPO from the SFT model measured the same
+    /// after 100, 200 and 300 steps (perf/results/grpo-transfer-digits-cpu-2core-20261129.md).
+    /// </summary>
+    public int GrpoSteps { get; init; } = 100;
     public int GrpoPrompts { get; init; } = 4;
     public int GroupSize { get; init; } = 4;
     /// <summary>GRPO's learning rate: at 1e-4 GRPO undid the SFT model's reasoning (validation -0.11, its training reward fell); 2e-5 keeps it.</summary>
