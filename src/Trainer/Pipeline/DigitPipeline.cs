@@ -250,7 +250,8 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         // model near chance gives the policy nothing to learn but a target to game (reward rises, accuracy falls).
         string? grpoRm = rmModel is not null && rmAccuracy >= s.RmMinAccuracy && s.RmWeight > 0 ? rmModel : null;
         string rewardNote = grpoRm is not null
-            ? string.Format(CultureInfo.InvariantCulture, "GRPO reward: rule + format + {0} x the standardised reward-model score where it exceeds {3} standard deviations (its held-out pair accuracy {1:F3} passes the {2:F2} gate).", s.RmWeight, rmAccuracy, s.RmMinAccuracy, s.RmThreshold)
+            ? string.Format(CultureInfo.InvariantCulture, "GRPO reward: rule + format + {0} x the standardised reward-model score where it exceeds {3} standard deviation{4} (its held-out pair accuracy {1:F3} passes the {2:F2} gate).", s.RmWeight, rmAccuracy, s.RmMinAccuracy, s.RmThreshold,
+                s.RmThreshold == 1 ? "" : "s")
             : rmModel is null ? "GRPO reward: rule + format (no reward model was trained)."
             : string.Format(CultureInfo.InvariantCulture, "GRPO reward: rule + format only: the reward model's held-out pair accuracy {0:F3} is below the {1:F2} gate (PipelineSettings.RmMinAccuracy), so its score is left out.", rmAccuracy, s.RmMinAccuracy);
         _log(rewardNote);
