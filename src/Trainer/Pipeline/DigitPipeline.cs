@@ -265,10 +265,11 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         {
             VersusSft = Evaluation.PairedDifference(sftSamples, Evaluation.ReadSamples(Dir("eval", st.Stage, "samples.jsonl"))),
         }).ToList();
-        var summary = new PipelineSummary(stages, rmAccuracy, pairs, clock.Elapsed.TotalSeconds, with.Ratios, without.Ratios)
+        var summary = new PipelineSummary(stages, rmAccuracy, pairs, clock.Elapsed.TotalSeconds,
+            [.. with.Steps.Select(m => m.EffectiveRatio)], [.. without.Steps.Select(m => m.EffectiveRatio)])
         {
             VisionDigitAccuracy = vision?.HeldOutDigitAccuracy, GrpoReward = rewardNote, RewardModelHeldOutPairs = rmHeldOutPairs,
-            TrainAccuracyWithBuffer = with.Accuracy, TrainAccuracyWithoutBuffer = without.Accuracy,
+            TrainAccuracyWithBuffer = [.. with.Steps.Select(m => m.Accuracy)], TrainAccuracyWithoutBuffer = [.. without.Steps.Select(m => m.Accuracy)],
         };
         File.WriteAllText(Dir("summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
         WriteSummary(summary);
@@ -307,7 +308,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             // Warm-up and SFT train everything; the reward model, MPO and GRPO keep the aligned vision encoder as it is.
             $"trainable={(stage == "sft" ? "all" : "adapter+llm")}", $"checkpoint.every={Math.Max(1, steps / 2)}", "checkpoint.keep=1", .. extra]);
 
-    private (string Model, List<double> Ratios, List<double> Accuracy) RunGrpo(string name, string model, string? rmModel, bool buffer, Action<string, double>? progress, CancellationToken cancel)
+    private (string Model, List<GrpoStepMetrics> Steps) RunGrpo(string name, string model, string? rmModel, bool buffer, Action<string, double>? progress, CancellationToken cancel)
     {
         var output = Dir(name);
         var config = Stage("grpo", model, output, Dir("data", "rl", "prompts.jsonl"), s.GrpoSteps,
@@ -329,8 +330,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         }
         Report.Write(output);
         var steps = File.ReadAllLines(Path.Combine(output, "metrics.jsonl")).Select(l => JsonSerializer.Deserialize<GrpoStepMetrics>(l)!).ToList();
-        return (RunCheckpoints.Latest(output) ?? throw new InvalidOperationException($"{output} has no checkpoint"),
-            steps.Select(m => m.EffectiveRatio).ToList(), steps.Select(m => m.Accuracy).ToList());
+        return (RunCheckpoints.Latest(output) ?? throw new InvalidOperationException($"{output} has no checkpoint"), steps);
     }
 
     /// <summary>
@@ -418,7 +418,13 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         {
             if (series.Count == 0) continue;
             int window = Math.Max(1, series.Count / 10);
-            var smooth = series.Select((_, i) => series.Skip(Math.Max(0, i - window + 1)).Take(Math.Min(window, i + 1)).Average()).ToArray();
+            var smooth = new double[series.Count];
+            double sum = 0;
+            for (int i = 0; i < series.Count; i++)
+            {
+                sum += series[i] - (i >= window ? series[i - window] : 0);
+                smooth[i] = sum / Math.Min(window, i + 1);
+            }
             train.Add.Scatter(Enumerable.Range(1, smooth.Length).Select(x => (double)x).ToArray(), smooth).LegendText = label;
         }
         train.Title("GRPO accuracy on its training prompts (moving mean)");

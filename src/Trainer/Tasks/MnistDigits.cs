@@ -15,9 +15,14 @@ public static class DigitSplits
     /// <summary>The name used on the command line and in messages: train, held-out, validation, reinforcement.</summary>
     public static string Name(this DigitSplit split) => split == DigitSplit.HeldOut ? "held-out" : split.ToString().ToLowerInvariant();
 
-    public static DigitSplit Parse(string name) => name == "heldout" ? DigitSplit.HeldOut
-        : Enum.GetValues<DigitSplit>().FirstOrDefault(x => x.Name() == name, (DigitSplit)(-1)) is var s && Enum.IsDefined(s)
-            ? s : throw new ArgumentException($"--split must be train, reinforcement, validation or held-out, not '{name}'");
+    /// <summary>The split a <see cref="Name"/> (or "heldout") names.</summary>
+    public static DigitSplit Parse(string name)
+    {
+        if (name == "heldout") return DigitSplit.HeldOut;
+        foreach (var split in Enum.GetValues<DigitSplit>())
+            if (split.Name() == name) return split;
+        throw new ArgumentException($"--split must be train, reinforcement, validation or held-out, not '{name}'");
+    }
 }
 
 /// <summary>One 28 x 28 handwritten digit (0 = background, 255 = ink) and where it came from.</summary>

@@ -145,6 +145,15 @@ public sealed class DigitTaskTests : IDisposable
     }
 
     [Fact]
+    public void SplitNames_RoundTrip_AndAnUnknownNameIsAnError()
+    {
+        Assert.Equal(["train", "held-out", "validation", "reinforcement"], Enum.GetValues<DigitSplit>().Select(x => x.Name()));
+        Assert.All(Enum.GetValues<DigitSplit>(), x => Assert.Equal(x, DigitSplits.Parse(x.Name())));
+        Assert.Equal(DigitSplit.HeldOut, DigitSplits.Parse("heldout"));
+        Assert.Contains("'test'", Assert.Throws<ArgumentException>(() => DigitSplits.Parse("test")).Message);
+    }
+
+    [Fact]
     public void Scenes_PutEachDigitInItsOwnCell_InDistinctColumnsFromLeftToRight_AndInkNowhereElse()
     {
         var scenes = new DigitScenes(MnistDigits.Embedded(), DigitSplit.Train, canvasSize: 64);
