@@ -23,13 +23,24 @@ public sealed record EvalTypeResult(string Type, int Prompts, double PassAt1);
 /// (share of samples, among prompts whose images are described, that claim what is not there) and accuracy per type.
 /// </summary>
 public sealed record EvalResult(string Model, string Data, int Prompts, int SamplesPerPrompt, double PassAt1, double PassAt1StdError, double FormatRate,
-    double? HallucinationRate, int GroundingChecks, double MeanResponseTokens, IReadOnlyList<EvalTypeResult> ByType, EvalSettings Settings, double Seconds);
+    double? HallucinationRate, int GroundingChecks, double MeanResponseTokens, IReadOnlyList<EvalTypeResult> ByType, EvalSettings Settings, double Seconds)
+{
+    /// <summary>
+    /// Digit questions with their scene's digits known (<see cref="Tasks.DigitScenes.Reading"/>): the share of samples that
+    /// claim exactly the scene's digits, and the share whose answer follows from the digits they claim (right or wrong).
+    /// Null when no prompt is such a question.
+    /// </summary>
+    public double? ReadsExactlyRate { get; init; }
+    public double? FollowsReadingRate { get; init; }
+    public int ReadingChecks { get; init; }
+}
 
 /// <summary>The mean per-prompt difference in pass@1 between two evaluations of the same prompts, with its standard error.</summary>
 public sealed record PairedDifference(double Difference, double StdError, int Prompts);
 
 /// <summary>One scored response (samples.jsonl beside the summary).</summary>
-public sealed record EvalSample(int Prompt, int Sample, string? Type, string Answer, string Response, bool Correct, bool WellFormed, bool? Grounded);
+public sealed record EvalSample(int Prompt, int Sample, string? Type, string Answer, string Response, bool Correct, bool WellFormed, bool? Grounded,
+    bool? ReadsExactly = null, bool? FollowsReading = null);
 
 /// <summary>`engine eval`: samples responses with the paged generator and scores them with the rule verifier.</summary>
 public static class Evaluation
@@ -54,7 +65,7 @@ public static class Evaluation
         var samples = new List<EvalSample>();
         var perPrompt = new List<(string? Type, double Pass)>();
         long tokens = 0;
-        int checks = 0, ungrounded = 0;
+        int checks = 0, ungrounded = 0, readings = 0, exact = 0, follows = 0;
         foreach (var (prompt, responses) in groups)
         {
             int correct = 0;
@@ -64,9 +75,11 @@ public static class Evaluation
                 bool ok = AnswerVerifier.Score(text, prompt.Answer, prompt.Choices) > 0, formed = format.Score(text) == format.WellFormed;
                 bool? grounded = grounding.Check(text, prompt);
                 if (grounded is { } gr) { checks++; if (!gr) ungrounded++; }
+                var reading = Tasks.DigitScenes.Reading(text, prompt);
+                if (reading is { } rd) { readings++; exact += rd.ReadsExactly ? 1 : 0; follows += rd.FollowsReading ? 1 : 0; }
                 correct += ok ? 1 : 0;
                 tokens += length(text);
-                samples.Add(new EvalSample(prompt.Index, k, prompt.Type, prompt.Answer, text, ok, formed, grounded));
+                samples.Add(new EvalSample(prompt.Index, k, prompt.Type, prompt.Answer, text, ok, formed, grounded, reading?.ReadsExactly, reading?.FollowsReading));
             }
             perPrompt.Add((prompt.Type, correct / (double)responses.Count));
         }
@@ -75,7 +88,10 @@ public static class Evaluation
         var byType = perPrompt.Where(p => p.Type is not null).GroupBy(p => p.Type!).OrderBy(t => t.Key, StringComparer.Ordinal)
             .Select(t => new EvalTypeResult(t.Key, t.Count(), t.Average(p => p.Pass))).ToList();
         var result = new EvalResult(modelName, dataName, groups.Count, s.Samples, mean, se, samples.Average(x => x.WellFormed ? 1.0 : 0.0),
-            checks == 0 ? null : ungrounded / (double)checks, checks, tokens / (double)samples.Count, byType, s, clock?.Elapsed.TotalSeconds ?? 0);
+            checks == 0 ? null : ungrounded / (double)checks, checks, tokens / (double)samples.Count, byType, s, clock?.Elapsed.TotalSeconds ?? 0)
+        {
+            ReadingChecks = readings, ReadsExactlyRate = readings == 0 ? null : exact / (double)readings, FollowsReadingRate = readings == 0 ? null : follows / (double)readings,
+        };
         return (result, samples);
     }
 
@@ -125,6 +141,11 @@ public static class Evaluation
         sb.AppendLine(string.Format(inv, "| pass@1 (mean over {0} samples) | {1:F3} ± {2:F3} |", r.SamplesPerPrompt, r.PassAt1, r.PassAt1StdError));
         sb.AppendLine(string.Format(inv, "| format rate | {0:F3} |", r.FormatRate));
         sb.AppendLine(r.HallucinationRate is { } h ? string.Format(inv, "| hallucination rate ({0} checked samples) | {1:F3} |", r.GroundingChecks, h) : "| hallucination rate | - (no image contents known) |");
+        if (r.ReadsExactlyRate is { } re && r.FollowsReadingRate is { } fr)
+        {
+            sb.AppendLine(string.Format(inv, "| reads the scene's digits exactly ({0} digit-question samples) | {1:F3} |", r.ReadingChecks, re));
+            sb.AppendLine(string.Format(inv, "| answer follows from the digits it claims (right or wrong) | {0:F3} |", fr));
+        }
         sb.AppendLine(string.Format(inv, "| mean response length (tokens) | {0:F1} |", r.MeanResponseTokens));
         if (r.ByType.Count > 0)
         {

@@ -8,11 +8,15 @@ namespace R1V2.Native.Trainer.Data;
 /// the images are known to hold (for the grounding check), e.g. "image_digits": [3, 7] and "image_objects": ["cat", "sofa"].
 /// </summary>
 public sealed record PromptRow(int Index, string Question, string Answer, IReadOnlyList<string> Images, IReadOnlyList<string>? Choices,
-    IReadOnlyList<int>? ImageDigits, IReadOnlyList<string>? ImageObjects = null, string? Type = null);
+    IReadOnlyList<int>? ImageDigits, IReadOnlyList<string>? ImageObjects = null, string? Type = null)
+{
+    /// <summary>The digits of a digit scene from left to right ("digits"), for the reading check of evaluations; null when not given.</summary>
+    public IReadOnlyList<int>? Digits { get; init; }
+}
 
 /// <summary>
 /// Prompts from JSONL ("question" or "prompt", "answer", optional "images"/"image", "choices", "image_digits",
-/// "image_objects", "type": a question type that evaluations report accuracy by) or Parquet (the same columns; "image"/"images" as bytes, paths or HF {bytes, path} structs; see
+/// "image_objects", "type": a question type that evaluations report accuracy by, "digits": a digit scene's digits left to right) or Parquet (the same columns; "image"/"images" as bytes, paths or HF {bytes, path} structs; see
 /// <see cref="ParquetRows{T}"/>), chosen by the file's extension.
 /// </summary>
 public sealed class PromptDataset
@@ -49,8 +53,10 @@ public sealed class PromptDataset
         var question = r.String("question", "prompt", "problem") ?? throw new InvalidDataException($"{r.Where}: no 'question' string");
         var answer = r.String("answer") ?? throw new InvalidDataException($"{r.Where}: no 'answer'");
         var digits = r.List<int>("image_digits");
+        var ordered = r.List<int>("digits");
         if (digits is not null && digits.Any(d => d is < 0 or > 9)) throw new InvalidDataException($"{r.Where}: 'image_digits' holds single digits 0-9");
-        return new PromptRow(-1, question, answer, r.Images(), r.List<string>("choices"), digits, r.List<string>("image_objects"), r.String("type"));
+        if (ordered is not null && ordered.Any(d => d is < 0 or > 9)) throw new InvalidDataException($"{r.Where}: 'digits' holds single digits 0-9");
+        return new PromptRow(-1, question, answer, r.Images(), r.List<string>("choices"), digits, r.List<string>("image_objects"), r.String("type")) { Digits = ordered };
     }
 
     private static PromptRow Parse(JsonObject o, string path, Func<string> where)
@@ -60,19 +66,21 @@ public sealed class PromptDataset
             ?? (o["answer"] is JsonValue n && n.TryGetValue<double>(out var d) ? d.ToString(CultureInfo.InvariantCulture) : null)
             ?? throw new InvalidDataException($"{where()}: no 'answer'");
         var choices = o["choices"] is JsonArray c ? c.Select(x => x?.ToString() ?? "").ToList() : null;
-        List<int>? digits;
+        List<int>? digits, ordered;
         List<string>? objects;
         try
         {
             digits = o["image_digits"] is JsonArray dg ? dg.Select(x => x!.GetValue<int>()).ToList() : null;
+            ordered = o["digits"] is JsonArray od ? od.Select(x => x!.GetValue<int>()).ToList() : null;
             objects = o["image_objects"] is JsonArray ob ? ob.Select(x => x!.GetValue<string>()).ToList() : null;
         }
         catch (Exception e) when (e is InvalidOperationException or FormatException or NullReferenceException)
         {
-            throw new InvalidDataException($"{where()}: 'image_digits' must be a list of integers and 'image_objects' a list of strings");
+            throw new InvalidDataException($"{where()}: 'image_digits' and 'digits' must be lists of integers and 'image_objects' a list of strings");
         }
         if (digits is not null && digits.Any(d => d is < 0 or > 9)) throw new InvalidDataException($"{where()}: 'image_digits' holds single digits 0-9");
-        return new PromptRow(-1, question, answer, JsonlRows<PromptRow>.Images(o, path, where), choices, digits, objects, JsonlRows<PromptRow>.String(o, "type"));
+        if (ordered is not null && ordered.Any(d => d is < 0 or > 9)) throw new InvalidDataException($"{where()}: 'digits' holds single digits 0-9");
+        return new PromptRow(-1, question, answer, JsonlRows<PromptRow>.Images(o, path, where), choices, digits, objects, JsonlRows<PromptRow>.String(o, "type")) { Digits = ordered };
     }
 }
 

@@ -441,11 +441,14 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         md.AppendLine("# The digit pipeline").AppendLine();
         md.AppendLine(string.Format(inv, "Seed {0}; this invocation took {1:F0} s (stages finished by an earlier one are loaded, not rerun). Held-out scenes are composed only from held-out MNIST images; nothing was tuned on them. \"vs sft\" is the difference in pass@1 from the SFT model on the same prompts, ± its paired standard error.",
             s.Seed, summary.Seconds)).AppendLine();
-        md.AppendLine("| stage | held-out pass@1 | vs sft (paired) | format rate | hallucination rate |").AppendLine("| --- | --- | --- | --- | --- |");
+        md.AppendLine("| stage | held-out pass@1 | vs sft (paired) | format rate | hallucination rate | reads the digits exactly | answer follows its reading |")
+            .AppendLine("| --- | --- | --- | --- | --- | --- | --- |");
+        static string Rate(double? x) => x is { } v ? v.ToString("F3", CultureInfo.InvariantCulture) : "-";
         foreach (var st in summary.Stages)
-            md.AppendLine(string.Format(inv, "| {0} | {1:F3} ± {2:F3} | {3} | {4:F3} | {5} |", st.Stage, st.Eval.PassAt1, st.Eval.PassAt1StdError,
+            md.AppendLine(string.Format(inv, "| {0} | {1:F3} ± {2:F3} | {3} | {4:F3} | {5} | {6} | {7} |", st.Stage, st.Eval.PassAt1, st.Eval.PassAt1StdError,
                 st.VersusSft is { } v ? string.Format(inv, "{0:+0.000;-0.000} ± {1:F3}", v.Difference, v.StdError) : "-", st.Eval.FormatRate,
-                st.Eval.HallucinationRate is { } h ? h.ToString("F3", inv) : "-"));
+                Rate(st.Eval.HallucinationRate), Rate(st.Eval.ReadsExactlyRate), Rate(st.Eval.FollowsReadingRate)));
+        md.AppendLine().AppendLine("\"Reads the digits exactly\": the digits a response says it sees are the scene's, in order. \"Answer follows its reading\": the answer is the one the digits it claims imply, right or wrong; a right answer that does not follow came from somewhere other than the reasoning.");
         var types = summary.Stages.SelectMany(x => x.Eval.ByType.Select(t => t.Type)).Distinct().Order(StringComparer.Ordinal).ToList();
         if (types.Count > 0)
         {

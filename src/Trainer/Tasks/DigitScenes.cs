@@ -12,8 +12,16 @@ public static class DigitQuestionTypes
     /// <summary>The name used in datasets and reports: sum, largest, count, present, left_to_right.</summary>
     public static string Name(this DigitQuestionType t) => t == DigitQuestionType.LeftToRight ? "left_to_right" : t.ToString().ToLowerInvariant();
 
-    public static DigitQuestionType Parse(string name) => Enum.GetValues<DigitQuestionType>().FirstOrDefault(t => t.Name() == name, (DigitQuestionType)(-1)) is var t && Enum.IsDefined(t)
+    public static DigitQuestionType Parse(string name) => TryParse(name, out var t)
         ? t : throw new ArgumentException($"unknown digit question type '{name}' (sum, largest, count, present, left_to_right)");
+
+    public static bool TryParse(string name, out DigitQuestionType type)
+    {
+        foreach (var t in Enum.GetValues<DigitQuestionType>())
+            if (t.Name() == name) { type = t; return true; }
+        type = default;
+        return false;
+    }
 }
 
 /// <summary>One visual question: a canvas with 1-4 handwritten digits, the question, and its verifiable answer.</summary>
@@ -119,6 +127,22 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
             DigitQuestionType.Present => digits.Contains(asked) ? "yes" : "no",
             _ => string.Join(LeftToRightSeparator, digits),
         };
+    }
+
+    /// <summary>
+    /// How a response read a digit scene: whether the digits it claims to see ("I see the digits 5, 7") are the scene's,
+    /// in order, and whether its answer is the one those claimed digits imply (right or wrong: an answer that does not
+    /// follow from the response's own reading came from elsewhere). Null for rows that are not digit questions with their
+    /// digits known (no "digits" or no digit question type); a response that claims nothing neither reads nor follows.
+    /// </summary>
+    public static (bool ReadsExactly, bool FollowsReading)? Reading(string response, Data.PromptRow row)
+    {
+        if (row.Digits is null || row.Type is null || !DigitQuestionTypes.TryParse(row.Type, out var type)) return null;
+        var claim = System.Text.RegularExpressions.Regex.Match(response, ClaimPattern);
+        if (!claim.Success) return (false, false);
+        var claimed = claim.Groups[1].Value.Split(", ").Select(int.Parse).ToArray();
+        bool follows = Rewards.AnswerVerifier.Score(response, AnswerFor(type, row.Question, claimed)) > 0;
+        return (claimed.SequenceEqual(row.Digits), follows);
     }
 
     /// <summary>

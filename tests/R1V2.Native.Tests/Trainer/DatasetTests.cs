@@ -105,6 +105,21 @@ public sealed class DatasetTests : IDisposable
     }
 
     [Fact]
+    public void Jsonl_SceneDigits_AreReadInOrder_AndABadDigitNamesTheLine()
+    {
+        var path = Path.Combine(_dir, "digits.jsonl");
+        File.WriteAllLines(path, ["{\"question\":\"q\",\"answer\":\"1\",\"digits\":[7,1,7]}", "{\"question\":\"q\",\"answer\":\"1\"}"]);
+        var data = new PromptDataset(path, 0, shuffle: false);
+        Assert.Equal([7, 1, 7], data.Read(0).Digits!);
+        Assert.Null(data.Read(1).Digits);
+        File.AppendAllLines(path, ["{\"question\":\"q\",\"answer\":\"1\",\"digits\":[12]}"]);
+        var e = Assert.Throws<InvalidDataException>(() => new PromptDataset(path, 0));
+        Assert.Contains("digits.jsonl", e.Message);
+        Assert.Contains("3", e.Message);
+        Assert.Contains("'digits' holds single digits", e.Message);
+    }
+
+    [Fact]
     public void Parquet_NotAParquetFile_IsAClearError()
     {
         var path = Path.Combine(_dir, "junk.parquet");

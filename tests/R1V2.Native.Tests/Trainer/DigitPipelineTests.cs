@@ -37,10 +37,13 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         Assert.NotNull(summary.RewardModelPairAccuracy);
         Assert.All(summary.Stages, s => Assert.Equal(6, s.Eval.Prompts));
         Assert.All(summary.Stages, s => Assert.NotNull(s.Eval.HallucinationRate)); // the held-out scenes know their digits
+        Assert.All(summary.Stages, s => Assert.Equal(6 * Settings().EvalSamples, s.Eval.ReadingChecks)); // ... in order, so every sample's reading is checked
         Assert.Equal(2, summary.EffectiveRatioWithBuffer.Count);
         Assert.Equal(2, summary.EffectiveRatioWithoutBuffer.Count);
         var md = File.ReadAllText(Path.Combine(_dir, "run", "summary.md"));
         Assert.Contains("| grpo-no-ssb |", md);
+        var sftRow = md.Split('\n').First(l => l.StartsWith("| sft |")); // the stage table comes before the per-type one
+        Assert.EndsWith(string.Format(System.Globalization.CultureInfo.InvariantCulture, "| {0:F3} | {1:F3} |", summary.Stages[0].Eval.ReadsExactlyRate, summary.Stages[0].Eval.FollowsReadingRate), sftRow.TrimEnd());
         // The reward model trains on the sampled pairs plus reference-vs-wrong traces, and (gate 0) joins GRPO's reward.
         Assert.Equal(summary.Pairs + 8, File.ReadAllLines(Path.Combine(_dir, "run", "data", "rm-pairs.jsonl")).Length);
         Assert.Contains("rm_path: " + Path.Combine(_dir, "run", "rm", "final"), File.ReadAllText(Path.Combine(_dir, "run", "grpo", "config.resolved.yaml")));

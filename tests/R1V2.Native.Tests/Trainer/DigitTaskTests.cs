@@ -223,6 +223,7 @@ public sealed class DigitTaskTests : IDisposable
         var row = data.Read(0);
         Assert.Equal(a[0].Question, row.Question);
         Assert.Equal(a[0].Digits.Distinct().Order(), row.ImageDigits!);
+        Assert.Equal(a[0].Digits, row.Digits!); // in order, for the reading check
         var (pixels, tiles) = new ImagePreprocessor(64).Load(Assert.Single(row.Images));
         Assert.Equal(1, tiles);
         Assert.Equal(3 * 64 * 64, pixels.Length);

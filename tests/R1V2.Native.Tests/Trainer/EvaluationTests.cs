@@ -93,6 +93,39 @@ public sealed class EvaluationTests(CpuFixture fx) : IDisposable
     }
 
     [Fact]
+    public void Score_ReadingChecks_HandChecked()
+    {
+        PromptRow Row(int i, string question, string answer, string type, int[]? digits) => new(i, question, answer, [], null, null, null, type) { Digits = digits };
+        const string sum = "What is the sum of the digits in the image?", largest = "What is the largest digit in the image?";
+        var groups = new List<(PromptRow, IReadOnlyList<string>)>
+        {
+            // Read right and added right; read 8 for the 7 and added what it read (wrong, yet it follows its reading).
+            (Row(0, sum, "12", "sum", [5, 7]), ["I see the digits 5, 7. 5 + 7 = 12.</think>\\boxed{12}", "I see the digits 5, 8. 5 + 8 = 13.</think>\\boxed{13}"]),
+            // Read right and concluded right; misread the 9 as a 4 and still answered 9: right, but not from its reading.
+            (Row(1, largest, "9", "largest", [9, 1]), ["I see the digits 9, 1. The largest is 9.</think>\\boxed{9}", "I see the digits 4, 1. The largest is 9.</think>\\boxed{9}"]),
+            // No claim at all: neither reads nor follows; then read right and concluded right.
+            (Row(2, "Is the digit 3 in the image? Answer yes or no.", "yes", "present", [3]), ["</think>\\boxed{yes}", "I see the digit 3. 3 is among them.</think>\\boxed{yes}"]),
+            // Not checked: no scene digits, or a type that is not a digit question.
+            (Row(3, sum, "4", "sum", null), ["I see the digit 4.</think>\\boxed{4}"]),
+            (Row(4, "Which animal?", "cat", "animals", [1]), ["I see the digit 1.</think>\\boxed{cat}"]),
+        };
+        var (r, samples) = Evaluation.Score(groups, new EvalSettings(Samples: 2), text => text.Length);
+        Assert.Equal([true, false, true, false, false, true, null, null], samples.Select(x => x.ReadsExactly));
+        Assert.Equal([true, true, true, false, false, true, null, null], samples.Select(x => x.FollowsReading));
+        Assert.Equal([true, false, true, true, true, true, true, true], samples.Select(x => x.Correct));
+        Assert.Equal(6, r.ReadingChecks);
+        Assert.Equal(3.0 / 6, r.ReadsExactlyRate!.Value, 12);
+        Assert.Equal(4.0 / 6, r.FollowsReadingRate!.Value, 12);
+
+        var unchecked_ = Evaluation.Score(groups.Skip(3).ToList(), new EvalSettings(), text => text.Length).Result;
+        Assert.Equal((0, null, null), (unchecked_.ReadingChecks, unchecked_.ReadsExactlyRate, unchecked_.FollowsReadingRate));
+        Assert.DoesNotContain("reads the scene's digits", Evaluation.Markdown(unchecked_));
+        var md = Evaluation.Markdown(r);
+        Assert.Contains("| reads the scene's digits exactly (6 digit-question samples) | 0.500 |", md);
+        Assert.Contains("| answer follows from the digits it claims (right or wrong) | 0.667 |", md);
+    }
+
+    [Fact]
     public void Markdown_ShowsEveryMetricAndType()
     {
         var r = new EvalResult("m", "d.jsonl", 4, 2, 0.625, 0.1, 0.75, 0.125, 8, 12.5,
