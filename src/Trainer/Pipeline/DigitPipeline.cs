@@ -366,9 +366,9 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         var synthetic = prompts.Next(s.RmSyntheticPairs).Select(p =>
         {
             var trace = traces.Read(p.Index).Response;
-            var claim = System.Text.RegularExpressions.Regex.Match(trace, DigitScenes.ClaimPattern);
-            if (!claim.Success || p.Type is null) throw new InvalidDataException($"{Dir("data", "train", "sft.jsonl")}:{p.Index + 1}: a digit trace with its claim and a typed prompt expected");
-            var item = new DigitTaskItem(p.Question, p.Answer, DigitQuestionTypes.Parse(p.Type), claim.Groups[1].Value.Split(", ").Select(int.Parse).ToArray(), [], 0, []);
+            if (DigitScenes.ClaimedDigits(trace) is not { } claimed || p.Type is null)
+                throw new InvalidDataException($"{Dir("data", "train", "sft.jsonl")}:{p.Index + 1}: a digit trace with its claim and a typed prompt expected");
+            var item = new DigitTaskItem(p.Question, p.Answer, DigitQuestionTypes.Parse(p.Type), claimed, [], 0, []);
             var rejected = DigitScenes.Rejected(item, rng).Trace();
             return (new SampledGroup(p, [trace, rejected], [reward.Score(trace, new RewardContext(p.Answer)), reward.Score(rejected, new RewardContext(p.Answer))]), 0, 1);
         });

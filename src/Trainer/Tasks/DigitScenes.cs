@@ -129,6 +129,13 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
         };
     }
 
+    /// <summary>The digits a response or trace says it sees (<see cref="ClaimPattern"/>), left to right; null when it claims none.</summary>
+    public static int[]? ClaimedDigits(string response)
+    {
+        var claim = System.Text.RegularExpressions.Regex.Match(response, ClaimPattern);
+        return claim.Success ? claim.Groups[1].Value.Split(", ").Select(int.Parse).ToArray() : null;
+    }
+
     /// <summary>
     /// How a response read a digit scene: whether the digits it claims to see ("I see the digits 5, 7") are the scene's,
     /// in order, and whether its answer is the one those claimed digits imply (right or wrong: an answer that does not
@@ -138,9 +145,7 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
     public static (bool ReadsExactly, bool FollowsReading)? Reading(string response, Data.PromptRow row)
     {
         if (row.Digits is null || row.Type is null || !DigitQuestionTypes.TryParse(row.Type, out var type)) return null;
-        var claim = System.Text.RegularExpressions.Regex.Match(response, ClaimPattern);
-        if (!claim.Success) return (false, false);
-        var claimed = claim.Groups[1].Value.Split(", ").Select(int.Parse).ToArray();
+        if (ClaimedDigits(response) is not { } claimed) return (false, false);
         bool follows = Rewards.AnswerVerifier.Score(response, AnswerFor(type, row.Question, claimed)) > 0;
         return (claimed.SequenceEqual(row.Digits), follows);
     }
