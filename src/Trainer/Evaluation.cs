@@ -65,7 +65,7 @@ public static class Evaluation
         var samples = new List<EvalSample>();
         var perPrompt = new List<(string? Type, double Pass)>();
         long tokens = 0;
-        int checks = 0, ungrounded = 0, readings = 0, exact = 0, follows = 0;
+        int checks = 0, ungrounded = 0;
         foreach (var (prompt, responses) in groups)
         {
             int correct = 0;
@@ -76,7 +76,6 @@ public static class Evaluation
                 bool? grounded = grounding.Check(text, prompt);
                 if (grounded is { } gr) { checks++; if (!gr) ungrounded++; }
                 var reading = Tasks.DigitScenes.Reading(text, prompt);
-                if (reading is { } rd) { readings++; exact += rd.ReadsExactly ? 1 : 0; follows += rd.FollowsReading ? 1 : 0; }
                 correct += ok ? 1 : 0;
                 tokens += length(text);
                 samples.Add(new EvalSample(prompt.Index, k, prompt.Type, prompt.Answer, text, ok, formed, grounded, reading?.ReadsExactly, reading?.FollowsReading));
@@ -87,10 +86,12 @@ public static class Evaluation
         double se = perPrompt.Count > 1 ? Math.Sqrt(perPrompt.Sum(p => (p.Pass - mean) * (p.Pass - mean)) / (perPrompt.Count - 1) / perPrompt.Count) : 0;
         var byType = perPrompt.Where(p => p.Type is not null).GroupBy(p => p.Type!).OrderBy(t => t.Key, StringComparer.Ordinal)
             .Select(t => new EvalTypeResult(t.Key, t.Count(), t.Average(p => p.Pass))).ToList();
+        var read = samples.Where(x => x.ReadsExactly is not null).ToList();
         var result = new EvalResult(modelName, dataName, groups.Count, s.Samples, mean, se, samples.Average(x => x.WellFormed ? 1.0 : 0.0),
             checks == 0 ? null : ungrounded / (double)checks, checks, tokens / (double)samples.Count, byType, s, clock?.Elapsed.TotalSeconds ?? 0)
         {
-            ReadingChecks = readings, ReadsExactlyRate = readings == 0 ? null : exact / (double)readings, FollowsReadingRate = readings == 0 ? null : follows / (double)readings,
+            ReadingChecks = read.Count, ReadsExactlyRate = read.Count == 0 ? null : read.Average(x => x.ReadsExactly == true ? 1.0 : 0.0),
+            FollowsReadingRate = read.Count == 0 ? null : read.Average(x => x.FollowsReading == true ? 1.0 : 0.0),
         };
         return (result, samples);
     }

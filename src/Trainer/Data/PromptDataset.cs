@@ -54,9 +54,14 @@ public sealed class PromptDataset
         var answer = r.String("answer") ?? throw new InvalidDataException($"{r.Where}: no 'answer'");
         var digits = r.List<int>("image_digits");
         var ordered = r.List<int>("digits");
-        if (digits is not null && digits.Any(d => d is < 0 or > 9)) throw new InvalidDataException($"{r.Where}: 'image_digits' holds single digits 0-9");
-        if (ordered is not null && ordered.Any(d => d is < 0 or > 9)) throw new InvalidDataException($"{r.Where}: 'digits' holds single digits 0-9");
+        SingleDigits(digits, "image_digits", () => r.Where);
+        SingleDigits(ordered, "digits", () => r.Where);
         return new PromptRow(-1, question, answer, r.Images(), r.List<string>("choices"), digits, r.List<string>("image_objects"), r.String("type")) { Digits = ordered };
+    }
+
+    private static void SingleDigits(List<int>? digits, string column, Func<string> where)
+    {
+        if (digits is not null && digits.Any(d => d is < 0 or > 9)) throw new InvalidDataException($"{where()}: '{column}' holds single digits 0-9");
     }
 
     private static PromptRow Parse(JsonObject o, string path, Func<string> where)
@@ -78,8 +83,8 @@ public sealed class PromptDataset
         {
             throw new InvalidDataException($"{where()}: 'image_digits' and 'digits' must be lists of integers and 'image_objects' a list of strings");
         }
-        if (digits is not null && digits.Any(d => d is < 0 or > 9)) throw new InvalidDataException($"{where()}: 'image_digits' holds single digits 0-9");
-        if (ordered is not null && ordered.Any(d => d is < 0 or > 9)) throw new InvalidDataException($"{where()}: 'digits' holds single digits 0-9");
+        SingleDigits(digits, "image_digits", where);
+        SingleDigits(ordered, "digits", where);
         return new PromptRow(-1, question, answer, JsonlRows<PromptRow>.Images(o, path, where), choices, digits, objects, JsonlRows<PromptRow>.String(o, "type")) { Digits = ordered };
     }
 }

@@ -404,33 +404,9 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         var inv = CultureInfo.InvariantCulture;
         var plots = Dir("plots");
         Directory.CreateDirectory(plots);
-        var ratio = new ScottPlot.Plot();
-        var a = ratio.Add.Scatter(Enumerable.Range(1, summary.EffectiveRatioWithBuffer.Count).Select(x => (double)x).ToArray(), summary.EffectiveRatioWithBuffer.ToArray());
-        a.LegendText = "with the Selective Sample Buffer";
-        var b = ratio.Add.Scatter(Enumerable.Range(1, summary.EffectiveRatioWithoutBuffer.Count).Select(x => (double)x).ToArray(), summary.EffectiveRatioWithoutBuffer.ToArray());
-        b.LegendText = "without";
-        ratio.Title("GRPO effective-sample ratio");
-        ratio.XLabel("step");
-        ratio.ShowLegend();
-        ratio.SavePng(Path.Combine(plots, "effective_ratio.png"), 800, 450);
-        var train = new ScottPlot.Plot();
-        foreach (var (series, label) in new[] { (summary.TrainAccuracyWithBuffer, "with the Selective Sample Buffer"), (summary.TrainAccuracyWithoutBuffer, "without") })
-        {
-            if (series.Count == 0) continue;
-            int window = Math.Max(1, series.Count / 10);
-            var smooth = new double[series.Count];
-            double sum = 0;
-            for (int i = 0; i < series.Count; i++)
-            {
-                sum += series[i] - (i >= window ? series[i - window] : 0);
-                smooth[i] = sum / Math.Min(window, i + 1);
-            }
-            train.Add.Scatter(Enumerable.Range(1, smooth.Length).Select(x => (double)x).ToArray(), smooth).LegendText = label;
-        }
-        train.Title("GRPO accuracy on its training prompts (moving mean)");
-        train.XLabel("step");
-        train.ShowLegend();
-        train.SavePng(Path.Combine(plots, "grpo_train_accuracy.png"), 800, 450);
+        StepPlot("GRPO effective-sample ratio", Path.Combine(plots, "effective_ratio.png"), summary.EffectiveRatioWithBuffer, summary.EffectiveRatioWithoutBuffer);
+        StepPlot("GRPO accuracy on its training prompts (moving mean)", Path.Combine(plots, "grpo_train_accuracy.png"),
+            MovingMean(summary.TrainAccuracyWithBuffer), MovingMean(summary.TrainAccuracyWithoutBuffer));
         var acc = new ScottPlot.Plot();
         var bars = acc.Add.Bars(summary.Stages.Select(x => x.Eval.PassAt1).ToArray());
         acc.Axes.Bottom.SetTicks(Enumerable.Range(0, summary.Stages.Count).Select(i => (double)i).ToArray(), summary.Stages.Select(x => x.Stage).ToArray());
@@ -473,6 +449,35 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         md.AppendLine().AppendLine("![accuracy](plots/accuracy_by_stage.png)").AppendLine("![effective ratio](plots/effective_ratio.png)")
             .AppendLine("![GRPO training accuracy](plots/grpo_train_accuracy.png)");
         File.WriteAllText(Dir("summary.md"), md.ToString());
+    }
+
+    /// <summary>A per-step series of both GRPO runs, with the buffer and without, against the step.</summary>
+    private static void StepPlot(string title, string path, IReadOnlyList<double> withBuffer, IReadOnlyList<double> withoutBuffer)
+    {
+        var plot = new ScottPlot.Plot();
+        foreach (var (series, label) in new[] { (withBuffer, "with the Selective Sample Buffer"), (withoutBuffer, "without") })
+        {
+            if (series.Count == 0) continue;
+            plot.Add.Scatter(Enumerable.Range(1, series.Count).Select(x => (double)x).ToArray(), series.ToArray()).LegendText = label;
+        }
+        plot.Title(title);
+        plot.XLabel("step");
+        plot.ShowLegend();
+        plot.SavePng(path, 800, 450);
+    }
+
+    /// <summary>The mean over a trailing window of a tenth of the series (at least one step; shorter at the start).</summary>
+    private static double[] MovingMean(IReadOnlyList<double> series)
+    {
+        int window = Math.Max(1, series.Count / 10);
+        var smooth = new double[series.Count];
+        double sum = 0;
+        for (int i = 0; i < series.Count; i++)
+        {
+            sum += series[i] - (i >= window ? series[i - window] : 0);
+            smooth[i] = sum / Math.Min(window, i + 1);
+        }
+        return smooth;
     }
 
     /// <summary>The built-in model config of the digit task (configs/digits.json, embedded).</summary>
