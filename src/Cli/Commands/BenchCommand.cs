@@ -111,6 +111,17 @@ public static class BenchCommand
         return 0;
     }
 
+    /// <summary>The kernel timings as a table; shapes such as "[4096, 1024]" are text, not markup.</summary>
+    public static Table KernelTable(IEnumerable<KernelTiming> timings)
+    {
+        var table = new Table().AddColumns("op", "shape", "dtype", "median (us)", "GB/s", "TFLOP/s", "% of peak", "bound");
+        foreach (var t in timings)
+            table.AddRow(Markup.Escape(t.Op), Markup.Escape(t.Shape), Markup.Escape(t.DType), t.MedianMicroseconds.ToString("F1"),
+                t.GigabytesPerSecond.ToString("F0"), t.Flops > 0 ? t.TeraflopsPerSecond.ToString("F1") : "-", t.PercentOfPeak.ToString("F1"),
+                Markup.Escape(t.Bound));
+        return table;
+    }
+
     public static int RunKernels(string outDir, int repeats)
     {
         if (!CudaBackend.IsAvailable(out var reason))
@@ -125,11 +136,7 @@ public static class BenchCommand
         var bench = new KernelBenchmark(backend, repeats);
         IReadOnlyList<KernelTiming> timings = [];
         AnsiConsole.Status().Start("timing kernels", _ => timings = bench.RunAll());
-        var table = new Table().AddColumns("op", "shape", "dtype", "median (us)", "GB/s", "TFLOP/s", "% of peak", "bound");
-        foreach (var t in timings)
-            table.AddRow(t.Op, t.Shape, t.DType, t.MedianMicroseconds.ToString("F1"), t.GigabytesPerSecond.ToString("F0"),
-                t.Flops > 0 ? t.TeraflopsPerSecond.ToString("F1") : "-", t.PercentOfPeak.ToString("F1"), t.Bound);
-        AnsiConsole.Write(table);
+        AnsiConsole.Write(KernelTable(timings));
         var path = KernelBenchmark.WriteJson(outDir, d, timings);
         AnsiConsole.MarkupLineInterpolated($"wrote {path}");
         return 0;

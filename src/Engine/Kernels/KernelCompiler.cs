@@ -40,10 +40,13 @@ public sealed class KernelCompiler
     }
 
     /// <summary>The fixed NVRTC options for <paramref name="arch"/> (e.g. "sm_90").</summary>
-    public IReadOnlyList<string> Options(string family, string arch, bool cubin)
+    public IReadOnlyList<string> Options(string family, string arch, bool cubin, Version? nvrtc = null)
     {
         var target = cubin ? arch : arch.Replace("sm_", "compute_", StringComparison.Ordinal);
-        return [$"-arch={target}", "-std=c++17", "--ptxas-options=-v", "-DNDEBUG", .. Tuning.Defines(family)];
+        // NVRTC 12.9 and later keep their own cache of compiled programs and print no ptxas report for a program served
+        // from it; the engine caches images itself, so NVRTC's cache is turned off to keep the report.
+        string[] noCache = nvrtc is not null && nvrtc >= new Version(12, 9) ? ["--no-cache"] : [];
+        return [$"-arch={target}", "-std=c++17", "--ptxas-options=-v", "-DNDEBUG", .. noCache, .. Tuning.Defines(family)];
     }
 
     /// <summary>Parses "sm_80" / "80" / "8.0" into a compute capability number (80).</summary>
@@ -70,8 +73,8 @@ public sealed class KernelCompiler
     public CompiledFamily Compile(string family, string arch, bool cubin = true)
     {
         var source = KernelSources.Source(family);
-        var options = Options(family, arch, cubin);
         var nvrtcVersion = Nvrtc.Version();
+        var options = Options(family, arch, cubin, nvrtcVersion);
         var key = CacheKey(family, source, options, nvrtcVersion, arch, cubin);
         var path = Path.Combine(CacheDirectory, $"{family}-{arch}-{key[..16]}.{(cubin ? "cubin" : "ptx")}.bin");
 
@@ -159,7 +162,8 @@ public sealed class KernelCompiler
 
     private static readonly Regex EntryLine = new(@"Compiling entry function '([^']+)' for '([^']+)'", RegexOptions.Compiled);
     private static readonly Regex SpillLine = new(@"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", RegexOptions.Compiled);
-    private static readonly Regex UsedLine = new(@"Used (\d+) registers(?:, (\d+) bytes smem)?", RegexOptions.Compiled);
+    private static readonly Regex UsedLine = new(@"Used (\d+) registers", RegexOptions.Compiled);
+    private static readonly Regex SmemField = new(@"(\d+) bytes smem", RegexOptions.Compiled);
 
     /// <summary>Per-kernel registers, spills and static shared memory from ptxas' -v output (CUBIN builds only).</summary>
     public static IReadOnlyList<KernelResources> ParseReport(string log, string arch)
@@ -183,7 +187,8 @@ public sealed class KernelCompiler
             var u = UsedLine.Match(line);
             if (u.Success)
             {
-                int smem = u.Groups[2].Success ? int.Parse(u.Groups[2].Value) : 0;
+                var sm = SmemField.Match(line); // "Used 40 registers, 128 bytes smem" or, newer, "..., used 1 barriers, 128 bytes smem"
+                int smem = sm.Success ? int.Parse(sm.Groups[1].Value) : 0;
                 list.Add(new KernelResources(kernel, arch, int.Parse(u.Groups[1].Value), spillStores, spillLoads, smem, stack));
                 kernel = null;
             }

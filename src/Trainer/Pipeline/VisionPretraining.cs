@@ -83,8 +83,8 @@ public static class VisionPretraining
             double norm = Math.Sqrt(Enumerable.Range(0, d).Sum(i => (double)probeRows[k * d + i] * probeRows[k * d + i]));
             for (int i = 0; i < d; i++) rows[k * d + i] = (float)(probeRows[k * d + i] / norm * CosineScale / Math.Sqrt(d));
         }
-        using var probe = b.FromArray(rows, DType.F32, [Classes, d], "vision_probe");
-        using var ones = b.FromArray(Enumerable.Repeat(1f, d).ToArray(), DType.F32, [d], "vision_probe_norm");
+        using var probe = b.FromArray(rows, b.ActivationType, [Classes, d], "vision_probe");
+        using var ones = b.FromArray(Enumerable.Repeat(1f, d).ToArray(), b.ActivationType, [d], "vision_probe_norm");
         using var opt = new AdamWOptimizer(b, model.Parameters.Trainable, new AdamWSettings(s.LearningRate));
         var schedule = new LearningRateSchedule(s.LearningRate, s.Warmup, s.Steps);
         var rng = new Random(s.Seed);

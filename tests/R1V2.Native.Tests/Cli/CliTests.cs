@@ -33,4 +33,22 @@ public sealed class CliTests
         Assert.Equal(0, BenchCommand.RunKernels(dir, 20));
         Assert.False(Directory.Exists(dir));
     }
+
+    [Fact]
+    public void KernelTable_ShowsBracketedShapesAsText()
+    {
+        var timing = new R1V2.Native.Engine.Backends.Cuda.KernelTiming("rmsnorm_forward", "[4096, 1024]", "bf16", 12.5, 12.0, 25,
+            16e6, 0, 1280, 0, 26.6, "memory");
+        var writer = new StringWriter();
+        var console = Spectre.Console.AnsiConsole.Create(new Spectre.Console.AnsiConsoleSettings
+        {
+            Ansi = Spectre.Console.AnsiSupport.No, Out = new Spectre.Console.AnsiConsoleOutput(writer),
+        });
+        console.Profile.Width = 200;
+        console.Write(BenchCommand.KernelTable([timing]));
+        var text = writer.ToString();
+        Assert.Contains("[4096, 1024]", text);
+        Assert.Contains("rmsnorm_forward", text);
+        Assert.Contains("26.6", text);
+    }
 }

@@ -153,9 +153,24 @@ public sealed class KernelCompileTests : IDisposable
             ptxas info    : Function properties for k_f32
             ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
             ptxas info    : Used 12 registers
+            ptxas info    : Compiling entry function 'k_new' for 'sm_90'
+            ptxas info    : Function properties for k_new
+            ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+            ptxas info    : Used 32 registers, used 1 barriers, 4096 bytes smem, 400 bytes cmem[0]
             """;
         var r = KernelCompiler.ParseReport(log, "sm_90");
         Assert.Equal(new KernelResources("k_bf16", "sm_90", 40, 8, 4, 128, 16), r[0]);
         Assert.Equal(new KernelResources("k_f32", "sm_90", 12, 0, 0, 0, 0), r[1]);
+        Assert.Equal(new KernelResources("k_new", "sm_90", 32, 0, 0, 4096, 0), r[2]); // ptxas 12.x and later add the barrier count
+    }
+
+    [Fact]
+    public void NvrtcOwnCache_IsTurnedOff_FromVersion12_9_SoThePtxasReportIsAlwaysPrinted()
+    {
+        var compiler = new KernelCompiler(_cache);
+        Assert.DoesNotContain("--no-cache", compiler.Options("softmax", "sm_90", true, new Version(11, 8)));
+        Assert.DoesNotContain("--no-cache", compiler.Options("softmax", "sm_90", true, new Version(12, 8)));
+        Assert.Contains("--no-cache", compiler.Options("softmax", "sm_90", true, new Version(12, 9)));
+        Assert.Contains("--no-cache", compiler.Options("softmax", "sm_90", true, new Version(13, 0)));
     }
 }

@@ -1,17 +1,33 @@
 using R1V2.Native.Engine.Backends.Cuda;
 using R1V2.Native.Engine.Models;
+using R1V2.Native.Engine.Tensors;
+using Xunit.Abstractions;
 
 namespace R1V2.Native.Tests.Models;
 
 /// <summary>
 /// The whole VLM on CUDA against the CPU backend, on the PyTorch fixtures: fp32 storage must agree as tightly as the
-/// CPU agrees with PyTorch; bf16 storage rounds every stored activation to 8 mantissa bits (2^-9 relative, round to
-/// nearest). About 30 stored tensors lie on the path to the logits, so errors of sqrt(30) x 2^-9 ~ 1.1% in the
-/// 2-norm are expected: logits within 3% and gradients (which pass the path twice) within 6%. Skipped without a GPU.
+/// CPU agrees with PyTorch. With bf16 storage the CUDA model holds its weights and pixels in bf16, so the CPU reference
+/// runs on the same bf16-rounded weights and pixels; what remains is the rounding of the stored activations, each by up
+/// to 2^-9 relative. About 30 of them lie on the path to the logits, so sqrt(30) x 2^-9 ~ 1.1% is the expected error of a
+/// well-conditioned output: logits within 3%, gradients (which pass the path twice) within 6%. A gradient that is a sum
+/// with much cancellation (a bias or the class embedding, summed over every token) is ill-conditioned: rounding errors of
+/// its terms that are small next to the terms are large next to the sum. So each output's bound is also at least 3 x
+/// its measured conditioning, the change the CPU reference itself shows when every weight and pixel is perturbed by a
+/// random 2^-9 relative (the size of a bf16 rounding), as bf16 references are used to bound bf16 kernels elsewhere.
+/// Every output's error and bound is written to the test output. Measured on an H200 (perf/results/gpu-h200-20261130.md):
+/// fp32 logits 1.3e-6; bf16 logits 1.8% for both variants, bf16 gradients 3.9% to 4.1% in the median; the 300m-style
+/// model passes, the 6b-style one does not: six gradients of its first ViT layer and patch embedding, the last on the
+/// backward path, are 6.1% to 9.1% off (the patch-embedding bias, a sum over every patch, the most). The perturbation
+/// measures the weights' share of the rounding but not the activations', which a CPU reference that stores bf16 would.
+/// Skipped without a GPU.
 /// </summary>
 [Collection("cpu")]
-public sealed class VlmCudaParityTests(CpuFixture fx)
+public sealed class VlmCudaParityTests(CpuFixture fx, ITestOutputHelper output)
 {
+    /// <summary>How many times its measured conditioning a bf16 output may be off.</summary>
+    private const double ConditioningFactor = 3;
+
     [SkippableTheory]
     [InlineData("internvit6b", DType.F32, 1e-4, 1e-3)]
     [InlineData("internvit300m", DType.F32, 1e-4, 1e-3)]
@@ -22,23 +38,51 @@ public sealed class VlmCudaParityTests(CpuFixture fx)
         Skip.IfNot(Gpu.Available, Gpu.Reason);
         var dir = VlmParityTests.FixtureDir(variant);
         var batch = StepBatch(dir);
-        using var cpuModel = VisionLanguageModel.Load(fx.Backend, dir, TrainableParts.All);
-        using var cpuPass = cpuModel.Forward(batch);
-        var cpuLogits = TestData.ToDouble(cpuPass.Logits.ToFloatArray());
-        cpuModel.Backward(cpuPass);
+        bool bf16 = storage == DType.BF16;
+        var reference = CpuStep(dir, batch, bf16 ? BFloat16.Round : null);
+        // The conditioning of each output: the reference again with every weight and pixel off by a random 2^-9 relative.
+        var rng = new Random(11);
+        var perturbed = bf16 ? CpuStep(dir, batch, x => BFloat16.Round(x) * (float)(1 + (2 * rng.NextDouble() - 1) / 512)) : null;
 
         using var cuda = new CudaBackend(activationType: storage);
         using var model = VisionLanguageModel.Load(cuda, dir, TrainableParts.All);
         using var pass = model.Forward(batch);
-        double logitError = Check.RelativeL2(cpuLogits, pass.Logits.ToFloatArray());
-        Assert.True(logitError <= logitTolerance, $"{storage}: relative L2 logit error {logitError:E2} > {logitTolerance}");
-        Assert.True(Math.Abs(pass.Loss - cpuPass.Loss) <= logitTolerance * Math.Abs(cpuPass.Loss), $"loss {pass.Loss} vs {cpuPass.Loss}");
+        double logitBound = Bound(logitTolerance, reference.Logits, perturbed?.Logits);
+        double logitError = Check.RelativeL2(reference.Logits, pass.Logits.ToFloatArray());
+        output.WriteLine($"{storage} logits: error {logitError:E2}, bound {logitBound:E2}");
+        Assert.True(logitError <= logitBound, $"{storage}: relative L2 logit error {logitError:E2} > {logitBound:E2}");
+        Assert.True(Math.Abs(pass.Loss - reference.Loss) <= logitBound * Math.Abs(reference.Loss), $"loss {pass.Loss} vs {reference.Loss}");
         model.Backward(pass);
+        var failures = new List<string>();
         foreach (var (name, p) in model.Parameters.All)
         {
-            double rel = Check.RelativeL2(TestData.ToDouble(cpuModel.Parameters[name].Grad!.ToFloatArray()), p.Grad!.ToFloatArray());
-            Assert.True(rel <= gradTolerance, $"{storage}: {name}: relative L2 gradient error {rel:E2} > {gradTolerance}");
+            double bound = Bound(gradTolerance, reference.Grads[name], perturbed?.Grads[name]);
+            double rel = Check.RelativeL2(reference.Grads[name], p.Grad!.ToFloatArray());
+            output.WriteLine($"{storage} {name}: error {rel:E2}, bound {bound:E2}");
+            if (rel > bound) failures.Add($"{name}: relative L2 gradient error {rel:E2} > {bound:E2}");
         }
+        Assert.True(failures.Count == 0, $"{storage}: " + string.Join("; ", failures));
+    }
+
+    /// <summary>The tolerance, or <see cref="ConditioningFactor"/> x the output's change under the perturbation if larger.</summary>
+    private static double Bound(double tolerance, double[] reference, double[]? perturbed) =>
+        perturbed is null ? tolerance : Math.Max(tolerance, ConditioningFactor * Check.RelativeL2(reference, perturbed.Select(x => (float)x).ToArray()));
+
+    private sealed record CpuResult(double Loss, double[] Logits, Dictionary<string, double[]> Grads);
+
+    /// <summary>Forward and backward on the CPU backend, with every weight and pixel passed through <paramref name="map"/> first.</summary>
+    private CpuResult CpuStep(string dir, VlmBatch batch, Func<float, float>? map)
+    {
+        using var model = VisionLanguageModel.Load(fx.Backend, dir, TrainableParts.All);
+        if (map is not null)
+        {
+            foreach (var (_, p) in model.Parameters.All) p.Value.CopyFrom(p.Value.ToFloatArray().Select(map).ToArray());
+            batch = batch with { Pixels = batch.Pixels?.Select(map).ToArray() };
+        }
+        using var pass = model.Forward(batch);
+        var logits = TestData.ToDouble(pass.Logits.ToFloatArray());
+        model.Backward(pass);
+        return new CpuResult(pass.Loss, logits, model.Parameters.All.ToDictionary(x => x.Name, x => TestData.ToDouble(x.Parameter.Grad!.ToFloatArray())));
     }
 
     private static VlmBatch StepBatch(string dir)
