@@ -1,6 +1,7 @@
 // Token embedding lookup. Forward: out[t, :] = table[ids[t], :]; backward: dtable[ids[t], :] += dout[t, :].
 // table, out, dout: storage dtype; table [V, C], out [T, C]; ids [T] int32; dtable [V, C] fp32.
-// An id outside [0, V) is not read or written: its row index and value go to error[0..1] (error[0] starts at -1).
+// Forward: an id outside [0, V) is not read or written: its row index and value go to error[0..1] (error[0] starts
+// at -1). Backward: the host has checked the ids and grouped the positions by id.
 #include "common.cuh"
 
 #ifndef EMBEDDING_BLOCK
@@ -26,15 +27,22 @@ __device__ void embedding_forward_impl(T* out, const T* table, const int* ids, i
 }
 INSTANTIATE_F32_BF16(embedding_forward, EMBEDDING_BLOCK, (T* out, const T* table, const int* ids, int tokens, int dim, int vocab, int* error), (out, table, ids, tokens, dim, vocab, error))
 
-// Scatter-add with fp32 atomics: tokens that share an id add into the same row.
+// Scatter-add without atomics: one thread per (id group, column) adds the group's rows in position order, so rows that
+// share an id are summed in the same order every run (deterministic). order [T]: positions grouped by id; starts
+// [groups + 1]: where each group begins in order; rows [groups]: each group's id.
 template <typename T>
-__device__ void embedding_backward_impl(float* dtable, const T* dout, const int* ids, int tokens, int dim, int vocab, int* error)
+__device__ void embedding_backward_impl(float* dtable, const T* dout, const int* order, const int* starts, const int* rows,
+                                        int groups, int dim)
 {
-    FOR_EACH(i, (long long)tokens * dim)
+    FOR_EACH(i, (long long)groups * dim)
     {
-        const int t = (int)(i / dim), c = (int)(i % dim);
-        const int id = ids[t];
-        if (check_id(id, vocab, t, error)) atomicAdd(&dtable[(long long)id * dim + c], load(dout, i));
+        const int g = (int)(i / dim), c = (int)(i % dim);
+        const long long at = (long long)rows[g] * dim + c;
+        float sum = dtable[at];
+        for (int k = starts[g]; k < starts[g + 1]; k++) sum += load(dout, (long long)order[k] * dim + c);
+        dtable[at] = sum;
     }
 }
-INSTANTIATE_F32_BF16(embedding_backward, EMBEDDING_BLOCK, (float* dtable, const T* dout, const int* ids, int tokens, int dim, int vocab, int* error), (dtable, dout, ids, tokens, dim, vocab, error))
+INSTANTIATE_F32_BF16(embedding_backward, EMBEDDING_BLOCK,
+    (float* dtable, const T* dout, const int* order, const int* starts, const int* rows, int groups, int dim),
+    (dtable, dout, order, starts, rows, groups, dim))

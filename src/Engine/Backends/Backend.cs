@@ -342,7 +342,11 @@ public abstract class Backend : IDisposable
         using (Profiled("embedding_forward")) EmbeddingForwardCore(table, ids, output);
     }
 
-    /// <summary>dtable[ids[t], :] += doutput[t, :] (scatter-add; dtable is fp32 and is accumulated into).</summary>
+    /// <summary>
+    /// dtable[ids[t], :] += doutput[t, :] (scatter-add; dtable is fp32 and is accumulated into). Deterministic: the ids
+    /// are read back and the positions grouped by id on the host, then one thread per (id, column) adds that id's rows
+    /// in position order, so every backend gives the bits of adding the rows one by one in order, run after run.
+    /// </summary>
     public void EmbeddingBackward(Tensor doutput, Tensor ids, Tensor dtable)
     {
         Fp32(dtable, "embedding_backward", "dtable");
@@ -350,11 +354,19 @@ public abstract class Backend : IDisposable
         Ids(ids, "embedding_backward", "ids");
         Float(doutput, "embedding_backward", "doutput");
         if (doutput.Length != (long)ids.Length * dtable.Dim(1)) throw new ArgumentException($"embedding_backward: doutput is {doutput.ShapeString}, expected [{ids.Length}, {dtable.Dim(1)}]");
-        using (Profiled("embedding_backward")) EmbeddingBackwardCore(doutput, ids, dtable);
+        if (ids.Length == 0) return;
+        var groups = IdGroups.Of(ids.ToIntArray(), dtable.Dim(0), "embedding_backward", "ids");
+        using var order = FromArray(groups.Order, [groups.Order.Length], "embedding_order");
+        using var starts = FromArray(groups.Starts, [groups.Starts.Length], "embedding_group_starts");
+        using var rows = FromArray(groups.Ids, [groups.Ids.Length], "embedding_group_ids");
+        using (Profiled("embedding_backward")) EmbeddingBackwardCore(doutput, order, starts, rows, dtable);
     }
 
     protected abstract void EmbeddingForwardCore(Tensor table, Tensor ids, Tensor output);
-    protected abstract void EmbeddingBackwardCore(Tensor doutput, Tensor ids, Tensor dtable);
+
+    /// <summary>For each group g (rows[g] its id) and column c: dtable[rows[g], c] += doutput[order[k], c] for k in
+    /// starts[g] .. starts[g + 1] - 1, in that order. order: [T], starts: [G + 1], rows: [G], all int32.</summary>
+    protected abstract void EmbeddingBackwardCore(Tensor doutput, Tensor order, Tensor starts, Tensor rows, Tensor dtable);
 
     public const int IgnoreIndex = -100;
 
@@ -761,6 +773,27 @@ public abstract class Backend : IDisposable
     /// <summary>Error for an id outside the vocabulary, reported by both backends in the same words.</summary>
     protected static ArgumentException IdOutOfRange(string op, string tensor, int row, int id, int vocab) =>
         new($"{op}: {tensor}[{row}] = {id} is outside [0, {vocab})");
+
+    /// <summary>Positions grouped by id: the groups in ascending id, positions ascending within a group.</summary>
+    protected readonly record struct IdGroups(int[] Order, int[] Starts, int[] Ids)
+    {
+        public static IdGroups Of(int[] ids, int vocab, string op, string tensor)
+        {
+            for (int t = 0; t < ids.Length; t++)
+                if (ids[t] < 0 || ids[t] >= vocab) throw IdOutOfRange(op, tensor, t, ids[t], vocab);
+            var order = Enumerable.Range(0, ids.Length).OrderBy(t => ids[t]).ToArray(); // stable: positions stay ascending
+            var starts = new List<int>();
+            var rows = new List<int>();
+            for (int k = 0; k < order.Length; k++)
+            {
+                if (k > 0 && ids[order[k]] == ids[order[k - 1]]) continue;
+                starts.Add(k);
+                rows.Add(ids[order[k]]);
+            }
+            starts.Add(order.Length);
+            return new IdGroups(order, starts.ToArray(), rows.ToArray());
+        }
+    }
 }
 
 /// <summary>Collectives across data-parallel ranks. NCCL (GPU) and MPI (CPU) implementations come with multi-GPU.</summary>

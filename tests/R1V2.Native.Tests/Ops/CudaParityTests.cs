@@ -350,6 +350,27 @@ public sealed class CudaParityTests(CpuFixture fx)
     }
 
     [SkippableFact]
+    public void CudaEmbeddingBackward_RepeatedIds_GiveTheCpuBits_RunAfterRun()
+    {
+        Skip.IfNot(Gpu.Available, Gpu.Reason);
+        const int vocab = 64, dim = 96, tokens = 4096;
+        var ids = TestData.Ints(31, tokens, 5); // five ids, each about 800 times
+        var dout = TestData.Uniform(32, tokens * dim);
+        float[] Run(Backend b)
+        {
+            using var ti = b.FromArray(ids, [tokens]);
+            using var tdo = b.FromArray(dout, DType.F32, [tokens, dim]);
+            using var tdt = b.Allocate(DType.F32, vocab, dim);
+            b.EmbeddingBackward(tdo, ti, tdt);
+            return tdt.ToFloatArray();
+        }
+        using var cuda = new CudaBackend(activationType: DType.F32);
+        var first = Run(cuda);
+        Assert.Equal(first, Run(cuda));
+        Assert.Equal(Run(fx.Backend), first); // the same additions in the same order
+    }
+
+    [SkippableFact]
     public void CudaEmbedding_IdOutsideVocabulary_GivesTheSameErrorAsCpu()
     {
         Skip.IfNot(Gpu.Available, Gpu.Reason);

@@ -40,7 +40,7 @@ public sealed unsafe class CpuBackend : Backend
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, float> _softmaxForward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float> _softmaxBackward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int> _embeddingForward;
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int> _embeddingBackward;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, ArrayView<int>, int> _embeddingBackward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int> _ceForward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, int, int> _ceBackward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<ushort>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AdamWArgs, int> _adamw;
@@ -105,7 +105,7 @@ public sealed unsafe class CpuBackend : Backend
         _softmaxForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, float>(SoftmaxKernels.Forward);
         _softmaxBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float>(SoftmaxKernels.Backward);
         _embeddingForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int>(EmbeddingKernels.Forward);
-        _embeddingBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int>(EmbeddingKernels.Backward);
+        _embeddingBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, ArrayView<int>, int>(EmbeddingKernels.Backward);
         _ceForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int>(CrossEntropyKernels.Forward);
         _ceBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, int, int>(CrossEntropyKernels.Backward);
         _adamw = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<ushort>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AdamWArgs, int>(AdamWKernels.Update);
@@ -301,11 +301,8 @@ public sealed unsafe class CpuBackend : Backend
         _embeddingForward(g, F(output), F(table), I(ids), table.Dim(1), g);
     }
 
-    protected override void EmbeddingBackwardCore(Tensor doutput, Tensor ids, Tensor dtable)
-    {
-        CheckIds(ids, dtable.Dim(0), "embedding_backward", "ids");
-        _embeddingBackward(dtable.Dim(1), F(dtable), F(doutput), I(ids), checked((int)ids.Length), dtable.Dim(1));
-    }
+    protected override void EmbeddingBackwardCore(Tensor doutput, Tensor order, Tensor starts, Tensor rows, Tensor dtable) =>
+        _embeddingBackward(checked((int)(rows.Length * dtable.Dim(1))), F(dtable), F(doutput), I(order), I(starts), I(rows), dtable.Dim(1));
 
     protected override void CrossEntropyForwardCore(Tensor logits, Tensor targets, Tensor logprob, Tensor lse, int ignoreIndex)
     {

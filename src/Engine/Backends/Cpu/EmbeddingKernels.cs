@@ -3,9 +3,9 @@ using ILGPU;
 namespace R1V2.Native.Engine.Backends.Cpu;
 
 /// <summary>
-/// ILGPU twins of kernels/embedding.cu. The backward runs one thread per embedding column and walks the tokens in
-/// order, so rows that share an id are summed without atomics (and deterministically). Ids are range-checked on the
-/// host before launch (CPU memory is host memory).
+/// ILGPU twins of kernels/embedding.cu. The backward runs one thread per (id group, column) and adds the group's rows
+/// in position order, as the CUDA kernel does: no atomics, the same bits every run. Ids are range-checked on the host
+/// before launch (CPU memory is host memory; the backward's groups are built there).
 /// </summary>
 internal static class EmbeddingKernels
 {
@@ -14,8 +14,13 @@ internal static class EmbeddingKernels
         for (long i = thread; i < output.Length; i += threads) output[i] = table[(long)ids[i / dim] * dim + i % dim];
     }
 
-    public static void Backward(Index1D c, ArrayView<float> dtable, ArrayView<float> doutput, ArrayView<int> ids, int tokens, int dim)
+    public static void Backward(Index1D i, ArrayView<float> dtable, ArrayView<float> doutput, ArrayView<int> order, ArrayView<int> starts,
+        ArrayView<int> rows, int dim)
     {
-        for (int t = 0; t < tokens; t++) dtable[(long)ids[t] * dim + c] += doutput[(long)t * dim + c];
+        int g = i / dim, c = i % dim;
+        long at = (long)rows[g] * dim + c;
+        float sum = dtable[at];
+        for (int k = starts[g]; k < starts[g + 1]; k++) sum += doutput[(long)order[k] * dim + c];
+        dtable[at] = sum;
     }
 }

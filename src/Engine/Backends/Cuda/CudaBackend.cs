@@ -296,13 +296,9 @@ public sealed unsafe class CudaBackend : Backend
         ThrowOnBadId("embedding_forward", "ids", table.Dim(0));
     }
 
-    protected override void EmbeddingBackwardCore(Tensor doutput, Tensor ids, Tensor dtable)
-    {
-        ResetError();
-        Launch("embedding", "embedding_backward" + Suffix(doutput), StrideGrid("embedding", doutput.Length),
-            [P(dtable), P(doutput), P(ids), I((int)ids.Length), I(dtable.Dim(1)), I(dtable.Dim(0)), _errorWord]);
-        ThrowOnBadId("embedding_backward", "ids", dtable.Dim(0));
-    }
+    protected override void EmbeddingBackwardCore(Tensor doutput, Tensor order, Tensor starts, Tensor rows, Tensor dtable) =>
+        Launch("embedding", "embedding_backward" + Suffix(doutput), StrideGrid("embedding", rows.Length * dtable.Dim(1)),
+            [P(dtable), P(doutput), P(order), P(starts), P(rows), I((int)rows.Length), I(dtable.Dim(1))]);
 
     protected override void CrossEntropyForwardCore(Tensor logits, Tensor targets, Tensor logprob, Tensor lse, int ignoreIndex)
     {
