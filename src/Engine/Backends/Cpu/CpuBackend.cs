@@ -52,6 +52,7 @@ public sealed unsafe class CpuBackend : Backend
     /// fp32 operations to schedule, so the CPU twins loop like the CUDA kernels' grid-stride FOR_EACH instead.
     /// </summary>
     private const int StrideThreads = 64;
+    private readonly bool _launchTwins;
 
     private static int Grid(long n) => (int)Math.Clamp(n, 1, StrideThreads);
 
@@ -79,8 +80,11 @@ public sealed unsafe class CpuBackend : Backend
     private const int NormChunk = 1 << 14;
 
     /// <param name="threads">Simulated multiprocessors (each runs a warp of 2 threads); measured fastest at the core count.</param>
-    public CpuBackend(int threads = 0)
+    /// <param name="launchTwins">Launch the ILGPU twins for the ops that otherwise run as host loops (<see cref="HostOps"/>):
+    /// the same results, bit for bit, far slower; for the tests that hold the two together.</param>
+    public CpuBackend(int threads = 0, bool launchTwins = false)
     {
+        _launchTwins = launchTwins;
         _context = Context.Create(b => b.CPU(new CPUDevice(2, 1, threads > 0 ? threads : Environment.ProcessorCount)));
         _accelerator = _context.CreateCPUAccelerator(0);
         _pool = new MemoryPool<CpuBlock>(bytes => new CpuBlock(_accelerator.Allocate1D<byte>(bytes)), b => b.Buffer.Dispose());
@@ -158,6 +162,9 @@ public sealed unsafe class CpuBackend : Backend
     private static ArrayView<ushort> H(Tensor t) => Bytes(t).Cast<ushort>();
     private static ArrayView<float> F(Tensor? t, Tensor fallback) => t is null ? F(fallback) : F(t);
 
+    /// <summary>Host pointer to the first fp32 element, after the launched kernels have finished.</summary>
+    private float* P(Tensor t) => (float*)Pointer(t);
+
     /// <summary>Host pointer to the first element (CPU accelerator memory is host memory).</summary>
     private void* Pointer(Tensor t)
     {
@@ -203,20 +210,31 @@ public sealed unsafe class CpuBackend : Backend
         var pc = (float*)Pointer(c);
         for (int i = 0; i < batch; i++)
             CpuGemm.Gemm(pa + (long)i * m * k, transA, pb + (long)i * k * n, transB, pc + (long)i * m * n, m, n, k, alpha, beta);
-        if (bias is not null) { int g = Grid(c.Length); _biasAdd(g, F(c), F(bias), n, g); }
+        if (bias is null) return;
+        if (_launchTwins) { int g = Grid(c.Length); _biasAdd(g, F(c), F(bias), n, g); }
+        else HostOps.BiasAdd(pc, P(bias), n, c.Length);
     }
 
-    protected override void BiasBackwardCore(Tensor dy, Tensor dbias, bool accumulate) =>
-        _biasBackward(dy.Cols, F(dbias), F(dy), dy.Rows, dy.Cols, accumulate ? 1 : 0);
+    protected override void BiasBackwardCore(Tensor dy, Tensor dbias, bool accumulate)
+    {
+        if (_launchTwins) _biasBackward(dy.Cols, F(dbias), F(dy), dy.Rows, dy.Cols, accumulate ? 1 : 0);
+        else HostOps.BiasBackward(P(dbias), P(dy), dy.Rows, dy.Cols, accumulate);
+    }
 
     protected override void AxpbyCore(Tensor output, Tensor a, Tensor? b, float alpha, float beta)
     {
+        if (!_launchTwins) { HostOps.Axpby(P(output), P(a), b is null ? null : P(b), alpha, beta, output.Length); return; }
         int g = Grid(output.Length);
         _axpby(g, F(output), F(a), F(b, a), alpha, beta, b is null ? 0 : 1, g);
     }
 
     protected override void ConvertCore(Tensor source, Tensor destination)
     {
+        if (!_launchTwins && source.DType != destination.DType)
+        {
+            if (source.DType == DType.F32) { HostOps.ToBf16((ushort*)Pointer(destination), P(source), source.Length); return; }
+            if (destination.DType == DType.F32) { HostOps.FromBf16(P(destination), (ushort*)Pointer(source), source.Length); return; }
+        }
         int g = Grid(source.Length);
         switch (source.DType, destination.DType)
         {
@@ -229,6 +247,7 @@ public sealed unsafe class CpuBackend : Backend
 
     protected override void RmsNormForwardCore(Tensor x, Tensor weight, Tensor y, Tensor rstd, float eps)
     {
+        if (!_launchTwins) { HostOps.RmsNormForward(P(y), P(rstd), P(x), P(weight), x.Rows, x.Cols, eps); return; }
         int g = Grid(x.Rows);
         _rmsForward(g, F(y), F(rstd), F(x), F(weight), x.Rows, x.Cols, eps, g);
     }
@@ -236,6 +255,12 @@ public sealed unsafe class CpuBackend : Backend
     protected override void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight, bool accumulate)
     {
         // The weight gradient reads dy before dx is written (dx may alias dy).
+        if (!_launchTwins)
+        {
+            if (dweight is not null) HostOps.RmsNormBackwardWeight(P(dweight), P(dy), P(x), P(rstd), x.Rows, x.Cols, accumulate);
+            HostOps.RmsNormBackward(P(dx), P(dy), P(x), P(weight), P(rstd), x.Rows, x.Cols);
+            return;
+        }
         if (dweight is not null) _rmsBackwardWeight(x.Cols, F(dweight), F(dy), F(x), F(rstd), x.Rows, x.Cols, accumulate ? 1 : 0);
         int g = Grid(x.Rows);
         _rmsBackward(g, F(dx), F(dy), F(x), F(weight), F(rstd), x.Rows, x.Cols, g);
@@ -253,30 +278,35 @@ public sealed unsafe class CpuBackend : Backend
 
     protected override void RopeCore(Tensor x, Tensor positions, Tensor y, float theta, bool forward)
     {
+        if (!_launchTwins) { HostOps.Rope(P(y), P(x), (int*)Pointer(positions), x.Dim(1), x.Dim(2), theta, forward ? 1f : -1f, x.Length); return; }
         int g = Grid(x.Length / 2);
         _rope(g, F(y), F(x), I(positions), x.Dim(1), x.Dim(2), theta, forward ? 1f : -1f, g);
     }
 
     protected override void SwiGluForwardCore(Tensor gate, Tensor up, Tensor y)
     {
+        if (!_launchTwins) { HostOps.SwiGluForward(P(y), P(gate), P(up), gate.Length); return; }
         int g = Grid(gate.Length);
         _swigluForward(g, F(y), F(gate), F(up), g);
     }
 
     protected override void SwiGluBackwardCore(Tensor dy, Tensor gate, Tensor up, Tensor dgate, Tensor dup)
     {
+        if (!_launchTwins) { HostOps.SwiGluBackward(P(dgate), P(dup), P(dy), P(gate), P(up), gate.Length); return; }
         int g = Grid(gate.Length);
         _swigluBackward(g, F(dgate), F(dup), F(dy), F(gate), F(up), g);
     }
 
     protected override void GeluForwardCore(Tensor x, Tensor y, GeluApproximation approximation)
     {
+        if (!_launchTwins) { HostOps.GeluForward(P(y), P(x), (int)approximation, x.Length); return; }
         int g = Grid(x.Length);
         _geluForward(g, F(y), F(x), (int)approximation, g);
     }
 
     protected override void GeluBackwardCore(Tensor dy, Tensor x, Tensor dx, GeluApproximation approximation)
     {
+        if (!_launchTwins) { HostOps.GeluBackward(P(dx), P(dy), P(x), (int)approximation, x.Length); return; }
         int g = Grid(x.Length);
         _geluBackward(g, F(dx), F(dy), F(x), (int)approximation, g);
     }
@@ -297,29 +327,44 @@ public sealed unsafe class CpuBackend : Backend
     protected override void EmbeddingForwardCore(Tensor table, Tensor ids, Tensor output)
     {
         CheckIds(ids, table.Dim(0), "embedding_forward", "ids");
+        if (!_launchTwins) { HostOps.EmbeddingForward(P(output), P(table), (int*)Pointer(ids), table.Dim(1), output.Length); return; }
         int g = Grid(output.Length);
         _embeddingForward(g, F(output), F(table), I(ids), table.Dim(1), g);
     }
 
-    protected override void EmbeddingBackwardCore(Tensor doutput, Tensor order, Tensor starts, Tensor rows, Tensor dtable) =>
+    protected override void EmbeddingBackwardCore(Tensor doutput, Tensor order, Tensor starts, Tensor rows, Tensor dtable)
+    {
+        if (!_launchTwins)
+        {
+            HostOps.EmbeddingBackward(P(dtable), P(doutput), (int*)Pointer(order), (int*)Pointer(starts), (int*)Pointer(rows), (int)rows.Length, dtable.Dim(1));
+            return;
+        }
         _embeddingBackward(checked((int)(rows.Length * dtable.Dim(1))), F(dtable), F(doutput), I(order), I(starts), I(rows), dtable.Dim(1));
+    }
 
     protected override void CrossEntropyForwardCore(Tensor logits, Tensor targets, Tensor logprob, Tensor lse, int ignoreIndex)
     {
         CheckIds(targets, logits.Cols, "cross_entropy_forward", "targets", ignoreIndex);
-        _ceForward(logits.Rows, F(logprob), F(lse), F(logits), I(targets), logits.Cols, ignoreIndex);
+        if (_launchTwins) _ceForward(logits.Rows, F(logprob), F(lse), F(logits), I(targets), logits.Cols, ignoreIndex);
+        else HostOps.CrossEntropyForward(P(logprob), P(lse), P(logits), (int*)Pointer(targets), logits.Rows, logits.Cols, ignoreIndex);
     }
 
     protected override void CrossEntropyBackwardCore(Tensor logits, Tensor targets, Tensor lse, Tensor dlogprob, Tensor dlogits, int ignoreIndex)
     {
         CheckIds(targets, logits.Cols, "cross_entropy_backward", "targets", ignoreIndex);
-        _ceBackward(logits.Rows, F(dlogits), F(logits), F(lse), I(targets), F(dlogprob), logits.Cols, ignoreIndex);
+        if (_launchTwins) _ceBackward(logits.Rows, F(dlogits), F(logits), F(lse), I(targets), F(dlogprob), logits.Cols, ignoreIndex);
+        else HostOps.CrossEntropyBackward(P(dlogits), P(logits), P(lse), (int*)Pointer(targets), P(dlogprob), logits.Rows, logits.Cols, ignoreIndex);
     }
 
     protected override void AdamWCore(Tensor master, Tensor grad, Tensor m, Tensor v, Tensor? workingCopy, AdamWSettings s, int step, float gradScale)
     {
         var args = new AdamWArgs(s.LearningRate, s.Beta1, s.Beta2, s.Epsilon, s.WeightDecay,
             1f - MathF.Pow(s.Beta1, step), 1f - MathF.Pow(s.Beta2, step), gradScale, workingCopy is null ? 0 : 1);
+        if (!_launchTwins)
+        {
+            HostOps.AdamW(P(master), workingCopy is null ? null : (ushort*)Pointer(workingCopy), P(grad), P(m), P(v), args, master.Length);
+            return;
+        }
         var copy = workingCopy is null ? Bytes(master).Cast<ushort>() : H(workingCopy);
         int g = Grid(master.Length);
         _adamw(g, F(master), copy, F(grad), F(m), F(v), args, g);
@@ -376,21 +421,27 @@ public sealed unsafe class CpuBackend : Backend
 
     protected override void ScatterRowsCore(Tensor source, RowIndex rows, Tensor destination)
     {
+        if (!_launchTwins) { HostOps.ScatterRows(P(destination), P(source), (int*)Pointer(rows.Device), source.Cols, source.Length); return; }
         int g = Grid(source.Length);
         _scatterRows(g, F(destination), F(source), I(rows.Device), source.Cols, g);
     }
 
     protected override void ScaleColumnsCore(Tensor x, Tensor scale, Tensor y)
     {
+        if (!_launchTwins) { HostOps.ScaleColumns(P(y), P(x), P(scale), x.Cols, x.Length); return; }
         int g = Grid(x.Length);
         _scaleColumns(g, F(y), F(x), F(scale), x.Cols, g);
     }
 
-    protected override void ScaleColumnsBackwardCore(Tensor dy, Tensor x, Tensor dscale, bool accumulate) =>
-        _scaleColumnsBackward(x.Cols, F(dscale), F(dy), F(x), x.Rows, x.Cols, accumulate ? 1 : 0);
+    protected override void ScaleColumnsBackwardCore(Tensor dy, Tensor x, Tensor dscale, bool accumulate)
+    {
+        if (_launchTwins) _scaleColumnsBackward(x.Cols, F(dscale), F(dy), F(x), x.Rows, x.Cols, accumulate ? 1 : 0);
+        else HostOps.ScaleColumnsBackward(P(dscale), P(dy), P(x), x.Rows, x.Cols, accumulate);
+    }
 
     protected override void KvAppendCore(Tensor k, Tensor v, RowIndex slots, Tensor kCache, Tensor vCache)
     {
+        if (!_launchTwins) { HostOps.KvAppend(P(kCache), P(vCache), P(k), P(v), (int*)Pointer(slots.Device), k.Dim(1) * k.Dim(2), k.Length); return; }
         int g = Grid(k.Length);
         _kvAppend(g, F(kCache), F(vCache), F(k), F(v), I(slots.Device), k.Dim(1) * k.Dim(2), g);
     }

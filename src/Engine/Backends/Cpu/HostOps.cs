@@ -1,0 +1,243 @@
+namespace R1V2.Native.Engine.Backends.Cpu;
+
+/// <summary>
+/// The element-wise and row ops of the CPU backend as plain loops over spans, each the same arithmetic in the same
+/// order as its ILGPU twin (tests check the two bit for bit). A CPU-accelerator launch costs about 75 us whatever its
+/// size, and most of the digit model's ops touch a few thousand values, so the backend runs these loops on the calling
+/// thread, split over the cores above <see cref="ParallelFrom"/> values; the twins stay the CUDA kernels' CPU
+/// reference (<c>new CpuBackend(launchTwins: true)</c>).
+/// </summary>
+internal static class HostOps
+{
+    /// <summary>Work (values touched) from which a loop is split over the cores.</summary>
+    public const long ParallelFrom = 1 << 16;
+
+    /// <summary>Runs body(start, end) over [0, n): on this thread when <paramref name="work"/> is small, else in one
+    /// contiguous chunk per core. Every index is computed alone, so the split does not change a bit.</summary>
+    public static void Range(long n, long work, Action<long, long> body)
+    {
+        int chunks = work < ParallelFrom ? 1 : (int)Math.Min(Environment.ProcessorCount, n);
+        if (chunks <= 1) { body(0, n); return; }
+        long size = (n + chunks - 1) / chunks;
+        Parallel.For(0, chunks, k => body(k * size, Math.Min(n, (k + 1) * size)));
+    }
+
+    public static unsafe void Axpby(float* y, float* a, float* b, float alpha, float beta, long n) =>
+        Range(n, n, (s, e) =>
+        {
+            for (long i = s; i < e; i++)
+            {
+                float v = alpha * a[i];
+                if (b != null) v += beta * b[i];
+                y[i] = v;
+            }
+        });
+
+    public static unsafe void SwiGluForward(float* y, float* g, float* u, long n) =>
+        Range(n, n, (s, e) =>
+        {
+            for (long i = s; i < e; i++)
+            {
+                float gv = g[i];
+                y[i] = gv * CpuMath.Sigmoid(gv) * u[i];
+            }
+        });
+
+    public static unsafe void SwiGluBackward(float* dg, float* du, float* dy, float* g, float* u, long n) =>
+        Range(n, n, (s, e) =>
+        {
+            for (long i = s; i < e; i++)
+            {
+                float gv = g[i], uv = u[i], d = dy[i];
+                float sg = CpuMath.Sigmoid(gv);
+                dg[i] = d * uv * sg * (1f + gv * (1f - sg));
+                du[i] = d * gv * sg;
+            }
+        });
+
+    public static unsafe void GeluForward(float* y, float* x, int approximate, long n) =>
+        Range(n, n, (s, e) => { for (long i = s; i < e; i++) y[i] = GeluKernels.Value(x[i], approximate); });
+
+    public static unsafe void GeluBackward(float* dx, float* dy, float* x, int approximate, long n) =>
+        Range(n, n, (s, e) => { for (long i = s; i < e; i++) dx[i] = dy[i] * GeluKernels.Derivative(x[i], approximate); });
+
+    public static unsafe void BiasAdd(float* y, float* bias, int cols, long n) =>
+        Range(n, n, (s, e) => { for (long i = s; i < e; i++) y[i] += bias[i % cols]; });
+
+    /// <summary>Column sums: each column adds its rows in order, as the twin's one thread per column does.</summary>
+    public static unsafe void BiasBackward(float* dbias, float* dy, int rows, int cols, bool accumulate) =>
+        Range(cols, (long)rows * cols, (s, e) =>
+        {
+            for (long c = s; c < e; c++)
+            {
+                float sum = 0f;
+                for (int r = 0; r < rows; r++) sum += dy[(long)r * cols + c];
+                dbias[c] = accumulate ? dbias[c] + sum : sum;
+            }
+        });
+
+    public static unsafe void RmsNormForward(float* y, float* rstd, float* x, float* w, int rows, int cols, float eps) =>
+        Range(rows, (long)rows * cols, (s, e) =>
+        {
+            for (long row = s; row < e; row++)
+            {
+                long b = row * cols;
+                float ss = 0f;
+                for (int c = 0; c < cols; c++) { float v = x[b + c]; ss += v * v; }
+                float r = 1f / MathF.Sqrt(ss / cols + eps);
+                rstd[row] = r;
+                for (int c = 0; c < cols; c++) y[b + c] = w[c] * (x[b + c] * r);
+            }
+        });
+
+    /// <summary>dx may alias dy: each value of dy is read before its dx is written, as in the twin.</summary>
+    public static unsafe void RmsNormBackward(float* dx, float* dy, float* x, float* w, float* rstd, int rows, int cols) =>
+        Range(rows, (long)rows * cols, (s, e) =>
+        {
+            for (long row = s; row < e; row++)
+            {
+                long b = row * cols;
+                float r = rstd[row];
+                float dot = 0f;
+                for (int c = 0; c < cols; c++) dot += w[c] * dy[b + c] * x[b + c] * r;
+                dot /= cols;
+                for (int c = 0; c < cols; c++) dx[b + c] = r * (w[c] * dy[b + c] - x[b + c] * r * dot);
+            }
+        });
+
+    public static unsafe void RmsNormBackwardWeight(float* dw, float* dy, float* x, float* rstd, int rows, int cols, bool accumulate) =>
+        Range(cols, (long)rows * cols, (s, e) =>
+        {
+            for (long c = s; c < e; c++)
+            {
+                float sum = 0f;
+                for (int r = 0; r < rows; r++) { long i = (long)r * cols + c; sum += dy[i] * x[i] * rstd[r]; }
+                dw[c] = accumulate ? dw[c] + sum : sum;
+            }
+        });
+
+    /// <summary>Rotates pairs (i, i + dim/2) of every head; direction -1 is the inverse rotation (backward).</summary>
+    public static unsafe void Rope(float* y, float* x, int* pos, int heads, int dim, float theta, float direction, long values) =>
+        Range(values / 2, values, (s, e) =>
+        {
+            int half = dim / 2;
+            for (long idx = s; idx < e; idx++)
+            {
+                int i = (int)(idx % half);
+                long th = idx / half;
+                int t = (int)(th / heads);
+                float invFreq = 1f / MathF.Pow(theta, (float)(2 * i) / dim);
+                float a = pos[t] * invFreq;
+                float sn = MathF.Sin(a) * direction, cs = MathF.Cos(a);
+                long b = th * dim;
+                float x1 = x[b + i], x2 = x[b + i + half];
+                y[b + i] = x1 * cs - x2 * sn;
+                y[b + i + half] = x2 * cs + x1 * sn;
+            }
+        });
+
+    public static unsafe void EmbeddingForward(float* output, float* table, int* ids, int dim, long n) =>
+        Range(n, n, (s, e) => { for (long i = s; i < e; i++) output[i] = table[(long)ids[i / dim] * dim + i % dim]; });
+
+    public static unsafe void AdamW(float* p, ushort* copy, float* g, float* m, float* v, AdamWArgs a, long n) =>
+        Range(n, n, (s, e) =>
+        {
+            for (long i = s; i < e; i++)
+            {
+                float gi = g[i] * a.GradScale;
+                float mi = a.Beta1 * m[i] + (1f - a.Beta1) * gi;
+                float vi = a.Beta2 * v[i] + (1f - a.Beta2) * gi * gi;
+                m[i] = mi;
+                v[i] = vi;
+                float mhat = mi / a.Bc1, vhat = vi / a.Bc2;
+                float pi = p[i] - a.Lr * (mhat / (MathF.Sqrt(vhat) + a.Eps) + a.WeightDecay * p[i]);
+                p[i] = pi;
+                if (copy != null) copy[i] = CpuMath.ToBf16(pi);
+            }
+        });
+    public static unsafe void EmbeddingBackward(float* dtable, float* doutput, int* order, int* starts, int* rows, int groups, int dim) =>
+        Range((long)groups * dim, (long)starts[groups] * dim, (s, e) =>
+        {
+            for (long i = s; i < e; i++)
+            {
+                int g = (int)(i / dim), c = (int)(i % dim);
+                long at = (long)rows[g] * dim + c;
+                float sum = dtable[at];
+                for (int k = starts[g]; k < starts[g + 1]; k++) sum += doutput[(long)order[k] * dim + c];
+                dtable[at] = sum;
+            }
+        });
+
+    public static unsafe void CrossEntropyForward(float* logprob, float* lse, float* logits, int* targets, int rows, int vocab, int ignoreIndex) =>
+        Range(rows, (long)rows * vocab, (s, e) =>
+        {
+            for (long row = s; row < e; row++)
+            {
+                long b = row * vocab;
+                float m = float.NegativeInfinity, sum = 0f;
+                for (int v = 0; v < vocab; v++)
+                {
+                    float x = logits[b + v];
+                    if (x > m) { sum = sum * MathF.Exp(m - x) + 1f; m = x; }
+                    else if (x > float.NegativeInfinity) sum += MathF.Exp(x - m);
+                }
+                float l = m + MathF.Log(sum);
+                lse[row] = l;
+                int target = targets[row];
+                logprob[row] = target == ignoreIndex ? 0f : logits[b + target] - l;
+            }
+        });
+
+    /// <summary>dlogits may alias logits: each logit is read before its gradient is written.</summary>
+    public static unsafe void CrossEntropyBackward(float* dlogits, float* logits, float* lse, int* targets, float* dlogprob, int rows, int vocab,
+        int ignoreIndex) =>
+        Range(rows, (long)rows * vocab, (s, e) =>
+        {
+            for (long row = s; row < e; row++)
+            {
+                long b = row * vocab;
+                int target = targets[row];
+                float g = target == ignoreIndex ? 0f : dlogprob[row];
+                float l = lse[row];
+                for (int v = 0; v < vocab; v++)
+                {
+                    float p = MathF.Exp(logits[b + v] - l);
+                    dlogits[b + v] = g * ((v == target ? 1f : 0f) - p);
+                }
+            }
+        });
+
+    public static unsafe void ScaleColumns(float* y, float* x, float* scale, int cols, long n) =>
+        Range(n, n, (s, e) => { for (long i = s; i < e; i++) y[i] = x[i] * scale[i % cols]; });
+
+    public static unsafe void ScaleColumnsBackward(float* ds, float* dy, float* x, int rows, int cols, bool accumulate) =>
+        Range(cols, (long)rows * cols, (s, e) =>
+        {
+            for (long c = s; c < e; c++)
+            {
+                float sum = 0f;
+                for (int r = 0; r < rows; r++) { long i = (long)r * cols + c; sum += dy[i] * x[i]; }
+                ds[c] = accumulate ? ds[c] + sum : sum;
+            }
+        });
+
+    public static unsafe void ScatterRows(float* dst, float* src, int* index, int cols, long n) =>
+        Range(n, n, (s, e) => { for (long i = s; i < e; i++) dst[(long)index[i / cols] * cols + i % cols] = src[i]; });
+
+    public static unsafe void KvAppend(float* kCache, float* vCache, float* k, float* v, int* slots, int rowLength, long n) =>
+        Range(n, n, (s, e) =>
+        {
+            for (long i = s; i < e; i++)
+            {
+                long dst = (long)slots[i / rowLength] * rowLength + i % rowLength;
+                kCache[dst] = k[i];
+                vCache[dst] = v[i];
+            }
+        });
+
+    public static unsafe void ToBf16(ushort* y, float* x, long n) =>
+        Range(n, n, (s, e) => { for (long i = s; i < e; i++) y[i] = CpuMath.ToBf16(x[i]); });
+
+    public static unsafe void FromBf16(float* y, ushort* x, long n) =>
+        Range(n, n, (s, e) => { for (long i = s; i < e; i++) y[i] = BitConverter.UInt32BitsToSingle((uint)x[i] << 16); });
+}

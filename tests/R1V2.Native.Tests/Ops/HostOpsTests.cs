@@ -1,0 +1,202 @@
+using R1V2.Native.Engine.Backends.Cpu;
+
+namespace R1V2.Native.Tests.Ops;
+
+/// <summary>
+/// The CPU backend's host loops (Cpu/HostOps.cs) against the launched ILGPU twins, bit for bit, on the calling thread
+/// (small) and split over the cores (at least HostOps.ParallelFrom values); the op tests elsewhere hold both to their
+/// references.
+/// </summary>
+[Collection("cpu")]
+public sealed class HostOpsTests(CpuFixture fx) : IDisposable
+{
+    private readonly CpuBackend _twins = new(launchTwins: true);
+
+    public void Dispose() => _twins.Dispose();
+
+    private static readonly Dictionary<string, Func<Backend, int, float[][]>> Cases = new()
+    {
+        ["axpby"] = (b, n) =>
+        {
+            using var x = b.FromArray(TestData.Uniform(1, n), DType.F32, [n]);
+            using var y = b.FromArray(TestData.Uniform(2, n), DType.F32, [n]);
+            using var o = b.Allocate(DType.F32, n);
+            b.Axpby(o, x, y, 0.7f, -1.3f);
+            using var o2 = b.Allocate(DType.F32, n);
+            b.Axpby(o2, x, null, 1.9f, 0f);
+            b.Axpby(x, x, y, 0.5f, 2f); // in place
+            return [o.ToFloatArray(), o2.ToFloatArray(), x.ToFloatArray()];
+        },
+        ["swiglu"] = (b, n) =>
+        {
+            using var g = b.FromArray(TestData.Uniform(3, n, 4), DType.F32, [n]);
+            using var u = b.FromArray(TestData.Uniform(4, n), DType.F32, [n]);
+            using var dy = b.FromArray(TestData.Uniform(5, n), DType.F32, [n]);
+            using var y = b.Allocate(DType.F32, n);
+            using var dg = b.Allocate(DType.F32, n);
+            using var du = b.Allocate(DType.F32, n);
+            b.SwiGluForward(g, u, y);
+            b.SwiGluBackward(dy, g, u, dg, du);
+            return [y.ToFloatArray(), dg.ToFloatArray(), du.ToFloatArray()];
+        },
+        ["gelu"] = (b, n) =>
+        {
+            using var x = b.FromArray(TestData.Uniform(6, n, 4), DType.F32, [n]);
+            using var dy = b.FromArray(TestData.Uniform(7, n), DType.F32, [n]);
+            var outs = new List<float[]>();
+            foreach (var approx in new[] { GeluApproximation.Erf, GeluApproximation.Tanh })
+            {
+                using var y = b.Allocate(DType.F32, n);
+                using var dx = b.Allocate(DType.F32, n);
+                b.GeluForward(x, y, approx);
+                b.GeluBackward(dy, x, dx, approx);
+                outs.Add(y.ToFloatArray());
+                outs.Add(dx.ToFloatArray());
+            }
+            return [.. outs];
+        },
+        ["bias"] = (b, n) =>
+        {
+            int cols = 48, rows = n / cols;
+            using var a = b.FromArray(TestData.Uniform(8, rows * 16), DType.F32, [rows, 16]);
+            using var w = b.FromArray(TestData.Uniform(9, cols * 16), DType.F32, [cols, 16]);
+            using var bias = b.FromArray(TestData.Uniform(10, cols), DType.F32, [cols]);
+            using var y = b.Allocate(DType.F32, rows, cols);
+            b.Gemm(a, false, w, true, y, bias);
+            using var db = b.FromArray(TestData.Uniform(11, cols), DType.F32, [cols]);
+            b.BiasBackward(y, db, accumulate: true);
+            using var db2 = b.Allocate(DType.F32, cols);
+            b.BiasBackward(y, db2, accumulate: false);
+            return [y.ToFloatArray(), db.ToFloatArray(), db2.ToFloatArray()];
+        },
+        ["rmsnorm"] = (b, n) =>
+        {
+            int cols = 96, rows = n / cols;
+            using var x = b.FromArray(TestData.Uniform(12, rows * cols, 3), DType.F32, [rows, cols]);
+            using var w = b.FromArray(TestData.Uniform(13, cols), DType.F32, [cols]);
+            using var dy = b.FromArray(TestData.Uniform(14, rows * cols), DType.F32, [rows, cols]);
+            using var y = b.Allocate(DType.F32, rows, cols);
+            using var rstd = b.Allocate(DType.F32, rows);
+            using var dx = b.Allocate(DType.F32, rows, cols);
+            using var dw = b.FromArray(TestData.Uniform(15, cols), DType.F32, [cols]);
+            b.RmsNormForward(x, w, y, rstd, 1e-6f);
+            b.RmsNormBackward(dy, x, w, rstd, dx, dw, accumulate: true);
+            b.RmsNormBackward(dy, x, w, rstd, dy, null, accumulate: false); // dx aliasing dy
+            return [y.ToFloatArray(), rstd.ToFloatArray(), dx.ToFloatArray(), dw.ToFloatArray(), dy.ToFloatArray()];
+        },
+        ["rope"] = (b, n) =>
+        {
+            int heads = 4, dim = 24, t = n / (heads * dim);
+            using var x = b.FromArray(TestData.Uniform(16, t * heads * dim), DType.F32, [t, heads, dim]);
+            using var pos = b.FromArray(TestData.Ints(17, t, 4096), [t]);
+            using var y = b.Allocate(DType.F32, t, heads, dim);
+            using var dx = b.Allocate(DType.F32, t, heads, dim);
+            b.RopeForward(x, pos, y, 1e6f);
+            b.RopeBackward(y, pos, dx, 1e6f);
+            return [y.ToFloatArray(), dx.ToFloatArray()];
+        },
+        ["embedding"] = (b, n) =>
+        {
+            int dim = 32, t = n / dim;
+            using var table = b.FromArray(TestData.Uniform(18, 300 * dim), DType.F32, [300, dim]);
+            using var ids = b.FromArray(TestData.Ints(19, t, 300), [t]);
+            using var o = b.Allocate(DType.F32, t, dim);
+            b.EmbeddingForward(table, ids, o);
+            return [o.ToFloatArray()];
+        },
+        ["embedding_backward"] = (b, n) =>
+        {
+            int dim = 32, t = n / dim;
+            using var ids = b.FromArray(TestData.Ints(24, t, 7).Select(i => i * 3).ToArray(), [t]); // 7 ids, many times each
+            using var dout = b.FromArray(TestData.Uniform(25, t * dim), DType.F32, [t, dim]);
+            using var dtable = b.FromArray(TestData.Uniform(26, 30 * dim), DType.F32, [30, dim]);
+            b.EmbeddingBackward(dout, ids, dtable);
+            return [dtable.ToFloatArray()];
+        },
+        ["cross_entropy"] = (b, n) =>
+        {
+            int vocab = 300, rows = Math.Max(2, n / vocab);
+            using var logits = b.FromArray(TestData.Uniform(27, rows * vocab, 8), DType.F32, [rows, vocab]);
+            var t = TestData.Ints(28, rows, vocab);
+            t[1] = Backend.IgnoreIndex;
+            using var targets = b.FromArray(t, [rows]);
+            using var lp = b.Allocate(DType.F32, rows);
+            using var lse = b.Allocate(DType.F32, rows);
+            using var dlp = b.FromArray(TestData.Uniform(29, rows), DType.F32, [rows]);
+            b.CrossEntropyForward(logits, targets, lp, lse);
+            var forward = logits.ToFloatArray();
+            b.CrossEntropyBackward(logits, targets, lse, dlp, logits); // in place
+            return [lp.ToFloatArray(), lse.ToFloatArray(), forward, logits.ToFloatArray()];
+        },
+        ["scale_columns"] = (b, n) =>
+        {
+            int cols = 64, rows = n / cols;
+            using var x = b.FromArray(TestData.Uniform(30, rows * cols), DType.F32, [rows, cols]);
+            using var sc = b.FromArray(TestData.Uniform(31, cols), DType.F32, [cols]);
+            using var dy = b.FromArray(TestData.Uniform(32, rows * cols), DType.F32, [rows, cols]);
+            using var y = b.Allocate(DType.F32, rows, cols);
+            using var ds = b.FromArray(TestData.Uniform(33, cols), DType.F32, [cols]);
+            b.ScaleColumns(x, sc, y);
+            b.ScaleColumnsBackward(dy, x, ds, accumulate: true);
+            return [y.ToFloatArray(), ds.ToFloatArray()];
+        },
+        ["rows"] = (b, n) =>
+        {
+            int cols = 16, rows = n / cols;
+            var perm = Enumerable.Range(0, rows + 5).OrderBy(i => (i * 7919) % (rows + 5)).Take(rows).ToArray();
+            using var src = b.FromArray(TestData.Uniform(34, rows * cols), DType.F32, [rows, cols]);
+            using var dst = b.Allocate(DType.F32, rows + 5, cols);
+            using var index = b.Rows(perm, rows + 5, distinct: true);
+            b.ScatterRows(src, index, dst);
+            using var k = b.FromArray(TestData.Uniform(35, rows * cols), DType.F32, [rows, 2, cols / 2]);
+            using var v = b.FromArray(TestData.Uniform(36, rows * cols), DType.F32, [rows, 2, cols / 2]);
+            using var kc = b.Allocate(DType.F32, rows + 5, 2, cols / 2);
+            using var vc = b.Allocate(DType.F32, rows + 5, 2, cols / 2);
+            b.KvAppend(k, v, index, kc, vc);
+            return [dst.ToFloatArray(), kc.ToFloatArray(), vc.ToFloatArray()];
+        },
+        ["convert"] = (b, n) =>
+        {
+            using var x = b.FromArray(TestData.Uniform(37, n, 50), DType.F32, [n]);
+            using var h = b.Allocate(DType.BF16, n);
+            using var back = b.Allocate(DType.F32, n);
+            b.Convert(x, h);
+            b.Convert(h, back);
+            return [back.ToFloatArray()];
+        },
+        ["adamw"] = (b, n) =>
+        {
+            using var p = b.FromArray(TestData.Uniform(20, n), DType.F32, [n]);
+            using var g = b.FromArray(TestData.Uniform(21, n), DType.F32, [n]);
+            using var m = b.FromArray(TestData.Uniform(22, n, 0.1f), DType.F32, [n]);
+            using var v = b.FromArray(TestData.Uniform(23, n, 0.1f).Select(Math.Abs).ToArray(), DType.F32, [n]);
+            using var copy = b.Allocate(DType.BF16, n);
+            b.AdamW(p, g, m, v, copy, new AdamWSettings(1e-3f, WeightDecay: 0.1f), step: 3, gradScale: 0.5f);
+            using var back = b.Allocate(DType.F32, n);
+            b.Convert(copy, back);
+            b.AdamW(p, g, m, v, null, new AdamWSettings(1e-3f), step: 4);
+            return [p.ToFloatArray(), m.ToFloatArray(), v.ToFloatArray(), back.ToFloatArray()];
+        },
+    };
+
+    public static TheoryData<string, int> Sizes()
+    {
+        var data = new TheoryData<string, int>();
+        foreach (var op in Cases.Keys)
+        {
+            data.Add(op, 96 * 32);                                // one thread
+            data.Add(op, (int)HostOps.ParallelFrom * 2 + 96 * 32); // split over the cores, uneven chunks
+        }
+        return data;
+    }
+
+    [Theory]
+    [MemberData(nameof(Sizes))]
+    public void HostLoops_EqualTheLaunchedTwins_BitForBit(string op, int n)
+    {
+        var host = Cases[op](fx.Backend, n);
+        var twin = Cases[op](_twins, n);
+        Assert.Equal(twin.Length, host.Length);
+        for (int i = 0; i < host.Length; i++) Assert.Equal(twin[i], host[i]);
+    }
+}
