@@ -1,3 +1,5 @@
+using System.Runtime.CompilerServices;
+
 namespace R1V2.Native.Engine.Backends.Cpu;
 
 /// <summary>
@@ -5,7 +7,8 @@ namespace R1V2.Native.Engine.Backends.Cpu;
 /// order as its ILGPU twin (tests check the two bit for bit). A CPU-accelerator launch costs about 75 us whatever its
 /// size, and most of the digit model's ops touch a few thousand values, so the backend runs these loops on the calling
 /// thread, split over the cores above <see cref="ParallelFrom"/> values; the twins stay the CUDA kernels' CPU
-/// reference (<c>new CpuBackend(launchTwins: true)</c>).
+/// reference (<c>new CpuBackend(launchTwins: true)</c>). The loops are compiled optimised from their first call
+/// (AggressiveOptimization): a short run would otherwise spend its time in unoptimised code.
 /// </summary>
 internal static class HostOps
 {
@@ -23,7 +26,7 @@ internal static class HostOps
     }
 
     public static unsafe void Axpby(float* y, float* a, float* b, float alpha, float beta, long n) =>
-        Range(n, n, (s, e) =>
+        Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
         {
             for (long i = s; i < e; i++)
             {
@@ -34,7 +37,7 @@ internal static class HostOps
         });
 
     public static unsafe void SwiGluForward(float* y, float* g, float* u, long n) =>
-        Range(n, n, (s, e) =>
+        Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
         {
             for (long i = s; i < e; i++)
             {
@@ -44,7 +47,7 @@ internal static class HostOps
         });
 
     public static unsafe void SwiGluBackward(float* dg, float* du, float* dy, float* g, float* u, long n) =>
-        Range(n, n, (s, e) =>
+        Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
         {
             for (long i = s; i < e; i++)
             {
@@ -56,17 +59,17 @@ internal static class HostOps
         });
 
     public static unsafe void GeluForward(float* y, float* x, int approximate, long n) =>
-        Range(n, n, (s, e) => { for (long i = s; i < e; i++) y[i] = GeluKernels.Value(x[i], approximate); });
+        Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) => { for (long i = s; i < e; i++) y[i] = GeluKernels.Value(x[i], approximate); });
 
     public static unsafe void GeluBackward(float* dx, float* dy, float* x, int approximate, long n) =>
-        Range(n, n, (s, e) => { for (long i = s; i < e; i++) dx[i] = dy[i] * GeluKernels.Derivative(x[i], approximate); });
+        Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) => { for (long i = s; i < e; i++) dx[i] = dy[i] * GeluKernels.Derivative(x[i], approximate); });
 
     public static unsafe void BiasAdd(float* y, float* bias, int cols, long n) =>
-        Range(n, n, (s, e) => { for (long i = s; i < e; i++) y[i] += bias[i % cols]; });
+        Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) => { for (long i = s; i < e; i++) y[i] += bias[i % cols]; });
 
     /// <summary>Column sums: each column adds its rows in order, as the twin's one thread per column does.</summary>
     public static unsafe void BiasBackward(float* dbias, float* dy, int rows, int cols, bool accumulate) =>
-        Range(cols, (long)rows * cols, (s, e) =>
+        Range(cols, (long)rows * cols, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
         {
             for (long c = s; c < e; c++)
             {
@@ -77,7 +80,7 @@ internal static class HostOps
         });
 
     public static unsafe void RmsNormForward(float* y, float* rstd, float* x, float* w, int rows, int cols, float eps) =>
-        Range(rows, (long)rows * cols, (s, e) =>
+        Range(rows, (long)rows * cols, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
         {
             for (long row = s; row < e; row++)
             {
@@ -92,7 +95,7 @@ internal static class HostOps
 
     /// <summary>dx may alias dy: each value of dy is read before its dx is written, as in the twin.</summary>
     public static unsafe void RmsNormBackward(float* dx, float* dy, float* x, float* w, float* rstd, int rows, int cols) =>
-        Range(rows, (long)rows * cols, (s, e) =>
+        Range(rows, (long)rows * cols, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
         {
             for (long row = s; row < e; row++)
             {
@@ -106,7 +109,7 @@ internal static class HostOps
         });
 
     public static unsafe void RmsNormBackwardWeight(float* dw, float* dy, float* x, float* rstd, int rows, int cols, bool accumulate) =>
-        Range(cols, (long)rows * cols, (s, e) =>
+        Range(cols, (long)rows * cols, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
         {
             for (long c = s; c < e; c++)
             {
@@ -118,7 +121,7 @@ internal static class HostOps
 
     /// <summary>Rotates pairs (i, i + dim/2) of every head; direction -1 is the inverse rotation (backward).</summary>
     public static unsafe void Rope(float* y, float* x, int* pos, int heads, int dim, float theta, float direction, long values) =>
-        Range(values / 2, values, (s, e) =>
+        Range(values / 2, values, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
         {
             int half = dim / 2;
             for (long idx = s; idx < e; idx++)
@@ -137,10 +140,10 @@ internal static class HostOps
         });
 
     public static unsafe void EmbeddingForward(float* output, float* table, int* ids, int dim, long n) =>
-        Range(n, n, (s, e) => { for (long i = s; i < e; i++) output[i] = table[(long)ids[i / dim] * dim + i % dim]; });
+        Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) => { for (long i = s; i < e; i++) output[i] = table[(long)ids[i / dim] * dim + i % dim]; });
 
     public static unsafe void AdamW(float* p, ushort* copy, float* g, float* m, float* v, AdamWArgs a, long n) =>
-        Range(n, n, (s, e) =>
+        Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
         {
             for (long i = s; i < e; i++)
             {
@@ -156,7 +159,7 @@ internal static class HostOps
             }
         });
     public static unsafe void EmbeddingBackward(float* dtable, float* doutput, int* order, int* starts, int* rows, int groups, int dim) =>
-        Range((long)groups * dim, (long)starts[groups] * dim, (s, e) =>
+        Range((long)groups * dim, (long)starts[groups] * dim, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
         {
             for (long i = s; i < e; i++)
             {
@@ -169,7 +172,7 @@ internal static class HostOps
         });
 
     public static unsafe void CrossEntropyForward(float* logprob, float* lse, float* logits, int* targets, int rows, int vocab, int ignoreIndex) =>
-        Range(rows, (long)rows * vocab, (s, e) =>
+        Range(rows, (long)rows * vocab, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
         {
             for (long row = s; row < e; row++)
             {
@@ -191,7 +194,7 @@ internal static class HostOps
     /// <summary>dlogits may alias logits: each logit is read before its gradient is written.</summary>
     public static unsafe void CrossEntropyBackward(float* dlogits, float* logits, float* lse, int* targets, float* dlogprob, int rows, int vocab,
         int ignoreIndex) =>
-        Range(rows, (long)rows * vocab, (s, e) =>
+        Range(rows, (long)rows * vocab, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
         {
             for (long row = s; row < e; row++)
             {
@@ -208,10 +211,10 @@ internal static class HostOps
         });
 
     public static unsafe void ScaleColumns(float* y, float* x, float* scale, int cols, long n) =>
-        Range(n, n, (s, e) => { for (long i = s; i < e; i++) y[i] = x[i] * scale[i % cols]; });
+        Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) => { for (long i = s; i < e; i++) y[i] = x[i] * scale[i % cols]; });
 
     public static unsafe void ScaleColumnsBackward(float* ds, float* dy, float* x, int rows, int cols, bool accumulate) =>
-        Range(cols, (long)rows * cols, (s, e) =>
+        Range(cols, (long)rows * cols, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
         {
             for (long c = s; c < e; c++)
             {
@@ -222,10 +225,10 @@ internal static class HostOps
         });
 
     public static unsafe void ScatterRows(float* dst, float* src, int* index, int cols, long n) =>
-        Range(n, n, (s, e) => { for (long i = s; i < e; i++) dst[(long)index[i / cols] * cols + i % cols] = src[i]; });
+        Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) => { for (long i = s; i < e; i++) dst[(long)index[i / cols] * cols + i % cols] = src[i]; });
 
     public static unsafe void KvAppend(float* kCache, float* vCache, float* k, float* v, int* slots, int rowLength, long n) =>
-        Range(n, n, (s, e) =>
+        Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
         {
             for (long i = s; i < e; i++)
             {
@@ -236,8 +239,8 @@ internal static class HostOps
         });
 
     public static unsafe void ToBf16(ushort* y, float* x, long n) =>
-        Range(n, n, (s, e) => { for (long i = s; i < e; i++) y[i] = CpuMath.ToBf16(x[i]); });
+        Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) => { for (long i = s; i < e; i++) y[i] = CpuMath.ToBf16(x[i]); });
 
     public static unsafe void FromBf16(float* y, ushort* x, long n) =>
-        Range(n, n, (s, e) => { for (long i = s; i < e; i++) y[i] = BitConverter.UInt32BitsToSingle((uint)x[i] << 16); });
+        Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) => { for (long i = s; i < e; i++) y[i] = BitConverter.UInt32BitsToSingle((uint)x[i] << 16); });
 }
