@@ -452,6 +452,13 @@ public sealed unsafe class CpuBackend : Backend
         using var partialO = Allocate(DType.F32, batch.Batch * heads * splits, dim);
         using var partialLse = Allocate(DType.F32, batch.Batch * heads * splits);
         var a = new PagedArgs(batch.Batch, batch.MaxBlocks, batch.BlockSize, heads, kCache.Dim(1), dim, splits, splitBlocks, scale);
+        if (!_launchTwins)
+        {
+            HostOps.PagedDecodePartial(P(partialO), P(partialLse), P(q), P(kCache), P(vCache), (int*)Pointer(batch.Tables), (int*)Pointer(batch.Lengths), a,
+                batch.Batch * heads * splits);
+            HostOps.PagedDecodeCombine(P(output), P(partialO), P(partialLse), batch.Batch * heads, splits, dim);
+            return;
+        }
         _pagedPartial(batch.Batch * heads * splits, F(partialO), F(partialLse), F(q), F(kCache), F(vCache), I(batch.Tables), I(batch.Lengths), a);
         _pagedCombine(batch.Batch * heads, F(output), F(partialO), F(partialLse), splits, dim);
     }
