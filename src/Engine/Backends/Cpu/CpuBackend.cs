@@ -162,8 +162,9 @@ public sealed unsafe class CpuBackend : Backend
     private static ArrayView<ushort> H(Tensor t) => Bytes(t).Cast<ushort>();
     private static ArrayView<float> F(Tensor? t, Tensor fallback) => t is null ? F(fallback) : F(t);
 
-    /// <summary>Host pointer to the first fp32 element, after the launched kernels have finished.</summary>
+    /// <summary>Host pointers to the first fp32 / int32 element, after the launched kernels have finished.</summary>
     private float* P(Tensor t) => (float*)Pointer(t);
+    private int* Pi(Tensor t) => (int*)Pointer(t);
 
     /// <summary>Host pointer to the first element (CPU accelerator memory is host memory).</summary>
     private void* Pointer(Tensor t)
@@ -211,14 +212,15 @@ public sealed unsafe class CpuBackend : Backend
         for (int i = 0; i < batch; i++)
             CpuGemm.Gemm(pa + (long)i * m * k, transA, pb + (long)i * k * n, transB, pc + (long)i * m * n, m, n, k, alpha, beta);
         if (bias is null) return;
-        if (_launchTwins) { int g = Grid(c.Length); _biasAdd(g, F(c), F(bias), n, g); }
-        else HostOps.BiasAdd(pc, P(bias), n, c.Length);
+        if (!_launchTwins) { HostOps.BiasAdd(pc, P(bias), n, c.Length); return; }
+        int g = Grid(c.Length);
+        _biasAdd(g, F(c), F(bias), n, g);
     }
 
     protected override void BiasBackwardCore(Tensor dy, Tensor dbias, bool accumulate)
     {
-        if (_launchTwins) _biasBackward(dy.Cols, F(dbias), F(dy), dy.Rows, dy.Cols, accumulate ? 1 : 0);
-        else HostOps.BiasBackward(P(dbias), P(dy), dy.Rows, dy.Cols, accumulate);
+        if (!_launchTwins) { HostOps.BiasBackward(P(dbias), P(dy), dy.Rows, dy.Cols, accumulate); return; }
+        _biasBackward(dy.Cols, F(dbias), F(dy), dy.Rows, dy.Cols, accumulate ? 1 : 0);
     }
 
     protected override void AxpbyCore(Tensor output, Tensor a, Tensor? b, float alpha, float beta)
@@ -278,7 +280,7 @@ public sealed unsafe class CpuBackend : Backend
 
     protected override void RopeCore(Tensor x, Tensor positions, Tensor y, float theta, bool forward)
     {
-        if (!_launchTwins) { HostOps.Rope(P(y), P(x), (int*)Pointer(positions), x.Dim(1), x.Dim(2), theta, forward ? 1f : -1f, x.Length); return; }
+        if (!_launchTwins) { HostOps.Rope(P(y), P(x), Pi(positions), x.Dim(1), x.Dim(2), theta, forward ? 1f : -1f, x.Length); return; }
         int g = Grid(x.Length / 2);
         _rope(g, F(y), F(x), I(positions), x.Dim(1), x.Dim(2), theta, forward ? 1f : -1f, g);
     }
@@ -327,7 +329,7 @@ public sealed unsafe class CpuBackend : Backend
     protected override void EmbeddingForwardCore(Tensor table, Tensor ids, Tensor output)
     {
         CheckIds(ids, table.Dim(0), "embedding_forward", "ids");
-        if (!_launchTwins) { HostOps.EmbeddingForward(P(output), P(table), (int*)Pointer(ids), table.Dim(1), output.Length); return; }
+        if (!_launchTwins) { HostOps.EmbeddingForward(P(output), P(table), Pi(ids), table.Dim(1), output.Length); return; }
         int g = Grid(output.Length);
         _embeddingForward(g, F(output), F(table), I(ids), table.Dim(1), g);
     }
@@ -336,7 +338,7 @@ public sealed unsafe class CpuBackend : Backend
     {
         if (!_launchTwins)
         {
-            HostOps.EmbeddingBackward(P(dtable), P(doutput), (int*)Pointer(order), (int*)Pointer(starts), (int*)Pointer(rows), (int)rows.Length, dtable.Dim(1));
+            HostOps.EmbeddingBackward(P(dtable), P(doutput), Pi(order), Pi(starts), Pi(rows), (int)rows.Length, dtable.Dim(1));
             return;
         }
         _embeddingBackward(checked((int)(rows.Length * dtable.Dim(1))), F(dtable), F(doutput), I(order), I(starts), I(rows), dtable.Dim(1));
@@ -345,15 +347,19 @@ public sealed unsafe class CpuBackend : Backend
     protected override void CrossEntropyForwardCore(Tensor logits, Tensor targets, Tensor logprob, Tensor lse, int ignoreIndex)
     {
         CheckIds(targets, logits.Cols, "cross_entropy_forward", "targets", ignoreIndex);
-        if (_launchTwins) _ceForward(logits.Rows, F(logprob), F(lse), F(logits), I(targets), logits.Cols, ignoreIndex);
-        else HostOps.CrossEntropyForward(P(logprob), P(lse), P(logits), (int*)Pointer(targets), logits.Rows, logits.Cols, ignoreIndex);
+        if (!_launchTwins) { HostOps.CrossEntropyForward(P(logprob), P(lse), P(logits), Pi(targets), logits.Rows, logits.Cols, ignoreIndex); return; }
+        _ceForward(logits.Rows, F(logprob), F(lse), F(logits), I(targets), logits.Cols, ignoreIndex);
     }
 
     protected override void CrossEntropyBackwardCore(Tensor logits, Tensor targets, Tensor lse, Tensor dlogprob, Tensor dlogits, int ignoreIndex)
     {
         CheckIds(targets, logits.Cols, "cross_entropy_backward", "targets", ignoreIndex);
-        if (_launchTwins) _ceBackward(logits.Rows, F(dlogits), F(logits), F(lse), I(targets), F(dlogprob), logits.Cols, ignoreIndex);
-        else HostOps.CrossEntropyBackward(P(dlogits), P(logits), P(lse), (int*)Pointer(targets), P(dlogprob), logits.Rows, logits.Cols, ignoreIndex);
+        if (!_launchTwins)
+        {
+            HostOps.CrossEntropyBackward(P(dlogits), P(logits), P(lse), Pi(targets), P(dlogprob), logits.Rows, logits.Cols, ignoreIndex);
+            return;
+        }
+        _ceBackward(logits.Rows, F(dlogits), F(logits), F(lse), I(targets), F(dlogprob), logits.Cols, ignoreIndex);
     }
 
     protected override void AdamWCore(Tensor master, Tensor grad, Tensor m, Tensor v, Tensor? workingCopy, AdamWSettings s, int step, float gradScale)
@@ -421,7 +427,7 @@ public sealed unsafe class CpuBackend : Backend
 
     protected override void ScatterRowsCore(Tensor source, RowIndex rows, Tensor destination)
     {
-        if (!_launchTwins) { HostOps.ScatterRows(P(destination), P(source), (int*)Pointer(rows.Device), source.Cols, source.Length); return; }
+        if (!_launchTwins) { HostOps.ScatterRows(P(destination), P(source), Pi(rows.Device), source.Cols, source.Length); return; }
         int g = Grid(source.Length);
         _scatterRows(g, F(destination), F(source), I(rows.Device), source.Cols, g);
     }
@@ -435,13 +441,13 @@ public sealed unsafe class CpuBackend : Backend
 
     protected override void ScaleColumnsBackwardCore(Tensor dy, Tensor x, Tensor dscale, bool accumulate)
     {
-        if (_launchTwins) _scaleColumnsBackward(x.Cols, F(dscale), F(dy), F(x), x.Rows, x.Cols, accumulate ? 1 : 0);
-        else HostOps.ScaleColumnsBackward(P(dscale), P(dy), P(x), x.Rows, x.Cols, accumulate);
+        if (!_launchTwins) { HostOps.ScaleColumnsBackward(P(dscale), P(dy), P(x), x.Rows, x.Cols, accumulate); return; }
+        _scaleColumnsBackward(x.Cols, F(dscale), F(dy), F(x), x.Rows, x.Cols, accumulate ? 1 : 0);
     }
 
     protected override void KvAppendCore(Tensor k, Tensor v, RowIndex slots, Tensor kCache, Tensor vCache)
     {
-        if (!_launchTwins) { HostOps.KvAppend(P(kCache), P(vCache), P(k), P(v), (int*)Pointer(slots.Device), k.Dim(1) * k.Dim(2), k.Length); return; }
+        if (!_launchTwins) { HostOps.KvAppend(P(kCache), P(vCache), P(k), P(v), Pi(slots.Device), k.Dim(1) * k.Dim(2), k.Length); return; }
         int g = Grid(k.Length);
         _kvAppend(g, F(kCache), F(vCache), F(k), F(v), I(slots.Device), k.Dim(1) * k.Dim(2), g);
     }
@@ -454,7 +460,7 @@ public sealed unsafe class CpuBackend : Backend
         var a = new PagedArgs(batch.Batch, batch.MaxBlocks, batch.BlockSize, heads, kCache.Dim(1), dim, splits, splitBlocks, scale);
         if (!_launchTwins)
         {
-            HostOps.PagedDecodePartial(P(partialO), P(partialLse), P(q), P(kCache), P(vCache), (int*)Pointer(batch.Tables), (int*)Pointer(batch.Lengths), a,
+            HostOps.PagedDecodePartial(P(partialO), P(partialLse), P(q), P(kCache), P(vCache), Pi(batch.Tables), Pi(batch.Lengths), a,
                 batch.Batch * heads * splits);
             HostOps.PagedDecodeCombine(P(output), P(partialO), P(partialLse), batch.Batch * heads, splits, dim);
             return;
