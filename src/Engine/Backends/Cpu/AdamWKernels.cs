@@ -13,15 +13,24 @@ internal static class AdamWKernels
         for (long i = t; i < p.Length; i += threads) UpdateOne(i, p, copy, g, m, v, a);
     }
 
+    public static float FirstMoment(float m, float g, AdamWArgs a) => a.Beta1 * m + (1f - a.Beta1) * g;
+
+    public static float SecondMoment(float v, float g, AdamWArgs a) => a.Beta2 * v + (1f - a.Beta2) * g * g;
+
+    /// <summary>The weight after the step, from the new moments (bias-corrected) and decoupled weight decay.</summary>
+    public static float Weight(float p, float m, float v, AdamWArgs a)
+    {
+        float mhat = m / a.Bc1, vhat = v / a.Bc2;
+        return p - a.Lr * (mhat / (MathF.Sqrt(vhat) + a.Eps) + a.WeightDecay * p);
+    }
+
     private static void UpdateOne(long i, ArrayView<float> p, ArrayView<ushort> copy, ArrayView<float> g, ArrayView<float> m, ArrayView<float> v, AdamWArgs a)
     {
         float gi = g[i] * a.GradScale;
-        float mi = a.Beta1 * m[i] + (1f - a.Beta1) * gi;
-        float vi = a.Beta2 * v[i] + (1f - a.Beta2) * gi * gi;
+        float mi = FirstMoment(m[i], gi, a), vi = SecondMoment(v[i], gi, a);
         m[i] = mi;
         v[i] = vi;
-        float mhat = mi / a.Bc1, vhat = vi / a.Bc2;
-        float pi = p[i] - a.Lr * (mhat / (MathF.Sqrt(vhat) + a.Eps) + a.WeightDecay * p[i]);
+        float pi = Weight(p[i], mi, vi, a);
         p[i] = pi;
         if (a.HasCopy != 0) copy[i] = CpuMath.ToBf16(pi);
     }

@@ -129,8 +129,7 @@ internal static class HostOps
                 int i = (int)(idx % half);
                 long th = idx / half;
                 int t = (int)(th / heads);
-                float invFreq = 1f / MathF.Pow(theta, (float)(2 * i) / dim);
-                float a = pos[t] * invFreq;
+                float a = RopeKernels.Angle(pos[t], i, dim, theta);
                 float sn = MathF.Sin(a) * direction, cs = MathF.Cos(a);
                 long b = th * dim;
                 float x1 = x[b + i], x2 = x[b + i + half];
@@ -148,12 +147,10 @@ internal static class HostOps
             for (long i = s; i < e; i++)
             {
                 float gi = g[i] * a.GradScale;
-                float mi = a.Beta1 * m[i] + (1f - a.Beta1) * gi;
-                float vi = a.Beta2 * v[i] + (1f - a.Beta2) * gi * gi;
+                float mi = AdamWKernels.FirstMoment(m[i], gi, a), vi = AdamWKernels.SecondMoment(v[i], gi, a);
                 m[i] = mi;
                 v[i] = vi;
-                float mhat = mi / a.Bc1, vhat = vi / a.Bc2;
-                float pi = p[i] - a.Lr * (mhat / (MathF.Sqrt(vhat) + a.Eps) + a.WeightDecay * p[i]);
+                float pi = AdamWKernels.Weight(p[i], mi, vi, a);
                 p[i] = pi;
                 if (copy != null) copy[i] = CpuMath.ToBf16(pi);
             }

@@ -10,14 +10,20 @@ internal static class RopeKernels
         for (long idx = thread; idx < x.Length / 2; idx += threads) RotatePair(idx, y, x, pos, heads, dim, theta, direction);
     }
 
+    /// <summary>The rotation angle of pair i at a position: pos / theta^(2i / dim).</summary>
+    public static float Angle(int pos, int i, int dim, float theta)
+    {
+        float invFreq = 1f / MathF.Pow(theta, (float)(2 * i) / dim);
+        return pos * invFreq;
+    }
+
     private static void RotatePair(long idx, ArrayView<float> y, ArrayView<float> x, ArrayView<int> pos, int heads, int dim, float theta, float direction)
     {
         int half = dim / 2;
         int i = (int)(idx % half);
         long th = idx / half;
         int t = (int)(th / heads);
-        float invFreq = 1f / MathF.Pow(theta, (float)(2 * i) / dim);
-        float a = pos[t] * invFreq;
+        float a = Angle(pos[t], i, dim, theta);
         float s = MathF.Sin(a) * direction, c = MathF.Cos(a);
         long b = th * dim;
         float x1 = x[b + i], x2 = x[b + i + half];
