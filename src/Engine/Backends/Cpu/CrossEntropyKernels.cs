@@ -2,6 +2,17 @@ using ILGPU;
 
 namespace R1V2.Native.Engine.Backends.Cpu;
 
+/// <summary>A running maximum and sum of exp(x - maximum) over the values added so far, one pass (online log-sum-exp).</summary>
+internal readonly record struct RunningLse(float Max, float Sum)
+{
+    public RunningLse Add(float x) =>
+        x > Max ? new RunningLse(x, Sum * MathF.Exp(Max - x) + 1f)
+        : x > float.NegativeInfinity ? new RunningLse(Max, Sum + MathF.Exp(x - Max))
+        : this;
+
+    public float Log => Max + MathF.Log(Sum);
+}
+
 /// <summary>
 /// ILGPU twins of kernels/cross_entropy.cu: the same online (max, sum) log-sum-exp in one pass over the vocabulary,
 /// one thread per row; backward recomputes p = exp(x - lse). Targets are range-checked on the host before launch.
@@ -11,14 +22,9 @@ internal static class CrossEntropyKernels
     public static void Forward(Index1D row, ArrayView<float> logprob, ArrayView<float> lse, ArrayView<float> logits, ArrayView<int> targets, int vocab, int ignoreIndex)
     {
         long b = (long)row.X * vocab;
-        float m = float.NegativeInfinity, s = 0f;
-        for (int v = 0; v < vocab; v++)
-        {
-            float x = logits[b + v];
-            if (x > m) { s = s * MathF.Exp(m - x) + 1f; m = x; }
-            else if (x > float.NegativeInfinity) s += MathF.Exp(x - m);
-        }
-        float l = m + MathF.Log(s);
+        var acc = new RunningLse(float.NegativeInfinity, 0f);
+        for (int v = 0; v < vocab; v++) acc = acc.Add(logits[b + v]);
+        float l = acc.Log;
         lse[row] = l;
         int target = targets[row];
         logprob[row] = target == ignoreIndex ? 0f : logits[b + target] - l;

@@ -174,14 +174,9 @@ internal static class HostOps
             for (long row = s; row < e; row++)
             {
                 long b = row * vocab;
-                float m = float.NegativeInfinity, sum = 0f;
-                for (int v = 0; v < vocab; v++)
-                {
-                    float x = logits[b + v];
-                    if (x > m) { sum = sum * MathF.Exp(m - x) + 1f; m = x; }
-                    else if (x > float.NegativeInfinity) sum += MathF.Exp(x - m);
-                }
-                float l = m + MathF.Log(sum);
+                var acc = new RunningLse(float.NegativeInfinity, 0f);
+                for (int v = 0; v < vocab; v++) acc = acc.Add(logits[b + v]);
+                float l = acc.Log;
                 lse[row] = l;
                 int target = targets[row];
                 logprob[row] = target == ignoreIndex ? 0f : logits[b + target] - l;
