@@ -181,6 +181,21 @@ public sealed class HostOpsTests(CpuFixture fx) : IDisposable
             b.PagedAttentionDecode(q, kc, vc, batch, o2, 0.125f, splitBlocks: 4);
             return [o1.ToFloatArray(), o2.ToFloatArray()];
         },
+        ["sample"] = (b, n) =>
+        {
+            int vocab = 257, rows = Math.Max(2, n / (vocab * 64)); // the loop's work counts 64 passes over the vocabulary a row
+            var settings = new[]
+            {
+                new SamplingParams(0f), new SamplingParams(0.6f, TopP: 0.95f), new SamplingParams(1f, TopK: 20),
+                new SamplingParams(0.8f, TopK: 50, TopP: 0.9f, MinP: 0.05f, RepetitionPenalty: 1.3f), new SamplingParams(1.2f, RepetitionPenalty: 0.9f),
+                new SamplingParams(0.7f, MinP: 0.2f),
+            };
+            var sampleRows = Enumerable.Range(0, rows).Select(i => new SampleRow(settings[i % settings.Length], (ulong)(1000 + i), i % 5,
+                TestData.Ints(41 + i, 10, vocab))).ToList();
+            using var logits = b.FromArray(TestData.Uniform(42, rows * (vocab + 3), 6), DType.F32, [rows, vocab + 3]);
+            var (tokens, logp) = b.Sample(logits, sampleRows, vocab);
+            return [tokens.Select(t => (float)t).ToArray(), logp];
+        },
         ["adamw"] = (b, n) =>
         {
             using var p = b.FromArray(TestData.Uniform(20, n), DType.F32, [n]);

@@ -474,6 +474,12 @@ public sealed unsafe class CpuBackend : Backend
         int n = x.Count, stride = logits.Dim(1);
         using var tTokens = Allocate(DType.I32, n);
         using var tLogp = Allocate(DType.F32, n);
+        if (!_launchTwins)
+        {
+            HostOps.Sample(Pi(tTokens), P(tLogp), P(logits), Pi(x.Previous), Pi(x.Offsets), P(x.Temperature), Pi(x.TopK), P(x.TopP), P(x.MinP),
+                P(x.Penalty), (ulong*)Pointer(x.Seeds), Pi(x.Steps), n, new SampleShape(vocab, stride));
+            return (tTokens.ToIntArray(), tLogp.ToFloatArray());
+        }
         using var seen = Allocate(DType.I32, (int)(((long)n * stride + 3) / 4));
         _sample(n, I(tTokens), F(tLogp), F(logits), I(x.Previous), I(x.Offsets), F(x.Temperature), I(x.TopK), F(x.TopP), F(x.MinP), F(x.Penalty),
             Bytes(x.Seeds).Cast<ulong>(), I(x.Steps), Bytes(seen).Cast<byte>(), new SampleShape(vocab, stride));

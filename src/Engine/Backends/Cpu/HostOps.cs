@@ -288,4 +288,103 @@ internal static class HostOps
                 }
             }
         });
+    /// <summary>
+    /// Sampling, one row per index, as the twin's Sample: repetition penalty, temperature, top-k and top-p thresholds by
+    /// a bitwise search over order keys, min-p, then the inverse CDF at the row's counter-based uniform.
+    /// </summary>
+    public static unsafe void Sample(int* tokens, float* logprobs, float* logits, int* prev, int* prevOffsets, float* temperature, int* topK,
+        float* topP, float* minP, float* repPenalty, ulong* seeds, int* steps, int rows, SampleShape shape) =>
+        Range(rows, (long)rows * shape.Vocab * 64, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
+        {
+            int vocab = shape.Vocab;
+            var seen = new bool[vocab];
+            for (long rl = s; rl < e; rl++)
+            {
+                int row = (int)rl;
+                long b = (long)row * shape.Stride;
+                float temp = temperature[row], pen = repPenalty[row], invT = temp > 0f ? 1f / temp : 1f;
+                Array.Clear(seen);
+                if (pen != 1f)
+                    for (int j = prevOffsets[row]; j < prevOffsets[row + 1]; j++) if (prev[j] >= 0 && prev[j] < vocab) seen[prev[j]] = true;
+                float Value(int v)
+                {
+                    float val = logits[b + v];
+                    if (seen[v]) val = val < 0f ? val * pen : val / pen;
+                    return val * invT;
+                }
+
+                float m0 = float.NegativeInfinity;
+                for (int v = 0; v < vocab; v++) m0 = MathF.Max(m0, logits[b + v] * invT);
+                float z0 = 0f;
+                for (int v = 0; v < vocab; v++) z0 += MathF.Exp(logits[b + v] * invT - m0);
+
+                if (temp <= 0f)
+                {
+                    float best = float.NegativeInfinity;
+                    int bestI = 0;
+                    for (int v = 0; v < vocab; v++) { float val = Value(v); if (val > best) { best = val; bestI = v; } }
+                    tokens[row] = bestI;
+                    logprobs[row] = logits[b + bestI] * invT - m0 - MathF.Log(z0);
+                    continue;
+                }
+
+                float m = float.NegativeInfinity;
+                for (int v = 0; v < vocab; v++) m = MathF.Max(m, Value(v));
+
+                uint keyK = 0u;
+                int k = topK[row];
+                if (k > 0 && k < vocab)
+                    for (int bit = 31; bit >= 0; bit--)
+                    {
+                        uint cand = keyK | (1u << bit);
+                        int c = 0;
+                        for (int v = 0; v < vocab; v++) if (SamplingKernels.OrderKey(Value(v)) >= cand) c++;
+                        if (c >= k) keyK = cand;
+                    }
+
+                uint keyP = 0u;
+                float p = topP[row];
+                if (p > 0f && p < 1f)
+                {
+                    float zk = 0f;
+                    for (int v = 0; v < vocab; v++) { float val = Value(v); if (SamplingKernels.OrderKey(val) >= keyK) zk += MathF.Exp(val - m); }
+                    for (int bit = 31; bit >= 0; bit--)
+                    {
+                        uint cand = keyP | (1u << bit);
+                        float mass = 0f;
+                        for (int v = 0; v < vocab; v++)
+                        {
+                            float val = Value(v);
+                            uint kv = SamplingKernels.OrderKey(val);
+                            if (kv >= keyK && kv >= cand) mass += MathF.Exp(val - m);
+                        }
+                        if (mass >= p * zk) keyP = cand;
+                    }
+                }
+                float mp = minP[row];
+                float floorValue = mp > 0f ? m + MathF.Log(mp) : float.NegativeInfinity;
+                uint keyMin = keyK > keyP ? keyK : keyP;
+
+                float total = 0f;
+                for (int v = 0; v < vocab; v++)
+                {
+                    float val = Value(v);
+                    if (SamplingKernels.OrderKey(val) >= keyMin && val >= floorValue) total += MathF.Exp(val - m);
+                }
+                float target = SamplingKernels.Uniform(seeds[row], steps[row]) * total;
+                int chosen = -1, lastKept = 0;
+                float acc = 0f;
+                for (int v = 0; v < vocab; v++)
+                {
+                    float val = Value(v);
+                    if (!(SamplingKernels.OrderKey(val) >= keyMin && val >= floorValue)) continue;
+                    lastKept = v;
+                    acc += MathF.Exp(val - m);
+                    if (chosen < 0 && target < acc) chosen = v;
+                }
+                if (chosen < 0) chosen = lastKept;
+                tokens[row] = chosen;
+                logprobs[row] = logits[b + chosen] * invT - m0 - MathF.Log(z0);
+            }
+        });
 }
