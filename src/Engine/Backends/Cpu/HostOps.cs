@@ -306,12 +306,7 @@ internal static class HostOps
                 Array.Clear(seen);
                 if (pen != 1f)
                     for (int j = prevOffsets[row]; j < prevOffsets[row + 1]; j++) if (prev[j] >= 0 && prev[j] < vocab) seen[prev[j]] = true;
-                float Value(int v)
-                {
-                    float val = logits[b + v];
-                    if (seen[v]) val = val < 0f ? val * pen : val / pen;
-                    return val * invT;
-                }
+                float Value(int v) => SamplingKernels.Adjust(logits[b + v], seen[v], pen, invT);
 
                 float m0 = float.NegativeInfinity;
                 for (int v = 0; v < vocab; v++) m0 = MathF.Max(m0, logits[b + v] * invT);

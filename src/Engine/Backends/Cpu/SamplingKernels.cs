@@ -35,12 +35,10 @@ internal static class SamplingKernels
         return false;
     }
 
-    private static float Value(ArrayView<float> x, long b, int v, bool seen, float pen, float invT)
-    {
-        float val = x[b + v];
-        if (seen) val = val < 0f ? val * pen : val / pen;
-        return val * invT;
-    }
+    private static float Value(ArrayView<float> x, long b, int v, bool seen, float pen, float invT) => Adjust(x[b + v], seen, pen, invT);
+
+    /// <summary>A logit after the repetition penalty (when its token was seen) and the temperature.</summary>
+    public static float Adjust(float logit, bool seen, float pen, float invT) => (seen ? logit < 0f ? logit * pen : logit / pen : logit) * invT;
 
     public static void Sample(Index1D row, ArrayView<int> tokens, ArrayView<float> logprobs, ArrayView<float> logits, ArrayView<int> prev, ArrayView<int> prevOffsets,
         ArrayView<float> temperature, ArrayView<int> topK, ArrayView<float> topP, ArrayView<float> minP, ArrayView<float> repPenalty,
