@@ -162,7 +162,9 @@ public sealed class HostOpsTests(CpuFixture fx) : IDisposable
             using var back = b.Allocate(DType.F32, n);
             b.Convert(x, h);
             b.Convert(h, back);
-            return [back.ToFloatArray()];
+            using var copy = b.Allocate(DType.F32, n);
+            b.Convert(x, copy);
+            return [back.ToFloatArray(), copy.ToFloatArray()];
         },
         ["paged_attention"] = (b, n) =>
         {
@@ -226,8 +228,11 @@ public sealed class HostOpsTests(CpuFixture fx) : IDisposable
     [MemberData(nameof(Sizes))]
     public void HostLoops_EqualTheLaunchedTwins_BitForBit(string op, int n)
     {
-        var host = Cases[op](fx.Backend, n);
+        long before = HostOps.LoopsOnThisThread;
         var twin = Cases[op](_twins, n);
+        Assert.Equal(before, HostOps.LoopsOnThisThread); // the twins were launched: no host loop ran
+        var host = Cases[op](fx.Backend, n);
+        Assert.True(HostOps.LoopsOnThisThread > before, "the default backend ran no host loop");
         Assert.Equal(twin.Length, host.Length);
         for (int i = 0; i < host.Length; i++) Assert.Equal(twin[i], host[i]);
     }

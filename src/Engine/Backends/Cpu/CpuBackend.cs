@@ -232,17 +232,14 @@ public sealed unsafe class CpuBackend : Backend
 
     protected override void ConvertCore(Tensor source, Tensor destination)
     {
-        if (!_launchTwins && source.DType != destination.DType)
-        {
-            if (source.DType == DType.F32) { HostOps.ToBf16((ushort*)Pointer(destination), P(source), source.Length); return; }
-            if (destination.DType == DType.F32) { HostOps.FromBf16(P(destination), (ushort*)Pointer(source), source.Length); return; }
-        }
         int g = Grid(source.Length);
         switch (source.DType, destination.DType)
         {
+            case (DType.F32, DType.BF16) when !_launchTwins: HostOps.ToBf16((ushort*)Pointer(destination), P(source), source.Length); break;
             case (DType.F32, DType.BF16): _toBf16(g, H(destination), F(source), g); break;
+            case (DType.BF16, DType.F32) when !_launchTwins: HostOps.FromBf16(P(destination), (ushort*)Pointer(source), source.Length); break;
             case (DType.BF16, DType.F32): _fromBf16(g, F(destination), H(source), g); break;
-            case (DType.F32, DType.F32): _axpby(g, F(destination), F(source), F(source), 1f, 0f, 0, g); break;
+            case (DType.F32, DType.F32): AxpbyCore(destination, source, null, 1f, 0f); break;
             default: new ReadOnlySpan<byte>(Pointer(source), checked((int)source.Bytes)).CopyTo(new Span<byte>(Pointer(destination), checked((int)destination.Bytes))); break;
         }
     }

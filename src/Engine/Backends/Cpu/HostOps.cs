@@ -15,10 +15,14 @@ internal static class HostOps
     /// <summary>Work (values touched) from which a loop is split over the cores.</summary>
     public const long ParallelFrom = 1 << 16;
 
+    /// <summary>Loops started from the calling thread: lets a test see which path an op took.</summary>
+    [ThreadStatic] internal static long LoopsOnThisThread;
+
     /// <summary>Runs body(start, end) over [0, n): on this thread when <paramref name="work"/> is small, else in one
     /// contiguous chunk per core. Every index is computed alone, so the split does not change a bit.</summary>
     public static void Range(long n, long work, Action<long, long> body)
     {
+        LoopsOnThisThread++;
         int chunks = work < ParallelFrom ? 1 : (int)Math.Min(Environment.ProcessorCount, n);
         if (chunks <= 1) { body(0, n); return; }
         long size = (n + chunks - 1) / chunks;
