@@ -79,10 +79,8 @@ public sealed class GrpoTrainer : IDisposable
         _ssb = new SelectiveSampleBuffer(g.Ssb.Capacity, g.Ssb.MaxAge, (ulong)config.Seed * 0x9E3779B97F4A7C15ul + 1);
         var r = config.Reward;
         if (r.RmPath.Length > 0) _rewardModel = RewardModel.Load(backend, r.RmPath, TrainableParts.None, trainHead: false);
-        var scaling = new RewardModelScaling(r.RmTransform switch { "clip" => RewardModelTransform.Clip, "standardise" => RewardModelTransform.Standardise, _ => RewardModelTransform.Identity },
-            -r.RmClip, r.RmClip, r.RmThreshold);
-        _reward = new HybridReward(new FormatReward(r.FormatWellFormed, r.FormatEmptyAnswer, r.FormatUnfinished, r.FormatRepeated), _rewardModel is null ? 0 : r.RmWeight, scaling);
-        _score = reward ?? ((text, p) => _reward.Score(text, new RewardContext(p.Answer, p.Choices)));
+        _reward = RewardFrom(r, withRewardModel: _rewardModel is not null);
+        _score = reward ?? ((text, p) => _reward.Score(text, ContextOf(p)));
         _customReward = reward is not null;
         var settings = new GrpoLossSettings(g.EpsLow, g.EpsHigh, g.DualClip, g.KlCoef,
             g.Kl switch { "k1" => KlEstimator.K1, "k3" => KlEstimator.K3, _ => KlEstimator.None }, g.Temperature);
@@ -93,6 +91,21 @@ public sealed class GrpoTrainer : IDisposable
     }
 
     private readonly bool _customReward;
+
+    /// <summary>The hybrid reward a config asks for: format scores, the reward model's weight and scaling, the rule checks' weights.</summary>
+    public static HybridReward RewardFrom(TrainConfig.RewardConfig r, bool withRewardModel)
+    {
+        var scaling = new RewardModelScaling(r.RmTransform switch { "clip" => RewardModelTransform.Clip, "standardise" => RewardModelTransform.Standardise, _ => RewardModelTransform.Identity },
+            -r.RmClip, r.RmClip, r.RmThreshold);
+        return new HybridReward(new FormatReward(r.FormatWellFormed, r.FormatEmptyAnswer, r.FormatUnfinished, r.FormatRepeated), withRewardModel ? r.RmWeight : 0, scaling,
+            r.ReasoningWeight, r.GroundingWeight);
+    }
+
+    /// <summary>
+    /// A prompt's reward context: its answer and choices and, for rows of a digit question, the reasoning and grounding
+    /// checks (they count only where <c>reward.reasoning_weight</c> / <c>reward.grounding_weight</c> are set).
+    /// </summary>
+    public static RewardContext ContextOf(PromptRow p) => Tasks.DigitScenes.RewardContext(p);
 
     public int Step => _step;
     public IReadOnlyList<GrpoStepMetrics> History => _history;
@@ -141,7 +154,7 @@ public sealed class GrpoTrainer : IDisposable
             var s = samples[si];
             var p = prompts[s.Request];
             var text = texts[si];
-            var r = rmScores is null ? _score(text, p) : _reward.Score(text, new RewardContext(p.Answer, p.Choices), rmScores[si]);
+            var r = rmScores is null ? _score(text, p) : _reward.Score(text, ContextOf(p), rmScores[si]);
             rewards.Add(r.Total);
             accuracy += r.Rule;
             rmTerm += Math.Abs(r.RewardModel);

@@ -139,6 +139,10 @@ public sealed class TrainConfig
         public double FormatEmptyAnswer { get; set; }
         public double FormatUnfinished { get; set; } = -0.5;
         public double FormatRepeated { get; set; } = -0.5;
+        /// <summary>Weight of the reasoning-consistency check (the answer follows the response's own stated premises; digit scenes).</summary>
+        public double ReasoningWeight { get; set; }
+        /// <summary>Weight of the grounding check (what the response says it sees is the image's content; rows that give it).</summary>
+        public double GroundingWeight { get; set; }
     }
 
     public sealed class MonitorConfig

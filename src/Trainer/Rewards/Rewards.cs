@@ -3,7 +3,17 @@ using R1V2.Native.Engine.Text;
 namespace R1V2.Native.Trainer.Rewards;
 
 /// <summary>What a rollout is scored against: the reference answer and, for multiple choice, the options.</summary>
-public sealed record RewardContext(string Reference, IReadOnlyList<string>? Choices = null);
+public sealed record RewardContext(string Reference, IReadOnlyList<string>? Choices = null)
+{
+    /// <summary>
+    /// Whether a response's conclusion follows from the premises it states (for a digit scene: the answer is the one the
+    /// digits it says it sees imply, right or wrong); null: the prompt has no such check. Needs only the response.
+    /// </summary>
+    public Func<string, bool?>? FollowsPremises { get; init; }
+
+    /// <summary>Whether what a response says it sees is what the image holds; null: the image's content is not known.</summary>
+    public Func<string, bool?>? MatchesImage { get; init; }
+}
 
 /// <summary>
 /// The format reward: the response must close its reasoning with one <c>&lt;/think&gt;</c> and then give a non-empty
@@ -70,10 +80,21 @@ public sealed class RewardModelScaling(RewardModelTransform transform = RewardMo
 }
 
 /// <summary>The parts of one rollout's reward, for the hallucination monitor and the metrics.</summary>
-public sealed record RewardBreakdown(double Rule, double RewardModelRaw, double RewardModel, double Format, double Total);
+public sealed record RewardBreakdown(double Rule, double RewardModelRaw, double RewardModel, double Format, double Total)
+{
+    /// <summary>The weighted reasoning-consistency term (0 when unweighted or unchecked).</summary>
+    public double Reasoning { get; init; }
 
-/// <summary>r = r_rule + w_rm f(r_rm) + r_format, summed unweighted otherwise (as the paper).</summary>
-public sealed class HybridReward(FormatReward format, double rewardModelWeight = 0, RewardModelScaling? scaling = null)
+    /// <summary>The weighted grounding term (0 when unweighted or the image's content is unknown).</summary>
+    public double Grounding { get; init; }
+}
+
+/// <summary>
+/// r = r_rule + w_rm f(r_rm) + r_format (as the paper) + w_reason [the conclusion follows the stated premises] +
+/// w_ground [what it says it sees is in the image]; the last two are 0 unless weighted and checkable.
+/// </summary>
+public sealed class HybridReward(FormatReward format, double rewardModelWeight = 0, RewardModelScaling? scaling = null, double reasoningWeight = 0,
+    double groundingWeight = 0)
 {
     private readonly RewardModelScaling _scaling = scaling ?? new RewardModelScaling();
 
@@ -85,6 +106,8 @@ public sealed class HybridReward(FormatReward format, double rewardModelWeight =
         double rule = AnswerVerifier.Score(ChatTemplate.Split(response).Answer is { Length: > 0 } a ? a : response, context.Reference, context.Choices);
         double fmt = format.Score(response);
         double raw = rewardModelScore ?? 0, rm = rewardModelScore is null || rewardModelWeight == 0 ? 0 : rewardModelWeight * _scaling.Apply(raw);
-        return new RewardBreakdown(rule, raw, rm, fmt, rule + rm + fmt);
+        double reason = reasoningWeight != 0 && context.FollowsPremises?.Invoke(response) is { } follows ? reasoningWeight * (follows ? 1 : 0) : 0;
+        double ground = groundingWeight != 0 && context.MatchesImage?.Invoke(response) is { } matches ? groundingWeight * (matches ? 1 : 0) : 0;
+        return new RewardBreakdown(rule, raw, rm, fmt, rule + rm + fmt + reason + ground) { Reasoning = reason, Grounding = ground };
     }
 }

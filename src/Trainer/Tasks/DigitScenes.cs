@@ -34,6 +34,12 @@ public sealed record DigitTaskItem(string Question, string Answer, DigitQuestion
     public int[] Cells { get; init; } = [];
 
     /// <summary>
+    /// Whether <see cref="Trace"/> works through the digits one at a time (a running sum, a running count, a check per
+    /// digit) instead of stating the step in one line; largest and left-to-right questions read the same either way.
+    /// </summary>
+    public bool Worked { get; init; }
+
+    /// <summary>
     /// A templated reasoning trace ending in the answer, as the model writes it after the generation prompt (which
     /// opens <c>&lt;think&gt;</c>): first what the image shows ("I see the digits 5, 7." left to
     /// right, the claim the grounding check reads), then the step the question needs, then <c>\boxed{answer}</c>.
@@ -44,14 +50,28 @@ public sealed record DigitTaskItem(string Question, string Answer, DigitQuestion
         int asked = Question.FirstOrDefault(char.IsAsciiDigit) - '0';
         var step = Type switch
         {
+            DigitQuestionType.Sum when Worked && Digits.Length > 2 => " " + string.Join(", ", RunningSums()) + ".",
             DigitQuestionType.Sum => Digits.Length == 1 ? $" The sum is {Answer}." : $" {string.Join(" + ", Digits)} = {Answer}.",
             DigitQuestionType.Largest => $" The largest is {Answer}.",
+            DigitQuestionType.Count when Worked => $" Counting {asked}s: {Marks(asked)}. {asked} appears {Answer} time{(Answer == "1" ? "" : "s")}.",
             DigitQuestionType.Count => $" {asked} appears {Answer} time{(Answer == "1" ? "" : "s")}.",
+            DigitQuestionType.Present when Worked => $" Looking for {asked}: {Marks(asked)}."
+                + (Answer == "yes" ? $" {asked} is among them." : $" {asked} is not among them."),
             DigitQuestionType.Present => Answer == "yes" ? $" {asked} is among them." : $" {asked} is not among them.",
             _ => "",
         };
         return $"{seen}{step}</think>\\boxed{{{Answer}}}"; // the generation prompt already opened <think>
     }
+
+    /// <summary>"a + b = s" for each digit after the first, s the running total: 9 + 6 = 15, 15 + 6 = 21.</summary>
+    private IEnumerable<string> RunningSums()
+    {
+        int total = Digits[0];
+        foreach (var d in Digits.Skip(1)) yield return $"{total} + {d} = {total += d}";
+    }
+
+    /// <summary>Each digit marked yes or no as it is or is not the asked one: 7 no, 6 yes.</summary>
+    private string Marks(int asked) => string.Join(", ", Digits.Select(d => $"{d} {(d == asked ? "yes" : "no")}"));
 
     /// <summary>
     /// The question with the scene's digits given as text instead of the image ("Digits: 5 7." on the line before):
@@ -151,6 +171,17 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
     }
 
     /// <summary>
+    /// The reward context of a prompt row: its answer and choices and, for a digit question, the reasoning check (the
+    /// answer follows the digits the response claims) and, where the row gives its digits, the grounding check (the
+    /// claimed digits are the scene's, in order).
+    /// </summary>
+    public static Rewards.RewardContext RewardContext(Data.PromptRow row) => new(row.Answer, row.Choices)
+    {
+        FollowsPremises = row.Type is not null && DigitQuestionTypes.TryParse(row.Type, out _) ? text => Reading(text, row with { Digits = row.Digits ?? [] })?.FollowsReading : null,
+        MatchesImage = row.Digits is null || row.Type is null ? null : text => Reading(text, row)?.ReadsExactly,
+    };
+
+    /// <summary>
     /// A wrong version of an item's trace, for the rejected side of a reward model's pair: half the time one digit is
     /// misread and the reasoning follows the wrong claim (a hallucination; the answer may still come out right), half
     /// the time the digits are read right and the conclusion is wrong.
@@ -228,16 +259,19 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
     /// DIR/sft.jsonl (prompt, images, response: the reasoning trace; the format of <see cref="Data.SftDataset"/>) and
     /// DIR/text-sft.jsonl (the same traces after <see cref="DigitTaskItem.TextPrompt"/>, no image).
     /// </summary>
-    public IReadOnlyList<DigitTaskItem> WriteDataset(string directory, int count, int seed)
+    public IReadOnlyList<DigitTaskItem> WriteDataset(string directory, int count, int seed, double workedShare = 0)
     {
         var images = Path.Combine(directory, "images");
         Directory.CreateDirectory(images);
         var rng = new Random(seed);
+        // The trace style has its own stream, so the scenes of a seed do not depend on the share of worked traces.
+        var styles = new Random(Engine.Seeds.ForRandom(seed, Engine.Seeds.Hash("trace_style")));
         var items = new List<DigitTaskItem>(count);
         var lines = new List<string>(count);
         for (int i = 0; i < count; i++)
         {
             var item = Sample(rng);
+            if (workedShare > 0 && styles.NextDouble() < workedShare) item = item with { Worked = true };
             var name = $"{i:D6}.png";
             item.SavePng(Path.Combine(images, name));
             items.Add(item);

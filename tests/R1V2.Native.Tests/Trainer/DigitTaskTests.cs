@@ -108,6 +108,52 @@ public sealed class DigitTaskTests : IDisposable
     }
 
     [Fact]
+    public void WorkedTraces_GoThroughTheDigitsOneAtATime_AndEarnTheSameRewards()
+    {
+        static DigitTaskItem Item(string question, string answer, DigitQuestionType type, int[] digits) => new(question, answer, type, digits, [], 64, []) { Worked = true };
+        Assert.Equal("I see the digits 9, 6, 6, 2. 9 + 6 = 15, 15 + 6 = 21, 21 + 2 = 23.</think>\\boxed{23}",
+            Item("What is the sum of the digits in the image?", "23", DigitQuestionType.Sum, [9, 6, 6, 2]).Trace());
+        Assert.Equal("I see the digits 5, 7. 5 + 7 = 12.</think>\\boxed{12}", Item("What is the sum of the digits in the image?", "12", DigitQuestionType.Sum, [5, 7]).Trace());
+        Assert.Equal("I see the digits 7, 6, 6, 9. Counting 6s: 7 no, 6 yes, 6 yes, 9 no. 6 appears 2 times.</think>\\boxed{2}",
+            Item("How many times does the digit 6 appear in the image?", "2", DigitQuestionType.Count, [7, 6, 6, 9]).Trace());
+        Assert.Equal("I see the digits 3, 0. Looking for 0: 3 no, 0 yes. 0 is among them.</think>\\boxed{yes}",
+            Item("Is the digit 0 in the image? Answer yes or no.", "yes", DigitQuestionType.Present, [3, 0]).Trace());
+        Assert.Equal("I see the digit 4. The largest is 4.</think>\\boxed{4}", Item("What is the largest digit in the image?", "4", DigitQuestionType.Largest, [4]).Trace());
+
+        var scenes = new DigitScenes(MnistDigits.Embedded(), DigitSplit.Train);
+        var rng = new Random(5);
+        for (int i = 0; i < 200; i++)
+        {
+            var item = scenes.Sample(rng) with { Worked = true };
+            var trace = item.Trace();
+            Assert.Equal(1.0, AnswerVerifier.Score(trace, item.Answer));
+            Assert.Equal(1.0, new FormatReward().Score(trace));
+            Assert.Equal(item.Digits, DigitScenes.ClaimedDigits(trace));
+            var row = new PromptRow(i, item.Question, item.Answer, [], null, item.Digits.Distinct().ToList(), Type: item.Type.Name()) { Digits = item.Digits };
+            Assert.Equal((true, true), DigitScenes.Reading(trace, row));
+        }
+    }
+
+    [Fact]
+    public void WorkedTraceShare_ChangesOnlyTheTraces_NotTheScenes()
+    {
+        var scenes = new DigitScenes(MnistDigits.Embedded(), DigitSplit.Train);
+        string plain = Path.Combine(_dir, "plain"), mixed = Path.Combine(_dir, "mixed");
+        scenes.WriteDataset(plain, 60, 4);
+        var items = scenes.WriteDataset(mixed, 60, 4, workedShare: 0.5);
+        Assert.Equal(File.ReadAllText(Path.Combine(plain, "prompts.jsonl")), File.ReadAllText(Path.Combine(mixed, "prompts.jsonl")));
+        Assert.InRange(items.Count(x => x.Worked), 18, 42);
+        var a = File.ReadAllLines(Path.Combine(plain, "sft.jsonl"));
+        var b = File.ReadAllLines(Path.Combine(mixed, "sft.jsonl"));
+        for (int i = 0; i < items.Count; i++)
+        {
+            bool differs = items[i].Worked && items[i].Type is DigitQuestionType.Count or DigitQuestionType.Present
+                || items[i].Worked && items[i].Type == DigitQuestionType.Sum && items[i].Digits.Length > 2;
+            Assert.Equal(!differs, a[i] == b[i]);
+        }
+    }
+
+    [Fact]
     public void RejectedTraces_MisreadOneDigitOrConcludeWrongly_AndNeverMatchTheReference()
     {
         var scenes = new DigitScenes(MnistDigits.Embedded(), DigitSplit.Train);

@@ -71,6 +71,34 @@ public sealed class RewardTests
     }
 
     [Fact]
+    public void HybridReward_AddsWeightedReasoningAndGroundingChecks_OnlyWhereTheyApply()
+    {
+        var hybrid = new HybridReward(new FormatReward(), reasoningWeight: 0.5, groundingWeight: 0.25);
+        var checks = new RewardContext("7") { FollowsPremises = _ => true, MatchesImage = _ => false };
+        var r = hybrid.Score("sum</think>\\boxed{7}", checks);
+        Assert.Equal((1.0, 0.5, 0.0, 2.5), (r.Rule, r.Reasoning, r.Grounding, r.Total)); // rule 1 + format 1 + 0.5 x followed + 0.25 x 0
+        var unchecked_ = hybrid.Score("sum</think>\\boxed{7}", new RewardContext("7") { FollowsPremises = _ => null });
+        Assert.Equal((0.0, 0.0, 2.0), (unchecked_.Reasoning, unchecked_.Grounding, unchecked_.Total)); // null: no check for this prompt
+        var unweighted = new HybridReward(new FormatReward()).Score("sum</think>\\boxed{7}", checks);
+        Assert.Equal(new RewardBreakdown(1, 0, 0, 1, 2), unweighted);
+    }
+
+    [Fact]
+    public void DigitRewardContext_ChecksTheAnswerAgainstTheClaimedDigits_AndTheClaimAgainstTheScene()
+    {
+        var row = new R1V2.Native.Trainer.Data.PromptRow(0, "How many times does the digit 5 appear in the image?", "1", [], null, [1, 5], Type: "count") { Digits = [5, 1] };
+        var context = R1V2.Native.Trainer.Tasks.DigitScenes.RewardContext(row);
+        Assert.Equal((true, true), (context.FollowsPremises!("I see the digits 5, 1. 5 appears 1 time.</think>\\boxed{1}"), context.MatchesImage!("I see the digits 5, 1. 5 appears 1 time.</think>\\boxed{1}")));
+        Assert.Equal((false, true), (context.FollowsPremises!("I see the digits 5, 1. 5 appears 0 times.</think>\\boxed{0}"), context.MatchesImage!("I see the digits 5, 1.</think>\\boxed{0}")));
+        // A misread followed consistently: the reasoning holds, the grounding does not.
+        Assert.Equal((true, false), (context.FollowsPremises!("I see the digits 5, 5. 5 appears 2 times.</think>\\boxed{2}"), context.MatchesImage!("I see the digits 5, 5.</think>\\boxed{2}")));
+        Assert.Equal(false, context.FollowsPremises!("\\boxed{1}")); // no claim: nothing to follow
+        var other = R1V2.Native.Trainer.Tasks.DigitScenes.RewardContext(new R1V2.Native.Trainer.Data.PromptRow(1, "What colour is the car?", "red", [], null, null, Type: "chart"));
+        Assert.Null(other.FollowsPremises);
+        Assert.Null(other.MatchesImage);
+    }
+
+    [Fact]
     public void StandardisedScores_MeetTheThresholdInStandardDeviations_WhateverTheRawScale()
     {
         // Raw scores near 0 (as a Bradley-Terry head gives): a raw threshold of 0.75 would pass none of them.
