@@ -24,6 +24,10 @@ public sealed record GrpoStepMetrics(int Step, double Loss, double Reward, doubl
 {
     /// <summary>Mean |weighted, transformed reward-model term| added to the rewards: 0 means the reward model changed nothing.</summary>
     public double? RewardModelTerm { get; init; }
+
+    /// <summary>Mean weighted reasoning-check and grounding-check terms (null when their weight is 0).</summary>
+    public double? ReasoningTerm { get; init; }
+    public double? GroundingTerm { get; init; }
 }
 
 /// <summary>
@@ -147,7 +151,7 @@ public sealed class GrpoTrainer : IDisposable
         double[]? rmScores = _rewardModel is null || _customReward ? null : ScoreWithRewardModel(samples, promptInputs);
         var rollouts = new List<Rollout>();
         var rewards = new List<double>();
-        double accuracy = 0, format = 0, length = 0, rmTerm = 0;
+        double accuracy = 0, format = 0, length = 0, rmTerm = 0, reasoningTerm = 0, groundingTerm = 0;
         int grounded = 0, groundingChecks = 0, tokens = 0;
         for (int si = 0; si < samples.Count; si++)
         {
@@ -158,6 +162,8 @@ public sealed class GrpoTrainer : IDisposable
             rewards.Add(r.Total);
             accuracy += r.Rule;
             rmTerm += Math.Abs(r.RewardModel);
+            reasoningTerm += r.Reasoning;
+            groundingTerm += r.Grounding;
             format += r.Format > 0 ? 1 : 0;
             length += s.Tokens.Length;
             tokens += s.Tokens.Length;
@@ -209,6 +215,8 @@ public sealed class GrpoTrainer : IDisposable
         var metrics = new GrpoStepMetrics(_step, loss / u, rewards.Average(), accuracy / n, format / n, length / n, batch.EffectiveRatio, freshRatio, batch.Replayed,
             meanRatio / u, clipped / u, gradNorm / Math.Max(1, optimizerSteps), lr, skipped, halluc, tokens / seconds, seconds, null);
         if (_reference is not null && updates > 0) metrics = metrics with { Kl = kl / u };
+        if (_c.Reward.ReasoningWeight != 0) metrics = metrics with { ReasoningTerm = reasoningTerm / n };
+        if (_c.Reward.GroundingWeight != 0) metrics = metrics with { GroundingTerm = groundingTerm / n };
         if (rmScores is not null)
         {
             double mean = rmScores.Average();

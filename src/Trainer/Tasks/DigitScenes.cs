@@ -34,8 +34,7 @@ public sealed record DigitTaskItem(string Question, string Answer, DigitQuestion
     public int[] Cells { get; init; } = [];
 
     /// <summary>
-    /// Whether <see cref="Trace"/> works through the digits one at a time (a running sum, a running count, a check per
-    /// digit) instead of stating the step in one line; largest and left-to-right questions read the same either way.
+    /// Whether <see cref="Trace"/> works through the digits one at a time (a running sum, a yes or no per digit) instead of stating the step in one line; largest and left-to-right questions read the same either way.
     /// </summary>
     public bool Worked { get; init; }
 
@@ -257,7 +256,8 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
     /// Writes <paramref name="count"/> items as DIR/images/NNNNNN.png, DIR/prompts.jsonl (question, answer, images,
     /// image_digits: the distinct digits present, type; the prompt format of <see cref="Data.PromptDataset"/>) and
     /// DIR/sft.jsonl (prompt, images, response: the reasoning trace; the format of <see cref="Data.SftDataset"/>) and
-    /// DIR/text-sft.jsonl (the same traces after <see cref="DigitTaskItem.TextPrompt"/>, no image).
+    /// DIR/text-sft.jsonl (the same traces after <see cref="DigitTaskItem.TextPrompt"/>, no image). About
+    /// <paramref name="workedShare"/> of the traces are worked (<see cref="DigitTaskItem.Worked"/>).
     /// </summary>
     public IReadOnlyList<DigitTaskItem> WriteDataset(string directory, int count, int seed, double workedShare = 0)
     {

@@ -45,6 +45,7 @@ public sealed class GrpoTrainerTests(CpuFixture fx) : IDisposable
         Assert.Equal(4, straight.Count);
         Assert.Contains(straight, m => m.Loss != 0);
         Assert.Contains(straight, m => m.Replayed > 0);                 // the buffer fed later batches
+        Assert.All(straight, m => Assert.Null(m.ReasoningTerm ?? m.GroundingTerm)); // unweighted rule checks are not logged
         Assert.Single(Directory.GetDirectories(Path.Combine(straightDir, "checkpoints")));  // keep = 1
 
         var resumedDir = Path.Combine(_dir, "resumed");
