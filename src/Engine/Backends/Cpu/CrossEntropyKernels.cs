@@ -37,10 +37,9 @@ internal static class CrossEntropyKernels
         int target = targets[row];
         float g = target == ignoreIndex ? 0f : dlogprob[row];
         float l = lse[row];
-        for (int v = 0; v < vocab; v++)
-        {
-            float p = MathF.Exp(logits[b + v] - l);
-            dlogits[b + v] = g * ((v == target ? 1f : 0f) - p);
-        }
+        for (int v = 0; v < vocab; v++) dlogits[b + v] = Gradient(logits[b + v], l, g, v == target);
     }
+
+    /// <summary>d loss / d logit of one logit: g (onehot - exp(logit - lse)); the twin and the host loop both call it.</summary>
+    public static float Gradient(float logit, float lse, float g, bool isTarget) => g * ((isTarget ? 1f : 0f) - MathF.Exp(logit - lse));
 }

@@ -198,11 +198,7 @@ internal static class HostOps
                 int target = targets[row];
                 float g = target == ignoreIndex ? 0f : dlogprob[row];
                 float l = lse[row];
-                for (int v = 0; v < vocab; v++)
-                {
-                    float p = MathF.Exp(logits[b + v] - l);
-                    dlogits[b + v] = g * ((v == target ? 1f : 0f) - p);
-                }
+                for (int v = 0; v < vocab; v++) dlogits[b + v] = CrossEntropyKernels.Gradient(logits[b + v], l, g, v == target);
             }
         });
 
