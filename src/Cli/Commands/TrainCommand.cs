@@ -32,22 +32,30 @@ public static class TrainCommand
         var config = new Option<string?>("--config") { Description = "Run config (YAML): trains the VLM stage it names (sft, rm, mpo or grpo)" };
         var set = new Option<string[]>("--set") { Description = "Override a config key, e.g. --set grpo.group_size=8 (repeatable)" };
         var stage = new Option<string?>("--stage") { Description = "sft | rm | mpo | grpo (the same as --set stage=...)" };
+        var pipeline = new Option<string[]>("--pipeline")
+            { Description = "Built-in digit task: change one of its settings, e.g. --pipeline grpo_steps=300 (repeatable; an unknown key lists the settings)" };
         var task = new Option<string>("--task")
             { Description = "Without --config: digits (the R1V2 pipeline on MNIST digit scenes: sft, rm, mpo, grpo) | next-byte (the op-library smoke task; --steps, --batch-tokens, --lr)", DefaultValueFactory = _ => "digits" };
         var cmd = new Command("train", "Train: with --config or --stage, that VLM stage; without, the built-in task (the full digit pipeline)")
-            { steps, batch, lr, seed, backend, output, config, set, stage, task };
+            { steps, batch, lr, seed, backend, output, config, set, stage, task, pipeline };
         // With a config, an explicit --backend overrides the config's backend key (as --set backend=... would).
+        cmd.Validators.Add(r =>
+        {
+            bool stageRun = r.GetValue(config) is not null || (r.GetValue(set)?.Length ?? 0) > 0 || r.GetValue(stage) is not null;
+            if ((r.GetValue(pipeline)?.Length ?? 0) > 0 && (stageRun || r.GetValue(task) is { } t && t != "digits"))
+                r.AddError("--pipeline changes the built-in digit task; a --config/--set/--stage run or --task next-byte takes its settings elsewhere");
+        });
         cmd.SetAction(r => r.GetValue(config) is not null || (r.GetValue(set)?.Length ?? 0) > 0 || r.GetValue(stage) is not null
             ? RunStage(r.GetValue(config), [.. r.GetValue(set) ?? [], .. r.GetValue(stage) is { } st ? new[] { $"stage={st}" } : [],
                 .. r.GetResult(backend) is { Implicit: false } ? new[] { $"backend={r.GetValue(backend)}" } : []], r.GetValue(output))
             : r.GetValue(task) switch
             {
                 "next-byte" => Run(new NextTokenSettings(r.GetValue(steps), r.GetValue(batch), r.GetValue(lr), Seed: r.GetValue(seed)), r.GetValue(backend)!, r.GetValue(output)),
-                "digits" => RunPipeline(new PipelineSettings
+                "digits" => RunPipeline(PipelineOverrides.Apply(new PipelineSettings
                 {
                     Output = r.GetValue(output) ?? Path.Combine("runs", $"digits-{DateTime.Now:yyyyMMdd-HHmmss}"),
                     Seed = r.GetResult(seed) is { Implicit: false } ? r.GetValue(seed) : 1,
-                }, r.GetValue(backend)!),
+                }, r.GetValue(pipeline) ?? []), r.GetValue(backend)!),
                 var other => throw new ArgumentException($"--task must be digits or next-byte, not '{other}'"),
             });
         return cmd;

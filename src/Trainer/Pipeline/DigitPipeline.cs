@@ -71,6 +71,12 @@ public sealed record PipelineSettings
     public float GrpoTopP { get; init; } = 0.95f;
     /// <summary>mean_std (the paper), mean_only (Dr.GRPO) or leave_one_out.</summary>
     public string GrpoAdvantage { get; init; } = "mean_std";
+    /// <summary>What GRPO trains: adapter+llm, adapter (the paper's best), adapter+vit or all.</summary>
+    public string GrpoTrainable { get; init; } = "adapter+llm";
+    /// <summary>Weight in GRPO's reward of the rule check that the answer follows from the digits the response claims.</summary>
+    public double ReasoningWeight { get; init; }
+    /// <summary>Weight in GRPO's reward of the rule check that the digits the response claims are the scene's.</summary>
+    public double GroundingWeight { get; init; }
     /// <summary>Weight of the standardised reward-model score in the hybrid reward (0: rule + format only).</summary>
     public double RmWeight { get; init; } = 0.25;
     /// <summary>The reward model joins GRPO's reward only when its held-out pair accuracy reaches this.</summary>
@@ -148,7 +154,8 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
     public PipelineSummary Run(Action<string, double>? progress = null, CancellationToken cancel = default)
     {
         var clock = System.Diagnostics.Stopwatch.StartNew();
-        Directory.CreateDirectory(s.Output);
+        PipelineOverrides.Validate(s);
+        PipelineOverrides.Remember(s, s.Output);
         // 1. Data.
         var configText = s.ModelConfig is null ? BuiltInConfig() : File.ReadAllText(s.ModelConfig);
         var configPath = Dir("model-config.json");
@@ -325,7 +332,8 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             $"grpo.group_size={s.GroupSize}", $"grpo.prompts_per_step={s.GrpoPrompts}", $"grpo.max_new_tokens={s.MaxNewTokens}", "grpo.minibatches=2",
             $"grpo.ssb.enabled={(buffer ? "true" : "false")}", $"grpo.temperature={s.GrpoTemperature.ToString(CultureInfo.InvariantCulture)}",
             $"grpo.top_p={s.GrpoTopP.ToString(CultureInfo.InvariantCulture)}", $"grpo.advantage={s.GrpoAdvantage}", $"optim.lr={s.GrpoLr.ToString(CultureInfo.InvariantCulture)}",
-            $"monitor.claim_pattern={DigitScenes.ClaimPattern}", "grpo.cache_blocks=2048",
+            $"monitor.claim_pattern={DigitScenes.ClaimPattern}", "grpo.cache_blocks=2048", $"trainable={s.GrpoTrainable}",
+            $"reward.reasoning_weight={s.ReasoningWeight.ToString(CultureInfo.InvariantCulture)}", $"reward.grounding_weight={s.GroundingWeight.ToString(CultureInfo.InvariantCulture)}",
             .. rmModel is null ? Array.Empty<string>() : [$"reward.rm_path={rmModel}", $"reward.rm_weight={s.RmWeight.ToString(CultureInfo.InvariantCulture)}", "reward.rm_transform=standardise",
                 $"reward.rm_threshold={s.RmThreshold.ToString(CultureInfo.InvariantCulture)}"],
         ]);
@@ -426,6 +434,8 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         md.AppendLine("# The digit pipeline").AppendLine();
         md.AppendLine(string.Format(inv, "Seed {0}; this invocation took {1:F0} s (stages finished by an earlier one are loaded, not rerun). Held-out scenes are composed only from held-out MNIST images; nothing was tuned on them. \"vs sft\" is the difference in pass@1 from the SFT model on the same prompts, ± its paired standard error.",
             s.Seed, summary.Seconds)).AppendLine();
+        if (PipelineOverrides.Changed(s) is { Count: > 0 } changed)
+            md.AppendLine("Settings changed from the defaults (--pipeline): " + string.Join(", ", changed) + ".").AppendLine();
         md.AppendLine("| stage | held-out pass@1 | vs sft (paired) | format rate | hallucination rate | reads the digits exactly | answer follows its reading |")
             .AppendLine("| --- | --- | --- | --- | --- | --- | --- |");
         static string Rate(double? x) => x is { } v ? v.ToString("F3", CultureInfo.InvariantCulture) : "-";

@@ -65,4 +65,22 @@ public sealed class TrainCommandTests : IDisposable
         Assert.Contains("group_sise", error.ToString());
         Assert.False(Directory.Exists(output)); // nothing started
     }
+
+    [Theory]
+    [InlineData(new[] { "--pipeline", "grpo_stepz=3" }, "grpo_stepz: no such setting")]
+    [InlineData(new[] { "--pipeline", "grpo_steps=2", "--task", "next-byte" }, "--pipeline changes the built-in digit task")]
+    [InlineData(new[] { "--pipeline", "grpo_steps=2", "--stage", "sft" }, "--pipeline changes the built-in digit task")]
+    public void PipelineSettings_ThatCannotApply_FailBeforeAnythingStarts(string[] args, string message)
+    {
+        var output = Path.Combine(_dir, "pipe");
+        var error = new StringWriter();
+        var saved = Console.Error;
+        Console.SetError(error);
+        int code;
+        try { code = Program.Main(["train", .. args, "--out", output]); }
+        finally { Console.SetError(saved); }
+        Assert.NotEqual(0, code);
+        Assert.Contains(message, error.ToString());
+        Assert.False(Directory.Exists(output));
+    }
 }

@@ -80,6 +80,14 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         Assert.Equal(sftWeights, File.GetLastWriteTimeUtc(Path.Combine(_dir, "run", "sft", "final", "model.safetensors")));
         Assert.Equal(summary.Stages.Select(s => s.Eval.PassAt1), again.Stages.Select(s => s.Eval.PassAt1));
         Assert.Equal(JsonSerializer.Serialize(summary.EffectiveRatioWithBuffer), JsonSerializer.Serialize(again.EffectiveRatioWithBuffer));
+
+        // The run directory remembers its settings: continuing it with others is an error naming them, before anything is touched.
+        Assert.Contains("Settings changed from the defaults (--pipeline): ", md);
+        Assert.Contains("grpo_steps=2", md);
+        var other = Assert.Throws<InvalidOperationException>(() => new DigitPipeline(Settings() with { GrpoSteps = 5 }, fx.Backend).Run());
+        Assert.Contains("grpo_steps 2 -> 5", other.Message);
+        Assert.Contains(Path.Combine(_dir, "run", PipelineOverrides.FileName), other.Message);
+        Assert.Equal(sftWeights, File.GetLastWriteTimeUtc(Path.Combine(_dir, "run", "sft", "final", "model.safetensors")));
     }
 
     [Fact]
