@@ -33,6 +33,14 @@ public sealed record EvalResult(string Model, string Data, int Prompts, int Samp
     public double? ReadsExactlyRate { get; init; }
     public double? FollowsReadingRate { get; init; }
     public int ReadingChecks { get; init; }
+
+    /// <summary>
+    /// With k samples per prompt: the share of prompts that at least one sample answers right (pass@k), and the share
+    /// whose most frequent answer is right (majority of k, <see cref="Evaluation.MajorityIsRight"/>). Sharpening the sampling
+    /// alone moves pass@1 toward the majority; beyond it, the model has to prefer answers it now gives less often.
+    /// </summary>
+    public double PassAtK { get; init; }
+    public double MajorityAtK { get; init; }
 }
 
 /// <summary>The mean per-prompt difference in pass@1 between two evaluations of the same prompts, with its standard error.</summary>
@@ -64,6 +72,7 @@ public static class Evaluation
         var grounding = new Grounding(groups.SelectMany(g => g.Prompt.ImageObjects ?? []), s.ClaimPattern);
         var samples = new List<EvalSample>();
         var perPrompt = new List<(string? Type, double Pass)>();
+        int anyRight = 0, majorityRight = 0;
         long tokens = 0;
         int checks = 0, ungrounded = 0;
         foreach (var (prompt, responses) in groups)
@@ -81,6 +90,8 @@ public static class Evaluation
                 samples.Add(new EvalSample(prompt.Index, k, prompt.Type, prompt.Answer, text, ok, formed, grounded, reading?.ReadsExactly, reading?.FollowsReading));
             }
             perPrompt.Add((prompt.Type, correct / (double)responses.Count));
+            if (correct > 0) anyRight++;
+            if (MajorityIsRight(responses, prompt)) majorityRight++;
         }
         double mean = perPrompt.Average(p => p.Pass);
         double se = perPrompt.Count > 1 ? Math.Sqrt(perPrompt.Sum(p => (p.Pass - mean) * (p.Pass - mean)) / (perPrompt.Count - 1) / perPrompt.Count) : 0;
@@ -92,8 +103,28 @@ public static class Evaluation
         {
             ReadingChecks = read.Count, ReadsExactlyRate = read.Count == 0 ? null : read.Average(x => x.ReadsExactly == true ? 1.0 : 0.0),
             FollowsReadingRate = read.Count == 0 ? null : read.Average(x => x.FollowsReading == true ? 1.0 : 0.0),
+            PassAtK = anyRight / (double)groups.Count, MajorityAtK = majorityRight / (double)groups.Count,
         };
         return (result, samples);
+    }
+
+    /// <summary>
+    /// Whether the most frequent of the responses' answers is right: answers grouped by the verifier's equivalence,
+    /// responses without an answer forming one group that is never right, a tie going to the group given first.
+    /// </summary>
+    public static bool MajorityIsRight(IReadOnlyList<string> responses, PromptRow prompt)
+    {
+        var votes = new List<(string? Answer, int Count)>();
+        foreach (var text in responses)
+        {
+            var answer = AnswerVerifier.ExtractAnswer(text);
+            int at = votes.FindIndex(v => answer is null ? v.Answer is null : v.Answer is not null && AnswerVerifier.Equivalent(answer, v.Answer, prompt.Choices));
+            if (at < 0) votes.Add((answer, 1));
+            else votes[at] = (votes[at].Answer, votes[at].Count + 1);
+        }
+        if (votes.Count == 0) return false;
+        var top = votes.MaxBy(v => v.Count); // the first of equal counts
+        return top.Answer is not null && AnswerVerifier.Equivalent(top.Answer, prompt.Answer, prompt.Choices);
     }
 
     /// <summary>
@@ -140,6 +171,11 @@ public static class Evaluation
             r.Prompts, r.Data, r.SamplesPerPrompt, r.Settings.Temperature, r.Settings.TopP, r.Settings.Seed, r.Settings.MaxNewTokens)).AppendLine();
         sb.AppendLine("| metric | value |").AppendLine("| --- | --- |");
         sb.AppendLine(string.Format(inv, "| pass@1 (mean over {0} samples) | {1:F3} ± {2:F3} |", r.SamplesPerPrompt, r.PassAt1, r.PassAt1StdError));
+        if (r.SamplesPerPrompt > 1)
+        {
+            sb.AppendLine(string.Format(inv, "| pass@{0} (any sample right) | {1:F3} |", r.SamplesPerPrompt, r.PassAtK));
+            sb.AppendLine(string.Format(inv, "| majority of {0} samples right | {1:F3} |", r.SamplesPerPrompt, r.MajorityAtK));
+        }
         sb.AppendLine(string.Format(inv, "| format rate | {0:F3} |", r.FormatRate));
         sb.AppendLine(r.HallucinationRate is { } h ? string.Format(inv, "| hallucination rate ({0} checked samples) | {1:F3} |", r.GroundingChecks, h) : "| hallucination rate | - (no image contents known) |");
         if (r.ReadsExactlyRate is { } re && r.FollowsReadingRate is { } fr)

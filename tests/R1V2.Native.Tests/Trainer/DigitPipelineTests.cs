@@ -44,6 +44,8 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         Assert.Contains("| grpo-no-ssb |", md);
         var sftRow = md.Split('\n').First(l => l.StartsWith("| sft |")); // the stage table comes before the per-type one
         Assert.EndsWith(string.Format(System.Globalization.CultureInfo.InvariantCulture, "| {0:F3} | {1:F3} |", summary.Stages[0].Eval.ReadsExactlyRate, summary.Stages[0].Eval.FollowsReadingRate), sftRow.TrimEnd());
+        Assert.Contains($"| vs sft (paired) | pass@{Settings().EvalSamples} | majority of {Settings().EvalSamples} |", md);
+        Assert.Contains(string.Format(System.Globalization.CultureInfo.InvariantCulture, "| - | {0:F3} | {1:F3} |", summary.Stages[0].Eval.PassAtK, summary.Stages[0].Eval.MajorityAtK), sftRow);
         // The reward model trains on the sampled pairs plus reference-vs-wrong traces, and (gate 0) joins GRPO's reward.
         Assert.Equal(summary.Pairs + 8, File.ReadAllLines(Path.Combine(_dir, "run", "data", "rm-pairs.jsonl")).Length);
         Assert.Contains("rm_path: " + Path.Combine(_dir, "run", "rm", "final"), File.ReadAllText(Path.Combine(_dir, "run", "grpo", "config.resolved.yaml")));

@@ -126,6 +126,31 @@ public sealed class EvaluationTests(CpuFixture fx) : IDisposable
     }
 
     [Fact]
+    public void PassAtKAndMajority_HandChecked()
+    {
+        PromptRow Row(int i, string answer, IReadOnlyList<string>? choices = null) => new(i, "q", answer, [], choices, null, null, "sum");
+        static string Boxed(string a) => $"done</think>\\boxed{{{a}}}";
+        var groups = new List<(PromptRow, IReadOnlyList<string>)>
+        {
+            (Row(0, "12"), [Boxed("12"), Boxed("13"), Boxed("12.0"), Boxed("13")]),  // 12 and 12.0 are one answer: 2 votes, tie with 13 -> the first given (12), right
+            (Row(1, "7"), [Boxed("5"), Boxed("7"), Boxed("5"), Boxed("9")]),         // 5 wins: wrong; some sample right
+            (Row(2, "4"), ["no answer", "no answer", Boxed("4"), "still none"]),      // the unanswered group (3) wins: wrong
+            (Row(3, "2"), [Boxed("3"), Boxed("3"), Boxed("1"), Boxed("0")]),         // never right
+            (Row(4, "B", ["cat", "dog"]), [Boxed("dog"), Boxed("(B)"), Boxed("A"), Boxed("cat")]), // choices: "dog" is B: 2 votes, right
+        };
+        var (r, _) = Evaluation.Score(groups, new EvalSettings(Samples: 4), text => text.Length);
+        Assert.Equal((2 + 1 + 1 + 0 + 2) / 4.0 / 5, r.PassAt1, 12);
+        Assert.Equal(4.0 / 5, r.PassAtK, 12);
+        Assert.Equal(2.0 / 5, r.MajorityAtK, 12);
+        Assert.False(Evaluation.MajorityIsRight([Boxed("13"), Boxed("12"), Boxed("12"), Boxed("13")], Row(0, "12"))); // the tie now goes to 13
+        Assert.False(Evaluation.MajorityIsRight([], Row(0, "12")));
+        var md = Evaluation.Markdown(r);
+        Assert.Contains("| pass@4 (any sample right) | 0.800 |", md);
+        Assert.Contains("| majority of 4 samples right | 0.400 |", md);
+        Assert.DoesNotContain("pass@1 (any", Evaluation.Markdown(r with { SamplesPerPrompt = 1 }));
+    }
+
+    [Fact]
     public void Markdown_ShowsEveryMetricAndType()
     {
         var r = new EvalResult("m", "d.jsonl", 4, 2, 0.625, 0.1, 0.75, 0.125, 8, 12.5,
