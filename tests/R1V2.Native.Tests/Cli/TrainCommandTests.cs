@@ -55,14 +55,9 @@ public sealed class TrainCommandTests : IDisposable
     public void UnknownConfigKey_FailsWithItsName()
     {
         var output = Path.Combine(_dir, "bad");
-        var error = new StringWriter();
-        var saved = Console.Error;
-        Console.SetError(error);
-        int code;
-        try { code = Program.Main(["train", "--set", "grpo.group_sise=4", "--out", output]); }
-        finally { Console.SetError(saved); }
+        var (code, error) = Train(["--set", "grpo.group_sise=4", "--out", output]);
         Assert.NotEqual(0, code);
-        Assert.Contains("group_sise", error.ToString());
+        Assert.Contains("group_sise", error);
         Assert.False(Directory.Exists(output)); // nothing started
     }
 
@@ -73,14 +68,19 @@ public sealed class TrainCommandTests : IDisposable
     public void PipelineSettings_ThatCannotApply_FailBeforeAnythingStarts(string[] args, string message)
     {
         var output = Path.Combine(_dir, "pipe");
+        var (code, error) = Train([.. args, "--out", output]);
+        Assert.NotEqual(0, code);
+        Assert.Contains(message, error);
+        Assert.False(Directory.Exists(output));
+    }
+
+    /// <summary>`engine train` with these arguments: its exit code and what it wrote to stderr.</summary>
+    private static (int Code, string Error) Train(string[] args)
+    {
         var error = new StringWriter();
         var saved = Console.Error;
         Console.SetError(error);
-        int code;
-        try { code = Program.Main(["train", .. args, "--out", output]); }
+        try { return (Program.Main(["train", .. args]), error.ToString()); }
         finally { Console.SetError(saved); }
-        Assert.NotEqual(0, code);
-        Assert.Contains(message, error.ToString());
-        Assert.False(Directory.Exists(output));
     }
 }
