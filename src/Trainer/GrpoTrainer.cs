@@ -82,7 +82,9 @@ public sealed class GrpoTrainer : IDisposable
         _guard = new NonFiniteGuard(config.Optim.MaxBadSteps);
         _ssb = new SelectiveSampleBuffer(g.Ssb.Capacity, g.Ssb.MaxAge, (ulong)config.Seed * 0x9E3779B97F4A7C15ul + 1);
         var r = config.Reward;
-        if (r.RmPath.Length > 0) _rewardModel = RewardModel.Load(backend, r.RmPath, TrainableParts.None, trainHead: false);
+        // A reward model weighted 0 adds nothing to any reward: it is neither loaded nor run (scoring every rollout costs
+        // about as much as the policy update).
+        if (r.RmPath.Length > 0 && r.RmWeight != 0) _rewardModel = RewardModel.Load(backend, r.RmPath, TrainableParts.None, trainHead: false);
         _reward = RewardFrom(r, withRewardModel: _rewardModel is not null);
         _score = reward ?? ((text, p) => _reward.Score(text, ContextOf(p)));
         _customReward = reward is not null;

@@ -152,6 +152,14 @@ public sealed class GrpoWithReferenceTests(CpuFixture fx) : IDisposable
         t.Run();
         Assert.All(t.History, m => Assert.NotNull(m.RewardModelMean));
         Assert.All(t.History, m => Assert.True(m.RewardModelStd > 0, "samples should get different reward-model scores"));
+
+        // Weighted 0 it is not run at all: no scores in the metrics, and the rewards are those of a run without it.
+        using var zero = new GrpoTrainer(Config("rm-zero", $"reward.rm_path={Path.Combine(rmDir, "final")}", "reward.rm_weight=0"), fx.Backend);
+        zero.Run();
+        using var none = new GrpoTrainer(Config("no-rm"), fx.Backend);
+        none.Run();
+        Assert.All(zero.History, m => Assert.Null(m.RewardModelMean));
+        Assert.Equal(none.History.Select(m => m.Reward), zero.History.Select(m => m.Reward));
     }
 }
 
