@@ -39,8 +39,9 @@ public sealed record EvalResult(string Model, string Data, int Prompts, int Samp
     /// whose most frequent answer is right (majority of k, <see cref="Evaluation.MajorityIsRight"/>). Sharpening the sampling
     /// alone moves pass@1 toward the majority; beyond it, the model has to prefer answers it now gives less often.
     /// </summary>
-    public double PassAtK { get; init; }
-    public double MajorityAtK { get; init; }
+    /// Null in evaluations written before they were measured.
+    public double? PassAtK { get; init; }
+    public double? MajorityAtK { get; init; }
 }
 
 /// <summary>The mean per-prompt difference in pass@1 between two evaluations of the same prompts, with its standard error.</summary>
@@ -171,7 +172,7 @@ public static class Evaluation
             r.Prompts, r.Data, r.SamplesPerPrompt, r.Settings.Temperature, r.Settings.TopP, r.Settings.Seed, r.Settings.MaxNewTokens)).AppendLine();
         sb.AppendLine("| metric | value |").AppendLine("| --- | --- |");
         sb.AppendLine(string.Format(inv, "| pass@1 (mean over {0} samples) | {1:F3} ± {2:F3} |", r.SamplesPerPrompt, r.PassAt1, r.PassAt1StdError));
-        if (r.SamplesPerPrompt > 1)
+        if (r.SamplesPerPrompt > 1 && r.PassAtK is not null)
         {
             sb.AppendLine(string.Format(inv, "| pass@{0} (any sample right) | {1:F3} |", r.SamplesPerPrompt, r.PassAtK));
             sb.AppendLine(string.Format(inv, "| majority of {0} samples right | {1:F3} |", r.SamplesPerPrompt, r.MajorityAtK));

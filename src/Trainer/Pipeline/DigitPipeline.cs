@@ -441,8 +441,8 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             .AppendLine("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         static string Rate(double? x) => x is { } v ? v.ToString("F3", CultureInfo.InvariantCulture) : "-";
         foreach (var st in summary.Stages)
-            md.AppendLine(string.Format(inv, "| {0} | {1:F3} ± {2:F3} | {3} | {4:F3} | {5:F3} | {6:F3} | {7} | {8} | {9} |", st.Stage, st.Eval.PassAt1, st.Eval.PassAt1StdError,
-                st.VersusSft is { } v ? string.Format(inv, "{0:+0.000;-0.000} ± {1:F3}", v.Difference, v.StdError) : "-", st.Eval.PassAtK, st.Eval.MajorityAtK, st.Eval.FormatRate,
+            md.AppendLine(string.Format(inv, "| {0} | {1:F3} ± {2:F3} | {3} | {4} | {5} | {6:F3} | {7} | {8} | {9} |", st.Stage, st.Eval.PassAt1, st.Eval.PassAt1StdError,
+                st.VersusSft is { } v ? string.Format(inv, "{0:+0.000;-0.000} ± {1:F3}", v.Difference, v.StdError) : "-", Rate(st.Eval.PassAtK), Rate(st.Eval.MajorityAtK), st.Eval.FormatRate,
                 Rate(st.Eval.HallucinationRate), Rate(st.Eval.ReadsExactlyRate), Rate(st.Eval.FollowsReadingRate)));
         md.AppendLine().AppendLine($"pass@{k}: some sample of the {k} is right; majority of {k}: their most frequent answer is. Sharpening the sampling alone moves pass@1 toward the majority; beyond it, the model has to prefer answers it now gives less often.");
         md.AppendLine().AppendLine("\"Reads the digits exactly\": the digits a response says it sees are the scene's, in order. \"Answer follows its reading\": the answer is the one the digits it claims imply, right or wrong; a right answer that does not follow came from somewhere other than the reasoning.");

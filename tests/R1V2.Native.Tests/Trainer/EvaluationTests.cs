@@ -140,14 +140,18 @@ public sealed class EvaluationTests(CpuFixture fx) : IDisposable
         };
         var (r, _) = Evaluation.Score(groups, new EvalSettings(Samples: 4), text => text.Length);
         Assert.Equal((2 + 1 + 1 + 0 + 2) / 4.0 / 5, r.PassAt1, 12);
-        Assert.Equal(4.0 / 5, r.PassAtK, 12);
-        Assert.Equal(2.0 / 5, r.MajorityAtK, 12);
+        Assert.Equal(4.0 / 5, r.PassAtK!.Value, 12);
+        Assert.Equal(2.0 / 5, r.MajorityAtK!.Value, 12);
         Assert.False(Evaluation.MajorityIsRight([Boxed("13"), Boxed("12"), Boxed("12"), Boxed("13")], Row(0, "12"))); // the tie now goes to 13
         Assert.False(Evaluation.MajorityIsRight([], Row(0, "12")));
         var md = Evaluation.Markdown(r);
         Assert.Contains("| pass@4 (any sample right) | 0.800 |", md);
         Assert.Contains("| majority of 4 samples right | 0.400 |", md);
         Assert.DoesNotContain("pass@1 (any", Evaluation.Markdown(r with { SamplesPerPrompt = 1 }));
+        // An evaluation written before these were measured reads back without them, not as zeros.
+        var old = JsonSerializer.Deserialize<EvalResult>(JsonSerializer.Serialize(r).Replace("\"PassAtK\":0.8,", "").Replace(",\"MajorityAtK\":0.4", ""))!;
+        Assert.Equal((null, null), (old.PassAtK, old.MajorityAtK));
+        Assert.DoesNotContain("any sample right", Evaluation.Markdown(old));
     }
 
     [Fact]
