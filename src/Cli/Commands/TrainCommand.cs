@@ -38,14 +38,14 @@ public static class TrainCommand
             { Description = "Without --config: digits (the R1V2 pipeline on MNIST digit scenes: sft, rm, mpo, grpo) | next-byte (the op-library smoke task; --steps, --batch-tokens, --lr)", DefaultValueFactory = _ => "digits" };
         var cmd = new Command("train", "Train: with --config or --stage, that VLM stage; without, the built-in task (the full digit pipeline)")
             { steps, batch, lr, seed, backend, output, config, set, stage, task, pipeline };
-        // With a config, an explicit --backend overrides the config's backend key (as --set backend=... would).
+        static bool StageRun(string? config, string[]? set, string? stage) => config is not null || (set?.Length ?? 0) > 0 || stage is not null;
         cmd.Validators.Add(r =>
         {
-            bool stageRun = r.GetValue(config) is not null || (r.GetValue(set)?.Length ?? 0) > 0 || r.GetValue(stage) is not null;
-            if ((r.GetValue(pipeline)?.Length ?? 0) > 0 && (stageRun || r.GetValue(task) is { } t && t != "digits"))
+            if ((r.GetValue(pipeline)?.Length ?? 0) > 0 && (StageRun(r.GetValue(config), r.GetValue(set), r.GetValue(stage)) || r.GetValue(task) is { } t && t != "digits"))
                 r.AddError("--pipeline changes the built-in digit task; a --config/--set/--stage run or --task next-byte takes its settings elsewhere");
         });
-        cmd.SetAction(r => r.GetValue(config) is not null || (r.GetValue(set)?.Length ?? 0) > 0 || r.GetValue(stage) is not null
+        // With a config, an explicit --backend overrides the config's backend key (as --set backend=... would).
+        cmd.SetAction(r => StageRun(r.GetValue(config), r.GetValue(set), r.GetValue(stage))
             ? RunStage(r.GetValue(config), [.. r.GetValue(set) ?? [], .. r.GetValue(stage) is { } st ? new[] { $"stage={st}" } : [],
                 .. r.GetResult(backend) is { Implicit: false } ? new[] { $"backend={r.GetValue(backend)}" } : []], r.GetValue(output))
             : r.GetValue(task) switch
