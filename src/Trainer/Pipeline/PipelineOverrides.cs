@@ -119,20 +119,16 @@ public static class PipelineOverrides
     private static object? Parse(string key, string text, Type type)
     {
         var inv = CultureInfo.InvariantCulture;
-        var underlying = Nullable.GetUnderlyingType(type);
         if (type == typeof(string)) return key == "model_config" && text.Length == 0 ? null : text; // model_config= : the built-in config
-        object? value = (underlying ?? type) switch
+        (object? value, string expected) = type switch
         {
-            var t when t == typeof(int) => int.TryParse(text, NumberStyles.Integer, inv, out var i) ? i : null,
-            var t when t == typeof(float) => float.TryParse(text, NumberStyles.Float, inv, out var f) ? f : null,
-            var t when t == typeof(double) => double.TryParse(text, NumberStyles.Float, inv, out var d) ? d : null,
-            var t when t == typeof(bool) => bool.TryParse(text, out var b) ? b : null,
+            var t when t == typeof(int) => (int.TryParse(text, NumberStyles.Integer, inv, out var i) ? i : null, "a whole number"),
+            var t when t == typeof(float) => (float.TryParse(text, NumberStyles.Float, inv, out var f) ? f : null, "a number"),
+            var t when t == typeof(double) => (double.TryParse(text, NumberStyles.Float, inv, out var d) ? d : (object?)null, "a number"),
             _ => throw new ArgumentException($"--pipeline {key}: settings of type {type.Name} cannot be set from the command line"),
         };
-        return value ?? throw new ArgumentException($"--pipeline {key}={text}: {Describe(underlying ?? type)} expected");
+        return value ?? throw new ArgumentException($"--pipeline {key}={text}: {expected} expected");
     }
-
-    private static string Describe(Type t) => t == typeof(int) ? "a whole number" : t == typeof(bool) ? "true or false" : "a number";
 
     private static string Format(object? v) => v switch
     {
