@@ -13,7 +13,11 @@ namespace R1V2.Native.Engine.Models;
 /// &lt;IMG_CONTEXT&gt; tokens in order (or the rows in <c>ImagePositions</c> when given: a generated &lt;IMG_CONTEXT&gt;
 /// in a response is an ordinary token).
 /// </summary>
-public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, float[]? Pixels = null, int Tiles = 0, int[]? ImagePositions = null)
+/// <param name="TileSources">For each of the <paramref name="Tiles"/> tiles, the index of its pixels among the tiles in
+/// <paramref name="Pixels"/>, which then holds each distinct image once (a GRPO group's samples share their prompt's
+/// image); null when <paramref name="Pixels"/> holds every tile in order.</param>
+public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, float[]? Pixels = null, int Tiles = 0, int[]? ImagePositions = null,
+    int[]? TileSources = null)
 {
     /// <summary>One sequence; targets are the next tokens from <paramref name="lossFrom"/> on (teacher forcing).</summary>
     public static VlmBatch Single(int[] ids, float[]? pixels = null, int tiles = 0, int lossFrom = 0)
@@ -27,7 +31,8 @@ public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, fl
     /// Packs prompt + response sequences (each with its own image tiles) into one batch for teacher forcing. Position
     /// t predicts token t + 1, so sequence i's response tokens are the targets of the positions from
     /// ResponseStarts[i] (its prompt's last position) on; every other target is ignored. Only image-context tokens
-    /// inside a prompt take image features: a response that emits the token keeps it as an ordinary token.
+    /// inside a prompt take image features: a response that emits the token keeps it as an ordinary token. Sequences
+    /// that share one pixel array (the same object) share its tiles: they are stored once and listed in TileSources.
     /// </summary>
     public static (VlmBatch Batch, int[] ResponseStarts) Pack(IReadOnlyList<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)> sequences, int imageContextId)
     {
@@ -38,7 +43,9 @@ public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, fl
         var pixels = new List<float>();
         var imageRows = new List<int>();
         var starts = new int[sequences.Count];
-        int tiles = 0;
+        var firstTile = new Dictionary<float[], int>(ReferenceEqualityComparer.Instance);
+        var sources = new List<int>();
+        int tiles = 0, distinct = 0;
         for (int i = 0; i < sequences.Count; i++)
         {
             var (prompt, response, px, n) = sequences[i];
@@ -54,9 +61,18 @@ public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, fl
                 targets.Add(k >= 0 && k < response.Length ? response[k] : Backend.IgnoreIndex);
             }
             cu.Add(ids.Count);
-            if (n > 0) { pixels.AddRange(px ?? throw new ArgumentException($"sequence {i} has {n} tiles but no pixels")); tiles += n; }
+            if (n == 0) continue;
+            if (px is null) throw new ArgumentException($"sequence {i} has {n} tiles but no pixels");
+            if (!firstTile.TryGetValue(px, out int first))
+            {
+                firstTile[px] = first = distinct;
+                pixels.AddRange(px);
+                distinct += n;
+            }
+            for (int k = 0; k < n; k++) sources.Add(first + k);
+            tiles += n;
         }
-        return (new VlmBatch([.. ids], [.. targets], [.. cu], tiles > 0 ? [.. pixels] : null, tiles, [.. imageRows]), starts);
+        return (new VlmBatch([.. ids], [.. targets], [.. cu], tiles > 0 ? [.. pixels] : null, tiles, [.. imageRows], distinct < tiles ? [.. sources] : null), starts);
     }
 }
 
@@ -187,7 +203,7 @@ public sealed class VisionLanguageModel : IDisposable
 
         if (batch.Tiles > 0)
         {
-            pass.Image = ForwardImage(batch.Pixels ?? throw new ArgumentException("the batch has tiles but no pixel values"), batch.Tiles);
+            pass.Image = ForwardImage(batch.Pixels ?? throw new ArgumentException("the batch has tiles but no pixel values"), batch.Tiles, batch.TileSources);
             pass.ImageRows = h.Keep(_b.Rows(imagePositions, t, distinct: true, "image_positions"));
             _b.ScatterRows(pass.Image.Tokens, pass.ImageRows, pass.Embeddings);
         }
@@ -233,6 +249,7 @@ public sealed class VisionLanguageModel : IDisposable
     {
         internal VisionEncoder.State Vit = null!;
         internal VisionAdapter.State Adapter = null!;
+        internal Tensor? SharedVitOutput; // the frozen ViT's output of the distinct tiles, gathered per tile
 
         /// <summary>[tiles x tokens per tile, D]: what the LLM reads at the &lt;IMG_CONTEXT&gt; rows, in the same order.</summary>
         public Tensor Tokens => Adapter.Output;
@@ -240,16 +257,45 @@ public sealed class VisionLanguageModel : IDisposable
         public void Dispose()
         {
             Adapter?.Dispose();
+            SharedVitOutput?.Dispose();
             Vit?.Dispose();
         }
     }
 
-    /// <summary>ViT and adapter forward alone: pixels [tiles, 3, S, S] -> image tokens.</summary>
-    public ImagePass ForwardImage(float[] pixels, int tiles)
+    /// <summary>
+    /// ViT and adapter forward alone: pixels [tiles, 3, S, S] -> image tokens. With <paramref name="tileSources"/>,
+    /// pixels holds distinct tiles and tile i is pixels' tile tileSources[i]: a frozen ViT then encodes each distinct tile
+    /// once and its output rows are gathered per tile (the same values: a tile's encoding depends on that tile alone);
+    /// a trainable ViT encodes every tile, so that its backward sees each use.
+    /// </summary>
+    public ImagePass ForwardImage(float[] pixels, int tiles, int[]? tileSources = null)
     {
-        var pass = new ImagePass { Vit = _vit.Forward(pixels, tiles) };
-        pass.Adapter = _adapter.Forward(pass.Vit.Output, tiles);
-        return pass;
+        if (tileSources is null)
+        {
+            var pass = new ImagePass { Vit = _vit.Forward(pixels, tiles) };
+            pass.Adapter = _adapter.Forward(pass.Vit.Output, tiles);
+            return pass;
+        }
+        if (tileSources.Length != tiles) throw new ArgumentException($"{tileSources.Length} tile sources for {tiles} tiles");
+        int tileSize = 3 * Config.ForceImageSize * Config.ForceImageSize;
+        if (pixels.Length % tileSize != 0) throw new ArgumentException($"pixel values hold {pixels.Length} floats, not a whole number of 3 x {Config.ForceImageSize} x {Config.ForceImageSize} tiles");
+        int distinct = pixels.Length / tileSize;
+        if (tileSources.Any(t => t < 0 || t >= distinct)) throw new ArgumentException($"a tile source lies outside the {distinct} distinct tiles");
+        if (VitTrainable)
+        {
+            var all = new float[(long)tiles * tileSize];
+            for (int i = 0; i < tiles; i++) Array.Copy(pixels, (long)tileSources[i] * tileSize, all, (long)i * tileSize, tileSize);
+            return ForwardImage(all, tiles);
+        }
+        var shared = new ImagePass { Vit = _vit.Forward(pixels, distinct) };
+        int perTile = shared.Vit.Output.Rows / distinct, width = shared.Vit.Output.Dim(1);
+        var rows = new int[tiles * perTile];
+        for (int i = 0; i < tiles; i++)
+            for (int r = 0; r < perTile; r++) rows[i * perTile + r] = tileSources[i] * perTile + r;
+        shared.SharedVitOutput = _b.Activations(rows.Length, width);
+        using (var index = _b.Rows(rows, shared.Vit.Output.Rows, distinct: false, "tile_rows")) _b.GatherRows(shared.Vit.Output, index, shared.SharedVitOutput);
+        shared.Adapter = _adapter.Forward(shared.SharedVitOutput, tiles);
+        return shared;
     }
 
     /// <summary>Gradients of the trainable ViT and adapter parameters from d loss / d image tokens.</summary>

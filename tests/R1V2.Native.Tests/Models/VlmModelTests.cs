@@ -147,4 +147,36 @@ public sealed class VlmModelTests(CpuFixture fx) : IDisposable
             if (name.StartsWith(frozen)) Assert.Null(p.Grad);
         }
     }
+    [Theory]
+    [InlineData(TrainableParts.AdapterAndLlm)]
+    [InlineData(TrainableParts.All)]
+    public void SequencesSharingAnImage_PackItOnce_WithTheSameLogProbsAndGradients(TrainableParts parts)
+    {
+        // The fixture's first sequence four times over, as a GRPO group: once sharing one pixel array, once with copies.
+        var fixture = FixtureBatch("internvit300m");
+        using var model = VisionLanguageModel.Load(_b, Fixture("internvit300m"), parts);
+        int end = fixture.CuSeqlens[1], split = end - 3;
+        var ids = fixture.InputIds[..end];
+        int tiles = ids.Count(t => t == model.ImageContextId) / model.Config.TokensPerTile;
+        var pixels = fixture.Pixels![..(tiles * 3 * model.Config.ForceImageSize * model.Config.ForceImageSize)];
+        var (shared, _) = VlmBatch.Pack([.. Enumerable.Range(0, 4).Select(_ => (ids[..split], ids[split..], (float[]?)pixels, tiles))], model.ImageContextId);
+        var (copied, _) = VlmBatch.Pack([.. Enumerable.Range(0, 4).Select(_ => (ids[..split], ids[split..], (float[]?)pixels.ToArray(), tiles))], model.ImageContextId);
+        Assert.Equal(pixels.Length, shared.Pixels!.Length);
+        Assert.Equal(Enumerable.Repeat(Enumerable.Range(0, tiles), 4).SelectMany(x => x), shared.TileSources!);
+        Assert.Null(copied.TileSources);
+        Assert.Equal(4 * pixels.Length, copied.Pixels!.Length);
+
+        (float[] LogProbs, float[][] Grads) Run(VlmBatch batch)
+        {
+            foreach (var p in model.Parameters.Trainable) p.ZeroGrad();
+            using var pass = model.Forward(batch);
+            model.Backward(pass);
+            return (pass.LogProbs, [.. model.Parameters.Trainable.Select(p => p.Grad!.ToFloatArray())]);
+        }
+        var a = Run(shared);
+        var b = Run(copied);
+        Assert.Equal(b.LogProbs, a.LogProbs); // a tile's encoding depends on that tile alone: bit-identical on the CPU
+        for (int i = 0; i < a.Grads.Length; i++) Assert.Equal(b.Grads[i], a.Grads[i]);
+        Assert.Contains(a.LogProbs, x => x != 0);
+    }
 }

@@ -1,4 +1,6 @@
+using System.Numerics;
 using System.Numerics.Tensors;
+using System.Runtime.CompilerServices;
 
 namespace R1V2.Native.Engine.Backends.Cpu;
 
@@ -6,9 +8,13 @@ namespace R1V2.Native.Engine.Backends.Cpu;
 /// Attention on host memory for the CPU backend's default path, like <see cref="CpuGemm"/>: the ILGPU twins of
 /// kernels/attention.cu run one simulated thread per (row, head) with scalar loads and are 5-10x slower on a CPU.
 /// Same layout and contract as the kernels: q [T, H, D], k and v [T, Hkv, D], packed sequences, the log-sum-exp saved
-/// per (row, head), and a backward that recomputes p from it. Work is split by (sequence, kv head), so every output
-/// row (dq, and dk/dv of the group's keys) is written by one task, in a fixed order: results do not depend on the
-/// thread count.
+/// per (row, head), and a backward that recomputes p from it.
+/// <para>
+/// Work is split by (sequence, kv head). A task first copies its keys and values transposed ([D, n]: a row of the
+/// copy is one feature over all keys), so a row's scores, and in the backward dp, dk and dv, are SIMD sweeps over the
+/// keys, D of them, instead of one short dot product per key (the digit model's heads have D = 16 or 24). Every
+/// output row is written by one task in a fixed order: results do not depend on the thread count.
+/// </para>
 /// </summary>
 internal static unsafe class CpuAttention
 {
@@ -16,29 +22,32 @@ internal static unsafe class CpuAttention
     public static void Forward(float* q, float* k, float* v, float* o, float* lse, int[] cu, int heads, int kvHeads, int dim, float scale, bool causal)
     {
         int group = heads / kvHeads, maxLen = MaxLength(cu);
-        ForEachTask(cu, kvHeads, () => new float[maxLen], (s, g, p) =>
+        ForEachTask(cu, kvHeads, () => new Scratch(maxLen, dim), (s, g, w) =>
         {
-            int start = cu[s], end = cu[s + 1];
-            for (int hh = 0; hh < group; hh++)
+            int start = cu[s], n = cu[s + 1] - start;
+            fixed (float* kt = w.Kt, vr = w.Rows, p = w.P)
             {
-                int h = g * group + hh;
-                for (int i = start; i < end; i++)
+                Gather(k + (long)start * kvHeads * dim + g * dim, kvHeads * dim, n, dim, kt, vr: null);
+                Gather(v + (long)start * kvHeads * dim + g * dim, kvHeads * dim, n, dim, null, vr);
+                for (int hh = 0; hh < group; hh++)
                 {
-                    var qi = Row(q, i, heads, h, dim);
-                    var oi = Row(o, i, heads, h, dim);
-                    int last = causal ? i + 1 : end, n = last - start;
-                    float m = float.NegativeInfinity;
-                    for (int j = start; j < last; j++)
-                        m = MathF.Max(m, p[j - start] = scale * TensorPrimitives.Dot<float>(qi, Row(k, j, kvHeads, g, dim)));
-                    oi.Clear();
-                    if (n == 0) { lse[(long)i * heads + h] = float.NegativeInfinity; continue; }
-                    var scores = p.AsSpan(0, n);
-                    TensorPrimitives.Subtract(scores, m, scores);
-                    TensorPrimitives.Exp(scores, scores);
-                    float l = TensorPrimitives.Sum<float>(scores);
-                    for (int j = start; j < last; j++) TensorPrimitives.MultiplyAdd(Row(v, j, kvHeads, g, dim), p[j - start], oi, oi);
-                    TensorPrimitives.Multiply(oi, 1f / l, oi);
-                    lse[(long)i * heads + h] = m + MathF.Log(l);
+                    int h = g * group + hh;
+                    for (int i = 0; i < n; i++)
+                    {
+                        float* qi = q + ((long)(start + i) * heads + h) * dim;
+                        float* oi = o + ((long)(start + i) * heads + h) * dim;
+                        int count = causal ? i + 1 : n;
+                        Scores(qi, kt, n, dim, count, scale, p);
+                        var scores = new Span<float>(p, count);
+                        float m = TensorPrimitives.Max<float>(scores);
+                        TensorPrimitives.Subtract(scores, m, scores);
+                        TensorPrimitives.Exp(scores, scores);
+                        float l = TensorPrimitives.Sum<float>(scores);
+                        new Span<float>(oi, dim).Clear();
+                        for (int j = 0; j < count; j++) Axpy(oi, vr + (long)j * dim, p[j], dim);
+                        Scale(oi, 1f / l, dim);
+                        lse[(long)(start + i) * heads + h] = m + MathF.Log(l);
+                    }
                 }
             }
         });
@@ -47,46 +56,115 @@ internal static unsafe class CpuAttention
     /// <summary>
     /// dq, dk, dv of the forward above (overwritten). delta_i = dO_i . o_i; p_ij = exp(scale q_i.k_j - lse_i);
     /// dS_ij = p_ij (dO_i.v_j - delta_i); dq_i = scale sum_j dS_ij k_j; dk_j = scale sum_i dS_ij q_i; dv_j = sum_i p_ij dO_i.
+    /// dk and dv are summed transposed (one SIMD sweep over the keys per feature) and written back at the end.
     /// </summary>
     public static void Backward(float* dout, float* q, float* k, float* v, float* o, float* lse, float* dq, float* dk, float* dv,
         int[] cu, int heads, int kvHeads, int dim, float scale, bool causal)
     {
-        int group = heads / kvHeads;
-        ForEachTask(cu, kvHeads, () => 0, (s, g, _) =>
+        int group = heads / kvHeads, maxLen = MaxLength(cu);
+        ForEachTask(cu, kvHeads, () => new Scratch(maxLen, dim, backward: true), (s, g, w) =>
         {
-            int start = cu[s], end = cu[s + 1];
-            for (int j = start; j < end; j++) { Row(dk, j, kvHeads, g, dim).Clear(); Row(dv, j, kvHeads, g, dim).Clear(); }
-            for (int hh = 0; hh < group; hh++)
+            int start = cu[s], n = cu[s + 1] - start;
+            long kvStride = (long)kvHeads * dim;
+            fixed (float* kt = w.Kt, kr = w.Rows, vt = w.Vt, dkt = w.DKt, dvt = w.DVt, p = w.P, dp = w.Dp)
             {
-                int h = g * group + hh;
-                for (int i = start; i < end; i++)
+                Gather(k + start * kvStride + g * dim, kvHeads * dim, n, dim, kt, kr);
+                Gather(v + start * kvStride + g * dim, kvHeads * dim, n, dim, vt, null);
+                new Span<float>(dkt, dim * n).Clear();
+                new Span<float>(dvt, dim * n).Clear();
+                for (int hh = 0; hh < group; hh++)
                 {
-                    var qi = Row(q, i, heads, h, dim);
-                    var doi = Row(dout, i, heads, h, dim);
-                    var dqi = Row(dq, i, heads, h, dim);
-                    dqi.Clear();
-                    float l = lse[(long)i * heads + h];
-                    if (float.IsNegativeInfinity(l)) continue;
-                    float delta = TensorPrimitives.Dot<float>(doi, Row(o, i, heads, h, dim));
-                    int last = causal ? i + 1 : end;
-                    for (int j = start; j < last; j++)
+                    int h = g * group + hh;
+                    for (int i = 0; i < n; i++)
                     {
-                        var kj = Row(k, j, kvHeads, g, dim);
-                        var vj = Row(v, j, kvHeads, g, dim);
-                        float p = MathF.Exp(scale * TensorPrimitives.Dot<float>(qi, kj) - l);
-                        float ds = p * (TensorPrimitives.Dot<float>(doi, vj) - delta);
-                        TensorPrimitives.MultiplyAdd(kj, ds * scale, dqi, dqi);
-                        var dkj = Row(dk, j, kvHeads, g, dim);
-                        TensorPrimitives.MultiplyAdd(qi, ds * scale, dkj, dkj);
-                        var dvj = Row(dv, j, kvHeads, g, dim);
-                        TensorPrimitives.MultiplyAdd(doi, p, dvj, dvj);
+                        long row = (long)(start + i) * heads + h;
+                        float* qi = q + row * dim, doi = dout + row * dim, dqi = dq + row * dim;
+                        new Span<float>(dqi, dim).Clear();
+                        float l = lse[row];
+                        if (float.IsNegativeInfinity(l)) continue;
+                        float delta = TensorPrimitives.Dot<float>(new ReadOnlySpan<float>(doi, dim), new ReadOnlySpan<float>(o + row * dim, dim));
+                        int count = causal ? i + 1 : n;
+                        Scores(qi, kt, n, dim, count, scale, p);
+                        var ps = new Span<float>(p, count);
+                        TensorPrimitives.Subtract(ps, l, ps);
+                        TensorPrimitives.Exp(ps, ps);
+                        Scores(doi, vt, n, dim, count, 1f, dp);               // dp_j = dO_i . v_j
+                        for (int j = 0; j < count; j++) dp[j] = p[j] * (dp[j] - delta); // dS_ij
+                        for (int j = 0; j < count; j++) Axpy(dqi, kr + (long)j * dim, dp[j] * scale, dim);
+                        for (int d = 0; d < dim; d++)
+                        {
+                            Axpy(dkt + (long)d * n, dp, qi[d] * scale, count);
+                            Axpy(dvt + (long)d * n, p, doi[d], count);
+                        }
                     }
                 }
+                Scatter(dkt, n, dim, dk + start * kvStride + g * dim, kvHeads * dim);
+                Scatter(dvt, n, dim, dv + start * kvStride + g * dim, kvHeads * dim);
             }
         });
     }
 
-    private static Span<float> Row(float* x, int t, int heads, int h, int dim) => new(x + ((long)t * heads + h) * dim, dim);
+    /// <summary>Per-task buffers: keys and values transposed ([D, n]) or as rows ([n, D]), dk and dv transposed, p and dp.</summary>
+    private sealed class Scratch(int maxLen, int dim, bool backward = false)
+    {
+        public readonly float[] Kt = new float[Math.Max(1, maxLen * dim)];
+        public readonly float[] Rows = new float[Math.Max(1, maxLen * dim)];
+        public readonly float[] Vt = new float[backward ? Math.Max(1, maxLen * dim) : 1];
+        public readonly float[] DKt = new float[backward ? Math.Max(1, maxLen * dim) : 1];
+        public readonly float[] DVt = new float[backward ? Math.Max(1, maxLen * dim) : 1];
+        public readonly float[] P = new float[Math.Max(1, maxLen)];
+        public readonly float[] Dp = new float[Math.Max(1, maxLen)];
+    }
+
+    /// <summary>Copies n strided rows of D values: transposed into t ([D, n]) and/or contiguous into r ([n, D]).</summary>
+    private static void Gather(float* x, long stride, int n, int dim, float* t, float* vr)
+    {
+        for (int j = 0; j < n; j++)
+        {
+            float* xj = x + j * stride;
+            if (t != null) for (int d = 0; d < dim; d++) t[(long)d * n + j] = xj[d];
+            if (vr != null) new ReadOnlySpan<float>(xj, dim).CopyTo(new Span<float>(vr + (long)j * dim, dim));
+        }
+    }
+
+    /// <summary>Writes a transposed [D, n] sum back to n strided rows.</summary>
+    private static void Scatter(float* t, int n, int dim, float* x, long stride)
+    {
+        for (int j = 0; j < n; j++)
+        {
+            float* xj = x + j * stride;
+            for (int d = 0; d < dim; d++) xj[d] = t[(long)d * n + j];
+        }
+    }
+
+    /// <summary>out[j] = scale * sum_d a[d] * bt[d, j] for j &lt; count (bt is [D, n]): D SIMD sweeps over the keys.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Scores(float* a, float* bt, int n, int dim, int count, float scale, float* output)
+    {
+        new Span<float>(output, count).Clear();
+        for (int d = 0; d < dim; d++) Axpy(output, bt + (long)d * n, a[d], count);
+        if (scale != 1f) Scale(output, scale, count);
+    }
+
+    /// <summary>y[0..n) += a * x[0..n).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Axpy(float* y, float* x, float a, int n)
+    {
+        int w = Vector<float>.Count, i = 0;
+        var av = new Vector<float>(a);
+        for (; i + w <= n; i += w)
+            Unsafe.WriteUnaligned(y + i, Vector.FusedMultiplyAdd(av, Unsafe.ReadUnaligned<Vector<float>>(x + i), Unsafe.ReadUnaligned<Vector<float>>(y + i)));
+        for (; i < n; i++) y[i] = MathF.FusedMultiplyAdd(a, x[i], y[i]);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Scale(float* y, float a, int n)
+    {
+        int w = Vector<float>.Count, i = 0;
+        var av = new Vector<float>(a);
+        for (; i + w <= n; i += w) Unsafe.WriteUnaligned(y + i, av * Unsafe.ReadUnaligned<Vector<float>>(y + i));
+        for (; i < n; i++) y[i] *= a;
+    }
 
     private static int MaxLength(int[] cu)
     {

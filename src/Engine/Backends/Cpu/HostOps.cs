@@ -123,24 +123,56 @@ internal static class HostOps
             }
         });
 
-    /// <summary>Rotates pairs (i, i + dim/2) of every head; direction -1 is the inverse rotation (backward).</summary>
-    public static unsafe void Rope(float* y, float* x, int* pos, int heads, int dim, float theta, float direction, long values) =>
-        Range(values / 2, values, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
+    /// <summary>
+    /// Rotates pairs (i, i + dim/2) of every head; direction -1 is the inverse rotation (backward). The sines and
+    /// cosines are computed once per (position, pair) present, with the twin's expressions, so every value is the
+    /// twin's bit for bit while a token's heads share them.
+    /// </summary>
+    public static unsafe void Rope(float* y, float* x, int* pos, int heads, int dim, float theta, float direction, long values)
+    {
+        int half = dim / 2;
+        long tokens = values / ((long)heads * dim);
+        if (tokens == 0) return;
+        int lo = int.MaxValue, hi = int.MinValue;
+        for (long t = 0; t < tokens; t++) { lo = Math.Min(lo, pos[t]); hi = Math.Max(hi, pos[t]); }
+        int span = hi - lo + 1;
+        var sin = new float[(long)span * half];
+        var cos = new float[(long)span * half];
+        var present = new bool[span];
+        for (long t = 0; t < tokens; t++) present[pos[t] - lo] = true;
+        for (int p = 0; p < span; p++)
         {
-            int half = dim / 2;
-            for (long idx = s; idx < e; idx++)
+            if (!present[p]) continue;
+            for (int i = 0; i < half; i++)
             {
-                int i = (int)(idx % half);
-                long th = idx / half;
-                int t = (int)(th / heads);
-                float a = RopeKernels.Angle(pos[t], i, dim, theta);
-                float sn = MathF.Sin(a) * direction, cs = MathF.Cos(a);
-                long b = th * dim;
-                float x1 = x[b + i], x2 = x[b + i + half];
-                y[b + i] = x1 * cs - x2 * sn;
-                y[b + i + half] = x2 * cs + x1 * sn;
+                float a = RopeKernels.Angle(p + lo, i, dim, theta);
+                sin[p * half + i] = MathF.Sin(a) * direction;
+                cos[p * half + i] = MathF.Cos(a);
             }
-        });
+        }
+        fixed (float* sp = sin, cp = cos)
+        {
+            float* sinP = sp, cosP = cp;
+            Range(tokens, values, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
+            {
+                for (long t = s; t < e; t++)
+                {
+                    float* st = sinP + (long)(pos[t] - lo) * half, ct = cosP + (long)(pos[t] - lo) * half;
+                    for (int h = 0; h < heads; h++)
+                    {
+                        long b = (t * heads + h) * dim;
+                        for (int i = 0; i < half; i++)
+                        {
+                            float sn = st[i], cs = ct[i];
+                            float x1 = x[b + i], x2 = x[b + i + half];
+                            y[b + i] = x1 * cs - x2 * sn;
+                            y[b + i + half] = x2 * cs + x1 * sn;
+                        }
+                    }
+                }
+            });
+        }
+    }
 
     public static unsafe void EmbeddingForward(float* output, float* table, int* ids, int dim, long n) =>
         Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) => { for (long i = s; i < e; i++) output[i] = table[(long)ids[i / dim] * dim + i % dim]; });
