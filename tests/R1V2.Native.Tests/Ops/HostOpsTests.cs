@@ -166,22 +166,13 @@ public sealed class HostOpsTests(CpuFixture fx) : IDisposable
             b.Convert(x, copy);
             return [back.ToFloatArray(), copy.ToFloatArray()];
         },
-        ["paged_attention"] = (b, n) =>
+        ["grad_norm"] = (b, n) =>
         {
-            const int blockSize = 16, numBlocks = 64, dim = 32;
-            int batchSize = Math.Max(3, n / (8 * dim * 40)); // enough sequences x heads x splits to split over the cores
-            var tables = Enumerable.Range(0, batchSize).Select(i => (IReadOnlyList<int>)Enumerable.Range(0, 1 + i % 4)
-                .Select(j => (i * 5 + j * 11) % numBlocks).Distinct().ToList()).ToList();
-            var lengths = tables.Select((t, i) => Math.Max(1, t.Count * blockSize - i % 7)).ToArray();
-            using var kc = b.FromArray(TestData.Uniform(38, numBlocks * blockSize * 2 * dim, 2), DType.F32, [numBlocks * blockSize, 2, dim]);
-            using var vc = b.FromArray(TestData.Uniform(39, numBlocks * blockSize * 2 * dim), DType.F32, [numBlocks * blockSize, 2, dim]);
-            using var batch = b.Paged(tables, lengths, blockSize, numBlocks);
-            using var q = b.FromArray(TestData.Uniform(40, batchSize * 8 * dim, 2), DType.F32, [batchSize, 8, dim]);
-            using var o1 = b.Allocate(DType.F32, batchSize, 8, dim);
-            using var o2 = b.Allocate(DType.F32, batchSize, 8, dim);
-            b.PagedAttentionDecode(q, kc, vc, batch, o1, 0.125f, splitBlocks: 1);
-            b.PagedAttentionDecode(q, kc, vc, batch, o2, 0.125f, splitBlocks: 4);
-            return [o1.ToFloatArray(), o2.ToFloatArray()];
+            // Three tensors, the largest spanning several chunks of the partial sums.
+            using var x = b.FromArray(TestData.Uniform(43, n), DType.F32, [n]);
+            using var y = b.FromArray(TestData.Uniform(44, 37), DType.F32, [37]);
+            using var z = b.FromArray(TestData.Uniform(45, 2 * n + 5, 3), DType.F32, [2 * n + 5]);
+            return [[(float)b.GlobalNorm([x, y, z])], [(float)b.GlobalNorm([y])]];
         },
         ["sample"] = (b, n) =>
         {

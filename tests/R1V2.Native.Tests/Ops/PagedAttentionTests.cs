@@ -1,16 +1,30 @@
+using R1V2.Native.Engine.Backends.Cpu;
+
 namespace R1V2.Native.Tests.Ops;
 
-/// <summary>kernels/paged_attention.cu through its ILGPU twins: append and split-KV decode against dense attention.</summary>
+/// <summary>
+/// Paged KV append and decode attention against dense attention: kernels/paged_attention.cu through its ILGPU twins
+/// (split-KV partials and their combine) and the CPU backend's SIMD host path (<see cref="CpuAttention"/>).
+/// </summary>
 [Collection("cpu")]
 public sealed class PagedAttentionTests(CpuFixture fx)
 {
-    private readonly Backend _b = fx.Backend;
+    private readonly CpuBackend _b = fx.Backend;
+
+    private T With<T>(bool twins, Func<T> body)
+    {
+        bool before = _b.AttentionTwins;
+        _b.AttentionTwins = twins;
+        try { return body(); }
+        finally { _b.AttentionTwins = before; }
+    }
 
     [Theory]
-    [InlineData(1)]
-    [InlineData(2)]
-    [InlineData(64)]
-    public void PagedDecode_EqualsDenseAttention_RaggedLengthsAndSharedPrefixes(int splitBlocks)
+    [InlineData(1, true)]
+    [InlineData(2, true)]
+    [InlineData(64, true)]
+    [InlineData(1, false)]
+    public void PagedDecode_EqualsDenseAttention_RaggedLengthsAndSharedPrefixes(int splitBlocks, bool twins) => With(twins, () =>
     {
         const int blockSize = 4, numBlocks = 24, heads = 4, kv = 2, dim = 16;
         int slots = numBlocks * blockSize;
@@ -46,6 +60,29 @@ public sealed class PagedAttentionTests(CpuFixture fx)
             var expected = dense[((n - 1) * heads * dim)..(n * heads * dim)];
             Check.Close(expected, got[(b * heads * dim)..((b + 1) * heads * dim)], 1e-6, 1e-5, $"sequence {b} (split {splitBlocks} blocks)");
         }
+        return 0;
+    });
+
+    [Fact]
+    public void HostPath_EqualsTheTwin_OnABatchLargeEnoughToSplitOverTheCores()
+    {
+        // 96 sequences of up to 64 keys over shared and private blocks, 8 heads over 2 kv heads, D = 24.
+        const int blockSize = 16, numBlocks = 64, heads = 8, kv = 2, dim = 24, batchSize = 96;
+        var tables = Enumerable.Range(0, batchSize).Select(i => (IReadOnlyList<int>)Enumerable.Range(0, 1 + i % 4)
+            .Select(j => (i * 5 + j * 11) % numBlocks).Distinct().ToList()).ToList();
+        var lengths = tables.Select((t, i) => Math.Max(1, t.Count * blockSize - i % 7)).ToArray();
+        Assert.True(lengths.Sum() * (long)dim * heads >= HostOps.ParallelFrom);
+        float[] Run(bool twins) => With(twins, () =>
+        {
+            using var kc = _b.FromArray(TestData.Uniform(38, numBlocks * blockSize * kv * dim, 2), DType.F32, [numBlocks * blockSize, kv, dim]);
+            using var vc = _b.FromArray(TestData.Uniform(39, numBlocks * blockSize * kv * dim), DType.F32, [numBlocks * blockSize, kv, dim]);
+            using var batch = _b.Paged(tables, lengths, blockSize, numBlocks);
+            using var q = _b.FromArray(TestData.Uniform(40, batchSize * heads * dim, 2), DType.F32, [batchSize, heads, dim]);
+            using var o = _b.Allocate(DType.F32, batchSize, heads, dim);
+            _b.PagedAttentionDecode(q, kc, vc, batch, o, 0.2f, splitBlocks: 2);
+            return o.ToFloatArray();
+        });
+        Check.Close(Run(true), Run(false), 1e-5, 1e-4, "o");
     }
 
     [Fact]

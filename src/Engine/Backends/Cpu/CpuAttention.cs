@@ -104,6 +104,52 @@ internal static unsafe class CpuAttention
         });
     }
 
+    /// <summary>
+    /// Decode attention over a paged KV cache: one query row per sequence, q [B, H, D], cache [slots, Hkv, D], the
+    /// sequence's keys at slots table[b][t / blockSize] * blockSize + t % blockSize for t &lt; length[b]. The result
+    /// is what kernels/paged_attention.cu computes; its split of the keys over thread blocks is a GPU work division
+    /// with no counterpart here: a task per (sequence, kv head) gathers that head's keys once, transposed, for the
+    /// group's query heads.
+    /// </summary>
+    public static void PagedDecode(float* q, float* kCache, float* vCache, int* tables, int* lengths, float* output,
+        int batch, int maxBlocks, int blockSize, int heads, int kvHeads, int dim, float scale)
+    {
+        int group = heads / kvHeads, maxLen = 0;
+        long work = 0;
+        for (int b = 0; b < batch; b++) { maxLen = Math.Max(maxLen, lengths[b]); work += (long)lengths[b] * dim * heads; }
+        var options = new ParallelOptions { MaxDegreeOfParallelism = work < HostOps.ParallelFrom ? 1 : Environment.ProcessorCount };
+        Parallel.For(0, batch * kvHeads, options, () => new Scratch(maxLen, dim), (task, _, w) =>
+        {
+            int b = task / kvHeads, g = task % kvHeads, n = lengths[b];
+            fixed (float* kt = w.Kt, vr = w.Rows, p = w.P)
+            {
+                for (int j = 0; j < n; j++)
+                {
+                    long slot = (long)tables[(long)b * maxBlocks + j / blockSize] * blockSize + j % blockSize;
+                    float* kj = kCache + (slot * kvHeads + g) * dim, vj = vCache + (slot * kvHeads + g) * dim;
+                    for (int d = 0; d < dim; d++) kt[(long)d * n + j] = kj[d];
+                    new ReadOnlySpan<float>(vj, dim).CopyTo(new Span<float>(vr + (long)j * dim, dim));
+                }
+                for (int hh = 0; hh < group; hh++)
+                {
+                    int h = g * group + hh;
+                    float* qi = q + ((long)b * heads + h) * dim, oi = output + ((long)b * heads + h) * dim;
+                    new Span<float>(oi, dim).Clear();
+                    if (n == 0) continue;
+                    Scores(qi, kt, n, dim, n, scale, p);
+                    var scores = new Span<float>(p, n);
+                    float m = TensorPrimitives.Max<float>(scores);
+                    TensorPrimitives.Subtract(scores, m, scores);
+                    TensorPrimitives.Exp(scores, scores);
+                    float l = TensorPrimitives.Sum<float>(scores);
+                    for (int j = 0; j < n; j++) Axpy(oi, vr + (long)j * dim, p[j], dim);
+                    Scale(oi, 1f / l, dim);
+                }
+            }
+            return w;
+        }, _ => { });
+    }
+
     /// <summary>Per-task buffers: keys and values transposed ([D, n]) or as rows ([n, D]), dk and dv transposed, p and dp.</summary>
     private sealed class Scratch(int maxLen, int dim, bool backward = false)
     {

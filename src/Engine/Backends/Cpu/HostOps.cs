@@ -174,6 +174,33 @@ internal static class HostOps
         }
     }
 
+    /// <summary>
+    /// The sum of squares of x as the twins' pair computes it: per chunk of <paramref name="chunk"/> values a partial
+    /// summed in order (chunks split over the cores), then the partials summed in order.
+    /// </summary>
+    public static unsafe float SumOfSquares(float* x, long n, int chunk)
+    {
+        int chunks = (int)Math.Max(1, (n + chunk - 1) / chunk);
+        var partial = new float[chunks];
+        fixed (float* pp = partial)
+        {
+            float* part = pp;
+            Range(chunks, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
+            {
+                for (long c = s; c < e; c++)
+                {
+                    long start = c * chunk, end = Math.Min(n, start + chunk);
+                    float sum = 0f;
+                    for (long i = start; i < end; i++) { float v = x[i]; sum += v * v; }
+                    part[c] = sum;
+                }
+            });
+        }
+        float total = 0f;
+        for (int c = 0; c < chunks; c++) total += partial[c];
+        return total;
+    }
+
     public static unsafe void EmbeddingForward(float* output, float* table, int* ids, int dim, long n) =>
         Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) => { for (long i = s; i < e; i++) output[i] = table[(long)ids[i / dim] * dim + i % dim]; });
 
@@ -267,59 +294,6 @@ internal static class HostOps
 
     public static unsafe void FromBf16(float* y, ushort* x, long n) =>
         Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) => { for (long i = s; i < e; i++) y[i] = BitConverter.UInt32BitsToSingle((uint)x[i] << 16); });
-    /// <summary>Decode attention, pass 1: one (sequence, head, split) per index, as the twin's DecodePartial.</summary>
-    public static unsafe void PagedDecodePartial(float* partialO, float* partialLse, float* q, float* kCache, float* vCache, int* blockTables,
-        int* contextLens, PagedArgs a, int items) =>
-        Range(items, (long)items * a.SplitBlocks * a.BlockSize * a.Dim, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
-        {
-            for (long wl = s; wl < e; wl++)
-            {
-                int w = (int)wl;
-                int split = w % a.Splits, bh = w / a.Splits, b = bh / a.Heads, h = bh % a.Heads, kvh = h / (a.Heads / a.KvHeads);
-                int len = contextLens[b];
-                int first = split * a.SplitBlocks * a.BlockSize, last = Math.Min(len, first + a.SplitBlocks * a.BlockSize);
-                long ob = (long)w * a.Dim, qb = (long)bh * a.Dim;
-                for (int d = 0; d < a.Dim; d++) partialO[ob + d] = 0f;
-                float m = float.NegativeInfinity, l = 0f;
-                for (int t = first; t < last; t++)
-                {
-                    int slot = blockTables[(long)b * a.MaxBlocks + t / a.BlockSize] * a.BlockSize + t % a.BlockSize;
-                    long kb = ((long)slot * a.KvHeads + kvh) * a.Dim;
-                    float sc = 0f;
-                    for (int d = 0; d < a.Dim; d++) sc += q[qb + d] * a.Scale * kCache[kb + d];
-                    float mn = MathF.Max(m, sc), corr = MathF.Exp(m - mn), p = MathF.Exp(sc - mn);
-                    l = l * corr + p;
-                    for (int d = 0; d < a.Dim; d++) partialO[ob + d] = partialO[ob + d] * corr + p * vCache[kb + d];
-                    m = mn;
-                }
-                float inv = l > 0f ? 1f / l : 0f;
-                for (int d = 0; d < a.Dim; d++) partialO[ob + d] *= inv;
-                partialLse[w] = l > 0f ? m + MathF.Log(l) : float.NegativeInfinity;
-            }
-        });
-
-    /// <summary>Decode attention, pass 2: merges a row's splits by their log-sum-exp, as the twin's Combine.</summary>
-    public static unsafe void PagedDecodeCombine(float* output, float* partialO, float* partialLse, int rows, int splits, int dim) =>
-        Range(rows, (long)rows * splits * dim, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
-        {
-            for (long r = s; r < e; r++)
-            {
-                float mx = float.NegativeInfinity;
-                for (int k = 0; k < splits; k++) mx = MathF.Max(mx, partialLse[r * splits + k]);
-                float total = 0f;
-                for (int k = 0; k < splits; k++) { float l = partialLse[r * splits + k]; total += l == float.NegativeInfinity ? 0f : MathF.Exp(l - mx); }
-                for (int d = 0; d < dim; d++)
-                {
-                    float o = 0f;
-                    for (int k = 0; k < splits; k++)
-                    {
-                        float l = partialLse[r * splits + k];
-                        if (l != float.NegativeInfinity) o += MathF.Exp(l - mx) * partialO[(r * splits + k) * dim + d];
-                    }
-                    output[r * dim + d] = total > 0f ? o / total : 0f;
-                }
-            }
-        });
     /// <summary>
     /// Sampling, one row per index, as the twin's Sample: repetition penalty, temperature, top-k and top-p thresholds by
     /// a bitwise search over order keys, min-p, then the inverse CDF at the row's counter-based uniform.
