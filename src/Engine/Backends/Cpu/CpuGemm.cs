@@ -6,37 +6,43 @@ namespace R1V2.Native.Engine.Backends.Cpu;
 
 /// <summary>
 /// Row-major GEMM on host memory, fp32 accumulation: c = alpha * op(a) @ op(b) + beta * c. An ILGPU GEMM runs at about
-/// 0.1 GFLOP/s on the CPU accelerator; this one packs op(a) as [m, k] and op(b) as [k, n] rows (a transposing copy
-/// only for a transposed operand), then runs a register-blocked kernel: 4 rows of c by 2 SIMD vectors of columns held
-/// in registers while a slice of <see cref="KTile"/> rows of b (kept in L2) streams through; row blocks in parallel.
-/// The sum over k runs in the same order for every thread count, so results do not depend on it.
+/// 0.1 GFLOP/s on the CPU accelerator; this one reads op(a) in place through its strides (a transposed a, as in a
+/// weight gradient x^T dy over many tokens, is not copied: four rows of op(a) are then adjacent values), packs op(b) as
+/// [k, n] rows (a transposing copy only for a transposed b, a weight), then runs a register-blocked kernel: 4 rows of c
+/// by 2 SIMD vectors of columns held in registers while a slice of <see cref="KTile"/> rows of b (kept in L2) streams
+/// through; row blocks in parallel. The sum over k runs in the same order for every thread count and layout, so
+/// results do not depend on either.
 /// </summary>
 internal static unsafe class CpuGemm
 {
     /// <summary>Rows of op(b) per pass: 256 x n floats stay in L2 for the widths of the models here.</summary>
     private const int KTile = 256;
 
+    /// <summary>Each worker thread's accumulator rows (4 x n), kept between calls.</summary>
+    [ThreadStatic] private static float[]? t_acc;
+
     /// <param name="a">op(a) is [m, k]: a is [m, k], or [k, m] when transA.</param>
     /// <param name="b">op(b) is [k, n]: b is [k, n], or [n, k] when transB.</param>
     /// <param name="c">[m, n]; read only when beta != 0 (so NaN garbage in c is not propagated by beta = 0).</param>
     public static void Gemm(float* a, bool transA, float* b, bool transB, float* c, int m, int n, int k, float alpha, float beta)
     {
-        float* packedA = null, packedB = null;
+        float* packedB = null;
         try
         {
-            if (transA) a = packedA = Transposed(a, k, m);
             if (transB) b = packedB = Transposed(b, n, k);
             float* A = a, B = b;
+            long rowStride = transA ? 1 : k, depthStride = transA ? m : 1; // op(a)[r, p] = a[r * rowStride + p * depthStride]
             int blocks = (m + 3) / 4;
             var options = new ParallelOptions { MaxDegreeOfParallelism = (long)m * n * k < 1 << 16 ? 1 : Environment.ProcessorCount };
-            Parallel.For(0, blocks, options, () => new float[4 * n], (block, _, acc) =>
+            Parallel.For(0, blocks, options, block =>
             {
+                var acc = t_acc is { } held && held.Length >= 4 * n ? held : t_acc = new float[Math.Max(4 * n, 1024)];
                 int i0 = block * 4, rows = Math.Min(4, m - i0);
                 fixed (float* accp = acc)
                 {
                     new Span<float>(accp, rows * n).Clear();
                     for (int p0 = 0; p0 < k; p0 += KTile)
-                        Block(A + (long)i0 * k, k, B, n, accp, rows, n, p0, Math.Min(k, p0 + KTile));
+                        Block(A + i0 * rowStride, rowStride, depthStride, B, n, accp, rows, n, p0, Math.Min(k, p0 + KTile));
                     for (int r = 0; r < rows; r++)
                     {
                         float* cr = c + (long)(i0 + r) * n, ar = accp + r * n;
@@ -44,12 +50,10 @@ internal static unsafe class CpuGemm
                         else for (int j = 0; j < n; j++) cr[j] = alpha * ar[j] + beta * cr[j];
                     }
                 }
-                return acc;
-            }, _ => { });
+            });
         }
         finally
         {
-            NativeMemory.Free(packedA);
             NativeMemory.Free(packedB);
         }
     }
@@ -67,9 +71,9 @@ internal static unsafe class CpuGemm
         return t;
     }
 
-    /// <summary>acc[r, :] += sum over p in [p0, p1) of a[r, p] * b[p, :] for rows r &lt; rows (at most 4).</summary>
+    /// <summary>acc[r, :] += sum over p in [p0, p1) of a[r rs + p ds] * b[p, :] for rows r &lt; rows (at most 4).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Block(float* a, int lda, float* b, int ldb, float* acc, int rows, int n, int p0, int p1)
+    private static void Block(float* a, long rs, long ds, float* b, int ldb, float* acc, int rows, int n, int p0, int p1)
     {
         int w = Vector<float>.Count, j = 0;
         if (rows == 4)
@@ -80,14 +84,15 @@ internal static unsafe class CpuGemm
                 Vector<float> c10 = Load(acc + n + j), c11 = Load(acc + n + j + w);
                 Vector<float> c20 = Load(acc + 2 * n + j), c21 = Load(acc + 2 * n + j + w);
                 Vector<float> c30 = Load(acc + 3 * n + j), c31 = Load(acc + 3 * n + j + w);
-                for (int p = p0; p < p1; p++)
+                float* ap = a + p0 * ds;
+                for (int p = p0; p < p1; p++, ap += ds)
                 {
                     var b0 = Load(b + (long)p * ldb + j);
                     var b1 = Load(b + (long)p * ldb + j + w);
-                    var a0 = new Vector<float>(a[p]);
-                    var a1 = new Vector<float>(a[lda + p]);
-                    var a2 = new Vector<float>(a[2 * lda + p]);
-                    var a3 = new Vector<float>(a[3 * lda + p]);
+                    var a0 = new Vector<float>(ap[0]);
+                    var a1 = new Vector<float>(ap[rs]);
+                    var a2 = new Vector<float>(ap[2 * rs]);
+                    var a3 = new Vector<float>(ap[3 * rs]);
                     c00 = Vector.FusedMultiplyAdd(a0, b0, c00); c01 = Vector.FusedMultiplyAdd(a0, b1, c01);
                     c10 = Vector.FusedMultiplyAdd(a1, b0, c10); c11 = Vector.FusedMultiplyAdd(a1, b1, c11);
                     c20 = Vector.FusedMultiplyAdd(a2, b0, c20); c21 = Vector.FusedMultiplyAdd(a2, b1, c21);
@@ -102,18 +107,18 @@ internal static unsafe class CpuGemm
         // Columns left over (and blocks of fewer than 4 rows): one row and one vector at a time, then scalars.
         for (int r = 0; r < rows; r++)
         {
-            float* ar = a + (long)r * lda, cr = acc + r * n;
+            float* ar = a + r * rs, cr = acc + r * n;
             int jj = j;
             for (; jj + w <= n; jj += w)
             {
                 var s = Load(cr + jj);
-                for (int p = p0; p < p1; p++) s = Vector.FusedMultiplyAdd(new Vector<float>(ar[p]), Load(b + (long)p * ldb + jj), s);
+                for (int p = p0; p < p1; p++) s = Vector.FusedMultiplyAdd(new Vector<float>(ar[p * ds]), Load(b + (long)p * ldb + jj), s);
                 Store(s, cr + jj);
             }
             for (; jj < n; jj++)
             {
                 float s = cr[jj];
-                for (int p = p0; p < p1; p++) s = MathF.FusedMultiplyAdd(ar[p], b[(long)p * ldb + jj], s);
+                for (int p = p0; p < p1; p++) s = MathF.FusedMultiplyAdd(ar[p * ds], b[(long)p * ldb + jj], s);
                 cr[jj] = s;
             }
         }

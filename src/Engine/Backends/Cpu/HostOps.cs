@@ -304,6 +304,11 @@ internal static class HostOps
         {
             int vocab = shape.Vocab;
             var seen = new bool[vocab];
+            // A row's adjusted values, their order keys and exp(value - max): the twin recomputes them in every pass
+            // (34 passes with top-p); computed once here, the same floats go into the same sums in the same order.
+            var vals = new float[vocab];
+            var keys = new uint[vocab];
+            var exps = new float[vocab];
             for (long rl = s; rl < e; rl++)
             {
                 int row = (int)rl;
@@ -312,25 +317,30 @@ internal static class HostOps
                 Array.Clear(seen);
                 if (pen != 1f)
                     for (int j = prevOffsets[row]; j < prevOffsets[row + 1]; j++) if (prev[j] >= 0 && prev[j] < vocab) seen[prev[j]] = true;
-                float Value(int v) => SamplingKernels.Adjust(logits[b + v], seen[v], pen, invT);
 
                 float m0 = float.NegativeInfinity;
                 for (int v = 0; v < vocab; v++) m0 = MathF.Max(m0, logits[b + v] * invT);
                 float z0 = 0f;
                 for (int v = 0; v < vocab; v++) z0 += MathF.Exp(logits[b + v] * invT - m0);
+                for (int v = 0; v < vocab; v++) vals[v] = SamplingKernels.Adjust(logits[b + v], seen[v], pen, invT);
 
                 if (temp <= 0f)
                 {
                     float best = float.NegativeInfinity;
                     int bestI = 0;
-                    for (int v = 0; v < vocab; v++) { float val = Value(v); if (val > best) { best = val; bestI = v; } }
+                    for (int v = 0; v < vocab; v++) { float val = vals[v]; if (val > best) { best = val; bestI = v; } }
                     tokens[row] = bestI;
                     logprobs[row] = logits[b + bestI] * invT - m0 - MathF.Log(z0);
                     continue;
                 }
 
                 float m = float.NegativeInfinity;
-                for (int v = 0; v < vocab; v++) m = MathF.Max(m, Value(v));
+                for (int v = 0; v < vocab; v++) m = MathF.Max(m, vals[v]);
+                for (int v = 0; v < vocab; v++)
+                {
+                    keys[v] = SamplingKernels.OrderKey(vals[v]);
+                    exps[v] = MathF.Exp(vals[v] - m);
+                }
 
                 uint keyK = 0u;
                 int k = topK[row];
@@ -339,7 +349,7 @@ internal static class HostOps
                     {
                         uint cand = keyK | (1u << bit);
                         int c = 0;
-                        for (int v = 0; v < vocab; v++) if (SamplingKernels.OrderKey(Value(v)) >= cand) c++;
+                        for (int v = 0; v < vocab; v++) if (keys[v] >= cand) c++;
                         if (c >= k) keyK = cand;
                     }
 
@@ -348,16 +358,15 @@ internal static class HostOps
                 if (p > 0f && p < 1f)
                 {
                     float zk = 0f;
-                    for (int v = 0; v < vocab; v++) { float val = Value(v); if (SamplingKernels.OrderKey(val) >= keyK) zk += MathF.Exp(val - m); }
+                    for (int v = 0; v < vocab; v++) if (keys[v] >= keyK) zk += exps[v];
                     for (int bit = 31; bit >= 0; bit--)
                     {
                         uint cand = keyP | (1u << bit);
                         float mass = 0f;
                         for (int v = 0; v < vocab; v++)
                         {
-                            float val = Value(v);
-                            uint kv = SamplingKernels.OrderKey(val);
-                            if (kv >= keyK && kv >= cand) mass += MathF.Exp(val - m);
+                            uint kv = keys[v];
+                            if (kv >= keyK && kv >= cand) mass += exps[v];
                         }
                         if (mass >= p * zk) keyP = cand;
                     }
@@ -368,19 +377,15 @@ internal static class HostOps
 
                 float total = 0f;
                 for (int v = 0; v < vocab; v++)
-                {
-                    float val = Value(v);
-                    if (SamplingKernels.OrderKey(val) >= keyMin && val >= floorValue) total += MathF.Exp(val - m);
-                }
+                    if (keys[v] >= keyMin && vals[v] >= floorValue) total += exps[v];
                 float target = SamplingKernels.Uniform(seeds[row], steps[row]) * total;
                 int chosen = -1, lastKept = 0;
                 float acc = 0f;
                 for (int v = 0; v < vocab; v++)
                 {
-                    float val = Value(v);
-                    if (!(SamplingKernels.OrderKey(val) >= keyMin && val >= floorValue)) continue;
+                    if (!(keys[v] >= keyMin && vals[v] >= floorValue)) continue;
                     lastKept = v;
-                    acc += MathF.Exp(val - m);
+                    acc += exps[v];
                     if (chosen < 0 && target < acc) chosen = v;
                 }
                 if (chosen < 0) chosen = lastKept;
