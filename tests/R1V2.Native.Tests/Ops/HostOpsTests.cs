@@ -174,6 +174,45 @@ public sealed class HostOpsTests(CpuFixture fx) : IDisposable
             using var z = b.FromArray(TestData.Uniform(45, 2 * n + 5, 3), DType.F32, [2 * n + 5]);
             return [[(float)b.GlobalNorm([x, y, z])], [(float)b.GlobalNorm([y])]];
         },
+        ["layer_norm"] = (b, n) =>
+        {
+            int cols = 48, rows = n / cols;
+            using var x = b.FromArray(TestData.Uniform(46, rows * cols, 2), DType.F32, [rows, cols]);
+            using var w = b.FromArray(TestData.Uniform(47, cols), DType.F32, [cols]);
+            using var bias = b.FromArray(TestData.Uniform(48, cols), DType.F32, [cols]);
+            using var dy = b.FromArray(TestData.Uniform(49, rows * cols), DType.F32, [rows, cols]);
+            using var y = b.Allocate(DType.F32, rows, cols);
+            using var mean = b.Allocate(DType.F32, rows);
+            using var rstd = b.Allocate(DType.F32, rows);
+            using var dx = b.Allocate(DType.F32, rows, cols);
+            using var dw = b.FromArray(TestData.Uniform(50, cols), DType.F32, [cols]);
+            using var db = b.FromArray(TestData.Uniform(51, cols), DType.F32, [cols]);
+            b.LayerNormForward(x, w, bias, y, mean, rstd, 1e-5f);
+            b.LayerNormBackward(dy, x, w, mean, rstd, dx, dw, db, accumulate: true);
+            using var y2 = b.Allocate(DType.F32, rows, cols);
+            b.LayerNormForward(x, w, null, y2, mean, rstd, 1e-6f);
+            b.LayerNormBackward(dy, x, w, mean, rstd, dy, dw, null, accumulate: false); // dx aliasing dy, no bias
+            return [y.ToFloatArray(), dx.ToFloatArray(), y2.ToFloatArray(), mean.ToFloatArray(), rstd.ToFloatArray(), dw.ToFloatArray(), db.ToFloatArray(), dy.ToFloatArray()];
+        },
+        ["fused_lm_head_chunks"] = (b, n) =>
+        {
+            // Two vocabulary chunks of 40 and 23 columns, targets in either, one ignored row.
+            int rows = Math.Max(3, n / 63);
+            var targets = TestData.Ints(52, rows, 63);
+            targets[1] = -100;
+            using var tt = b.FromArray(targets, [rows]);
+            using var c1 = b.FromArray(TestData.Uniform(53, rows * 40, 4), DType.F32, [rows, 40]);
+            using var c2 = b.FromArray(TestData.Uniform(54, rows * 23, 4), DType.F32, [rows, 23]);
+            using var m = b.FromArray(Enumerable.Repeat(float.NegativeInfinity, rows).ToArray(), DType.F32, [rows]);
+            using var sums = b.Allocate(DType.F32, rows);
+            using var tl = b.Allocate(DType.F32, rows);
+            b.ChunkLseUpdate(c1, tt, 0, 1f / 0.7f, m, sums, tl);
+            b.ChunkLseUpdate(c2, tt, 40, 1f / 0.7f, m, sums, tl);
+            using var dlogp = b.FromArray(TestData.Uniform(55, rows), DType.F32, [rows]);
+            b.ChunkLogitGrad(c1, m, sums, tt, dlogp, 0, 1f / 0.7f);
+            b.ChunkLogitGrad(c2, m, sums, tt, dlogp, 40, 1f / 0.7f);
+            return [m.ToFloatArray(), sums.ToFloatArray(), tl.ToFloatArray(), c1.ToFloatArray(), c2.ToFloatArray()];
+        },
         ["sample"] = (b, n) =>
         {
             int vocab = 257, rows = Math.Max(2, n / (vocab * 64)); // the loop's work counts 64 passes over the vocabulary a row

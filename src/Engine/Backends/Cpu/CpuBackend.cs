@@ -266,11 +266,21 @@ public sealed unsafe class CpuBackend : Backend
         _rmsBackward(g, F(dx), F(dy), F(x), F(weight), F(rstd), x.Rows, x.Cols, g);
     }
 
-    protected override void LayerNormForwardCore(Tensor x, Tensor weight, Tensor? bias, Tensor y, Tensor mean, Tensor rstd, float eps) =>
+    protected override void LayerNormForwardCore(Tensor x, Tensor weight, Tensor? bias, Tensor y, Tensor mean, Tensor rstd, float eps)
+    {
+        if (!_launchTwins) { HostOps.LayerNormForward(P(y), P(mean), P(rstd), P(x), P(weight), bias is null ? null : P(bias), x.Rows, x.Cols, eps); return; }
         _lnForward(x.Rows, F(y), F(mean), F(rstd), F(x), F(weight), F(bias, weight), bias is null ? 0 : 1, x.Cols, eps);
+    }
 
     protected override void LayerNormBackwardCore(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor dx, Tensor? dweight, Tensor? dbias, bool accumulate)
     {
+        if (!_launchTwins)
+        {
+            if (dweight is not null)
+                HostOps.LayerNormBackwardParams(P(dweight), dbias is null ? null : P(dbias), P(dy), P(x), P(mean), P(rstd), x.Rows, x.Cols, accumulate);
+            HostOps.LayerNormBackward(P(dx), P(dy), P(x), P(weight), P(mean), P(rstd), x.Rows, x.Cols);
+            return;
+        }
         if (dweight is not null)
             _lnBackwardParams(x.Cols, F(dweight), F(dbias, dweight), dbias is null ? 0 : 1, F(dy), F(x), F(mean), F(rstd), x.Rows, x.Cols, accumulate ? 1 : 0);
         _lnBackward(x.Rows, F(dx), F(dy), F(x), F(weight), F(mean), F(rstd), x.Cols);
@@ -483,16 +493,22 @@ public sealed unsafe class CpuBackend : Backend
         return (tTokens.ToIntArray(), tLogp.ToFloatArray());
     }
 
-    protected override void ChunkLseUpdateCore(Tensor chunk, Tensor targets, int colOffset, float inverseTemperature, Tensor m, Tensor s, Tensor targetLogit) =>
+    protected override void ChunkLseUpdateCore(Tensor chunk, Tensor targets, int colOffset, float inverseTemperature, Tensor m, Tensor s, Tensor targetLogit)
+    {
+        if (!_launchTwins) { HostOps.ChunkLseUpdate(P(m), P(s), P(targetLogit), P(chunk), Pi(targets), chunk.Rows, chunk.Cols, colOffset, inverseTemperature); return; }
         _chunkLse(chunk.Rows, F(m), F(s), F(targetLogit), F(chunk), I(targets), chunk.Cols, colOffset, inverseTemperature);
+    }
 
     protected override void GrpoTokenLossCore(Tensor m, Tensor s, Tensor targetLogit, Tensor targets, Tensor oldLogp, Tensor? refLogp, Tensor advantage,
         Tensor weight, GrpoLossSettings g, Tensor loss, Tensor dlogp, Tensor logp) =>
         _grpoTokenLoss((int)targets.Length, F(loss), F(dlogp), F(logp), F(m), F(s), F(targetLogit), I(targets), F(oldLogp), F(refLogp, oldLogp), F(advantage), F(weight),
             new GrpoArgs(g.EpsLow, g.EpsHigh, g.DualClip, g.KlCoef, (int)g.Kl, refLogp is null ? 0 : 1));
 
-    protected override void ChunkLogitGradCore(Tensor chunk, Tensor m, Tensor s, Tensor targets, Tensor dlogp, int colOffset, float inverseTemperature) =>
+    protected override void ChunkLogitGradCore(Tensor chunk, Tensor m, Tensor s, Tensor targets, Tensor dlogp, int colOffset, float inverseTemperature)
+    {
+        if (!_launchTwins) { HostOps.ChunkLogitGrad(P(chunk), P(m), P(s), Pi(targets), P(dlogp), chunk.Rows, chunk.Cols, colOffset, inverseTemperature); return; }
         _chunkGrad(chunk.Rows, F(chunk), F(m), F(s), I(targets), F(dlogp), chunk.Cols, colOffset, inverseTemperature);
+    }
 
     protected override double SumOfSquaresCore(IReadOnlyList<Tensor> tensors)
     {

@@ -201,6 +201,95 @@ internal static class HostOps
         return total;
     }
 
+    public static unsafe void LayerNormForward(float* y, float* mean, float* rstd, float* x, float* w, float* bias, int rows, int cols, float eps) =>
+        Range(rows, (long)rows * cols, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
+        {
+            for (long row = s; row < e; row++)
+            {
+                long b = row * cols;
+                float sum = 0f;
+                for (int c = 0; c < cols; c++) sum += x[b + c];
+                float mu = sum / cols;
+                float ss = 0f;
+                for (int c = 0; c < cols; c++) { float d = x[b + c] - mu; ss += d * d; }
+                float r = 1f / MathF.Sqrt(ss / cols + eps);
+                mean[row] = mu;
+                rstd[row] = r;
+                for (int c = 0; c < cols; c++) y[b + c] = (x[b + c] - mu) * r * w[c] + (bias != null ? bias[c] : 0f);
+            }
+        });
+
+    public static unsafe void LayerNormBackward(float* dx, float* dy, float* x, float* w, float* mean, float* rstd, int rows, int cols) =>
+        Range(rows, (long)rows * cols, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
+        {
+            for (long row = s; row < e; row++)
+            {
+                long b = row * cols;
+                float mu = mean[row], r = rstd[row];
+                float sg = 0f, sgx = 0f;
+                for (int c = 0; c < cols; c++)
+                {
+                    float g = w[c] * dy[b + c];
+                    sg += g;
+                    sgx += g * (x[b + c] - mu) * r;
+                }
+                sg /= cols;
+                sgx /= cols;
+                for (int c = 0; c < cols; c++) dx[b + c] = r * (w[c] * dy[b + c] - sg - (x[b + c] - mu) * r * sgx);
+            }
+        });
+
+    /// <summary>Column sums in row order, as the twin's one thread per column.</summary>
+    public static unsafe void LayerNormBackwardParams(float* dw, float* db, float* dy, float* x, float* mean, float* rstd, int rows, int cols, bool accumulate) =>
+        Range(cols, (long)rows * cols, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
+        {
+            for (long c = s; c < e; c++)
+            {
+                float sw = 0f, sb = 0f;
+                for (int r = 0; r < rows; r++)
+                {
+                    long i = (long)r * cols + c;
+                    float g = dy[i];
+                    sw += g * (x[i] - mean[r]) * rstd[r];
+                    sb += g;
+                }
+                dw[c] = accumulate ? dw[c] + sw : sw;
+                if (db != null) db[c] = accumulate ? db[c] + sb : sb;
+            }
+        });
+
+    /// <summary>Fused LM-head loss, one vocabulary chunk: the running max and sum of exp per row, and the target's logit.</summary>
+    public static unsafe void ChunkLseUpdate(float* m, float* sums, float* targetLogit, float* chunk, int* targets, int rows, int cols, int colOffset, float invTemp) =>
+        Range(rows, (long)rows * cols, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
+        {
+            for (long row = s; row < e; row++)
+            {
+                long b = row * cols;
+                float mx = float.NegativeInfinity;
+                for (int c = 0; c < cols; c++) mx = MathF.Max(mx, chunk[b + c] * invTemp);
+                float sum = 0f;
+                for (int c = 0; c < cols; c++) sum += MathF.Exp(chunk[b + c] * invTemp - mx);
+                float mo = m[row], mn = MathF.Max(mo, mx);
+                sums[row] = (mo == float.NegativeInfinity ? 0f : sums[row] * MathF.Exp(mo - mn)) + sum * MathF.Exp(mx - mn);
+                m[row] = mn;
+                int t = targets[row] - colOffset;
+                if (t >= 0 && t < cols) targetLogit[row] = chunk[b + t] * invTemp;
+            }
+        });
+
+    /// <summary>Fused LM-head loss, one vocabulary chunk: the logits' gradient in place of the logits.</summary>
+    public static unsafe void ChunkLogitGrad(float* chunk, float* m, float* sums, int* targets, float* dlogp, int rows, int cols, int colOffset, float invTemp) =>
+        Range(rows, (long)rows * cols, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) =>
+        {
+            for (long row = s; row < e; row++)
+            {
+                long b = row * cols;
+                float g = targets[row] < 0 ? 0f : dlogp[row] * invTemp, lse = m[row] + MathF.Log(sums[row]);
+                int t = targets[row] - colOffset;
+                for (int c = 0; c < cols; c++) chunk[b + c] = g * ((c == t ? 1f : 0f) - MathF.Exp(chunk[b + c] * invTemp - lse));
+            }
+        });
+
     public static unsafe void EmbeddingForward(float* output, float* table, int* ids, int dim, long n) =>
         Range(n, n, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (long s, long e) => { for (long i = s; i < e; i++) output[i] = table[(long)ids[i / dim] * dim + i % dim]; });
 
