@@ -104,7 +104,7 @@ public sealed class GrpoTrainer : IDisposable
         var scaling = new RewardModelScaling(r.RmTransform switch { "clip" => RewardModelTransform.Clip, "standardise" => RewardModelTransform.Standardise, _ => RewardModelTransform.Identity },
             -r.RmClip, r.RmClip, r.RmThreshold);
         return new HybridReward(new FormatReward(r.FormatWellFormed, r.FormatEmptyAnswer, r.FormatUnfinished, r.FormatRepeated), withRewardModel ? r.RmWeight : 0, scaling,
-            r.ReasoningWeight, r.GroundingWeight);
+            r.ReasoningWeight, r.GroundingWeight, r.GroundingCredit == "per_digit" ? GroundingCredit.Share : GroundingCredit.Exact);
     }
 
     /// <summary>

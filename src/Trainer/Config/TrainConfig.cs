@@ -143,6 +143,11 @@ public sealed class TrainConfig
         public double ReasoningWeight { get; set; }
         /// <summary>Weight of the grounding check (what the response says it sees is the image's content; rows that give it).</summary>
         public double GroundingWeight { get; set; }
+        /// <summary>
+        /// How the grounding check scores: exact (1 when everything it says it sees is right, else 0) or per_digit (the
+        /// share of the digits it names that are the scene's, position by position; 0 when it names a different count).
+        /// </summary>
+        public string GroundingCredit { get; set; } = "exact";
     }
 
     public sealed class MonitorConfig
@@ -215,6 +220,7 @@ public sealed class TrainConfig
         Require(Pairs.PairsPerStep >= 1, "pairs.pairs_per_step must be at least 1");
         Require(Optim.GradAccum >= 1, "optim.grad_accum must be at least 1");
         Require(Reward.RmTransform is "identity" or "clip" or "standardise", $"reward.rm_transform must be identity, clip or standardise, not '{Reward.RmTransform}'");
+        Require(Reward.GroundingCredit is "exact" or "per_digit", $"reward.grounding_credit must be exact or per_digit, not '{Reward.GroundingCredit}'");
         Require(Pairs.HeldOut >= 0 && Pairs.HeldOut < 1, "pairs.held_out must be in [0, 1)");
         Require(Steps >= 1, "steps must be at least 1");
         Require(Grpo.GroupSize >= 2, "grpo.group_size must be at least 2 (advantages compare samples of one prompt)");

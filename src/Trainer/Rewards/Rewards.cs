@@ -13,7 +13,16 @@ public sealed record RewardContext(string Reference, IReadOnlyList<string>? Choi
 
     /// <summary>Whether what a response says it sees is what the image holds; null: the image's content is not known.</summary>
     public Func<string, bool?>? MatchesImage { get; init; }
+
+    /// <summary>
+    /// The share of what a response says it sees that the image holds, in [0, 1] (1 exactly when
+    /// <see cref="MatchesImage"/> is true); null: the image's content is not known. For partial grounding credit.
+    /// </summary>
+    public Func<string, double?>? ImageAgreement { get; init; }
 }
+
+/// <summary>How the grounding term scores a response: all or nothing, or the share of its claims that are right.</summary>
+public enum GroundingCredit { Exact, Share }
 
 /// <summary>
 /// The format reward: the response must close its reasoning with one <c>&lt;/think&gt;</c> and then give a non-empty
@@ -91,10 +100,11 @@ public sealed record RewardBreakdown(double Rule, double RewardModelRaw, double 
 
 /// <summary>
 /// r = r_rule + w_rm f(r_rm) + r_format (as the paper) + w_reason [the conclusion follows the stated premises] +
-/// w_ground [what it says it sees is in the image]; the last two are 0 unless weighted and checkable.
+/// w_ground [what it says it sees is in the image]; the last two are 0 unless weighted and checkable. With
+/// <see cref="GroundingCredit.Share"/> the grounding term is w_ground times the share of its claims that are right.
 /// </summary>
 public sealed class HybridReward(FormatReward format, double rewardModelWeight = 0, RewardModelScaling? scaling = null, double reasoningWeight = 0,
-    double groundingWeight = 0)
+    double groundingWeight = 0, GroundingCredit groundingCredit = GroundingCredit.Exact)
 {
     private readonly RewardModelScaling _scaling = scaling ?? new RewardModelScaling();
 
@@ -107,7 +117,9 @@ public sealed class HybridReward(FormatReward format, double rewardModelWeight =
         double fmt = format.Score(response);
         double raw = rewardModelScore ?? 0, rm = rewardModelScore is null || rewardModelWeight == 0 ? 0 : rewardModelWeight * _scaling.Apply(raw);
         double reason = reasoningWeight != 0 && context.FollowsPremises?.Invoke(response) is { } follows ? reasoningWeight * (follows ? 1 : 0) : 0;
-        double ground = groundingWeight != 0 && context.MatchesImage?.Invoke(response) is { } matches ? groundingWeight * (matches ? 1 : 0) : 0;
+        double ground = groundingWeight == 0 ? 0 : groundingCredit == GroundingCredit.Share
+            ? context.ImageAgreement?.Invoke(response) is { } share ? groundingWeight * share : 0
+            : context.MatchesImage?.Invoke(response) is { } matches ? groundingWeight * (matches ? 1 : 0) : 0;
         return new RewardBreakdown(rule, raw, rm, fmt, rule + rm + fmt + reason + ground) { Reasoning = reason, Grounding = ground };
     }
 }

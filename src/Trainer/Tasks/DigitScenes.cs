@@ -178,7 +178,19 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
     {
         FollowsPremises = row.Type is not null && DigitQuestionTypes.TryParse(row.Type, out _) ? text => Reading(text, row with { Digits = row.Digits ?? [] })?.FollowsReading : null,
         MatchesImage = row.Digits is null || row.Type is null ? null : text => Reading(text, row)?.ReadsExactly,
+        ImageAgreement = row.Digits is null || row.Type is null ? null : text => DigitsReadRight(text, row),
     };
+
+    /// <summary>
+    /// The share of a scene's digits a response names right, position by position; 0 when it claims no digits or a
+    /// different number of them; null when the row does not give its digits.
+    /// </summary>
+    public static double? DigitsReadRight(string response, Data.PromptRow row)
+    {
+        if (row.Digits is not { } digits || row.Type is null) return null;
+        if (ClaimedDigits(response) is not { } claimed || claimed.Length != digits.Count || digits.Count == 0) return 0;
+        return claimed.Zip(digits).Count(p => p.First == p.Second) / (double)digits.Count;
+    }
 
     /// <summary>
     /// A wrong version of an item's trace, for the rejected side of a reward model's pair: half the time one digit is

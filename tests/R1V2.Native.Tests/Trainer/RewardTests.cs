@@ -84,6 +84,28 @@ public sealed class RewardTests
     }
 
     [Fact]
+    public void GroundingShareCredit_PaysTheShareOfDigitsReadRight()
+    {
+        var row = new R1V2.Native.Trainer.Data.PromptRow(0, "What is the sum of the digits in the image?", "16", [], null, [3, 5, 8, 0], Type: "sum") { Digits = [3, 5, 8, 0] };
+        var context = R1V2.Native.Trainer.Tasks.DigitScenes.RewardContext(row);
+        var share = new HybridReward(new FormatReward(), groundingWeight: 2, groundingCredit: GroundingCredit.Share);
+        var exact = new HybridReward(new FormatReward(), groundingWeight: 2);
+        string[] responses =
+        [
+            "I see the digits 3, 5, 8, 0. The sum is 16.</think>\\boxed{16}", // all four
+            "I see the digits 3, 6, 8, 0. The sum is 17.</think>\\boxed{17}", // one misread
+            "I see the digits 5, 3, 0, 8. The sum is 16.</think>\\boxed{16}", // right digits, wrong places
+            "I see the digits 3, 5, 8. The sum is 16.</think>\\boxed{16}",    // one missed: a different count
+            "The sum is 16.</think>\\boxed{16}",                              // no claim
+        ];
+        Assert.Equal([2.0, 1.5, 0.0, 0.0, 0.0], responses.Select(r => share.Score(r, context).Grounding));
+        Assert.Equal([2.0, 0.0, 0.0, 0.0, 0.0], responses.Select(r => exact.Score(r, context).Grounding));
+        Assert.Null(R1V2.Native.Trainer.Tasks.DigitScenes.RewardContext(new R1V2.Native.Trainer.Data.PromptRow(1, "What colour?", "red", [], null, null)).ImageAgreement);
+        var bad = Assert.Throws<InvalidDataException>(() => R1V2.Native.Trainer.Config.TrainConfig.Load(null, ["reward.grounding_credit=partial"]));
+        Assert.Contains("reward.grounding_credit must be exact or per_digit, not 'partial'", bad.Message);
+    }
+
+    [Fact]
     public void DigitRewardContext_ChecksTheAnswerAgainstTheClaimedDigits_AndTheClaimAgainstTheScene()
     {
         var row = new R1V2.Native.Trainer.Data.PromptRow(0, "How many times does the digit 5 appear in the image?", "1", [], null, [1, 5], Type: "count") { Digits = [5, 1] };
