@@ -29,6 +29,20 @@ public static class Program
             DigitsCommand.Create(),
             EvalCommand.Create(),
         };
-        return root.Parse(args).Invoke();
+        try
+        {
+            return root.Parse(args).Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
+        }
+        catch (Exception e) when (IsInputError(e) && Environment.GetEnvironmentVariable("R1V2_TRACE") != "1")
+        {
+            // Bad input (a file, a setting, an argument) is reported by its message alone; R1V2_TRACE=1 shows the trace.
+            Console.Error.WriteLine($"error: {e.Message}");
+            return 1;
+        }
     }
+
+    /// <summary>Exceptions that report a problem with what the user gave: a missing or malformed file, a bad setting or argument.</summary>
+    private static bool IsInputError(Exception e) =>
+        e is InvalidDataException or FileNotFoundException or DirectoryNotFoundException or ArgumentException or FormatException
+            or InvalidOperationException { Source: "R1V2.Native.Trainer" or "R1V2.Native.Engine" or "engine" };
 }

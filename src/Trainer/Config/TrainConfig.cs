@@ -205,6 +205,14 @@ public sealed class TrainConfig
         catch (YamlException e)
         {
             var inner = e.InnerException?.Message ?? e.Message;
+            // An unknown key that a --set named: say so, with the section it was looked for in.
+            var unknown = System.Text.RegularExpressions.Regex.Match(inner, "Property '([^']+)' not found on type");
+            var set = unknown.Success ? (overrides ?? []).LastOrDefault(o => o.IndexOf('=') > 0 && o[..o.IndexOf('=')].Trim().Split('.')[^1] == unknown.Groups[1].Value) : null;
+            if (set is not null)
+            {
+                var keys = set[..set.IndexOf('=')].Trim().Split('.');
+                throw new InvalidDataException($"--set '{set}': unknown key '{keys[^1]}'{(keys.Length > 1 ? $" in '{string.Join('.', keys[..^1])}'" : "")}", e);
+            }
             throw new InvalidDataException($"{source}: {inner.Replace("Property '", "unknown key '").Replace("' not found on type", "' (not a setting of")}{(inner.Contains("not found on type") ? ")" : "")}", e);
         }
     }

@@ -56,9 +56,12 @@ public sealed class TrainCommandTests : IDisposable
     {
         var output = Path.Combine(_dir, "bad");
         var (code, error) = Train(["--set", "grpo.group_sise=4", "--out", output]);
-        Assert.NotEqual(0, code);
-        Assert.Contains("group_sise", error);
+        Assert.Equal(1, code);
+        Assert.Equal("error: --set 'grpo.group_sise=4': unknown key 'group_sise' in 'grpo'", error.Trim()); // the message alone, no stack trace
         Assert.False(Directory.Exists(output)); // nothing started
+        var (badValue, valueError) = Train(["--set", "reward.grounding_credit=partial", "--out", output]);
+        Assert.Equal(1, badValue);
+        Assert.Equal("error: (defaults): reward.grounding_credit must be exact or per_digit, not 'partial'", valueError.Trim());
     }
 
     [Theory]
