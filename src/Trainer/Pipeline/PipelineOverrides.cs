@@ -79,6 +79,8 @@ public static class PipelineOverrides
             throw new ArgumentException($"pipeline setting grpo_advantage = '{s.GrpoAdvantage}': mean_std, mean_only or leave_one_out expected");
         if (s.GrpoTrainable is not ("adapter" or "adapter+llm" or "adapter+vit" or "all"))
             throw new ArgumentException($"pipeline setting grpo_trainable = '{s.GrpoTrainable}': adapter, adapter+llm, adapter+vit or all expected");
+        if (s.GroundingCredit is not ("exact" or "per_digit"))
+            throw new ArgumentException($"pipeline setting grounding_credit = '{s.GroundingCredit}': exact or per_digit expected");
     }
 
     /// <summary>The keys whose values differ from the defaults, as key=value (output and seed left out).</summary>

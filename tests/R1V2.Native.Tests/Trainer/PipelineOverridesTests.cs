@@ -29,19 +29,20 @@ public sealed class PipelineOverridesTests : IDisposable
     {
         var start = new PipelineSettings { Output = "runs/x", Seed = 4 };
         var s = PipelineOverrides.Apply(start, ["grpo_steps=300", "grpo_lr=5e-5", "worked_traces=0.25", "grpo_trainable=adapter", "model_config=configs/other.json",
-            "grpo_steps=250", "reasoning_weight=1"]);
+            "grpo_steps=250", "reasoning_weight=0.5", "grounding_credit=exact"]);
         Assert.Equal(250, s.GrpoSteps); // the later value wins
         Assert.Equal(5e-5f, s.GrpoLr);
         Assert.Equal(0.25, s.WorkedTraces);
         Assert.Equal("adapter", s.GrpoTrainable);
         Assert.Equal("configs/other.json", s.ModelConfig);
-        Assert.Equal(1.0, s.ReasoningWeight);
+        Assert.Equal(0.5, s.ReasoningWeight);
+        Assert.Equal("exact", s.GroundingCredit);
         Assert.Equal(("runs/x", 4), (s.Output, s.Seed));
         Assert.Equal(new PipelineSettings().SftSteps, s.SftSteps);
-        Assert.Equal(100, start.GrpoSteps); // the settings given are not changed
+        Assert.Equal(new PipelineSettings().GrpoSteps, start.GrpoSteps); // the settings given are not changed
         Assert.Null(PipelineOverrides.Apply(s, ["model_config="]).ModelConfig); // empty: the built-in config again
         // Changed lists what differs from the defaults, in declaration order, in the form --pipeline takes.
-        Assert.Equal(["model_config=configs/other.json", "grpo_steps=250", "grpo_lr=5E-05", "grpo_trainable=adapter", "reasoning_weight=1", "worked_traces=0.25"],
+        Assert.Equal(["model_config=configs/other.json", "grpo_steps=250", "grpo_lr=5E-05", "grpo_trainable=adapter", "reasoning_weight=0.5", "grounding_credit=exact", "worked_traces=0.25"],
             PipelineOverrides.Changed(s));
         Assert.Equal(s, PipelineOverrides.Apply(start, PipelineOverrides.Changed(s)));
         Assert.Empty(PipelineOverrides.Changed(new PipelineSettings { Output = "elsewhere", Seed = 9 }));
@@ -61,6 +62,7 @@ public sealed class PipelineOverridesTests : IDisposable
     [InlineData("group_size=1", "pipeline setting group_size = 1: GRPO needs at least 2 samples per prompt")]
     [InlineData("grpo_trainable=vit", "pipeline setting grpo_trainable = 'vit': adapter, adapter+llm, adapter+vit or all expected")]
     [InlineData("grpo_advantage=median", "pipeline setting grpo_advantage = 'median': mean_std, mean_only or leave_one_out expected")]
+    [InlineData("grounding_credit=some", "pipeline setting grounding_credit = 'some': exact or per_digit expected")]
     public void BadOverride_IsAnErrorNamingTheKey(string o, string message)
     {
         var e = Assert.Throws<ArgumentException>(() => PipelineOverrides.Apply(new PipelineSettings(), [o]));
@@ -84,7 +86,7 @@ public sealed class PipelineOverridesTests : IDisposable
         var saved = File.ReadAllText(path);
         Assert.Equal(7, JsonDocument.Parse(saved).RootElement.GetProperty("grpo_steps").GetInt32());
         PipelineOverrides.Remember(s with { Output = Path.Combine(_dir, "moved") }, run); // the same settings continue, wherever the directory is now
-        var e = Assert.Throws<InvalidOperationException>(() => PipelineOverrides.Remember(s with { GrpoSteps = 8, GrpoLr = 1e-4f }, run));
+        var e = Assert.Throws<InvalidOperationException>(() => PipelineOverrides.Remember(s with { GrpoSteps = 8, GrpoLr = 3e-4f }, run));
         Assert.StartsWith(path + ": this run directory was trained with other settings (", e.Message);
         Assert.Contains("grpo_steps 7 -> 8", e.Message);
         Assert.Contains("grpo_lr", e.Message);

@@ -40,7 +40,7 @@ internal static unsafe class CpuGemm
                 int i0 = block * 4, rows = Math.Min(4, m - i0);
                 fixed (float* accp = acc)
                 {
-                    new Span<float>(accp, rows * n).Clear();
+                    if (k == 0) new Span<float>(accp, rows * n).Clear();
                     for (int p0 = 0; p0 < k; p0 += KTile)
                         Block(A + i0 * rowStride, rowStride, depthStride, B, n, accp, rows, n, p0, Math.Min(k, p0 + KTile));
                     for (int r = 0; r < rows; r++)
@@ -71,7 +71,10 @@ internal static unsafe class CpuGemm
         return t;
     }
 
-    /// <summary>acc[r, :] += sum over p in [p0, p1) of a[r rs + p ds] * b[p, :] for rows r &lt; rows (at most 4).</summary>
+    /// <summary>
+    /// acc[r, :] += sum over p in [p0, p1) of a[r rs + p ds] * b[p, :] for rows r &lt; rows (at most 4); the first slice
+    /// (p0 = 0) starts from zero instead of reading acc.
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Block(float* a, long rs, long ds, float* b, int ldb, float* acc, int rows, int n, int p0, int p1)
     {
@@ -80,10 +83,10 @@ internal static unsafe class CpuGemm
         {
             for (; j + 2 * w <= n; j += 2 * w)
             {
-                Vector<float> c00 = Load(acc + j), c01 = Load(acc + j + w);
-                Vector<float> c10 = Load(acc + n + j), c11 = Load(acc + n + j + w);
-                Vector<float> c20 = Load(acc + 2 * n + j), c21 = Load(acc + 2 * n + j + w);
-                Vector<float> c30 = Load(acc + 3 * n + j), c31 = Load(acc + 3 * n + j + w);
+                Vector<float> c00 = Start(acc + j, p0), c01 = Start(acc + j + w, p0);
+                Vector<float> c10 = Start(acc + n + j, p0), c11 = Start(acc + n + j + w, p0);
+                Vector<float> c20 = Start(acc + 2 * n + j, p0), c21 = Start(acc + 2 * n + j + w, p0);
+                Vector<float> c30 = Start(acc + 3 * n + j, p0), c31 = Start(acc + 3 * n + j + w, p0);
                 float* ap = a + p0 * ds;
                 for (int p = p0; p < p1; p++, ap += ds)
                 {
@@ -111,13 +114,13 @@ internal static unsafe class CpuGemm
             int jj = j;
             for (; jj + w <= n; jj += w)
             {
-                var s = Load(cr + jj);
+                var s = Start(cr + jj, p0);
                 for (int p = p0; p < p1; p++) s = Vector.FusedMultiplyAdd(new Vector<float>(ar[p * ds]), Load(b + (long)p * ldb + jj), s);
                 Store(s, cr + jj);
             }
             for (; jj < n; jj++)
             {
-                float s = cr[jj];
+                float s = p0 == 0 ? 0f : cr[jj];
                 for (int p = p0; p < p1; p++) s = MathF.FusedMultiplyAdd(ar[p * ds], b[(long)p * ldb + jj], s);
                 cr[jj] = s;
             }
@@ -125,6 +128,10 @@ internal static unsafe class CpuGemm
     }
 
     private static Vector<float> Load(float* p) => Unsafe.ReadUnaligned<Vector<float>>(p);
+
+    /// <summary>The running sum of a slice: zero for the first, else what acc holds.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector<float> Start(float* p, int p0) => p0 == 0 ? Vector<float>.Zero : Load(p);
 
     private static void Store(Vector<float> v, float* p) => Unsafe.WriteUnaligned(p, v);
 }
