@@ -9,8 +9,8 @@ namespace R1V2.Native.Engine.Backends.Cpu;
 /// 0.1 GFLOP/s on the CPU accelerator; this one reads op(a) in place through its strides (a transposed a, as in a
 /// weight gradient x^T dy over many tokens, is not copied: four rows of op(a) are then adjacent values), packs op(b) as
 /// [k, n] rows (a transposing copy only for a transposed b, a weight), then runs a register-blocked kernel: 4 rows of c
-/// by 2 SIMD vectors of columns held in registers while a slice of <see cref="KTile"/> rows of b (kept in L2) streams
-/// through; row blocks in parallel. The sum over k runs in the same order for every thread count and layout, so
+/// by 3 SIMD vectors of columns (then 2 for what is left) held in registers while a slice of <see cref="KTile"/> rows
+/// of b (kept in L2) streams through; row blocks in parallel. The sum over k runs in the same order for every thread count and layout, so
 /// results do not depend on either.
 /// </summary>
 internal static unsafe class CpuGemm
@@ -81,6 +81,34 @@ internal static unsafe class CpuGemm
         int w = Vector<float>.Count, j = 0;
         if (rows == 4)
         {
+            // 4 rows x 3 vectors: 12 independent sums cover the FMA latency with 7 loads per 12 FMAs.
+            for (; j + 3 * w <= n; j += 3 * w)
+            {
+                Vector<float> c00 = Start(acc + j, p0), c01 = Start(acc + j + w, p0), c02 = Start(acc + j + 2 * w, p0);
+                Vector<float> c10 = Start(acc + n + j, p0), c11 = Start(acc + n + j + w, p0), c12 = Start(acc + n + j + 2 * w, p0);
+                Vector<float> c20 = Start(acc + 2 * n + j, p0), c21 = Start(acc + 2 * n + j + w, p0), c22 = Start(acc + 2 * n + j + 2 * w, p0);
+                Vector<float> c30 = Start(acc + 3 * n + j, p0), c31 = Start(acc + 3 * n + j + w, p0), c32 = Start(acc + 3 * n + j + 2 * w, p0);
+                float* ap = a + p0 * ds;
+                for (int p = p0; p < p1; p++, ap += ds)
+                {
+                    float* bp = b + (long)p * ldb + j;
+                    var b0 = Load(bp);
+                    var b1 = Load(bp + w);
+                    var b2 = Load(bp + 2 * w);
+                    var a0 = new Vector<float>(ap[0]);
+                    c00 = Vector.FusedMultiplyAdd(a0, b0, c00); c01 = Vector.FusedMultiplyAdd(a0, b1, c01); c02 = Vector.FusedMultiplyAdd(a0, b2, c02);
+                    var a1 = new Vector<float>(ap[rs]);
+                    c10 = Vector.FusedMultiplyAdd(a1, b0, c10); c11 = Vector.FusedMultiplyAdd(a1, b1, c11); c12 = Vector.FusedMultiplyAdd(a1, b2, c12);
+                    var a2 = new Vector<float>(ap[2 * rs]);
+                    c20 = Vector.FusedMultiplyAdd(a2, b0, c20); c21 = Vector.FusedMultiplyAdd(a2, b1, c21); c22 = Vector.FusedMultiplyAdd(a2, b2, c22);
+                    var a3 = new Vector<float>(ap[3 * rs]);
+                    c30 = Vector.FusedMultiplyAdd(a3, b0, c30); c31 = Vector.FusedMultiplyAdd(a3, b1, c31); c32 = Vector.FusedMultiplyAdd(a3, b2, c32);
+                }
+                Store(c00, acc + j); Store(c01, acc + j + w); Store(c02, acc + j + 2 * w);
+                Store(c10, acc + n + j); Store(c11, acc + n + j + w); Store(c12, acc + n + j + 2 * w);
+                Store(c20, acc + 2 * n + j); Store(c21, acc + 2 * n + j + w); Store(c22, acc + 2 * n + j + 2 * w);
+                Store(c30, acc + 3 * n + j); Store(c31, acc + 3 * n + j + w); Store(c32, acc + 3 * n + j + 2 * w);
+            }
             for (; j + 2 * w <= n; j += 2 * w)
             {
                 Vector<float> c00 = Start(acc + j, p0), c01 = Start(acc + j + w, p0);
