@@ -281,11 +281,15 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         // The reward model enters GRPO's hybrid reward only when it ranks held-out pairs better than the gate: a reward
         // model near chance gives the policy nothing to learn but a target to game (reward rises, accuracy falls).
         string? grpoRm = rmModel is not null && rmAccuracy >= s.RmMinAccuracy && s.RmWeight > 0 ? rmModel : null;
+        string ruleTerms = "rule + format"
+            + (s.ReasoningWeight != 0 ? string.Format(CultureInfo.InvariantCulture, " + {0} x [the answer follows the digits it claims]", s.ReasoningWeight) : "")
+            + (s.GroundingWeight != 0 ? string.Format(CultureInfo.InvariantCulture, " + {0} x {1}", s.GroundingWeight,
+                s.GroundingCredit == "per_digit" ? "[the share of the scene's digits it reads right]" : "[it reads the scene's digits exactly]") : "");
         string rewardNote = grpoRm is not null
-            ? string.Format(CultureInfo.InvariantCulture, "GRPO reward: rule + format + {0} x the standardised reward-model score where it exceeds {3} standard deviation{4} (its held-out pair accuracy {1:F3} passes the {2:F2} gate).", s.RmWeight, rmAccuracy, s.RmMinAccuracy, s.RmThreshold,
-                s.RmThreshold == 1 ? "" : "s")
-            : rmModel is null ? "GRPO reward: rule + format (no reward model was trained)."
-            : string.Format(CultureInfo.InvariantCulture, "GRPO reward: rule + format only: the reward model's held-out pair accuracy {0:F3} is below the {1:F2} gate (PipelineSettings.RmMinAccuracy), so its score is left out.", rmAccuracy, s.RmMinAccuracy);
+            ? string.Format(CultureInfo.InvariantCulture, "GRPO reward: {5} + {0} x the standardised reward-model score where it exceeds {3} standard deviation{4} (its held-out pair accuracy {1:F3} passes the {2:F2} gate).", s.RmWeight, rmAccuracy, s.RmMinAccuracy, s.RmThreshold,
+                s.RmThreshold == 1 ? "" : "s", ruleTerms)
+            : rmModel is null ? $"GRPO reward: {ruleTerms} (no reward model was trained)."
+            : string.Format(CultureInfo.InvariantCulture, "GRPO reward: {2} only: the reward model's held-out pair accuracy {0:F3} is below the {1:F2} gate (PipelineSettings.RmMinAccuracy), so its score is left out.", rmAccuracy, s.RmMinAccuracy, ruleTerms);
         _log(rewardNote);
         var with = RunGrpo("grpo", mpoModel, grpoRm, buffer: true, progress, cancel);
         var without = RunGrpo("grpo-no-ssb", mpoModel, grpoRm, buffer: false, progress, cancel);

@@ -49,7 +49,7 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         // The reward model trains on the sampled pairs plus reference-vs-wrong traces, and (gate 0) joins GRPO's reward.
         Assert.Equal(summary.Pairs + 8, File.ReadAllLines(Path.Combine(_dir, "run", "data", "rm-pairs.jsonl")).Length);
         Assert.Contains("rm_path: " + Path.Combine(_dir, "run", "rm", "final"), File.ReadAllText(Path.Combine(_dir, "run", "grpo", "config.resolved.yaml")));
-        Assert.StartsWith("GRPO reward: rule + format + 0.25", summary.GrpoReward);
+        Assert.StartsWith("GRPO reward: rule + format + 1 x [the answer follows the digits it claims] + 1 x [the share of the scene's digits it reads right] + 0.25", summary.GrpoReward);
         // ... and its term really reaches the rewards (a raw-score threshold once silenced it while the summary said otherwise).
         var grpoSteps = File.ReadAllLines(Path.Combine(_dir, "run", "grpo", "metrics.jsonl")).Select(l => JsonSerializer.Deserialize<R1V2.Native.Trainer.GrpoStepMetrics>(l)!).ToList();
         Assert.Contains(grpoSteps, m => m.RewardModelTerm > 0);
@@ -106,7 +106,7 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
     {
         var summary = new DigitPipeline(Settings() with { RmMinAccuracy = 1.01, GrpoSteps = 1 }, fx.Backend).Run();
         Assert.NotNull(summary.RewardModelPairAccuracy);
-        Assert.StartsWith("GRPO reward: rule + format only", summary.GrpoReward);
+        Assert.StartsWith("GRPO reward: rule + format + 1 x [the answer follows the digits it claims] + 1 x [the share of the scene's digits it reads right] only", summary.GrpoReward);
         Assert.Contains("rm_path: ''", File.ReadAllText(Path.Combine(_dir, "run", "grpo", "config.resolved.yaml")));
         Assert.Contains("below the 1.01 gate", File.ReadAllText(Path.Combine(_dir, "run", "summary.md")));
     }

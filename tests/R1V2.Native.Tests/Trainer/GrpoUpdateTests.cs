@@ -83,4 +83,42 @@ public sealed class GrpoUpdateTests(CpuFixture fx)
         double after = Objective();
         Assert.True(after > before + 0.05, $"the advantage-weighted log-likelihood should rise: {before:F4} -> {after:F4}");
     }
+    [Theory]
+    [InlineData(LossAggregation.SequenceMeanTokenMean)]
+    [InlineData(LossAggregation.TokenMean)]
+    public void IdenticalRollouts_RunOnce_WithTheGradientOfEveryCopy(LossAggregation aggregation)
+    {
+        var dir = VlmParityTests.FixtureDir("internvit6b");
+        var inputs = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "inputs.json")))!.AsObject();
+        int end = inputs["cu_seqlens"]![1]!.GetValue<int>();
+        var prompt = inputs["input_ids"]!.AsArray().Select(x => x!.GetValue<int>()).Take(end).ToArray();
+        float[] pixels;
+        using (var e = SafetensorsFile.Open(Path.Combine(dir, "expected.safetensors"))) pixels = e.ReadFloats("pixel_values")[..(3 * 28 * 28)];
+        using var model = VisionLanguageModel.Load(fx.Backend, dir, TrainableParts.AdapterAndLlm);
+        var samples = new Generator(model, options: new GeneratorOptions(CacheBlocks: 64, BlockSize: 4))
+            .Generate([new GenerationRequest(prompt, pixels, 1, new SamplingParams(1f), Seed: 5, MaxNewTokens: 4, Samples: 2)]);
+        Assert.False(samples[0].Tokens.SequenceEqual(samples[1].Tokens));
+        var a = new Rollout(0, prompt, pixels, 1, samples[0].Tokens, samples[0].LogProbs, 0, 1.2, 0);
+        var b = new Rollout(0, prompt, pixels, 1, samples[1].Tokens, samples[1].LogProbs, 0, -0.7, 0);
+        var update = new GrpoUpdate(model, new GrpoLossSettings(EpsLow: 0.2f, EpsHigh: 0.28f, Temperature: 1f), aggregation);
+
+        (GrpoUpdateStats Stats, float[][] Grads) Run(IReadOnlyList<Rollout> rollouts)
+        {
+            foreach (var p in model.Parameters.Trainable) p.ZeroGrad();
+            var stats = update.Accumulate(rollouts);
+            return (stats, [.. model.Parameters.Trainable.Select(p => p.Grad!.ToFloatArray())]);
+        }
+        var ga = Run([a]).Grads;
+        var gb = Run([b]).Grads;
+        var (stats, merged) = Run([a, b, a, a with { }, b]); // a three times (one a copy of the record), b twice
+        Assert.Equal((5, 2), (stats.Sequences, stats.Distinct));
+        Assert.Equal(3 * a.Response.Length + 2 * b.Response.Length, stats.Tokens);
+        // The loss is a mean over every copy: per sequence (each sequence 1/5) or per token (each token 1/N).
+        double wa = aggregation == LossAggregation.SequenceMeanTokenMean ? 3 / 5.0 : 3.0 * a.Response.Length / stats.Tokens;
+        double wb = aggregation == LossAggregation.SequenceMeanTokenMean ? 2 / 5.0 : 2.0 * b.Response.Length / stats.Tokens;
+        for (int i = 0; i < merged.Length; i++)
+            Check.Close(ga[i].Zip(gb[i], (x, y) => wa * x + wb * y).ToArray(), merged[i], 1e-6, 1e-4, $"gradient {i}");
+        // A rollout differing only in its advantage is another sequence.
+        Assert.Equal(3, Run([a, a with { Advantage = 0.5 }, b]).Stats.Distinct);
+    }
 }
