@@ -11,13 +11,7 @@ public sealed class AttentionTests(CpuFixture fx)
 {
     private readonly CpuBackend _b = fx.Backend;
 
-    private T With<T>(bool twins, Func<T> body)
-    {
-        bool before = _b.AttentionTwins;
-        _b.AttentionTwins = twins;
-        try { return body(); }
-        finally { _b.AttentionTwins = before; }
-    }
+    private T With<T>(bool twins, Func<T> body) => fx.WithAttentionTwins(twins, body);
     private static readonly int[] Cu = [0, 3, 3, 7, 8]; // sequences of 3, 0, 4 and 1 tokens
     private const int Heads = 4, KvHeads = 2, Dim = 8;
     private static readonly float Scale = 1f / MathF.Sqrt(Dim);

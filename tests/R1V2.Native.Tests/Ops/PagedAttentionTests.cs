@@ -11,13 +11,7 @@ public sealed class PagedAttentionTests(CpuFixture fx)
 {
     private readonly CpuBackend _b = fx.Backend;
 
-    private T With<T>(bool twins, Func<T> body)
-    {
-        bool before = _b.AttentionTwins;
-        _b.AttentionTwins = twins;
-        try { return body(); }
-        finally { _b.AttentionTwins = before; }
-    }
+    private T With<T>(bool twins, Func<T> body) => fx.WithAttentionTwins(twins, body);
 
     [Theory]
     [InlineData(1, true)]

@@ -8,6 +8,15 @@ public sealed class CpuFixture : IDisposable
 {
     public CpuBackend Backend { get; } = new();
     public void Dispose() => Backend.Dispose();
+
+    /// <summary>Runs body with the backend's attention through the ILGPU twins (true) or the SIMD host path (false), then restores it.</summary>
+    public T WithAttentionTwins<T>(bool twins, Func<T> body)
+    {
+        bool before = Backend.AttentionTwins;
+        Backend.AttentionTwins = twins;
+        try { return body(); }
+        finally { Backend.AttentionTwins = before; }
+    }
 }
 
 [CollectionDefinition("cpu")]

@@ -16,12 +16,7 @@ public sealed class GrpoUpdateTests(CpuFixture fx)
     [Fact]
     public void GeneratorLogProbs_AreTheUpdatesOldLogProbs_AndUpdatesRaiseTheAdvantageWeightedLikelihood()
     {
-        var dir = VlmParityTests.FixtureDir("internvit6b");
-        var inputs = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "inputs.json")))!.AsObject();
-        int end = inputs["cu_seqlens"]![1]!.GetValue<int>();
-        var prompt = inputs["input_ids"]!.AsArray().Select(x => x!.GetValue<int>()).Take(end).ToArray();
-        float[] pixels;
-        using (var e = SafetensorsFile.Open(Path.Combine(dir, "expected.safetensors"))) pixels = e.ReadFloats("pixel_values")[..(3 * 28 * 28)];
+        var (prompt, pixels, dir) = FirstFixturePrompt();
         using var model = VisionLanguageModel.Load(fx.Backend, dir, TrainableParts.AdapterAndLlm);
 
         const int g = 6;
@@ -88,12 +83,7 @@ public sealed class GrpoUpdateTests(CpuFixture fx)
     [InlineData(LossAggregation.TokenMean)]
     public void IdenticalRollouts_RunOnce_WithTheGradientOfEveryCopy(LossAggregation aggregation)
     {
-        var dir = VlmParityTests.FixtureDir("internvit6b");
-        var inputs = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "inputs.json")))!.AsObject();
-        int end = inputs["cu_seqlens"]![1]!.GetValue<int>();
-        var prompt = inputs["input_ids"]!.AsArray().Select(x => x!.GetValue<int>()).Take(end).ToArray();
-        float[] pixels;
-        using (var e = SafetensorsFile.Open(Path.Combine(dir, "expected.safetensors"))) pixels = e.ReadFloats("pixel_values")[..(3 * 28 * 28)];
+        var (prompt, pixels, dir) = FirstFixturePrompt();
         using var model = VisionLanguageModel.Load(fx.Backend, dir, TrainableParts.AdapterAndLlm);
         var samples = new Generator(model, options: new GeneratorOptions(CacheBlocks: 64, BlockSize: 4))
             .Generate([new GenerationRequest(prompt, pixels, 1, new SamplingParams(1f), Seed: 5, MaxNewTokens: 4, Samples: 2)]);
@@ -120,5 +110,16 @@ public sealed class GrpoUpdateTests(CpuFixture fx)
             Check.Close(ga[i].Zip(gb[i], (x, y) => wa * x + wb * y).ToArray(), merged[i], 1e-6, 1e-4, $"gradient {i}");
         // A rollout differing only in its advantage is another sequence.
         Assert.Equal(3, Run([a, a with { Advantage = 0.5 }, b]).Stats.Distinct);
+    }
+
+    /// <summary>The internvit6b fixture's first sequence as a prompt, its first tile's pixels, and the fixture's directory.</summary>
+    private static (int[] Prompt, float[] Pixels, string Dir) FirstFixturePrompt()
+    {
+        var dir = VlmParityTests.FixtureDir("internvit6b");
+        var inputs = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "inputs.json")))!.AsObject();
+        int end = inputs["cu_seqlens"]![1]!.GetValue<int>();
+        var prompt = inputs["input_ids"]!.AsArray().Select(x => x!.GetValue<int>()).Take(end).ToArray();
+        using var e = SafetensorsFile.Open(Path.Combine(dir, "expected.safetensors"));
+        return (prompt, e.ReadFloats("pixel_values")[..(3 * 28 * 28)], dir);
     }
 }

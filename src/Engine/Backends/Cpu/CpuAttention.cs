@@ -37,16 +37,7 @@ internal static unsafe class CpuAttention
                         float* qi = q + ((long)(start + i) * heads + h) * dim;
                         float* oi = o + ((long)(start + i) * heads + h) * dim;
                         int count = causal ? i + 1 : n;
-                        Scores(qi, kt, n, dim, count, scale, p);
-                        var scores = new Span<float>(p, count);
-                        float m = TensorPrimitives.Max<float>(scores);
-                        TensorPrimitives.Subtract(scores, m, scores);
-                        TensorPrimitives.Exp(scores, scores);
-                        float l = TensorPrimitives.Sum<float>(scores);
-                        new Span<float>(oi, dim).Clear();
-                        for (int j = 0; j < count; j++) Axpy(oi, vr + (long)j * dim, p[j], dim);
-                        Scale(oi, 1f / l, dim);
-                        lse[(long)(start + i) * heads + h] = m + MathF.Log(l);
+                        lse[(long)(start + i) * heads + h] = AttendRow(qi, kt, vr, n, dim, count, scale, p, oi);
                     }
                 }
             }
@@ -134,20 +125,30 @@ internal static unsafe class CpuAttention
                 {
                     int h = g * group + hh;
                     float* qi = q + ((long)b * heads + h) * dim, oi = output + ((long)b * heads + h) * dim;
-                    new Span<float>(oi, dim).Clear();
-                    if (n == 0) continue;
-                    Scores(qi, kt, n, dim, n, scale, p);
-                    var scores = new Span<float>(p, n);
-                    float m = TensorPrimitives.Max<float>(scores);
-                    TensorPrimitives.Subtract(scores, m, scores);
-                    TensorPrimitives.Exp(scores, scores);
-                    float l = TensorPrimitives.Sum<float>(scores);
-                    for (int j = 0; j < n; j++) Axpy(oi, vr + (long)j * dim, p[j], dim);
-                    Scale(oi, 1f / l, dim);
+                    if (n == 0) new Span<float>(oi, dim).Clear();
+                    else AttendRow(qi, kt, vr, n, dim, n, scale, p, oi);
                 }
             }
             return w;
         }, _ => { });
+    }
+
+    /// <summary>
+    /// One query row against the first <paramref name="count"/> of n keys (kt [D, n] transposed, v [n, D] rows):
+    /// o = softmax(scale q k^T) v into <paramref name="o"/>, p as scratch; returns the log-sum-exp.
+    /// </summary>
+    private static float AttendRow(float* q, float* kt, float* v, int n, int dim, int count, float scale, float* p, float* o)
+    {
+        Scores(q, kt, n, dim, count, scale, p);
+        var scores = new Span<float>(p, count);
+        float m = TensorPrimitives.Max<float>(scores);
+        TensorPrimitives.Subtract(scores, m, scores);
+        TensorPrimitives.Exp(scores, scores);
+        float l = TensorPrimitives.Sum<float>(scores);
+        new Span<float>(o, dim).Clear();
+        for (int j = 0; j < count; j++) Axpy(o, v + (long)j * dim, p[j], dim);
+        Scale(o, 1f / l, dim);
+        return m + MathF.Log(l);
     }
 
     /// <summary>Per-task buffers: keys and values transposed ([D, n]) or as rows ([n, D]), dk and dv transposed, p and dp.</summary>
