@@ -3,8 +3,10 @@ using System.Runtime.CompilerServices;
 namespace R1V2.Native.Engine.Backends.Cpu;
 
 /// <summary>
-/// The element-wise and row ops, paged decode attention and sampling of the CPU backend as plain loops over host
-/// pointers, each the same arithmetic in the same order as its ILGPU twin (HostOpsTests checks the two bit for bit). A CPU-accelerator launch costs about 75 us whatever its
+/// The element-wise and row ops, norms, the fused LM-head loss's chunk passes, the gradient norm and sampling of the
+/// CPU backend as plain loops over host pointers, each the same arithmetic in the same order as its ILGPU twin
+/// (HostOpsTests checks the two bit for bit; attention has its own host path, <see cref="CpuAttention"/>). A
+/// CPU-accelerator launch costs about 75 us whatever its
 /// size, and most of the digit model's ops touch a few thousand values, so the backend runs these loops on the calling
 /// thread, split over the cores above <see cref="ParallelFrom"/> values; the twins stay the CUDA kernels' CPU
 /// reference (<c>new CpuBackend(launchTwins: true)</c>). The loops are compiled optimised from their first call
