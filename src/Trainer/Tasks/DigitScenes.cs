@@ -183,11 +183,11 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
 
     /// <summary>
     /// The share of a scene's digits a response names right, position by position; 0 when it claims no digits or a
-    /// different number of them; null when the row does not give its digits.
+    /// different number of them; null when the row is not a digit question or does not give its digits.
     /// </summary>
     public static double? DigitsReadRight(string response, Data.PromptRow row)
     {
-        if (row.Digits is not { } digits || row.Type is null) return null;
+        if (row.Digits is not { } digits || row.Type is null || !DigitQuestionTypes.TryParse(row.Type, out _)) return null;
         if (ClaimedDigits(response) is not { } claimed || claimed.Length != digits.Count || digits.Count == 0) return 0;
         return claimed.Zip(digits).Count(p => p.First == p.Second) / (double)digits.Count;
     }
