@@ -241,28 +241,18 @@ public sealed class GrpoTrainer : IDisposable
 
     /// <summary>
     /// Reward-model scores of every sample (prompt + response + &lt;|im_end|&gt;, the last token's score), in one packed
-    /// pass over the distinct (prompt, response) pairs: a group's identical samples are scored once.
+    /// pass (a group's identical samples share their prompt's arrays, so <see cref="RewardModel.ScoreSequences"/> scores them once).
     /// </summary>
     private double[] ScoreWithRewardModel(IReadOnlyList<GeneratedSample> samples, IReadOnlyList<(int[] Ids, float[]? Pixels, int Tiles)> prompts)
     {
         int imEnd = _tokenizer.RequireToken("<|im_end|>");
-        var index = new Dictionary<(int Request, string Tokens), int>();
-        var sequences = new List<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)>();
-        var which = new int[samples.Count];
-        for (int i = 0; i < samples.Count; i++)
+        var sequences = samples.Select(s =>
         {
-            var s = samples[i];
-            var key = (s.Request, string.Join(',', s.Tokens));
-            if (!index.TryGetValue(key, out which[i]))
-            {
-                var (ids, pixels, tiles) = prompts[s.Request];
-                var tokens = s.Tokens.Length > 0 && s.Tokens[^1] == imEnd ? s.Tokens : [.. s.Tokens, imEnd];
-                index[key] = which[i] = sequences.Count;
-                sequences.Add((ids, tokens, pixels, tiles));
-            }
-        }
-        var scores = _rewardModel!.ScoreSequences(sequences);
-        return which.Select(d => (double)scores[d]).ToArray();
+            var (ids, pixels, tiles) = prompts[s.Request];
+            var tokens = s.Tokens.Length > 0 && s.Tokens[^1] == imEnd ? s.Tokens : [.. s.Tokens, imEnd];
+            return (ids, tokens, pixels, tiles);
+        }).ToList();
+        return _rewardModel!.ScoreSequences(sequences).Select(x => (double)x).ToArray();
     }
 
     // ---- checkpoints ---------------------------------------------------------------------------------------------

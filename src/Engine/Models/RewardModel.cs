@@ -74,12 +74,36 @@ public sealed class RewardModel : IDisposable
         return new Scored(pass, last, lastHidden, scores.ToFloatArray());
     }
 
-    /// <summary>Scores of prompt + response sequences (each with its own image tiles), packed into one forward pass.</summary>
+    /// <summary>
+    /// Scores of prompt + response sequences (each with its own image tiles), packed into one forward pass. A sequence
+    /// repeated with the same prompt array and pixel array (a GRPO group's identical samples) is scored once.
+    /// </summary>
     public float[] ScoreSequences(IReadOnlyList<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)> sequences)
     {
         if (sequences.Count == 0) return [];
-        using var scored = Score(VlmBatch.Pack(sequences, Vlm.ImageContextId).Batch);
-        return scored.Scores;
+        var index = new Dictionary<(int[] Prompt, float[]? Pixels, string Response), int>(new SequenceKeyComparer());
+        var distinct = new List<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)>();
+        var which = new int[sequences.Count];
+        for (int i = 0; i < sequences.Count; i++)
+        {
+            var q = sequences[i];
+            var key = (q.Prompt, q.Pixels, string.Join(',', q.Response));
+            if (index.TryGetValue(key, out which[i])) continue;
+            index[key] = which[i] = distinct.Count;
+            distinct.Add(q);
+        }
+        using var scored = Score(VlmBatch.Pack(distinct, Vlm.ImageContextId).Batch);
+        return [.. which.Select(d => scored.Scores[d])];
+    }
+
+    /// <summary>The same prompt and pixel arrays (by reference) and the same response tokens.</summary>
+    private sealed class SequenceKeyComparer : IEqualityComparer<(int[] Prompt, float[]? Pixels, string Response)>
+    {
+        public bool Equals((int[] Prompt, float[]? Pixels, string Response) a, (int[] Prompt, float[]? Pixels, string Response) b) =>
+            ReferenceEquals(a.Prompt, b.Prompt) && ReferenceEquals(a.Pixels, b.Pixels) && a.Response == b.Response;
+
+        public int GetHashCode((int[] Prompt, float[]? Pixels, string Response) k) =>
+            HashCode.Combine(System.Runtime.CompilerServices.RuntimeHelpers.GetHashCode(k.Prompt), k.Pixels is null ? 0 : System.Runtime.CompilerServices.RuntimeHelpers.GetHashCode(k.Pixels), k.Response);
     }
 
     /// <summary>Backward of a loss given d loss / d score for each sequence.</summary>

@@ -44,5 +44,10 @@ public sealed class RewardModelTests(CpuFixture fx) : IDisposable
         }
         Assert.True(packed.Distinct().Count() == 3, "the three sequences should not score alike");
         Assert.Empty(rm.ScoreSequences([]));
+        // Repeats (the same prompt and pixel arrays, equal responses) score as their first copy; a copied pixel array is another image.
+        var (p0, r0, px0, t0) = sequences[0];
+        var repeated = rm.ScoreSequences([sequences[0], (p0, [.. r0], px0, t0), sequences[2], (p0, r0, px0!.ToArray(), t0)]);
+        Assert.Equal([packed[0], packed[0], packed[2]], repeated[..3]);
+        Assert.Equal(packed[0], repeated[3], 1e-4f * Math.Max(1, Math.Abs(packed[0])));
     }
 }
