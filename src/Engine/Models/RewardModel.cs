@@ -81,15 +81,14 @@ public sealed class RewardModel : IDisposable
     public float[] ScoreSequences(IReadOnlyList<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)> sequences)
     {
         if (sequences.Count == 0) return [];
-        var index = new Dictionary<(int[] Prompt, float[]? Pixels, string Response), int>(new SequenceKeyComparer());
+        var index = new Dictionary<(int[] Prompt, float[]? Pixels, int[] Response), int>(new SequenceKeyComparer());
         var distinct = new List<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)>();
         var which = new int[sequences.Count];
         for (int i = 0; i < sequences.Count; i++)
         {
             var q = sequences[i];
-            var key = (q.Prompt, q.Pixels, string.Join(',', q.Response));
-            if (index.TryGetValue(key, out which[i])) continue;
-            index[key] = which[i] = distinct.Count;
+            if (index.TryGetValue((q.Prompt, q.Pixels, q.Response), out which[i])) continue;
+            index[(q.Prompt, q.Pixels, q.Response)] = which[i] = distinct.Count;
             distinct.Add(q);
         }
         using var scored = Score(VlmBatch.Pack(distinct, Vlm.ImageContextId).Batch);
@@ -97,13 +96,19 @@ public sealed class RewardModel : IDisposable
     }
 
     /// <summary>The same prompt and pixel arrays (by reference) and the same response tokens.</summary>
-    private sealed class SequenceKeyComparer : IEqualityComparer<(int[] Prompt, float[]? Pixels, string Response)>
+    private sealed class SequenceKeyComparer : IEqualityComparer<(int[] Prompt, float[]? Pixels, int[] Response)>
     {
-        public bool Equals((int[] Prompt, float[]? Pixels, string Response) a, (int[] Prompt, float[]? Pixels, string Response) b) =>
-            ReferenceEquals(a.Prompt, b.Prompt) && ReferenceEquals(a.Pixels, b.Pixels) && a.Response == b.Response;
+        public bool Equals((int[] Prompt, float[]? Pixels, int[] Response) a, (int[] Prompt, float[]? Pixels, int[] Response) b) =>
+            ReferenceEquals(a.Prompt, b.Prompt) && ReferenceEquals(a.Pixels, b.Pixels) && a.Response.AsSpan().SequenceEqual(b.Response);
 
-        public int GetHashCode((int[] Prompt, float[]? Pixels, string Response) k) =>
-            HashCode.Combine(System.Runtime.CompilerServices.RuntimeHelpers.GetHashCode(k.Prompt), k.Pixels is null ? 0 : System.Runtime.CompilerServices.RuntimeHelpers.GetHashCode(k.Pixels), k.Response);
+        public int GetHashCode((int[] Prompt, float[]? Pixels, int[] Response) k)
+        {
+            var h = new HashCode();
+            h.Add(System.Runtime.CompilerServices.RuntimeHelpers.GetHashCode(k.Prompt));
+            h.Add(k.Pixels is null ? 0 : System.Runtime.CompilerServices.RuntimeHelpers.GetHashCode(k.Pixels));
+            foreach (var t in k.Response) h.Add(t);
+            return h.ToHashCode();
+        }
     }
 
     /// <summary>Backward of a loss given d loss / d score for each sequence.</summary>

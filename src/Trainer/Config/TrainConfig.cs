@@ -205,9 +205,14 @@ public sealed class TrainConfig
         catch (YamlException e)
         {
             var inner = e.InnerException?.Message ?? e.Message;
-            // An unknown key that a --set named: say so, with the section it was looked for in.
-            var unknown = System.Text.RegularExpressions.Regex.Match(inner, "Property '([^']+)' not found on type");
-            var set = unknown.Success ? (overrides ?? []).LastOrDefault(o => o.IndexOf('=') > 0 && o[..o.IndexOf('=')].Trim().Split('.')[^1] == unknown.Groups[1].Value) : null;
+            // An unknown key that a --set named (the same key in the same section): say so, with the section.
+            var unknown = System.Text.RegularExpressions.Regex.Match(inner, "Property '([^']+)' not found on type '([^']+)'");
+            var set = unknown.Success ? (overrides ?? []).LastOrDefault(o =>
+            {
+                if (o.IndexOf('=') <= 0) return false;
+                var keys = o[..o.IndexOf('=')].Trim().Split('.');
+                return keys[^1] == unknown.Groups[1].Value && SectionType(keys[..^1])?.FullName == unknown.Groups[2].Value;
+            }) : null;
             if (set is not null)
             {
                 var keys = set[..set.IndexOf('=')].Trim().Split('.');
@@ -215,6 +220,15 @@ public sealed class TrainConfig
             }
             throw new InvalidDataException($"{source}: {inner.Replace("Property '", "unknown key '").Replace("' not found on type", "' (not a setting of")}{(inner.Contains("not found on type") ? ")" : "")}", e);
         }
+    }
+
+    /// <summary>The settings class a key path's section names (snake_case properties from the root), or null.</summary>
+    private static Type? SectionType(string[] section)
+    {
+        Type? type = typeof(TrainConfig);
+        foreach (var key in section)
+            type = type?.GetProperties().FirstOrDefault(p => UnderscoredNamingConvention.Instance.Apply(p.Name) == key)?.PropertyType;
+        return type;
     }
 
     public string ToYaml() => new SerializerBuilder().WithNamingConvention(UnderscoredNamingConvention.Instance).Build().Serialize(this);

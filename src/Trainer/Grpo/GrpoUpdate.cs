@@ -7,8 +7,8 @@ namespace R1V2.Native.Trainer.Grpo;
 /// <summary>Statistics of one GRPO policy update.</summary>
 /// <remarks><see cref="Kl"/> is the mean k3 estimate of KL(policy || reference) over response tokens, null without a reference.
 /// <see cref="Distinct"/> is how many sequences the forward and backward ran: identical rollouts run once.</remarks>
-public sealed record GrpoUpdateStats(double Loss, int Sequences, int Tokens, double MeanRatio, double ClippedFraction, double MeanLogProbChange, double? Kl = null,
-    int Distinct = 0);
+public sealed record GrpoUpdateStats(double Loss, int Sequences, int Tokens, double MeanRatio, double ClippedFraction, double MeanLogProbChange, double? Kl,
+    int Distinct);
 
 /// <summary>
 /// One GRPO policy update on a batch of rollouts: the rollouts are packed (prompt + response, images included), a

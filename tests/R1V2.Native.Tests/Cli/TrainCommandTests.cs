@@ -59,6 +59,9 @@ public sealed class TrainCommandTests : IDisposable
         Assert.Equal(1, code);
         Assert.Equal("error: --set 'grpo.group_sise=4': unknown key 'group_sise' in 'grpo'", error.Trim()); // the message alone, no stack trace
         Assert.False(Directory.Exists(output)); // nothing started
+        // The --set blamed is the one whose section lacks the key, not a valid key of that name elsewhere.
+        var (_, nested) = Train(["--set", "grpo.steps=3", "--set", "steps=2", "--out", output]);
+        Assert.Equal("error: --set 'grpo.steps=3': unknown key 'steps' in 'grpo'", nested.Trim());
         var (badValue, valueError) = Train(["--set", "reward.grounding_credit=partial", "--out", output]);
         Assert.Equal(1, badValue);
         Assert.Equal("error: (defaults): reward.grounding_credit must be exact or per_digit, not 'partial'", valueError.Trim());
