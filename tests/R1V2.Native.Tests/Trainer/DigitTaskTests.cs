@@ -12,19 +12,19 @@ public sealed class DigitTaskTests : IDisposable
     public void Dispose() => Directory.Delete(_dir, true);
 
     [Fact]
-    public void EmbeddedSubset_Holds150Train100Reinforcement50ValidationAnd100HeldOutPerDigit_FromDisjointSourceImages()
+    public void EmbeddedSubset_Holds150Train100Reinforcement50ValidationAnd300HeldOutPerDigit_FromDisjointSourceImages()
     {
         var m = MnistDigits.Embedded();
-        Assert.Equal(4000, m.All.Count);
+        Assert.Equal(6000, m.All.Count);
         for (int d = 0; d < 10; d++)
         {
             var train = m.Of(DigitSplit.Train, d);
             var validation = m.Of(DigitSplit.Validation, d);
             var held = m.Of(DigitSplit.HeldOut, d);
             var rl = m.Of(DigitSplit.Reinforcement, d);
-            Assert.Equal((150, 100, 50, 100), (train.Count, rl.Count, validation.Count, held.Count));
+            Assert.Equal((150, 100, 50, 300), (train.Count, rl.Count, validation.Count, held.Count));
             var splits = new[] { train, rl, validation, held }.Select(x => x.Select(i => (i.Split, i.SourceIndex)).ToList()).ToList();
-            Assert.Equal(400, splits.SelectMany(x => x.Select(i => i.SourceIndex)).Distinct().Count()); // disjoint source images
+            Assert.Equal(600, splits.SelectMany(x => x.Select(i => i.SourceIndex)).Distinct().Count()); // disjoint source images
             Assert.Empty(train.Select(x => x.SourceIndex).Intersect(held.Select(x => x.SourceIndex)));
             Assert.Empty(train.Select(x => x.SourceIndex).Intersect(validation.Select(x => x.SourceIndex)));
             Assert.Empty(validation.Select(x => x.SourceIndex).Intersect(held.Select(x => x.SourceIndex)));
@@ -38,7 +38,7 @@ public sealed class DigitTaskTests : IDisposable
             });
         }
         // No two images of a split are the same picture.
-        Assert.Equal(4000, m.All.Select(x => Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(x.Pixels))).Distinct().Count());
+        Assert.Equal(6000, m.All.Select(x => Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(x.Pixels))).Distinct().Count());
     }
 
     [Fact]
