@@ -233,7 +233,7 @@ public sealed class GrpoTrainer : IDisposable
     /// </summary>
     private List<float[]> ReferenceLogProbs(IReadOnlyList<Rollout> rollouts)
     {
-        var (batch, starts) = Rollout.Pack(rollouts, _reference!.ImageContextId);
+        var (batch, starts) = Rollout.PackShared(rollouts, _reference!.ImageContextId);
         using var pass = _reference.Forward(batch, withLoss: false);
         var logp = FusedGrpoLoss.TokenLogProbs(_b, pass.Hidden, _reference.LmHead, batch.Targets, _c.Grpo.Temperature, _c.Grpo.VocabChunk);
         return rollouts.Select((r, i) => logp[starts[i]..(starts[i] + r.Response.Length)]).ToList();

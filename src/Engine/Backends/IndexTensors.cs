@@ -155,3 +155,90 @@ public sealed record SamplingParams(float Temperature = 1f, int TopK = 0, float 
 
 /// <summary>One row of a sampling call: its settings, RNG seed and step, and the tokens the penalty looks at.</summary>
 public readonly record struct SampleRow(SamplingParams Params, ulong Seed, int Step, IReadOnlyList<int> Previous);
+
+/// <summary>
+/// The row layout of a packed batch whose sequences share prefixes (a GRPO group's prompt, its samples differing only
+/// in their responses): token-wise layers run on each distinct row once (T' rows), attention on the per-sequence
+/// layout (T rows, the batch's cu_seqlens). <see cref="Expand"/> [T] names the distinct row each attention row reads;
+/// <see cref="Output"/> [T'] names the attention row whose output each distinct row takes (a shared prefix row takes
+/// the first sequence's: every copy computes the same attention there, since a row attends only to rows before it).
+/// </summary>
+public sealed class SharedRows : IDisposable
+{
+    private readonly Backend _b;
+
+    public SharedRows(Backend backend, int[] expand, int[] output)
+    {
+        _b = backend;
+        if (expand.Length < output.Length) throw new ArgumentException($"shared rows: {expand.Length} attention rows cannot hold {output.Length} distinct rows");
+        Expand = backend.Rows(expand, output.Length, distinct: false, "expand_rows");
+        try
+        {
+            Output = backend.Rows(output, expand.Length, distinct: true, "output_rows");
+            for (int r = 0; r < output.Length; r++)
+                if (expand[output[r]] != r) throw new ArgumentException($"shared rows: distinct row {r} takes attention row {output[r]}, which reads distinct row {expand[output[r]]}");
+        }
+        catch
+        {
+            Expand.Dispose();
+            Output?.Dispose();
+            throw;
+        }
+    }
+
+    public RowIndex Expand { get; }
+    public RowIndex Output { get; }
+
+    /// <summary>T' distinct rows.</summary>
+    public int DistinctRows => Output.Length;
+
+    /// <summary>T attention rows.</summary>
+    public int AttentionRows => Expand.Length;
+
+    /// <summary>[T', C] -> [T, C]: each attention row a copy of the distinct row it reads.</summary>
+    public Tensor Gather(Tensor distinct)
+    {
+        var all = _b.Allocate(distinct.DType, AttentionRows, distinct.Cols);
+        _b.GatherRows(distinct, Expand, all);
+        return all;
+    }
+
+    /// <summary>[T, C] -> [T', C]: each distinct row's own attention row.</summary>
+    public Tensor Select(Tensor attention)
+    {
+        var rows = _b.Allocate(attention.DType, DistinctRows, attention.Cols);
+        _b.GatherRows(attention, Output, rows);
+        return rows;
+    }
+
+    /// <summary>The backward of <see cref="Select"/>: [T', C] -> [T, C], zero in the rows no distinct row takes.</summary>
+    public Tensor SelectBackward(Tensor dDistinct)
+    {
+        var all = _b.Allocate(dDistinct.DType, AttentionRows, dDistinct.Cols);
+        _b.ScatterRows(dDistinct, Output, all);
+        return all;
+    }
+
+    /// <summary>
+    /// The backward of <see cref="Gather"/>: [T, C] -> [T', C], each distinct row the sum of the attention rows that
+    /// read it, added in row order in fp32 (deterministic), in <paramref name="dAttention"/>'s type.
+    /// </summary>
+    public Tensor GatherBackward(Tensor dAttention)
+    {
+        var sum = _b.Allocate(DType.F32, DistinctRows, dAttention.Cols);
+        _b.EmbeddingBackward(dAttention, Expand.Device, sum);
+        if (dAttention.DType == DType.F32) return sum;
+        using (sum)
+        {
+            var typed = _b.Allocate(dAttention.DType, DistinctRows, dAttention.Cols);
+            _b.Convert(sum, typed);
+            return typed;
+        }
+    }
+
+    public void Dispose()
+    {
+        Expand.Dispose();
+        Output.Dispose();
+    }
+}

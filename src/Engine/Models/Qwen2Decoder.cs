@@ -36,13 +36,15 @@ public sealed class Qwen2Decoder
         }
     }
 
-    public State Forward(Tensor x, Tensor positions, PackedSequences sequences)
+    /// <param name="shared">When the batch's sequences share prefixes: x and positions hold the distinct rows, sequences
+    /// the per-sequence attention layout, and attention reads through this map (null: every row is its own).</param>
+    public State Forward(Tensor x, Tensor positions, PackedSequences sequences, SharedRows? shared = null)
     {
         var st = new State();
         foreach (var layer in _layers)
         {
             st.Inputs.Add(x);
-            x = st.Held.Keep(layer.Forward(x, positions, sequences, out var cache));
+            x = st.Held.Keep(layer.Forward(x, positions, sequences, shared, out var cache));
             if (CheckpointLayers) { cache.Dispose(); st.Caches.Add(null); } else st.Caches.Add(cache);
         }
         st.Output = x;
@@ -50,16 +52,16 @@ public sealed class Qwen2Decoder
     }
 
     /// <summary>dOutput [T, D] -> dx [T, D] (the caller owns it), accumulating parameter gradients.</summary>
-    public Tensor Backward(State st, Tensor dOutput, Tensor positions, PackedSequences sequences)
+    public Tensor Backward(State st, Tensor dOutput, Tensor positions, PackedSequences sequences, SharedRows? shared = null)
     {
         var dx = dOutput;
         bool owned = false;
         for (int i = _layers.Length - 1; i >= 0; i--)
         {
             var cache = st.Caches[i];
-            if (cache is null) { using var again = _layers[i].Forward(st.Inputs[i], positions, sequences, out cache); }
+            if (cache is null) { using var again = _layers[i].Forward(st.Inputs[i], positions, sequences, shared, out cache); }
             Tensor next;
-            using (cache) next = _layers[i].Backward(dx, st.Inputs[i], positions, sequences, cache);
+            using (cache) next = _layers[i].Backward(dx, st.Inputs[i], positions, sequences, shared, cache);
             st.Caches[i] = null;
             if (owned) dx.Dispose();
             dx = next;
@@ -146,11 +148,12 @@ public sealed class Qwen2Decoder
         {
             public readonly Activations Held = new();
             public Tensor N1 = null!, Qr = null!, Kr = null!, V = null!, A = null!, Lse = null!, H1 = null!, N2 = null!, Gate = null!, Up = null!, Act = null!;
+            public Tensor? AllQ, AllK, AllV, AllA; // with shared rows: attention's inputs and output on the per-sequence layout
             public NormCache Norm1 = null!, Norm2 = null!;
             public void Dispose() => Held.Dispose();
         }
 
-        public Tensor Forward(Tensor x, Tensor positions, PackedSequences seqs, out Cache cache)
+        public Tensor Forward(Tensor x, Tensor positions, PackedSequences seqs, SharedRows? shared, out Cache cache)
         {
             var b = _b;
             int t = x.Rows, hd = _c.HeadDim, h = _c.NumHeads, kvh = _c.NumKvHeads;
@@ -168,10 +171,26 @@ public sealed class Qwen2Decoder
                 b.RopeForward(kk.Reshape(t, kvh, hd), positions, k.Kr.Reshape(t, kvh, hd), _c.RopeTheta);
             }
             k.V = held.Keep(_v.Forward(k.N1));
-            k.A = held.Keep(b.Activations(t, h * hd));
-            k.Lse = held.Keep(b.Allocate(DType.F32, t, h));
-            b.AttentionForward(k.Qr.Reshape(t, h, hd), k.Kr.Reshape(t, kvh, hd), k.V.Reshape(t, kvh, hd), seqs, k.A.Reshape(t, h, hd), k.Lse,
-                1f / MathF.Sqrt(hd), causal: true);
+            if (shared is null)
+            {
+                k.A = held.Keep(b.Activations(t, h * hd));
+                k.Lse = held.Keep(b.Allocate(DType.F32, t, h));
+                b.AttentionForward(k.Qr.Reshape(t, h, hd), k.Kr.Reshape(t, kvh, hd), k.V.Reshape(t, kvh, hd), seqs, k.A.Reshape(t, h, hd), k.Lse,
+                    1f / MathF.Sqrt(hd), causal: true);
+            }
+            else
+            {
+                // Attention on the per-sequence layout, read from the distinct rows; each distinct row takes its own row's output.
+                int ta = shared.AttentionRows;
+                k.AllQ = held.Keep(shared.Gather(k.Qr));
+                k.AllK = held.Keep(shared.Gather(k.Kr));
+                k.AllV = held.Keep(shared.Gather(k.V));
+                k.AllA = held.Keep(b.Activations(ta, h * hd));
+                k.Lse = held.Keep(b.Allocate(DType.F32, ta, h));
+                b.AttentionForward(k.AllQ.Reshape(ta, h, hd), k.AllK.Reshape(ta, kvh, hd), k.AllV.Reshape(ta, kvh, hd), seqs, k.AllA.Reshape(ta, h, hd), k.Lse,
+                    1f / MathF.Sqrt(hd), causal: true);
+                k.A = held.Keep(shared.Select(k.AllA));
+            }
             k.H1 = held.Keep(_o.Forward(k.A));
             b.Add(k.H1, k.H1, x);
             k.N2 = held.Keep(_postNorm.Forward(k.H1, out k.Norm2)); held.Keep(k.Norm2);
@@ -185,7 +204,7 @@ public sealed class Qwen2Decoder
             return y;
         }
 
-        public Tensor Backward(Tensor dy, Tensor x, Tensor positions, PackedSequences seqs, Cache k)
+        public Tensor Backward(Tensor dy, Tensor x, Tensor positions, PackedSequences seqs, SharedRows? shared, Cache k)
         {
             var b = _b;
             int t = x.Rows, hd = _c.HeadDim, h = _c.NumHeads, kvh = _c.NumKvHeads;
@@ -200,11 +219,31 @@ public sealed class Qwen2Decoder
             b.Add(dh1, dh1, dy);
 
             var da = held.Keep(_o.Backward(dh1, k.A)!);
-            var dqr = held.Keep(b.Activations(t, h * hd));
-            var dkr = held.Keep(b.Activations(t, kvh * hd));
-            var dv = held.Keep(b.Activations(t, kvh * hd));
-            b.AttentionBackward(da.Reshape(t, h, hd), k.Qr.Reshape(t, h, hd), k.Kr.Reshape(t, kvh, hd), k.V.Reshape(t, kvh, hd), k.A.Reshape(t, h, hd),
-                k.Lse, seqs, dqr.Reshape(t, h, hd), dkr.Reshape(t, kvh, hd), dv.Reshape(t, kvh, hd), 1f / MathF.Sqrt(hd), causal: true);
+            Tensor dqr, dkr, dv;
+            if (shared is null)
+            {
+                dqr = held.Keep(b.Activations(t, h * hd));
+                dkr = held.Keep(b.Activations(t, kvh * hd));
+                dv = held.Keep(b.Activations(t, kvh * hd));
+                b.AttentionBackward(da.Reshape(t, h, hd), k.Qr.Reshape(t, h, hd), k.Kr.Reshape(t, kvh, hd), k.V.Reshape(t, kvh, hd), k.A.Reshape(t, h, hd),
+                    k.Lse, seqs, dqr.Reshape(t, h, hd), dkr.Reshape(t, kvh, hd), dv.Reshape(t, kvh, hd), 1f / MathF.Sqrt(hd), causal: true);
+            }
+            else
+            {
+                // Only the rows the distinct rows took carry an output gradient; the gradients of every copy of a shared
+                // row's q, k and v add up in that row.
+                int ta = shared.AttentionRows;
+                var daAll = held.Keep(shared.SelectBackward(da));
+                var dqAll = held.Keep(b.Activations(ta, h * hd));
+                var dkAll = held.Keep(b.Activations(ta, kvh * hd));
+                var dvAll = held.Keep(b.Activations(ta, kvh * hd));
+                b.AttentionBackward(daAll.Reshape(ta, h, hd), k.AllQ!.Reshape(ta, h, hd), k.AllK!.Reshape(ta, kvh, hd), k.AllV!.Reshape(ta, kvh, hd),
+                    k.AllA!.Reshape(ta, h, hd), k.Lse, seqs, dqAll.Reshape(ta, h, hd), dkAll.Reshape(ta, kvh, hd), dvAll.Reshape(ta, kvh, hd),
+                    1f / MathF.Sqrt(hd), causal: true);
+                dqr = held.Keep(shared.GatherBackward(dqAll));
+                dkr = held.Keep(shared.GatherBackward(dkAll));
+                dv = held.Keep(shared.GatherBackward(dvAll));
+            }
             b.RopeBackward(dqr.Reshape(t, h, hd), positions, dqr.Reshape(t, h, hd), _c.RopeTheta);   // in place
             b.RopeBackward(dkr.Reshape(t, kvh, hd), positions, dkr.Reshape(t, kvh, hd), _c.RopeTheta);
             var dn1 = held.Keep(_q.Backward(dqr, k.N1)!);

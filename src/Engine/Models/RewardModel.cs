@@ -66,7 +66,8 @@ public sealed class RewardModel : IDisposable
     public Scored Score(VlmBatch batch)
     {
         var pass = Vlm.Forward(batch, withLoss: false);
-        var lastRows = batch.CuSeqlens.Skip(1).Select(e => e - 1).ToArray();
+        // Each sequence's last row (with shared prefixes: the distinct row it reads, always the sequence's own).
+        var lastRows = batch.CuSeqlens.Skip(1).Select(e => batch.ExpandRows is { } expand ? expand[e - 1] : e - 1).ToArray();
         var last = _b.Rows(lastRows, batch.InputIds.Length, distinct: true, "last_tokens");
         var lastHidden = _b.Activations(lastRows.Length, Vlm.Config.Llm.HiddenSize);
         _b.GatherRows(pass.Hidden, last, lastHidden);
@@ -76,7 +77,8 @@ public sealed class RewardModel : IDisposable
 
     /// <summary>
     /// Scores of prompt + response sequences (each with its own image tiles), packed into one forward pass. A sequence
-    /// repeated with the same prompt array and pixel array (a GRPO group's identical samples) is scored once.
+    /// repeated with the same prompt array and pixel array (a GRPO group's identical samples) is scored once, and
+    /// sequences with the same prompt and image compute its rows once (<see cref="VlmBatch.PackShared"/>).
     /// </summary>
     public float[] ScoreSequences(IReadOnlyList<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)> sequences)
     {
@@ -91,7 +93,7 @@ public sealed class RewardModel : IDisposable
             index[(q.Prompt, q.Pixels, q.Response)] = which[i] = distinct.Count;
             distinct.Add(q);
         }
-        using var scored = Score(VlmBatch.Pack(distinct, Vlm.ImageContextId).Batch);
+        using var scored = Score(VlmBatch.PackShared(distinct, Vlm.ImageContextId).Batch);
         return [.. which.Select(d => scored.Scores[d])];
     }
 

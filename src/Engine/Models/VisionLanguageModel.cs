@@ -16,8 +16,13 @@ namespace R1V2.Native.Engine.Models;
 /// <param name="TileSources">For each of the <paramref name="Tiles"/> tiles, the index of its pixels among the tiles in
 /// <paramref name="Pixels"/>, which then holds each distinct image once (a GRPO group's samples share their prompt's
 /// image); null when <paramref name="Pixels"/> holds every tile in order.</param>
+/// <param name="ExpandRows">With shared prefixes (<see cref="PackShared"/>): the token arrays hold each distinct row
+/// once (T'), <paramref name="CuSeqlens"/> describes the per-sequence attention layout (T rows), and this [T] names
+/// the distinct row each attention row reads (see <see cref="SharedRows"/>). Null: every row is its own.</param>
+/// <param name="OutputRows">With shared prefixes: [T'], the attention row whose output each distinct row takes.</param>
+/// <param name="Positions">With shared prefixes: [T'], each distinct row's position in its sequences.</param>
 public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, float[]? Pixels = null, int Tiles = 0, int[]? ImagePositions = null,
-    int[]? TileSources = null)
+    int[]? TileSources = null, int[]? ExpandRows = null, int[]? OutputRows = null, int[]? Positions = null)
 {
     /// <summary>One sequence; targets are the next tokens from <paramref name="lossFrom"/> on (teacher forcing).</summary>
     public static VlmBatch Single(int[] ids, float[]? pixels = null, int tiles = 0, int lossFrom = 0)
@@ -73,6 +78,130 @@ public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, fl
             tiles += n;
         }
         return (new VlmBatch([.. ids], [.. targets], [.. cu], tiles > 0 ? [.. pixels] : null, tiles, [.. imageRows], distinct < tiles ? [.. sources] : null), starts);
+    }
+
+    /// <summary>
+    /// Packs like <see cref="Pack"/>, except that sequences with the same prompt and image (equal contents: a GRPO
+    /// group's samples) compute the prompt's rows once: every prompt token but the last is a shared row, and each
+    /// sequence keeps its own last prompt token (whose logits predict its first response token) and response. The
+    /// same log-probs and gradients as <see cref="Pack"/> up to the order of float sums, for a fraction of the
+    /// token-wise work when responses are short beside the prompt. ResponseStarts index the distinct rows. Returns
+    /// what <see cref="Pack"/> returns when no two sequences share a prompt.
+    /// </summary>
+    public static (VlmBatch Batch, int[] ResponseStarts) PackShared(IReadOnlyList<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)> sequences, int imageContextId)
+    {
+        if (sequences.Count == 0) throw new ArgumentException("nothing to pack: no sequences");
+        var groupOf = new Dictionary<PromptKey, int>();
+        var pixelHash = new Dictionary<float[], int>(ReferenceEqualityComparer.Instance); // a group's copies usually share one array
+        var group = new int[sequences.Count];
+        var sizes = new List<int>();
+        for (int i = 0; i < sequences.Count; i++)
+        {
+            var (prompt, _, px, n) = sequences[i];
+            if (prompt.Length == 0) throw new ArgumentException($"sequence {i} has an empty prompt");
+            if (n > 0 && px is null) throw new ArgumentException($"sequence {i} has {n} tiles but no pixels");
+            bool shareable = prompt.Length >= 2 && prompt[^1] != imageContextId;
+            if (!shareable) { group[i] = sizes.Count; sizes.Add(1); continue; }
+            int imageHash = 0;
+            if (n > 0 && !pixelHash.TryGetValue(px!, out imageHash))
+            {
+                var h = new HashCode();
+                h.AddBytes(System.Runtime.InteropServices.MemoryMarshal.AsBytes(px.AsSpan()));
+                pixelHash[px!] = imageHash = h.ToHashCode();
+            }
+            var key = new PromptKey(prompt, n > 0 ? px : null, n, imageHash);
+            if (!groupOf.TryGetValue(key, out int g)) { groupOf[key] = g = sizes.Count; sizes.Add(0); }
+            group[i] = g;
+            sizes[g]++;
+        }
+        if (sizes.All(x => x == 1)) return Pack(sequences, imageContextId);
+
+        var ids = new List<int>();
+        var targets = new List<int>();
+        var positions = new List<int>();
+        var imageRows = new List<int>();
+        var expand = new List<int>();
+        var output = new List<int>();
+        var cu = new List<int> { 0 };
+        var starts = new int[sequences.Count];
+        var pixels = new List<float>();
+        var firstTile = new Dictionary<float[], int>(ReferenceEqualityComparer.Instance);
+        var sources = new List<int>();
+        var prefixStart = new Dictionary<int, int>(); // group -> its first shared row
+        int tiles = 0, distinct = 0;
+
+        void AddTiles(float[] px, int n)
+        {
+            if (!firstTile.TryGetValue(px, out int first))
+            {
+                firstTile[px] = first = distinct;
+                pixels.AddRange(px);
+                distinct += n;
+            }
+            for (int k = 0; k < n; k++) sources.Add(first + k);
+            tiles += n;
+        }
+        void AddRow(int token, int target, int position, bool image)
+        {
+            if (image) imageRows.Add(ids.Count);
+            output.Add(expand.Count);
+            expand.Add(ids.Count);
+            ids.Add(token);
+            targets.Add(target);
+            positions.Add(position);
+        }
+
+        for (int i = 0; i < sequences.Count; i++)
+        {
+            var (prompt, response, px, n) = sequences[i];
+            int p = prompt.Length, g = group[i];
+            int shared = sizes[g] > 1 ? p - 1 : 0;
+            if (shared > 0)
+            {
+                if (prefixStart.TryGetValue(g, out int at))
+                    for (int k = 0; k < shared; k++) expand.Add(at + k); // read the group's rows again
+                else
+                {
+                    prefixStart[g] = ids.Count;
+                    for (int k = 0; k < shared; k++) AddRow(prompt[k], Backend.IgnoreIndex, k, prompt[k] == imageContextId);
+                    if (n > 0) AddTiles(px!, n);
+                }
+            }
+            for (int k = shared; k < p; k++)
+                AddRow(prompt[k], k == p - 1 && response.Length > 0 ? response[0] : Backend.IgnoreIndex, k, prompt[k] == imageContextId);
+            starts[i] = ids.Count - 1;
+            for (int k = 0; k < response.Length; k++)
+                AddRow(response[k], k + 1 < response.Length ? response[k + 1] : Backend.IgnoreIndex, p + k, false);
+            if (shared == 0 && n > 0) AddTiles(px!, n);
+            cu.Add(expand.Count);
+        }
+        return (new VlmBatch([.. ids], [.. targets], [.. cu], tiles > 0 ? [.. pixels] : null, tiles, [.. imageRows], distinct < tiles ? [.. sources] : null,
+            [.. expand], [.. output], [.. positions]), starts);
+    }
+
+    /// <summary>A prompt and its image by content, for grouping the sequences that can share its rows.</summary>
+    private readonly struct PromptKey(int[] prompt, float[]? pixels, int tiles, int imageHash) : IEquatable<PromptKey>
+    {
+        private readonly int[] _prompt = prompt;
+        private readonly float[]? _pixels = pixels;
+        private readonly int _tiles = tiles;
+        private readonly int _hash = Hash(prompt, tiles, imageHash);
+
+        private static int Hash(int[] prompt, int tiles, int imageHash)
+        {
+            var h = new HashCode();
+            h.Add(tiles);
+            h.Add(imageHash);
+            h.AddBytes(System.Runtime.InteropServices.MemoryMarshal.AsBytes(prompt.AsSpan()));
+            return h.ToHashCode();
+        }
+
+        public bool Equals(PromptKey o) =>
+            _hash == o._hash && _tiles == o._tiles && _prompt.AsSpan().SequenceEqual(o._prompt)
+            && (ReferenceEquals(_pixels, o._pixels) || (_pixels is not null && o._pixels is not null && _pixels.AsSpan().SequenceEqual(o._pixels)));
+
+        public override bool Equals(object? obj) => obj is PromptKey o && Equals(o);
+        public override int GetHashCode() => _hash;
     }
 }
 
@@ -154,6 +283,7 @@ public sealed class VisionLanguageModel : IDisposable
         public Tensor Logits { get; internal set; } = null!;
         internal NormCache FinalNorm = null!;
         internal PackedSequences Sequences = null!;
+        internal SharedRows? Shared;
         internal int Counted;
 
         /// <summary>log p(target_t) per token (0 where ignored).</summary>
@@ -186,6 +316,11 @@ public sealed class VisionLanguageModel : IDisposable
         var c = Config;
         int t = batch.InputIds.Length;
         if (batch.Targets.Length != t) throw new ArgumentException($"targets has {batch.Targets.Length} entries, input_ids {t}");
+        bool sharedRows = batch.ExpandRows is not null;
+        if (sharedRows != (batch.OutputRows is not null) || sharedRows != (batch.Positions is not null))
+            throw new ArgumentException("a batch with shared rows needs expand_rows, output_rows and positions together");
+        if (sharedRows && batch.OutputRows!.Length != t) throw new ArgumentException($"output_rows has {batch.OutputRows.Length} entries, input_ids {t}");
+        if (sharedRows && batch.Positions!.Length != t) throw new ArgumentException($"positions has {batch.Positions.Length} entries, input_ids {t}");
         var imagePositions = batch.ImagePositions ?? Enumerable.Range(0, t).Where(i => batch.InputIds[i] == ImageContextId).ToArray();
         int features = batch.Tiles * c.TokensPerTile;
         if (imagePositions.Length != features)
@@ -194,9 +329,12 @@ public sealed class VisionLanguageModel : IDisposable
         var pass = new Pass();
         var h = pass.Held;
         pass.Sequences = h.Keep(_b.Sequences(batch.CuSeqlens));
-        if (pass.Sequences.Tokens != t) throw new ArgumentException($"cu_seqlens covers {pass.Sequences.Tokens} tokens, input_ids has {t}");
+        int rows = sharedRows ? batch.ExpandRows!.Length : t;
+        if (pass.Sequences.Tokens != rows)
+            throw new ArgumentException(sharedRows ? $"cu_seqlens covers {pass.Sequences.Tokens} tokens, expand_rows has {rows}" : $"cu_seqlens covers {pass.Sequences.Tokens} tokens, input_ids has {t}");
+        if (sharedRows) pass.Shared = h.Keep(new SharedRows(_b, batch.ExpandRows!, batch.OutputRows!));
         pass.Ids = h.Keep(_b.FromArray(batch.InputIds, [t], "input_ids"));
-        pass.Positions = h.Keep(_b.FromArray(pass.Sequences.Positions(), [t], "position_ids"));
+        pass.Positions = h.Keep(_b.FromArray(sharedRows ? batch.Positions! : pass.Sequences.Positions(), [t], "position_ids"));
         pass.Targets = h.Keep(_b.FromArray(batch.Targets, [t], "targets"));
         pass.Embeddings = h.Keep(_b.Activations(t, c.Llm.HiddenSize));
         _b.EmbeddingForward(_embed.Value, pass.Ids, pass.Embeddings);
@@ -208,7 +346,7 @@ public sealed class VisionLanguageModel : IDisposable
             _b.ScatterRows(pass.Image.Tokens, pass.ImageRows, pass.Embeddings);
         }
 
-        pass.Llm = _llm.Forward(pass.Embeddings, pass.Positions, pass.Sequences);
+        pass.Llm = _llm.Forward(pass.Embeddings, pass.Positions, pass.Sequences, pass.Shared);
         pass.Final = h.Keep(_finalNorm.Forward(pass.Llm.Output, out pass.FinalNorm)); h.Keep(pass.FinalNorm);
         pass.Counted = batch.Targets.Count(x => x != Backend.IgnoreIndex);
         if (!withLoss) return pass;
@@ -371,7 +509,7 @@ public sealed class VisionLanguageModel : IDisposable
             _b.Convert(dHidden, dFinal);
         }
         var dOut = held.Keep(_finalNorm.Backward(dFinal, pass.Llm.Output, pass.FinalNorm));
-        var dEmb = held.Keep(_llm.Backward(pass.Llm, dOut, pass.Positions, pass.Sequences));
+        var dEmb = held.Keep(_llm.Backward(pass.Llm, dOut, pass.Positions, pass.Sequences, pass.Shared));
 
         if (pass.ImageRows is not null)
         {

@@ -17,15 +17,21 @@ public sealed record GrpoUpdateStats(double Loss, int Sequences, int Tokens, dou
 /// backward fills the trainable parameters' gradients. The caller steps the optimiser.
 /// <para>
 /// A confident policy samples the same response several times in a group (at temperature 0.6 the digit model's 4
-/// samples of a prompt held 1.7 distinct responses on average). Rollouts with the same prompt, image (the same pixel
-/// array), response, old log-probs, advantage and reference log-probs have identical token losses, so each distinct
-/// one is packed once with its token weights multiplied by its count: the same loss and gradient as packing every
-/// copy, for a fraction of the forward and backward.
+/// samples of a prompt held 1.7 distinct responses on average). Rollouts with the same prompt, image, response, old
+/// log-probs, advantage and reference log-probs have identical token losses, so each distinct one is packed once with
+/// its token weights multiplied by its count: the same loss and gradient as packing every copy, for a fraction of the
+/// forward and backward. The distinct rollouts of a prompt then share its rows (<see cref="SharePrompts"/>).
 /// </para>
 /// </summary>
 public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings settings, LossAggregation aggregation = LossAggregation.SequenceMeanTokenMean,
     int vocabChunk = 8192)
 {
+    /// <summary>
+    /// Rollouts of one prompt compute its rows once (<see cref="VlmBatch.PackShared"/>; on by default): the same loss
+    /// and gradient up to the order of float sums.
+    /// </summary>
+    public bool SharePrompts { get; init; } = true;
+
     public GrpoUpdateStats Accumulate(IReadOnlyList<Rollout> rollouts, IReadOnlyList<float[]>? referenceLogProbs = null)
     {
         if (rollouts.Count == 0) throw new ArgumentException("an update needs at least one rollout");
@@ -50,7 +56,7 @@ public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings setti
             count.Add(1);
         }
         var packedRollouts = distinct.Select(i => rollouts[i]).ToList();
-        var (batch, starts) = Rollout.Pack(packedRollouts, model.ImageContextId);
+        var (batch, starts) = SharePrompts ? Rollout.PackShared(packedRollouts, model.ImageContextId) : Rollout.Pack(packedRollouts, model.ImageContextId);
         var targets = batch.Targets;
         int total = targets.Length;
         float[] old = new float[total], adv = new float[total], weights = new float[total];
@@ -97,14 +103,15 @@ public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings setti
             refs is null ? null : kl / Math.Max(1, n), distinct.Count);
     }
 
-    /// <summary>What makes two rollouts' token losses identical: prompt, image array, response, old log-probs, advantage, reference log-probs.</summary>
+    /// <summary>What makes two rollouts' token losses identical: prompt, image, response, old log-probs, advantage, reference log-probs.</summary>
     private readonly struct RolloutKey(Rollout r, float[]? reference) : IEquatable<RolloutKey>
     {
         private readonly Rollout _r = r;
         private readonly float[]? _ref = reference;
 
         public bool Equals(RolloutKey o) =>
-            _r.Advantage.Equals(o._r.Advantage) && _r.Tiles == o._r.Tiles && ReferenceEquals(_r.Pixels, o._r.Pixels)
+            _r.Advantage.Equals(o._r.Advantage) && _r.Tiles == o._r.Tiles
+            && (ReferenceEquals(_r.Pixels, o._r.Pixels) || (_r.Pixels is not null && o._r.Pixels is not null && _r.Pixels.AsSpan().SequenceEqual(o._r.Pixels)))
             && _r.Response.AsSpan().SequenceEqual(o._r.Response) && _r.PromptIds.AsSpan().SequenceEqual(o._r.PromptIds)
             && _r.OldLogProbs.AsSpan().SequenceEqual(o._r.OldLogProbs)
             && (_ref is null ? o._ref is null : o._ref is not null && _ref.AsSpan().SequenceEqual(o._ref));

@@ -11,6 +11,10 @@ public sealed record Rollout(int Prompt, int[] PromptIds, float[]? Pixels, int T
     /// <summary>Rollouts packed for teacher forcing (<see cref="VlmBatch.Pack"/>): the responses are the targets.</summary>
     public static (VlmBatch Batch, int[] ResponseStarts) Pack(IReadOnlyList<Rollout> rollouts, int imageContextId) =>
         VlmBatch.Pack(rollouts.Select(r => (r.PromptIds, r.Response, r.Pixels, r.Tiles)).ToList(), imageContextId);
+
+    /// <summary>Rollouts packed with each prompt's rows computed once for the rollouts that share it (<see cref="VlmBatch.PackShared"/>).</summary>
+    public static (VlmBatch Batch, int[] ResponseStarts) PackShared(IReadOnlyList<Rollout> rollouts, int imageContextId) =>
+        VlmBatch.PackShared(rollouts.Select(r => (r.PromptIds, r.Response, r.Pixels, r.Tiles)).ToList(), imageContextId);
 }
 
 /// <summary>An update batch and how much of it carries signal.</summary>

@@ -49,5 +49,17 @@ public sealed class RewardModelTests(CpuFixture fx) : IDisposable
         var repeated = rm.ScoreSequences([sequences[0], (p0, [.. r0], px0, t0), sequences[2], (p0, r0, px0!.ToArray(), t0)]);
         Assert.Equal([packed[0], packed[0], packed[2]], repeated[..3]);
         Assert.Equal(packed[0], repeated[3], 1e-4f * Math.Max(1, Math.Abs(packed[0])));
+        // A group's different responses to one prompt share its rows and score as each alone.
+        var group = new List<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)> { (p0, Text(5), px0, t0), sequences[1], (p0, Text(9), px0, t0), (p0, r0, px0, t0) };
+        Assert.NotNull(VlmBatch.PackShared(group, init.ImageContextId).Batch.ExpandRows);
+        var grouped = rm.ScoreSequences(group);
+        for (int i = 0; i < group.Count; i++)
+        {
+            var (prompt, response, pixels, tiles) = group[i];
+            int[] ids = [.. prompt, .. response];
+            var imageRows = Enumerable.Range(0, prompt.Length).Where(k => ids[k] == init.ImageContextId).ToArray();
+            using var alone = rm.Score(new VlmBatch(ids, Enumerable.Repeat(Engine.Backends.Backend.IgnoreIndex, ids.Length).ToArray(), [0, ids.Length], pixels, tiles, imageRows));
+            Assert.Equal(alone.Scores[0], grouped[i], 1e-4f * Math.Max(1, Math.Abs(alone.Scores[0])));
+        }
     }
 }

@@ -179,4 +179,62 @@ public sealed class VlmModelTests(CpuFixture fx) : IDisposable
         for (int i = 0; i < a.Grads.Length; i++) Assert.Equal(b.Grads[i], a.Grads[i]);
         Assert.Contains(a.LogProbs, x => x != 0);
     }
+    [Theory]
+    [InlineData(TrainableParts.AdapterAndLlm, false)]
+    [InlineData(TrainableParts.All, false)]
+    [InlineData(TrainableParts.AdapterAndLlm, true)] // activation checkpointing recomputes each layer through the shared rows
+    public void SequencesSharingAPrompt_ComputeItsRowsOnce_WithTheLogProbsAndGradientsOfPackingEachCopy(TrainableParts parts, bool checkpoint)
+    {
+        ModelFactory.Init(Path.Combine(AppContext.BaseDirectory, "configs", "digits-tiny.json"), _dir, seed: 3);
+        using var model = VisionLanguageModel.Load(_b, _dir, parts);
+        model.CheckpointLlm = checkpoint;
+        int img = model.ImageContextId, perTile = model.Config.TokensPerTile, side = model.Config.ForceImageSize;
+        var rng = new Random(7);
+        float[] Image() => Enumerable.Range(0, 3 * side * side).Select(_ => (float)(rng.NextDouble() * 2 - 1)).ToArray();
+        int[] Text(int n) => Enumerable.Range(0, n).Select(_ => rng.Next(3, 200)).ToArray();
+        var image = Image();
+        int[] promptA = [.. Text(3), .. Enumerable.Repeat(img, perTile), .. Text(4)];
+        int[] promptB = Text(5);
+        int[] endsInImage = [.. Text(2), .. Enumerable.Repeat(img, perTile)]; // its last prompt row is an image row: not shared
+        var sequences = new List<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)>
+        {
+            (promptA, Text(6), image, 1),
+            (promptB, Text(3), null, 0),
+            (promptA, Text(2), image, 1),
+            ([.. promptA], Text(5), image.ToArray(), 1), // equal contents in other arrays share too
+            (promptB, Text(4), null, 0),
+            (endsInImage, Text(3), Image(), 1),
+            (endsInImage, Text(2), Image(), 1),          // the same tokens with another image: its own prompt
+        };
+        var (plain, plainStarts) = VlmBatch.Pack(sequences, img);
+        var (shared, sharedStarts) = VlmBatch.PackShared(sequences, img);
+        Assert.Null(plain.ExpandRows);
+        Assert.Equal(plain.CuSeqlens, shared.CuSeqlens);                 // the same attention layout
+        Assert.Equal(plain.InputIds.Length, shared.ExpandRows!.Length);
+        Assert.Equal(plain.InputIds.Length - 2 * (promptA.Length - 1) - (promptB.Length - 1), shared.InputIds.Length);
+        Assert.Equal(3, shared.Tiles);                                   // promptA's image once, then each endsInImage image
+        Assert.Equal(plain.InputIds, shared.ExpandRows.Select(r => shared.InputIds[r]));
+        Assert.Equal(plain.CuSeqlens.SkipLast(1).SelectMany((c, i) => Enumerable.Range(0, plain.CuSeqlens[i + 1] - c)), shared.ExpandRows.Select(r => shared.Positions![r]));
+
+        (float[] LogProbs, double Loss, float[][] Grads) Run(VlmBatch batch)
+        {
+            foreach (var p in model.Parameters.Trainable) p.ZeroGrad();
+            using var pass = model.Forward(batch);
+            model.Backward(pass);
+            return (pass.LogProbs, pass.Loss, [.. model.Parameters.Trainable.Select(p => p.Grad!.ToFloatArray())]);
+        }
+        var a = Run(plain);
+        var b = Run(shared);
+        Assert.Equal(a.Loss, b.Loss, 1e-6);
+        for (int i = 0; i < sequences.Count; i++)
+        {
+            int n = sequences[i].Response.Length;
+            Check.Close(a.LogProbs[plainStarts[i]..(plainStarts[i] + n)], b.LogProbs[sharedStarts[i]..(sharedStarts[i] + n)], 1e-6, 1e-6, $"sequence {i} log-probs");
+        }
+        for (int i = 0; i < a.Grads.Length; i++) Check.Close(a.Grads[i], b.Grads[i], 1e-6, 1e-4, $"gradient of {model.Parameters.Trainable.ElementAt(i).Name}");
+        Assert.Contains(b.Grads, g => g.Any(x => x != 0));
+        // Nothing to share: the plain packing.
+        var (single, _) = VlmBatch.PackShared([sequences[0], sequences[1]], img);
+        Assert.Null(single.ExpandRows);
+    }
 }

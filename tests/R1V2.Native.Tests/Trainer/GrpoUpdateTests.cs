@@ -112,6 +112,31 @@ public sealed class GrpoUpdateTests(CpuFixture fx)
         Assert.Equal(3, Run([a, a with { Advantage = 0.5 }, b]).Stats.Distinct);
     }
 
+    [Fact]
+    public void RolloutsOfOnePrompt_ShareItsRows_WithTheLossAndGradientOfPackingEachWhole()
+    {
+        var (prompt, pixels, dir) = FirstFixturePrompt();
+        using var model = VisionLanguageModel.Load(fx.Backend, dir, TrainableParts.AdapterAndLlm);
+        var samples = new Generator(model, options: new GeneratorOptions(CacheBlocks: 64, BlockSize: 4))
+            .Generate([new GenerationRequest(prompt, pixels, 1, new SamplingParams(1f), Seed: 9, MaxNewTokens: 5, Samples: 4)]);
+        double[] advantages = [1.1, -0.4, 0.7, -1.4];
+        var rollouts = samples.Select((s, i) => new Rollout(0, prompt, pixels, 1, s.Tokens, s.LogProbs, 0, advantages[i], 0)).ToList();
+        var settings = new GrpoLossSettings(EpsLow: 0.2f, EpsHigh: 0.28f, Temperature: 1f);
+
+        (GrpoUpdateStats Stats, float[][] Grads) Run(bool share)
+        {
+            foreach (var p in model.Parameters.Trainable) p.ZeroGrad();
+            var stats = new GrpoUpdate(model, settings) { SharePrompts = share }.Accumulate(rollouts);
+            return (stats, [.. model.Parameters.Trainable.Select(p => p.Grad!.ToFloatArray())]);
+        }
+        var whole = Run(false);
+        var shared = Run(true);
+        Assert.Equal(whole.Stats.Loss, shared.Stats.Loss, 1e-6);
+        Assert.Equal(whole.Stats.MeanRatio, shared.Stats.MeanRatio, 1e-6);
+        for (int i = 0; i < whole.Grads.Length; i++) Check.Close(whole.Grads[i], shared.Grads[i], 1e-6, 1e-4, $"gradient {i}");
+        Assert.Contains(shared.Grads, g => g.Any(x => x != 0));
+    }
+
     /// <summary>The internvit6b fixture's first sequence as a prompt, its first tile's pixels, and the fixture's directory.</summary>
     private static (int[] Prompt, float[] Pixels, string Dir) FirstFixturePrompt()
     {
