@@ -67,7 +67,7 @@ public sealed record PipelineSettings
     /// 61k rollouts), and 256 a step for 120 steps gained what 512 for 60 did
     /// (perf/results/grpo-controls-digits-cpu-2core-20261130.md, grpo-budget-digits-cpu-2core-20261130.md).
     /// </summary>
-    public int GrpoSteps { get; init; } = 64;
+    public int GrpoSteps { get; init; } = 80;
     /// <summary>Prompts per GRPO step, each sampled <see cref="GroupSize"/> times: 512 rollouts a step keep the update's noise
     /// from moving the digit-reading prior (with 64 a step misreads drifted to "3").</summary>
     public int GrpoPrompts { get; init; } = 64;
