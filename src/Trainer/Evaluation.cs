@@ -65,6 +65,7 @@ public static class Evaluation
         if (s.BatchSequences < 1) throw new ArgumentException($"the eval batch must be at least 1 sequence, got {s.BatchSequences}");
         if (s.CacheBlocks < 1) throw new ArgumentException($"the KV cache needs at least 1 block, got {s.CacheBlocks}");
         if (prompts.Count == 0) throw new ArgumentException("no prompts to evaluate");
+        _ = new Grounding([], s.ClaimPattern, "the claim pattern (--claim-pattern)"); // a bad pattern fails before any sampling
         var clock = Stopwatch.StartNew();
         var groups = PromptSampling.Sample(model, tokenizer, prompts, s.Samples, new SamplingParams(s.Temperature, TopP: s.TopP), s.MaxNewTokens, s.Seed,
             (_, _) => new RewardBreakdown(0, 0, 0, 0, 0), s.CacheBlocks, s.BatchSequences);

@@ -18,7 +18,8 @@ public sealed class Grounding
     private readonly List<(string Word, Regex Pattern)> _objects;
     private readonly Regex? _claims;
 
-    public Grounding(IEnumerable<string> objectVocabulary, string? claimPattern = null)
+    /// <param name="patternName">What the errors call the claim pattern (the setting or flag it came from).</param>
+    public Grounding(IEnumerable<string> objectVocabulary, string? claimPattern = null, string patternName = "monitor.claim_pattern")
     {
         _objects = objectVocabulary.Select(w => w.Trim().ToLowerInvariant()).Where(w => w.Length > 0).Distinct(StringComparer.Ordinal)
             .Select(w => (w, new Regex($@"(?<![\p{{L}}\p{{N}}]){Regex.Escape(w).Replace(@"\ ", @"\s+")}(?:s|es)?(?![\p{{L}}\p{{N}}])",
@@ -27,8 +28,8 @@ public sealed class Grounding
         if (claimPattern is not null)
         {
             try { _claims = new Regex(claimPattern, RegexOptions.CultureInvariant); }
-            catch (ArgumentException e) { throw new ArgumentException($"monitor.claim_pattern is not a valid regex: {e.Message}", e); }
-            if (_claims.GetGroupNumbers().Length < 2) throw new ArgumentException("monitor.claim_pattern needs a group holding the claimed digits");
+            catch (ArgumentException e) { throw new ArgumentException($"{patternName} is not a valid regex: {e.Message}", e); }
+            if (_claims.GetGroupNumbers().Length < 2) throw new ArgumentException($"{patternName} needs a group holding the claimed digits");
         }
     }
 

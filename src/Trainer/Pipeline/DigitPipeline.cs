@@ -61,13 +61,13 @@ public sealed record PipelineSettings
     /// <summary>MPO's learning rate: 2e-4 (tuned for a weaker SFT model) cost the SFT model of 1000 warm-up steps 0.145 on validation; 2e-5 keeps it.</summary>
     public float PreferenceLr { get; init; } = 2e-5f;
     /// <summary>
-    /// Steps of each GRPO run (with and without the buffer), sized so that a fresh clone finishes in about 8 minutes on 2
-    /// CPU cores, within the 10 with margin. What GRPO gains grows with its rollouts, not its steps: with 16 rollouts a
+    /// Steps of each GRPO run (with and without the buffer), sized so that a fresh clone finishes in about 8.5 minutes
+    /// on 2 CPU cores, within the 10 with margin (80 steps took 8 min 53 s). What GRPO gains grows with its rollouts, not its steps: with 16 rollouts a
     /// step it drifted (held-out -0.015 after 100 steps), with 512 a step validation rose through 120 steps (+0.049 at
     /// 61k rollouts), and 256 a step for 120 steps gained what 512 for 60 did
     /// (perf/results/grpo-controls-digits-cpu-2core-20261130.md, grpo-budget-digits-cpu-2core-20261130.md).
     /// </summary>
-    public int GrpoSteps { get; init; } = 80;
+    public int GrpoSteps { get; init; } = 72;
     /// <summary>Prompts per GRPO step, each sampled <see cref="GroupSize"/> times: 512 rollouts a step keep the update's noise
     /// from moving the digit-reading prior (with 64 a step misreads drifted to "3").</summary>
     public int GrpoPrompts { get; init; } = 64;

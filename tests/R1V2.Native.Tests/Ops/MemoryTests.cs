@@ -29,7 +29,10 @@ public sealed class MemoryPoolTests
     [Theory]
     [InlineData(1, 512)]
     [InlineData(513, 1024)]
-    [InlineData((1 << 20) + 1, 2 << 20)]
+    [InlineData(4096, 4096)]
+    [InlineData(4097, 4608)]                   // 8 classes per power of two above 4 KiB: 4096 + 512
+    [InlineData(3 << 20, 3 << 20)]
+    [InlineData((1 << 20) + 1, (1 << 20) + (1 << 17))]
     public void MemoryPool_RoundsToSizeClasses(long request, long expected) => Assert.Equal(expected, MemoryPool<FakeBlock>.RoundUp(request));
 }
 

@@ -62,6 +62,13 @@ public sealed class EvaluationTests(CpuFixture fx) : IDisposable
         Assert.Equal(alone.SelectMany(g => g.Responses), together.SelectMany(g => g.Responses));
         Assert.True(alone.SelectMany(g => g.Responses).Distinct().Count() > 6, "the samples should differ");
 
+        // Bad settings fail before any sampling, naming what is wrong.
+        Assert.Contains("the claim pattern (--claim-pattern) is not a valid regex",
+            Assert.Throws<ArgumentException>(() => Evaluation.Run(model, tok, prompts, settings with { ClaimPattern = "I see ([0-9]" })).Message);
+        Assert.Contains("the claim pattern (--claim-pattern) needs a group",
+            Assert.Throws<ArgumentException>(() => Evaluation.Run(model, tok, prompts, settings with { ClaimPattern = "I see" })).Message);
+        Assert.Contains("eval batch", Assert.Throws<ArgumentException>(() => Evaluation.Run(model, tok, prompts, settings with { BatchSequences = 0 })).Message);
+
         var files = Evaluation.Write(Path.Combine(_dir, "out"), r, samples);
         Assert.Equal(18, File.ReadAllLines(files.Single(f => f.EndsWith("samples.jsonl"))).Length);
         Assert.Equal(r.PassAt1, JsonDocument.Parse(File.ReadAllText(files.Single(f => f.EndsWith("eval.json")))).RootElement.GetProperty("PassAt1").GetDouble());
