@@ -45,12 +45,9 @@ public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, fl
         var ids = new List<int>();
         var targets = new List<int>();
         var cu = new List<int> { 0 };
-        var pixels = new List<float>();
         var imageRows = new List<int>();
         var starts = new int[sequences.Count];
-        var firstTile = new Dictionary<float[], int>(ReferenceEqualityComparer.Instance);
-        var sources = new List<int>();
-        int tiles = 0, distinct = 0;
+        var tiles = new TileList();
         for (int i = 0; i < sequences.Count; i++)
         {
             var (prompt, response, px, n) = sequences[i];
@@ -68,16 +65,36 @@ public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, fl
             cu.Add(ids.Count);
             if (n == 0) continue;
             if (px is null) throw new ArgumentException($"sequence {i} has {n} tiles but no pixels");
-            if (!firstTile.TryGetValue(px, out int first))
-            {
-                firstTile[px] = first = distinct;
-                pixels.AddRange(px);
-                distinct += n;
-            }
-            for (int k = 0; k < n; k++) sources.Add(first + k);
-            tiles += n;
+            tiles.Add(px, n);
         }
-        return (new VlmBatch([.. ids], [.. targets], [.. cu], tiles > 0 ? [.. pixels] : null, tiles, [.. imageRows], distinct < tiles ? [.. sources] : null), starts);
+        return (new VlmBatch([.. ids], [.. targets], [.. cu], tiles.Pixels, tiles.Count, [.. imageRows], tiles.Sources), starts);
+    }
+
+    /// <summary>A batch's image tiles in order, each pixel array (by reference) stored once.</summary>
+    private sealed class TileList
+    {
+        private readonly Dictionary<float[], int> _first = new(ReferenceEqualityComparer.Instance);
+        private readonly List<float> _pixels = [];
+        private readonly List<int> _sources = [];
+        private int _distinct;
+
+        public int Count { get; private set; }
+        public float[]? Pixels => Count > 0 ? [.. _pixels] : null;
+
+        /// <summary>Which stored tile each tile is; null when every tile is stored in order.</summary>
+        public int[]? Sources => _distinct < Count ? [.. _sources] : null;
+
+        public void Add(float[] pixels, int tiles)
+        {
+            if (!_first.TryGetValue(pixels, out int first))
+            {
+                _first[pixels] = first = _distinct;
+                _pixels.AddRange(pixels);
+                _distinct += tiles;
+            }
+            for (int k = 0; k < tiles; k++) _sources.Add(first + k);
+            Count += tiles;
+        }
     }
 
     /// <summary>
@@ -124,23 +141,9 @@ public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, fl
         var output = new List<int>();
         var cu = new List<int> { 0 };
         var starts = new int[sequences.Count];
-        var pixels = new List<float>();
-        var firstTile = new Dictionary<float[], int>(ReferenceEqualityComparer.Instance);
-        var sources = new List<int>();
+        var tiles = new TileList();
         var prefixStart = new Dictionary<int, int>(); // group -> its first shared row
-        int tiles = 0, distinct = 0;
 
-        void AddTiles(float[] px, int n)
-        {
-            if (!firstTile.TryGetValue(px, out int first))
-            {
-                firstTile[px] = first = distinct;
-                pixels.AddRange(px);
-                distinct += n;
-            }
-            for (int k = 0; k < n; k++) sources.Add(first + k);
-            tiles += n;
-        }
         void AddRow(int token, int target, int position, bool image)
         {
             if (image) imageRows.Add(ids.Count);
@@ -164,7 +167,7 @@ public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, fl
                 {
                     prefixStart[g] = ids.Count;
                     for (int k = 0; k < shared; k++) AddRow(prompt[k], Backend.IgnoreIndex, k, prompt[k] == imageContextId);
-                    if (n > 0) AddTiles(px!, n);
+                    if (n > 0) tiles.Add(px!, n);
                 }
             }
             for (int k = shared; k < p; k++)
@@ -172,11 +175,10 @@ public sealed record VlmBatch(int[] InputIds, int[] Targets, int[] CuSeqlens, fl
             starts[i] = ids.Count - 1;
             for (int k = 0; k < response.Length; k++)
                 AddRow(response[k], k + 1 < response.Length ? response[k + 1] : Backend.IgnoreIndex, p + k, false);
-            if (shared == 0 && n > 0) AddTiles(px!, n);
+            if (shared == 0 && n > 0) tiles.Add(px!, n);
             cu.Add(expand.Count);
         }
-        return (new VlmBatch([.. ids], [.. targets], [.. cu], tiles > 0 ? [.. pixels] : null, tiles, [.. imageRows], distinct < tiles ? [.. sources] : null,
-            [.. expand], [.. output], [.. positions]), starts);
+        return (new VlmBatch([.. ids], [.. targets], [.. cu], tiles.Pixels, tiles.Count, [.. imageRows], tiles.Sources, [.. expand], [.. output], [.. positions]), starts);
     }
 
     /// <summary>A prompt and its image by content, for grouping the sequences that can share its rows.</summary>
