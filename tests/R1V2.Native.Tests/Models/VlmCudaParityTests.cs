@@ -65,6 +65,46 @@ public sealed class VlmCudaParityTests(CpuFixture fx, ITestOutputHelper output)
     }
 
     /// <summary>
+    /// Shared prompt rows on CUDA (fp32): the gathers, the scatter and the grouped sum around attention give the log-probs
+    /// and gradients of the plain packing on the CPU backend.
+    /// </summary>
+    [SkippableFact]
+    public void SharedPromptRows_OnCuda_MatchThePlainPackingOnTheCpu()
+    {
+        Skip.IfNot(Gpu.Available, Gpu.Reason);
+        var dir = Directory.CreateTempSubdirectory("r1v2-shared-rows-").FullName;
+        try
+        {
+            var init = ModelFactory.Init(Path.Combine(AppContext.BaseDirectory, "configs", "digits-tiny.json"), dir, seed: 3);
+            var sequences = VlmModelTests.SharingSequences(VlmConfig.Load(Path.Combine(dir, "config.json")), init.ImageContextId);
+            var (plain, plainStarts) = VlmBatch.Pack(sequences, init.ImageContextId);
+            var (shared, sharedStarts) = VlmBatch.PackShared(sequences, init.ImageContextId);
+
+            (float[] LogProbs, Dictionary<string, float[]> Grads) Run(Backend b, VlmBatch batch, int[] starts)
+            {
+                using var model = VisionLanguageModel.Load(b, dir, TrainableParts.All);
+                using var pass = model.Forward(batch);
+                model.Backward(pass);
+                var logProbs = sequences.SelectMany((s, i) => pass.LogProbs[starts[i]..(starts[i] + s.Response.Length)]).ToArray();
+                return (logProbs, model.Parameters.All.ToDictionary(p => p.Name, p => p.Parameter.Grad!.ToFloatArray()));
+            }
+            var cpu = Run(fx.Backend, plain, plainStarts);
+            using var cuda = new CudaBackend();
+            var gpu = Run(cuda, shared, sharedStarts);
+            double lpError = Check.RelativeL2(TestData.ToDouble(cpu.LogProbs), gpu.LogProbs);
+            output.WriteLine($"response log-probs: relative L2 error {lpError:E2}");
+            Assert.True(lpError < 1e-4, $"response log-probs off by {lpError:E2}");
+            foreach (var (name, g) in cpu.Grads)
+            {
+                double rel = Check.RelativeL2(TestData.ToDouble(g), gpu.Grads[name]);
+                output.WriteLine($"{name}: relative L2 error {rel:E2}");
+                Assert.True(rel < 1e-3, $"{name}: relative L2 gradient error {rel:E2}");
+            }
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    /// <summary>
     /// A training step on CUDA gives the same bits every time (no kernel adds in a varying order), so a CUDA run
     /// reproduces from its seed as a CPU run does.
     /// </summary>

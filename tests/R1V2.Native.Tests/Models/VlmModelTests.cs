@@ -179,6 +179,32 @@ public sealed class VlmModelTests(CpuFixture fx) : IDisposable
         for (int i = 0; i < a.Grads.Length; i++) Assert.Equal(b.Grads[i], a.Grads[i]);
         Assert.Contains(a.LogProbs, x => x != 0);
     }
+    /// <summary>
+    /// Seven sequences for the digits-tiny model: three share prompt A and its image (one through copied arrays), two
+    /// share the text-only prompt B, and two prompts end in image tokens (never shared) with images of their own.
+    /// </summary>
+    internal static List<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)> SharingSequences(VlmConfig config, int imageContextId)
+    {
+        int img = imageContextId, perTile = config.TokensPerTile, side = config.ForceImageSize;
+        var rng = new Random(7);
+        float[] Image() => Enumerable.Range(0, 3 * side * side).Select(_ => (float)(rng.NextDouble() * 2 - 1)).ToArray();
+        int[] Text(int n) => Enumerable.Range(0, n).Select(_ => rng.Next(3, 200)).ToArray();
+        var image = Image();
+        int[] promptA = [.. Text(3), .. Enumerable.Repeat(img, perTile), .. Text(4)];
+        int[] promptB = Text(5);
+        int[] endsInImage = [.. Text(2), .. Enumerable.Repeat(img, perTile)]; // its last prompt row is an image row: not shared
+        return
+        [
+            (promptA, Text(6), image, 1),
+            (promptB, Text(3), null, 0),
+            (promptA, Text(2), image, 1),
+            ([.. promptA], Text(5), image.ToArray(), 1), // equal contents in other arrays share too
+            (promptB, Text(4), null, 0),
+            (endsInImage, Text(3), Image(), 1),
+            (endsInImage, Text(2), Image(), 1),          // the same tokens with another image: its own prompt
+        ];
+    }
+
     [Theory]
     [InlineData(TrainableParts.AdapterAndLlm, false)]
     [InlineData(TrainableParts.All, false)]
@@ -188,24 +214,9 @@ public sealed class VlmModelTests(CpuFixture fx) : IDisposable
         ModelFactory.Init(Path.Combine(AppContext.BaseDirectory, "configs", "digits-tiny.json"), _dir, seed: 3);
         using var model = VisionLanguageModel.Load(_b, _dir, parts);
         model.CheckpointLlm = checkpoint;
-        int img = model.ImageContextId, perTile = model.Config.TokensPerTile, side = model.Config.ForceImageSize;
-        var rng = new Random(7);
-        float[] Image() => Enumerable.Range(0, 3 * side * side).Select(_ => (float)(rng.NextDouble() * 2 - 1)).ToArray();
-        int[] Text(int n) => Enumerable.Range(0, n).Select(_ => rng.Next(3, 200)).ToArray();
-        var image = Image();
-        int[] promptA = [.. Text(3), .. Enumerable.Repeat(img, perTile), .. Text(4)];
-        int[] promptB = Text(5);
-        int[] endsInImage = [.. Text(2), .. Enumerable.Repeat(img, perTile)]; // its last prompt row is an image row: not shared
-        var sequences = new List<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)>
-        {
-            (promptA, Text(6), image, 1),
-            (promptB, Text(3), null, 0),
-            (promptA, Text(2), image, 1),
-            ([.. promptA], Text(5), image.ToArray(), 1), // equal contents in other arrays share too
-            (promptB, Text(4), null, 0),
-            (endsInImage, Text(3), Image(), 1),
-            (endsInImage, Text(2), Image(), 1),          // the same tokens with another image: its own prompt
-        };
+        int img = model.ImageContextId;
+        var sequences = SharingSequences(model.Config, img);
+        int[] promptA = sequences[0].Prompt, promptB = sequences[1].Prompt;
         var (plain, plainStarts) = VlmBatch.Pack(sequences, img);
         var (shared, sharedStarts) = VlmBatch.PackShared(sequences, img);
         Assert.Null(plain.ExpandRows);
