@@ -196,18 +196,15 @@ public sealed class SharedRows : IDisposable
     public int AttentionRows => Expand.Length;
 
     /// <summary>[T', C] -> [T, C]: each attention row a copy of the distinct row it reads.</summary>
-    public Tensor Gather(Tensor distinct)
-    {
-        var all = _b.Allocate(distinct.DType, AttentionRows, distinct.Cols);
-        _b.GatherRows(distinct, Expand, all);
-        return all;
-    }
+    public Tensor Gather(Tensor distinct) => GatherBy(distinct, Expand);
 
     /// <summary>[T, C] -> [T', C]: each distinct row's own attention row.</summary>
-    public Tensor Select(Tensor attention)
+    public Tensor Select(Tensor attention) => GatherBy(attention, Output);
+
+    private Tensor GatherBy(Tensor source, RowIndex index)
     {
-        var rows = _b.Allocate(attention.DType, DistinctRows, attention.Cols);
-        _b.GatherRows(attention, Output, rows);
+        var rows = _b.Allocate(source.DType, index.Length, source.Cols);
+        _b.GatherRows(source, index, rows);
         return rows;
     }
 

@@ -31,17 +31,22 @@ public sealed class RewardModelTests(CpuFixture fx) : IDisposable
             (WithImage(1, 5), reply, Image(), 1),
         };
 
-        var packed = rm.ScoreSequences(sequences);
-
-        Assert.Equal(3, packed.Length);
-        for (int i = 0; i < sequences.Count; i++)
+        // Each sequence's score in a batch of its own.
+        void ScoreAsAlone(List<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)> batch, float[] scores)
         {
-            var (prompt, response, pixels, tiles) = sequences[i];
-            int[] ids = [.. prompt, .. response];
-            var imageRows = Enumerable.Range(0, prompt.Length).Where(k => ids[k] == init.ImageContextId).ToArray();
-            using var alone = rm.Score(new VlmBatch(ids, Enumerable.Repeat(Engine.Backends.Backend.IgnoreIndex, ids.Length).ToArray(), [0, ids.Length], pixels, tiles, imageRows));
-            Assert.Equal(alone.Scores[0], packed[i], 1e-4f * Math.Max(1, Math.Abs(alone.Scores[0])));
+            for (int i = 0; i < batch.Count; i++)
+            {
+                var (prompt, response, pixels, tiles) = batch[i];
+                int[] ids = [.. prompt, .. response];
+                var imageRows = Enumerable.Range(0, prompt.Length).Where(k => ids[k] == init.ImageContextId).ToArray();
+                using var alone = rm.Score(new VlmBatch(ids, Enumerable.Repeat(Engine.Backends.Backend.IgnoreIndex, ids.Length).ToArray(), [0, ids.Length], pixels, tiles, imageRows));
+                Assert.Equal(alone.Scores[0], scores[i], 1e-4f * Math.Max(1, Math.Abs(alone.Scores[0])));
+            }
         }
+
+        var packed = rm.ScoreSequences(sequences);
+        Assert.Equal(3, packed.Length);
+        ScoreAsAlone(sequences, packed);
         Assert.True(packed.Distinct().Count() == 3, "the three sequences should not score alike");
         Assert.Empty(rm.ScoreSequences([]));
         // Repeats (the same prompt and pixel arrays, equal responses) score as their first copy; a copied pixel array is another image.
@@ -52,14 +57,6 @@ public sealed class RewardModelTests(CpuFixture fx) : IDisposable
         // A group's different responses to one prompt share its rows and score as each alone.
         var group = new List<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)> { (p0, Text(5), px0, t0), sequences[1], (p0, Text(9), px0, t0), (p0, r0, px0, t0) };
         Assert.NotNull(VlmBatch.PackShared(group, init.ImageContextId).Batch.ExpandRows);
-        var grouped = rm.ScoreSequences(group);
-        for (int i = 0; i < group.Count; i++)
-        {
-            var (prompt, response, pixels, tiles) = group[i];
-            int[] ids = [.. prompt, .. response];
-            var imageRows = Enumerable.Range(0, prompt.Length).Where(k => ids[k] == init.ImageContextId).ToArray();
-            using var alone = rm.Score(new VlmBatch(ids, Enumerable.Repeat(Engine.Backends.Backend.IgnoreIndex, ids.Length).ToArray(), [0, ids.Length], pixels, tiles, imageRows));
-            Assert.Equal(alone.Scores[0], grouped[i], 1e-4f * Math.Max(1, Math.Abs(alone.Scores[0])));
-        }
+        ScoreAsAlone(group, rm.ScoreSequences(group));
     }
 }
