@@ -58,6 +58,8 @@ public sealed record EvalSample(int Prompt, int Sample, string? Type, string Ans
 /// <summary>`engine eval`: samples responses with the paged generator and scores them with the rule verifier.</summary>
 public static class Evaluation
 {
+    private const string ClaimPatternName = "the claim pattern (--claim-pattern)";
+
     public static (EvalResult Result, List<EvalSample> Samples) Run(VisionLanguageModel model, TextTokenizer tokenizer, IReadOnlyList<PromptRow> prompts,
         EvalSettings s, string modelName = "", string dataName = "")
     {
@@ -65,7 +67,7 @@ public static class Evaluation
         if (s.BatchSequences < 1) throw new ArgumentException($"the eval batch must be at least 1 sequence, got {s.BatchSequences}");
         if (s.CacheBlocks < 1) throw new ArgumentException($"the KV cache needs at least 1 block, got {s.CacheBlocks}");
         if (prompts.Count == 0) throw new ArgumentException("no prompts to evaluate");
-        _ = new Grounding([], s.ClaimPattern, "the claim pattern (--claim-pattern)"); // a bad pattern fails before any sampling
+        if (s.ClaimPattern is not null) Grounding.ClaimRegex(s.ClaimPattern, ClaimPatternName); // a bad pattern fails before any sampling
         var clock = Stopwatch.StartNew();
         var groups = PromptSampling.Sample(model, tokenizer, prompts, s.Samples, new SamplingParams(s.Temperature, TopP: s.TopP), s.MaxNewTokens, s.Seed,
             (_, _) => new RewardBreakdown(0, 0, 0, 0, 0), s.CacheBlocks, s.BatchSequences);
@@ -77,7 +79,7 @@ public static class Evaluation
         Func<string, int> length, string modelName = "", string dataName = "", Stopwatch? clock = null)
     {
         var format = new FormatReward();
-        var grounding = new Grounding(groups.SelectMany(g => g.Prompt.ImageObjects ?? []), s.ClaimPattern);
+        var grounding = new Grounding(groups.SelectMany(g => g.Prompt.ImageObjects ?? []), s.ClaimPattern, ClaimPatternName);
         var samples = new List<EvalSample>();
         var perPrompt = new List<(string? Type, double Pass)>();
         int anyRight = 0, majorityRight = 0;

@@ -25,12 +25,17 @@ public sealed class Grounding
             .Select(w => (w, new Regex($@"(?<![\p{{L}}\p{{N}}]){Regex.Escape(w).Replace(@"\ ", @"\s+")}(?:s|es)?(?![\p{{L}}\p{{N}}])",
                 RegexOptions.IgnoreCase | RegexOptions.CultureInvariant)))
             .ToList();
-        if (claimPattern is not null)
-        {
-            try { _claims = new Regex(claimPattern, RegexOptions.CultureInvariant); }
-            catch (ArgumentException e) { throw new ArgumentException($"{patternName} is not a valid regex: {e.Message}", e); }
-            if (_claims.GetGroupNumbers().Length < 2) throw new ArgumentException($"{patternName} needs a group holding the claimed digits");
-        }
+        if (claimPattern is not null) _claims = ClaimRegex(claimPattern, patternName);
+    }
+
+    /// <summary>The claim pattern compiled, or an error naming it when it is not a regex with a group for the digits.</summary>
+    public static Regex ClaimRegex(string claimPattern, string patternName)
+    {
+        Regex claims;
+        try { claims = new Regex(claimPattern, RegexOptions.CultureInvariant); }
+        catch (ArgumentException e) { throw new ArgumentException($"{patternName} is not a valid regex: {e.Message}", e); }
+        if (claims.GetGroupNumbers().Length < 2) throw new ArgumentException($"{patternName} needs a group holding the claimed digits");
+        return claims;
     }
 
     public int VocabularySize => _objects.Count;
