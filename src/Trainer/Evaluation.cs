@@ -91,7 +91,7 @@ public static class Evaluation
             for (int k = 0; k < responses.Count; k++)
             {
                 var text = responses[k];
-                bool ok = AnswerVerifier.Score(text, prompt.Answer, prompt.Choices) > 0, formed = format.Score(text) == format.WellFormed;
+                bool ok = AnswerVerifier.ScoreResponse(text, prompt.Answer, prompt.Choices) > 0, formed = format.Score(text) == format.WellFormed;
                 bool? grounded = grounding.Check(text, prompt);
                 if (grounded is { } gr) { checks++; if (!gr) ungrounded++; }
                 var reading = Tasks.DigitScenes.Reading(text, prompt);
@@ -127,7 +127,7 @@ public static class Evaluation
         var votes = new List<(string? Answer, int Count)>();
         foreach (var text in responses)
         {
-            var answer = AnswerVerifier.ExtractAnswer(text);
+            var answer = AnswerVerifier.FinalAnswer(text);
             int at = votes.FindIndex(v => answer is null ? v.Answer is null : v.Answer is not null && AnswerVerifier.Equivalent(answer, v.Answer, prompt.Choices));
             if (at < 0) votes.Add((answer, 1));
             else votes[at] = (votes[at].Answer, votes[at].Count + 1);

@@ -47,10 +47,8 @@ public sealed class Grounding
     /// <summary>The vocabulary's object words the text names.</summary>
     public IEnumerable<string> ClaimedObjects(string text) => _objects.Where(o => o.Pattern.IsMatch(text)).Select(o => o.Word);
 
-    /// <summary>The answer part of a response: after &lt;/think&gt;, nothing while thinking is unfinished, all of a response without thinking.</summary>
-    public static string AnswerPart(string response) =>
-        response.Contains("</think>", StringComparison.Ordinal) ? ChatTemplate.Split(response).Answer
-        : response.TrimStart().StartsWith("<think>", StringComparison.Ordinal) ? "" : response;
+    /// <summary>The answer part of a response (<see cref="Rewards.AnswerVerifier.AnswerPart"/>): after &lt;/think&gt;, nothing while thinking is unfinished.</summary>
+    public static string AnswerPart(string response) => Rewards.AnswerVerifier.AnswerPart(response);
 
     /// <summary>The digits a response claims to see.</summary>
     public string DigitClaims(string response) => _claims is null

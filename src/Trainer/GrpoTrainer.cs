@@ -28,6 +28,16 @@ public sealed record GrpoStepMetrics(int Step, double Loss, double Reward, doubl
     /// <summary>Mean weighted reasoning-check and grounding-check terms (null when their weight is 0).</summary>
     public double? ReasoningTerm { get; init; }
     public double? GroundingTerm { get; init; }
+
+    /// <summary>Share of the update's response tokens held by the dual clip (also counted in <see cref="ClippedFraction"/>).</summary>
+    public double DualClippedFraction { get; init; }
+
+    /// <summary>Dynamic sampling: the sampling rounds this step took and the rollouts past the first round's.</summary>
+    public int SamplingRounds { get; init; } = 1;
+    public int ExtraRollouts { get; init; }
+
+    /// <summary>With <c>grpo.kl=k1</c>: the mean k1 estimate (log pi_old - log pi_ref summed over a response) of the fresh rollouts, before its coefficient.</summary>
+    public double? KlPenalty { get; init; }
 }
 
 /// <summary>
@@ -88,15 +98,22 @@ public sealed class GrpoTrainer : IDisposable
         _reward = RewardFrom(r, withRewardModel: _rewardModel is not null);
         _score = reward ?? ((text, p) => _reward.Score(text, ContextOf(p)));
         _customReward = reward is not null;
-        var settings = new GrpoLossSettings(g.EpsLow, g.EpsHigh, g.DualClip, g.KlCoef,
-            g.Kl switch { "k1" => KlEstimator.K1, "k3" => KlEstimator.K3, _ => KlEstimator.None }, g.Temperature);
-        if (settings.Kl != KlEstimator.None) _reference = VisionLanguageModel.Load(backend, config.Model, TrainableParts.None); // frozen copy
-        _update = new GrpoUpdate(_model, settings, g.Aggregation == "token_mean" ? LossAggregation.TokenMean : LossAggregation.SequenceMeanTokenMean, g.VocabChunk);
+        // KL to the reference: k2 and k3 are loss terms; k1 is a reward penalty (as a loss its expected gradient is zero).
+        var estimator = g.Kl switch { "k2" => KlEstimator.K2, "k3" => KlEstimator.K3, _ => KlEstimator.None };
+        _klLoss = estimator != KlEstimator.None && g.KlCoef != 0;
+        _klPenalty = g.Kl == "k1" && g.KlCoef != 0;
+        var settings = new GrpoLossSettings(g.EpsLow, g.EpsHigh, g.DualClip, _klLoss ? g.KlCoef : 0, _klLoss ? estimator : KlEstimator.None, g.Temperature);
+        if (_klLoss || _klPenalty) _reference = VisionLanguageModel.Load(backend, config.Model, TrainableParts.None); // frozen copy
+        _aggregation = g.Aggregation == "token_mean" ? LossAggregation.TokenMean : LossAggregation.SequenceMeanTokenMean;
+        _vocabLimit = Math.Min(_tokenizer.VocabularySize, _model.Config.Llm.VocabSize);
+        _update = new GrpoUpdate(_model, settings, _aggregation, g.VocabChunk, _vocabLimit);
         if (resume is not null) Restore(resume);
         File.WriteAllText(Path.Combine(config.Output, "config.resolved.yaml"), config.ToYaml());
     }
 
-    private readonly bool _customReward;
+    private readonly bool _customReward, _klLoss, _klPenalty;
+    private readonly LossAggregation _aggregation;
+    private readonly int _vocabLimit;
 
     /// <summary>The hybrid reward a config asks for: format scores, the reward model's weight and scaling, the rule checks' weights.</summary>
     public static HybridReward RewardFrom(TrainConfig.RewardConfig r, bool withRewardModel)
@@ -131,11 +148,13 @@ public sealed class GrpoTrainer : IDisposable
         }
     }
 
-    private GrpoStepMetrics RunStep()
+    /// <summary>One sampling round: G rollouts of each prompt with their rewards and advantages, and what the metrics need.</summary>
+    private sealed record Round(List<Rollout> Rollouts, List<RewardBreakdown> Rewards, List<int> Lengths, int Grounded, int GroundingChecks, double[]? RmScores,
+        double? KlPenalty);
+
+    private Round SampleRound(int step, int round)
     {
-        var clock = Stopwatch.StartNew();
         var g = _c.Grpo;
-        int step = _step;
         var prompts = _data.Next(g.PromptsPerStep);
         var requests = new List<GenerationRequest>();
         var promptInputs = new List<(int[] Ids, float[]? Pixels, int Tiles)>();
@@ -143,67 +162,100 @@ public sealed class GrpoTrainer : IDisposable
         {
             var (ids, pixels, tiles) = _chat.Prompt([new ChatTurn("user", p.Question, p.Images)]);
             promptInputs.Add((ids, pixels, tiles));
-            ulong seed = Seeds.Combine(_c.Seed, step, p.Index) & 0x7fffffffUL;
+            ulong seed = (round == 0 ? Seeds.Combine(_c.Seed, step, p.Index) : Seeds.Combine(_c.Seed, step, p.Index, round)) & 0x7fffffffUL;
             requests.Add(new GenerationRequest(ids, pixels, tiles, new SamplingParams(g.Temperature, TopP: g.TopP), seed, g.MaxNewTokens, _chat.StopTokens,
                 Samples: g.GroupSize));
         }
         var samples = new Generator(_model, _tokenizer, new GeneratorOptions(g.CacheBlocks, MaxBatch: g.GroupSize * g.PromptsPerStep)).Generate(requests);
-
         var texts = samples.Select(_chat.Text).ToList();
         double[]? rmScores = _rewardModel is null || _customReward ? null : ScoreWithRewardModel(samples, promptInputs);
-        var rollouts = new List<Rollout>();
-        var rewards = new List<double>();
-        double accuracy = 0, format = 0, length = 0, rmTerm = 0, reasoningTerm = 0, groundingTerm = 0;
-        int grounded = 0, groundingChecks = 0, tokens = 0;
-        for (int si = 0; si < samples.Count; si++)
+        // The whole round is scored at once: the reward model's scaling moves between steps, never inside a group.
+        var breakdowns = _customReward
+            ? samples.Select((x, i) => _score(texts[i], prompts[x.Request])).ToList()
+            : [.. _reward.ScoreStep(texts, samples.Select(x => ContextOf(prompts[x.Request])).ToList(), rmScores)];
+        var rollouts = samples.Select((x, i) =>
         {
-            var s = samples[si];
-            var p = prompts[s.Request];
-            var text = texts[si];
-            var r = rmScores is null ? _score(text, p) : _reward.Score(text, ContextOf(p), rmScores[si]);
-            rewards.Add(r.Total);
-            accuracy += r.Rule;
-            rmTerm += Math.Abs(r.RewardModel);
-            reasoningTerm += r.Reasoning;
-            groundingTerm += r.Grounding;
-            format += r.Format > 0 ? 1 : 0;
-            length += s.Tokens.Length;
-            tokens += s.Tokens.Length;
-            if (_grounding.Check(text, p) is { } ok)
-            {
-                groundingChecks++;
-                if (ok) grounded++;
-            }
+            var (ids, pixels, tiles) = promptInputs[x.Request];
+            return new Rollout(prompts[x.Request].Index, ids, pixels, tiles, x.Tokens, x.LogProbs, breakdowns[i].Total, 0, step);
+        }).ToList();
+        double? klPenalty = null;
+        var rewards = breakdowns.Select(r => r.Total).ToList();
+        if (_klPenalty)
+        {
+            // k1 = log pi_old(y) - log pi_ref(y) on the policy's own samples, subtracted from the reward (PPO-RLHF): a loss
+            // term of k1 would have zero expected gradient.
+            var reference = ReferenceLogProbs(rollouts);
+            var k1 = rollouts.Select((r, i) => r.OldLogProbs.Zip(reference[i], (o, f) => (double)o - f).Sum()).ToArray();
+            for (int i = 0; i < rewards.Count; i++) rewards[i] -= g.KlCoef * k1[i];
+            klPenalty = k1.Average();
         }
         var advantages = GrpoMath.Advantages(rewards, g.GroupSize,
             g.Advantage switch { "mean_only" => AdvantageMode.MeanOnly, "leave_one_out" => AdvantageMode.LeaveOneOut, _ => AdvantageMode.MeanStd });
+        rollouts = rollouts.Select((r, i) => r with { Reward = rewards[i], Advantage = advantages[i] }).ToList();
+        int grounded = 0, checks = 0;
         for (int i = 0; i < samples.Count; i++)
-        {
-            var s = samples[i];
-            var (ids, pixels, tiles) = promptInputs[s.Request];
-            rollouts.Add(new Rollout(prompts[s.Request].Index, ids, pixels, tiles, s.Tokens, s.LogProbs, rewards[i], advantages[i], step));
-        }
-        int target = rollouts.Count;
-        var batch = g.Ssb.Enabled ? _ssb.Build(rollouts, target, step) : new UpdateBatch(rollouts, rollouts.Count, 0, target);
-        double freshRatio = rollouts.Count(r => Math.Abs(r.Advantage) > SelectiveSampleBuffer.ZeroAdvantage) / (double)target;
+            if (_grounding.Check(texts[i], prompts[samples[i].Request]) is { } ok)
+            {
+                checks++;
+                if (ok) grounded++;
+            }
+        return new Round(rollouts, breakdowns, samples.Select(x => x.Tokens.Length).ToList(), grounded, checks, rmScores, klPenalty);
+    }
 
-        double loss = 0, meanRatio = 0, clipped = 0, gradNorm = 0, kl = 0;
+    private GrpoStepMetrics RunStep()
+    {
+        var clock = Stopwatch.StartNew();
+        var g = _c.Grpo;
+        int step = _step;
+        var rounds = new List<Round> { SampleRound(step, 0) };
+        List<Rollout> fresh;
+        if (g.DynamicSampling.Enabled)
+        {
+            // DAPO's dynamic sampling: more rounds of prompts until the batch holds prompts_per_step groups whose rewards
+            // differ, at most max_rounds rounds; the batch is the informative groups (fewer when the rounds run out).
+            var (groups, _) = DynamicSampling.Fill(round =>
+            {
+                if (round > 0) rounds.Add(SampleRound(step, round));
+                return rounds[round].Rollouts.Chunk(g.GroupSize).Select(c => (IReadOnlyList<Rollout>)c).ToList();
+            }, g.PromptsPerStep, g.DynamicSampling.MaxRounds);
+            fresh = groups.SelectMany(x => x).ToList();
+        }
+        else fresh = rounds[0].Rollouts;
+
+        int target = g.GroupSize * g.PromptsPerStep;
+        var batch = g.Ssb.Enabled ? _ssb.Build(fresh, target, step) : new UpdateBatch(fresh, fresh.Count, 0, target);
+        double freshRatio = fresh.Count(r => Math.Abs(r.Advantage) > SelectiveSampleBuffer.ZeroAdvantage) / (double)target;
+
+        // What the update trains on: the samples with an advantage; with a KL loss term every sample of the batch, a
+        // zero-advantage one with its KL term only (its policy-gradient term is A = 0 times the ratio).
+        var update = _klLoss
+            ? [.. batch.Samples, .. fresh.Where(r => Math.Abs(r.Advantage) <= SelectiveSampleBuffer.ZeroAdvantage && !batch.Samples.Contains(r))]
+            : batch.Samples.Where(r => Math.Abs(r.Advantage) > SelectiveSampleBuffer.ZeroAdvantage).ToList();
+
+        double loss = 0, meanRatio = 0, clipped = 0, dualClipped = 0, gradNorm = 0, kl = 0;
         int skipped = 0, updates = 0, optimizerSteps = 0;
         var lr = _schedule.At(step + 1);
-        var informative = batch.Samples.Where(r => Math.Abs(r.Advantage) > SelectiveSampleBuffer.ZeroAdvantage).ToList();
-        if (informative.Count > 0)
+        if (update.Count > 0)
         {
-            int per = (informative.Count + g.Minibatches - 1) / g.Minibatches;
-            int accumulated = 0;
-            for (int mb = 0; mb < informative.Count; mb += per)
+            // minibatches micro-batches; every grad_accum of them make one optimiser step, whose loss is the mean over all
+            // of its rollouts: the token weights come from the whole accumulated batch before its first micro-batch.
+            int per = (update.Count + g.Minibatches - 1) / g.Minibatches;
+            var micro = update.Chunk(per).Select(c => (IReadOnlyList<Rollout>)c).ToList();
+            foreach (var accumulated in micro.Chunk(_c.Optim.GradAccum))
             {
-                if (accumulated == 0) _opt.ZeroGrad();
-                var chunk = informative.Skip(mb).Take(per).ToList();
-                var stats = _update.Accumulate(chunk, _reference is null ? null : ReferenceLogProbs(chunk));
-                loss += stats.Loss; meanRatio += stats.MeanRatio; clipped += stats.ClippedFraction; kl += stats.Kl ?? 0;
-                updates++;
-                if (++accumulated < _c.Optim.GradAccum && mb + per < informative.Count) continue;
-                accumulated = 0;
+                var weights = GrpoMath.SequenceWeights(accumulated.SelectMany(c => c).Select(r => r.Response.Length).ToList(), _aggregation);
+                _opt.ZeroGrad();
+                int offset = 0;
+                double stepLoss = 0;
+                foreach (var chunk in accumulated)
+                {
+                    var stats = _update.Accumulate(chunk, _reference is null || !_klLoss ? null : ReferenceLogProbs(chunk), weights[offset..(offset + chunk.Count)]);
+                    offset += chunk.Count;
+                    stepLoss += stats.Loss;
+                    meanRatio += stats.MeanRatio; clipped += stats.ClippedFraction; dualClipped += stats.DualClippedFraction; kl += stats.Kl ?? 0;
+                    updates++;
+                }
+                loss += stepLoss;
                 var report = _guard.Step(_opt, lr, step);
                 if (report.Skipped) skipped++;
                 gradNorm += report.GradNorm;
@@ -211,18 +263,31 @@ public sealed class GrpoTrainer : IDisposable
             }
         }
         _step++;
-        double n = Math.Max(1, samples.Count), u = Math.Max(1, updates);
+        var all = rounds.SelectMany(r => r.Rewards).ToList();
+        double n = Math.Max(1, all.Count), u = Math.Max(1, updates), o = Math.Max(1, optimizerSteps);
+        int tokens = rounds.Sum(r => r.Lengths.Sum()), checks = rounds.Sum(r => r.GroundingChecks);
         double seconds = clock.Elapsed.TotalSeconds;
-        double? halluc = groundingChecks == 0 ? null : 1 - grounded / (double)groundingChecks;
-        var metrics = new GrpoStepMetrics(_step, loss / u, rewards.Average(), accuracy / n, format / n, length / n, batch.EffectiveRatio, freshRatio, batch.Replayed,
-            meanRatio / u, clipped / u, gradNorm / Math.Max(1, optimizerSteps), lr, skipped, halluc, tokens / seconds, seconds, null);
-        if (_reference is not null && updates > 0) metrics = metrics with { Kl = kl / u };
-        if (_c.Reward.ReasoningWeight != 0) metrics = metrics with { ReasoningTerm = reasoningTerm / n };
-        if (_c.Reward.GroundingWeight != 0) metrics = metrics with { GroundingTerm = groundingTerm / n };
-        if (rmScores is not null)
+        double? halluc = checks == 0 ? null : 1 - rounds.Sum(r => r.Grounded) / (double)checks;
+        var metrics = new GrpoStepMetrics(_step, loss / o, all.Average(r => r.Total), all.Average(r => r.Rule), all.Count(r => r.Format > 0) / n, tokens / n,
+            batch.EffectiveRatio, freshRatio, batch.Replayed, meanRatio / u, clipped / u, gradNorm / o, lr, skipped, halluc, tokens / seconds, seconds, null)
         {
-            double mean = rmScores.Average();
-            metrics = metrics with { RewardModelMean = mean, RewardModelStd = Math.Sqrt(rmScores.Sum(x => (x - mean) * (x - mean)) / rmScores.Length), RewardModelTerm = rmTerm / n };
+            DualClippedFraction = dualClipped / u,
+            SamplingRounds = rounds.Count,
+            ExtraRollouts = rounds.Skip(1).Sum(r => r.Rollouts.Count),
+            KlPenalty = _klPenalty ? rounds.Average(r => r.KlPenalty!.Value) : null,
+        };
+        if (_reference is not null && _klLoss && updates > 0) metrics = metrics with { Kl = kl / u };
+        if (_c.Reward.ReasoningWeight != 0) metrics = metrics with { ReasoningTerm = all.Average(r => r.Reasoning) };
+        if (_c.Reward.GroundingWeight != 0) metrics = metrics with { GroundingTerm = all.Average(r => r.Grounding) };
+        if (rounds.All(r => r.RmScores is not null))
+        {
+            var scores = rounds.SelectMany(r => r.RmScores!).ToArray();
+            double mean = scores.Average();
+            metrics = metrics with
+            {
+                RewardModelMean = mean, RewardModelStd = Math.Sqrt(scores.Sum(x => (x - mean) * (x - mean)) / scores.Length),
+                RewardModelTerm = all.Average(r => Math.Abs(r.RewardModel)),
+            };
         }
         return metrics with { Warning = RewardHackingMonitor.Check(_history.Append(metrics).ToList(), _c.Monitor) };
     }
@@ -235,7 +300,7 @@ public sealed class GrpoTrainer : IDisposable
     {
         var (batch, starts) = Rollout.PackShared(rollouts, _reference!.ImageContextId);
         using var pass = _reference.Forward(batch, withLoss: false);
-        var logp = FusedGrpoLoss.TokenLogProbs(_b, pass.Hidden, _reference.LmHead, batch.Targets, _c.Grpo.Temperature, _c.Grpo.VocabChunk);
+        var logp = FusedGrpoLoss.TokenLogProbs(_b, pass.Hidden, _reference.LmHead, batch.Targets, _c.Grpo.Temperature, _c.Grpo.VocabChunk, _vocabLimit);
         return rollouts.Select((r, i) => logp[starts[i]..(starts[i] + r.Response.Length)]).ToList();
     }
 

@@ -70,7 +70,7 @@ public sealed class PreferenceTrainer : IDisposable
         var o = config.Optim;
         _opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
         _schedule = config.Schedule();
-        _delta = new BcoDelta(config.Mpo.DeltaDecay);
+        _delta = new BcoDelta();
         _guard = new NonFiniteGuard(config.Optim.MaxBadSteps);
         if (resume is not null) Restore(resume);
         else File.WriteAllText(MetricsPath, "");
@@ -118,7 +118,7 @@ public sealed class PreferenceTrainer : IDisposable
     {
         SaveModel(tmp);
         RunCheckpoints.WriteState(tmp, new TrainerState(_c.Stage, _step, _guard.InARow, _data.Position,
-            new System.Text.Json.Nodes.JsonObject { ["bco_delta"] = _delta.Value }), _opt);
+            new System.Text.Json.Nodes.JsonObject { ["bco_delta"] = _delta.Value, ["bco_delta_count"] = _delta.Count }), _opt);
     });
 
     private void SaveModel(string dir)
@@ -133,7 +133,7 @@ public sealed class PreferenceTrainer : IDisposable
         _step = state.Step;
         _guard.InARow = state.BadInARow;
         _data.Seek(state.DataPosition);
-        _delta.Restore(state.Extra["bco_delta"]!.GetValue<double>());
+        _delta.Restore(state.Extra["bco_delta_count"]?.GetValue<long>() ?? 0, state.Extra["bco_delta"]!.GetValue<double>());
         History.AddRange(RunCheckpoints.RewindMetrics<PreferenceStepMetrics>(MetricsPath, _step));
     }
 
@@ -169,8 +169,10 @@ public sealed class PreferenceTrainer : IDisposable
         using var pass = _policy!.Forward(batch);
         var sums = spans.Select(s => Sum(pass.LogProbs, s)).ToArray();
         var dlogp = new float[batch.InputIds.Length];
-        double loss = 0, correct = 0, margin = 0, implicitMean = 0;
+        double loss = 0, correct = 0, margin = 0;
         var mpo = _c.Mpo;
+        // BCO's delta: the running mean of the implicit rewards beta lr(y) of chosen and rejected, this batch's included.
+        _delta.Update(Enumerable.Range(0, 2 * pairs.Count).Select(k => mpo.Beta * (sums[k] - refSums[k])));
         for (int i = 0; i < pairs.Count; i++)
         {
             var (cs, rs) = (spans[2 * i], spans[2 * i + 1]);
@@ -181,10 +183,8 @@ public sealed class PreferenceTrainer : IDisposable
             double lc = sums[2 * i] - refSums[2 * i], lr = sums[2 * i + 1] - refSums[2 * i + 1];
             correct += lc > lr ? 1 : 0;
             margin += mpo.Beta * (lc - lr);
-            implicitMean += mpo.Beta * (lc + lr) / 2;
         }
         _policy.Backward(pass, dlogp);
-        _delta.Update(implicitMean / pairs.Count); // BCO's delta: moving average of the implicit rewards beta lr(y)
         var lrate = _schedule.At(step + 1);
         var report = _guard.Step(_opt, lrate, step);
         return new PreferenceStepMetrics(step + 1, loss, correct / pairs.Count, margin / pairs.Count, _delta.Value, report.GradNorm, lrate);

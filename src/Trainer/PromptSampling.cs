@@ -19,6 +19,16 @@ public sealed record SampledGroup(PromptRow Prompt, IReadOnlyList<string> Respon
 /// </summary>
 public static class PromptSampling
 {
+    private static readonly HybridReward RuleAndFormatReward = new(new FormatReward());
+
+    /// <summary>
+    /// The rule + format reward of a response to a prompt row, as <c>engine build-pairs</c> and <c>engine prefilter</c>
+    /// score it: the answer part after &lt;/think&gt; against the row's answer (<see cref="AnswerVerifier.AnswerPart"/>, the
+    /// same definition as the training reward and evaluation).
+    /// </summary>
+    public static RewardBreakdown RuleAndFormat(string response, PromptRow prompt) =>
+        RuleAndFormatReward.Score(response, new RewardContext(prompt.Answer, prompt.Choices));
+
     public static List<SampledGroup> Sample(VisionLanguageModel model, TextTokenizer tokenizer, IReadOnlyList<PromptRow> prompts, int samples,
         SamplingParams sampling, int maxNewTokens, ulong seed, Func<string, PromptRow, RewardBreakdown> reward, int cacheBlocks = 1024, int batchSequences = 64)
     {

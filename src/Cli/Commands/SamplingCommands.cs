@@ -30,11 +30,10 @@ public static class SamplingCommands
         var tokenizer = TextTokenizer.Load(model);
         var dataset = new PromptDataset(data, 0, shuffle: false);
         var prompts = Enumerable.Range(0, dataset.Count).Select(dataset.Read).ToList();
-        var reward = new HybridReward(new FormatReward());
         List<SampledGroup> groups = [];
         AnsiConsole.Status().Start($"sampling {samples} responses for {prompts.Count} prompts", _ =>
             groups = PromptSampling.Sample(vlm, tokenizer, prompts, samples, new SamplingParams(temperature), maxNew, seed,
-                (text, p) => reward.Score(text, new RewardContext(p.Answer, p.Choices))));
+                PromptSampling.RuleAndFormat));
         return groups;
     }
 

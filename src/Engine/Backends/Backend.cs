@@ -12,11 +12,16 @@ public enum GeluApproximation { Erf = 0, Tanh = 1 }
 /// </summary>
 public enum AttentionVariant { RowWise, Tiled }
 
-public enum KlEstimator { None = 0, K1 = 1, K3 = 3 }
+/// <summary>
+/// The KL estimator of the loss term, with d = log pi_ref - log pi on the policy's own samples: k2 = d^2 / 2 (gradient: an
+/// unbiased estimate of the gradient of KL(pi || ref)), k3 = exp(d) - d - 1 (low variance, gradient follows KL(ref || pi)).
+/// k1 = -d is no loss term (zero expected gradient): the trainer subtracts it from the reward instead.
+/// </summary>
+public enum KlEstimator { None = 0, K2 = 2, K3 = 3 }
 
 /// <summary>
 /// The per-token GRPO objective: PPO clip with separate lower and upper epsilons, optional dual clip (c > 1 bounds
-/// the loss of negative-advantage tokens by -c A), and a KL penalty to the reference (k1 or k3, clamped to [-10, 10]).
+/// the loss of negative-advantage tokens by -c A), and a KL penalty to the reference (k2 or k3, clamped to [-10, 10]).
 /// Logits are divided by <see cref="Temperature"/> (the sampling temperature) before the softmax.
 /// </summary>
 public sealed record GrpoLossSettings(float EpsLow = 0.2f, float EpsHigh = 0.2f, float DualClip = 0f, float KlCoef = 0f, KlEstimator Kl = KlEstimator.None,

@@ -53,14 +53,13 @@ public sealed class TrainConfig
         public double HeldOut { get; set; } = 0.2;
     }
 
-    /// <summary>MPO: beta, the weights of DPO / BCO / NLL, and the decay of BCO's reward moving average.</summary>
+    /// <summary>MPO: beta and the weights of DPO / BCO / NLL (BCO's delta is the running mean of the implicit rewards).</summary>
     public sealed class MpoConfig
     {
         public double Beta { get; set; } = 0.1;
         public double WPref { get; set; } = 0.8;
         public double WQuality { get; set; } = 0.2;
         public double WGen { get; set; } = 1.0;
-        public double DeltaDecay { get; set; } = 0.99;
     }
 
     public sealed class DataConfig
@@ -248,7 +247,13 @@ public sealed class TrainConfig
         Require(Grpo.GroupSize >= 2, "grpo.group_size must be at least 2 (advantages compare samples of one prompt)");
         Require(Grpo.PromptsPerStep >= 1, "grpo.prompts_per_step must be at least 1");
         Require(Grpo.Minibatches >= 1, "grpo.minibatches must be at least 1");
-        Require(Grpo.Kl is "none" or "k1" or "k3", $"grpo.kl must be none, k1 or k3, not '{Grpo.Kl}'");
+        Require(Grpo.Kl is "none" or "k1" or "k2" or "k3", $"grpo.kl must be none, k1 (reward penalty), k2 or k3 (loss terms), not '{Grpo.Kl}'");
+        Require(Grpo.KlCoef >= 0, "grpo.kl_coef must be >= 0");
+        Require(Grpo.DynamicSampling.MaxRounds >= 1, "grpo.dynamic_sampling.max_rounds must be at least 1");
+        Require(Optim.GradAccum == 1 || Stage == "grpo", $"optim.grad_accum applies to the grpo stage only (the {Stage} stage takes one optimiser step per batch): leave it at 1");
+        Require(Reward.RmThreshold >= 0 || double.IsNegativeInfinity(Reward.RmThreshold),
+            $"reward.rm_threshold must be >= 0 (or -.inf for none), not {Reward.RmThreshold}: the term is f(s) [f(s) > t], and a negative t would pay scores just below it 0 and lower ones their negative value");
+        Require(Reward.RmClip > 0, "reward.rm_clip must be > 0");
         Require(Grpo.Aggregation is "seq_mean_token_mean" or "token_mean", $"grpo.aggregation must be seq_mean_token_mean or token_mean, not '{Grpo.Aggregation}'");
         Require(Grpo.Advantage is "mean_std" or "mean_only" or "leave_one_out", $"grpo.advantage must be mean_std, mean_only or leave_one_out, not '{Grpo.Advantage}'");
         Require(Optim.Schedule is "constant" or "linear" or "cosine", $"optim.schedule must be constant, linear or cosine, not '{Optim.Schedule}'");

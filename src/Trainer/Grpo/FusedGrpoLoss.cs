@@ -24,17 +24,24 @@ public sealed class GrpoLossResult(double loss, float[] logProbs, Tensor hiddenG
 /// hidden-state gradient and the head's weight gradient. Only [T, chunk] logits ever exist. <see cref="Unfused"/> is
 /// the plain composition over the full [T, V] logits with the loss computed on the host, the reference for tests
 /// and for the peak-memory comparison.
+/// <para>
+/// <c>vocabLimit</c>: the softmax runs over the head's first rows only (the tokenizer's ids, as sampling does), so a head
+/// padded wider than its tokenizer gives the same log-probs as the sampler and a PPO ratio of 1 before any update; the
+/// padding rows get no gradient. Null: every row.
+/// </para>
 /// </summary>
 public static class FusedGrpoLoss
 {
-    public static GrpoLossResult Fused(Backend b, Tensor hidden, Parameter head, GrpoTokens tokens, GrpoLossSettings settings, int vocabChunk = 8192)
+    public static GrpoLossResult Fused(Backend b, Tensor hidden, Parameter head, GrpoTokens tokens, GrpoLossSettings settings, int vocabChunk = 8192,
+        int? vocabLimit = null)
     {
-        int t = hidden.Rows, v = head.Value.Dim(0);
+        int t = hidden.Rows, v = Rows(head, vocabLimit);
         if (vocabChunk < 1) throw new ArgumentOutOfRangeException(nameof(vocabChunk));
+        CheckTargets(tokens.Targets, v);
         float invT = 1f / settings.Temperature;
         using var held = new Activations();
         var targets = held.Keep(b.FromArray(tokens.Targets, [t], "targets"));
-        var (m, s, target) = LogSumExpPass(b, hidden, head, targets, invT, vocabChunk, held);
+        var (m, s, target) = LogSumExpPass(b, hidden, head, v, targets, invT, vocabChunk, held);
         var old = held.Keep(b.FromArray(tokens.OldLogProbs, DType.F32, [t]));
         var refLp = tokens.RefLogProbs is null ? null : held.Keep(b.FromArray(tokens.RefLogProbs, DType.F32, [t]));
         var adv = held.Keep(b.FromArray(tokens.Advantages, DType.F32, [t]));
@@ -61,14 +68,16 @@ public static class FusedGrpoLoss
     /// log softmax(logits / temperature)[target] of each position (0 where the target is ignored), walking the vocabulary
     /// in chunks like <see cref="Fused"/>'s first pass: the reference model's log-probs at the policy's temperature.
     /// </summary>
-    public static float[] TokenLogProbs(Backend b, Tensor hidden, Parameter head, int[] targets, float temperature, int vocabChunk = 8192)
+    public static float[] TokenLogProbs(Backend b, Tensor hidden, Parameter head, int[] targets, float temperature, int vocabChunk = 8192, int? vocabLimit = null)
     {
         int t = hidden.Rows;
         if (targets.Length != t) throw new ArgumentException($"{targets.Length} targets for {t} hidden rows");
         if (vocabChunk < 1) throw new ArgumentOutOfRangeException(nameof(vocabChunk));
         using var held = new Activations();
         var ids = held.Keep(b.FromArray(targets, [t], "targets"));
-        var (m, s, target) = LogSumExpPass(b, hidden, head, ids, 1f / temperature, vocabChunk, held);
+        int v = Rows(head, vocabLimit);
+        CheckTargets(targets, v);
+        var (m, s, target) = LogSumExpPass(b, hidden, head, v, ids, 1f / temperature, vocabChunk, held);
         float[] mh = m.ToFloatArray(), sh = s.ToFloatArray(), th = target.ToFloatArray();
         var logp = new float[t];
         for (int i = 0; i < t; i++) if (targets[i] >= 0) logp[i] = (float)(th[i] - mh[i] - Math.Log(sh[i]));
@@ -76,10 +85,10 @@ public static class FusedGrpoLoss
     }
 
     /// <summary>Pass 1 over the vocabulary in chunks: each row's running max and sum of exp(logit / T) and its target's scaled logit.</summary>
-    private static (Tensor Max, Tensor Sum, Tensor Target) LogSumExpPass(Backend b, Tensor hidden, Parameter head, Tensor targets, float invT, int vocabChunk,
+    private static (Tensor Max, Tensor Sum, Tensor Target) LogSumExpPass(Backend b, Tensor hidden, Parameter head, int v, Tensor targets, float invT, int vocabChunk,
         Activations held)
     {
-        int t = hidden.Rows, v = head.Value.Dim(0);
+        int t = hidden.Rows;
         var m = held.Keep(b.FromArray(Enumerable.Repeat(float.NegativeInfinity, t).ToArray(), DType.F32, [t], "lse_max"));
         var s = held.Keep(b.Allocate(DType.F32, [t], "lse_sum"));
         var target = held.Keep(b.Allocate(DType.F32, [t], "target_logit"));
@@ -92,10 +101,25 @@ public static class FusedGrpoLoss
         return (m, s, target);
     }
 
-    public static GrpoLossResult Unfused(Backend b, Tensor hidden, Parameter head, GrpoTokens tokens, GrpoLossSettings settings)
+    /// <summary>The head rows the softmax covers: all, or the first <paramref name="vocabLimit"/>; a target past them is an error.</summary>
+    private static int Rows(Parameter head, int? vocabLimit)
     {
-        int t = hidden.Rows, v = head.Value.Dim(0);
-        using var logits = Linear.Forward(b, hidden, head.Value, null);                      // [T, V]: what the fused path avoids
+        int v = head.Value.Dim(0);
+        if (vocabLimit is { } limit && (limit < 1 || limit > v)) throw new ArgumentOutOfRangeException(nameof(vocabLimit), $"vocabulary limit {limit} outside [1, {v}] head rows");
+        return vocabLimit ?? v;
+    }
+
+    private static void CheckTargets(int[] targets, int v)
+    {
+        for (int i = 0; i < targets.Length; i++)
+            if (targets[i] >= v) throw new ArgumentException($"target {i} is token {targets[i]}, outside the {v} vocabulary rows the loss covers");
+    }
+
+    public static GrpoLossResult Unfused(Backend b, Tensor hidden, Parameter head, GrpoTokens tokens, GrpoLossSettings settings, int? vocabLimit = null)
+    {
+        int t = hidden.Rows, v = Rows(head, vocabLimit);
+        var weight = head.Value.SliceRows(0, v);
+        using var logits = Linear.Forward(b, hidden, weight, null);                           // [T, V]: what the fused path avoids
         b.Scale(logits, logits, 1f / settings.Temperature);
         using var targets = b.FromArray(tokens.Targets, [t], "targets");
         using var logp = b.Allocate(DType.F32, t);
@@ -115,8 +139,8 @@ public static class FusedGrpoLoss
         b.CrossEntropyBackward(logits, targets, lse, dlogp, logits);
         b.Scale(logits, logits, 1f / settings.Temperature);
         var dHidden = b.Allocate(DType.F32, t, hidden.Cols);
-        b.Gemm(logits, false, head.Value, false, dHidden);
-        if (head.Grad is not null) b.Gemm(logits, true, hidden, false, head.Grad, beta: 1f);
+        b.Gemm(logits, false, weight, false, dHidden);
+        if (head.Grad is not null) b.Gemm(logits, true, hidden, false, head.Grad.SliceRows(0, v), beta: 1f);
         return new GrpoLossResult(total, lp, dHidden);
     }
 }

@@ -6,6 +6,9 @@ public enum AdvantageMode { MeanStd, MeanOnly, LeaveOneOut }
 
 public enum LossAggregation { SequenceMeanTokenMean, TokenMean }
 
+/// <summary>Which bound of the clipped objective holds a token's gradient at zero, if any.</summary>
+public enum ClipState { None, Clipped, DualClipped }
+
 /// <summary>The GRPO formulas on the host, in double: group advantages, token weights, and the per-token objective.</summary>
 public static class GrpoMath
 {
@@ -26,7 +29,11 @@ public static class GrpoMath
             double var = 0;
             for (int i = 0; i < groupSize; i++) var += Math.Pow(rewards[g + i] - mean, 2);
             double std = groupSize > 1 ? Math.Sqrt(var / (groupSize - 1)) : 0;
+            bool tied = true;
+            for (int i = 1; i < groupSize; i++) tied &= rewards[g + i] == rewards[g];
             for (int i = 0; i < groupSize; i++)
+                if (tied) a[g + i] = 0; // exactly: a rounded mean would leave r - mean of about 1e-16, over std + eps
+                else
                 a[g + i] = mode switch
                 {
                     AdvantageMode.MeanStd => (rewards[g + i] - mean) / (std + eps),
@@ -48,6 +55,17 @@ public static class GrpoMath
         return lengths.Select(n => n == 0 ? 0 : aggregation == LossAggregation.SequenceMeanTokenMean ? 1.0 / (s * (double)n) : 1.0 / total).ToArray();
     }
 
+    /// <summary>
+    /// Whether a token's clip is active: the ratio above 1 + eps_high with A &gt; 0 or below 1 - eps_low with A &lt; 0
+    /// (the clipped branch is the minimum), or, for A &lt; 0, the dual clip c A bounding the loss (ratio above c). A
+    /// ratio outside the band on the side that does not clip its advantage's sign still has a gradient: not counted.
+    /// </summary>
+    public static ClipState Clip(double ratio, double advantage, GrpoLossSettings s)
+    {
+        if (advantage < 0 && s.DualClip > 1 && ratio > s.DualClip) return ClipState.DualClipped;
+        return (advantage > 0 && ratio > 1 + s.EpsHigh) || (advantage < 0 && ratio < 1 - s.EpsLow) ? ClipState.Clipped : ClipState.None;
+    }
+
     /// <summary>One token's loss and d loss / d logp: weight (-J + beta KL), J the clipped (and dual-clipped) objective.</summary>
     public static (double Loss, double Grad) TokenLoss(double logp, double oldLogp, double? refLogp, double advantage, double weight, GrpoLossSettings s)
     {
@@ -59,7 +77,7 @@ public static class GrpoMath
         if (s.Kl != KlEstimator.None)
         {
             double d = (refLogp ?? throw new ArgumentException("a KL penalty needs a reference log-prob")) - logp;
-            (kl, dkl) = s.Kl == KlEstimator.K1 ? (-d, 1.0) : (Math.Exp(d) - d - 1, 1 - Math.Exp(d));
+            (kl, dkl) = s.Kl == KlEstimator.K2 ? (0.5 * d * d, -d) : (Math.Exp(d) - d - 1, 1 - Math.Exp(d));
             if (kl > 10 || kl < -10) { kl = Math.Clamp(kl, -10, 10); dkl = 0; }
         }
         return (weight * (-j + s.KlCoef * kl), weight * (-dj + s.KlCoef * dkl));

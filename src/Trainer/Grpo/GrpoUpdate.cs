@@ -6,9 +6,12 @@ namespace R1V2.Native.Trainer.Grpo;
 
 /// <summary>Statistics of one GRPO policy update.</summary>
 /// <remarks><see cref="Kl"/> is the mean k3 estimate of KL(policy || reference) over response tokens, null without a reference.
-/// <see cref="Distinct"/> is how many sequences the forward and backward ran: identical rollouts run once.</remarks>
+/// <see cref="Distinct"/> is how many sequences the forward and backward ran: identical rollouts run once.
+/// <see cref="ClippedFraction"/> is the share of response tokens whose clip is active (<see cref="GrpoMath.Clip"/>: the
+/// ratio past 1 + eps_high with A &gt; 0, below 1 - eps_low with A &lt; 0, or the dual clip), <see cref="DualClippedFraction"/>
+/// the share where the dual clip is.</remarks>
 public sealed record GrpoUpdateStats(double Loss, int Sequences, int Tokens, double MeanRatio, double ClippedFraction, double MeanLogProbChange, double? Kl,
-    int Distinct);
+    int Distinct, double DualClippedFraction = 0);
 
 /// <summary>
 /// One GRPO policy update on a batch of rollouts: the rollouts are packed (prompt + response, images included), a
@@ -22,9 +25,11 @@ public sealed record GrpoUpdateStats(double Loss, int Sequences, int Tokens, dou
 /// its token weights multiplied by its count: the same loss and gradient as packing every copy, for a fraction of the
 /// forward and backward. The distinct rollouts of a prompt then share its rows (<see cref="SharePrompts"/>).
 /// </para>
+/// <para>vocabLimit: the tokenizer's id count when the LM head is wider (the softmax the sampler drew from; see
+/// <see cref="FusedGrpoLoss"/>).</para>
 /// </summary>
 public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings settings, LossAggregation aggregation = LossAggregation.SequenceMeanTokenMean,
-    int vocabChunk = 8192)
+    int vocabChunk = 8192, int? vocabLimit = null)
 {
     /// <summary>
     /// Rollouts of one prompt compute its rows once (<see cref="VlmBatch.PackShared"/>; on by default): the same loss
@@ -32,7 +37,12 @@ public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings setti
     /// </summary>
     public bool SharePrompts { get; init; } = true;
 
-    public GrpoUpdateStats Accumulate(IReadOnlyList<Rollout> rollouts, IReadOnlyList<float[]>? referenceLogProbs = null)
+    /// <param name="sequenceWeights">
+    /// Each rollout's token weight (<see cref="GrpoMath.SequenceWeights"/>) when the loss is a mean over more rollouts than
+    /// this call holds (gradient accumulation: the weights of the whole accumulated batch); null: the mean over these.
+    /// </param>
+    public GrpoUpdateStats Accumulate(IReadOnlyList<Rollout> rollouts, IReadOnlyList<float[]>? referenceLogProbs = null,
+        IReadOnlyList<double>? sequenceWeights = null)
     {
         if (rollouts.Count == 0) throw new ArgumentException("an update needs at least one rollout");
         for (int i = 0; i < rollouts.Count; i++)
@@ -43,7 +53,9 @@ public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings setti
                 throw new ArgumentException($"rollout {i}: {referenceLogProbs[i].Length} reference log-probs for {r.Response.Length} response tokens");
         }
         // Weights over every rollout (the mean the loss is), then the distinct rollouts with their counts.
-        var seqWeights = GrpoMath.SequenceWeights(rollouts.Select(r => r.Response.Length).ToList(), aggregation);
+        if (sequenceWeights is not null && sequenceWeights.Count != rollouts.Count)
+            throw new ArgumentException($"{sequenceWeights.Count} sequence weights for {rollouts.Count} rollouts");
+        var seqWeights = sequenceWeights ?? GrpoMath.SequenceWeights(rollouts.Select(r => r.Response.Length).ToList(), aggregation);
         var firstOf = new Dictionary<RolloutKey, int>();
         var distinct = new List<int>();
         var count = new List<int>();
@@ -78,11 +90,11 @@ public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings setti
         }
         using var pass = model.Forward(batch, withLoss: false);
         var tokens = new GrpoTokens(targets, old, adv, weights, refs);
-        using var result = FusedGrpoLoss.Fused(model.Backend, pass.Hidden, model.LmHead, tokens, settings, vocabChunk);
+        using var result = FusedGrpoLoss.Fused(model.Backend, pass.Hidden, model.LmHead, tokens, settings, vocabChunk, vocabLimit);
         model.BackwardFromHidden(pass, result.HiddenGrad);
 
         // Token statistics over every rollout: a distinct token counts once per copy.
-        long n = 0, clipped = 0;
+        long n = 0, clipped = 0, dualClipped = 0;
         double ratioSum = 0, change = 0, kl = 0;
         for (int t = 0; t < targets.Length; t++)
         {
@@ -96,11 +108,13 @@ public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings setti
                 double dl = refs[t] - result.LogProbs[t];
                 kl += c * (Math.Exp(dl) - dl - 1);
             }
-            if (ratio < 1 - settings.EpsLow || ratio > 1 + settings.EpsHigh) clipped += c;
+            var clip = GrpoMath.Clip(ratio, adv[t], settings);
+            if (clip != ClipState.None) clipped += c;
+            if (clip == ClipState.DualClipped) dualClipped += c;
             n += c;
         }
         return new GrpoUpdateStats(result.Loss, rollouts.Count, (int)n, ratioSum / Math.Max(1, n), clipped / (double)Math.Max(1, n), change / Math.Max(1, n),
-            refs is null ? null : kl / Math.Max(1, n), distinct.Count);
+            refs is null ? null : kl / Math.Max(1, n), distinct.Count, dualClipped / (double)Math.Max(1, n));
     }
 
     /// <summary>What makes two rollouts' token losses identical: prompt, image, response, old log-probs, advantage, reference log-probs.</summary>

@@ -7,7 +7,7 @@ public readonly record struct PairLoss(double Loss, double Preference, double Qu
 /// Mixed Preference Optimisation on one pair, in double: L = w_pref DPO + w_quality BCO + w_gen NLL with
 /// lr(y) = log pi(y|x) - log pi_ref(y|x) (summed over the response):
 /// DPO: -log sigmoid(beta lr(y_c) - beta lr(y_r)); BCO: -log sigmoid(beta lr(y_c) - delta) - log sigmoid(-(beta lr(y_r) - delta));
-/// NLL: -log pi(y_c|x) / |y_c|. delta is the moving average of rewards (BcoDelta). Defaults 0.8 / 0.2 / 1.0.
+/// NLL: -log pi(y_c|x) / |y_c|. delta is the running mean of the implicit rewards (BcoDelta). Defaults 0.8 / 0.2 / 1.0.
 /// </summary>
 public static class MpoMath
 {
@@ -36,10 +36,25 @@ public static class MpoMath
         (-LogSigmoid(chosen - rejected), -(1 - Sigmoid(chosen - rejected)));
 }
 
-/// <summary>BCO's delta: an exponential moving average of the rewards seen.</summary>
-public sealed class BcoDelta(double decay = 0.99, double initial = 0)
+/// <summary>
+/// BCO's reward shift delta: the running mean of the implicit rewards beta lr(y) of the chosen and the rejected responses
+/// of every batch so far, the current one included (it is updated before the batch's loss uses it, as the BCO paper
+/// and TRL do). No decay and no start value to pull it toward 0; its count and mean are saved in checkpoints.
+/// </summary>
+public sealed class BcoDelta
 {
-    public double Value { get; private set; } = initial;
-    public void Update(double reward) => Value = decay * Value + (1 - decay) * reward;
-    public void Restore(double value) => Value = value;
+    public long Count { get; private set; }
+    public double Value { get; private set; }
+
+    /// <summary>Folds one batch's implicit rewards (chosen and rejected alike) into the mean.</summary>
+    public void Update(IEnumerable<double> rewards)
+    {
+        foreach (var r in rewards)
+        {
+            Count++;
+            Value += (r - Value) / Count;
+        }
+    }
+
+    public void Restore(long count, double value) => (Count, Value) = (count, value);
 }

@@ -286,8 +286,8 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             + (s.GroundingWeight != 0 ? string.Format(CultureInfo.InvariantCulture, " + {0} x {1}", s.GroundingWeight,
                 s.GroundingCredit == "per_digit" ? "[the share of the scene's digits it reads right]" : "[it reads the scene's digits exactly]") : "");
         string rewardNote = grpoRm is not null
-            ? string.Format(CultureInfo.InvariantCulture, "GRPO reward: {5} + {0} x the standardised reward-model score where it exceeds {3} standard deviation{4} (its held-out pair accuracy {1:F3} passes the {2:F2} gate).", s.RmWeight, rmAccuracy, s.RmMinAccuracy, s.RmThreshold,
-                s.RmThreshold == 1 ? "" : "s", ruleTerms)
+            ? string.Format(CultureInfo.InvariantCulture, "GRPO reward: {5} + {0} x the standardised reward-model score where it exceeds {3} standard deviation{4}, {6} (its held-out pair accuracy {1:F3} passes the {2:F2} gate).", s.RmWeight, rmAccuracy, s.RmMinAccuracy, s.RmThreshold,
+                s.RmThreshold == 1 ? "" : "s", ruleTerms, new RewardModelScaling(RewardModelTransform.Standardise, threshold: s.RmThreshold).Describe())
             : rmModel is null ? $"GRPO reward: {ruleTerms} (no reward model was trained)."
             : string.Format(CultureInfo.InvariantCulture, "GRPO reward: {2} only: the reward model's held-out pair accuracy {0:F3} is below the {1:F2} gate (PipelineSettings.RmMinAccuracy), so its score is left out.", rmAccuracy, s.RmMinAccuracy, ruleTerms);
         _log(rewardNote);
@@ -383,14 +383,12 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         var rows = prompts.Next(s.PairPrompts);
         using var vlm = VisionLanguageModel.Load(backend, model);
         var tokenizer = TextTokenizer.Load(model);
-        var format = new FormatReward();
-        var reward = new HybridReward(format);
         var groups = PromptSampling.Sample(vlm, tokenizer, rows, s.PairSamples, new SamplingParams(1f), s.MaxNewTokens, (ulong)s.Seed,
-            (text, p) => reward.Score(text, new RewardContext(p.Answer, p.Choices)));
+            PromptSampling.RuleAndFormat);
         var withTraces = groups.Select(g =>
         {
             var trace = traces.Read(g.Prompt.Index).Response;
-            return new SampledGroup(g.Prompt, [.. g.Responses, trace], [.. g.Rewards, reward.Score(trace, new RewardContext(g.Prompt.Answer, g.Prompt.Choices))]);
+            return new SampledGroup(g.Prompt, [.. g.Responses, trace], [.. g.Rewards, PromptSampling.RuleAndFormat(trace, g.Prompt)]);
         });
         Directory.CreateDirectory(Path.GetDirectoryName(path)!);
         var sampled = PromptSampling.Pairs(withTraces, s.PairMargin);
@@ -408,7 +406,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
                 throw new InvalidDataException($"{Dir("data", "train", "sft.jsonl")}:{p.Index + 1}: a digit trace with its claim and a typed prompt expected");
             var item = new DigitTaskItem(p.Question, p.Answer, DigitQuestionTypes.Parse(p.Type), claimed, [], 0, []);
             var rejected = DigitScenes.Rejected(item, rng).Trace();
-            return (new SampledGroup(p, [trace, rejected], [reward.Score(trace, new RewardContext(p.Answer)), reward.Score(rejected, new RewardContext(p.Answer))]), 0, 1);
+            return (new SampledGroup(p, [trace, rejected], [PromptSampling.RuleAndFormat(trace, p), PromptSampling.RuleAndFormat(rejected, p)]), 0, 1);
         });
         PromptSampling.WritePairs(RmPairsPath, [.. sampled, .. synthetic]);
     }

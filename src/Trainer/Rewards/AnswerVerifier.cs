@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Text;
 using System.Text.RegularExpressions;
+using R1V2.Native.Engine.Text;
 
 namespace R1V2.Native.Trainer.Rewards;
 
@@ -12,6 +13,25 @@ namespace R1V2.Native.Trainer.Rewards;
 /// </summary>
 public static partial class AnswerVerifier
 {
+    /// <summary>
+    /// The answer part of a generated response, the one definition that the training reward, evaluation, pair building
+    /// and the prompt pre-filter share: the text after the first <c>&lt;/think&gt;</c> (up to <c>&lt;|im_end|&gt;</c>).
+    /// The generation prompt opens the thinking block, so a response that never closes it has no answer part ("") and a
+    /// <c>\boxed{}</c> inside the thinking counts nowhere.
+    /// </summary>
+    public static string AnswerPart(string response)
+    {
+        var split = ChatTemplate.Split(response);
+        return split.ThinkingClosed ? split.Answer : "";
+    }
+
+    /// <summary>The final answer a response gives in its answer part (<see cref="AnswerPart"/>), or null.</summary>
+    public static string? FinalAnswer(string response) => ExtractAnswer(AnswerPart(response));
+
+    /// <summary>1 when a generated response's final answer (<see cref="FinalAnswer"/>) matches the reference, else 0.</summary>
+    public static double ScoreResponse(string response, string reference, IReadOnlyList<string>? choices = null) =>
+        FinalAnswer(response) is { } answer && Equivalent(answer, reference, choices) ? 1.0 : 0.0;
+
     /// <summary>The response's final answer, or null when it states none.</summary>
     public static string? ExtractAnswer(string response)
     {

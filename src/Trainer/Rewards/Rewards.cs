@@ -50,41 +50,90 @@ public enum RewardModelTransform { Identity, Clip, Standardise }
 
 /// <summary>
 /// How reward-model scores enter the hybrid reward: identity, clipped to [lo, hi], or standardised by the running
-/// mean and variance of all scores seen so far (Welford). Transformed scores at or below the threshold contribute
-/// nothing: with standardisation the threshold is in standard deviations, so it means the same for any reward model
-/// (only responses the reward model rates clearly above its usual score earn a bonus, and groups whose rule rewards tie
-/// mostly keep zero advantage for the Selective Sample Buffer).
+/// mean and variance of the scores of earlier steps (Welford). The thresholded term is f(s) [f(s) > t] with t >= 0
+/// (or no threshold, t = -inf): a monotone map, so a better score never earns less. With standardisation the threshold
+/// is in standard deviations, so it means the same for any reward model (only responses the reward model rates clearly
+/// above its usual score earn a bonus, and groups whose rule rewards tie mostly keep zero advantage for the Selective
+/// Sample Buffer).
+/// <para>
+/// A step's scores are transformed together (<see cref="ApplyStep"/>) with the statistics from before the step, and
+/// only then folded into them: equal raw scores in one step get equal terms, so a group of identical responses keeps
+/// zero advantage. The first step, with no history, is standardised by its own scores.
+/// </para>
 /// </summary>
-public sealed class RewardModelScaling(RewardModelTransform transform = RewardModelTransform.Identity, double clipLow = -5, double clipHigh = 5,
-    double threshold = double.NegativeInfinity)
+public sealed class RewardModelScaling
 {
     private long _count;
     private double _mean, _m2;
+    private readonly double _clipLow, _clipHigh;
 
-    public RewardModelTransform Transform { get; } = transform;
-    public double Threshold { get; } = threshold;
+    public RewardModelScaling(RewardModelTransform transform = RewardModelTransform.Identity, double clipLow = -5, double clipHigh = 5,
+        double threshold = double.NegativeInfinity)
+    {
+        if (double.IsNaN(threshold) || (threshold < 0 && !double.IsNegativeInfinity(threshold)))
+            throw new ArgumentOutOfRangeException(nameof(threshold), threshold,
+                "the reward-model threshold must be >= 0 (or -inf for none): a negative one would pay scores just below it 0 and scores further below it their negative value");
+        if (transform == RewardModelTransform.Clip && !(clipLow <= clipHigh)) throw new ArgumentOutOfRangeException(nameof(clipLow), $"clip range [{clipLow}, {clipHigh}] is empty");
+        Transform = transform;
+        Threshold = threshold;
+        (_clipLow, _clipHigh) = (clipLow, clipHigh);
+    }
+
+    public RewardModelTransform Transform { get; }
+    public double Threshold { get; }
     public (long Count, double Mean, double M2) State => (_count, _mean, _m2);
 
     public void Restore((long Count, double Mean, double M2) state) => (_count, _mean, _m2) = state;
 
-    /// <summary>f(score), or 0 when f(score) does not pass the threshold. Standardisation updates its statistics first.</summary>
-    public double Apply(double score)
+    /// <summary>The mapping from a raw score s to the reward term, in words (for summaries).</summary>
+    public string Describe()
     {
-        if (Transform == RewardModelTransform.Standardise)
+        string f = Transform switch
         {
-            _count++;
-            double delta = score - _mean;
-            _mean += delta / _count;
-            _m2 += delta * (score - _mean);
-        }
-        double f = Transform switch
-        {
-            RewardModelTransform.Identity => score,
-            RewardModelTransform.Clip => Math.Clamp(score, clipLow, clipHigh),
-            RewardModelTransform.Standardise => _count < 2 ? 0 : (score - _mean) / (Math.Sqrt(_m2 / (_count - 1)) + 1e-8),
-            _ => throw new InvalidOperationException(),
+            RewardModelTransform.Identity => "s",
+            RewardModelTransform.Clip => $"clip(s, {_clipLow:G4}, {_clipHigh:G4})",
+            _ => "(s - mean) / std over the scores of earlier steps",
         };
-        return f > Threshold ? f : 0;
+        return double.IsNegativeInfinity(Threshold) ? $"f(s) = {f}" : $"f(s) [f(s) > {Threshold:G4}] with f(s) = {f}";
+    }
+
+    /// <summary>
+    /// The terms of one step's raw scores: each transformed with the statistics from before the step and thresholded;
+    /// the statistics are then updated once with all of them.
+    /// </summary>
+    public double[] ApplyStep(IReadOnlyList<double> scores)
+    {
+        var (count, mean, m2) = (_count, _mean, _m2);
+        if (Transform == RewardModelTransform.Standardise && count < 2) (count, mean, m2) = Fold((0, 0, 0), scores);
+        double std = count < 2 ? 0 : Math.Sqrt(m2 / (count - 1));
+        var terms = new double[scores.Count];
+        for (int i = 0; i < scores.Count; i++)
+        {
+            double s = scores[i];
+            double f = Transform switch
+            {
+                RewardModelTransform.Identity => s,
+                RewardModelTransform.Clip => Math.Clamp(s, _clipLow, _clipHigh),
+                RewardModelTransform.Standardise => count < 2 ? 0 : (s - mean) / (std + 1e-8),
+                _ => throw new InvalidOperationException(),
+            };
+            terms[i] = f > Threshold ? f : 0;
+        }
+        if (Transform == RewardModelTransform.Standardise) (_count, _mean, _m2) = Fold((_count, _mean, _m2), scores);
+        return terms;
+    }
+
+    private static (long Count, double Mean, double M2) Fold((long Count, double Mean, double M2) state, IReadOnlyList<double> scores)
+    {
+        var (count, mean, m2) = state;
+        foreach (var s in scores)
+        {
+            count++;
+            double delta = s - mean;
+            mean += delta / count;
+            m2 += delta * (s - mean);
+        }
+        return (count, mean, m2);
     }
 }
 
@@ -110,12 +159,29 @@ public sealed class HybridReward(FormatReward format, double rewardModelWeight =
 
     public RewardModelScaling Scaling => _scaling;
 
-    /// <param name="rewardModelScore">The reward model's raw score, or null when no reward model is used.</param>
-    public RewardBreakdown Score(string response, RewardContext context, double? rewardModelScore = null)
+    /// <summary>One response's reward without a reward model.</summary>
+    public RewardBreakdown Score(string response, RewardContext context) => Score(response, context, 0, 0);
+
+    /// <summary>
+    /// The rewards of one step's responses. With reward-model scores (raw, one per response), the scores are transformed
+    /// together (<see cref="RewardModelScaling.ApplyStep"/>): equal scores in a step earn equal terms.
+    /// </summary>
+    public RewardBreakdown[] ScoreStep(IReadOnlyList<string> responses, IReadOnlyList<RewardContext> contexts, IReadOnlyList<double>? rewardModelScores = null)
     {
-        double rule = AnswerVerifier.Score(ChatTemplate.Split(response).Answer is { Length: > 0 } a ? a : response, context.Reference, context.Choices);
+        if (contexts.Count != responses.Count) throw new ArgumentException($"{contexts.Count} reward contexts for {responses.Count} responses");
+        if (rewardModelScores is not null && rewardModelScores.Count != responses.Count)
+            throw new ArgumentException($"{rewardModelScores.Count} reward-model scores for {responses.Count} responses");
+        double[]? terms = rewardModelScores is null || rewardModelWeight == 0 ? null : _scaling.ApplyStep(rewardModelScores);
+        var result = new RewardBreakdown[responses.Count];
+        for (int i = 0; i < responses.Count; i++)
+            result[i] = Score(responses[i], contexts[i], rewardModelScores?[i] ?? 0, terms is null ? 0 : rewardModelWeight * terms[i]);
+        return result;
+    }
+
+    private RewardBreakdown Score(string response, RewardContext context, double raw, double rm)
+    {
+        double rule = AnswerVerifier.ScoreResponse(response, context.Reference, context.Choices);
         double fmt = format.Score(response);
-        double raw = rewardModelScore ?? 0, rm = rewardModelScore is null || rewardModelWeight == 0 ? 0 : rewardModelWeight * _scaling.Apply(raw);
         double reason = reasoningWeight != 0 && context.FollowsPremises?.Invoke(response) is { } follows ? reasoningWeight * (follows ? 1 : 0) : 0;
         double ground = groundingWeight == 0 ? 0 : groundingCredit == GroundingCredit.Share
             ? context.ImageAgreement?.Invoke(response) is { } share ? groundingWeight * share : 0

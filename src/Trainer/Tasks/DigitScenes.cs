@@ -165,7 +165,7 @@ public sealed class DigitScenes(MnistDigits source, DigitSplit split, int canvas
     {
         if (row.Digits is null || row.Type is null || !DigitQuestionTypes.TryParse(row.Type, out var type)) return null;
         if (ClaimedDigits(response) is not { } claimed) return (false, false);
-        bool follows = Rewards.AnswerVerifier.Score(response, AnswerFor(type, row.Question, claimed)) > 0;
+        bool follows = Rewards.AnswerVerifier.ScoreResponse(response, AnswerFor(type, row.Question, claimed)) > 0;
         return (claimed.SequenceEqual(row.Digits), follows);
     }
 

@@ -83,19 +83,20 @@ public sealed class EvaluationTests(CpuFixture fx) : IDisposable
         {
             // Sum of 5 and 7: one right and grounded, one wrong that claims an absent 8.
             (Row(0, "12", "sum", [5, 7]), ["I see the digits 5, 7. 5 + 7 = 12.</think>\\boxed{12}", "I see the digits 5, 8. 5 + 8 = 13.</think>\\boxed{13}"]),
-            // Presence of 3: both right, one unfinished (no </think>), so not well formed.
+            // Presence of 3: one right; one unfinished (no </think>): its "Answer:" line is still thinking, so it has no answer
+            // and is not well formed.
             (Row(1, "yes", "present", [3]), ["I see the digit 3. 3 is among them.</think>\\boxed{yes}", "I see the digit 3.\nAnswer: yes"]),
             // Largest: both wrong.
             (Row(2, "9", "largest", [9, 1]), ["I see the digits 9, 1. The largest is 1.</think>\\boxed{1}", "I see the digits 9, 1.</think>"]),
         };
         var (r, samples) = Evaluation.Score(groups, s, text => text.Length);
-        Assert.Equal([true, false, true, true, false, false], samples.Select(x => x.Correct));
-        Assert.Equal((0.5 + 1 + 0) / 3, r.PassAt1, 12);
-        double se = Math.Sqrt(((0.5 - 0.5) * (0.5 - 0.5) + 0.25 + 0.25) / 2 / 3); // sample std over prompts / sqrt(n)
+        Assert.Equal([true, false, true, false, false, false], samples.Select(x => x.Correct));
+        Assert.Equal((0.5 + 0.5 + 0) / 3, r.PassAt1, 12);
+        double m = 1.0 / 3, se = Math.Sqrt(((0.5 - m) * (0.5 - m) * 2 + m * m) / 2 / 3); // sample std over prompts / sqrt(n)
         Assert.Equal(se, r.PassAt1StdError, 12);
         Assert.Equal(4.0 / 6, r.FormatRate, 12);        // the unfinished one and the empty answer are not well formed
         Assert.Equal(1.0 / 6, r.HallucinationRate!.Value, 12);
-        Assert.Equal([("largest", 0.0), ("present", 1.0), ("sum", 0.5)], r.ByType.Select(t => (t.Type, t.PassAt1)));
+        Assert.Equal([("largest", 0.0), ("present", 0.5), ("sum", 0.5)], r.ByType.Select(t => (t.Type, t.PassAt1)));
         Assert.Equal(groups.SelectMany(g => g.Item2).Average(t => (double)t.Length), r.MeanResponseTokens, 12);
     }
 

@@ -26,12 +26,12 @@ public sealed class GroundingTests
         Assert.Equal(["bus", "traffic light"], g.ClaimedObjects("a buses stop at the traffic\n lights").Order());
         Assert.Empty(g.ClaimedObjects("category, hotdog, catalogue")); // no matches inside other words
         var row = Row(null, ["cat", "sofa"]);
-        Assert.True(g.Check("a cat on a sofa", row));
-        Assert.False(g.Check("a cat and a dog", row));
-        Assert.True(g.Check("an armchair", row)); // words outside the vocabulary are not claims
-        Assert.Null(g.Check("a dog", Row(null, null)));
-        Assert.False(g.Check("cat number 5", Row([3], ["cat"])));
-        Assert.True(g.Check("cat number 3", Row([3], ["cat"])));
+        Assert.True(g.Check("</think>a cat on a sofa", row));
+        Assert.False(g.Check("</think>a cat and a dog", row));
+        Assert.True(g.Check("</think>an armchair", row)); // words outside the vocabulary are not claims
+        Assert.Null(g.Check("</think>a dog", Row(null, null)));
+        Assert.False(g.Check("</think>cat number 5", Row([3], ["cat"])));
+        Assert.True(g.Check("</think>cat number 3", Row([3], ["cat"])));
     }
 
     [Fact]
@@ -45,7 +45,8 @@ public sealed class GroundingTests
         var plain = new Grounding([]);
         Assert.False(plain.Check("<think>I see 5, 7</think> 12", row));                          // without a pattern: the answer's digits
         Assert.True(plain.Check("<think>unfinished 9", row));                                     // no answer yet, no claim
-        Assert.False(plain.Check("9", row));                                                      // no thinking: all of it is the answer
+        Assert.True(plain.Check("9", row));                                                       // the prompt opens the thinking: unfinished, no answer
+        Assert.False(plain.Check("</think>9", row));                                              // the answer part names 9
         Assert.Throws<ArgumentException>(() => new Grounding([], "no group"));
         Assert.Throws<ArgumentException>(() => new Grounding([], "(unclosed"));
     }

@@ -53,9 +53,9 @@ public sealed class GrpoTests(CpuFixture fx)
         var k3 = GrpoMath.TokenLoss(-1, -1, -1.5, 0, 1, new GrpoLossSettings(KlCoef: 1, Kl: KlEstimator.K3));
         Assert.Equal(Math.Exp(-0.5) + 0.5 - 1, k3.Loss, 10);   // 0.106531
         Assert.Equal(1 - Math.Exp(-0.5), k3.Grad, 10);          // 0.393469
-        var k1 = GrpoMath.TokenLoss(-1, -1, -1.5, 0, 2, new GrpoLossSettings(KlCoef: 0.1f, Kl: KlEstimator.K1));
-        Assert.Equal(2 * 0.1 * 0.5, k1.Loss, 6);
-        Assert.Equal(2 * 0.1, k1.Grad, 6);
+        var k2 = GrpoMath.TokenLoss(-1, -1, -1.5, 0, 2, new GrpoLossSettings(KlCoef: 0.1f, Kl: KlEstimator.K2));
+        Assert.Equal(2 * 0.1 * 0.5 * 0.25, k2.Loss, 6);         // weight 2, coef 0.1, d^2 / 2 = 0.125
+        Assert.Equal(2 * 0.1 * 0.5, k2.Grad, 6);                // d/dlogp of (ref - logp)^2 / 2 = logp - ref = 0.5
         var clamped = GrpoMath.TokenLoss(-20, -20, -5, 0, 1, new GrpoLossSettings(KlCoef: 1, Kl: KlEstimator.K3)); // e^15: clamped at 10
         Assert.Equal(10, clamped.Loss, 10);
         Assert.Equal(0, clamped.Grad);
@@ -95,12 +95,13 @@ public sealed class GrpoTests(CpuFixture fx)
     }
 
     [Theory]
-    [InlineData(128)]
-    [InlineData(333)]
-    [InlineData(5000)]
-    public void FusedLoss_EqualsTheUnfusedComposition(int chunk)
+    [InlineData(128, KlEstimator.K3)]
+    [InlineData(333, KlEstimator.K3)]
+    [InlineData(5000, KlEstimator.K3)]
+    [InlineData(333, KlEstimator.K2)]
+    public void FusedLoss_EqualsTheUnfusedComposition(int chunk, KlEstimator kl)
     {
-        var settings = new GrpoLossSettings(EpsLow: 0.2f, EpsHigh: 0.28f, DualClip: 3f, KlCoef: 0.05f, Kl: KlEstimator.K3, Temperature: 0.7f);
+        var settings = new GrpoLossSettings(EpsLow: 0.2f, EpsHigh: 0.28f, DualClip: 3f, KlCoef: 0.05f, Kl: kl, Temperature: 0.7f);
         var (hidden, head, tokens) = Problem(_b, 37, 24, 1000, 3);
         using var _h = hidden;
         using var _w = head;

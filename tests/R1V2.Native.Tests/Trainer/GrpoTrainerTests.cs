@@ -101,11 +101,11 @@ public sealed class GrpoTrainerTests(CpuFixture fx) : IDisposable
         var config = TrainConfig.Load(null, ["reward.reasoning_weight=0.5", "reward.grounding_weight=0.25", "reward.rm_weight=2"]);
         var row = new PromptRow(0, "What is the sum of the digits in the image?", "12", [], null, [5, 7], Type: "sum") { Digits = [5, 7] };
         var reward = GrpoTrainer.RewardFrom(config.Reward, withRewardModel: false);
-        var right = reward.Score("I see the digits 5, 7. 5 + 7 = 12.</think>\\boxed{12}", GrpoTrainer.ContextOf(row), rewardModelScore: 3);
+        var right = reward.ScoreStep(["I see the digits 5, 7. 5 + 7 = 12.</think>\\boxed{12}"], [GrpoTrainer.ContextOf(row)], [3])[0];
         Assert.Equal((1.0, 0.0, 0.5, 0.5, 0.25, 2.25), (right.Rule, right.RewardModel, right.Format, right.Reasoning, right.Grounding, right.Total));
         var misread = reward.Score("I see the digits 5, 8. 5 + 8 = 13.</think>\\boxed{13}", GrpoTrainer.ContextOf(row));
         Assert.Equal((0.0, 0.5, 0.0), (misread.Rule, misread.Reasoning, misread.Grounding)); // follows its reading, which is wrong
-        var withModel = GrpoTrainer.RewardFrom(config.Reward, withRewardModel: true).Score("I see the digits 5, 7.</think>\\boxed{11}", GrpoTrainer.ContextOf(row), 3);
+        var withModel = GrpoTrainer.RewardFrom(config.Reward, withRewardModel: true).ScoreStep(["I see the digits 5, 7.</think>\\boxed{11}"], [GrpoTrainer.ContextOf(row)], [3])[0];
         Assert.Equal((6.0, 0.0, 0.0, 0.25), (withModel.RewardModel, withModel.Rule, withModel.Reasoning, withModel.Grounding)); // identity transform: 2 x 3; 11 does not follow from 5, 7
     }
 }

@@ -105,11 +105,24 @@ public sealed class SsbAndMpoTests
     }
 
     [Fact]
-    public void BcoDelta_IsAnExponentialMovingAverage()
+    public void BcoDelta_IsTheRunningMeanOfEveryImplicitReward_TheCurrentBatchIncluded()
     {
-        var d = new BcoDelta(decay: 0.5);
-        d.Update(1);
-        d.Update(0);
-        Assert.Equal(0.25, d.Value, 12);
+        // Three batches of implicit rewards beta lr(y), chosen and rejected of each pair, by hand:
+        // after batch 1: (0.4 - 0.2) / 2 = 0.1; after 2: (0.4 - 0.2 + 1.0 + 0.6 + 0.2 - 0.4) / 6 = 1.6 / 6;
+        // after 3: (1.6 + 2.0 + 0.0) / 8 = 0.45. (The old EMA with decay 0.99 from 0 gave 0.001, 0.0036, 0.0136.)
+        var d = new BcoDelta();
+        d.Update([0.4, -0.2]);
+        Assert.Equal(0.1, d.Value, 12);
+        d.Update([1.0, 0.6, 0.2, -0.4]);
+        Assert.Equal(1.6 / 6, d.Value, 12);
+        d.Update([2.0, 0.0]);
+        Assert.Equal(0.45, d.Value, 12);
+        Assert.Equal(8, d.Count);
+        var restored = new BcoDelta();
+        restored.Restore(d.Count, d.Value);
+        restored.Update([1.35]);
+        d.Update([1.35]);
+        Assert.Equal((d.Count, d.Value), (restored.Count, restored.Value));
+        Assert.Equal(0.55, d.Value, 12);  // (3.6 + 1.35) / 9
     }
 }

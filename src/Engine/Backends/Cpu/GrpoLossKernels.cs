@@ -39,7 +39,7 @@ internal static class GrpoLossKernels
         if (g.KlType != 0 && g.HasRef != 0)
         {
             float d = refLogp[t] - lp;
-            if (g.KlType == 1) { kl = -d; dkl = 1f; }
+            if (g.KlType == 2) { kl = 0.5f * d * d; dkl = -d; }
             else { kl = MathF.Exp(d) - d - 1f; dkl = 1f - MathF.Exp(d); }
             if (kl > 10f || kl < -10f) { kl = MathF.Min(MathF.Max(kl, -10f), 10f); dkl = 0f; }
         }
