@@ -32,6 +32,9 @@ public sealed record GrpoStepMetrics(int Step, double Loss, double Reward, doubl
     /// <summary>Share of the update's response tokens held by the dual clip (also counted in <see cref="ClippedFraction"/>).</summary>
     public double DualClippedFraction { get; init; }
 
+    /// <summary>How many rollouts the policy update trained on (fresh and replayed; with a KL loss term the zero-advantage ones too).</summary>
+    public int UpdateRollouts { get; init; }
+
     /// <summary>Dynamic sampling: the sampling rounds this step took and the rollouts past the first round's.</summary>
     public int SamplingRounds { get; init; } = 1;
     public int ExtraRollouts { get; init; }
@@ -272,6 +275,7 @@ public sealed class GrpoTrainer : IDisposable
             batch.EffectiveRatio, freshRatio, batch.Replayed, meanRatio / u, clipped / u, gradNorm / o, lr, skipped, halluc, tokens / seconds, seconds, null)
         {
             DualClippedFraction = dualClipped / u,
+            UpdateRollouts = update.Count,
             SamplingRounds = rounds.Count,
             ExtraRollouts = rounds.Skip(1).Sum(r => r.Rollouts.Count),
             KlPenalty = _klPenalty ? rounds.Average(r => r.KlPenalty!.Value) : null,

@@ -61,6 +61,83 @@ public sealed class GrpoTests(CpuFixture fx)
         Assert.Equal(0, clamped.Grad);
     }
 
+    [Fact]
+    public void ClipIsActive_ExactlyWhereTheTokenGradientIsZero_AndTheDualClipApart()
+    {
+        // The clipped fraction counts a token when its clip holds its gradient at zero: ratio past 1 + eps_high with A > 0,
+        // below 1 - eps_low with A < 0, or above the dual clip c with A < 0. Checked against the objective's own gradient
+        // (GrpoMath.TokenLoss, no KL) over a sweep of ratios and both signs.
+        var s = new GrpoLossSettings(EpsLow: 0.2f, EpsHigh: 0.28f, DualClip: 3f);
+        int dual = 0, clipped = 0;
+        foreach (double a in new[] { 1.3, -0.7 })
+            for (double r = 0.05; r < 5; r += 0.01)
+            {
+                var state = GrpoMath.Clip(r, a, s);
+                var (loss, grad) = GrpoMath.TokenLoss(Math.Log(r), 0, null, a, 1, s);
+                Assert.True((state != ClipState.None) == (grad == 0), $"ratio {r:F2}, A {a}: {state}, gradient {grad}");
+                Assert.True((state == ClipState.DualClipped) == (a < 0 && Math.Abs(loss - -3 * a) < 1e-12 && r > 3), $"ratio {r:F2}, A {a}: {state}, loss {loss}");
+                dual += state == ClipState.DualClipped ? 1 : 0;
+                clipped += state == ClipState.Clipped ? 1 : 0;
+            }
+        Assert.True(dual > 100 && clipped > 100, $"{dual} dual-clipped, {clipped} clipped: the sweep should reach every branch");
+        // A ratio outside the band on the side that does not clip its sign is not clipped (counted before the fix).
+        Assert.Equal(ClipState.None, GrpoMath.Clip(0.5, 1, s));
+        Assert.Equal(ClipState.None, GrpoMath.Clip(1.5, -1, s));
+        Assert.Equal(ClipState.DualClipped, GrpoMath.Clip(1.5, -1, s with { DualClip = 1.4f }));
+        Assert.Equal(ClipState.None, GrpoMath.Clip(3, 0, s));   // no advantage: nothing to clip
+    }
+
+    [Fact]
+    public void KlTerm_PullsAPolicyTowardTheReference_ForK2K3AndTheK1RewardPenalty()
+    {
+        // A tabular policy over a 6-token vocabulary (one-token responses), trained with the KL term only (no task reward):
+        // log-probs, sampling, GRPO advantages and the per-token loss gradient are the trainer's (GrpoMath); the KL to the
+        // reference is enumerated exactly over the vocabulary. k2 and k3 as loss terms and k1 as a reward penalty must
+        // each bring KL(pi || ref) down; k1 as a loss term (what grpo.kl=k1 used to be) has zero expected gradient.
+        const int v = 6, g = 16, steps = 300;
+        double[] refLogits = [1.0, 0.2, -0.5, 0.8, -1.2, 0.0], start = [-1.0, 1.5, 0.7, -0.8, 0.9, -0.3];
+        static double[] LogSoftmax(double[] x) { double m = x.Max(), z = Math.Log(x.Sum(y => Math.Exp(y - m))) + m; return x.Select(y => y - z).ToArray(); }
+        var refLp = LogSoftmax(refLogits);
+        double Kl(double[] logits) { var lp = LogSoftmax(logits); return lp.Select((l, i) => Math.Exp(l) * (l - refLp[i])).Sum(); }
+        double before = Kl(start);
+
+        double Train(string mode, int seed)
+        {
+            var logits = (double[])start.Clone();
+            var rng = new Random(seed);
+            for (int step = 0; step < steps; step++)
+            {
+                var lp = LogSoftmax(logits);
+                var ys = Enumerable.Range(0, g).Select(_ =>
+                {
+                    double u = rng.NextDouble(), c = 0;
+                    for (int k = 0; k < v; k++) { c += Math.Exp(lp[k]); if (u < c) return k; }
+                    return v - 1;
+                }).ToArray();
+                double[] rewards = ys.Select(y => mode == "k1-penalty" ? -0.5 * (lp[y] - refLp[y]) : 0.0).ToArray();
+                var adv = GrpoMath.Advantages(rewards, g, AdvantageMode.MeanStd);
+                var kl = mode switch { "k2" => KlEstimator.K2, "k3" => KlEstimator.K3, _ => KlEstimator.None };
+                var settings = new GrpoLossSettings(KlCoef: kl == KlEstimator.None ? 0 : 0.5f, Kl: kl);
+                var grad = new double[v];
+                for (int i = 0; i < g; i++)
+                {
+                    int y = ys[i];
+                    double dlogp = mode == "k1-loss" ? 0.5 / g : GrpoMath.TokenLoss(lp[y], lp[y], refLp[y], adv[i], 1.0 / g, settings).Grad;
+                    for (int k = 0; k < v; k++) grad[k] += dlogp * ((k == y ? 1 : 0) - Math.Exp(lp[k]));   // d logp(y) / d logit_k
+                }
+                for (int k = 0; k < v; k++) logits[k] -= 0.5 * grad[k];
+            }
+            return Kl(logits);
+        }
+        foreach (var mode in new[] { "k2", "k3", "k1-penalty" })
+        {
+            double after = new[] { 1, 2, 3 }.Average(seed => Train(mode, seed));
+            Assert.True(after < 0.25 * before, $"{mode}: KL(pi || ref) {before:F4} -> {after:F4}, expected a fall to under a quarter");
+        }
+        double k1Loss = new[] { 1, 2, 3 }.Average(seed => Train("k1-loss", seed));
+        Assert.True(k1Loss > 0.5 * before, $"k1 as a loss term: KL {before:F4} -> {k1Loss:F4} (its expected gradient is zero; it should not pull toward the reference)");
+    }
+
     private static (Tensor Hidden, Parameter Head, GrpoTokens Tokens) Problem(Backend b, int t, int d, int v, int seed)
     {
         var hidden = b.FromArray(TestData.Uniform(seed, t * d, 1.5f), DType.F32, [t, d]);

@@ -95,6 +95,128 @@ public sealed class GrpoTrainerTests(CpuFixture fx) : IDisposable
         Assert.Null(u.History[0].HallucinationRate); // the rows say nothing about their images
     }
 
+    private static List<GrpoStepMetrics> Metrics(string output) =>
+        File.ReadAllLines(Path.Combine(output, "metrics.jsonl")).Select(l => System.Text.Json.JsonSerializer.Deserialize<GrpoStepMetrics>(l)!).ToList();
+
+    /// <summary>Every parameter of the newest checkpoint of a run, by name.</summary>
+    private Dictionary<string, float[]> Weights(string output)
+    {
+        using var model = Engine.Models.VisionLanguageModel.Load(fx.Backend, GrpoTrainer.LatestCheckpoint(output)!);
+        return model.Parameters.All.ToDictionary(p => p.Name, p => p.Parameter.Value.ToFloatArray());
+    }
+
+    [Theory]
+    [InlineData("seq_mean_token_mean")]
+    [InlineData("token_mean")]
+    public void GradientAccumulation_OfTwoHalves_EqualsOneBatch(string aggregation)
+    {
+        // One step of 8 rollouts of unequal lengths: one micro-batch of 8 against two micro-batches of 4 accumulated into
+        // one optimiser step. The token weights of the two halves come from the whole batch, so the loss, the gradient
+        // norm and the weights after the step agree to float rounding (before the fix each half was its own mean: twice
+        // the gradient, and a token mean that was not global).
+        List<GrpoStepMetrics> Run(string name, int minibatches, int accumulate)
+        {
+            var output = Path.Combine(_dir, name);
+            var config = Config(output, 1);
+            config.Grpo.Minibatches = minibatches;
+            config.Optim.GradAccum = accumulate;
+            config.Grpo.Aggregation = aggregation;
+            config.Grpo.Ssb.Enabled = false;
+            config.Grpo.MaxNewTokens = 8;
+            // Adam's eps of 1 and no clipping make the step about lr x gradient: the weights then show a scaled or
+            // re-weighted gradient (Adam's usual first step, lr x sign, would hide it).
+            config.Optim.Eps = 1f;
+            config.Optim.MaxGradNorm = 1e6;
+            using (var t = new GrpoTrainer(config, fx.Backend, Letters)) t.Run();
+            return Metrics(output);
+        }
+        var one = Run("one", 1, 1)[0];
+        var two = Run("two", 2, 2)[0];
+        Assert.True(one.UpdateRollouts >= 4, $"{one.UpdateRollouts} rollouts in the update");
+        Assert.Equal(one.UpdateRollouts, two.UpdateRollouts);
+        Assert.True(Math.Abs(one.Loss - two.Loss) <= 1e-6 * Math.Max(1, Math.Abs(one.Loss)), $"loss {one.Loss} vs {two.Loss}");
+        Assert.True(Math.Abs(one.GradNorm - two.GradNorm) <= 1e-5 * one.GradNorm, $"gradient norm {one.GradNorm} vs {two.GradNorm}");
+        var (a, b) = (Weights(Path.Combine(_dir, "one")), Weights(Path.Combine(_dir, "two")));
+        Assert.Equal(a.Count, b.Count);
+        foreach (var (name, w) in a) Check.Close(TestData.ToDouble(w), b[name], 1e-7, 1e-6, name);
+    }
+
+    [Fact]
+    public void IdenticalSamplesOfAGroup_KeepZeroAdvantage_UnderTheStandardisedRewardModel_OnEveryStep()
+    {
+        // A reward model with a random head, standardised (threshold -inf: every score counts), and near-greedy sampling
+        // (top_p keeps only the likeliest token), so each group's 4 samples are one response with one raw score. The
+        // reward model's scaling moves only between steps, so no group gets an advantage and the buffer stays empty;
+        // per-sample standardisation gave the copies different rewards.
+        var ckpt = Path.Combine(_dir, "tiny");
+        var config = Config(Path.Combine(_dir, "rm-run"), 4);
+        var rmDir = Path.Combine(_dir, "rm");
+        using (var rm = Engine.Models.RewardModel.Load(fx.Backend, ckpt, Engine.Models.TrainableParts.None, trainHead: false))
+        {
+            rm.Weight.Value.CopyFrom(TestData.Uniform(3, rm.Weight.Value.Dim(1), 2f));
+            rm.Save(rmDir);
+        }
+        File.Copy(Path.Combine(ckpt, "tokenizer.json"), Path.Combine(rmDir, "tokenizer.json"), true);
+        config.Reward.RmPath = rmDir;
+        config.Reward.RmWeight = 1;
+        config.Reward.RmTransform = "standardise";
+        config.Grpo.TopP = 1e-6f;
+        config.Grpo.PromptsPerStep = 3;
+        using (var t = new GrpoTrainer(config, fx.Backend)) t.Run();
+        var steps = Metrics(config.Output);
+        Assert.Equal(4, steps.Count);
+        Assert.All(steps, m =>
+        {
+            Assert.True(m.RewardModelStd > 1e-4, $"step {m.Step}: the groups' scores should differ (std {m.RewardModelStd})");
+            Assert.Equal(0, m.FreshInformativeRatio);
+            Assert.Equal((0, 0, 0.0), (m.Replayed, m.UpdateRollouts, m.Loss));
+        });
+    }
+
+    [Fact]
+    public void KlLossTerm_CoversEverySample_ZeroAdvantageOnesIncluded()
+    {
+        // Letters gives even prompts one reward for every sample (zero advantage). Without a KL term the update holds only
+        // the informative samples; with one it holds all of them (their KL term, with policy-gradient weight 0).
+        int Updated(string name, string kl)
+        {
+            var config = Config(Path.Combine(_dir, name), 1);
+            config.Grpo.Ssb.Enabled = false;
+            config.Grpo.Kl = kl;
+            config.Grpo.KlCoef = kl == "none" ? 0 : 0.1f;
+            using (var t = new GrpoTrainer(config, fx.Backend, Letters)) t.Run();
+            var m = Metrics(config.Output)[0];
+            Assert.True(m.FreshInformativeRatio is > 0 and < 1, $"{name}: fresh informative ratio {m.FreshInformativeRatio}");
+            Assert.Equal(kl is "k2" or "k3", m.Kl is not null);
+            return m.UpdateRollouts;
+        }
+        int all = 4 * 2;
+        Assert.Equal(all, Updated("k3", "k3"));
+        Assert.Equal(all, Updated("k2", "k2"));
+        Assert.True(Updated("none", "none") < all);
+    }
+
+    [Fact]
+    public void K1_IsARewardPenalty_NotALossTerm()
+    {
+        // grpo.kl=k1: the reward drops by kl_coef x (log pi_old - log pi_ref) summed over the response before advantages.
+        // On step 1 the policy is the reference (the penalty is 0 to float rounding); after an update it is not, and
+        // the mean penalty estimates KL(pi_old || ref) > 0. No loss term and no loss-side KL statistic.
+        var k1 = Config(Path.Combine(_dir, "k1-on"), 2);
+        k1.Grpo.Kl = "k1";
+        k1.Grpo.KlCoef = 0.5f;
+        using (var t = new GrpoTrainer(k1, fx.Backend, Letters)) t.Run();
+        var steps = Metrics(k1.Output);
+        Assert.True(Math.Abs(steps[0].KlPenalty!.Value) < 1e-4, $"k1 of the start policy {steps[0].KlPenalty}");
+        Assert.True(steps[1].KlPenalty > 1e-4, $"k1 after an update {steps[1].KlPenalty}");
+        Assert.All(steps, m => Assert.Null(m.Kl));
+        var plain = Config(Path.Combine(_dir, "k1-off"), 1);
+        using (var t = new GrpoTrainer(plain, fx.Backend, Letters)) t.Run();
+        Assert.Null(Metrics(plain.Output)[0].KlPenalty);
+        var bad = Assert.Throws<InvalidDataException>(() => TrainConfig.Load(null, ["grpo.kl=k4"]));
+        Assert.Contains("grpo.kl must be none, k1 (reward penalty), k2 or k3", bad.Message);
+    }
+
     [Fact]
     public void RewardConfig_WeightsTheReasoningAndGroundingChecks_OfDigitRows()
     {

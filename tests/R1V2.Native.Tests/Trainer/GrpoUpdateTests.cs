@@ -137,6 +137,46 @@ public sealed class GrpoUpdateTests(CpuFixture fx)
         Assert.Contains(shared.Grads, g => g.Any(x => x != 0));
     }
 
+    [Fact]
+    public void AHeadWiderThanItsTokenizer_GivesARatioOfOne_BeforeAnyUpdate()
+    {
+        // The fixture's head has 300 rows; a tokenizer of the 264 byte and special tokens leaves 36 padding rows. Sampling
+        // draws from the tokenizer's ids and returns log softmax over them; the update's loss must normalise over the
+        // same ids, or every ratio starts below 1 (the padding rows' probability mass).
+        var (prompt, pixels, dir) = FirstFixturePrompt();
+        using var model = VisionLanguageModel.Load(fx.Backend, dir, TrainableParts.AdapterAndLlm);
+        var tokDir = Directory.CreateTempSubdirectory("r1v2-tok-").FullName;
+        try
+        {
+            TokenizerWriter.Write(tokDir, TokenizerWriter.MinimumVocabulary);
+            var tokenizer = Engine.Text.TextTokenizer.Load(tokDir);
+            int limit = tokenizer.VocabularySize;
+            Assert.True(limit < model.LmHead.Value.Dim(0), $"tokenizer {limit} vs head {model.LmHead.Value.Dim(0)}");
+            var samples = new Generator(model, tokenizer, new GeneratorOptions(CacheBlocks: 64, BlockSize: 4))
+                .Generate([new GenerationRequest(prompt, pixels, 1, new SamplingParams(0.7f), Seed: 3, MaxNewTokens: 6, Samples: 4)]);
+            double[] adv = [1, -1, 0.5, -0.5];
+            var rollouts = samples.Select((s, i) => new Rollout(0, prompt, pixels, 1, s.Tokens, s.LogProbs, 0, adv[i], 0)).ToList();
+            var settings = new GrpoLossSettings(EpsLow: 0.2f, EpsHigh: 0.28f, Temperature: 0.7f);
+
+            var (packed, starts) = Rollout.Pack(rollouts, model.ImageContextId);
+            using (var pass = model.Forward(packed, withLoss: false))
+            {
+                var lp = FusedGrpoLoss.TokenLogProbs(fx.Backend, pass.Hidden, model.LmHead, packed.Targets, 0.7f, 100, limit);
+                for (int i = 0; i < rollouts.Count; i++)
+                    for (int k = 0; k < rollouts[i].Response.Length; k++)
+                        Assert.True(Math.Abs(Math.Exp(lp[starts[i] + k] - rollouts[i].OldLogProbs[k]) - 1) < 1e-4, $"rollout {i} token {k}: ratio {Math.Exp(lp[starts[i] + k] - rollouts[i].OldLogProbs[k])}");
+            }
+            foreach (var p in model.Parameters.Trainable) p.ZeroGrad();
+            var limited = new GrpoUpdate(model, settings, vocabChunk: 100, vocabLimit: limit).Accumulate(rollouts);
+            Assert.True(Math.Abs(limited.MeanRatio - 1) < 1e-5 && limited.ClippedFraction == 0, $"ratio {limited.MeanRatio}, clipped {limited.ClippedFraction}");
+            Assert.True(model.LmHead.Grad!.ToFloatArray()[(limit * model.LmHead.Value.Dim(1))..].All(x => x == 0), "padding rows get no gradient");
+            foreach (var p in model.Parameters.Trainable) p.ZeroGrad();
+            var everyRow = new GrpoUpdate(model, settings, vocabChunk: 100).Accumulate(rollouts);
+            Assert.True(everyRow.MeanRatio < 1 - 1e-3, $"over every head row the ratio starts below 1: {everyRow.MeanRatio}");
+        }
+        finally { Directory.Delete(tokDir, true); }
+    }
+
     /// <summary>The internvit6b fixture's first sequence as a prompt, its first tile's pixels, and the fixture's directory.</summary>
     private static (int[] Prompt, float[] Pixels, string Dir) FirstFixturePrompt()
     {
