@@ -218,6 +218,33 @@ public sealed class GrpoTrainerTests(CpuFixture fx) : IDisposable
     }
 
     [Fact]
+    public void DynamicSampling_ResamplesUntilTheBatchHoldsInformativeGroups_AndCountsTheExtraRollouts()
+    {
+        // Letters: groups of even prompts all get one reward. With dynamic sampling (buffer off) a step samples further
+        // rounds of 2 prompts until it holds 2 groups whose rewards differ, at most 4 rounds.
+        var config = Config(Path.Combine(_dir, "dapo"), 4);
+        config.Grpo.Ssb.Enabled = false;
+        config.Grpo.DynamicSampling.Enabled = true;
+        config.Grpo.DynamicSampling.MaxRounds = 4;
+        using (var t = new GrpoTrainer(config, fx.Backend, Letters)) t.Run();
+        var steps = Metrics(config.Output);
+        Assert.Contains(steps, m => m.SamplingRounds > 1);          // some first round drew an uninformative even prompt
+        Assert.All(steps, m =>
+        {
+            Assert.InRange(m.SamplingRounds, 1, 4);
+            Assert.Equal((m.SamplingRounds - 1) * 8, m.ExtraRollouts);
+            if (m.SamplingRounds < 4) Assert.Equal(8, m.UpdateRollouts);   // two informative groups of 4, all of them in the update
+            Assert.True(m.UpdateRollouts % 4 == 0, $"step {m.Step}: {m.UpdateRollouts} rollouts, not whole groups");
+        });
+        var plain = Config(Path.Combine(_dir, "no-dapo"), 2);
+        plain.Grpo.Ssb.Enabled = false;
+        using (var t = new GrpoTrainer(plain, fx.Backend, Letters)) t.Run();
+        Assert.All(Metrics(plain.Output), m => Assert.Equal((1, 0), (m.SamplingRounds, m.ExtraRollouts)));
+        Assert.Contains("grpo.dynamic_sampling.max_rounds must be at least 1",
+            Assert.Throws<InvalidDataException>(() => TrainConfig.Load(null, ["grpo.dynamic_sampling.max_rounds=0"])).Message);
+    }
+
+    [Fact]
     public void RewardConfig_WeightsTheReasoningAndGroundingChecks_OfDigitRows()
     {
         var config = TrainConfig.Load(null, ["reward.reasoning_weight=0.5", "reward.grounding_weight=0.25", "reward.rm_weight=2"]);
