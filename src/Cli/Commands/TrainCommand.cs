@@ -35,7 +35,7 @@ public static class TrainCommand
         var pipeline = new Option<string[]>("--pipeline")
             { Description = "Built-in digit task: change one of its settings, e.g. --pipeline grpo_steps=300 (repeatable; an unknown key lists the settings)" };
         var task = new Option<string>("--task")
-            { Description = "Without --config: digits (the R1V2 pipeline on MNIST digit scenes: sft, rm, mpo, grpo) | next-byte (the op-library smoke task; --steps, --batch-tokens, --lr)", DefaultValueFactory = _ => "digits" };
+            { Description = "Without --config: digits (the R1V2 pipeline on MNIST digit scenes: sft, rm, mpo, grpo) | next-byte (the op-library smoke task; --steps, --batch-tokens, --lr) | reward-control (GRPO on a reward the model can obviously earn, prompts that never repeat; --steps, --lr)", DefaultValueFactory = _ => "digits" };
         var cmd = new Command("train", "Train: with --config or --stage, that VLM stage; without, the built-in task (the full digit pipeline)")
             { steps, batch, lr, seed, backend, output, config, set, stage, task, pipeline };
         static bool StageRun(string? config, string[]? set, string? stage) => config is not null || (set?.Length ?? 0) > 0 || stage is not null;
@@ -56,7 +56,14 @@ public static class TrainCommand
                     Output = r.GetValue(output) ?? Path.Combine("runs", $"digits-{DateTime.Now:yyyyMMdd-HHmmss}"),
                     Seed = r.GetResult(seed) is { Implicit: false } ? r.GetValue(seed) : 1,
                 }, r.GetValue(pipeline) ?? []), r.GetValue(backend)!),
-                var other => throw new ArgumentException($"--task must be digits or next-byte, not '{other}'"),
+                "reward-control" => RunRewardControl(new RewardControlSettings
+                {
+                    Output = r.GetValue(output) ?? Path.Combine("runs", $"reward-control-{DateTime.Now:yyyyMMdd-HHmmss}"),
+                    Seed = r.GetResult(seed) is { Implicit: false } ? r.GetValue(seed) : 1,
+                    Steps = r.GetResult(steps) is { Implicit: false } ? r.GetValue(steps) : 40,
+                    Lr = r.GetResult(lr) is { Implicit: false } ? r.GetValue(lr) : 1e-2f,
+                }, r.GetValue(backend)!),
+                var other => throw new ArgumentException($"--task must be digits, next-byte or reward-control, not '{other}'"),
             });
         return cmd;
     }
@@ -195,6 +202,33 @@ public static class TrainCommand
         if (cancel.IsCancellationRequested) AnsiConsole.MarkupLineInterpolated($"interrupted: checkpoint written at step {trainer.Step}; run again to resume");
         foreach (var f in Report.Write(config.Output)) AnsiConsole.MarkupLineInterpolated($"wrote {f}");
         return cancel.IsCancellationRequested ? 130 : 0;
+    }
+
+    /// <summary>The reward-control task with a progress bar; prints the reward's first- and last-quarter means.</summary>
+    public static int RunRewardControl(RewardControlSettings settings, string backendName)
+    {
+        using var backend = Backends.Create(backendName);
+        using var cancel = new CancellationTokenSource();
+        ConsoleCancelEventHandler stop = (_, e) => { e.Cancel = true; cancel.Cancel(); };
+        Console.CancelKeyPress += stop;
+        try
+        {
+            AnsiConsole.MarkupLineInterpolated($"reward control on {backend.Name}: {settings.Steps} GRPO steps of {settings.PromptsPerStep} new prompts x {settings.GroupSize} samples; run directory {settings.Output}");
+            RewardControlResult? result = null;
+            Progress().Start(ctx =>
+            {
+                var bar = Bar(ctx, "grpo", settings.Steps, 0);
+                result = RewardControl.Run(settings, backend, m =>
+                {
+                    bar.Description = $"step {m.Step} reward {m.Reward:F3}";
+                    bar.Value = m.Step;
+                }, cancel.Token);
+            });
+            if (cancel.IsCancellationRequested) { AnsiConsole.MarkupLine("interrupted"); return 130; }
+            AnsiConsole.MarkupLineInterpolated($"mean training reward: first quarter {result!.FirstQuarter:F4}, last quarter {result.LastQuarter:F4} (rise {result.Rise:+0.0000;-0.0000}); {Path.Combine(settings.Output, "summary.md")}");
+            return 0;
+        }
+        finally { Console.CancelKeyPress -= stop; }
     }
 
     public static int Run(NextTokenSettings settings, string backendName, string? outDir)
