@@ -221,7 +221,7 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
     {
         var b = model.Backend;
         using var index = b.Rows(sourceRows, logits.Rows, distinct: false, "sample_rows");
-        using var expanded = b.Activations(sourceRows.Length, logits.Cols);
+        using var expanded = b.Allocate(logits.DType, sourceRows.Length, logits.Cols);
         b.GatherRows(logits, index, expanded);
         return b.Sample(expanded, rows, VocabularyLimit);
     }

@@ -469,7 +469,7 @@ public sealed class VisionLanguageModel : IDisposable
         _b.GatherRows(hidden, rows, last);
         using var normed = _finalNorm.Forward(last, out var stats);
         stats.Dispose();
-        return Linear.Forward(_b, normed, _head.Value, null);
+        return Linear.ForwardF32(_b, normed, _head.Value); // fp32 logits for sampling and its log-probs, whatever the storage type
     }
 
     /// <summary>Backward of the mean NLL of <paramref name="pass"/>; gradients accumulate into trainable parameters.</summary>

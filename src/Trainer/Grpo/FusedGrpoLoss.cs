@@ -23,7 +23,8 @@ public sealed class GrpoLossResult(double loss, float[] logProbs, Tensor hiddenG
 /// d loss / d logp follow; pass 2 remakes each chunk, turns it into its logit gradient in place and applies it to the
 /// hidden-state gradient and the head's weight gradient. Only [T, chunk] logits ever exist. <see cref="Unfused"/> is
 /// the plain composition over the full [T, V] logits with the loss computed on the host, the reference for tests
-/// and for the peak-memory comparison.
+/// and for the peak-memory comparison. Logits are fp32 on every backend (the GEMM writes fp32 from bf16 operands on
+/// CUDA), as the sampler's are, so the old and new log-probs of a PPO ratio carry no bf16 rounding.
 /// <para>
 /// <c>vocabLimit</c>: the softmax runs over the head's first rows only (the tokenizer's ids, as sampling does), so a head
 /// padded wider than its tokenizer gives the same log-probs as the sampler and a PPO ratio of 1 before any update; the
@@ -56,10 +57,14 @@ public static class FusedGrpoLoss
         {
             int n = Math.Min(vocabChunk, v - c0);
             var w = head.Value.SliceRows(c0, n);
-            using var chunk = Linear.Forward(b, hidden, w, null);
+            using var chunk = Linear.ForwardF32(b, hidden, w);
             b.ChunkLogitGrad(chunk, m, s, targets, dlogp, c0, invT);
-            b.Gemm(chunk, false, w, false, dHidden, beta: 1f);                                  // dH += dlogits W_chunk
-            if (head.Grad is not null) b.Gemm(chunk, true, hidden, false, head.Grad.SliceRows(c0, n), beta: 1f); // dW_chunk += dlogits^T H
+            // The GEMMs take dlogits in the storage type (bf16 on CUDA: gradients tolerate its rounding, log-probs do not).
+            using var stored = w.DType == DType.F32 ? null : b.Allocate(w.DType, t, n);
+            if (stored is not null) b.Convert(chunk, stored);
+            var dlogits = stored ?? chunk;
+            b.Gemm(dlogits, false, w, false, dHidden, beta: 1f);                                  // dH += dlogits W_chunk
+            if (head.Grad is not null) b.Gemm(dlogits, true, hidden, false, head.Grad.SliceRows(c0, n), beta: 1f); // dW_chunk += dlogits^T H
         }
         return new GrpoLossResult(loss.ToFloatArray().Sum(x => (double)x), logp.ToFloatArray(), dHidden);
     }
@@ -95,7 +100,7 @@ public static class FusedGrpoLoss
         for (int c0 = 0; c0 < v; c0 += vocabChunk)
         {
             int n = Math.Min(vocabChunk, v - c0);
-            using var chunk = Linear.Forward(b, hidden, head.Value.SliceRows(c0, n), null);
+            using var chunk = Linear.ForwardF32(b, hidden, head.Value.SliceRows(c0, n));   // fp32 logits [T, chunk]
             b.ChunkLseUpdate(chunk, targets, c0, invT, m, s, target);
         }
         return (m, s, target);
@@ -119,7 +124,7 @@ public static class FusedGrpoLoss
     {
         int t = hidden.Rows, v = Rows(head, vocabLimit);
         var weight = head.Value.SliceRows(0, v);
-        using var logits = Linear.Forward(b, hidden, weight, null);                           // [T, V]: what the fused path avoids
+        using var logits = Linear.ForwardF32(b, hidden, weight);                              // [T, V]: what the fused path avoids
         b.Scale(logits, logits, 1f / settings.Temperature);
         using var targets = b.FromArray(tokens.Targets, [t], "targets");
         using var logp = b.Allocate(DType.F32, t);
@@ -139,8 +144,10 @@ public static class FusedGrpoLoss
         b.CrossEntropyBackward(logits, targets, lse, dlogp, logits);
         b.Scale(logits, logits, 1f / settings.Temperature);
         var dHidden = b.Allocate(DType.F32, t, hidden.Cols);
-        b.Gemm(logits, false, weight, false, dHidden);
-        if (head.Grad is not null) b.Gemm(logits, true, hidden, false, head.Grad.SliceRows(0, v), beta: 1f);
+        using var stored = weight.DType == DType.F32 ? null : b.Allocate(weight.DType, t, v);
+        if (stored is not null) b.Convert(logits, stored);
+        b.Gemm(stored ?? logits, false, weight, false, dHidden);
+        if (head.Grad is not null) b.Gemm(stored ?? logits, true, hidden, false, head.Grad.SliceRows(0, v), beta: 1f);
         return new GrpoLossResult(total, lp, dHidden);
     }
 }

@@ -158,4 +158,40 @@ public sealed class VlmCudaParityTests(CpuFixture fx, ITestOutputHelper output)
         using var expected = R1V2.Native.Engine.Checkpoints.SafetensorsFile.Open(Path.Combine(dir, "expected.safetensors"));
         return new VlmBatch(Ints("input_ids"), Ints("targets"), Ints("cu_seqlens"), expected.ReadFloats("pixel_values"), inputs["tiles"]!.GetValue<int>());
     }
+
+    [SkippableFact]
+    public void UnchangedPolicy_OnCudaBf16_HasAPpoRatioOfOneOnEveryToken()
+    {
+        // bf16 weights and activations, fp32 logits in sampling and in the fused loss: before any update the ratio of new
+        // to old log-probs is 1 within 1e-3 on every token (bf16 logits rounded a logit near 24 by up to 0.06, about 0.1
+        // nat at temperature 0.6). The spread is written to the test output for perf/results.
+        Skip.IfNot(Gpu.Available, Gpu.Reason);
+        var dir = VlmParityTests.FixtureDir("internvit6b");
+        var inputs = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "inputs.json")))!.AsObject();
+        int end = inputs["cu_seqlens"]![1]!.GetValue<int>();
+        var prompt = inputs["input_ids"]!.AsArray().Select(x => x!.GetValue<int>()).Take(end).ToArray();
+        using var e = Engine.Checkpoints.SafetensorsFile.Open(Path.Combine(dir, "expected.safetensors"));
+        var pixels = e.ReadFloats("pixel_values")[..(3 * 28 * 28)];
+        using var cuda = new CudaBackend(activationType: DType.BF16);
+        using var model = VisionLanguageModel.Load(cuda, dir, TrainableParts.AdapterAndLlm);
+        const float temperature = 0.6f;
+        var samples = new Engine.Generation.Generator(model, options: new Engine.Generation.GeneratorOptions(CacheBlocks: 256, BlockSize: 16))
+            .Generate([new Engine.Generation.GenerationRequest(prompt, pixels, 1, new Engine.Backends.SamplingParams(temperature), Seed: 5, MaxNewTokens: 32, Samples: 16)]);
+        var rollouts = samples.Select((s, i) => new R1V2.Native.Trainer.Ssb.Rollout(0, prompt, pixels, 1, s.Tokens, s.LogProbs, 0, i % 2 == 0 ? 1 : -1, 0)).ToList();
+        var (packed, starts) = R1V2.Native.Trainer.Ssb.Rollout.PackShared(rollouts, model.ImageContextId);
+        using var pass = model.Forward(packed, withLoss: false);
+        var lp = R1V2.Native.Trainer.Grpo.FusedGrpoLoss.TokenLogProbs(cuda, pass.Hidden, model.LmHead, packed.Targets, temperature, 128);
+        double worst = 0, sum = 0;
+        int n = 0;
+        for (int i = 0; i < rollouts.Count; i++)
+            for (int k = 0; k < rollouts[i].Response.Length; k++, n++)
+            {
+                double dev = Math.Abs(Math.Exp(lp[starts[i] + k] - rollouts[i].OldLogProbs[k]) - 1);
+                worst = Math.Max(worst, dev);
+                sum += dev;
+            }
+        output.WriteLine($"unchanged-policy PPO ratio on CUDA bf16, {n} tokens: max |ratio - 1| {worst:E2}, mean {sum / n:E2}");
+        Assert.True(n > 100, $"{n} tokens");
+        Assert.True(worst < 1e-3, $"max |ratio - 1| {worst:E2} over {n} tokens");
+    }
 }

@@ -41,7 +41,7 @@ public sealed class TrainConfigTests : IDisposable
 
     [Theory]
     [InlineData("grpo.group_size=1", "group_size must be at least 2")]
-    [InlineData("grpo.kl=k2", "grpo.kl must be none, k1 or k3")]
+    [InlineData("grpo.kl=k2.5", "grpo.kl must be none, k1 (reward penalty), k2 or k3 (loss terms)")]
     [InlineData("stage=ppo", "stage must be sft, rm, mpo or grpo")]
     [InlineData("sft.batch=0", "sft.batch must be at least 1")]
     public void InvalidValues_AreErrors(string set, string message)
