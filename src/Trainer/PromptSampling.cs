@@ -54,19 +54,55 @@ public static class PromptSampling
         return groups;
     }
 
-    /// <summary>Preference pairs (best vs worst of each group) whose reward margin is at least <paramref name="margin"/>.</summary>
+    /// <summary>
+    /// The paper's hybrid signal for preference pairs: each sampled response's rule + format reward plus
+    /// <paramref name="weight"/> x the reward model's transformed score (<see cref="RewardModelScaling"/>: all the
+    /// groups' scores transformed together; standardised, the term counts only above the threshold in standard
+    /// deviations). The reward model scores prompt + response + &lt;|im_end|&gt; in one packed pass, a prompt's rows once.
+    /// </summary>
+    public static List<SampledGroup> WithRewardModel(IReadOnlyList<SampledGroup> groups, RewardModel rm, TextTokenizer tokenizer, double weight,
+        RewardModelScaling scaling)
+    {
+        if (groups.Count == 0) return [];
+        var chat = new ChatRunner(rm.Vlm, tokenizer, new GeneratorOptions(64, MaxBatch: 1));
+        int imEnd = tokenizer.RequireToken("<|im_end|>");
+        var sequences = new List<(int[] Prompt, int[] Response, float[]? Pixels, int Tiles)>();
+        foreach (var g in groups)
+        {
+            var (ids, pixels, tiles) = chat.Prompt([new ChatTurn("user", g.Prompt.Question, g.Prompt.Images)]);
+            foreach (var response in g.Responses) sequences.Add((ids, [.. tokenizer.Encode(response), imEnd], pixels, tiles));
+        }
+        var raw = rm.ScoreSequences(sequences).Select(x => (double)x).ToArray();
+        var terms = scaling.ApplyStep(raw);
+        var result = new List<SampledGroup>();
+        int at = 0;
+        foreach (var g in groups)
+        {
+            var rewards = g.Rewards.Select(r =>
+            {
+                double term = weight * terms[at], score = raw[at++];
+                return r with { RewardModelRaw = score, RewardModel = term, Total = r.Total - r.RewardModel + term };
+            }).ToList();
+            result.Add(g with { Rewards = rewards });
+        }
+        return result;
+    }
+
+    /// <summary>Preference pairs (best vs worst non-empty response of each group) whose reward margin is at least <paramref name="margin"/>.</summary>
     public static List<(SampledGroup Group, int Chosen, int Rejected)> Pairs(IEnumerable<SampledGroup> groups, double margin)
     {
         var pairs = new List<(SampledGroup, int, int)>();
         foreach (var g in groups)
         {
-            int best = 0, worst = 0;
-            for (int i = 1; i < g.Rewards.Count; i++)
+            // An empty response (the sampler stopped at once) cannot be trained on as either side of a pair.
+            int best = -1, worst = -1;
+            for (int i = 0; i < g.Rewards.Count; i++)
             {
-                if (g.Rewards[i].Total > g.Rewards[best].Total) best = i;
-                if (g.Rewards[i].Total < g.Rewards[worst].Total) worst = i;
+                if (g.Responses[i].Length == 0) continue;
+                if (best < 0 || g.Rewards[i].Total > g.Rewards[best].Total) best = i;
+                if (worst < 0 || g.Rewards[i].Total < g.Rewards[worst].Total) worst = i;
             }
-            if (g.Rewards[best].Total - g.Rewards[worst].Total >= margin && best != worst) pairs.Add((g, best, worst));
+            if (best >= 0 && best != worst && g.Rewards[best].Total - g.Rewards[worst].Total >= margin) pairs.Add((g, best, worst));
         }
         return pairs;
     }

@@ -41,14 +41,29 @@ public static class SamplingCommands
     {
         var c = Common();
         var margin = new Option<double>("--margin") { Description = "Minimum reward gap between chosen and rejected", DefaultValueFactory = _ => 0.5 };
+        var rewardModel = new Option<string?>("--reward-model")
+            { Description = "Reward-model checkpoint (engine train --stage rm): rank by rule + format + its weighted, standardised score (the paper's hybrid signal)" };
+        var rmWeight = new Option<double>("--rm-weight") { Description = "Weight of the reward model's standardised score", DefaultValueFactory = _ => 0.25 };
+        var rmThreshold = new Option<double>("--rm-threshold")
+            { Description = "The reward model's term counts only for scores this many standard deviations above the mean of the sampled responses (>= 0)", DefaultValueFactory = _ => 1.0 };
         var cmd = new Command("build-pairs", "Sample responses per prompt, score them with the hybrid reward, and write best-vs-worst preference pairs whose margin passes the threshold")
-            { c.Model, c.Data, c.Out, c.Samples, c.MaxNew, c.Temperature, c.Seed, c.Backend, margin };
+            { c.Model, c.Data, c.Out, c.Samples, c.MaxNew, c.Temperature, c.Seed, c.Backend, margin, rewardModel, rmWeight, rmThreshold };
         cmd.SetAction(r =>
         {
+            if (r.GetValue(rmThreshold) is var t && !(t >= 0)) throw new ArgumentException($"--rm-threshold must be >= 0, got {t}");
             var groups = Run(r.GetValue(c.Model)!, r.GetValue(c.Data)!, r.GetValue(c.Samples), r.GetValue(c.MaxNew), r.GetValue(c.Temperature), r.GetValue(c.Seed), r.GetValue(c.Backend)!);
+            string signal = "rule + format";
+            if (r.GetValue(rewardModel) is { } rmDir)
+            {
+                using var backend = Backends.Create(r.GetValue(c.Backend)!);
+                using var rm = RewardModel.Load(backend, rmDir, TrainableParts.None, trainHead: false);
+                var scaling = new RewardModelScaling(RewardModelTransform.Standardise, threshold: r.GetValue(rmThreshold));
+                groups = PromptSampling.WithRewardModel(groups, rm, TextTokenizer.Load(r.GetValue(c.Model)!), r.GetValue(rmWeight), scaling);
+                signal = $"rule + format + {r.GetValue(rmWeight)} x the reward model's term, {scaling.Describe()}";
+            }
             var pairs = PromptSampling.Pairs(groups, r.GetValue(margin));
             PromptSampling.WritePairs(r.GetValue(c.Out)!, pairs);
-            AnsiConsole.MarkupLineInterpolated($"{pairs.Count} pairs from {groups.Count} prompts (margin >= {r.GetValue(margin)}); wrote {r.GetValue(c.Out)}");
+            AnsiConsole.MarkupLineInterpolated($"{pairs.Count} pairs from {groups.Count} prompts (ranked by {signal}; margin >= {r.GetValue(margin)}); wrote {r.GetValue(c.Out)}");
             return 0;
         });
         return cmd;

@@ -80,6 +80,7 @@ public static class TrainCommand
             return config.Stage switch
             {
                 "sft" => RunSft(config, cancel),
+                "mpo" when config.Mpo.Rounds > 1 => RunIterativeMpo(config, cancel),
                 "rm" or "mpo" => RunPreference(config, cancel),
                 _ => RunGrpo(config, cancel),
             };
@@ -180,6 +181,26 @@ public static class TrainCommand
         var last = trainer.History[^1];
         AnsiConsole.MarkupLineInterpolated($"final loss {last.Loss:F4}, train accuracy {last.Accuracy:F2}; held-out accuracy {(summary.HeldOutAccuracy is { } a ? a.ToString("F3") : "-")} on {summary.HeldOutPairs} pairs; model in {Path.Combine(config.Output, "final")}");
         foreach (var f in Report.Write(config.Output)) AnsiConsole.MarkupLineInterpolated($"wrote {f}");
+        return 0;
+    }
+
+    private static int RunIterativeMpo(TrainConfig config, CancellationTokenSource cancel)
+    {
+        using var backend = Backends.Create(config.Backend);
+        AnsiConsole.MarkupLineInterpolated($"stage mpo on {backend.Name}: {config.Mpo.Rounds} rounds of {config.Steps} steps of {config.Pairs.PairsPerStep} pairs; run directory {config.Output}");
+        List<R1V2.Native.Trainer.Mpo.MpoRound>? rounds = null;
+        Progress().Start(ctx =>
+        {
+            var bars = new Dictionary<int, ProgressTask>();
+            rounds = new R1V2.Native.Trainer.Mpo.IterativeMpo(config, backend).Run((round, m) =>
+            {
+                if (!bars.TryGetValue(round, out var bar)) bars[round] = bar = Bar(ctx, $"mpo round {round}", config.Steps, 0);
+                bar.Description = $"round {round} step {m.Step} loss {m.Loss:F4} acc {m.Accuracy:F2}";
+                bar.Value = m.Step;
+            }, line => AnsiConsole.MarkupLineInterpolated($"{line}"), cancel.Token);
+        });
+        if (rounds is null) { AnsiConsole.MarkupLine("interrupted: the running round wrote a checkpoint; run again to resume"); return 130; }
+        AnsiConsole.MarkupLineInterpolated($"wrote {Path.Combine(config.Output, "rounds.jsonl")} and {Path.Combine(config.Output, "final")}");
         return 0;
     }
 

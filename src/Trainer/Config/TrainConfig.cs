@@ -53,13 +53,31 @@ public sealed class TrainConfig
         public double HeldOut { get; set; } = 0.2;
     }
 
-    /// <summary>MPO: beta and the weights of DPO / BCO / NLL (BCO's delta is the running mean of the implicit rewards).</summary>
+    /// <summary>
+    /// MPO: beta and the weights of DPO / BCO / NLL (BCO's delta is the running mean of the implicit rewards), and
+    /// iterative MPO: with rounds N &gt; 1, round 1 trains on data.path, and each later round samples new pairs from the
+    /// policy the round before it made (samples per prompt of <see cref="Prompts"/>, ranked by rule + format, plus the
+    /// reward model's term when one is given, kept when their margin passes), then trains on them with that policy as
+    /// its reference.
+    /// </summary>
     public sealed class MpoConfig
     {
         public double Beta { get; set; } = 0.1;
         public double WPref { get; set; } = 0.8;
         public double WQuality { get; set; } = 0.2;
         public double WGen { get; set; } = 1.0;
+        public int Rounds { get; set; } = 1;
+        /// <summary>Prompt dataset (JSONL or Parquet) the rounds after the first sample their pairs from.</summary>
+        public string Prompts { get; set; } = "";
+        public int Samples { get; set; } = 4;
+        public double Margin { get; set; } = 0.5;
+        public int MaxNewTokens { get; set; } = 64;
+        public float Temperature { get; set; } = 1f;
+        /// <summary>Reward-model checkpoint that ranks the later rounds' pairs with rule + format (empty: rule + format only).</summary>
+        public string RewardModel { get; set; } = "";
+        public double RmWeight { get; set; } = 0.25;
+        /// <summary>The reward model's standardised score counts above this many standard deviations (>= 0).</summary>
+        public double RmThreshold { get; set; } = 1.0;
     }
 
     public sealed class DataConfig
@@ -230,6 +248,9 @@ public sealed class TrainConfig
         return type;
     }
 
+    /// <summary>A deep copy (through the resolved YAML).</summary>
+    public TrainConfig Clone() => Deserializer().Deserialize<TrainConfig>(ToYaml());
+
     public string ToYaml() => new SerializerBuilder().WithNamingConvention(UnderscoredNamingConvention.Instance).Build().Serialize(this);
 
     private void Validate(string source)
@@ -240,6 +261,10 @@ public sealed class TrainConfig
         Require(Sft.HeldOut is >= 0 and < 1, "sft.held_out must be in [0, 1)");
         Require(Pairs.PairsPerStep >= 1, "pairs.pairs_per_step must be at least 1");
         Require(Optim.GradAccum >= 1, "optim.grad_accum must be at least 1");
+        Require(Mpo.Rounds >= 1, "mpo.rounds must be at least 1");
+        Require(Mpo.Rounds == 1 || (Stage == "mpo" && Mpo.Prompts.Length > 0), "mpo.rounds > 1 needs stage mpo and mpo.prompts (the prompts later rounds sample their pairs from)");
+        Require(Mpo.Samples >= 2 && Mpo.MaxNewTokens >= 1 && Mpo.Temperature > 0, "mpo.samples must be at least 2, mpo.max_new_tokens at least 1, mpo.temperature > 0");
+        Require(Mpo.RmThreshold >= 0, $"mpo.rm_threshold must be >= 0, not {Mpo.RmThreshold}");
         Require(Reward.RmTransform is "identity" or "clip" or "standardise", $"reward.rm_transform must be identity, clip or standardise, not '{Reward.RmTransform}'");
         Require(Reward.GroundingCredit is "exact" or "per_digit", $"reward.grounding_credit must be exact or per_digit, not '{Reward.GroundingCredit}'");
         Require(Pairs.HeldOut >= 0 && Pairs.HeldOut < 1, "pairs.held_out must be in [0, 1)");

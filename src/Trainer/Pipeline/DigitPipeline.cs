@@ -7,6 +7,7 @@ using R1V2.Native.Engine.Models;
 using R1V2.Native.Engine.Text;
 using R1V2.Native.Trainer.Config;
 using R1V2.Native.Trainer.Data;
+using R1V2.Native.Trainer.Mpo;
 using R1V2.Native.Trainer.Rewards;
 using R1V2.Native.Trainer.Tasks;
 
@@ -103,6 +104,11 @@ public sealed record PipelineSettings
     /// with GRPO without it; with no threshold every group had a spread and both runs were identical.
     /// </summary>
     public double RmThreshold { get; init; } = 1.0;
+    /// <summary>
+    /// Rounds of iterative MPO: round 1 trains on the SFT model's pairs, each later round on pairs sampled from the
+    /// previous round's policy (PairPrompts further training prompts x PairSamples, ranked like round 1's).
+    /// </summary>
+    public int MpoRounds { get; init; } = 1;
     public int MaxNewTokens { get; init; } = 40;
     /// <summary>
     /// Share of the training traces (warm-up and SFT) that work through the digits one at a time
@@ -136,9 +142,24 @@ public sealed record PipelineSummary(IReadOnlyList<StageResult> Stages, double? 
     /// <summary>What GRPO's reward was made of in this run, and why.</summary>
     public string? GrpoReward { get; init; }
 
+    /// <summary>How MPO's pairs were ranked (rule + format, or with the reward model's term), and each round's pairs and held-out accuracy.</summary>
+    public string? MpoPairs { get; init; }
+    public IReadOnlyList<Mpo.MpoRound> MpoRounds { get; init; } = [];
+
     /// <summary>GRPO's accuracy on its own training prompts, step by step, with the buffer and without.</summary>
     public IReadOnlyList<double> TrainAccuracyWithBuffer { get; init; } = [];
     public IReadOnlyList<double> TrainAccuracyWithoutBuffer { get; init; } = [];
+
+    /// <summary>
+    /// The share of each step's fresh rollouts with non-zero advantage (the paper's effective-sample curve), beside
+    /// <see cref="EffectiveRatioWithBuffer"/>, the share after the buffer's top-up.
+    /// </summary>
+    public IReadOnlyList<double> FreshInformativeWithBuffer { get; init; } = [];
+    public IReadOnlyList<double> FreshInformativeWithoutBuffer { get; init; } = [];
+
+    /// <summary>GRPO's mean training reward step by step.</summary>
+    public IReadOnlyList<double> TrainRewardWithBuffer { get; init; } = [];
+    public IReadOnlyList<double> TrainRewardWithoutBuffer { get; init; } = [];
 
     /// <summary>
     /// Mean of the first and of the last quarter (at least one step) of a per-step series: how far GRPO moved on its
@@ -252,6 +273,8 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         int rmHeldOutPairs = 0;
         string? rmModel = null;
         string mpoModel = sftModel;
+        string? mpoPairSignal = null;
+        List<MpoRound> mpoRounds = [];
         if (pairs >= 4)
         {
             // 7. Reward model.
@@ -265,13 +288,29 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             var rmSummary = JsonSerializer.Deserialize<PreferenceSummary>(File.ReadAllText(Path.Combine(rmOut, "summary.json")))!;
             rmAccuracy = rmSummary.HeldOutAccuracy;
             rmHeldOutPairs = rmSummary.HeldOutPairs;
-            // 8. MPO.
+            // 8. MPO, on pairs ranked by the paper's hybrid signal once the reward model passes its gate: rule + format +
+            // its weighted, standardised term (the same candidates, re-ranked); else by rule + format.
+            bool rmPasses = rmAccuracy >= s.RmMinAccuracy && s.RmWeight > 0;
+            var mpoPairs = rmPasses ? Dir("data", "mpo-pairs.jsonl") : pairsPath;
+            if (rmPasses && !File.Exists(mpoPairs)) HybridPairs(sftModel, rmModel, mpoPairs);
+            mpoPairSignal = rmPasses
+                ? string.Format(CultureInfo.InvariantCulture, "MPO pairs: rule + format + {0} x the reward model's term, {1} ({2} pairs, the reward model's held-out pair accuracy {3:F3} passes the {4:F2} gate).",
+                    s.RmWeight, Scaling().Describe(), File.ReadLines(mpoPairs).Count(), rmAccuracy, s.RmMinAccuracy)
+                : string.Format(CultureInfo.InvariantCulture, "MPO pairs: rule + format (the reward model's held-out pair accuracy {0:F3} is below the {1:F2} gate).", rmAccuracy, s.RmMinAccuracy);
+            _log(mpoPairSignal);
             var mpoOut = Dir("mpo");
             if (!Directory.Exists(Path.Combine(mpoOut, "final")))
             {
-                using var mpo = new PreferenceTrainer(Stage("mpo", sftModel, mpoOut, pairsPath, s.MpoSteps, PreferenceOverrides()), backend);
-                if (mpo.Run(m => progress?.Invoke("mpo", m.Step / (double)s.MpoSteps), cancel) is null) throw new OperationCanceledException("interrupted during mpo");
+                string[] rounds = s.MpoRounds > 1
+                    ? [$"mpo.rounds={s.MpoRounds}", $"mpo.prompts={MpoPrompts()}", $"mpo.samples={s.PairSamples}", $"mpo.max_new_tokens={s.MaxNewTokens}",
+                       string.Create(CultureInfo.InvariantCulture, $"mpo.margin={s.PairMargin}"), .. rmPasses ? new[] { $"mpo.reward_model={rmModel}",
+                       string.Create(CultureInfo.InvariantCulture, $"mpo.rm_weight={s.RmWeight}"), string.Create(CultureInfo.InvariantCulture, $"mpo.rm_threshold={s.RmThreshold}") } : []]
+                    : [];
+                var mpo = new IterativeMpo(Stage("mpo", sftModel, mpoOut, mpoPairs, s.MpoSteps, [.. PreferenceOverrides(), .. rounds]), backend);
+                if (mpo.Run((round, m) => progress?.Invoke("mpo", ((round - 1) * s.MpoSteps + m.Step) / (double)(s.MpoRounds * s.MpoSteps)), _log, cancel) is null)
+                    throw new OperationCanceledException("interrupted during mpo");
             }
+            mpoRounds = File.ReadAllLines(Path.Combine(mpoOut, "rounds.jsonl")).Select(l => JsonSerializer.Deserialize<MpoRound>(l)!).ToList();
             mpoModel = Path.Combine(mpoOut, "final");
             stages.Add(Evaluate("mpo", mpoModel));
         }
@@ -305,7 +344,10 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             [.. with.Steps.Select(m => m.EffectiveRatio)], [.. without.Steps.Select(m => m.EffectiveRatio)])
         {
             VisionDigitAccuracy = vision?.HeldOutDigitAccuracy, GrpoReward = rewardNote, RewardModelHeldOutPairs = rmHeldOutPairs,
+            MpoPairs = mpoPairSignal, MpoRounds = mpoRounds,
             TrainAccuracyWithBuffer = [.. with.Steps.Select(m => m.Accuracy)], TrainAccuracyWithoutBuffer = [.. without.Steps.Select(m => m.Accuracy)],
+            FreshInformativeWithBuffer = [.. with.Steps.Select(m => m.FreshInformativeRatio)], FreshInformativeWithoutBuffer = [.. without.Steps.Select(m => m.FreshInformativeRatio)],
+            TrainRewardWithBuffer = [.. with.Steps.Select(m => m.Reward)], TrainRewardWithoutBuffer = [.. without.Steps.Select(m => m.Reward)],
         };
         File.WriteAllText(Dir("summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
         WriteSummary(summary);
@@ -335,6 +377,47 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
 
     private string[] SftOverrides() =>
         [$"sft.batch={s.SftBatch}", $"optim.lr={s.SftLr.ToString(CultureInfo.InvariantCulture)}", "optim.warmup=10", "optim.schedule=cosine", "sft.held_out=0.02"];
+
+    private string CandidatesPath => Dir("data", "pair-candidates.jsonl");
+
+    private RewardModelScaling Scaling() => new(RewardModelTransform.Standardise, threshold: s.RmThreshold);
+
+    /// <summary>Each pair prompt's candidates (the SFT model's samples and the reference trace) with their rule + format rewards.</summary>
+    private static void WriteCandidates(string path, IEnumerable<SampledGroup> groups) =>
+        File.WriteAllLines(path, groups.Select(g => JsonSerializer.Serialize(new
+        {
+            prompt = g.Prompt.Index, responses = g.Responses,
+            rule = g.Rewards.Select(r => r.Rule), format = g.Rewards.Select(r => r.Format), total = g.Rewards.Select(r => r.Total),
+        })));
+
+    /// <summary>MPO's pairs from the same candidates, re-ranked by rule + format + the reward model's weighted, standardised term.</summary>
+    private void HybridPairs(string sftModel, string rmModel, string path)
+    {
+        var prompts = new PromptDataset(Dir("data", "train", "prompts.jsonl"), s.Seed + 7);
+        var groups = File.ReadLines(CandidatesPath).Select(line =>
+        {
+            var o = System.Text.Json.Nodes.JsonNode.Parse(line)!.AsObject();
+            var responses = o["responses"]!.AsArray().Select(x => x!.GetValue<string>()).ToList();
+            double At(string key, int i) => o[key]![i]!.GetValue<double>();
+            var rewards = responses.Select((_, i) => new RewardBreakdown(At("rule", i), 0, 0, At("format", i), At("total", i))).ToList();
+            return new SampledGroup(prompts.Read(o["prompt"]!.GetValue<int>()), responses, rewards);
+        }).ToList();
+        using var rm = RewardModel.Load(backend, rmModel, TrainableParts.None, trainHead: false);
+        var hybrid = PromptSampling.WithRewardModel(groups, rm, TextTokenizer.Load(sftModel), s.RmWeight, Scaling());
+        PromptSampling.WritePairs(path, PromptSampling.Pairs(hybrid, s.PairMargin));
+    }
+
+    /// <summary>The prompts the later MPO rounds sample their pairs from: the next PairPrompts training prompts after the pairs'.</summary>
+    private string MpoPrompts()
+    {
+        var path = Dir("data", "mpo-prompts.jsonl");
+        if (File.Exists(path)) return path;
+        var prompts = new PromptDataset(Dir("data", "train", "prompts.jsonl"), s.Seed + 7);
+        prompts.Next(s.PairPrompts + s.RmSyntheticPairs);
+        var source = File.ReadAllLines(Dir("data", "train", "prompts.jsonl"));
+        File.WriteAllLines(path, prompts.Next(s.PairPrompts).Select(p => source[p.Index]));
+        return path;
+    }
 
     private string[] PreferenceOverrides(float? lr = null) =>
         [$"pairs.pairs_per_step={s.PairsPerStep}", "pairs.held_out=0.2", $"optim.lr={(lr ?? s.PreferenceLr).ToString(CultureInfo.InvariantCulture)}", "mpo.beta=0.1"];
@@ -391,7 +474,9 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             return new SampledGroup(g.Prompt, [.. g.Responses, trace], [.. g.Rewards, PromptSampling.RuleAndFormat(trace, g.Prompt)]);
         });
         Directory.CreateDirectory(Path.GetDirectoryName(path)!);
-        var sampled = PromptSampling.Pairs(withTraces, s.PairMargin);
+        var candidates = withTraces.ToList();
+        WriteCandidates(CandidatesPath, candidates);
+        var sampled = PromptSampling.Pairs(candidates, s.PairMargin);
         PromptSampling.WritePairs(path, sampled);
 
         // The reward model's pairs: the sampled ones plus, for further training scenes, the reference trace against a
@@ -474,11 +559,22 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         }
         if (summary.VisionDigitAccuracy is { } va)
             md.AppendLine().AppendLine(string.Format(inv, "Vision alignment ({0} steps): on held-out scenes the probe names the digit of {1:F3} of the image tokens over one.", s.VisionSteps, va));
-        md.AppendLine().AppendLine(string.Format(inv, "Reward model held-out pair accuracy: {0} on {1} pairs it did not train on; MPO trains on the {2} pairs sampled from the SFT model.",
+        md.AppendLine().AppendLine(string.Format(inv, "Reward model held-out pair accuracy: {0} on {1} pairs it did not train on; {2} pairs sampled from the SFT model passed the margin by rule + format.",
             summary.RewardModelPairAccuracy is { } r ? r.ToString("F3", inv) : "-", summary.RewardModelHeldOutPairs, summary.Pairs));
+        if (summary.MpoPairs is { } pairsNote) md.AppendLine(pairsNote);
+        foreach (var round in summary.MpoRounds)
+            md.AppendLine(string.Format(inv, "MPO round {0}: {1} pairs, held-out pair accuracy {2} on {3} pairs.", round.Round, round.PairCount,
+                round.HeldOutAccuracy is { } held ? held.ToString("F3", inv) : "-", round.HeldOutPairs));
         if (summary.GrpoReward is { } note) md.AppendLine(note);
-        md.AppendLine(string.Format(inv, "Mean effective-sample ratio: {0:F3} with the buffer, {1:F3} without.",
-            summary.EffectiveRatioWithBuffer.DefaultIfEmpty().Average(), summary.EffectiveRatioWithoutBuffer.DefaultIfEmpty().Average()));
+        md.AppendLine(string.Format(inv, "Mean effective-sample ratio after the buffer's top-up: {0:F3} with the buffer, {1:F3} without; the share of fresh rollouts with non-zero advantage: {2:F3} and {3:F3}.",
+            summary.EffectiveRatioWithBuffer.DefaultIfEmpty().Average(), summary.EffectiveRatioWithoutBuffer.DefaultIfEmpty().Average(),
+            summary.FreshInformativeWithBuffer.DefaultIfEmpty().Average(), summary.FreshInformativeWithoutBuffer.DefaultIfEmpty().Average()));
+        if (summary.TrainRewardWithBuffer.Count > 0 && summary.TrainRewardWithoutBuffer.Count > 0)
+        {
+            var (r0, r1) = PipelineSummary.Trend(summary.TrainRewardWithBuffer);
+            var (q0, q1) = PipelineSummary.Trend(summary.TrainRewardWithoutBuffer);
+            md.AppendLine(string.Format(inv, "GRPO's mean training reward (first quarter of the steps -> last quarter): {0:F3} -> {1:F3} with the buffer, {2:F3} -> {3:F3} without.", r0, r1, q0, q1));
+        }
         if (summary.TrainAccuracyWithBuffer.Count > 0 && summary.TrainAccuracyWithoutBuffer.Count > 0)
         {
             var (w0, w1) = PipelineSummary.Trend(summary.TrainAccuracyWithBuffer);

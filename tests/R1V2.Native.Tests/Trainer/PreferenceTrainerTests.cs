@@ -91,6 +91,45 @@ public sealed class PreferenceTrainerTests(CpuFixture fx) : IDisposable
         var e = Assert.Throws<InvalidDataException>(() => new PreferenceTrainer(Config("mpo", 4, "0.003", output), fx.Backend));
         Assert.Contains("stage 'rm'", e.Message);
     }
+
+    [Fact]
+    public void IterativeMpo_SamplesEachRoundsPairsFromThePreviousPolicy_AndLogsEveryRound()
+    {
+        // Two rounds: round 1 on the yes/no pairs, round 2 on pairs sampled from round 1's policy and ranked by rule +
+        // format + a reward model's term (a random head: the tiny model's rule and format rewards tie, so the reward
+        // model decides), with round 1's policy as the reference.
+        var rmDir = Path.Combine(_dir, "rm-random");
+        var first = Config("mpo", 6, "0.002", Path.Combine(_dir, "iter"));
+        using (var rm = RewardModel.Load(fx.Backend, first.Model, TrainableParts.None, trainHead: false))
+        {
+            rm.Weight.Value.CopyFrom(TestData.Uniform(4, rm.Weight.Value.Dim(1), 2f));
+            rm.Save(rmDir);
+        }
+        File.Copy(Path.Combine(first.Model, "tokenizer.json"), Path.Combine(rmDir, "tokenizer.json"));
+        var prompts = Path.Combine(_dir, "mpo-prompts.jsonl");
+        File.WriteAllLines(prompts, Enumerable.Range(0, 12).Select(i => JsonSerializer.Serialize(new { question = $"Is {i} odd?", answer = "yes" })));
+        var config = Config("mpo", 6, "0.002", Path.Combine(_dir, "iter"), "mpo.rounds=2", $"mpo.prompts={prompts}", "mpo.samples=4", "mpo.max_new_tokens=6",
+            "mpo.margin=0.01", $"mpo.reward_model={rmDir}", "mpo.rm_threshold=0");
+        var rounds = new R1V2.Native.Trainer.Mpo.IterativeMpo(config, fx.Backend).Run()!;
+        Assert.Equal([1, 2], rounds.Select(r => r.Round));
+        Assert.Equal(25, rounds[0].PairCount);
+        var sampled = File.ReadAllLines(rounds[1].Pairs);
+        Assert.Equal(sampled.Length, rounds[1].PairCount);
+        Assert.InRange(sampled.Length, 1, 12);
+        Assert.All(sampled, line =>
+        {
+            var o = JsonSerializer.Deserialize<JsonElement>(line);
+            Assert.True(o.GetProperty("chosen_reward").GetDouble() - o.GetProperty("rejected_reward").GetDouble() >= 0.01);
+        });
+        Assert.All(rounds, r => Assert.NotNull(r.HeldOutAccuracy));
+        Assert.Contains($"model: {Path.Combine(_dir, "iter", "round-1", "final")}", File.ReadAllText(Path.Combine(_dir, "iter", "round-2", "config.resolved.yaml")));
+        Assert.Equal(2, File.ReadAllLines(Path.Combine(_dir, "iter", "rounds.jsonl")).Length);
+        using var last = VisionLanguageModel.Load(fx.Backend, Path.Combine(_dir, "iter", "final"));
+        // A rerun finds every round done and changes nothing.
+        Assert.Equal(rounds, new R1V2.Native.Trainer.Mpo.IterativeMpo(config, fx.Backend).Run()!);
+        Assert.Contains("mpo.rounds > 1 needs stage mpo and mpo.prompts",
+            Assert.Throws<InvalidDataException>(() => TrainConfig.Load(null, ["stage=mpo", "mpo.rounds=2"])).Message);
+    }
 }
 
 /// <summary>GRPO with a KL penalty to a frozen reference and with a trained reward model in the hybrid reward.</summary>
@@ -203,5 +242,37 @@ public sealed class PromptSamplingTests(CpuFixture fx) : IDisposable
         var kept = PromptSampling.WriteInformative(Path.Combine(_dir, "kept.jsonl"), groups);
         Assert.Equal(groups.Count(g => g.Rewards.Select(r => r.Total).Distinct().Count() > 1), kept);
         Assert.True(kept <= 3);
+    }
+
+    [Fact]
+    public void HybridPairs_AddTheRewardModelsStandardisedTerm_AndItDecidesTiedRuleRewards()
+    {
+        var ckpt = Path.Combine(_dir, "tiny");
+        InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), ckpt, seed: 3);
+        using var rm = RewardModel.Load(fx.Backend, ckpt, TrainableParts.None, trainHead: false);
+        rm.Weight.Value.CopyFrom(TestData.Uniform(6, rm.Weight.Value.Dim(1), 2f));
+        var tok = R1V2.Native.Engine.Text.TextTokenizer.Load(ckpt);
+        var row = new R1V2.Native.Trainer.Data.PromptRow(0, "What is 2 + 2?", "4", [], null, null);
+        string[] responses = ["so</think>\\boxed{5}", "hm</think>\\boxed{6}", "ok</think>\\boxed{7}", "no</think>\\boxed{8}"]; // all wrong, all well formed
+        var group = new SampledGroup(row, responses, responses.Select(r => PromptSampling.RuleAndFormat(r, row)).ToList());
+        Assert.Single(group.Rewards.Select(r => r.Total).Distinct());
+        Assert.Empty(PromptSampling.Pairs([group], 0.01));                               // rule + format alone: a tie, no pair
+
+        var hybrid = PromptSampling.WithRewardModel([group], rm, tok, 0.5, new R1V2.Native.Trainer.Rewards.RewardModelScaling(
+            R1V2.Native.Trainer.Rewards.RewardModelTransform.Standardise, threshold: 0))[0];
+        // Independently: each response's score alone, standardised by the four scores, the term above 0 only.
+        var chat = new R1V2.Native.Engine.Generation.ChatRunner(rm.Vlm, tok, new R1V2.Native.Engine.Generation.GeneratorOptions(64, MaxBatch: 1));
+        var (ids, _, _) = chat.Prompt([new R1V2.Native.Engine.Generation.ChatTurn("user", row.Question, [])]);
+        int imEnd = tok.RequireToken("<|im_end|>");
+        var alone = responses.Select(r => (double)rm.ScoreSequences([(ids, [.. tok.Encode(r), imEnd], null, 0)])[0]).ToArray();
+        double mean = alone.Average(), sd = Math.Sqrt(alone.Sum(x => (x - mean) * (x - mean)) / 3);
+        for (int i = 0; i < 4; i++)
+        {
+            double z = (alone[i] - mean) / (sd + 1e-8), term = z > 0 ? 0.5 * z : 0;
+            Assert.Equal(alone[i], hybrid.Rewards[i].RewardModelRaw, 4);
+            Assert.Equal(group.Rewards[i].Total + term, hybrid.Rewards[i].Total, 4);
+        }
+        var pair = Assert.Single(PromptSampling.Pairs([hybrid], 0.01));
+        Assert.Equal(Array.IndexOf(alone, alone.Max()), pair.Chosen);                   // the reward model's favourite
     }
 }
