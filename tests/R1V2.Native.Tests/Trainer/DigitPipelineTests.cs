@@ -50,6 +50,12 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         Assert.Equal(summary.Pairs + 8, File.ReadAllLines(Path.Combine(_dir, "run", "data", "rm-pairs.jsonl")).Length);
         Assert.Contains("rm_path: " + Path.Combine(_dir, "run", "rm", "final"), File.ReadAllText(Path.Combine(_dir, "run", "grpo", "config.resolved.yaml")));
         Assert.StartsWith("GRPO reward: rule + format + 1 x [the answer follows the digits it claims] + 1 x [the share of the scene's digits it reads right] + 0.25", summary.GrpoReward);
+        // MPO trains on the same candidates re-ranked by the hybrid signal once the reward model passes its gate.
+        Assert.StartsWith("MPO pairs: rule + format + 0.25 x the reward model's term, f(s) [f(s) > 1]", summary.MpoPairs);
+        Assert.Contains("data:\n  path: " + Path.Combine(_dir, "run", "data", "mpo-pairs.jsonl"), File.ReadAllText(Path.Combine(_dir, "run", "mpo", "round-1", "config.resolved.yaml")).Replace("\r", ""));
+        var round = Assert.Single(summary.MpoRounds);
+        Assert.Equal(File.ReadAllLines(Path.Combine(_dir, "run", "data", "mpo-pairs.jsonl")).Length, round.PairCount);
+        Assert.Contains($"MPO round 1: {round.PairCount} pairs", md);
         // ... and its term really reaches the rewards (a raw-score threshold once silenced it while the summary said otherwise).
         var grpoSteps = File.ReadAllLines(Path.Combine(_dir, "run", "grpo", "metrics.jsonl")).Select(l => JsonSerializer.Deserialize<R1V2.Native.Trainer.GrpoStepMetrics>(l)!).ToList();
         Assert.Contains(grpoSteps, m => m.RewardModelTerm > 0);
@@ -109,5 +115,7 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         Assert.StartsWith("GRPO reward: rule + format + 1 x [the answer follows the digits it claims] + 1 x [the share of the scene's digits it reads right] only", summary.GrpoReward);
         Assert.Contains("rm_path: ''", File.ReadAllText(Path.Combine(_dir, "run", "grpo", "config.resolved.yaml")));
         Assert.Contains("below the 1.01 gate", File.ReadAllText(Path.Combine(_dir, "run", "summary.md")));
+        Assert.StartsWith("MPO pairs: rule + format (the reward model's held-out pair accuracy", summary.MpoPairs);
+        Assert.False(File.Exists(Path.Combine(_dir, "run", "data", "mpo-pairs.jsonl")));
     }
 }
