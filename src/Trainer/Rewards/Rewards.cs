@@ -92,7 +92,7 @@ public sealed class RewardModelScaling
         {
             RewardModelTransform.Identity => "s",
             RewardModelTransform.Clip => $"clip(s, {_clipLow:G4}, {_clipHigh:G4})",
-            _ => "(s - mean) / std over the scores of earlier steps",
+            _ => "(s - mean) / std of the scores before (a first batch: of its own)",
         };
         return double.IsNegativeInfinity(Threshold) ? $"f(s) = {f}" : $"f(s) [f(s) > {Threshold:G4}] with f(s) = {f}";
     }

@@ -52,6 +52,48 @@ public sealed class TrainCommandTests : IDisposable
     }
 
     [Fact]
+    public void BuildPairsWithARewardModel_AndIterativeMpo_RunThroughTheCommandLine()
+    {
+        // build-pairs ranks by rule + format + the reward model's standardised term (a trained rm on yes/no pairs); mpo
+        // with mpo.rounds=2 samples round 2's pairs from round 1's policy and logs both rounds.
+        var ckpt = Tiny();
+        var pairs = Path.Combine(_dir, "pairs.jsonl");
+        File.WriteAllLines(pairs, Enumerable.Range(0, 10).Select(i => JsonSerializer.Serialize(new { prompt = $"p{i}", chosen = "yes", rejected = "no" })));
+        var rm = Path.Combine(_dir, "rm");
+        Assert.Equal(0, Program.Main(["train", "--stage", "rm", "--set", $"model={ckpt}", "--set", $"data.path={pairs}", "--set", "steps=3", "--set", "trainable=all",
+            "--set", "optim.lr=0.003", "--out", rm]));
+        var prompts = Path.Combine(_dir, "prompts.jsonl");
+        File.WriteAllLines(prompts, Enumerable.Range(0, 6).Select(i => JsonSerializer.Serialize(new { question = $"q{i}", answer = "yes" })));
+        var built = Path.Combine(_dir, "built.jsonl");
+        Assert.Equal(0, Program.Main(["build-pairs", "--model", ckpt, "--data", prompts, "--out", built, "--samples", "4", "--max-new-tokens", "6",
+            "--margin", "0.01", "--reward-model", Path.Combine(rm, "final"), "--rm-threshold", "0", "--backend", "cpu"]));
+        var lines = File.ReadAllLines(built);
+        Assert.NotEmpty(lines);   // the tiny model's rule and format rewards tie: only the reward model's term separates its samples
+        Assert.All(lines, l => Assert.True(JsonDocument.Parse(l).RootElement.GetProperty("chosen_reward").GetDouble()
+            > JsonDocument.Parse(l).RootElement.GetProperty("rejected_reward").GetDouble()));
+        var (code, error) = Run(["build-pairs", "--model", ckpt, "--data", prompts, "--out", built, "--rm-threshold", "-1"]);
+        Assert.Equal((1, "error: --rm-threshold must be >= 0, got -1"), (code, error.Trim()));
+
+        var mpo = Path.Combine(_dir, "mpo");
+        Assert.Equal(0, Program.Main(["train", "--stage", "mpo", "--set", $"model={ckpt}", "--set", $"data.path={pairs}", "--set", "steps=2",
+            "--set", "mpo.rounds=2", "--set", $"mpo.prompts={prompts}", "--set", "mpo.max_new_tokens=6", "--set", "mpo.margin=0.01",
+            "--set", $"mpo.reward_model={Path.Combine(rm, "final")}", "--set", "mpo.rm_threshold=0", "--backend", "cpu", "--out", mpo]));
+        Assert.Equal(2, File.ReadAllLines(Path.Combine(mpo, "rounds.jsonl")).Length);
+        Assert.True(File.Exists(Path.Combine(mpo, "final", "model.safetensors")));
+    }
+
+    [Fact]
+    public void RewardControlTask_RunsFromTheCommandLine()
+    {
+        var output = Path.Combine(_dir, "control");
+        Assert.Equal(0, Program.Main(["train", "--task", "reward-control", "--steps", "4", "--backend", "cpu", "--out", output]));
+        Assert.Equal(4, File.ReadAllLines(Path.Combine(output, "grpo", "metrics.jsonl")).Length);
+        Assert.Contains("Mean training reward: first quarter", File.ReadAllText(Path.Combine(output, "summary.md")));
+        var (code, error) = Train(["--task", "reward-control", "--steps", "2", "--out", Path.Combine(_dir, "short")]);
+        Assert.Equal((1, "error: the reward-control task needs at least 4 steps to compare its first and last quarter, got 2"), (code, error.Trim()));
+    }
+
+    [Fact]
     public void UnknownConfigKey_FailsWithItsName()
     {
         var output = Path.Combine(_dir, "bad");
@@ -81,12 +123,15 @@ public sealed class TrainCommandTests : IDisposable
     }
 
     /// <summary>`engine train` with these arguments: its exit code and what it wrote to stderr.</summary>
-    private static (int Code, string Error) Train(string[] args)
+    private static (int Code, string Error) Train(string[] args) => Run(["train", .. args]);
+
+    /// <summary>`engine` with these arguments: its exit code and what it wrote to stderr.</summary>
+    private static (int Code, string Error) Run(string[] args)
     {
         var error = new StringWriter();
         var saved = Console.Error;
         Console.SetError(error);
-        try { return (Program.Main(["train", .. args]), error.ToString()); }
+        try { return (Program.Main(args), error.ToString()); }
         finally { Console.SetError(saved); }
     }
 }

@@ -35,6 +35,14 @@ public sealed class ConfigKeysReadTests
     }
 
     [Fact]
+    public void EveryAcceptedKey_IsInTheConfigReference()
+    {
+        var reference = File.ReadAllText(Path.Combine(TestPaths.RepositoryRoot, "docs", "CONFIG.md"));
+        var missing = Keys(typeof(TrainConfig), "").Select(k => k.Key).Where(k => !reference.Contains($"`{k}`", StringComparison.Ordinal)).ToList();
+        Assert.True(missing.Count == 0, $"keys missing from docs/CONFIG.md: {string.Join(", ", missing)}");
+    }
+
+    [Fact]
     public void TheScan_FindsAReadThatExists_AndMissesOneThatDoesNot()
     {
         // The scan itself: GrpoTrainer reads grpo.group_size; nothing in the trainer calls this test class's own getter.
