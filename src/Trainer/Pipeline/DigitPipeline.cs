@@ -410,7 +410,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
     /// <summary>The prompts the later MPO rounds sample their pairs from: the next PairPrompts training prompts after the pairs'.</summary>
     private string MpoPrompts()
     {
-        var path = Dir("data", "mpo-prompts.jsonl");
+        var path = Dir("data", "train", "mpo-prompts.jsonl");   // beside prompts.jsonl: its image paths are relative to it
         if (File.Exists(path)) return path;
         var prompts = new PromptDataset(Dir("data", "train", "prompts.jsonl"), s.Seed + 7);
         prompts.Next(s.PairPrompts + s.RmSyntheticPairs);

@@ -118,4 +118,17 @@ public sealed class DigitPipelineTests(CpuFixture fx) : IDisposable
         Assert.StartsWith("MPO pairs: rule + format (the reward model's held-out pair accuracy", summary.MpoPairs);
         Assert.False(File.Exists(Path.Combine(_dir, "run", "data", "mpo-pairs.jsonl")));
     }
+
+    [Fact]
+    public void MpoRounds_SampleTheLaterRoundsPairsFromThePolicy_OnFurtherTrainingPrompts()
+    {
+        var summary = new DigitPipeline(Settings() with { MpoRounds = 2, GrpoSteps = 1, PairMargin = 0.01 }, fx.Backend).Run();
+        Assert.Equal([1, 2], summary.MpoRounds.Select(r => r.Round));
+        Assert.Equal(Path.Combine(_dir, "run", "mpo", "round-2", "pairs.jsonl"), summary.MpoRounds[1].Pairs);
+        // Round 2's prompts are the 6 training prompts after the pairs' and the reward model's, and its reference is round 1's policy.
+        var prompts = File.ReadAllLines(Path.Combine(_dir, "run", "data", "train", "mpo-prompts.jsonl"));
+        Assert.Equal(6, prompts.Length);
+        Assert.Contains($"model: {Path.Combine(_dir, "run", "mpo", "round-1", "final")}", File.ReadAllText(Path.Combine(_dir, "run", "mpo", "round-2", "config.resolved.yaml")));
+        Assert.Contains("MPO round 2: ", File.ReadAllText(Path.Combine(_dir, "run", "summary.md")));
+    }
 }
