@@ -617,10 +617,13 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
     }
 
     /// <summary>The built-in model config of the digit task (configs/digits.json, embedded).</summary>
-    public static string BuiltInConfig()
+    public static string BuiltInConfig() => EmbeddedConfig("configs/digits.json");
+
+    /// <summary>A model config embedded in R1V2.Native.Trainer (configs/digits.json, configs/digits-tiny.json).</summary>
+    public static string EmbeddedConfig(string name)
     {
-        using var stream = typeof(DigitPipeline).Assembly.GetManifestResourceStream("configs/digits.json")
-            ?? throw new InvalidOperationException("configs/digits.json is not embedded in R1V2.Native.Trainer");
+        using var stream = typeof(DigitPipeline).Assembly.GetManifestResourceStream(name)
+            ?? throw new InvalidOperationException($"{name} is not embedded in R1V2.Native.Trainer");
         using var reader = new StreamReader(stream);
         return reader.ReadToEnd();
     }

@@ -103,11 +103,5 @@ public static class RewardControl
     }
 
     /// <summary>configs/digits-tiny.json, embedded.</summary>
-    public static string BuiltInTinyConfig()
-    {
-        using var stream = typeof(RewardControl).Assembly.GetManifestResourceStream("configs/digits-tiny.json")
-            ?? throw new InvalidOperationException("configs/digits-tiny.json is not embedded in R1V2.Native.Trainer");
-        using var reader = new StreamReader(stream);
-        return reader.ReadToEnd();
-    }
+    public static string BuiltInTinyConfig() => Pipeline.DigitPipeline.EmbeddedConfig("configs/digits-tiny.json");
 }
