@@ -112,6 +112,42 @@ public sealed class GrpoUpdateTests(CpuFixture fx)
         Assert.Equal(3, Run([a, a with { Advantage = 0.5 }, b]).Stats.Distinct);
     }
 
+    [Theory]
+    [InlineData(LossAggregation.SequenceMeanTokenMean)]
+    [InlineData(LossAggregation.TokenMean)]
+    public void AccumulatedHalves_WithTheWholeBatchsWeights_EqualOneUpdateOfTheBatch(LossAggregation aggregation)
+    {
+        // Four rollouts of lengths 6, 2, 5 and 1 (prefixes of sampled responses with their log-probs): one update of all
+        // four against two accumulated updates of two each, given the weights of the whole batch. Each half normalised
+        // by itself (before the fix) gives a different gradient: twice as large, and for token_mean weighted per half.
+        var (prompt, pixels, dir) = FirstFixturePrompt();
+        using var model = VisionLanguageModel.Load(fx.Backend, dir, TrainableParts.AdapterAndLlm);
+        var samples = new Generator(model, options: new GeneratorOptions(CacheBlocks: 64, BlockSize: 4))
+            .Generate([new GenerationRequest(prompt, pixels, 1, new SamplingParams(1f), Seed: 13, MaxNewTokens: 6, Samples: 4)]);
+        int[] lengths = [6, 2, 5, 1];
+        double[] advantages = [1.2, -0.3, -0.9, 0.6];
+        var rollouts = samples.Select((s, i) => new Rollout(0, prompt, pixels, 1, s.Tokens[..lengths[i]], s.LogProbs[..lengths[i]], 0, advantages[i], 0)).ToList();
+        var update = new GrpoUpdate(model, new GrpoLossSettings(EpsLow: 0.2f, EpsHigh: 0.28f, Temperature: 1f), aggregation);
+        float[][] Grads() => [.. model.Parameters.Trainable.Select(p => p.Grad!.ToFloatArray())];
+        void Zero() { foreach (var p in model.Parameters.Trainable) p.ZeroGrad(); }
+
+        Zero();
+        double whole = update.Accumulate(rollouts).Loss;
+        var once = Grads();
+        Zero();
+        var weights = GrpoMath.SequenceWeights(lengths, aggregation);
+        double halves = update.Accumulate(rollouts[..2], null, weights[..2]).Loss + update.Accumulate(rollouts[2..], null, weights[2..]).Loss;
+        var accumulated = Grads();
+        Assert.Equal(whole, halves, 1e-6);
+        for (int i = 0; i < once.Length; i++) Check.Close(once[i], accumulated[i], 1e-6, 1e-4, $"gradient {i}");
+        Zero();
+        update.Accumulate(rollouts[..2]);
+        update.Accumulate(rollouts[2..]);
+        var selfNormalised = Grads();
+        Assert.True(Check.RelativeL2(TestData.ToDouble(once.SelectMany(g => g).ToArray()), selfNormalised.SelectMany(g => g).ToArray()) > 0.1,
+            "each half normalised by itself should not match the whole batch");
+    }
+
     [Fact]
     public void RolloutsOfOnePrompt_ShareItsRows_WithTheLossAndGradientOfPackingEachWhole()
     {
