@@ -39,8 +39,8 @@ INSTANTIATE_F32_BF16(chunk_lse_update, GRPO_LOSS_BLOCK,
 
 // Per token: logp = target_logit - lse; r = exp(logp - old); objective J = min(r A, clip(r, 1 - eps_low, 1 + eps_high) A),
 // with dual clip (c > 1, A < 0) J = max(J, c A); KL to the reference with d = ref - logp: k2 = d^2 / 2 (its gradient is an
-// unbiased estimate of the gradient of KL(pi || ref)), k3 = exp(d) - d - 1 (low variance; its gradient follows KL(ref || pi)),
-// clamped to [-10, 10]; loss = weight (-J + kl_coef KL); dlogp = d loss / d logp. kl_type 0: none, 2: k2, 3: k3 (k1 = -d has
+// unbiased estimate of the gradient of KL(pi || ref) on the policy's samples), k3 = exp(d) - d - 1 (low variance; its gradient
+// follows KL(ref || pi)), k3 alone clamped to [-10, 10]; loss = weight (-J + kl_coef KL); dlogp = d loss / d logp. kl_type 0: none, 2: k2, 3: k3 (k1 = -d has
 // zero expected gradient as a loss term: the trainer applies it as a reward penalty instead).
 extern "C" __global__ void __launch_bounds__(GRPO_LOSS_BLOCK) grpo_token_loss(float* loss, float* dlogp, float* logp_out, const float* m, const float* s,
     const float* target_logit, const int* targets, const float* old_logp, const float* ref_logp, const float* advantage, const float* weight,
@@ -61,8 +61,12 @@ extern "C" __global__ void __launch_bounds__(GRPO_LOSS_BLOCK) grpo_token_loss(fl
         {
             const float d = ref_logp[t] - lp;
             if (kl_type == 2) { kl = 0.5f * d * d; dkl = -d; }
-            else { kl = __expf(d) - d - 1.0f; dkl = 1.0f - __expf(d); }
-            if (kl > 10.0f || kl < -10.0f) { kl = fminf(fmaxf(kl, -10.0f), 10.0f); dkl = 0.0f; }
+            else
+            {
+                kl = __expf(d) - d - 1.0f;
+                dkl = 1.0f - __expf(d);
+                if (kl > 10.0f || kl < -10.0f) { kl = fminf(fmaxf(kl, -10.0f), 10.0f); dkl = 0.0f; }
+            }
         }
         loss[t] = w * (-j + kl_coef * kl);
         dlogp[t] = w * (-dj + kl_coef * dkl);

@@ -18,6 +18,10 @@ using R1V2.Native.Trainer.Ssb;
 namespace R1V2.Native.Trainer;
 
 /// <summary>One logged GRPO step.</summary>
+/// <remarks><see cref="FreshInformativeRatio"/>: the share of the step's sampled rollouts (every round of dynamic
+/// sampling) whose task rewards give them a non-zero advantage, the paper's effective-sample curve;
+/// <see cref="EffectiveRatio"/>: the share of the intended batch that the update's informative samples fill (after
+/// dynamic sampling and the buffer's top-up).</remarks>
 public sealed record GrpoStepMetrics(int Step, double Loss, double Reward, double Accuracy, double FormatRate, double ResponseLength, double EffectiveRatio,
     double FreshInformativeRatio, int Replayed, double MeanRatio, double ClippedFraction, double GradNorm, float LearningRate, int SkippedUpdates,
     double? HallucinationRate, double TokensPerSecond, double Seconds, string? Warning, double? RewardModelMean = null, double? RewardModelStd = null, double? Kl = null)
@@ -39,7 +43,7 @@ public sealed record GrpoStepMetrics(int Step, double Loss, double Reward, doubl
     public int SamplingRounds { get; init; } = 1;
     public int ExtraRollouts { get; init; }
 
-    /// <summary>With <c>grpo.kl=k1</c>: the mean k1 estimate (log pi_old - log pi_ref summed over a response) of the fresh rollouts, before its coefficient.</summary>
+    /// <summary>With <c>grpo.kl=k1</c>: the mean k1 estimate (log pi_old - log pi_ref summed over a response) of the step's sampled rollouts, before its coefficient.</summary>
     public double? KlPenalty { get; init; }
 }
 
@@ -152,8 +156,10 @@ public sealed class GrpoTrainer : IDisposable
     }
 
     /// <summary>One sampling round: G rollouts of each prompt with their rewards and advantages, and what the metrics need.</summary>
+    /// <remarks><see cref="TaskInformative"/>: the rollouts whose task rewards give them a non-zero group advantage (the
+    /// buffer keeps and dynamic sampling counts these; a k1 penalty alone does not make a group informative).</remarks>
     private sealed record Round(List<Rollout> Rollouts, List<RewardBreakdown> Rewards, List<int> Lengths, int Grounded, int GroundingChecks, double[]? RmScores,
-        double? KlPenalty);
+        double? KlPenalty, HashSet<Rollout> TaskInformative);
 
     private Round SampleRound(int step, int round)
     {
@@ -181,20 +187,23 @@ public sealed class GrpoTrainer : IDisposable
             var (ids, pixels, tiles) = promptInputs[x.Request];
             return new Rollout(prompts[x.Request].Index, ids, pixels, tiles, x.Tokens, x.LogProbs, breakdowns[i].Total, 0, step);
         }).ToList();
-        double? klPenalty = null;
         var rewards = breakdowns.Select(r => r.Total).ToList();
+        var taskAdvantages = GrpoMath.Advantages(rewards, g.GroupSize,
+            g.Advantage switch { "mean_only" => AdvantageMode.MeanOnly, "leave_one_out" => AdvantageMode.LeaveOneOut, _ => AdvantageMode.MeanStd });
+        var advantages = taskAdvantages;
+        double? klPenalty = null;
         if (_klPenalty)
         {
-            // k1 = log pi_old(y) - log pi_ref(y) on the policy's own samples, subtracted from the reward (PPO-RLHF): a loss
-            // term of k1 would have zero expected gradient.
+            // k1 = log pi_old(y) - log pi_ref(y) on the policy's own samples, a reward penalty (PPO-RLHF; as a loss term its
+            // expected gradient is zero), entered into the group advantages (GrpoMath.PenalisedAdvantages).
             var reference = ReferenceLogProbs(rollouts);
             var k1 = rollouts.Select((r, i) => r.OldLogProbs.Zip(reference[i], (o, f) => (double)o - f).Sum()).ToArray();
-            for (int i = 0; i < rewards.Count; i++) rewards[i] -= g.KlCoef * k1[i];
+            advantages = GrpoMath.PenalisedAdvantages(taskAdvantages, k1, g.KlCoef, g.GroupSize);
             klPenalty = k1.Average();
         }
-        var advantages = GrpoMath.Advantages(rewards, g.GroupSize,
-            g.Advantage switch { "mean_only" => AdvantageMode.MeanOnly, "leave_one_out" => AdvantageMode.LeaveOneOut, _ => AdvantageMode.MeanStd });
-        rollouts = rollouts.Select((r, i) => r with { Reward = rewards[i], Advantage = advantages[i] }).ToList();
+        rollouts = rollouts.Select((r, i) => r with { Advantage = advantages[i] }).ToList();
+        var taskInformative = new HashSet<Rollout>(rollouts.Where((_, i) => Math.Abs(taskAdvantages[i]) > SelectiveSampleBuffer.ZeroAdvantage),
+            ReferenceEqualityComparer.Instance);
         int grounded = 0, checks = 0;
         for (int i = 0; i < samples.Count; i++)
             if (_grounding.Check(texts[i], prompts[samples[i].Request]) is { } ok)
@@ -202,7 +211,7 @@ public sealed class GrpoTrainer : IDisposable
                 checks++;
                 if (ok) grounded++;
             }
-        return new Round(rollouts, breakdowns, samples.Select(x => x.Tokens.Length).ToList(), grounded, checks, rmScores, klPenalty);
+        return new Round(rollouts, breakdowns, samples.Select(x => x.Tokens.Length).ToList(), grounded, checks, rmScores, klPenalty, taskInformative);
     }
 
     private GrpoStepMetrics RunStep()
@@ -211,6 +220,7 @@ public sealed class GrpoTrainer : IDisposable
         var g = _c.Grpo;
         int step = _step;
         var rounds = new List<Round> { SampleRound(step, 0) };
+        bool Informative(Rollout r) => rounds.Any(x => x.TaskInformative.Contains(r));
         List<Rollout> fresh;
         if (g.DynamicSampling.Enabled)
         {
@@ -220,20 +230,26 @@ public sealed class GrpoTrainer : IDisposable
             {
                 if (round > 0) rounds.Add(SampleRound(step, round));
                 return rounds[round].Rollouts.Chunk(g.GroupSize).Select(c => (IReadOnlyList<Rollout>)c).ToList();
-            }, g.PromptsPerStep, g.DynamicSampling.MaxRounds);
+            }, g.PromptsPerStep, g.DynamicSampling.MaxRounds, Informative);
             fresh = groups.SelectMany(x => x).ToList();
         }
         else fresh = rounds[0].Rollouts;
 
         int target = g.GroupSize * g.PromptsPerStep;
-        var batch = g.Ssb.Enabled ? _ssb.Build(fresh, target, step) : new UpdateBatch(fresh, fresh.Count, 0, target);
-        double freshRatio = fresh.Count(r => Math.Abs(r.Advantage) > SelectiveSampleBuffer.ZeroAdvantage) / (double)target;
+        var batch = g.Ssb.Enabled ? _ssb.Build(fresh, target, step, Informative) : new UpdateBatch(fresh, fresh.Count, 0, target);
+        int sampled = rounds.Sum(r => r.Rollouts.Count);
+        double freshRatio = rounds.Sum(r => r.TaskInformative.Count) / (double)sampled;
 
-        // What the update trains on: the samples with an advantage; with a KL loss term every sample of the batch, a
-        // zero-advantage one with its KL term only (its policy-gradient term is A = 0 times the ratio).
-        var update = _klLoss
-            ? [.. batch.Samples, .. fresh.Where(r => Math.Abs(r.Advantage) <= SelectiveSampleBuffer.ZeroAdvantage && !batch.Samples.Contains(r))]
+        // What the update trains on: the samples with a task advantage and the replayed ones; with a KL term (a k2/k3
+        // loss or the k1 penalty) every fresh sample too, a zero-advantage one for its KL term only. Those extra samples
+        // get token weights on the scale of the others (GrpoMath.SequenceWeights' counted), so adding them leaves the
+        // policy gradient as it was.
+        var replayed = batch.Samples.Skip(batch.Fresh).ToList();
+        var update = _klLoss || _klPenalty
+            ? [.. fresh, .. replayed]
             : batch.Samples.Where(r => Math.Abs(r.Advantage) > SelectiveSampleBuffer.ZeroAdvantage).ToList();
+        var freshSet = new HashSet<Rollout>(fresh, ReferenceEqualityComparer.Instance);
+        bool Counted(Rollout r) => !freshSet.Contains(r) || Informative(r);
 
         double loss = 0, meanRatio = 0, clipped = 0, dualClipped = 0, gradNorm = 0, kl = 0;
         int skipped = 0, updates = 0, optimizerSteps = 0;
@@ -241,12 +257,24 @@ public sealed class GrpoTrainer : IDisposable
         if (update.Count > 0)
         {
             // minibatches micro-batches; every grad_accum of them make one optimiser step, whose loss is the mean over all
-            // of its rollouts: the token weights come from the whole accumulated batch before its first micro-batch.
-            int per = (update.Count + g.Minibatches - 1) / g.Minibatches;
-            var micro = update.Chunk(per).Select(c => (IReadOnlyList<Rollout>)c).ToList();
+            // of its rollouts: the token weights come from the whole accumulated batch before its first micro-batch. The
+            // samples with a policy-gradient term are split as without a KL term; the KL-only ones are spread over the
+            // same micro-batches (a micro-batch of KL terms alone would be an optimiser step of its own, and Adam makes
+            // any gradient, however faint, a step of the learning rate's size).
+            var withGradient = update.Where(Counted).ToList();
+            var klOnly = update.Where(r => !Counted(r)).ToList();
+            static IEnumerable<Rollout> Part(List<Rollout> list, int i, int parts)
+            {
+                int per = (list.Count + parts - 1) / parts;
+                return list.Skip(i * per).Take(per);
+            }
+            var micro = Enumerable.Range(0, g.Minibatches)
+                .Select(i => (IReadOnlyList<Rollout>)[.. Part(withGradient, i, g.Minibatches), .. Part(klOnly, i, g.Minibatches)])
+                .Where(c => c.Count > 0).ToList();
             foreach (var accumulated in micro.Chunk(_c.Optim.GradAccum))
             {
-                var weights = GrpoMath.SequenceWeights(accumulated.SelectMany(c => c).Select(r => r.Response.Length).ToList(), _aggregation);
+                var members = accumulated.SelectMany(c => c).ToList();
+                var weights = GrpoMath.SequenceWeights(members.Select(r => r.Response.Length).ToList(), _aggregation, members.Select(Counted).ToList());
                 _opt.ZeroGrad();
                 int offset = 0;
                 double stepLoss = 0;

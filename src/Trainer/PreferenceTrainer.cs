@@ -171,8 +171,11 @@ public sealed class PreferenceTrainer : IDisposable
         var dlogp = new float[batch.InputIds.Length];
         double loss = 0, correct = 0, margin = 0;
         var mpo = _c.Mpo;
-        // BCO's delta: the running mean of the implicit rewards beta lr(y) of chosen and rejected, this batch's included.
-        _delta.Update(Enumerable.Range(0, 2 * pairs.Count).Select(k => mpo.Beta * (sums[k] - refSums[k])));
+        // BCO's delta: the running mean of the implicit rewards beta lr(y) of chosen and rejected, this batch's included;
+        // a batch the non-finite guard skips leaves it as it was (a NaN would stay in a running mean for good).
+        var deltaBefore = (_delta.Count, _delta.Value);
+        var implicitRewards = Enumerable.Range(0, 2 * pairs.Count).Select(k => mpo.Beta * (sums[k] - refSums[k])).ToList();
+        if (implicitRewards.All(double.IsFinite)) _delta.Update(implicitRewards);
         for (int i = 0; i < pairs.Count; i++)
         {
             var (cs, rs) = (spans[2 * i], spans[2 * i + 1]);
@@ -187,6 +190,7 @@ public sealed class PreferenceTrainer : IDisposable
         _policy.Backward(pass, dlogp);
         var lrate = _schedule.At(step + 1);
         var report = _guard.Step(_opt, lrate, step);
+        if (report.Skipped) _delta.Restore(deltaBefore.Count, deltaBefore.Value);
         return new PreferenceStepMetrics(step + 1, loss, correct / pairs.Count, margin / pairs.Count, _delta.Value, report.GradNorm, lrate);
     }
 

@@ -61,7 +61,7 @@ public static class PromptSampling
     /// deviations). The reward model scores prompt + response + &lt;|im_end|&gt; in one packed pass, a prompt's rows once.
     /// </summary>
     public static List<SampledGroup> WithRewardModel(IReadOnlyList<SampledGroup> groups, RewardModel rm, TextTokenizer tokenizer, double weight,
-        RewardModelScaling scaling)
+        RewardModelScaling scaling, int batchSequences = 64)
     {
         if (groups.Count == 0) return [];
         var chat = new ChatRunner(rm.Vlm, tokenizer, new GeneratorOptions(64, MaxBatch: 1));
@@ -72,7 +72,8 @@ public static class PromptSampling
             var (ids, pixels, tiles) = chat.Prompt([new ChatTurn("user", g.Prompt.Question, g.Prompt.Images)]);
             foreach (var response in g.Responses) sequences.Add((ids, [.. tokenizer.Encode(response), imEnd], pixels, tiles));
         }
-        var raw = rm.ScoreSequences(sequences).Select(x => (double)x).ToArray();
+        // Scored batchSequences at a time (a pass holds every sequence's activations); transformed together after.
+        var raw = sequences.Chunk(Math.Max(1, batchSequences)).SelectMany(c => rm.ScoreSequences(c)).Select(x => (double)x).ToArray();
         var terms = scaling.ApplyStep(raw);
         var result = new List<SampledGroup>();
         int at = 0;

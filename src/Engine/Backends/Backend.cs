@@ -21,7 +21,7 @@ public enum KlEstimator { None = 0, K2 = 2, K3 = 3 }
 
 /// <summary>
 /// The per-token GRPO objective: PPO clip with separate lower and upper epsilons, optional dual clip (c > 1 bounds
-/// the loss of negative-advantage tokens by -c A), and a KL penalty to the reference (k2 or k3, clamped to [-10, 10]).
+/// the loss of negative-advantage tokens by -c A), and a KL penalty to the reference (k2, or k3 clamped to [-10, 10]).
 /// Logits are divided by <see cref="Temperature"/> (the sampling temperature) before the softmax.
 /// </summary>
 public sealed record GrpoLossSettings(float EpsLow = 0.2f, float EpsHigh = 0.2f, float DualClip = 0f, float KlCoef = 0f, KlEstimator Kl = KlEstimator.None,

@@ -264,7 +264,7 @@ public sealed class TrainConfig
         Require(Mpo.Rounds >= 1, "mpo.rounds must be at least 1");
         Require(Mpo.Rounds == 1 || (Stage == "mpo" && Mpo.Prompts.Length > 0), "mpo.rounds > 1 needs stage mpo and mpo.prompts (the prompts later rounds sample their pairs from)");
         Require(Mpo.Samples >= 2 && Mpo.MaxNewTokens >= 1 && Mpo.Temperature > 0, "mpo.samples must be at least 2, mpo.max_new_tokens at least 1, mpo.temperature > 0");
-        Require(Mpo.RmThreshold >= 0, $"mpo.rm_threshold must be >= 0, not {Mpo.RmThreshold}");
+        Require(Mpo.RmThreshold >= 0 || double.IsNegativeInfinity(Mpo.RmThreshold), $"mpo.rm_threshold must be >= 0 (or -.inf for none), not {Mpo.RmThreshold}");
         Require(Reward.RmTransform is "identity" or "clip" or "standardise", $"reward.rm_transform must be identity, clip or standardise, not '{Reward.RmTransform}'");
         Require(Reward.GroundingCredit is "exact" or "per_digit", $"reward.grounding_credit must be exact or per_digit, not '{Reward.GroundingCredit}'");
         Require(Pairs.HeldOut >= 0 && Pairs.HeldOut < 1, "pairs.held_out must be in [0, 1)");
@@ -274,6 +274,9 @@ public sealed class TrainConfig
         Require(Grpo.Minibatches >= 1, "grpo.minibatches must be at least 1");
         Require(Grpo.Kl is "none" or "k1" or "k2" or "k3", $"grpo.kl must be none, k1 (reward penalty), k2 or k3 (loss terms), not '{Grpo.Kl}'");
         Require(Grpo.KlCoef >= 0, "grpo.kl_coef must be >= 0");
+        Require((Grpo.Kl == "none") == (Grpo.KlCoef == 0), Grpo.Kl == "none"
+            ? $"grpo.kl_coef is {Grpo.KlCoef} but grpo.kl is none: name the estimator (k1, k2 or k3)"
+            : $"grpo.kl is {Grpo.Kl} but grpo.kl_coef is 0: give its coefficient (or grpo.kl=none)");
         Require(Grpo.DynamicSampling.MaxRounds >= 1, "grpo.dynamic_sampling.max_rounds must be at least 1");
         Require(Optim.GradAccum == 1 || Stage == "grpo", $"optim.grad_accum applies to the grpo stage only (the {Stage} stage takes one optimiser step per batch): leave it at 1");
         Require(Reward.RmThreshold >= 0 || double.IsNegativeInfinity(Reward.RmThreshold),

@@ -48,11 +48,40 @@ public static class GrpoMath
     /// <summary>
     /// Per-token weights that turn the sum of token losses into the chosen mean: sequence-mean of token-means
     /// (1 / (S |y_i|), the paper) or the mean over all tokens (1 / N, DAPO). lengths: response tokens per sequence.
+    /// <paramref name="counted"/>: which sequences S and N count (the ones with a policy-gradient term); the others (the
+    /// zero-advantage samples a KL term keeps in the update) get weights on the same scale, so adding them leaves the
+    /// policy gradient as it was. Null: all count.
     /// </summary>
-    public static double[] SequenceWeights(IReadOnlyList<int> lengths, LossAggregation aggregation)
+    public static double[] SequenceWeights(IReadOnlyList<int> lengths, LossAggregation aggregation, IReadOnlyList<bool>? counted = null)
     {
-        int total = lengths.Sum(), s = lengths.Count;
-        return lengths.Select(n => n == 0 ? 0 : aggregation == LossAggregation.SequenceMeanTokenMean ? 1.0 / (s * (double)n) : 1.0 / total).ToArray();
+        if (counted is not null && counted.Count != lengths.Count) throw new ArgumentException($"{counted.Count} flags for {lengths.Count} sequences");
+        var idx = Enumerable.Range(0, lengths.Count).Where(i => counted is null || counted[i]).ToList();
+        if (idx.Count == 0) idx = [.. Enumerable.Range(0, lengths.Count)];   // only KL terms: their own mean
+        int s = idx.Count;
+        long total = idx.Sum(i => (long)lengths[i]);
+        return lengths.Select(n => n == 0 ? 0 : aggregation == LossAggregation.SequenceMeanTokenMean ? 1.0 / (s * (double)n) : 1.0 / Math.Max(1, total)).ToArray();
+    }
+
+    /// <summary>
+    /// The k1 reward penalty in the advantages: A_i - coef (k1_i - mean of k1 over the group), with A_i the group
+    /// advantage of the task rewards and k1_i = sum over the response of log pi_old - log pi_ref (PPO-RLHF's penalty,
+    /// whose expectation is KL(pi || ref)). It is the penalty subtracted from the reward before a mean-only advantage;
+    /// it enters after the std division of mean_std advantages, so the coefficient keeps its meaning: divided by a
+    /// group's reward spread, a penalty difference of 1e-3 nat in a group whose task rewards tie would become an
+    /// advantage of about 0.7.
+    /// </summary>
+    public static double[] PenalisedAdvantages(IReadOnlyList<double> taskAdvantages, IReadOnlyList<double> k1, double coef, int groupSize)
+    {
+        if (k1.Count != taskAdvantages.Count || groupSize < 1 || k1.Count % groupSize != 0)
+            throw new ArgumentException($"{k1.Count} penalties for {taskAdvantages.Count} advantages in groups of {groupSize}");
+        var a = new double[k1.Count];
+        for (int g = 0; g < k1.Count; g += groupSize)
+        {
+            double mean = 0;
+            for (int i = 0; i < groupSize; i++) mean += k1[g + i] / groupSize;
+            for (int i = 0; i < groupSize; i++) a[g + i] = taskAdvantages[g + i] - coef * (k1[g + i] - mean);
+        }
+        return a;
     }
 
     /// <summary>
@@ -78,7 +107,8 @@ public static class GrpoMath
         {
             double d = (refLogp ?? throw new ArgumentException("a KL penalty needs a reference log-prob")) - logp;
             (kl, dkl) = s.Kl == KlEstimator.K2 ? (0.5 * d * d, -d) : (Math.Exp(d) - d - 1, 1 - Math.Exp(d));
-            if (kl > 10 || kl < -10) { kl = Math.Clamp(kl, -10, 10); dkl = 0; }
+            // k3's exponential is clamped (as verl's low-variance KL); k2 is not: its gradient grows with the drift.
+            if (s.Kl == KlEstimator.K3 && (kl > 10 || kl < -10)) { kl = Math.Clamp(kl, -10, 10); dkl = 0; }
         }
         return (weight * (-j + s.KlCoef * kl), weight * (-dj + s.KlCoef * dkl));
     }

@@ -27,6 +27,11 @@ public sealed class IterativeMpo(TrainConfig config, Backend backend)
     /// <returns>Every round, or null when cancelled (the running round has written a checkpoint).</returns>
     public List<MpoRound>? Run(Action<int, PreferenceStepMetrics>? onStep = null, Action<string>? log = null, CancellationToken cancel = default)
     {
+        var m = config.Mpo;
+        // Inputs of the later rounds are checked before round 1 trains.
+        if (m.Rounds > 1 && !File.Exists(m.Prompts)) throw new FileNotFoundException($"mpo.prompts: {m.Prompts} not found (the prompts rounds 2..{m.Rounds} sample pairs from)", m.Prompts);
+        if (m.RewardModel.Length > 0 && !File.Exists(Path.Combine(m.RewardModel, "config.json")))
+            throw new FileNotFoundException($"mpo.reward_model: no checkpoint at {m.RewardModel} (config.json expected)", m.RewardModel);
         Directory.CreateDirectory(config.Output);
         var rounds = new List<MpoRound>();
         string model = config.Model, pairs = config.Data.Path;
@@ -40,7 +45,8 @@ public sealed class IterativeMpo(TrainConfig config, Backend backend)
                 if (!File.Exists(pairs)) SamplePairs(model, pairs, round, log);
             }
             int count = File.ReadLines(pairs).Count(l => l.Trim().Length > 0);
-            if (!File.Exists(Path.Combine(dir, "summary.json")))
+            // A round is done when its final model is saved (written after its summary).
+            if (!Directory.Exists(Path.Combine(dir, "final")))
             {
                 var c = config.Clone();
                 c.Model = model;

@@ -65,7 +65,7 @@ public static class PipelineOverrides
             bool bad = v switch
             {
                 int i => i < 0 || (i == 0 && key is "train_scenes" or "held_out_scenes" or "rl_scenes" or "sft_steps" or "sft_batch" or "grpo_steps" or "grpo_prompts"
-                    or "rm_steps" or "mpo_steps" or "max_new_tokens" or "eval_samples" or "vision_batch" or "pair_prompts" or "pair_samples" or "pairs_per_step"),
+                    or "rm_steps" or "mpo_steps" or "mpo_rounds" or "max_new_tokens" or "eval_samples" or "vision_batch" or "pair_prompts" or "pair_samples" or "pairs_per_step"),
                 float f => !float.IsFinite(f) || f < 0 || (f == 0 && key.EndsWith("_lr", StringComparison.Ordinal)) || (key is "grpo_temperature" && f == 0),
                 double d => !double.IsFinite(d) || d < 0,
                 _ => false,

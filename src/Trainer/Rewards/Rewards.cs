@@ -58,7 +58,8 @@ public enum RewardModelTransform { Identity, Clip, Standardise }
 /// <para>
 /// A step's scores are transformed together (<see cref="ApplyStep"/>) with the statistics from before the step, and
 /// only then folded into them: equal raw scores in one step get equal terms, so a group of identical responses keeps
-/// zero advantage. The first step, with no history, is standardised by its own scores.
+/// zero advantage. The first step, with no history, is standardised by its own scores. (With dynamic sampling a step
+/// scores each sampling round as one batch.)
 /// </para>
 /// </summary>
 public sealed class RewardModelScaling
@@ -106,6 +107,9 @@ public sealed class RewardModelScaling
         var (count, mean, m2) = (_count, _mean, _m2);
         if (Transform == RewardModelTransform.Standardise && count < 2) (count, mean, m2) = Fold((0, 0, 0), scores);
         double std = count < 2 ? 0 : Math.Sqrt(m2 / (count - 1));
+        // No spread yet (fewer than 2 scores, or all of them equal to float precision): no standardised term, rather
+        // than a difference divided by a std of ~0.
+        bool spread = std > 1e-6 * Math.Max(1, Math.Abs(mean));
         var terms = new double[scores.Count];
         for (int i = 0; i < scores.Count; i++)
         {
@@ -114,7 +118,7 @@ public sealed class RewardModelScaling
             {
                 RewardModelTransform.Identity => s,
                 RewardModelTransform.Clip => Math.Clamp(s, _clipLow, _clipHigh),
-                RewardModelTransform.Standardise => count < 2 ? 0 : (s - mean) / (std + 1e-8),
+                RewardModelTransform.Standardise => spread ? (s - mean) / std : 0,
                 _ => throw new InvalidOperationException(),
             };
             terms[i] = f > Threshold ? f : 0;

@@ -53,20 +53,27 @@ public sealed class SelectiveSampleBuffer(int capacity, int maxAge, ulong seed)
         foreach (var r in items) _items.AddLast(r);
     }
 
-    /// <summary>Builds this step's update batch from the fresh rollouts, then keeps their informative ones.</summary>
-    public UpdateBatch Build(IReadOnlyList<Rollout> fresh, int targetSize, int step)
+    /// <summary>
+    /// Builds this step's update batch from the fresh rollouts, then keeps their informative ones. <paramref name="informative"/>:
+    /// which rollouts carry the task's signal (default: a non-zero advantage; with a KL penalty in the advantages, a
+    /// non-zero advantage of the task rewards).
+    /// </summary>
+    public UpdateBatch Build(IReadOnlyList<Rollout> fresh, int targetSize, int step, Func<Rollout, bool>? informative = null)
     {
         while (_items.First is { } oldest && oldest.Value.Born < step - MaxAge) _items.RemoveFirst();
-        var informative = fresh.Where(r => Math.Abs(r.Advantage) > ZeroAdvantage).ToList();
-        int room = Math.Max(0, targetSize - informative.Count);
+        var kept = fresh.Where(informative ?? IsInformative).ToList();
+        int room = Math.Max(0, targetSize - kept.Count);
         var replay = Draw(room);
-        foreach (var r in informative)
+        foreach (var r in kept)
         {
             _items.AddLast(r);
             if (_items.Count > Capacity) _items.RemoveFirst();
         }
-        return new UpdateBatch([.. informative, .. replay], informative.Count, replay.Count, targetSize);
+        return new UpdateBatch([.. kept, .. replay], kept.Count, replay.Count, targetSize);
     }
+
+    /// <summary>A rollout with a non-zero advantage.</summary>
+    public static bool IsInformative(Rollout r) => Math.Abs(r.Advantage) > ZeroAdvantage;
 
     /// <summary>Up to <paramref name="count"/> buffered samples, without replacement, with probability proportional to |A|.</summary>
     public List<Rollout> Draw(int count)
@@ -94,14 +101,15 @@ public sealed class SelectiveSampleBuffer(int capacity, int maxAge, ulong seed)
 /// </summary>
 public static class DynamicSampling
 {
-    public static (List<IReadOnlyList<Rollout>> Groups, int Rounds) Fill(Func<int, IReadOnlyList<IReadOnlyList<Rollout>>> sampleRound, int targetGroups, int maxRounds)
+    public static (List<IReadOnlyList<Rollout>> Groups, int Rounds) Fill(Func<int, IReadOnlyList<IReadOnlyList<Rollout>>> sampleRound, int targetGroups, int maxRounds,
+        Func<Rollout, bool>? informative = null)
     {
         var kept = new List<IReadOnlyList<Rollout>>();
         int round = 0;
         while (kept.Count < targetGroups && round < maxRounds)
         {
             foreach (var g in sampleRound(round))
-                if (g.Any(r => Math.Abs(r.Advantage) > SelectiveSampleBuffer.ZeroAdvantage) && kept.Count < targetGroups) kept.Add(g);
+                if (g.Any(informative ?? SelectiveSampleBuffer.IsInformative) && kept.Count < targetGroups) kept.Add(g);
             round++;
         }
         return (kept, round);

@@ -59,6 +59,8 @@ public sealed class GrpoTests(CpuFixture fx)
         var clamped = GrpoMath.TokenLoss(-20, -20, -5, 0, 1, new GrpoLossSettings(KlCoef: 1, Kl: KlEstimator.K3)); // e^15: clamped at 10
         Assert.Equal(10, clamped.Loss, 10);
         Assert.Equal(0, clamped.Grad);
+        var far = GrpoMath.TokenLoss(-20, -20, -5, 0, 1, new GrpoLossSettings(KlCoef: 1, Kl: KlEstimator.K2));     // k2 is not clamped
+        Assert.Equal((112.5, -15.0), far);
     }
 
     [Fact]
@@ -88,10 +90,37 @@ public sealed class GrpoTests(CpuFixture fx)
     }
 
     [Fact]
+    public void K1Penalty_EntersTheAdvantages_CentredInItsGroup_AtItsCoefficient()
+    {
+        // Groups of 3: task advantages plus -coef (k1 - the group's mean k1), by hand.
+        double[] task = [1, -1, 0, 0, 0, 0];
+        double[] k1 = [0.2, 0.5, 0.2, 1.0, 2.0, 3.0];
+        var a = GrpoMath.PenalisedAdvantages(task, k1, 0.1, 3);
+        double m1 = 0.3, m2 = 2.0;
+        Assert.Equal([1 - 0.1 * (0.2 - m1), -1 - 0.1 * (0.5 - m1), -0.1 * (0.2 - m1), -0.1 * (1.0 - m2), 0, -0.1 * (3.0 - m2)], a,
+            (x, y) => Math.Abs(x - y) < 1e-12);
+        // A tied group keeps advantages of the penalty's size, not the 0.7 that dividing by its spread would give.
+        Assert.All(a[3..], x => Assert.True(Math.Abs(x) <= 0.1 + 1e-12));
+    }
+
+    [Fact]
+    public void SequenceWeights_OfUncountedSamples_AreOnTheCountedSamplesScale()
+    {
+        int[] lengths = [4, 2, 3, 5];
+        bool[] counted = [true, false, true, false];
+        var seq = GrpoMath.SequenceWeights(lengths, LossAggregation.SequenceMeanTokenMean, counted);
+        Assert.Equal([1 / 8.0, 1 / 4.0, 1 / 6.0, 1 / 10.0], seq);                 // S = 2 counted sequences
+        var tok = GrpoMath.SequenceWeights(lengths, LossAggregation.TokenMean, counted);
+        Assert.All(tok, w => Assert.Equal(1 / 7.0, w));                          // N = 4 + 3 counted tokens
+        Assert.Equal(GrpoMath.SequenceWeights(lengths, LossAggregation.TokenMean), GrpoMath.SequenceWeights(lengths, LossAggregation.TokenMean, [false, false, false, false]));
+    }
+
+    [Fact]
     public void KlTerm_PullsAPolicyTowardTheReference_ForK2K3AndTheK1RewardPenalty()
     {
         // A tabular policy over a 6-token vocabulary (one-token responses), trained with the KL term only (no task reward):
-        // log-probs, sampling, GRPO advantages and the per-token loss gradient are the trainer's (GrpoMath); the KL to the
+        // log-probs, sampling, GRPO advantages (with the k1 penalty, GrpoMath.PenalisedAdvantages) and the per-token loss
+        // gradient are the trainer's (GrpoMath); the KL to the
         // reference is enumerated exactly over the vocabulary. k2 and k3 as loss terms and k1 as a reward penalty must
         // each bring KL(pi || ref) down; k1 as a loss term (what grpo.kl=k1 used to be) has zero expected gradient.
         const int v = 6, g = 16, steps = 300;
@@ -114,8 +143,8 @@ public sealed class GrpoTests(CpuFixture fx)
                     for (int k = 0; k < v; k++) { c += Math.Exp(lp[k]); if (u < c) return k; }
                     return v - 1;
                 }).ToArray();
-                double[] rewards = ys.Select(y => mode == "k1-penalty" ? -0.5 * (lp[y] - refLp[y]) : 0.0).ToArray();
-                var adv = GrpoMath.Advantages(rewards, g, AdvantageMode.MeanStd);
+                var adv = GrpoMath.Advantages(new double[g], g, AdvantageMode.MeanStd);     // no task reward: all 0
+                if (mode == "k1-penalty") adv = GrpoMath.PenalisedAdvantages(adv, ys.Select(y => lp[y] - refLp[y]).ToArray(), 0.5, g);
                 var kl = mode switch { "k2" => KlEstimator.K2, "k3" => KlEstimator.K3, _ => KlEstimator.None };
                 var settings = new GrpoLossSettings(KlCoef: kl == KlEstimator.None ? 0 : 0.5f, Kl: kl);
                 var grad = new double[v];

@@ -174,26 +174,32 @@ public sealed class GrpoTrainerTests(CpuFixture fx) : IDisposable
     }
 
     [Fact]
-    public void KlLossTerm_CoversEverySample_ZeroAdvantageOnesIncluded()
+    public void KlLossTerm_CoversEverySample_ZeroAdvantageOnesIncluded_WithoutRescalingThePolicyGradient()
     {
         // Letters gives even prompts one reward for every sample (zero advantage). Without a KL term the update holds only
-        // the informative samples; with one it holds all of them (their KL term, with policy-gradient weight 0).
-        int Updated(string name, string kl)
+        // the informative samples; with one it holds all of them (their KL term, with policy-gradient weight 0), weighted
+        // on the informative samples' scale: a vanishing KL coefficient leaves the loss and gradient of the run without it.
+        GrpoStepMetrics Updated(string name, string kl, float coef)
         {
             var config = Config(Path.Combine(_dir, name), 1);
             config.Grpo.Ssb.Enabled = false;
             config.Grpo.Kl = kl;
-            config.Grpo.KlCoef = kl == "none" ? 0 : 0.1f;
+            config.Grpo.KlCoef = coef;
             using (var t = new GrpoTrainer(config, fx.Backend, Letters)) t.Run();
             var m = Metrics(config.Output)[0];
             Assert.True(m.FreshInformativeRatio is > 0 and < 1, $"{name}: fresh informative ratio {m.FreshInformativeRatio}");
             Assert.Equal(kl is "k2" or "k3", m.Kl is not null);
-            return m.UpdateRollouts;
+            return m;
         }
         int all = 4 * 2;
-        Assert.Equal(all, Updated("k3", "k3"));
-        Assert.Equal(all, Updated("k2", "k2"));
-        Assert.True(Updated("none", "none") < all);
+        Assert.Equal(all, Updated("k3", "k3", 0.1f).UpdateRollouts);
+        Assert.Equal(all, Updated("k2", "k2", 0.1f).UpdateRollouts);
+        var none = Updated("none", "none", 0);
+        var faint = Updated("faint", "k3", 1e-9f);
+        Assert.True(none.UpdateRollouts < all);
+        Assert.Equal(all, faint.UpdateRollouts);
+        Assert.True(Math.Abs(none.Loss - faint.Loss) <= 1e-6 * Math.Abs(none.Loss) && Math.Abs(none.GradNorm - faint.GradNorm) <= 1e-5 * none.GradNorm,
+            $"loss {none.Loss} vs {faint.Loss}, gradient norm {none.GradNorm} vs {faint.GradNorm}");
     }
 
     [Fact]
@@ -212,9 +218,16 @@ public sealed class GrpoTrainerTests(CpuFixture fx) : IDisposable
         Assert.All(steps, m => Assert.Null(m.Kl));
         var plain = Config(Path.Combine(_dir, "k1-off"), 1);
         using (var t = new GrpoTrainer(plain, fx.Backend, Letters)) t.Run();
-        Assert.Null(Metrics(plain.Output)[0].KlPenalty);
+        var off = Metrics(plain.Output)[0];
+        Assert.Null(off.KlPenalty);
+        // The penalty does not make a group informative (the buffer and dynamic sampling go by the task reward), but
+        // every fresh sample trains, a tied group's for its penalty alone.
+        Assert.Equal(off.FreshInformativeRatio, steps[0].FreshInformativeRatio);
+        Assert.Equal(8, steps[0].UpdateRollouts - steps[0].Replayed);
         var bad = Assert.Throws<InvalidDataException>(() => TrainConfig.Load(null, ["grpo.kl=k4"]));
         Assert.Contains("grpo.kl must be none, k1 (reward penalty), k2 or k3", bad.Message);
+        Assert.Contains("grpo.kl is k1 but grpo.kl_coef is 0", Assert.Throws<InvalidDataException>(() => TrainConfig.Load(null, ["grpo.kl=k1"])).Message);
+        Assert.Contains("grpo.kl_coef is 0.1 but grpo.kl is none", Assert.Throws<InvalidDataException>(() => TrainConfig.Load(null, ["grpo.kl_coef=0.1"])).Message);
     }
 
     [Fact]

@@ -132,7 +132,7 @@ public sealed class RewardTests
         static double[] Expected(double[] stats, double[] scores)
         {
             double mean = stats.Average(), sd = Math.Sqrt(stats.Sum(x => (x - mean) * (x - mean)) / (stats.Length - 1));
-            return scores.Select(x => (x - mean) / (sd + 1e-8)).Select(z => z > 0.75 ? z : 0).ToArray();
+            return scores.Select(x => (x - mean) / sd).Select(z => z > 0.75 ? z : 0).ToArray();
         }
         Assert.Equal(Expected(step1, step1), got1, (a, b) => Math.Abs(a - b) < 1e-9);
         Assert.Equal(Expected(step1, step2), got2, (a, b) => Math.Abs(a - b) < 1e-9);
@@ -155,6 +155,11 @@ public sealed class RewardTests
         var copy = new RewardModelScaling(RewardModelTransform.Standardise);
         copy.Restore(s.State);
         Assert.Equal(s.ApplyStep([1, 5]), copy.ApplyStep([1, 5]));
+        // A history without spread standardises nothing (a difference over a std of 0 would be unbounded).
+        var flat = new RewardModelScaling(RewardModelTransform.Standardise);
+        Assert.Equal([0.0, 0.0], flat.ApplyStep([0.3, 0.3]));
+        Assert.Equal([0.0, 0.0], flat.ApplyStep([0.3, 0.9]));
+        Assert.NotEqual(0, flat.ApplyStep([0.9, 0.1])[0]);           // now the history has spread
     }
 
     [Fact]

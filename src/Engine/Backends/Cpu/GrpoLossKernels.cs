@@ -40,8 +40,12 @@ internal static class GrpoLossKernels
         {
             float d = refLogp[t] - lp;
             if (g.KlType == 2) { kl = 0.5f * d * d; dkl = -d; }
-            else { kl = MathF.Exp(d) - d - 1f; dkl = 1f - MathF.Exp(d); }
-            if (kl > 10f || kl < -10f) { kl = MathF.Min(MathF.Max(kl, -10f), 10f); dkl = 0f; }
+            else
+            {
+                kl = MathF.Exp(d) - d - 1f;
+                dkl = 1f - MathF.Exp(d);
+                if (kl > 10f || kl < -10f) { kl = MathF.Min(MathF.Max(kl, -10f), 10f); dkl = 0f; }
+            }
         }
         loss[t] = w * (-j + g.KlCoef * kl);
         dlogp[t] = w * (-dj + g.KlCoef * dkl);
