@@ -196,7 +196,9 @@ public sealed class GrpoTrainer : IDisposable
         {
             // k1 = log pi_old(y) - log pi_ref(y) on the policy's own samples, a reward penalty (PPO-RLHF; as a loss term its
             // expected gradient is zero), entered into the group advantages (GrpoMath.PenalisedAdvantages).
-            var reference = ReferenceLogProbs(rollouts);
+            // The reference's pass runs in the update's micro-batch sizes (one pass over every rollout would hold all their activations).
+            int per = (rollouts.Count + g.Minibatches - 1) / g.Minibatches;
+            var reference = rollouts.Chunk(per).SelectMany(ReferenceLogProbs).ToList();
             var k1 = rollouts.Select((r, i) => r.OldLogProbs.Zip(reference[i], (o, f) => (double)o - f).Sum()).ToArray();
             advantages = GrpoMath.PenalisedAdvantages(taskAdvantages, k1, g.KlCoef, g.GroupSize);
             klPenalty = k1.Average();
