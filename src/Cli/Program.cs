@@ -33,16 +33,62 @@ public static class Program
         {
             return root.Parse(args).Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
         }
-        catch (Exception e) when (IsInputError(e) && Environment.GetEnvironmentVariable("R1V2_TRACE") != "1")
+        catch (Exception e)
         {
-            // Bad input (a file, a setting, an argument) is reported by its message alone; R1V2_TRACE=1 shows the trace.
-            Console.Error.WriteLine($"error: {e.Message}");
-            return 1;
+            return Report(e, Console.Error, Environment.GetEnvironmentVariable("R1V2_TRACE") == "1");
         }
     }
 
-    /// <summary>Exceptions that report a problem with what the user gave: a missing or malformed file, a bad setting or argument.</summary>
-    private static bool IsInputError(Exception e) =>
-        e is InvalidDataException or FileNotFoundException or DirectoryNotFoundException or ArgumentException or FormatException
+    /// <summary>
+    /// The one place an exception ends a command: a problem with the user's input (<see cref="IsInputError"/>) prints
+    /// <c>error: message</c> and exits 1; an interrupted run exits 130; anything else prints <c>internal error: message</c>
+    /// and exits 2. No exception leaves the process; with <paramref name="trace"/> the stack trace follows the message.
+    /// </summary>
+    public static int Report(Exception e, TextWriter error, bool trace)
+    {
+        e = Unwrap(e);
+        int code;
+        if (e is OperationCanceledException)
+        {
+            error.WriteLine($"interrupted: {e.Message}");
+            code = 130;
+        }
+        else if (IsInputError(e))
+        {
+            error.WriteLine($"error: {e.Message}");
+            code = 1;
+        }
+        else
+        {
+            error.WriteLine($"internal error: {e.GetType().Name}: {e.Message}{(trace ? "" : " (R1V2_TRACE=1 shows the trace)")}");
+            code = 2;
+        }
+        if (trace) error.WriteLine(e.ToString());
+        return code;
+    }
+
+    /// <summary>The exception behind a wrapper that only carries one (a task's, a reflective call's).</summary>
+    private static Exception Unwrap(Exception e)
+    {
+        while (true)
+        {
+            switch (e)
+            {
+                case AggregateException { InnerExceptions.Count: 1 } a: e = a.InnerExceptions[0]; continue;
+                case System.Reflection.TargetInvocationException { InnerException: { } inner }: e = inner; continue;
+                case TypeInitializationException { InnerException: { } init }: e = init; continue;
+                default: return e;
+            }
+        }
+    }
+
+    /// <summary>
+    /// Exceptions that report a problem with what the user gave or the machine it runs on: the engine's
+    /// <see cref="Engine.InputException"/> family, a missing or malformed file, a bad setting or argument, a file that
+    /// cannot be read or written (a full disk, a permission).
+    /// </summary>
+    public static bool IsInputError(Exception e) =>
+        e is Engine.InputException or InvalidDataException or FileNotFoundException or DirectoryNotFoundException or ArgumentException or FormatException
+            or IOException or UnauthorizedAccessException or System.Text.Json.JsonException or YamlDotNet.Core.YamlException
             or InvalidOperationException { Source: "R1V2.Native.Trainer" or "R1V2.Native.Engine" or "engine" };
 }

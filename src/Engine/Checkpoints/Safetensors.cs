@@ -7,7 +7,7 @@ using R1V2.Native.Engine.Tensors;
 namespace R1V2.Native.Engine.Checkpoints;
 
 /// <summary>A checkpoint file or tensor that breaks the format or the expected layout.</summary>
-public sealed class CheckpointException(string message) : Exception(message);
+public sealed class CheckpointException(string message) : InputException(message);
 
 /// <summary>One tensor entry of a safetensors header.</summary>
 public sealed record SafetensorInfo(string Name, string DType, long[] Shape, long Begin, long End)
