@@ -287,5 +287,56 @@ public sealed class TrainConfig
         Require(Optim.Schedule is "constant" or "linear" or "cosine", $"optim.schedule must be constant, linear or cosine, not '{Optim.Schedule}'");
         Require(Checkpoint.Every >= 1 && Checkpoint.Keep >= 1, "checkpoint.every and checkpoint.keep must be at least 1");
         Require(Trainable is "adapter" or "adapter+llm" or "adapter+vit" or "all", $"trainable must be adapter, adapter+llm, adapter+vit or all, not '{Trainable}'");
+        Require(Backend is "auto" or "cpu" or "cuda", $"backend must be auto, cpu or cuda, not '{Backend}'");
+        // Numeric ranges: every number a run reads, checked before any work starts.
+        void Range(double v, string key, double lo, double hi, bool loOpen = false, bool hiOpen = false)
+        {
+            bool ok = !double.IsNaN(v) && (loOpen ? v > lo : v >= lo) && (hiOpen ? v < hi : v <= hi);
+            string range = $"{(loOpen ? "(" : "[")}{Show(lo)}, {Show(hi)}{(hiOpen ? ")" : "]")}";
+            Require(ok, $"{key} must be in {range}, not {Show(v)}");
+        }
+        static string Show(double x) => double.IsPositiveInfinity(x) ? "inf" : double.IsNegativeInfinity(x) ? "-inf" : x.ToString("G6", System.Globalization.CultureInfo.InvariantCulture);
+        const double Inf = double.PositiveInfinity;
+        Range(Optim.Lr, "optim.lr", 0, Inf, loOpen: true, hiOpen: true);
+        Range(Optim.Warmup, "optim.warmup", 0, Inf, hiOpen: true);
+        Range(Optim.MinLrRatio, "optim.min_lr_ratio", 0, 1);
+        Range(Optim.WeightDecay, "optim.weight_decay", 0, Inf, hiOpen: true);
+        Range(Optim.Beta1, "optim.beta1", 0, 1, hiOpen: true);
+        Range(Optim.Beta2, "optim.beta2", 0, 1, hiOpen: true);
+        Range(Optim.Eps, "optim.eps", 0, Inf, loOpen: true, hiOpen: true);
+        Range(Optim.MaxGradNorm, "optim.max_grad_norm", 0, Inf, hiOpen: true);
+        Range(Optim.MaxBadSteps, "optim.max_bad_steps", 1, Inf, hiOpen: true);
+        Range(Grpo.MaxNewTokens, "grpo.max_new_tokens", 1, Inf, hiOpen: true);
+        Range(Grpo.Temperature, "grpo.temperature", 0, Inf, loOpen: true, hiOpen: true);
+        Range(Grpo.TopP, "grpo.top_p", 0, 1, loOpen: true);
+        Range(Grpo.EpsLow, "grpo.eps_low", 0, 1, hiOpen: true);
+        Range(Grpo.EpsHigh, "grpo.eps_high", 0, Inf, hiOpen: true);
+        Require(Grpo.DualClip == 0 || Grpo.DualClip > 1, $"grpo.dual_clip must be 0 (off) or > 1, not {Show(Grpo.DualClip)}");
+        Range(Grpo.KlCoef, "grpo.kl_coef", 0, Inf, hiOpen: true);
+        Range(Grpo.VocabChunk, "grpo.vocab_chunk", 1, Inf, hiOpen: true);
+        Range(Grpo.CacheBlocks, "grpo.cache_blocks", 1, Inf, hiOpen: true);
+        Range(Grpo.Ssb.Capacity, "grpo.ssb.capacity", 1, Inf, hiOpen: true);
+        Range(Grpo.Ssb.MaxAge, "grpo.ssb.max_age", 1, Inf, hiOpen: true);
+        Range(Mpo.Beta, "mpo.beta", 0, Inf, loOpen: true, hiOpen: true);
+        Range(Mpo.WPref, "mpo.w_pref", 0, Inf, hiOpen: true);
+        Range(Mpo.WQuality, "mpo.w_quality", 0, Inf, hiOpen: true);
+        Range(Mpo.WGen, "mpo.w_gen", 0, Inf, hiOpen: true);
+        Range(Mpo.Margin, "mpo.margin", 0, Inf, hiOpen: true);
+        Range(Mpo.RmWeight, "mpo.rm_weight", 0, Inf, hiOpen: true);
+        Range(Reward.RmWeight, "reward.rm_weight", 0, Inf, hiOpen: true);
+        Range(Reward.RmClip, "reward.rm_clip", 0, Inf, loOpen: true, hiOpen: true);
+        Range(Reward.ReasoningWeight, "reward.reasoning_weight", 0, Inf, hiOpen: true);
+        Range(Reward.GroundingWeight, "reward.grounding_weight", 0, Inf, hiOpen: true);
+        foreach (var (v, key) in new[] { (Reward.FormatWellFormed, "reward.format_well_formed"), (Reward.FormatEmptyAnswer, "reward.format_empty_answer"),
+                     (Reward.FormatUnfinished, "reward.format_unfinished"), (Reward.FormatRepeated, "reward.format_repeated") })
+            Range(v, key, -Inf, Inf, loOpen: true, hiOpen: true);
+        Range(Monitor.Window, "monitor.window", 1, Inf, hiOpen: true);
+        Range(Monitor.RewardRise, "monitor.reward_rise", 0, Inf, hiOpen: true);
+        Range(Monitor.GroundingDrop, "monitor.grounding_drop", 0, 1);
+        if (Monitor.ClaimPattern.Length > 0)
+        {
+            try { Grounding.ClaimRegex(Monitor.ClaimPattern, "monitor.claim_pattern"); }
+            catch (ArgumentException e) { throw new InvalidDataException($"{source}: {e.Message}", e); }
+        }
     }
 }
