@@ -70,6 +70,7 @@ public static class ScoreCommand
         var template = new ChatTemplate(model.Config.TokensPerTile);
         var baseDir = Path.GetDirectoryName(Path.GetFullPath(dataPath))!;
         var lines = File.ReadAllLines(dataPath);
+        if (lines.All(string.IsNullOrWhiteSpace)) throw new InvalidDataException($"{dataPath}: no rows to score (the file is empty)");
         var results = new List<string>();
         int lineNumber = 0, rows = 0;
         long tokens = 0;

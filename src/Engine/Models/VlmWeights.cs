@@ -140,8 +140,26 @@ public sealed class ParameterStore : IDisposable
     public static ParameterStore FromCheckpoint(Backend backend, VlmConfig config, Checkpoint checkpoint, TrainableParts trainable,
         IReadOnlyDictionary<string, int[]>? optional = null)
     {
+        CheckLayerCounts(config, checkpoint);
         checkpoint.Validate(VlmWeights.Expected(config).ToDictionary(t => t.Name, t => t.Shape), optional);
         return new ParameterStore(backend, config, trainable, checkpoint.Read);
+    }
+
+    /// <summary>
+    /// config.json's layer counts against the layers the checkpoint holds, before anything proportional to them is
+    /// enumerated or allocated (a count of 10^9 would otherwise list 10^10 expected tensors first).
+    /// </summary>
+    private static void CheckLayerCounts(VlmConfig config, Checkpoint checkpoint)
+    {
+        foreach (var (prefix, layers, key) in new[] { (VlmWeights.Llm + "model.layers.", config.Llm.NumLayers, "llm_config.num_hidden_layers"),
+                     (VlmWeights.Vit + "encoder.layers.", config.Vision.NumLayers, "vision_config.num_hidden_layers") })
+        {
+            int held = checkpoint.Names.Where(n => n.StartsWith(prefix, StringComparison.Ordinal))
+                .Select(n => int.TryParse(n.AsSpan(prefix.Length, Math.Max(0, n.IndexOf('.', prefix.Length) - prefix.Length)), out int i) ? i + 1 : 0)
+                .DefaultIfEmpty(0).Max();
+            if (layers > held)
+                throw new CheckpointException($"{checkpoint.Directory}: config.json's {key} is {layers} but the checkpoint holds {held} such layers ({prefix}0 to {prefix}{held - 1}); expected a tensor '{prefix}{held}.*'");
+        }
     }
 
     public Parameter this[string name] => _byName.TryGetValue(name, out var p) ? p : throw new KeyNotFoundException($"no parameter '{name}'");

@@ -116,4 +116,34 @@ public sealed class ErrorModelTests : IDisposable
         Assert.Contains("EnableDefaultExceptionHandler = false", program);
         Assert.Contains("catch (Exception e)\n        {\n            return Report(", program.Replace("\r", ""));
     }
+
+    [Theory]
+    [InlineData("llm_config", 1000000000)]
+    [InlineData("vision_config", 2000000000)]
+    public async Task AHugeLayerCount_FailsAtOnceOnTheFirstMissingLayer(string section, int layers)
+    {
+        var ckpt = Path.Combine(_dir, "huge");
+        InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), ckpt, seed: 1);
+        var config = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(ckpt, "config.json")))!;
+        config[section]!["num_hidden_layers"] = layers;
+        File.WriteAllText(Path.Combine(ckpt, "config.json"), config.ToJsonString());
+        using var backend = new R1V2.Native.Engine.Backends.Cpu.CpuBackend();
+        var load = Task.Run(() => R1V2.Native.Engine.Models.VisionLanguageModel.Load(backend, ckpt));
+        var first = await Task.WhenAny(load, Task.Delay(TimeSpan.FromSeconds(60)));
+        Assert.True(first == load, "loading hung instead of failing on the first missing layer");
+        var e = await Assert.ThrowsAsync<CheckpointException>(() => load);
+        Assert.Contains($"{section}.num_hidden_layers is {layers} but the checkpoint holds 2 such layers", e.Message);
+    }
+
+    [Fact]
+    public void ScoringAnEmptyFile_IsAnError()
+    {
+        var ckpt = Path.Combine(_dir, "m");
+        InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), ckpt, seed: 1);
+        var empty = Path.Combine(_dir, "empty.jsonl");
+        File.WriteAllText(empty, "\n\n");
+        var e = Assert.Throws<InvalidDataException>(() => ScoreCommand.Run(ckpt, empty, Path.Combine(_dir, "o.jsonl"), "cpu"));
+        Assert.Equal($"{empty}: no rows to score (the file is empty)", e.Message);
+        Assert.False(File.Exists(Path.Combine(_dir, "o.jsonl")));
+    }
 }
