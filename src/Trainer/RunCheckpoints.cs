@@ -9,17 +9,54 @@ namespace R1V2.Native.Trainer;
 public sealed record TrainerState(string Stage, int Step, int BadInARow, (int Epoch, int Index) DataPosition, JsonObject Extra);
 
 /// <summary>
-/// Checkpoints of a run directory: output/checkpoints/step-NNNNNN, each written into a temporary directory and then
-/// renamed (a crash leaves the previous ones intact), the oldest removed beyond the last K. A checkpoint holds what
-/// the trainer writes (weights in the HF layout, tokenizer, trainer_state.json) and the optimiser moments.
+/// Checkpoints of a run directory: output/checkpoints/step-NNNNNN, each written into a temporary directory, closed by
+/// a manifest (every file's size and SHA-256, written last and flushed to disk), then renamed, with the rename flushed
+/// too: a crash or a full disk leaves the previous checkpoints intact. The oldest are removed beyond the last K. A
+/// checkpoint holds what the trainer writes (weights in the HF layout, tokenizer, trainer_state.json) and the
+/// optimiser moments. Resuming takes the newest checkpoint whose manifest verifies, warning about any newer one that
+/// does not (truncated, changed or missing files) and falling back past it; the temporary directories a killed run
+/// left behind are removed first.
 /// </summary>
 public static class RunCheckpoints
 {
+    public const string ManifestName = "manifest.json";
+
+    /// <summary>Where warnings about damaged checkpoints go (standard error unless replaced).</summary>
+    public static Action<string> Warn { get; set; } = message => Console.Error.WriteLine($"warning: {message}");
+
+    /// <summary>
+    /// The newest intact checkpoint of a run, or null. First removes the run's own leftover temporary checkpoint
+    /// directories (step-N.tmp-*, final.tmp-*); then verifies manifests from the newest down, warning about each damaged one.
+    /// </summary>
     public static string? Latest(string output)
     {
+        RemoveStaleTemporaries(output);
         var dir = Path.Combine(output, "checkpoints");
         if (!Directory.Exists(dir)) return null;
-        return Directory.GetDirectories(dir, "step-*").Where(d => !d.Contains(".tmp")).OrderBy(d => d, StringComparer.Ordinal).LastOrDefault();
+        foreach (var candidate in Directories(dir).Reverse())
+        {
+            if (VerifyManifest(candidate) is not { } problem) return candidate;
+            Warn($"checkpoint {candidate} is damaged ({problem}); falling back to the one before it");
+        }
+        return null;
+    }
+
+    /// <summary>The finished checkpoints of a checkpoints directory, oldest first.</summary>
+    private static IEnumerable<string> Directories(string root) =>
+        Directory.GetDirectories(root, "step-*").Where(d => !Path.GetFileName(d).Contains(".tmp-", StringComparison.Ordinal)).OrderBy(d => d, StringComparer.Ordinal);
+
+    /// <summary>Removes step-N.tmp-* under output/checkpoints and final.tmp-* in output: what a killed write left.</summary>
+    public static void RemoveStaleTemporaries(string output)
+    {
+        var stale = new List<string>();
+        var root = Path.Combine(output, "checkpoints");
+        if (Directory.Exists(root)) stale.AddRange(Directory.GetDirectories(root, "step-*.tmp-*"));
+        if (Directory.Exists(output)) stale.AddRange(Directory.GetDirectories(output, "final.tmp-*"));
+        foreach (var d in stale)
+        {
+            Warn($"removing {d}, a checkpoint an interrupted run did not finish");
+            Directory.Delete(d, true);
+        }
     }
 
     /// <summary>Writes checkpoint <paramref name="step"/> through <paramref name="write"/> (given the temporary directory) and prunes to <paramref name="keep"/>.</summary>
@@ -28,19 +65,85 @@ public static class RunCheckpoints
         var root = Path.Combine(output, "checkpoints");
         Directory.CreateDirectory(root);
         var final = Path.Combine(root, $"step-{step:D6}");
+        WriteDurably(final, write);
+        foreach (var old in Directories(root).SkipLast(Math.Max(1, keep))) Directory.Delete(old, true);
+        return final;
+    }
+
+    /// <summary>
+    /// write(tmp), then the manifest, every file flushed to disk, the rename to <paramref name="final"/>, and the parent
+    /// directory flushed. Any failure (a full disk) removes the temporary directory and leaves <paramref name="final"/>'s
+    /// previous content as it was until the rename.
+    /// </summary>
+    private static void WriteDurably(string final, Action<string> write)
+    {
         var tmp = final + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
         Directory.CreateDirectory(tmp);
-        try { write(tmp); }
+        try
+        {
+            write(tmp);
+            WriteManifest(tmp);
+        }
         catch
         {
-            Directory.Delete(tmp, true);
+            try { Directory.Delete(tmp, true); } catch (IOException) { }
             throw;
         }
+        var parent = Path.GetDirectoryName(final)!;
         if (Directory.Exists(final)) Directory.Delete(final, true);
         Directory.Move(tmp, final);
-        foreach (var old in Directory.GetDirectories(root, "step-*").Where(d => !d.Contains(".tmp")).OrderBy(d => d, StringComparer.Ordinal).SkipLast(Math.Max(1, keep)))
-            Directory.Delete(old, true);
-        return final;
+        Interop.Posix.FsyncDirectory(parent);
+    }
+
+    /// <summary>manifest.json: each file's path (relative), size and SHA-256; every file, then the manifest, flushed to disk.</summary>
+    private static void WriteManifest(string dir)
+    {
+        var files = new JsonArray();
+        var manifest = Path.Combine(dir, ManifestName);
+        foreach (var path in Directory.GetFiles(dir, "*", SearchOption.AllDirectories).Where(p => p != manifest).Order(StringComparer.Ordinal))
+        {
+            using (var fs = new FileStream(path, FileMode.Open, FileAccess.ReadWrite)) fs.Flush(flushToDisk: true);
+            files.Add(new JsonObject
+            {
+                ["path"] = Path.GetRelativePath(dir, path).Replace('\\', '/'),
+                ["bytes"] = new FileInfo(path).Length,
+                ["sha256"] = Sha256(path),
+            });
+        }
+        using (var fs = new FileStream(manifest, FileMode.Create, FileAccess.Write))   // a copied directory may bring its own
+        {
+            var bytes = System.Text.Encoding.UTF8.GetBytes(new JsonObject { ["files"] = files }.ToJsonString());
+            fs.Write(bytes);
+            fs.Flush(flushToDisk: true);
+        }
+        Interop.Posix.FsyncDirectory(dir);
+    }
+
+    /// <summary>What is wrong with a checkpoint against its manifest, or null when it is intact (or predates manifests).</summary>
+    public static string? VerifyManifest(string dir)
+    {
+        var manifest = Path.Combine(dir, ManifestName);
+        if (!File.Exists(manifest))
+            return File.Exists(Path.Combine(dir, "trainer_state.json")) ? null : $"no {ManifestName}"; // a checkpoint from before manifests
+        JsonArray files;
+        try { files = JsonNode.Parse(File.ReadAllText(manifest))!["files"]!.AsArray(); }
+        catch (Exception e) when (e is JsonException or NullReferenceException or InvalidOperationException) { return $"{ManifestName} is unreadable"; }
+        foreach (var f in files)
+        {
+            string rel = f!["path"]!.GetValue<string>();
+            var path = Path.Combine(dir, rel);
+            if (!File.Exists(path)) return $"{rel} is missing";
+            long bytes = f["bytes"]!.GetValue<long>();
+            if (new FileInfo(path).Length != bytes) return $"{rel} has {new FileInfo(path).Length} bytes, the manifest says {bytes}";
+            if (Sha256(path) != f["sha256"]!.GetValue<string>()) return $"{rel} does not match its SHA-256";
+        }
+        return null;
+    }
+
+    private static string Sha256(string path)
+    {
+        using var fs = File.OpenRead(path);
+        return Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(fs)).ToLowerInvariant();
     }
 
     /// <summary>
@@ -88,16 +191,7 @@ public static class RunCheckpoints
     public static string SaveFinal(string output, Action<string> write)
     {
         var final = Path.Combine(output, "final");
-        var tmp = final + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
-        Directory.CreateDirectory(tmp);
-        try { write(tmp); }
-        catch
-        {
-            Directory.Delete(tmp, true);
-            throw;
-        }
-        if (Directory.Exists(final)) Directory.Delete(final, true);
-        Directory.Move(tmp, final);
+        WriteDurably(final, write);
         return final;
     }
 
