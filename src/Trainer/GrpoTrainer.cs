@@ -88,6 +88,8 @@ public sealed class GrpoTrainer : IDisposable
         var parts = config.TrainableParts();
         _model = VisionLanguageModel.Load(backend, source, parts);
         _tokenizer = TextTokenizer.Load(source);
+        // Kept in memory: a resumed run's source is a checkpoint directory that pruning later removes.
+        _tokenizerJson = File.ReadAllBytes(_tokenizer.Source);
         var g = config.Grpo;
         _chat = new ChatRunner(_model, _tokenizer, new GeneratorOptions(g.CacheBlocks, MaxBatch: Math.Max(g.GroupSize * g.PromptsPerStep, 1)));
         _data = new PromptDataset(config.Data.Path, config.Seed, config.Data.Shuffle, config.Data.SkipBadRows);
@@ -119,6 +121,7 @@ public sealed class GrpoTrainer : IDisposable
     }
 
     private readonly bool _customReward, _klLoss, _klPenalty;
+    private readonly byte[] _tokenizerJson;
     private readonly LossAggregation _aggregation;
     private readonly int _vocabLimit;
 
@@ -361,7 +364,7 @@ public sealed class GrpoTrainer : IDisposable
     public void SaveCheckpoint() => RunCheckpoints.Save(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
     {
         _model.Save(tmp);
-        File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"));
+        File.WriteAllBytes(Path.Combine(tmp, "tokenizer.json"), _tokenizerJson);
         var (rng, items) = _ssb.Snapshot();
         RunCheckpoints.WriteState(tmp, new TrainerState("grpo", _step, _guard.InARow, _data.Position, new JsonObject
         {

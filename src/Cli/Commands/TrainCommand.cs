@@ -72,20 +72,14 @@ public static class TrainCommand
     public static int RunStage(string? configPath, string[] overrides, string? outDir)
     {
         var config = TrainConfig.Load(configPath, outDir is null ? overrides : [.. overrides, $"output={outDir}"]);
-        using var cancel = new CancellationTokenSource();
-        ConsoleCancelEventHandler stop = (_, e) => { e.Cancel = true; cancel.Cancel(); };
-        Console.CancelKeyPress += stop;
-        try
+        using var cancel = new StopSignals();
+        return config.Stage switch
         {
-            return config.Stage switch
-            {
-                "sft" => RunSft(config, cancel),
-                "mpo" when config.Mpo.Rounds > 1 => RunIterativeMpo(config, cancel),
-                "rm" or "mpo" => RunPreference(config, cancel),
-                _ => RunGrpo(config, cancel),
-            };
-        }
-        finally { Console.CancelKeyPress -= stop; }
+            "sft" => RunSft(config, cancel),
+            "mpo" when config.Mpo.Rounds > 1 => RunIterativeMpo(config, cancel),
+            "rm" or "mpo" => RunPreference(config, cancel),
+            _ => RunGrpo(config, cancel),
+        };
     }
 
     private static ProgressTask Bar(ProgressContext ctx, string stage, int steps, int done)
@@ -102,9 +96,7 @@ public static class TrainCommand
     public static int RunPipeline(PipelineSettings settings, string backendName)
     {
         using var backend = Backends.Create(backendName);
-        using var cancel = new CancellationTokenSource();
-        ConsoleCancelEventHandler stop = (_, e) => { e.Cancel = true; cancel.Cancel(); };
-        Console.CancelKeyPress += stop;
+        using var cancel = new StopSignals();
         AnsiConsole.MarkupLineInterpolated($"[bold]engine train[/]: the R1V2 pipeline on handwritten-digit scenes on {backend.Name}; run directory {settings.Output}");
         PipelineSummary? summary = null;
         try
@@ -120,18 +112,17 @@ public static class TrainCommand
                 }, cancel.Token);
             });
         }
-        catch (OperationCanceledException e)
+        catch (OperationCanceledException e) when (cancel.Requested)
         {
-            AnsiConsole.MarkupLineInterpolated($"{e.Message}: checkpoints are written; run again with --out {settings.Output} to continue");
-            return 130;
+            AnsiConsole.MarkupLineInterpolated($"{cancel.StoppedLine($"{e.Message}, checkpoints written in {settings.Output}")} (with --out {settings.Output})");
+            return 0;
         }
-        finally { Console.CancelKeyPress -= stop; }
         AnsiConsole.MarkupLineInterpolated($"done in {summary!.Seconds:F0} s; {Path.Combine(settings.Output, "summary.md")}:");
         AnsiConsole.WriteLine(File.ReadAllText(Path.Combine(settings.Output, "summary.md")));
         return 0;
     }
 
-    private static int RunSft(TrainConfig config, CancellationTokenSource cancel)
+    private static int RunSft(TrainConfig config, StopSignals cancel)
     {
         using var backend = Backends.Create(config.Backend);
         using var trainer = new SftTrainer(config, backend);
@@ -149,15 +140,15 @@ public static class TrainCommand
         });
         if (summary is null)
         {
-            AnsiConsole.MarkupLineInterpolated($"interrupted: checkpoint written at step {trainer.Step}; run again to resume");
-            return 130;
+            AnsiConsole.MarkupLineInterpolated($"{cancel.StoppedLine($"checkpoint written at step {trainer.Step} in {Path.Combine(config.Output, "checkpoints")}")}");
+            return 0;
         }
         AnsiConsole.MarkupLineInterpolated($"final loss {summary.FinalLoss:F4}; held-out loss {summary.HeldOutLossBefore:F4} -> {summary.HeldOutLossAfter:F4} on {summary.HeldOutExamples} examples; model in {Path.Combine(config.Output, "final")}");
         foreach (var f in Report.Write(config.Output)) AnsiConsole.MarkupLineInterpolated($"wrote {f}");
         return 0;
     }
 
-    private static int RunPreference(TrainConfig config, CancellationTokenSource cancel)
+    private static int RunPreference(TrainConfig config, StopSignals cancel)
     {
         using var backend = Backends.Create(config.Backend);
         using var trainer = new PreferenceTrainer(config, backend);
@@ -175,8 +166,8 @@ public static class TrainCommand
         });
         if (summary is null)
         {
-            AnsiConsole.MarkupLineInterpolated($"interrupted: checkpoint written at step {trainer.Step}; run again to resume");
-            return 130;
+            AnsiConsole.MarkupLineInterpolated($"{cancel.StoppedLine($"checkpoint written at step {trainer.Step} in {Path.Combine(config.Output, "checkpoints")}")}");
+            return 0;
         }
         var last = trainer.History[^1];
         AnsiConsole.MarkupLineInterpolated($"final loss {last.Loss:F4}, train accuracy {last.Accuracy:F2}; held-out accuracy {(summary.HeldOutAccuracy is { } a ? a.ToString("F3") : "-")} on {summary.HeldOutPairs} pairs; model in {Path.Combine(config.Output, "final")}");
@@ -184,7 +175,7 @@ public static class TrainCommand
         return 0;
     }
 
-    private static int RunIterativeMpo(TrainConfig config, CancellationTokenSource cancel)
+    private static int RunIterativeMpo(TrainConfig config, StopSignals cancel)
     {
         using var backend = Backends.Create(config.Backend);
         AnsiConsole.MarkupLineInterpolated($"stage mpo on {backend.Name}: {config.Mpo.Rounds} rounds of {config.Steps} steps of {config.Pairs.PairsPerStep} pairs; run directory {config.Output}");
@@ -199,12 +190,16 @@ public static class TrainCommand
                 bar.Value = m.Step;
             }, line => AnsiConsole.MarkupLineInterpolated($"{line}"), cancel.Token);
         });
-        if (rounds is null) { AnsiConsole.MarkupLine("interrupted: the running round wrote a checkpoint; run again to resume"); return 130; }
+        if (rounds is null)
+        {
+            AnsiConsole.MarkupLineInterpolated($"{cancel.StoppedLine($"the running round wrote a checkpoint in {config.Output}")}");
+            return 0;
+        }
         AnsiConsole.MarkupLineInterpolated($"wrote {Path.Combine(config.Output, "rounds.jsonl")} and {Path.Combine(config.Output, "final")}");
         return 0;
     }
 
-    private static int RunGrpo(TrainConfig config, CancellationTokenSource cancel)
+    private static int RunGrpo(TrainConfig config, StopSignals cancel)
     {
         using var backend = Backends.Create(config.Backend);
         using var trainer = new GrpoTrainer(config, backend);
@@ -220,36 +215,34 @@ public static class TrainCommand
                 if (m.Warning is not null) AnsiConsole.MarkupLineInterpolated($"[yellow]warning:[/] {m.Warning}");
             }, cancel.Token);
         });
-        if (cancel.IsCancellationRequested) AnsiConsole.MarkupLineInterpolated($"interrupted: checkpoint written at step {trainer.Step}; run again to resume");
+        if (cancel.Requested) AnsiConsole.MarkupLineInterpolated($"{cancel.StoppedLine($"checkpoint written at step {trainer.Step} in {Path.Combine(config.Output, "checkpoints")}")}");
         foreach (var f in Report.Write(config.Output)) AnsiConsole.MarkupLineInterpolated($"wrote {f}");
-        return cancel.IsCancellationRequested ? 130 : 0;
+        return 0;
     }
 
     /// <summary>The reward-control task with a progress bar; prints the reward's first- and last-quarter means.</summary>
     public static int RunRewardControl(RewardControlSettings settings, string backendName)
     {
         using var backend = Backends.Create(backendName);
-        using var cancel = new CancellationTokenSource();
-        ConsoleCancelEventHandler stop = (_, e) => { e.Cancel = true; cancel.Cancel(); };
-        Console.CancelKeyPress += stop;
-        try
+        using var cancel = new StopSignals();
+        AnsiConsole.MarkupLineInterpolated($"reward control on {backend.Name}: {settings.Steps} GRPO steps of {settings.PromptsPerStep} new prompts x {settings.GroupSize} samples; run directory {settings.Output}");
+        RewardControlResult? result = null;
+        Progress().Start(ctx =>
         {
-            AnsiConsole.MarkupLineInterpolated($"reward control on {backend.Name}: {settings.Steps} GRPO steps of {settings.PromptsPerStep} new prompts x {settings.GroupSize} samples; run directory {settings.Output}");
-            RewardControlResult? result = null;
-            Progress().Start(ctx =>
+            var bar = Bar(ctx, "grpo", settings.Steps, 0);
+            result = RewardControl.Run(settings, backend, m =>
             {
-                var bar = Bar(ctx, "grpo", settings.Steps, 0);
-                result = RewardControl.Run(settings, backend, m =>
-                {
-                    bar.Description = $"step {m.Step} reward {m.Reward:F3}";
-                    bar.Value = m.Step;
-                }, cancel.Token);
-            });
-            if (cancel.IsCancellationRequested) { AnsiConsole.MarkupLine("interrupted"); return 130; }
-            AnsiConsole.MarkupLineInterpolated($"mean training reward: first quarter {result!.FirstQuarter:F4}, last quarter {result.LastQuarter:F4} (rise {result.Rise:+0.0000;-0.0000}); {Path.Combine(settings.Output, "summary.md")}");
+                bar.Description = $"step {m.Step} reward {m.Reward:F3}";
+                bar.Value = m.Step;
+            }, cancel.Token);
+        });
+        if (cancel.Requested)
+        {
+            AnsiConsole.MarkupLineInterpolated($"{cancel.StoppedLine($"checkpoint written in {Path.Combine(settings.Output, "grpo", "checkpoints")}")}");
             return 0;
         }
-        finally { Console.CancelKeyPress -= stop; }
+        AnsiConsole.MarkupLineInterpolated($"mean training reward: first quarter {result!.FirstQuarter:F4}, last quarter {result.LastQuarter:F4} (rise {result.Rise:+0.0000;-0.0000}); {Path.Combine(settings.Output, "summary.md")}");
+        return 0;
     }
 
     public static int Run(NextTokenSettings settings, string backendName, string? outDir)
