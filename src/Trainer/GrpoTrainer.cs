@@ -98,7 +98,7 @@ public sealed class GrpoTrainer : IDisposable
         var o = config.Optim;
         _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
         _schedule = config.Schedule();
-        _guard = new NonFiniteGuard(config.Optim.MaxBadSteps);
+        _guard = new NonFiniteGuard(config.Optim.MaxSkippedSteps);
         _ssb = new SelectiveSampleBuffer(g.Ssb.Capacity, g.Ssb.MaxAge, (ulong)config.Seed * 0x9E3779B97F4A7C15ul + 1);
         var r = config.Reward;
         // A reward model weighted 0 adds nothing to any reward: it is neither loaded nor run (scoring every rollout costs

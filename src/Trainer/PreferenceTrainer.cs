@@ -71,7 +71,7 @@ public sealed class PreferenceTrainer : IDisposable
         _opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
         _schedule = config.Schedule();
         _delta = new BcoDelta();
-        _guard = new NonFiniteGuard(config.Optim.MaxBadSteps);
+        _guard = new NonFiniteGuard(config.Optim.MaxSkippedSteps);
         if (resume is not null) Restore(resume);
         else File.WriteAllText(MetricsPath, "");
         File.WriteAllText(Path.Combine(config.Output, "config.resolved.yaml"), config.ToYaml());

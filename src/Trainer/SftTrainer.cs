@@ -51,7 +51,7 @@ public sealed class SftTrainer : IDisposable
         var o = config.Optim;
         _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
         _schedule = config.Schedule();
-        _guard = new NonFiniteGuard(config.Optim.MaxBadSteps);
+        _guard = new NonFiniteGuard(config.Optim.MaxSkippedSteps);
         if (resume is not null) Restore(resume);
         else
         {

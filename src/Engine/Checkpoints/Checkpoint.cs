@@ -101,14 +101,37 @@ public sealed class Checkpoint : IDisposable
             throw new CheckpointException($"{Directory}: the checkpoint does not match the model config:\n  " + string.Join("\n  ", problems));
     }
 
-    /// <summary>Reads a tensor as fp32, checking its shape.</summary>
+    /// <summary>
+    /// Whether a NaN or an infinity in a weight is an error (the default) or let through, for inspecting a damaged
+    /// checkpoint (<c>R1V2_ALLOW_NONFINITE_WEIGHTS=1</c>).
+    /// </summary>
+    public static bool AllowNonFiniteWeights { get; set; } = Environment.GetEnvironmentVariable("R1V2_ALLOW_NONFINITE_WEIGHTS") == "1";
+
+    /// <summary>Reads a tensor as fp32, checking its shape and that every value is finite.</summary>
     public float[] Read(string name, int[] shape)
     {
         if (!_where.TryGetValue(name, out var file)) throw new CheckpointException($"{Directory}: missing tensor '{name}'");
         var info = file.Tensors[name];
         if (!info.Shape.SequenceEqual(shape.Select(d => (long)d)))
             throw new CheckpointException($"{file.Path}: tensor '{name}' has shape {info.ShapeString}, expected [{string.Join(", ", shape)}]");
-        return file.ReadFloats(name);
+        var values = file.ReadFloats(name);
+        if (!AllowNonFiniteWeights && FirstNonFinite(values) is int at and >= 0)
+            throw new CheckpointException($"{file.Path}: tensor '{name}' holds {values[at]} at element {at} (R1V2_ALLOW_NONFINITE_WEIGHTS=1 loads it anyway, for inspection)");
+        return values;
+    }
+
+    /// <summary>The index of the first NaN or infinity, or -1 (x - x is 0 for every finite x and NaN otherwise).</summary>
+    private static int FirstNonFinite(ReadOnlySpan<float> values)
+    {
+        var v = System.Numerics.Vector<float>.Count;
+        int i = 0;
+        for (; i + v <= values.Length; i += v)
+        {
+            var x = new System.Numerics.Vector<float>(values[i..]);
+            if (!System.Numerics.Vector.EqualsAll(x - x, System.Numerics.Vector<float>.Zero)) break;
+        }
+        for (; i < values.Length; i++) if (!float.IsFinite(values[i])) return i;
+        return -1;
     }
 
     public SafetensorInfo Info(string name) =>

@@ -100,7 +100,7 @@ public sealed class TrainConfig
         public double MaxGradNorm { get; set; } = 1.0;
         /// <summary>Minibatches whose gradients add up before one optimiser step.</summary>
         public int GradAccum { get; set; } = 1;
-        public int MaxBadSteps { get; set; } = 3;
+        public int MaxSkippedSteps { get; set; } = 10;
     }
 
     public sealed class CheckpointConfig
@@ -305,7 +305,7 @@ public sealed class TrainConfig
         Range(Optim.Beta2, "optim.beta2", 0, 1, hiOpen: true);
         Range(Optim.Eps, "optim.eps", 0, Inf, loOpen: true, hiOpen: true);
         Range(Optim.MaxGradNorm, "optim.max_grad_norm", 0, Inf, hiOpen: true);
-        Range(Optim.MaxBadSteps, "optim.max_bad_steps", 1, Inf, hiOpen: true);
+        Range(Optim.MaxSkippedSteps, "optim.max_skipped_steps", 1, Inf, hiOpen: true);
         Range(Grpo.MaxNewTokens, "grpo.max_new_tokens", 1, Inf, hiOpen: true);
         Range(Grpo.Temperature, "grpo.temperature", 0, Inf, loOpen: true, hiOpen: true);
         Range(Grpo.TopP, "grpo.top_p", 0, 1, loOpen: true);

@@ -15,7 +15,7 @@ public sealed class NonFiniteGuard(int maxInARow)
         var report = opt.Step(lr);
         if (!report.Skipped) { InARow = 0; return report; }
         if (++InARow >= maxInARow)
-            throw new InvalidOperationException($"step {step + 1}: {InARow} updates in a row had a non-finite gradient norm; stopping (lower optim.lr or check the data)");
+            throw new InvalidOperationException($"step {step + 1}: {InARow} updates in a row had a non-finite gradient norm; stopping (optim.max_skipped_steps; lower optim.lr or check the data)");
         return report;
     }
 }

@@ -61,7 +61,7 @@ public sealed class TrainConfigTests : IDisposable
         { "optim.lr=-1", "optim.lr must be in (0, inf), not -1" }, { "optim.lr=0", "optim.lr" }, { "optim.warmup=-1", "optim.warmup" },
         { "optim.min_lr_ratio=1.5", "optim.min_lr_ratio must be in [0, 1]" }, { "optim.weight_decay=-0.1", "optim.weight_decay" }, { "optim.beta1=1", "optim.beta1 must be in [0, 1)" },
         { "optim.beta2=-0.5", "optim.beta2" }, { "optim.eps=0", "optim.eps" }, { "optim.max_grad_norm=-1", "optim.max_grad_norm" }, { "optim.grad_accum=0", "optim.grad_accum" },
-        { "optim.max_bad_steps=0", "optim.max_bad_steps" }, { "checkpoint.every=0", "checkpoint.every" }, { "checkpoint.keep=0", "checkpoint.keep" },
+        { "optim.max_skipped_steps=0", "optim.max_skipped_steps" }, { "checkpoint.every=0", "checkpoint.every" }, { "checkpoint.keep=0", "checkpoint.keep" },
         { "grpo.group_size=1", "grpo.group_size" }, { "grpo.prompts_per_step=0", "grpo.prompts_per_step" }, { "grpo.minibatches=0", "grpo.minibatches" },
         { "grpo.max_new_tokens=0", "grpo.max_new_tokens" }, { "grpo.temperature=0", "grpo.temperature" }, { "grpo.top_p=0", "grpo.top_p must be in (0, 1]" }, { "grpo.top_p=1.5", "grpo.top_p" },
         { "grpo.eps_low=1", "grpo.eps_low" }, { "grpo.eps_high=-0.1", "grpo.eps_high" }, { "grpo.dual_clip=0.5", "grpo.dual_clip must be 0 (off) or > 1" },
