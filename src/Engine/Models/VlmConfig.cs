@@ -63,6 +63,11 @@ public sealed record VlmConfig(
             v.Int("hidden_size"), v.Int("num_hidden_layers"), v.Int("num_attention_heads"), v.Int("intermediate_size"), norm,
             v.Float("layer_norm_eps", 1e-6f), v.Bool("qk_normalization", false), v.Bool("qkv_bias", true), v.Int("image_size"),
             v.Int("patch_size"), v.String("hidden_act", "gelu"), v.Float("initializer_factor", 0.1f));
+        // Ranges first: every size positive, every epsilon positive and finite (a zero would divide by zero below).
+        foreach (var (key, value) in new[] { ("hidden_size", vision.HiddenSize), ("num_hidden_layers", vision.NumLayers), ("num_attention_heads", vision.NumHeads),
+                     ("intermediate_size", vision.IntermediateSize), ("image_size", vision.ImageSize), ("patch_size", vision.PatchSize) })
+            if (value <= 0) throw v.Invalid(key, $"{value} (must be a positive integer)");
+        if (!(vision.NormEps > 0 && float.IsFinite(vision.NormEps))) throw v.Invalid("layer_norm_eps", $"{vision.NormEps} (must be a positive finite number)");
         if (vision.HiddenSize % vision.NumHeads != 0) throw v.Invalid("num_attention_heads", $"{vision.NumHeads} does not divide hidden_size {vision.HiddenSize}");
         if (vision.ImageSize % vision.PatchSize != 0) throw v.Invalid("patch_size", $"{vision.PatchSize} does not divide image_size {vision.ImageSize}");
         if (vision.HiddenAct != "gelu") throw v.Invalid("hidden_act", $"'{vision.HiddenAct}' (only gelu, the exact erf form, is supported)");
@@ -71,6 +76,11 @@ public sealed record VlmConfig(
             l.Int("hidden_size"), l.Int("intermediate_size"), l.Int("num_hidden_layers"), l.Int("num_attention_heads"),
             l.Int("num_key_value_heads"), l.Float("rope_theta", 10000f), l.Float("rms_norm_eps", 1e-6f), l.Int("vocab_size"),
             l.Bool("tie_word_embeddings", false), l.Int("max_position_embeddings", 32768));
+        foreach (var (key, value) in new[] { ("hidden_size", llm.HiddenSize), ("intermediate_size", llm.IntermediateSize), ("num_hidden_layers", llm.NumLayers),
+                     ("num_attention_heads", llm.NumHeads), ("num_key_value_heads", llm.NumKvHeads), ("vocab_size", llm.VocabSize), ("max_position_embeddings", llm.MaxPositionEmbeddings) })
+            if (value <= 0) throw l.Invalid(key, $"{value} (must be a positive integer)");
+        if (!(llm.RmsNormEps > 0 && float.IsFinite(llm.RmsNormEps))) throw l.Invalid("rms_norm_eps", $"{llm.RmsNormEps} (must be a positive finite number)");
+        if (!(llm.RopeTheta > 1 && float.IsFinite(llm.RopeTheta))) throw l.Invalid("rope_theta", $"{llm.RopeTheta} (must be a finite number > 1)");
         if (llm.HiddenSize % llm.NumHeads != 0) throw l.Invalid("num_attention_heads", $"{llm.NumHeads} does not divide hidden_size {llm.HiddenSize}");
         if (llm.NumHeads % llm.NumKvHeads != 0) throw l.Invalid("num_key_value_heads", $"{llm.NumKvHeads} does not divide num_attention_heads {llm.NumHeads}");
         if (llm.HeadDim % 2 != 0) throw l.Invalid("hidden_size", $"head dim {llm.HeadDim} must be even for RoPE");
