@@ -49,7 +49,16 @@ public sealed class TextTokenizer
         JsonObject root;
         try { root = JsonNode.Parse(File.ReadAllText(file)) as JsonObject ?? throw new JsonException("not an object"); }
         catch (JsonException e) { throw new InvalidDataException($"{file}: not valid JSON ({e.Message})", e); }
+        // A field of the wrong JSON type (a number where a string belongs, a missing object) names the file, not the JSON API.
+        try { return Build(root, file); }
+        catch (Exception e) when (e is InvalidOperationException or NullReferenceException or FormatException or KeyNotFoundException or OverflowException)
+        {
+            throw new InvalidDataException($"{file}: malformed tokenizer ({e.Message})", e);
+        }
+    }
 
+    private static TextTokenizer Build(JsonObject root, string file)
+    {
         var model = root["model"] as JsonObject ?? throw new InvalidDataException($"{file}: no 'model'");
         if (model["type"]?.GetValue<string>() is { } type && type != "BPE") throw new InvalidDataException($"{file}: model type '{type}' is not BPE");
         var vocabNode = model["vocab"] as JsonObject ?? throw new InvalidDataException($"{file}: no model.vocab");
