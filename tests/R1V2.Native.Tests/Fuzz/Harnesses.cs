@@ -75,4 +75,25 @@ public static class Harnesses
 
     /// <summary>Whether an exception is one the engine documents for bad input.</summary>
     public static bool Documented(Exception e) => R1V2.Native.Cli.Program.IsInputError(e);
+
+    /// <summary>
+    /// The most one input may allocate: above the largest documented need (an image at the preprocessor's 64 Mi-pixel
+    /// limit, as fp32 RGB, 768 MiB); a parser that sizes a buffer from a header it has not checked goes past it.
+    /// </summary>
+    public const long MaxAllocatedBytes = 1L << 30;
+
+    /// <summary>Runs a target on one input, then fails if it allocated more than <see cref="MaxAllocatedBytes"/> (on this thread).</summary>
+    public static void Run(string target, byte[] bytes, string dir)
+    {
+        long before = GC.GetAllocatedBytesForCurrentThread();
+        try { Targets[target](bytes, dir); }
+        finally
+        {
+            long allocated = GC.GetAllocatedBytesForCurrentThread() - before;
+            if (allocated > MaxAllocatedBytes) throw new AllocationLimitException($"{target}: one input allocated {allocated} bytes, over the {MaxAllocatedBytes}-byte limit");
+        }
+    }
 }
+
+/// <summary>A harness input that allocated more than the limit: a finding, like a crash.</summary>
+public sealed class AllocationLimitException(string message) : Exception(message);
