@@ -62,7 +62,7 @@ public sealed class ImagePreprocessor(int tileSize, int minTiles = 1, int maxTil
             image.Mutate(x => x.AutoOrient());
             return Tile(image);
         }
-        catch (Exception e) when (e is UnknownImageFormatException or InvalidImageContentException or ImageFormatException)
+        catch (Exception e) when (e is UnknownImageFormatException or InvalidImageContentException or ImageFormatException or NotSupportedException)
         { throw new InvalidDataException($"{path}: corrupt image ({e.Message})", e); }
     }
 

@@ -191,6 +191,7 @@ public sealed class TrainConfig
             if (!File.Exists(path)) throw new FileNotFoundException($"config not found: {path}", path);
             try { stream.Load(new StringReader(File.ReadAllText(path))); }
             catch (YamlException e) { throw new InvalidDataException($"{path}:{e.Start.Line}: {e.Message}", e); }
+            catch (InvalidOperationException e) { throw new InvalidDataException($"{path}: not a readable YAML document ({e.Message})", e); } // a malformed alias
         }
         var root = stream.Documents.Count > 0 && stream.Documents[0].RootNode is YamlMappingNode m ? m : new YamlMappingNode();
         foreach (var o in overrides ?? [])
@@ -216,8 +217,13 @@ public sealed class TrainConfig
         try
         {
             var config = Deserializer().Deserialize<TrainConfig>(writer.ToString()) ?? new TrainConfig();
+            config.RequireSections(source);
             config.Validate(source);
             return config;
+        }
+        catch (InvalidOperationException e) when (e.Source?.StartsWith("YamlDotNet", StringComparison.Ordinal) == true)
+        {
+            throw new InvalidDataException($"{source}: not a readable YAML config ({e.Message})", e);
         }
         catch (YamlException e)
         {
@@ -237,6 +243,23 @@ public sealed class TrainConfig
             }
             throw new InvalidDataException($"{source}: {inner.Replace("Property '", "unknown key '").Replace("' not found on type", "' (not a setting of")}{(inner.Contains("not found on type") ? ")" : "")}", e);
         }
+    }
+
+    /// <summary>A section given as null (`grpo:` with nothing under it, or `grpo: ~`) or a null string: an error naming it.</summary>
+    private void RequireSections(string source)
+    {
+        void Check(object node, string prefix)
+        {
+            foreach (var p in node.GetType().GetProperties())
+            {
+                if (p.GetIndexParameters().Length > 0 || p.SetMethod is null) continue;
+                var key = prefix + UnderscoredNamingConvention.Instance.Apply(p.Name);
+                var value = p.GetValue(node);
+                if (value is null) throw new InvalidDataException($"{source}: '{key}' is empty; give it a value or leave it out");
+                if (p.PropertyType.IsClass && p.PropertyType.DeclaringType == typeof(TrainConfig)) Check(value, key + ".");
+            }
+        }
+        Check(this, "");
     }
 
     /// <summary>The settings class a key path's section names (snake_case properties from the root), or null.</summary>
