@@ -117,6 +117,7 @@ public sealed class GrpoTrainer : IDisposable
         _vocabLimit = Math.Min(_tokenizer.VocabularySize, _model.Config.Llm.VocabSize);
         _update = new GrpoUpdate(_model, settings, _aggregation, g.VocabChunk, _vocabLimit);
         if (resume is not null) Restore(resume);
+        else RunCheckpoints.RewindMetrics<GrpoStepMetrics>(MetricsPath, 0); // lines a run killed before its first checkpoint logged
         File.WriteAllText(Path.Combine(config.Output, "config.resolved.yaml"), config.ToYaml());
     }
 
