@@ -162,7 +162,7 @@ public sealed class GrpoTrainer : IDisposable
     /// <summary>One sampling round: G rollouts of each prompt with their rewards and advantages, and what the metrics need.</summary>
     /// <remarks><see cref="TaskInformative"/>: the rollouts whose task rewards give them a non-zero group advantage (the
     /// buffer keeps and dynamic sampling counts these; a k1 penalty alone does not make a group informative).</remarks>
-    private sealed record Round(List<Rollout> Rollouts, List<RewardBreakdown> Rewards, List<int> Lengths, int Grounded, int GroundingChecks, double[]? RmScores,
+    private sealed record Round(List<Rollout> Rollouts, List<RewardBreakdown> Rewards, int Grounded, int GroundingChecks, double[]? RmScores,
         double? KlPenalty, HashSet<Rollout> TaskInformative);
 
     private Round SampleRound(int step, int round)
@@ -217,7 +217,7 @@ public sealed class GrpoTrainer : IDisposable
                 checks++;
                 if (ok) grounded++;
             }
-        return new Round(rollouts, breakdowns, samples.Select(x => x.Tokens.Length).ToList(), grounded, checks, rmScores, klPenalty, taskInformative);
+        return new Round(rollouts, breakdowns, grounded, checks, rmScores, klPenalty, taskInformative);
     }
 
     private GrpoStepMetrics RunStep()
@@ -286,7 +286,7 @@ public sealed class GrpoTrainer : IDisposable
                 double stepLoss = 0;
                 foreach (var chunk in accumulated)
                 {
-                    var stats = _update.Accumulate(chunk, _reference is null || !_klLoss ? null : ReferenceLogProbs(chunk), weights[offset..(offset + chunk.Count)]);
+                    var stats = _update.Accumulate(chunk, _klLoss ? ReferenceLogProbs(chunk) : null, weights[offset..(offset + chunk.Count)]);
                     offset += chunk.Count;
                     stepLoss += stats.Loss;
                     meanRatio += stats.MeanRatio; clipped += stats.ClippedFraction; dualClipped += stats.DualClippedFraction; kl += stats.Kl ?? 0;
@@ -302,7 +302,7 @@ public sealed class GrpoTrainer : IDisposable
         _step++;
         var all = rounds.SelectMany(r => r.Rewards).ToList();
         double n = Math.Max(1, all.Count), u = Math.Max(1, updates), o = Math.Max(1, optimizerSteps);
-        int tokens = rounds.Sum(r => r.Lengths.Sum()), checks = rounds.Sum(r => r.GroundingChecks);
+        int tokens = rounds.Sum(r => r.Rollouts.Sum(x => x.Response.Length)), checks = rounds.Sum(r => r.GroundingChecks);
         double seconds = clock.Elapsed.TotalSeconds;
         double? halluc = checks == 0 ? null : 1 - rounds.Sum(r => r.Grounded) / (double)checks;
         var metrics = new GrpoStepMetrics(_step, loss / o, all.Average(r => r.Total), all.Average(r => r.Rule), all.Count(r => r.Format > 0) / n, tokens / n,
@@ -314,7 +314,7 @@ public sealed class GrpoTrainer : IDisposable
             ExtraRollouts = rounds.Skip(1).Sum(r => r.Rollouts.Count),
             KlPenalty = _klPenalty ? rounds.Average(r => r.KlPenalty!.Value) : null,
         };
-        if (_reference is not null && _klLoss && updates > 0) metrics = metrics with { Kl = kl / u };
+        if (_klLoss && updates > 0) metrics = metrics with { Kl = kl / u };
         if (_c.Reward.ReasoningWeight != 0) metrics = metrics with { ReasoningTerm = all.Average(r => r.Reasoning) };
         if (_c.Reward.GroundingWeight != 0) metrics = metrics with { GroundingTerm = all.Average(r => r.Grounding) };
         if (rounds.All(r => r.RmScores is not null))

@@ -296,7 +296,6 @@ public sealed class TrainConfig
         Require(Grpo.PromptsPerStep >= 1, "grpo.prompts_per_step must be at least 1");
         Require(Grpo.Minibatches >= 1, "grpo.minibatches must be at least 1");
         Require(Grpo.Kl is "none" or "k1" or "k2" or "k3", $"grpo.kl must be none, k1 (reward penalty), k2 or k3 (loss terms), not '{Grpo.Kl}'");
-        Require(Grpo.KlCoef >= 0, "grpo.kl_coef must be >= 0");
         Require((Grpo.Kl == "none") == (Grpo.KlCoef == 0), Grpo.Kl == "none"
             ? $"grpo.kl_coef is {Grpo.KlCoef} but grpo.kl is none: name the estimator (k1, k2 or k3)"
             : $"grpo.kl is {Grpo.Kl} but grpo.kl_coef is 0: give its coefficient (or grpo.kl=none)");
@@ -304,7 +303,6 @@ public sealed class TrainConfig
         Require(Optim.GradAccum == 1 || Stage == "grpo", $"optim.grad_accum applies to the grpo stage only (the {Stage} stage takes one optimiser step per batch): leave it at 1");
         Require(Reward.RmThreshold >= 0 || double.IsNegativeInfinity(Reward.RmThreshold),
             $"reward.rm_threshold must be >= 0 (or -.inf for none), not {Reward.RmThreshold}: the term is f(s) [f(s) > t], and a negative t would pay scores just below it 0 and lower ones their negative value");
-        Require(Reward.RmClip > 0, "reward.rm_clip must be > 0");
         Require(Grpo.Aggregation is "seq_mean_token_mean" or "token_mean", $"grpo.aggregation must be seq_mean_token_mean or token_mean, not '{Grpo.Aggregation}'");
         Require(Grpo.Advantage is "mean_std" or "mean_only" or "leave_one_out", $"grpo.advantage must be mean_std, mean_only or leave_one_out, not '{Grpo.Advantage}'");
         Require(Optim.Schedule is "constant" or "linear" or "cosine", $"optim.schedule must be constant, linear or cosine, not '{Optim.Schedule}'");

@@ -326,7 +326,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
                 s.GroundingCredit == "per_digit" ? "[the share of the scene's digits it reads right]" : "[it reads the scene's digits exactly]") : "");
         string rewardNote = grpoRm is not null
             ? string.Format(CultureInfo.InvariantCulture, "GRPO reward: {5} + {0} x the standardised reward-model score where it exceeds {3} standard deviation{4}, {6} (its held-out pair accuracy {1:F3} passes the {2:F2} gate).", s.RmWeight, rmAccuracy, s.RmMinAccuracy, s.RmThreshold,
-                s.RmThreshold == 1 ? "" : "s", ruleTerms, new RewardModelScaling(RewardModelTransform.Standardise, threshold: s.RmThreshold).Describe())
+                s.RmThreshold == 1 ? "" : "s", ruleTerms, Scaling().Describe())
             : rmModel is null ? $"GRPO reward: {ruleTerms} (no reward model was trained)."
             : string.Format(CultureInfo.InvariantCulture, "GRPO reward: {2} only: the reward model's held-out pair accuracy {0:F3} is below the {1:F2} gate (PipelineSettings.RmMinAccuracy), so its score is left out.", rmAccuracy, s.RmMinAccuracy, ruleTerms);
         _log(rewardNote);

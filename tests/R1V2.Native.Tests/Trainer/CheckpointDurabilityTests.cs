@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using R1V2.Native.Cli.Commands;
 using R1V2.Native.Trainer;
 using R1V2.Native.Trainer.Config;
 using R1V2.Native.Trainer.Data;
@@ -82,21 +81,16 @@ public sealed class CheckpointDurabilityTests(CpuFixture fx) : IDisposable
         Assert.Equal(2, _warnings.Count);
     }
 
+    /// <summary>The trainer tests' tiny GRPO run, checkpointed every step, the last 3 kept.</summary>
     private TrainConfig Config(string output, int steps)
     {
-        var ckpt = Path.Combine(_dir, "tiny");
-        if (!Directory.Exists(ckpt)) InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), ckpt, seed: 4);
-        var data = Path.Combine(_dir, "prompts.jsonl");
-        File.WriteAllText(data, string.Join("\n", Enumerable.Range(0, 5).Select(i => $"{{\"question\": \"what is {i} + {i}?\", \"answer\": \"{2 * i}\"}}")) + "\n");
-        return TrainConfig.Load(null, [$"model={ckpt}", $"output={output}", $"data.path={data}", $"steps={steps}", "trainable=all", "optim.lr=0.003",
-            "grpo.group_size=4", "grpo.prompts_per_step=2", "grpo.max_new_tokens=6", "grpo.cache_blocks=64", "checkpoint.every=1", "checkpoint.keep=3"]);
+        var config = GrpoTestRuns.Config(_dir, output, steps);
+        config.Checkpoint.Every = 1;
+        config.Checkpoint.Keep = 3;
+        return config;
     }
 
-    private static RewardBreakdown Letters(string text, PromptRow p)
-    {
-        double r = text.Length == 0 ? 0 : text.Count(ch => ch is >= 'a' and <= 'z') / (double)text.Length;
-        return new RewardBreakdown(r, 0, 0, 0, r);
-    }
+    private static RewardBreakdown Letters(string text, PromptRow p) => GrpoTestRuns.Letters(text, p);
 
     [Fact]
     public void ATrainerResumingPastADamagedCheckpoint_EndsBitIdenticalToAnUninterruptedRun()

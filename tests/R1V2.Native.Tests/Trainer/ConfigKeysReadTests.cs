@@ -45,11 +45,11 @@ public sealed class ConfigKeysReadTests
     [Fact]
     public void TheScan_FindsAReadThatExists_AndMissesOneThatDoesNot()
     {
-        // The scan itself: GrpoTrainer reads grpo.group_size; nothing in the trainer calls this test class's own getter.
+        // The scan itself: GrpoTrainer's own methods read grpo.group_size and never sft.batch (the SFT trainer's key).
         var calls = typeof(R1V2.Native.Trainer.GrpoTrainer).GetMethods(BindingFlags.NonPublic | BindingFlags.Instance | BindingFlags.DeclaredOnly)
             .SelectMany(Calls).ToHashSet();
         Assert.Contains(typeof(TrainConfig.GrpoConfig).GetProperty(nameof(TrainConfig.GrpoConfig.GroupSize))!.GetMethod!, calls);
-        Assert.DoesNotContain(typeof(TrainConfig.SsbConfig).GetProperty(nameof(TrainConfig.SsbConfig.Capacity))!.SetMethod!, calls);
+        Assert.DoesNotContain(typeof(TrainConfig.SftConfig).GetProperty(nameof(TrainConfig.SftConfig.Batch))!.GetMethod!, calls);
     }
 
     private static bool IsInside(Type? type, Type outer)

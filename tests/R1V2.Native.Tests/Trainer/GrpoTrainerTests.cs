@@ -14,26 +14,9 @@ public sealed class GrpoTrainerTests(CpuFixture fx) : IDisposable
 
     public void Dispose() => Directory.Delete(_dir, true);
 
-    /// <summary>
-    /// A reward the random tiny model's samples disagree on (the share of lowercase ASCII letters), except on even
-    /// prompts, where every sample gets the same reward: those groups carry no advantage and leave room for replay.
-    /// </summary>
-    private static RewardBreakdown Letters(string text, PromptRow p)
-    {
-        double r = p.Index % 2 == 0 ? 0.5 : text.Length == 0 ? 0 : text.Count(ch => ch is >= 'a' and <= 'z') / (double)text.Length;
-        return new RewardBreakdown(r, 0, 0, 0, r);
-    }
+    private static RewardBreakdown Letters(string text, PromptRow p) => GrpoTestRuns.Letters(text, p);
 
-    private TrainConfig Config(string output, int steps)
-    {
-        var ckpt = Path.Combine(_dir, "tiny");
-        if (!Directory.Exists(ckpt)) InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), ckpt, seed: 4);
-        var data = Path.Combine(_dir, "prompts.jsonl");
-        File.WriteAllText(data, string.Join("\n", Enumerable.Range(0, 5).Select(i => $"{{\"question\": \"what is {i} + {i}?\", \"answer\": \"{2 * i}\"}}")) + "\n");
-        return TrainConfig.Load(null, [$"model={ckpt}", $"output={output}", $"data.path={data}", $"steps={steps}", "trainable=all", "optim.lr=0.003",
-            "grpo.group_size=4", "grpo.prompts_per_step=2", "grpo.max_new_tokens=6", "grpo.minibatches=2", "grpo.cache_blocks=64", "checkpoint.every=2",
-            "checkpoint.keep=1", "grpo.ssb.capacity=16"]);
-    }
+    private TrainConfig Config(string output, int steps) => GrpoTestRuns.Config(_dir, output, steps);
 
     [Fact]
     public void Run_StepsWriteMetricsAndCheckpoints_AndResumeIsBitIdentical()
@@ -269,5 +252,31 @@ public sealed class GrpoTrainerTests(CpuFixture fx) : IDisposable
         Assert.Equal((0.0, 0.5, 0.0), (misread.Rule, misread.Reasoning, misread.Grounding)); // follows its reading, which is wrong
         var withModel = GrpoTrainer.RewardFrom(config.Reward, withRewardModel: true).ScoreStep(["I see the digits 5, 7.</think>\\boxed{11}"], [GrpoTrainer.ContextOf(row)], [3])[0];
         Assert.Equal((6.0, 0.0, 0.0, 0.25), (withModel.RewardModel, withModel.Rule, withModel.Reasoning, withModel.Grounding)); // identity transform: 2 x 3; 11 does not follow from 5, 7
+    }
+}
+
+/// <summary>The tiny GRPO run the trainer tests share: its config and a reward its random samples disagree on.</summary>
+internal static class GrpoTestRuns
+{
+    /// <summary>
+    /// A reward the random tiny model's samples disagree on (the share of lowercase ASCII letters), except on even
+    /// prompts, where every sample gets the same reward: those groups carry no advantage and leave room for replay.
+    /// </summary>
+    public static RewardBreakdown Letters(string text, PromptRow p)
+    {
+        double r = p.Index % 2 == 0 ? 0.5 : text.Length == 0 ? 0 : text.Count(ch => ch is >= 'a' and <= 'z') / (double)text.Length;
+        return new RewardBreakdown(r, 0, 0, 0, r);
+    }
+
+    /// <summary>Steps of 2 prompts x 4 samples from the tiny checkpoint (made once under <paramref name="dir"/>), checkpoints every 2 steps.</summary>
+    public static TrainConfig Config(string dir, string output, int steps)
+    {
+        var ckpt = Path.Combine(dir, "tiny");
+        if (!Directory.Exists(ckpt)) InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), ckpt, seed: 4);
+        var data = Path.Combine(dir, "prompts.jsonl");
+        File.WriteAllText(data, string.Join("\n", Enumerable.Range(0, 5).Select(i => $"{{\"question\": \"what is {i} + {i}?\", \"answer\": \"{2 * i}\"}}")) + "\n");
+        return TrainConfig.Load(null, [$"model={ckpt}", $"output={output}", $"data.path={data}", $"steps={steps}", "trainable=all", "optim.lr=0.003",
+            "grpo.group_size=4", "grpo.prompts_per_step=2", "grpo.max_new_tokens=6", "grpo.minibatches=2", "grpo.cache_blocks=64", "checkpoint.every=2",
+            "checkpoint.keep=1", "grpo.ssb.capacity=16"]);
     }
 }

@@ -213,6 +213,32 @@ public sealed class GrpoUpdateTests(CpuFixture fx)
         finally { Directory.Delete(tokDir, true); }
     }
 
+    [Fact]
+    public void ClippedFractions_CountTheTokensWhoseClipIsActive_OnTheSideOfTheirAdvantage()
+    {
+        // Old log-probs shifted so that every ratio is 0.5 (below the band: only A < 0 clips) or 4 (above it: A > 0 clips,
+        // A < 0 meets the dual clip at 3). Counting every ratio outside the band, as before, gives 1 in both cases.
+        var (prompt, pixels, dir) = FirstFixturePrompt();
+        using var model = VisionLanguageModel.Load(fx.Backend, dir, TrainableParts.AdapterAndLlm);
+        var samples = new Generator(model, options: new GeneratorOptions(CacheBlocks: 64, BlockSize: 4))
+            .Generate([new GenerationRequest(prompt, pixels, 1, new SamplingParams(1f), Seed: 21, MaxNewTokens: 5, Samples: 4)]);
+        double[] adv = [1, -1, 0.5, -0.5];
+        var settings = new GrpoLossSettings(EpsLow: 0.2f, EpsHigh: 0.28f, DualClip: 3f, Temperature: 1f);
+        double negativeShare = samples.Where((_, i) => adv[i] < 0).Sum(x => x.Tokens.Length) / (double)samples.Sum(x => x.Tokens.Length);
+        GrpoUpdateStats Run(double ratio)
+        {
+            foreach (var p in model.Parameters.Trainable) p.ZeroGrad();
+            var rollouts = samples.Select((x, i) => new Rollout(0, prompt, pixels, 1, x.Tokens, x.LogProbs.Select(l => (float)(l - Math.Log(ratio))).ToArray(), 0, adv[i], 0)).ToList();
+            return new GrpoUpdate(model, settings).Accumulate(rollouts);
+        }
+        var low = Run(0.5);
+        Assert.Equal(negativeShare, low.ClippedFraction, 9);
+        Assert.Equal(0, low.DualClippedFraction);
+        var high = Run(4);
+        Assert.Equal(1, high.ClippedFraction, 9);
+        Assert.Equal(negativeShare, high.DualClippedFraction, 9);
+    }
+
     /// <summary>The internvit6b fixture's first sequence as a prompt, its first tile's pixels, and the fixture's directory.</summary>
     private static (int[] Prompt, float[] Pixels, string Dir) FirstFixturePrompt()
     {
