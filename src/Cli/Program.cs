@@ -28,6 +28,7 @@ public static class Program
             SamplingCommands.CreatePrefilter(),
             DigitsCommand.Create(),
             EvalCommand.Create(),
+            ExportCommand.Create(),
         };
         try
         {

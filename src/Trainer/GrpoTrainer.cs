@@ -87,6 +87,7 @@ public sealed class GrpoTrainer : IDisposable
         var source = resume ?? config.Model;
         var parts = config.TrainableParts();
         _model = VisionLanguageModel.Load(backend, source, parts);
+        _base = RunCheckpoints.BaseOf(resume, config.Model);
         _tokenizer = TextTokenizer.Load(source);
         // Kept in memory: a resumed run's source is a checkpoint directory that pruning later removes.
         _tokenizerJson = File.ReadAllBytes(_tokenizer.Source);
@@ -122,6 +123,7 @@ public sealed class GrpoTrainer : IDisposable
     }
 
     private readonly bool _customReward, _klLoss, _klPenalty;
+    private readonly Checkpoint.BaseReference _base;
     private readonly byte[] _tokenizerJson;
     private readonly LossAggregation _aggregation;
     private readonly int _vocabLimit;
@@ -148,8 +150,10 @@ public sealed class GrpoTrainer : IDisposable
     /// <summary>Runs until the configured step count or cancellation (a checkpoint is written on the way out).</summary>
     public void Run(Action<GrpoStepMetrics>? onStep = null, CancellationToken cancel = default)
     {
+        bool trained = false;
         while (_step < _c.Steps)
         {
+            trained = true;
             var m = RunStep();
             _history.Add(m);
             File.AppendAllText(MetricsPath, JsonSerializer.Serialize(m) + "\n");
@@ -157,6 +161,15 @@ public sealed class GrpoTrainer : IDisposable
             if (_step % _c.Checkpoint.Every == 0 || _step == _c.Steps || cancel.IsCancellationRequested) SaveCheckpoint();
             if (cancel.IsCancellationRequested) return;
         }
+        if (trained || !Directory.Exists(Path.Combine(_c.Output, "final"))) RunCheckpoints.SaveFinal(_c.Output, SaveFinalModel);
+    }
+
+    /// <summary>The run's final model, exported whole in the HF layout (<c>checkpoint.export_dtype</c>, 5 GB shards) with the tokenizer's files.</summary>
+    private void SaveFinalModel(string dir)
+    {
+        _model.Save(dir, _c.Checkpoint.ExportSafetensorsDType());
+        RunCheckpoints.CopySideFiles(_c.Model, dir);
+        File.WriteAllBytes(Path.Combine(dir, "tokenizer.json"), _tokenizerJson);
     }
 
     /// <summary>One sampling round: G rollouts of each prompt with their rewards and advantages, and what the metrics need.</summary>
@@ -362,15 +375,19 @@ public sealed class GrpoTrainer : IDisposable
 
     public static string? LatestCheckpoint(string output) => RunCheckpoints.Latest(output);
 
+    /// <summary>
+    /// A lean checkpoint: the trainable parameters' fp32 masters (frozen tensors stay in the base it names), AdamW
+    /// moments, the sample buffer as buffer.bin (prompt references, not pixels), data position, RNG and reward scaling.
+    /// </summary>
     public void SaveCheckpoint() => RunCheckpoints.Save(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
     {
-        _model.Save(tmp);
+        _model.SaveTrainable(tmp, _base);
         File.WriteAllBytes(Path.Combine(tmp, "tokenizer.json"), _tokenizerJson);
         var (rng, items) = _ssb.Snapshot();
+        BufferFile.Write(Path.Combine(tmp, BufferFile.Name), Path.GetFullPath(_c.Data.Path), items);
         RunCheckpoints.WriteState(tmp, new TrainerState("grpo", _step, _guard.InARow, _data.Position, new JsonObject
         {
             ["ssb_rng"] = rng.ToString(),
-            ["ssb"] = JsonSerializer.SerializeToNode(items),
             ["rm_scaling"] = new JsonArray(_reward.Scaling.State.Count, _reward.Scaling.State.Mean, _reward.Scaling.State.M2),
         }), _opt);
     });
@@ -381,7 +398,11 @@ public sealed class GrpoTrainer : IDisposable
         _step = state.Step;
         _guard.InARow = state.BadInARow;
         _data.Seek(state.DataPosition);
-        _ssb.Restore(ulong.Parse(state.Extra["ssb_rng"]!.GetValue<string>()), state.Extra["ssb"].Deserialize<List<Rollout>>()!);
+        _ssb.Restore(ulong.Parse(state.Extra["ssb_rng"]!.GetValue<string>()), BufferFile.Read(Path.Combine(dir, BufferFile.Name), _c.Data.Path, row =>
+        {
+            var p = _data.Read(row);
+            return _chat.Prompt([new ChatTurn("user", p.Question, p.Images)]);
+        }));
         if (state.Extra["rm_scaling"] is JsonArray sc)
             _reward.Scaling.Restore((sc[0]!.GetValue<long>(), sc[1]!.GetValue<double>(), sc[2]!.GetValue<double>()));
         _history.AddRange(RunCheckpoints.RewindMetrics<GrpoStepMetrics>(MetricsPath, _step));

@@ -1,3 +1,4 @@
+using R1V2.Native.Engine.Checkpoints;
 using System.Text.Json;
 using R1V2.Native.Engine.Backends;
 using R1V2.Native.Engine.Models;
@@ -66,6 +67,7 @@ public sealed class PreferenceTrainer : IDisposable
             _reference = VisionLanguageModel.Load(backend, config.Model, TrainableParts.None); // the frozen start, also on resume
             trainable = _policy.Parameters.Trainable;
         }
+        _base = RunCheckpoints.BaseOf(resume, config.Model);
         _packer = new ResponsePacker(_policy ?? _rm!.Vlm, _tokenizer);
         var o = config.Optim;
         _opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
@@ -114,16 +116,22 @@ public sealed class PreferenceTrainer : IDisposable
         return summary;
     }
 
+    private readonly Checkpoint.BaseReference _base;
+
+    /// <summary>A lean checkpoint: the trainable parameters (and the reward head), moments and state; frozen tensors stay in the base.</summary>
     public void SaveCheckpoint() => RunCheckpoints.Save(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
     {
-        SaveModel(tmp);
+        if (_rm is not null) _rm.Vlm.SaveTrainable(tmp, _base, extra: [_rm.Weight, _rm.Bias]); else _policy!.SaveTrainable(tmp, _base);
+        File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"), overwrite: true);
         RunCheckpoints.WriteState(tmp, new TrainerState(_c.Stage, _step, _guard.InARow, _data.Position,
             new System.Text.Json.Nodes.JsonObject { ["bco_delta"] = _delta.Value, ["bco_delta_count"] = _delta.Count }), _opt);
     });
 
+    /// <summary>The stage's final model, exported whole in the HF layout (<c>checkpoint.export_dtype</c>) with the tokenizer's files.</summary>
     private void SaveModel(string dir)
     {
-        if (_rm is not null) _rm.Save(dir); else _policy!.Save(dir);
+        if (_rm is not null) _rm.Save(dir, _c.Checkpoint.ExportSafetensorsDType()); else _policy!.Save(dir, _c.Checkpoint.ExportSafetensorsDType());
+        RunCheckpoints.CopySideFiles(_c.Model, dir);
         File.Copy(_tokenizer.Source, Path.Combine(dir, "tokenizer.json"), overwrite: true);
     }
 

@@ -195,6 +195,27 @@ public static class RunCheckpoints
         return final;
     }
 
+    /// <summary>
+    /// The base a run's lean checkpoints name for their frozen tensors: the one the checkpoint being resumed names
+    /// (refused, naming it, when its content changed), else the model the run starts from.
+    /// </summary>
+    public static Checkpoint.BaseReference BaseOf(string? resume, string model) =>
+        (resume is null ? null : Checkpoint.ReadBase(resume)) ?? new Checkpoint.BaseReference(Path.GetFullPath(model), Checkpoint.ContentHash(model));
+
+    /// <summary>The files beside a model's weights and config that an HF export carries: the tokenizer's files and generation settings.</summary>
+    public static IEnumerable<string> SideFiles(string directory) =>
+        Directory.Exists(directory)
+            ? Directory.GetFiles(directory).Where(f => Path.GetFileName(f) is var n && (n.StartsWith("tokenizer", StringComparison.Ordinal)
+                || n is "special_tokens_map.json" or "generation_config.json" or "vocab.json" or "merges.txt" or "added_tokens.json" or "preprocessor_config.json"
+                || n.StartsWith("chat_template", StringComparison.Ordinal)))
+            : [];
+
+    /// <summary>Copies <see cref="SideFiles"/> of <paramref name="source"/> into <paramref name="destination"/>.</summary>
+    public static void CopySideFiles(string source, string destination)
+    {
+        foreach (var f in SideFiles(source)) File.Copy(f, Path.Combine(destination, Path.GetFileName(f)), overwrite: true);
+    }
+
     /// <summary>Refuses to resume a run of one stage from another stage's checkpoint (trainer_state.json "stage"; none means grpo).</summary>
     public static void CheckStage(string dir, string stage)
     {

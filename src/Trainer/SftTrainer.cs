@@ -1,3 +1,4 @@
+using R1V2.Native.Engine.Checkpoints;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using R1V2.Native.Engine.Backends;
@@ -47,6 +48,7 @@ public sealed class SftTrainer : IDisposable
         if (_data.Count - held < 1) throw new InvalidDataException($"{config.Data.Path}: {_data.Count} examples leave none to train on with sft.held_out {config.Sft.HeldOut}");
         _heldOut = Enumerable.Range(_data.Count - held, held).ToHashSet();
         _model = VisionLanguageModel.Load(backend, resume ?? config.Model, config.TrainableParts());
+        _base = RunCheckpoints.BaseOf(resume, config.Model);
         _packer = new ResponsePacker(_model, _tokenizer);
         var o = config.Optim;
         _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
@@ -116,15 +118,21 @@ public sealed class SftTrainer : IDisposable
         return total / tokens;
     }
 
+    private readonly Checkpoint.BaseReference _base;
+
+    /// <summary>A lean checkpoint: the trainable parameters' fp32 masters (frozen ones from the base), moments, state, tokenizer.</summary>
     public void SaveCheckpoint() => RunCheckpoints.Save(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
     {
-        SaveModel(tmp);
+        _model.SaveTrainable(tmp, _base);
+        File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"), overwrite: true);
         RunCheckpoints.WriteState(tmp, new TrainerState("sft", _step, _guard.InARow, _data.Position, new JsonObject { ["held_out_before"] = _heldOutBefore }), _opt);
     });
 
+    /// <summary>The stage's final model: the whole model exported in the HF layout (<c>checkpoint.export_dtype</c>, 5 GB shards) with the tokenizer's files.</summary>
     private void SaveModel(string dir)
     {
-        _model.Save(dir);
+        _model.Save(dir, _c.Checkpoint.ExportSafetensorsDType());
+        RunCheckpoints.CopySideFiles(_c.Model, dir);
         File.Copy(_tokenizer.Source, Path.Combine(dir, "tokenizer.json"), overwrite: true);
     }
 

@@ -23,10 +23,16 @@ public static class BenchCommand
         var trainable = new Option<string>("--trainable") { Description = "adapter | adapter+llm | adapter+vit | all", DefaultValueFactory = _ => "all" };
         var backend = Backends.Option();
         var profile = new Option<bool>("--profile") { Description = "Then run the steps again with every op synchronized and timed, and print the time per op" };
+        var stage = new Option<string>("--stage")
+        {
+            Description = "Whose loss the steps run: model (every text row scored), sft, rm, mpo (reference + policy) or grpo; the last four score each sequence's last half of text tokens",
+            DefaultValueFactory = _ => "model",
+        };
+        stage.AcceptOnlyFromAmong("model", "sft", "rm", "mpo", "grpo");
         var model = new Command("model", "Time forward + backward + AdamW steps of a config: tokens/s, MFU, peak memory against the estimate")
-            { config, sequences, tokens, tiles, steps, trainable, backend, output, profile };
+            { config, sequences, tokens, tiles, steps, trainable, backend, output, profile, stage };
         model.SetAction(r => RunModel(r.GetValue(config)!, r.GetValue(sequences), r.GetValue(tokens), r.GetValue(tiles), r.GetValue(steps),
-            r.GetValue(trainable)!, r.GetValue(backend)!, r.GetValue(output)!, r.GetValue(profile)));
+            r.GetValue(trainable)!, r.GetValue(backend)!, r.GetValue(output)!, r.GetValue(profile), Enum.Parse<BenchStage>(r.GetValue(stage)!, ignoreCase: true)));
         var genConfig = new Option<string>("--config") { Description = "Model config", DefaultValueFactory = _ => Path.Combine("configs", "small.json") };
         var batches = new Option<string>("--batch") { Description = "Comma-separated batch sizes", DefaultValueFactory = _ => "1,4,16" };
         var promptLen = new Option<int>("--prompt") { Description = "Prompt tokens per sequence", DefaultValueFactory = _ => 64 };
@@ -83,7 +89,7 @@ public static class BenchCommand
     };
 
     public static int RunModel(string configPath, int sequences, int tokens, int tiles, int steps, string trainable, string backendName, string outDir,
-        bool profile = false)
+        bool profile = false, BenchStage stage = BenchStage.Model)
     {
         var config = VlmConfig.Load(configPath);
         using var backend = Backends.Create(backendName);
@@ -91,8 +97,8 @@ public static class BenchCommand
         var shape = StepShape.Uniform(sequences, tokens, tiles);
         StepTiming t = null!;
         AnsiConsole.Status().Start($"timing {steps} steps of {Path.GetFileNameWithoutExtension(configPath)} on {backend.Name}", _ =>
-            t = StepBenchmark.Run(backend, config, Path.GetFileNameWithoutExtension(configPath), shape, ParseTrainable(trainable), Math.Max(1, steps), peak, profile: profile));
-        AnsiConsole.MarkupLineInterpolated($"{t.Config} on {t.Backend} ({t.Trainable} trainable): {t.Sequences} x {t.TokensPerSequence} tokens, {t.Tiles} tiles per step");
+            t = StepBenchmark.Run(backend, config, Path.GetFileNameWithoutExtension(configPath), shape, ParseTrainable(trainable), Math.Max(1, steps), peak, profile: profile, stage: stage));
+        AnsiConsole.MarkupLineInterpolated($"{t.Config} on {t.Backend} ({t.Trainable} trainable, {t.Stage} loss): {t.Sequences} x {t.TokensPerSequence} tokens, {t.Tiles} tiles, {t.ScoredTokens} scored rows per step");
         var mfu = t.Mfu is null ? "(MFU: no peak known for this backend)" : $"MFU {100 * t.Mfu:F1}%";
         AnsiConsole.MarkupLineInterpolated($"median step {t.MedianSeconds * 1e3:F1} ms, {t.TokensPerSecond:F0} tokens/s, {t.AchievedTflops * 1e3:F2} GFLOP/s model FLOPs, {mfu}");
         AnsiConsole.MarkupLineInterpolated($"peak memory {t.PeakBytes / 1048576.0:F1} MiB, estimate {t.EstimatedBytes / 1048576.0:F1} MiB (ratio {t.PeakOverEstimate:F3})");
@@ -105,7 +111,7 @@ public static class BenchCommand
             AnsiConsole.MarkupLineInterpolated($"profiled step {t.ProfiledStepMilliseconds:F1} ms: {total:F1} ms in ops, {t.ProfiledStepMilliseconds - total:F1} ms in host code between them");
         }
         Directory.CreateDirectory(outDir);
-        var path = Path.Combine(outDir, $"model-{t.Config}-{t.Backend.Replace(':', '-')}-{DateTime.UtcNow:yyyyMMdd-HHmmss}.json");
+        var path = Path.Combine(outDir, $"model-{t.Stage}-{t.Config}-{t.Backend.Replace(':', '-')}-{DateTime.UtcNow:yyyyMMdd-HHmmss}.json");
         File.WriteAllText(path, System.Text.Json.JsonSerializer.Serialize(t, new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
         AnsiConsole.MarkupLineInterpolated($"wrote {path}");
         return 0;

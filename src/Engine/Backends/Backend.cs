@@ -45,6 +45,9 @@ public abstract class Backend : IDisposable
 
     public abstract MemoryStats Memory { get; }
 
+    /// <summary>Frozen parameters loaded from checkpoints, each held once on this device whoever loads it (<see cref="Layers.SharedFrozenParameters"/>).</summary>
+    public Layers.SharedFrozenParameters Frozen { get; } = new();
+
     /// <summary>Collective operations across data-parallel ranks (a single process until multi-GPU lands).</summary>
     public ICollectives Collectives { get; protected set; } = SingleProcessCollectives.Instance;
 

@@ -13,20 +13,35 @@ public sealed class Checkpoint : IDisposable
     public const string SingleFile = "model.safetensors";
     public const string IndexFile = "model.safetensors.index.json";
 
+    public const string BaseFile = "base.json";
+
     private readonly List<SafetensorsFile> _files;
     private readonly Dictionary<string, SafetensorsFile> _where;
+    private readonly Checkpoint? _base;
 
-    private Checkpoint(string directory, List<SafetensorsFile> files, Dictionary<string, SafetensorsFile> where)
+    private Checkpoint(string directory, List<SafetensorsFile> files, Dictionary<string, SafetensorsFile> where, Checkpoint? baseCheckpoint)
     {
         Directory = directory;
         _files = files;
         _where = where;
+        _base = baseCheckpoint;
     }
 
     public string Directory { get; }
+
+    /// <summary>The base a lean checkpoint layers over (its frozen tensors come from there), or null for a full checkpoint.</summary>
+    public string? BaseDirectory => _base?.Directory;
+
+    /// <summary>The tensors stored in this directory itself (a lean checkpoint's trainable ones), not those of its base.</summary>
+    public IEnumerable<string> OwnNames => _where.Where(kv => _files.Contains(kv.Value)).Select(kv => kv.Key);
     public IEnumerable<string> Names => _where.Keys;
     public bool Contains(string name) => _where.ContainsKey(name);
 
+    /// <summary>
+    /// Opens a checkpoint directory. A lean checkpoint (a training checkpoint that stores only what trains) holds
+    /// base.json, naming its base checkpoint (path and <see cref="ContentHash"/>): every tensor it does not hold is
+    /// read from the base, which is refused, naming it, when its content changed since the checkpoint was written.
+    /// </summary>
     public static Checkpoint Open(string directory)
     {
         var index = Path.Combine(directory, IndexFile);
@@ -76,7 +91,85 @@ public sealed class Checkpoint : IDisposable
             foreach (var f in files) f.Dispose();
             throw;
         }
-        return new Checkpoint(directory, files, where);
+        Checkpoint? baseCheckpoint = null;
+        try
+        {
+            if (ReadBase(directory) is { } reference)
+            {
+                baseCheckpoint = Open(reference.Path);
+                foreach (var name in baseCheckpoint.Names)
+                    if (!where.ContainsKey(name)) where[name] = baseCheckpoint._where[name];
+            }
+        }
+        catch
+        {
+            foreach (var f in files) f.Dispose();
+            throw;
+        }
+        return new Checkpoint(directory, files, where, baseCheckpoint);
+    }
+
+    /// <summary>A lean checkpoint's base: its directory and the content hash it had when the checkpoint was written.</summary>
+    public sealed record BaseReference(string Path, string Sha256);
+
+    /// <summary>Writes base.json into <paramref name="directory"/>: the base's absolute path and content hash.</summary>
+    public static void WriteBase(string directory, BaseReference reference) =>
+        File.WriteAllText(System.IO.Path.Combine(directory, BaseFile), new JsonObject { ["path"] = reference.Path, ["sha256"] = reference.Sha256 }.ToJsonString());
+
+    /// <summary>The base a directory's checkpoint layers over, checked against its recorded hash; null for a full checkpoint.</summary>
+    public static BaseReference? ReadBase(string directory)
+    {
+        var path = System.IO.Path.Combine(directory, BaseFile);
+        if (!File.Exists(path)) return null;
+        string basePath, recorded;
+        try
+        {
+            var json = JsonNode.Parse(File.ReadAllText(path));
+            basePath = json?["path"]?.GetValueKind() == JsonValueKind.String ? json["path"]!.GetValue<string>() : throw new CheckpointException($"{path}: no \"path\" string naming the base checkpoint");
+            recorded = json["sha256"]?.GetValueKind() == JsonValueKind.String ? json["sha256"]!.GetValue<string>() : throw new CheckpointException($"{path}: no \"sha256\" string");
+        }
+        catch (JsonException e) { throw new CheckpointException($"{path}: not valid JSON ({e.Message})"); }
+        if (!System.IO.Path.IsPathRooted(basePath)) basePath = System.IO.Path.GetFullPath(System.IO.Path.Combine(directory, basePath));
+        if (!System.IO.Directory.Exists(basePath))
+            throw new CheckpointException($"{directory}: its base checkpoint {basePath} (named in {BaseFile}) does not exist; the checkpoint holds only the trained tensors");
+        var now = ContentHash(basePath);
+        if (now != recorded)
+            throw new CheckpointException($"{directory}: its base checkpoint {basePath} changed since this checkpoint was written (content hash {now[..12]}, recorded {recorded[..Math.Min(12, recorded.Length)]}); restore that base or start a new run");
+        return new BaseReference(basePath, recorded);
+    }
+
+    /// <summary>
+    /// A content hash of a checkpoint directory that does not read its weights in full: SHA-256 over config.json, the
+    /// shard index, base.json (a lean base's own base), and for each safetensors file its name, size, header and the
+    /// first and last MiB of its data. Retraining changes the data at both ends of every file; a copy keeps the hash.
+    /// </summary>
+    public static string ContentHash(string directory)
+    {
+        using var sha = System.Security.Cryptography.IncrementalHash.CreateHash(System.Security.Cryptography.HashAlgorithmName.SHA256);
+        void Text(string s) { var b = System.Text.Encoding.UTF8.GetBytes(s + "\n"); sha.AppendData(b); }
+        foreach (var name in new[] { "config.json", IndexFile, BaseFile })
+        {
+            var path = System.IO.Path.Combine(directory, name);
+            Text(name);
+            if (File.Exists(path)) sha.AppendData(File.ReadAllBytes(path));
+        }
+        foreach (var path in System.IO.Directory.GetFiles(directory, "*.safetensors").Where(p => System.IO.Path.GetFileName(p) != "optimizer.safetensors")
+                     .Order(StringComparer.Ordinal))
+        {
+            using var fs = File.OpenRead(path);
+            Text($"{System.IO.Path.GetFileName(path)} {fs.Length}");
+            const int edge = 1 << 20;
+            var buffer = new byte[edge];
+            int n = fs.ReadAtLeast(buffer, (int)Math.Min(edge, fs.Length), throwOnEndOfStream: false);
+            sha.AppendData(buffer, 0, n);
+            if (fs.Length > edge)
+            {
+                fs.Seek(Math.Max(edge, fs.Length - edge), SeekOrigin.Begin);
+                n = fs.ReadAtLeast(buffer, (int)(fs.Length - fs.Position), throwOnEndOfStream: false);
+                sha.AppendData(buffer, 0, n);
+            }
+        }
+        return Convert.ToHexString(sha.GetHashAndReset()).ToLowerInvariant();
     }
 
     /// <summary>Checks names and shapes against what the model expects, listing every problem at once.</summary>
@@ -134,6 +227,10 @@ public sealed class Checkpoint : IDisposable
         return -1;
     }
 
+    /// <summary>The safetensors file tensor <paramref name="name"/> is read from (a lean checkpoint's base file for a frozen tensor).</summary>
+    public string FileOf(string name) =>
+        _where.TryGetValue(name, out var f) ? f.Path : throw new CheckpointException($"{Directory}: missing tensor '{name}'");
+
     public SafetensorInfo Info(string name) =>
         _where.TryGetValue(name, out var f) ? f.Tensors[name] : throw new CheckpointException($"{Directory}: missing tensor '{name}'");
 
@@ -141,33 +238,44 @@ public sealed class Checkpoint : IDisposable
     /// Writes tensors as one file, or as shards of at most <paramref name="maxShardBytes"/> with an index, in the HF
     /// layout. Each file is written to a temporary name and renamed.
     /// </summary>
-    public static void Save(string directory, IReadOnlyList<(string Name, int[] Shape, float[] Data)> tensors, string dtype = "F32", long maxShardBytes = 4L << 30)
+    public static void Save(string directory, IReadOnlyList<(string Name, int[] Shape, float[] Data)> tensors, string dtype = "F32", long maxShardBytes = 4L << 30) =>
+        SaveStreamed(directory, [.. tensors.Select(t => (t.Name, t.Shape))], i => tensors[i].Data, dtype, maxShardBytes);
+
+    /// <summary>
+    /// <see cref="Save"/> with each tensor's values fetched by its index in <paramref name="layout"/> when it is
+    /// written: the host holds one tensor at a time. Shards are model-0000i-of-0000n.safetensors with
+    /// model.safetensors.index.json; a model that fits one shard is model.safetensors. Stale files of the other layout are removed.
+    /// </summary>
+    public static void SaveStreamed(string directory, IReadOnlyList<(string Name, int[] Shape)> layout, Func<int, float[]> data, string dtype = "F32",
+        long maxShardBytes = 4L << 30)
     {
         System.IO.Directory.CreateDirectory(directory);
         int size = dtype == "F32" ? 4 : 2;
-        var shards = new List<List<(string, int[], float[])>> { new() };
+        var shards = new List<List<int>> { new() };
         long current = 0, total = 0;
-        foreach (var t in tensors)
+        for (int i = 0; i < layout.Count; i++)
         {
-            long bytes = t.Data.LongLength * size;
+            long bytes = layout[i].Shape.Aggregate(1L, (a, d) => a * d) * size;
             if (current > 0 && current + bytes > maxShardBytes) { shards.Add([]); current = 0; }
-            shards[^1].Add(t);
+            shards[^1].Add(i);
             current += bytes;
             total += bytes;
         }
         var metadata = new Dictionary<string, string> { ["format"] = "pt" };
+        foreach (var stale in System.IO.Directory.GetFiles(directory, "model-*-of-*.safetensors")) File.Delete(stale);
         if (shards.Count == 1)
         {
-            SafetensorsFile.Write(Path.Combine(directory, SingleFile), shards[0], dtype, metadata);
+            SafetensorsFile.WriteStreamed(Path.Combine(directory, SingleFile), [.. shards[0].Select(i => layout[i])], k => data(shards[0][k]), dtype, metadata);
             File.Delete(Path.Combine(directory, IndexFile));
             return;
         }
         var map = new JsonObject();
-        for (int i = 0; i < shards.Count; i++)
+        for (int s = 0; s < shards.Count; s++)
         {
-            var file = $"model-{i + 1:D5}-of-{shards.Count:D5}.safetensors";
-            SafetensorsFile.Write(Path.Combine(directory, file), shards[i], dtype, metadata);
-            foreach (var (name, _, _) in shards[i]) map[name] = file;
+            var file = $"model-{s + 1:D5}-of-{shards.Count:D5}.safetensors";
+            var shard = shards[s];
+            SafetensorsFile.WriteStreamed(Path.Combine(directory, file), [.. shard.Select(i => layout[i])], k => data(shard[k]), dtype, metadata);
+            foreach (var i in shard) map[layout[i].Name] = file;
         }
         var index = new JsonObject { ["metadata"] = new JsonObject { ["total_size"] = total }, ["weight_map"] = map };
         var path = Path.Combine(directory, IndexFile);
@@ -179,5 +287,6 @@ public sealed class Checkpoint : IDisposable
     public void Dispose()
     {
         foreach (var f in _files) f.Dispose();
+        _base?.Dispose();
     }
 }

@@ -191,9 +191,20 @@ public sealed unsafe class SafetensorsFile : IDisposable
     public static void Write(string path, IEnumerable<(string Name, int[] Shape, float[] Data)> tensors, string dtype = "F32",
         IReadOnlyDictionary<string, string>? metadata = null)
     {
+        var list = tensors.ToList();
+        WriteStreamed(path, [.. list.Select(t => (t.Name, t.Shape))], i => list[i].Data, dtype, metadata);
+    }
+
+    /// <summary>
+    /// Like <see cref="Write"/>, pulling each tensor's values from <paramref name="data"/> (by its index in
+    /// <paramref name="layout"/>) only when its turn comes: the header is written from the shapes alone, so the host
+    /// holds one tensor at a time (a 38B model's export never has the whole model in memory).
+    /// </summary>
+    public static void WriteStreamed(string path, IReadOnlyList<(string Name, int[] Shape)> layout, Func<int, float[]> data, string dtype = "F32",
+        IReadOnlyDictionary<string, string>? metadata = null)
+    {
         if (dtype is not ("F32" or "BF16")) throw new ArgumentException($"can write F32 or BF16, not {dtype}");
         int size = dtype == "F32" ? 4 : 2;
-        var list = tensors.ToList();
         var header = new JsonObject();
         if (metadata is not null)
         {
@@ -202,10 +213,9 @@ public sealed unsafe class SafetensorsFile : IDisposable
             header["__metadata__"] = m;
         }
         long offset = 0;
-        foreach (var (name, shape, data) in list)
+        foreach (var (name, shape) in layout)
         {
-            if (data.LongLength != shape.Aggregate(1L, (a, d) => a * d)) throw new ArgumentException($"tensor '{name}': {data.Length} values for shape [{string.Join(", ", shape)}]");
-            long bytes = data.LongLength * size;
+            long bytes = shape.Aggregate(1L, (a, d) => a * d) * size;
             header[name] = new JsonObject
             {
                 ["dtype"] = dtype,
@@ -217,23 +227,35 @@ public sealed unsafe class SafetensorsFile : IDisposable
         var headerBytes = Encoding.UTF8.GetBytes(header.ToJsonString());
         int padded = (headerBytes.Length + 7) / 8 * 8; // data starts 8-byte aligned
         var tmp = path + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
-        using (var fs = new FileStream(tmp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 1 << 20))
+        try
         {
-            fs.Write(BitConverter.GetBytes((long)padded));
-            fs.Write(headerBytes);
-            for (int i = headerBytes.Length; i < padded; i++) fs.WriteByte((byte)' ');
-            foreach (var (_, _, data) in list)
+            using (var fs = new FileStream(tmp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 1 << 20))
             {
-                if (dtype == "F32") fs.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.AsSpan()));
-                else
+                fs.Write(BitConverter.GetBytes((long)padded));
+                fs.Write(headerBytes);
+                for (int i = headerBytes.Length; i < padded; i++) fs.WriteByte((byte)' ');
+                ushort[]? bits = null;
+                for (int t = 0; t < layout.Count; t++)
                 {
-                    var bits = new ushort[data.Length];
-                    for (int i = 0; i < data.Length; i++) bits[i] = BFloat16.FromFloat(data[i]);
-                    fs.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(bits.AsSpan()));
+                    var (name, shape) = layout[t];
+                    var values = data(t);
+                    if (values.LongLength != shape.Aggregate(1L, (a, d) => a * d)) throw new ArgumentException($"tensor '{name}': {values.Length} values for shape [{string.Join(", ", shape)}]");
+                    if (dtype == "F32") fs.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(values.AsSpan()));
+                    else
+                    {
+                        if (bits is null || bits.Length < values.Length) bits = new ushort[values.Length];
+                        for (int i = 0; i < values.Length; i++) bits[i] = BFloat16.FromFloat(values[i]);
+                        fs.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(bits.AsSpan(0, values.Length)));
+                    }
                 }
+                fs.Flush(flushToDisk: true);
             }
-            fs.Flush(flushToDisk: true);
+            File.Move(tmp, path, overwrite: true);
         }
-        File.Move(tmp, path, overwrite: true);
+        catch
+        {
+            File.Delete(tmp);
+            throw;
+        }
     }
 }

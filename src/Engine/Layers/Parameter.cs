@@ -5,8 +5,8 @@ namespace R1V2.Native.Engine.Layers;
 
 /// <summary>
 /// A trainable tensor: the working value in the backend's activation type (bf16 on CUDA), an fp32 master copy when
-/// the value is not fp32 (the optimiser updates the master and refreshes the value), and an fp32 gradient.
-/// Frozen parameters have no gradient and get no optimiser state.
+/// the value is not fp32 and the parameter trains (the optimiser updates the master and refreshes the value), and an
+/// fp32 gradient. Frozen parameters have no master, no gradient and no optimiser state.
 /// </summary>
 public sealed class Parameter : IDisposable
 {
@@ -34,10 +34,14 @@ public sealed class Parameter : IDisposable
     /// <summary>The fp32 weights the optimiser updates.</summary>
     public Tensor Weights => Master ?? Value;
 
+    /// <summary>
+    /// A parameter with <paramref name="init"/> as its values. A trainable one on a bf16 device also gets its fp32
+    /// master; a frozen one is its stored values alone (bf16 on CUDA: nothing updates it, so no master is kept).
+    /// </summary>
     public static Parameter Create(Backend backend, string name, int[] shape, ReadOnlySpan<float> init, bool trainable = true)
     {
         var value = backend.FromArray(init, backend.ActivationType, shape, name);
-        var master = backend.ActivationType == DType.F32 ? null : backend.FromArray(init, DType.F32, shape, name + ".master");
+        var master = backend.ActivationType == DType.F32 || !trainable ? null : backend.FromArray(init, DType.F32, shape, name + ".master");
         var grad = trainable ? backend.Allocate(DType.F32, shape, name + ".grad") : null;
         return new Parameter(name, value, master, grad);
     }

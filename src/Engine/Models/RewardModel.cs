@@ -45,7 +45,15 @@ public sealed class RewardModel : IDisposable
         return new RewardModel(backend, vlm, Parameter.Create(backend, HeadWeight, [1, d], w, trainHead), Parameter.Create(backend, HeadBias, [1], b, trainHead));
     }
 
-    public void Save(string directory) => Vlm.Save(directory, extra: [Weight, Bias]);
+    /// <summary>A reward model over an existing VLM with a new (zero) scalar head: benchmarks and tests.</summary>
+    public static RewardModel WithNewHead(VisionLanguageModel vlm, bool trainHead = true)
+    {
+        int d = vlm.Config.Llm.HiddenSize;
+        return new RewardModel(vlm.Backend, vlm, Parameter.Create(vlm.Backend, HeadWeight, [1, d], new float[d], trainHead),
+            Parameter.Create(vlm.Backend, HeadBias, [1], new float[1], trainHead));
+    }
+
+    public void Save(string directory, string dtype = "F32") => Vlm.Save(directory, dtype, extra: [Weight, Bias]);
 
     /// <summary>A forward over packed sequences and their scores (one per sequence).</summary>
     public sealed class Scored(VisionLanguageModel.Pass pass, RowIndex last, Tensor lastHidden, float[] scores) : IDisposable

@@ -5,6 +5,11 @@ namespace R1V2.Native.Engine.Models;
 /// <summary>One packed training batch's shape, for cost and memory planning.</summary>
 public sealed record StepShape(int TextTokens, int Tiles, int[] SequenceLengths)
 {
+    /// <summary>The rows whose next token is scored (their hidden states enter the LM head); all of them when not set.</summary>
+    public int? Scored { get; init; }
+
+    public int ScoredTokens => Scored ?? TextTokens;
+
     public static StepShape Uniform(int sequences, int tokensPerSequence, int tilesPerSequence) =>
         new(sequences * tokensPerSequence, sequences * tilesPerSequence, Enumerable.Repeat(tokensPerSequence, sequences).ToArray());
 }

@@ -251,22 +251,49 @@ public sealed class VisionLanguageModel : IDisposable
 
     /// <summary>Loads config.json, the safetensors weights and the &lt;IMG_CONTEXT&gt; id from tokenizer.json.</summary>
     /// <param name="optional">Extra tensors the checkpoint may hold beside the VLM's (a reward head); not loaded here.</param>
+    /// <param name="share">Frozen parameters come from the backend's shared set (a second model over the same files
+    /// references them: <see cref="Backend.Frozen"/>); false loads a private copy of everything.</param>
     public static VisionLanguageModel Load(Backend backend, string directory, TrainableParts trainable = TrainableParts.None,
-        IReadOnlyDictionary<string, int[]>? optional = null)
+        IReadOnlyDictionary<string, int[]>? optional = null, bool share = true)
     {
         var config = VlmConfig.Load(Path.Combine(directory, "config.json"));
         int imageContext = TokenizerFiles.SpecialTokenId(Path.Combine(directory, "tokenizer.json"), TokenizerFiles.ImageContext);
         using var checkpoint = Checkpoint.Open(directory);
-        return new VisionLanguageModel(backend, config, ParameterStore.FromCheckpoint(backend, config, checkpoint, trainable, optional), imageContext);
+        return new VisionLanguageModel(backend, config, ParameterStore.FromCheckpoint(backend, config, checkpoint, trainable, optional, share), imageContext);
     }
 
-    /// <summary>Writes config.json and the weights (fp32 masters when present) in the HF layout.</summary>
-    public void Save(string directory, string dtype = "F32", long maxShardBytes = 4L << 30, IEnumerable<Parameter>? extra = null)
+    /// <summary>HF export shards: at most this many bytes per safetensors file.</summary>
+    public const long ExportShardBytes = 5_000_000_000;
+
+    /// <summary>
+    /// Writes config.json and every weight (fp32 masters when present, else the stored values) in the HF layout, in
+    /// <paramref name="dtype"/>, sharded at <paramref name="maxShardBytes"/>, one tensor at a time on the host.
+    /// </summary>
+    public void Save(string directory, string dtype = "F32", long maxShardBytes = ExportShardBytes, IEnumerable<Parameter>? extra = null)
     {
+        var tensors = Parameters.All.Select(p => (p.Name, p.Parameter)).Concat((extra ?? []).Select(p => (p.Name, p))).ToList();
         Directory.CreateDirectory(directory);
-        var tensors = Parameters.All.Select(p => (p.Name, p.Parameter.Weights.Shape.ToArray(), p.Parameter.Weights.ToFloatArray()))
-            .Concat((extra ?? []).Select(p => (p.Name, p.Weights.Shape.ToArray(), p.Weights.ToFloatArray()))).ToList();
-        Checkpoint.Save(directory, tensors, dtype, maxShardBytes);
+        Checkpoint.SaveStreamed(directory, [.. tensors.Select(t => (t.Item1, t.Item2.Weights.Shape.ToArray()))], i => tensors[i].Item2.Weights.ToFloatArray(), dtype, maxShardBytes);
+        WriteConfig(directory);
+    }
+
+    /// <summary>
+    /// A lean training checkpoint: config.json, the trainable parameters' fp32 masters (and <paramref name="extra"/>
+    /// tensors, such as a reward head) as model.safetensors, and base.json naming the checkpoint every frozen tensor
+    /// comes from (<see cref="Checkpoint.Open"/> layers the two). Frozen parts cost nothing per checkpoint.
+    /// </summary>
+    public void SaveTrainable(string directory, Checkpoint.BaseReference baseReference, IEnumerable<Parameter>? extra = null)
+    {
+        var tensors = Parameters.All.Where(p => p.Parameter.Trainable).Select(p => (p.Name, p.Parameter))
+            .Concat((extra ?? []).Select(p => (p.Name, p))).ToList();
+        Directory.CreateDirectory(directory);
+        Checkpoint.SaveStreamed(directory, [.. tensors.Select(t => (t.Item1, t.Item2.Weights.Shape.ToArray()))], i => tensors[i].Item2.Weights.ToFloatArray(), "F32", long.MaxValue);
+        Checkpoint.WriteBase(directory, baseReference);
+        WriteConfig(directory);
+    }
+
+    private void WriteConfig(string directory)
+    {
         var path = Path.Combine(directory, "config.json");
         File.WriteAllText(path + ".tmp", Config.ToJson().ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
         File.Move(path + ".tmp", path, overwrite: true);
@@ -279,10 +306,8 @@ public sealed class VisionLanguageModel : IDisposable
         internal ImagePass? Image;
         internal Qwen2Decoder.State Llm = null!;
         internal RowIndex? ImageRows;
-        internal Tensor Ids = null!, Positions = null!, Targets = null!, Embeddings = null!, Final = null!, Lse = null!, LogProb = null!;
-
-        /// <summary>Logits [T, V] in the backend's activation type (overwritten by their gradient in backward).</summary>
-        public Tensor Logits { get; internal set; } = null!;
+        internal Tensor Ids = null!, Positions = null!, Embeddings = null!, Final = null!;
+        internal ScoredRows? Scored; // the LM head's pass 1 over the rows with a target (with the loss only)
         internal NormCache FinalNorm = null!;
         internal PackedSequences Sequences = null!;
         internal SharedRows? Shared;
@@ -305,12 +330,26 @@ public sealed class VisionLanguageModel : IDisposable
         }
     }
 
+    /// <summary>
+    /// Every row's logits [T, V] fp32 on the host, made on demand from the pass's final hidden states: for inspecting a
+    /// model against a reference at small vocabularies. No stage calls it; their log-probs come from <see cref="ChunkedLmHead"/>.
+    /// </summary>
+    public float[] FullLogits(Pass pass)
+    {
+        using var logits = Linear.ForwardF32(_b, pass.Final, _head.Value);
+        return logits.ToFloatArray();
+    }
+
+    /// <summary>Vocabulary rows per chunk of the LM head (<see cref="ChunkedLmHead"/>): the loss's logits are [scored rows, chunk] fp32.</summary>
+    public int VocabChunk { get; set; } = ChunkedLmHead.DefaultChunk;
+
     /// <summary>The LM head's weight (the token embedding when they are tied).</summary>
     public Parameter LmHead => _head;
 
     /// <summary>
-    /// Forward through the final norm. With <paramref name="withLoss"/> (the default) also the LM head and the
-    /// fused log-softmax loss over the batch's targets; without it the pass ends at the final hidden states
+    /// Forward through the final norm. With <paramref name="withLoss"/> (the default) also the LM head's log-probs of the
+    /// batch's targets (<see cref="ChunkedLmHead"/>: only the rows with a target, the vocabulary in chunks, never
+    /// [T, V]) and their mean NLL; without it the pass ends at the final hidden states
     /// (<see cref="Pass.Hidden"/>), for losses that fuse the head themselves (GRPO, reward heads).
     /// </summary>
     public Pass Forward(VlmBatch batch, bool withLoss = true)
@@ -337,7 +376,6 @@ public sealed class VisionLanguageModel : IDisposable
         if (sharedRows) pass.Shared = h.Keep(new SharedRows(_b, batch.ExpandRows!, batch.OutputRows!));
         pass.Ids = h.Keep(_b.FromArray(batch.InputIds, [t], "input_ids"));
         pass.Positions = h.Keep(_b.FromArray(sharedRows ? batch.Positions! : pass.Sequences.Positions(), [t], "position_ids"));
-        pass.Targets = h.Keep(_b.FromArray(batch.Targets, [t], "targets"));
         pass.Embeddings = h.Keep(_b.Activations(t, c.Llm.HiddenSize));
         _b.EmbeddingForward(_embed.Value, pass.Ids, pass.Embeddings);
 
@@ -352,11 +390,8 @@ public sealed class VisionLanguageModel : IDisposable
         pass.Final = h.Keep(_finalNorm.Forward(pass.Llm.Output, out pass.FinalNorm)); h.Keep(pass.FinalNorm);
         pass.Counted = batch.Targets.Count(x => x != Backend.IgnoreIndex);
         if (!withLoss) return pass;
-        pass.Logits = h.Keep(Linear.Forward(_b, pass.Final, _head.Value, null));
-        pass.LogProb = h.Keep(_b.Allocate(DType.F32, t));
-        pass.Lse = h.Keep(_b.Allocate(DType.F32, t));
-        _b.CrossEntropyForward(pass.Logits, pass.Targets, pass.LogProb, pass.Lse);
-        pass.LogProbs = pass.LogProb.ToFloatArray();
+        pass.Scored = h.Keep(ChunkedLmHead.Forward(_b, pass.Final, _head, batch.Targets, 1f, VocabChunk));
+        pass.LogProbs = pass.Scored.Spread(pass.Scored.RowLogProbs());
         pass.Loss = pass.Counted == 0 ? 0 : -pass.LogProbs.Sum(x => (double)x) / pass.Counted;
         return pass;
     }
@@ -486,11 +521,9 @@ public sealed class VisionLanguageModel : IDisposable
         if (dLogProb.Length != t) throw new ArgumentException($"{dLogProb.Length} log-prob gradients for {t} positions");
         bool needImage = pass.Image is not null && (AdapterTrainable || VitTrainable);
         if (!LlmTrainable && !needImage) return;
-        using var held = new Activations();
-        if (pass.Logits is null) throw new InvalidOperationException("this pass ran without the loss: use BackwardFromHidden");
-        var dlogprob = held.Keep(_b.FromArray(dLogProb, DType.F32, [t]));
-        _b.CrossEntropyBackward(pass.Logits, pass.Targets, pass.Lse, dlogprob, pass.Logits); // dlogits replace the logits
-        var dFinal = held.Keep(Linear.Backward(_b, pass.Logits, pass.Final, _head.Value, _head.Grad, null, inputGradient: true)!);
+        if (pass.Scored is null) throw new InvalidOperationException("this pass ran without the loss: use BackwardFromHidden");
+        using var dlogprob = _b.FromArray(pass.Scored.Pick(dLogProb), DType.F32, [pass.Scored.Rows.Length]);
+        using var dFinal = ChunkedLmHead.Backward(_b, pass.Scored, _head, dlogprob, _b.ActivationType, VocabChunk);
         BackwardFromHidden(pass, dFinal);
     }
 

@@ -121,28 +121,56 @@ public static class VlmWeights
     }
 }
 
-/// <summary>The model's parameters by HF name, created from a checkpoint or a random initialisation.</summary>
+/// <summary>
+/// The model's parameters by HF name, created from a checkpoint or a random initialisation. From a checkpoint, frozen
+/// parameters come from the backend's <see cref="SharedFrozenParameters"/>: a second model over the same files (a KL
+/// reference) references them instead of copying them.
+/// </summary>
 public sealed class ParameterStore : IDisposable
 {
     private readonly Dictionary<string, Parameter> _byName = new(StringComparer.Ordinal);
     private readonly List<(string Name, Parameter Parameter)> _ordered = [];
+    private readonly SharedFrozenParameters? _shared;
 
     public ParameterStore(Backend backend, VlmConfig config, TrainableParts trainable, Func<string, int[], float[]> values)
+        : this(backend, config, trainable, (name, shape, isTrainable) => Parameter.Create(backend, name, shape, values(name, shape), isTrainable), null)
     {
-        foreach (var (name, shape) in VlmWeights.Expected(config))
+    }
+
+    private ParameterStore(Backend backend, VlmConfig config, TrainableParts trainable, Func<string, int[], bool, Parameter> create, SharedFrozenParameters? shared)
+    {
+        _shared = shared;
+        try
         {
-            var p = Parameter.Create(backend, name, shape, values(name, shape), VlmWeights.IsTrainable(name, trainable));
-            _byName[name] = p;
-            _ordered.Add((name, p));
+            foreach (var (name, shape) in VlmWeights.Expected(config))
+            {
+                var p = create(name, shape, VlmWeights.IsTrainable(name, trainable));
+                _byName[name] = p;
+                _ordered.Add((name, p));
+            }
+        }
+        catch
+        {
+            Dispose();
+            throw;
         }
     }
 
+    /// <summary>
+    /// Parameters from a checkpoint, one tensor at a time (its values pass through the host once; the peak is about
+    /// one tensor). Frozen ones are shared through the backend's <see cref="Backend.Frozen"/> unless <paramref name="share"/> is false.
+    /// </summary>
     public static ParameterStore FromCheckpoint(Backend backend, VlmConfig config, Checkpoint checkpoint, TrainableParts trainable,
-        IReadOnlyDictionary<string, int[]>? optional = null)
+        IReadOnlyDictionary<string, int[]>? optional = null, bool share = true)
     {
         CheckLayerCounts(config, checkpoint);
         checkpoint.Validate(VlmWeights.Expected(config).ToDictionary(t => t.Name, t => t.Shape), optional);
-        return new ParameterStore(backend, config, trainable, checkpoint.Read);
+        var shared = share ? backend.Frozen : null;
+        return new ParameterStore(backend, config, trainable, (name, shape, isTrainable) =>
+        {
+            Parameter Create() => Parameter.Create(backend, name, shape, checkpoint.Read(name, shape), isTrainable);
+            return isTrainable || shared is null ? Create() : shared.Acquire(SharedFrozenParameters.KeyOf(checkpoint.FileOf(name), name), Create);
+        }, shared);
     }
 
     /// <summary>
@@ -169,6 +197,9 @@ public sealed class ParameterStore : IDisposable
 
     public void Dispose()
     {
-        foreach (var (_, p) in _ordered) p.Dispose();
+        foreach (var (_, p) in _ordered)
+            if (_shared is not null && _shared.Holds(p)) _shared.Release(p);
+            else p.Dispose();
+        _ordered.Clear();
     }
 }

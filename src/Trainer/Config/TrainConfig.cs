@@ -107,6 +107,12 @@ public sealed class TrainConfig
     {
         public int Every { get; set; } = 10;
         public int Keep { get; set; } = 2;
+
+        /// <summary>The storage type of the stage's exported final model: bf16 (the HF release) or f32.</summary>
+        public string ExportDtype { get; set; } = "bf16";
+
+        /// <summary><see cref="ExportDtype"/> as a safetensors dtype.</summary>
+        public string ExportSafetensorsDType() => ExportDtype == "f32" ? "F32" : "BF16";
     }
 
     public sealed class GrpoConfig
@@ -307,6 +313,7 @@ public sealed class TrainConfig
         Require(Grpo.Advantage is "mean_std" or "mean_only" or "leave_one_out", $"grpo.advantage must be mean_std, mean_only or leave_one_out, not '{Grpo.Advantage}'");
         Require(Optim.Schedule is "constant" or "linear" or "cosine", $"optim.schedule must be constant, linear or cosine, not '{Optim.Schedule}'");
         Require(Checkpoint.Every >= 1 && Checkpoint.Keep >= 1, "checkpoint.every and checkpoint.keep must be at least 1");
+        Require(Checkpoint.ExportDtype is "bf16" or "f32", $"checkpoint.export_dtype must be bf16 or f32, got '{Checkpoint.ExportDtype}'");
         Require(Trainable is "adapter" or "adapter+llm" or "adapter+vit" or "all", $"trainable must be adapter, adapter+llm, adapter+vit or all, not '{Trainable}'");
         Require(Backend is "auto" or "cpu" or "cuda", $"backend must be auto, cpu or cuda, not '{Backend}'");
         // Numeric ranges: every number a run reads, checked before any work starts.

@@ -33,96 +33,37 @@ public sealed class GrpoLossResult(double loss, float[] logProbs, Tensor hiddenG
 /// </summary>
 public static class FusedGrpoLoss
 {
-    public static GrpoLossResult Fused(Backend b, Tensor hidden, Parameter head, GrpoTokens tokens, GrpoLossSettings settings, int vocabChunk = 8192,
+    public static GrpoLossResult Fused(Backend b, Tensor hidden, Parameter head, GrpoTokens tokens, GrpoLossSettings settings, int vocabChunk = ChunkedLmHead.DefaultChunk,
         int? vocabLimit = null)
     {
-        int t = hidden.Rows, v = Rows(head, vocabLimit);
-        if (vocabChunk < 1) throw new ArgumentOutOfRangeException(nameof(vocabChunk));
-        CheckTargets(tokens.Targets, v);
-        float invT = 1f / settings.Temperature;
+        int t = hidden.Rows;
+        if (tokens.Targets.Length != t) throw new ArgumentException($"{tokens.Targets.Length} targets for {t} hidden rows");
+        using var scored = ChunkedLmHead.Forward(b, hidden, head, tokens.Targets, settings.Temperature, vocabChunk, vocabLimit);
+        int r = scored.Rows.Length;
         using var held = new Activations();
-        var targets = held.Keep(b.FromArray(tokens.Targets, [t], "targets"));
-        var (m, s, target) = LogSumExpPass(b, hidden, head, v, targets, invT, vocabChunk, held);
-        var old = held.Keep(b.FromArray(tokens.OldLogProbs, DType.F32, [t]));
-        var refLp = tokens.RefLogProbs is null ? null : held.Keep(b.FromArray(tokens.RefLogProbs, DType.F32, [t]));
-        var adv = held.Keep(b.FromArray(tokens.Advantages, DType.F32, [t]));
-        var weight = held.Keep(b.FromArray(tokens.Weights, DType.F32, [t]));
-        var loss = held.Keep(b.Allocate(DType.F32, t));
-        var dlogp = held.Keep(b.Allocate(DType.F32, t));
-        var logp = held.Keep(b.Allocate(DType.F32, t));
-        b.GrpoTokenLoss(m, s, target, targets, old, refLp, adv, weight, settings, loss, dlogp, logp);
-
-        var dHidden = b.Allocate(DType.F32, t, hidden.Cols);
-        for (int c0 = 0; c0 < v; c0 += vocabChunk)
-        {
-            int n = Math.Min(vocabChunk, v - c0);
-            var w = head.Value.SliceRows(c0, n);
-            using var chunk = Linear.ForwardF32(b, hidden, w);
-            b.ChunkLogitGrad(chunk, m, s, targets, dlogp, c0, invT);
-            // The GEMMs take dlogits in the storage type (bf16 on CUDA: gradients tolerate its rounding, log-probs do not).
-            using var stored = w.DType == DType.F32 ? null : b.Allocate(w.DType, t, n);
-            if (stored is not null) b.Convert(chunk, stored);
-            var dlogits = stored ?? chunk;
-            b.Gemm(dlogits, false, w, false, dHidden, beta: 1f);                                  // dH += dlogits W_chunk
-            if (head.Grad is not null) b.Gemm(dlogits, true, hidden, false, head.Grad.SliceRows(c0, n), beta: 1f); // dW_chunk += dlogits^T H
-        }
-        return new GrpoLossResult(loss.ToFloatArray().Sum(x => (double)x), logp.ToFloatArray(), dHidden);
+        var old = held.Keep(b.FromArray(scored.Pick(tokens.OldLogProbs), DType.F32, [r]));
+        var refLp = tokens.RefLogProbs is null ? null : held.Keep(b.FromArray(scored.Pick(tokens.RefLogProbs), DType.F32, [r]));
+        var adv = held.Keep(b.FromArray(scored.Pick(tokens.Advantages), DType.F32, [r]));
+        var weight = held.Keep(b.FromArray(scored.Pick(tokens.Weights), DType.F32, [r]));
+        var loss = held.Keep(b.Allocate(DType.F32, r));
+        var dlogp = held.Keep(b.Allocate(DType.F32, r));
+        var logp = held.Keep(b.Allocate(DType.F32, r));
+        if (r > 0) b.GrpoTokenLoss(scored.Max, scored.Sum, scored.TargetLogit, scored.Targets, old, refLp, adv, weight, settings, loss, dlogp, logp);
+        var dHidden = ChunkedLmHead.Backward(b, scored, head, dlogp, DType.F32, vocabChunk);
+        double total = r == 0 ? 0 : loss.ToFloatArray().Sum(x => (double)x);
+        return new GrpoLossResult(total, scored.Spread(r == 0 ? [] : logp.ToFloatArray()), dHidden);
     }
 
     /// <summary>
-    /// log softmax(logits / temperature)[target] of each position (0 where the target is ignored), walking the vocabulary
-    /// in chunks like <see cref="Fused"/>'s first pass: the reference model's log-probs at the policy's temperature.
+    /// log softmax(logits / temperature)[target] of each position (0 where the target is ignored), over the scored rows
+    /// alone like <see cref="Fused"/>'s first pass: the reference model's log-probs at the policy's temperature.
     /// </summary>
-    public static float[] TokenLogProbs(Backend b, Tensor hidden, Parameter head, int[] targets, float temperature, int vocabChunk = 8192, int? vocabLimit = null)
-    {
-        int t = hidden.Rows;
-        if (targets.Length != t) throw new ArgumentException($"{targets.Length} targets for {t} hidden rows");
-        if (vocabChunk < 1) throw new ArgumentOutOfRangeException(nameof(vocabChunk));
-        using var held = new Activations();
-        var ids = held.Keep(b.FromArray(targets, [t], "targets"));
-        int v = Rows(head, vocabLimit);
-        CheckTargets(targets, v);
-        var (m, s, target) = LogSumExpPass(b, hidden, head, v, ids, 1f / temperature, vocabChunk, held);
-        float[] mh = m.ToFloatArray(), sh = s.ToFloatArray(), th = target.ToFloatArray();
-        var logp = new float[t];
-        for (int i = 0; i < t; i++) if (targets[i] >= 0) logp[i] = (float)(th[i] - mh[i] - Math.Log(sh[i]));
-        return logp;
-    }
-
-    /// <summary>Pass 1 over the vocabulary in chunks: each row's running max and sum of exp(logit / T) and its target's scaled logit.</summary>
-    private static (Tensor Max, Tensor Sum, Tensor Target) LogSumExpPass(Backend b, Tensor hidden, Parameter head, int v, Tensor targets, float invT, int vocabChunk,
-        Activations held)
-    {
-        int t = hidden.Rows;
-        var m = held.Keep(b.FromArray(Enumerable.Repeat(float.NegativeInfinity, t).ToArray(), DType.F32, [t], "lse_max"));
-        var s = held.Keep(b.Allocate(DType.F32, [t], "lse_sum"));
-        var target = held.Keep(b.Allocate(DType.F32, [t], "target_logit"));
-        for (int c0 = 0; c0 < v; c0 += vocabChunk)
-        {
-            int n = Math.Min(vocabChunk, v - c0);
-            using var chunk = Linear.ForwardF32(b, hidden, head.Value.SliceRows(c0, n));   // fp32 logits [T, chunk]
-            b.ChunkLseUpdate(chunk, targets, c0, invT, m, s, target);
-        }
-        return (m, s, target);
-    }
-
-    /// <summary>The head rows the softmax covers: all, or the first <paramref name="vocabLimit"/>; a target past them is an error.</summary>
-    private static int Rows(Parameter head, int? vocabLimit)
-    {
-        int v = head.Value.Dim(0);
-        if (vocabLimit is { } limit && (limit < 1 || limit > v)) throw new ArgumentOutOfRangeException(nameof(vocabLimit), $"vocabulary limit {limit} outside [1, {v}] head rows");
-        return vocabLimit ?? v;
-    }
-
-    private static void CheckTargets(int[] targets, int v)
-    {
-        for (int i = 0; i < targets.Length; i++)
-            if (targets[i] >= v) throw new ArgumentException($"target {i} is token {targets[i]}, outside the {v} vocabulary rows the loss covers");
-    }
+    public static float[] TokenLogProbs(Backend b, Tensor hidden, Parameter head, int[] targets, float temperature, int vocabChunk = ChunkedLmHead.DefaultChunk,
+        int? vocabLimit = null) => ChunkedLmHead.LogProbs(b, hidden, head, targets, temperature, vocabChunk, vocabLimit);
 
     public static GrpoLossResult Unfused(Backend b, Tensor hidden, Parameter head, GrpoTokens tokens, GrpoLossSettings settings, int? vocabLimit = null)
     {
-        int t = hidden.Rows, v = Rows(head, vocabLimit);
+        int t = hidden.Rows, v = ChunkedLmHead.HeadRows(head, vocabLimit);
         var weight = head.Value.SliceRows(0, v);
         using var logits = Linear.ForwardF32(b, hidden, weight);                              // [T, V]: what the fused path avoids
         b.Scale(logits, logits, 1f / settings.Temperature);

@@ -81,7 +81,7 @@ public sealed class ModelCommandTests(CpuFixture fx) : IDisposable
                     pixels[(ch * 28 + y) * 28 + x] = (raw[(y * 28 + x) * 3 + ch] / 255f - ImagePreprocessor.Mean[ch]) / ImagePreprocessor.Std[ch];
         using var model = VisionLanguageModel.Load(_b, ckpt);
         using var pass = model.Forward(VlmBatch.Single(ids, pixels, 1));
-        var logits = pass.Logits.ToFloatArray();
+        var logits = model.FullLogits(pass);
         int v = model.Config.Llm.VocabSize;
         for (int t = 9; t < ids.Length; t++)
         {

@@ -29,7 +29,7 @@ public sealed class GeneratorTests(CpuFixture fx)
     {
         using var pass = model.Forward(VlmBatch.Single(ids, pixels, 1));
         int v = model.Config.Llm.VocabSize;
-        var row = pass.Logits.ToFloatArray()[((ids.Length - 1) * v)..(ids.Length * v)];
+        var row = model.FullLogits(pass)[((ids.Length - 1) * v)..(ids.Length * v)];
         double m = row.Max() / temperature, z = row.Sum(x => Math.Exp(x / temperature - m));
         return row.Select(x => x / temperature - m - Math.Log(z)).ToArray();
     }

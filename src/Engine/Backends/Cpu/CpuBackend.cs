@@ -177,7 +177,13 @@ public sealed unsafe class CpuBackend : Backend
     public override void Zero(Tensor t)
     {
         Own(t, "zero");
-        new Span<byte>(Pointer(t), checked((int)t.Bytes)).Clear();
+        var at = (byte*)Pointer(t);
+        for (long done = 0; done < t.Bytes;) // spans are int-sized; a real-width embedding holds 3 GB
+        {
+            int n = (int)Math.Min(t.Bytes - done, 1 << 30);
+            new Span<byte>(at + done, n).Clear();
+            done += n;
+        }
     }
 
     protected override void UploadFloats(Tensor t, ReadOnlySpan<float> data)
