@@ -108,6 +108,72 @@ public abstract class Backend : IDisposable
         UploadFloats(t, data);
     }
 
+    /// <summary>A slice of a tensor's stored bytes (a memory-mapped checkpoint): <paramref name="count"/> bytes from <paramref name="offset"/>.</summary>
+    public delegate ReadOnlySpan<byte> StoredBytes(long offset, int count);
+
+    /// <summary>Elements per slice of <see cref="UploadStored"/>'s conversions (4 MB of fp32).</summary>
+    public const int UploadSlice = 1 << 20;
+
+    /// <summary>
+    /// Uploads <paramref name="elements"/> stored values of <paramref name="sourceDType"/> (F32, BF16 or F16, as a
+    /// checkpoint holds them) into <paramref name="t"/> (F32 or BF16). Bytes already in t's type go straight from
+    /// the source (a memory-mapped file) to the device; a conversion runs slice by slice through one staging buffer
+    /// of at most <see cref="UploadSlice"/> elements: the host never holds the tensor.
+    /// </summary>
+    public void UploadStored(Tensor t, string sourceDType, long elements, StoredBytes source)
+    {
+        Own(t, "upload");
+        if (t.DType == DType.I32) throw new ArgumentException($"upload: {t} holds int32");
+        if (elements != t.Length) throw new ArgumentException($"upload: {t} has {t.Length} elements, the source {elements}");
+        int size = sourceDType switch { "F32" => 4, "BF16" or "F16" => 2, _ => throw new ArgumentException($"upload: stored type {sourceDType}; expected F32, BF16 or F16") };
+        bool direct = (sourceDType == "F32" && t.DType == DType.F32) || (sourceDType == "BF16" && t.DType == DType.BF16);
+        if (direct) { UploadSlices(t, sourceDType, elements, source, size, true, null, null); return; }
+        lock (_staging)
+        {
+            _staging.Floats ??= new float[UploadSlice];   // one slice per backend, reused from tensor to tensor
+            if (t.DType == DType.BF16) _staging.Bits ??= new ushort[UploadSlice];
+            UploadSlices(t, sourceDType, elements, source, size, false, _staging.Floats, t.DType == DType.BF16 ? _staging.Bits : null);
+        }
+    }
+
+    private sealed class Staging
+    {
+        public float[]? Floats;
+        public ushort[]? Bits;
+    }
+
+    private readonly Staging _staging = new();
+
+    private void UploadSlices(Tensor t, string sourceDType, long elements, StoredBytes source, int size, bool direct, float[]? staging, ushort[]? bits)
+    {
+        int target = t.DType.Size();
+        for (long at = 0; at < elements; at += UploadSlice)
+        {
+            int n = (int)Math.Min(UploadSlice, elements - at);
+            var bytes = source(at * size, n * size);
+            if (direct) { UploadBytesCore(t, at * target, bytes); continue; }
+            var f = staging!.AsSpan(0, n);
+            switch (sourceDType)
+            {
+                case "F32": System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(bytes).CopyTo(f); break;
+                case "BF16":
+                    var bf = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(bytes);
+                    for (int i = 0; i < n; i++) f[i] = BFloat16.ToFloat(bf[i]);
+                    break;
+                default:
+                    var h = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, Half>(bytes);
+                    for (int i = 0; i < n; i++) f[i] = (float)h[i];
+                    break;
+            }
+            if (bits is null) { UploadBytesCore(t, at * target, System.Runtime.InteropServices.MemoryMarshal.AsBytes(f)); continue; }
+            for (int i = 0; i < n; i++) bits[i] = BFloat16.FromFloat(f[i]);
+            UploadBytesCore(t, at * target, System.Runtime.InteropServices.MemoryMarshal.AsBytes(bits.AsSpan(0, n)));
+        }
+    }
+
+    /// <summary>Copies raw bytes (already in the tensor's type) into <paramref name="t"/> from byte <paramref name="byteOffset"/> on.</summary>
+    protected abstract void UploadBytesCore(Tensor t, long byteOffset, ReadOnlySpan<byte> bytes);
+
     public void Upload(Tensor t, ReadOnlySpan<int> data)
     {
         Own(t, "upload");

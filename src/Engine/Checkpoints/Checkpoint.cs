@@ -1,5 +1,6 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using R1V2.Native.Engine.Tensors;
 
 namespace R1V2.Native.Engine.Checkpoints;
 
@@ -211,6 +212,54 @@ public sealed class Checkpoint : IDisposable
         if (!AllowNonFiniteWeights && FirstNonFinite(values) is int at and >= 0)
             throw new CheckpointException($"{file.Path}: tensor '{name}' holds {values[at]} at element {at} (R1V2_ALLOW_NONFINITE_WEIGHTS=1 loads it anyway, for inspection)");
         return values;
+    }
+
+    /// <summary>
+    /// Moves a tensor from the memory-mapped file to <paramref name="destination"/> (<see cref="Backends.Backend.UploadStored"/>:
+    /// bytes of the destination's type go straight to the device, others through one staging slice), checking its
+    /// shape and, slice by slice, that every value is finite. The host never holds the tensor.
+    /// </summary>
+    public void ReadInto(string name, int[] shape, Tensor destination)
+    {
+        if (!_where.TryGetValue(name, out var file)) throw new CheckpointException($"{Directory}: missing tensor '{name}'");
+        var info = file.Tensors[name];
+        if (!info.Shape.SequenceEqual(shape.Select(d => (long)d)))
+            throw new CheckpointException($"{file.Path}: tensor '{name}' has shape {info.ShapeString}, expected [{string.Join(", ", shape)}]");
+        int size = SafetensorInfo.ElementSize(info.DType);
+        if (info.DType is not ("F32" or "BF16" or "F16")) throw new CheckpointException($"{file.Path}: tensor '{name}' is {info.DType}; expected F32, BF16 or F16");
+        destination.Backend.UploadStored(destination, info.DType, info.Length, (offset, count) =>
+        {
+            var bytes = file.Bytes(name, offset, count);
+            if (!AllowNonFiniteWeights && FirstNonFinite(bytes, info.DType) is int at and >= 0)
+            {
+                var v = bytes.Slice(at * size, size);
+                float value = info.DType switch
+                {
+                    "F32" => BitConverter.ToSingle(v),
+                    "BF16" => BFloat16.ToFloat(BitConverter.ToUInt16(v)),
+                    _ => (float)BitConverter.ToHalf(v),
+                };
+                throw new CheckpointException($"{file.Path}: tensor '{name}' holds {value} at element {offset / size + at} (R1V2_ALLOW_NONFINITE_WEIGHTS=1 loads it anyway, for inspection)");
+            }
+            return bytes;
+        });
+    }
+
+    /// <summary>The index of the first NaN or infinity among stored values of <paramref name="dtype"/>, or -1 (all-ones exponent bits).</summary>
+    private static int FirstNonFinite(ReadOnlySpan<byte> bytes, string dtype)
+    {
+        switch (dtype)
+        {
+            case "F32": return FirstNonFinite(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(bytes));
+            case "BF16":
+                var bf = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(bytes);
+                for (int i = 0; i < bf.Length; i++) if ((bf[i] & 0x7f80) == 0x7f80) return i;
+                return -1;
+            default:
+                var h = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(bytes);
+                for (int i = 0; i < h.Length; i++) if ((h[i] & 0x7c00) == 0x7c00) return i;
+                return -1;
+        }
     }
 
     /// <summary>The index of the first NaN or infinity, or -1 (x - x is 0 for every finite x and NaN otherwise).</summary>

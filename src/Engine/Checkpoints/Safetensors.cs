@@ -143,6 +143,14 @@ public sealed unsafe class SafetensorsFile : IDisposable
         return t.End == t.Begin ? [] : new ReadOnlySpan<byte>(_base + _dataStart + t.Begin, checked((int)(t.End - t.Begin)));
     }
 
+    /// <summary><paramref name="count"/> raw bytes of a tensor from byte <paramref name="offset"/> (valid while this file is open; any tensor size).</summary>
+    public ReadOnlySpan<byte> Bytes(string name, long offset, int count)
+    {
+        var t = Info(name);
+        if (offset < 0 || count < 0 || offset + count > t.End - t.Begin) throw new ArgumentOutOfRangeException(nameof(offset), $"{Path}: bytes [{offset}, {offset + count}) outside tensor '{name}'");
+        return count == 0 ? [] : new ReadOnlySpan<byte>(_base + _dataStart + t.Begin + offset, count);
+    }
+
     /// <summary>Reads a float tensor into fp32, converting from bf16 or fp16.</summary>
     public void ReadFloats(string name, Span<float> destination)
     {

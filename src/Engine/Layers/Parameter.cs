@@ -46,6 +46,33 @@ public sealed class Parameter : IDisposable
         return new Parameter(name, value, master, grad);
     }
 
+    /// <summary>
+    /// A parameter whose values <paramref name="fill"/> writes straight into its device tensors (a checkpoint's
+    /// <c>ReadInto</c>: no host copy of the tensor): the value, and for a trainable parameter on a bf16 device its fp32 master.
+    /// </summary>
+    public static Parameter Load(Backend backend, string name, int[] shape, Action<Tensor> fill, bool trainable)
+    {
+        Tensor? value = null, master = null;
+        try
+        {
+            value = backend.Allocate(backend.ActivationType, shape, name);
+            fill(value);
+            if (trainable && backend.ActivationType != DType.F32)
+            {
+                master = backend.Allocate(DType.F32, shape, name + ".master");
+                fill(master);
+            }
+            var grad = trainable ? backend.Allocate(DType.F32, shape, name + ".grad") : null;
+            return new Parameter(name, value, master, grad);
+        }
+        catch
+        {
+            value?.Dispose();
+            master?.Dispose();
+            throw;
+        }
+    }
+
     public void ZeroGrad()
     {
         if (Grad is not null) Grad.Backend.Zero(Grad);

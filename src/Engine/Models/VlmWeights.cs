@@ -168,7 +168,7 @@ public sealed class ParameterStore : IDisposable
         var shared = share ? backend.Frozen : null;
         return new ParameterStore(backend, config, trainable, (name, shape, isTrainable) =>
         {
-            Parameter Create() => Parameter.Create(backend, name, shape, checkpoint.Read(name, shape), isTrainable);
+            Parameter Create() => Parameter.Load(backend, name, shape, t => checkpoint.ReadInto(name, shape, t), isTrainable);
             return isTrainable || shared is null ? Create() : shared.Acquire(SharedFrozenParameters.KeyOf(checkpoint.FileOf(name), name), Create);
         }, shared);
     }

@@ -196,6 +196,9 @@ public sealed unsafe class CpuBackend : Backend
         }
     }
 
+    protected override void UploadBytesCore(Tensor t, long byteOffset, ReadOnlySpan<byte> bytes) =>
+        bytes.CopyTo(new Span<byte>((byte*)Pointer(t) + byteOffset, bytes.Length));
+
     protected override void UploadInts(Tensor t, ReadOnlySpan<int> data) => data.CopyTo(new Span<int>(Pointer(t), data.Length));
 
     protected override float[] DownloadFloatsCore(Tensor t)

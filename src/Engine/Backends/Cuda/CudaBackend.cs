@@ -131,6 +131,12 @@ public sealed unsafe class CudaBackend : Backend
         if (t.Bytes > 0) CudaDriver.MemsetAsync(P(t), 0, t.Bytes, _stream.Handle);
     }
 
+    protected override void UploadBytesCore(Tensor t, long byteOffset, ReadOnlySpan<byte> bytes)
+    {
+        EnsureCurrent();
+        fixed (byte* p = bytes) { CudaDriver.CopyHtoDAsync(P(t) + (ulong)byteOffset, p, bytes.Length, _stream.Handle); _stream.Synchronize(); }
+    }
+
     protected override void UploadFloats(Tensor t, ReadOnlySpan<float> data)
     {
         EnsureCurrent();
