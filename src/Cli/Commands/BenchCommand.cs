@@ -29,10 +29,12 @@ public static class BenchCommand
             DefaultValueFactory = _ => "model",
         };
         stage.AcceptOnlyFromAmong("model", "sft", "rm", "mpo", "grpo");
+        var checkpointLayers = new Option<bool>("--checkpoint-layers") { Description = "Per-layer activation checkpointing (keep each layer's input, recompute in backward)" };
         var model = new Command("model", "Time forward + backward + AdamW steps of a config: tokens/s, MFU, peak memory against the estimate")
-            { config, sequences, tokens, tiles, steps, trainable, backend, output, profile, stage };
+            { config, sequences, tokens, tiles, steps, trainable, backend, output, profile, stage, checkpointLayers };
         model.SetAction(r => RunModel(r.GetValue(config)!, r.GetValue(sequences), r.GetValue(tokens), r.GetValue(tiles), r.GetValue(steps),
-            r.GetValue(trainable)!, r.GetValue(backend)!, r.GetValue(output)!, r.GetValue(profile), Enum.Parse<BenchStage>(r.GetValue(stage)!, ignoreCase: true)));
+            r.GetValue(trainable)!, r.GetValue(backend)!, r.GetValue(output)!, r.GetValue(profile), Enum.Parse<BenchStage>(r.GetValue(stage)!, ignoreCase: true),
+            r.GetValue(checkpointLayers)));
         var genConfig = new Option<string>("--config") { Description = "Model config", DefaultValueFactory = _ => Path.Combine("configs", "small.json") };
         var batches = new Option<string>("--batch") { Description = "Comma-separated batch sizes", DefaultValueFactory = _ => "1,4,16" };
         var promptLen = new Option<int>("--prompt") { Description = "Prompt tokens per sequence", DefaultValueFactory = _ => 64 };
@@ -89,7 +91,7 @@ public static class BenchCommand
     };
 
     public static int RunModel(string configPath, int sequences, int tokens, int tiles, int steps, string trainable, string backendName, string outDir,
-        bool profile = false, BenchStage stage = BenchStage.Model)
+        bool profile = false, BenchStage stage = BenchStage.Model, bool checkpointLayers = false)
     {
         var config = VlmConfig.Load(configPath);
         using var backend = Backends.Create(backendName);
@@ -97,7 +99,7 @@ public static class BenchCommand
         var shape = StepShape.Uniform(sequences, tokens, tiles);
         StepTiming t = null!;
         AnsiConsole.Status().Start($"timing {steps} steps of {Path.GetFileNameWithoutExtension(configPath)} on {backend.Name}", _ =>
-            t = StepBenchmark.Run(backend, config, Path.GetFileNameWithoutExtension(configPath), shape, ParseTrainable(trainable), Math.Max(1, steps), peak, profile: profile, stage: stage));
+            t = StepBenchmark.Run(backend, config, Path.GetFileNameWithoutExtension(configPath), shape, ParseTrainable(trainable), Math.Max(1, steps), peak, profile: profile, stage: stage, checkpointLayers: checkpointLayers));
         AnsiConsole.MarkupLineInterpolated($"{t.Config} on {t.Backend} ({t.Trainable} trainable, {t.Stage} loss): {t.Sequences} x {t.TokensPerSequence} tokens, {t.Tiles} tiles, {t.ScoredTokens} scored rows per step");
         var mfu = t.Mfu is null ? "(MFU: no peak known for this backend)" : $"MFU {100 * t.Mfu:F1}%";
         AnsiConsole.MarkupLineInterpolated($"median step {t.MedianSeconds * 1e3:F1} ms, {t.TokensPerSecond:F0} tokens/s, {t.AchievedTflops * 1e3:F2} GFLOP/s model FLOPs, {mfu}");

@@ -49,28 +49,32 @@ public static class StepCost
     }
 
     /// <summary>
-    /// Peak memory of a step: weights in the activation type, fp32 masters, gradients and two AdamW moments of the
-    /// trainable parameters, the activations forward keeps (per layer, listed tensor by tensor below), and the
-    /// largest backward working set (one layer's temporaries).
+    /// Peak memory of a step: weights in the activation type, fp32 masters of the trainable parameters (a bf16
+    /// device; frozen parts keep none), their gradients and two AdamW moments (each tensor rounded to the pool's size
+    /// classes), the activations forward keeps (per layer, listed tensor by tensor below; with per-layer activation
+    /// checkpointing only each layer's input, plus one recomputed layer in backward), the LM head's chunked log-probs
+    /// over the scored rows (<see cref="StepShape.ScoredTokens"/> x <paramref name="vocabChunk"/> fp32, never [T, V]),
+    /// and the largest backward working set.
     /// </summary>
-    public static MemoryEstimate TrainingMemory(VlmConfig c, StepShape s, TrainableParts trainable, DType activationType)
+    public static MemoryEstimate TrainingMemory(VlmConfig c, StepShape s, TrainableParts trainable, DType activationType, bool checkpointLayers = false,
+        int vocabChunk = 8192)
     {
         int a = activationType.Size();
-        long all = 0, train = 0;
+        long weights = 0, masters = 0, grads = 0, optimiser = 0;
         foreach (var (name, shape) in VlmWeights.Expected(c))
         {
             long n = shape.Aggregate(1L, (x, y) => x * y);
-            all += n;
-            if (VlmWeights.IsTrainable(name, trainable)) train += n;
+            weights += Pool(n * a);
+            if (!VlmWeights.IsTrainable(name, trainable)) continue;
+            if (activationType != DType.F32) masters += Pool(n * 4);
+            grads += Pool(n * 4);
+            optimiser += 2 * Pool(n * 4);
         }
-        long weights = all * a;
-        long masters = activationType == DType.F32 ? 0 : all * 4L;
-        long grads = train * 4, optimiser = train * 8;
 
         var v = c.Vision;
         var l = c.Llm;
         int np = c.TilePatchesPerSide * c.TilePatchesPerSide;
-        long vt = s.Tiles * (1L + np), t = s.TextTokens, img = (long)s.Tiles * c.TokensPerTile;
+        long vt = s.Tiles * (1L + np), t = s.TextTokens, img = (long)s.Tiles * c.TokensPerTile, r = s.ScoredTokens;
         int cv = v.HiddenSize, fv = v.IntermediateSize, d = l.HiddenSize, f = l.IntermediateSize, hd = l.HeadDim;
         int normStats = v.NormType == VisionNorm.LayerNorm ? 2 : 1;
         // ViT layer keeps N1, Q, K, V, (Qn, Kn), A, P, H1, N2, F1, G, F2, output: 10 or 12 x C + 2F wide; stats fp32.
@@ -80,13 +84,24 @@ public static class StepCost
         long adapter = img * a * (2L * shuffled + 3L * d) + img * 8;
         // Decoder layer keeps N1, Qr, Kr, V, A, H1, N2, Gate, Up, Act, output; rstd x2 and lse fp32.
         long llmLayer = t * (a * (4L * d + 2L * l.NumHeads * hd + 2L * l.NumKvHeads * hd + 3L * f) + 4L * (2 + l.NumHeads));
-        long llmOther = t * (a * (2L * d + l.VocabSize) + 4L * 3 + 4L * 3); // embeddings, final norm, logits; ids, positions, targets; lse, logprob, rstd
-        long activations = v.NumLayers * vitLayer + vitOther + adapter + l.NumLayers * llmLayer + llmOther;
-        // Backward working set: the larger of one decoder layer's and one ViT layer's temporaries, plus the running
-        // input gradient of the LM head and final norm.
-        long llmBack = t * a * (3L * f + 5L * d + 2L * l.NumHeads * hd + 2L * l.NumKvHeads * hd) + t * 4L * l.NumHeads;
-        long vitBack = vt * a * (2L * fv + 9L * cv) + vt * 4L * v.NumHeads;
-        long workspace = Math.Max(llmBack, vitBack) + t * a * 2L * d;
+        // Embeddings, final norm; ids, positions, targets; final rstd. The LM head's pass 1 keeps the gathered scored
+        // rows (when not every row is scored) and their running max, sum, target logit and ids.
+        long llmOther = t * (a * 2L * d + 4L * 3 + 4L) + (r < t ? r * a * d : 0) + r * 16;
+        long vitKept = checkpointLayers ? v.NumLayers * vt * a * cv : v.NumLayers * vitLayer;
+        long llmKept = checkpointLayers ? l.NumLayers * t * a * d : l.NumLayers * llmLayer;
+        long activations = vitKept + vitOther + adapter + llmKept + llmOther;
+        // Backward working set: the larger of one decoder layer's and one ViT layer's temporaries (with checkpointing
+        // also that layer's recomputed activations), the LM head's pass 2 ([R, chunk] fp32 logits, their bf16 copy on
+        // a bf16 device, d hidden of the scored rows in fp32 and scattered to [T, D]), plus the running input gradient
+        // of the final norm.
+        long llmBack = t * a * (3L * f + 5L * d + 2L * l.NumHeads * hd + 2L * l.NumKvHeads * hd) + t * 4L * l.NumHeads + (checkpointLayers ? llmLayer : 0);
+        long vitBack = vt * a * (2L * fv + 9L * cv) + vt * 4L * v.NumHeads + (checkpointLayers ? vitLayer : 0);
+        long chunk = Math.Min(vocabChunk, l.VocabSize);
+        long headBack = r * chunk * (4L + (a == 4 ? 0 : a)) + r * d * (4L + (a == 4 ? 0 : a)) + t * a * d;
+        long workspace = Math.Max(Math.Max(llmBack, vitBack) + t * a * 2L * d, headBack);
         return new MemoryEstimate(weights, masters, grads, optimiser, activations, workspace);
     }
+
+    /// <summary>What the memory pool hands out for a request (its size classes).</summary>
+    private static long Pool(long bytes) => Backends.MemoryPool<Backends.DeviceBlock>.RoundUp(bytes);
 }

@@ -47,16 +47,16 @@ public enum BenchStage
 public static class StepBenchmark
 {
     public static StepTiming Run(Backend backend, VlmConfig config, string configName, StepShape shape, TrainableParts trainable, int steps,
-        double? peakFlops, int imageContextId = 261, bool profile = false, BenchStage stage = BenchStage.Model)
+        double? peakFlops, int imageContextId = 261, bool profile = false, BenchStage stage = BenchStage.Model, bool checkpointLayers = false)
     {
         using var store = new ParameterStore(backend, config, trainable, (n, s) => VlmWeights.RandomInit(config, n, s, 1));
         GC.Collect(); // the initial values' host arrays (gigabytes at real widths) are garbage now
-        using var model = new VisionLanguageModel(backend, config, store, imageContextId);
+        using var model = new VisionLanguageModel(backend, config, store, imageContextId) { CheckpointLlm = checkpointLayers, CheckpointVit = checkpointLayers };
         var rm = stage == BenchStage.Rm ? RewardModel.WithNewHead(model) : null;
         var trainableParameters = rm?.Trainable.ToList() ?? store.Trainable.ToList();
         using var opt = new AdamWOptimizer(backend, trainableParameters, new AdamWSettings(1e-4f));
         var batch = stage == BenchStage.Model ? SyntheticBatch(config, shape, imageContextId) : StageBatch(config, shape, imageContextId);
-        shape = shape with { Scored = batch.Targets.Count(x => x != Backend.IgnoreIndex) };
+        shape = shape with { Scored = stage == BenchStage.Rm ? 0 : batch.Targets.Count(x => x != Backend.IgnoreIndex) }; // a reward model never runs the LM head
         void Step()
         {
             opt.ZeroGrad();
@@ -106,7 +106,7 @@ public static class StepBenchmark
             }
             double median = times[times.Count / 2];
             double flops = StepCost.TrainingFlops(config, shape);
-            var estimate = StepCost.TrainingMemory(config, shape, trainable, backend.ActivationType);
+            var estimate = StepCost.TrainingMemory(config, shape, trainable, backend.ActivationType, checkpointLayers);
             long peak = backend.Memory.PeakBytesInUse;
             return new StepTiming(configName, backend.Name, trainable.ToString(), shape.SequenceLengths.Length, shape.SequenceLengths[0], shape.Tiles, steps,
                 median, shape.TextTokens / median, flops / 1e12, flops / median / 1e12, peakFlops is null ? null : flops / median / peakFlops,
