@@ -45,7 +45,18 @@ public static class BenchCommand
             { genConfig, batches, promptLen, newTokens, genBackend, output, genProfile };
         generate.SetAction(r => RunGenerate(r.GetValue(genConfig)!, r.GetValue(batches)!, r.GetValue(promptLen), r.GetValue(newTokens), r.GetValue(genBackend)!, r.GetValue(output)!,
             r.GetValue(genProfile)));
-        return new Command("bench", "Benchmarks") { kernels, model, generate };
+        var memConfig = new Option<string>("--config") { Description = "Model config", DefaultValueFactory = _ => Path.Combine("configs", "r1v2-38b.json") };
+        var memTokens = new Option<string>("--tokens") { Description = "Comma-separated packed tokens per step (one sequence each)", DefaultValueFactory = _ => "8192,16384" };
+        var memTiles = new Option<int>("--tiles") { Description = "Image tiles in the step", DefaultValueFactory = _ => 7 };
+        var memScored = new Option<double>("--scored") { Description = "Share of the tokens whose next token is scored (the responses)", DefaultValueFactory = _ => 0.5 };
+        var memDtype = new Option<string>("--dtype") { Description = "Activation / weight storage: bf16 (CUDA) or f32 (CPU)", DefaultValueFactory = _ => "bf16" };
+        memDtype.AcceptOnlyFromAmong("bf16", "f32");
+        var memNoCheckpoint = new Option<bool>("--no-checkpoint-layers") { Description = "Keep every layer's activations instead of recomputing them in backward" };
+        var memory = new Command("memory", "Plan a training step's device memory from the config alone (StepCost): weights, masters, gradients, moments, activations, workspace")
+            { memConfig, memTokens, memTiles, memScored, memDtype, memNoCheckpoint };
+        memory.SetAction(r => RunMemory(r.GetValue(memConfig)!, r.GetValue(memTokens)!, r.GetValue(memTiles), r.GetValue(memScored), r.GetValue(memDtype)!,
+            !r.GetValue(memNoCheckpoint)));
+        return new Command("bench", "Benchmarks") { kernels, model, generate, memory };
     }
 
     public static int RunGenerate(string configPath, string batches, int prompt, int newTokens, string backendName, string outDir, bool profile = false)
@@ -78,6 +89,26 @@ public static class BenchCommand
         var path = Path.Combine(outDir, $"generate-{name}-{backend.Name.Replace(':', '-')}-{DateTime.UtcNow:yyyyMMdd-HHmmss}.json");
         File.WriteAllText(path, System.Text.Json.JsonSerializer.Serialize(results, new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
         AnsiConsole.MarkupLineInterpolated($"wrote {path}");
+        return 0;
+    }
+
+    /// <summary>`engine bench memory`: StepCost's estimate for each token count, adapter-only and LLM-trainable, in GiB.</summary>
+    public static int RunMemory(string configPath, string tokens, int tiles, double scored, string dtype, bool checkpointLayers)
+    {
+        var config = VlmConfig.Load(configPath);
+        if (!(scored is > 0 and <= 1)) throw new ArgumentException($"--scored must be in (0, 1], got {scored}");
+        var type = dtype == "f32" ? Engine.Tensors.DType.F32 : Engine.Tensors.DType.BF16;
+        var table = new Table().AddColumns("tokens", "trainable", "weights", "masters", "grads", "moments", "activations", "workspace", "total (GiB)");
+        foreach (var t in tokens.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(int.Parse))
+            foreach (var parts in new[] { TrainableParts.Adapter, TrainableParts.AdapterAndLlm })
+            {
+                var shape = StepShape.Uniform(1, t, tiles) with { Scored = (int)(t * scored) };
+                var e = StepCost.TrainingMemory(config, shape, parts, type, checkpointLayers);
+                static string G(long b) => (b / (double)(1L << 30)).ToString("F1");
+                table.AddRow(t.ToString(), parts.ToString(), G(e.Weights), G(e.Masters), G(e.Gradients), G(e.Optimiser), G(e.Activations), G(e.BackwardWorkspace), G(e.Total));
+            }
+        AnsiConsole.MarkupLineInterpolated($"{Path.GetFileNameWithoutExtension(configPath)}: {tiles} tiles, {scored:P0} of the tokens scored, {dtype}, activation checkpointing {(checkpointLayers ? "on" : "off")}; one device, no sharding");
+        AnsiConsole.Write(table);
         return 0;
     }
 

@@ -276,6 +276,21 @@ public sealed class Checkpoint : IDisposable
         return -1;
     }
 
+    /// <summary>
+    /// A frozen tensor's identity for sharing it on a device (<see cref="Layers.SharedFrozenParameters"/>): name, stored
+    /// type, shape and a 128-bit xxHash of its stored bytes, read slice by slice from the mapped file.
+    /// </summary>
+    public Layers.SharedFrozenParameters.Key ContentKey(string name)
+    {
+        if (!_where.TryGetValue(name, out var file)) throw new CheckpointException($"{Directory}: missing tensor '{name}'");
+        var info = file.Tensors[name];
+        var hash = new System.IO.Hashing.XxHash128();
+        long bytes = info.End - info.Begin;
+        for (long at = 0; at < bytes; at += 1 << 26)
+            hash.Append(file.Bytes(name, at, (int)Math.Min(1 << 26, bytes - at)));
+        return new Layers.SharedFrozenParameters.Key(name, info.DType, info.ShapeString, hash.GetCurrentHashAsUInt128());
+    }
+
     /// <summary>The safetensors file tensor <paramref name="name"/> is read from (a lean checkpoint's base file for a frozen tensor).</summary>
     public string FileOf(string name) =>
         _where.TryGetValue(name, out var f) ? f.Path : throw new CheckpointException($"{Directory}: missing tensor '{name}'");
@@ -287,7 +302,7 @@ public sealed class Checkpoint : IDisposable
     /// Writes tensors as one file, or as shards of at most <paramref name="maxShardBytes"/> with an index, in the HF
     /// layout. Each file is written to a temporary name and renamed.
     /// </summary>
-    public static void Save(string directory, IReadOnlyList<(string Name, int[] Shape, float[] Data)> tensors, string dtype = "F32", long maxShardBytes = 4L << 30) =>
+    public static void Save(string directory, IReadOnlyList<(string Name, int[] Shape, float[] Data)> tensors, string dtype = "F32", long maxShardBytes = CheckpointExport.ShardBytes) =>
         SaveStreamed(directory, [.. tensors.Select(t => (t.Name, t.Shape))], i => tensors[i].Data, dtype, maxShardBytes);
 
     /// <summary>
@@ -296,7 +311,7 @@ public sealed class Checkpoint : IDisposable
     /// model.safetensors.index.json; a model that fits one shard is model.safetensors. Stale files of the other layout are removed.
     /// </summary>
     public static void SaveStreamed(string directory, IReadOnlyList<(string Name, int[] Shape)> layout, Func<int, float[]> data, string dtype = "F32",
-        long maxShardBytes = 4L << 30)
+        long maxShardBytes = CheckpointExport.ShardBytes)
     {
         System.IO.Directory.CreateDirectory(directory);
         int size = dtype == "F32" ? 4 : 2;

@@ -1,27 +1,20 @@
 namespace R1V2.Native.Engine.Layers;
 
 /// <summary>
-/// The frozen parameters a backend holds, each once: a frozen tensor loaded from the same checkpoint file (the same
-/// path, size and modification time) by several models (the policy, its KL reference, a reward model over the same
-/// base) is one device tensor that they all reference. A reference model then costs only the parts that train in the
+/// The frozen parameters a backend holds, each once: a frozen tensor with the same name, stored type, shape and
+/// content (a 128-bit xxHash of its stored bytes) loaded by several models (the policy, its KL reference, a reward
+/// model whose checkpoint holds the same backbone, from whichever file) is one device tensor that they all reference. A reference model then costs only the parts that train in the
 /// policy (with the adapter alone trainable, the adapter's size, not the model's). Counted: the last holder to
 /// release a parameter frees it. Trainable parameters are never shared.
 /// </summary>
 public sealed class SharedFrozenParameters
 {
-    /// <summary>A frozen tensor's source: the file it was read from (identified by path, size and modification time) and its name.</summary>
-    public readonly record struct Key(string File, long Bytes, long ModifiedTicks, string Name);
+    /// <summary>A frozen tensor's identity: its name, stored type, shape and a 128-bit hash of its stored bytes.</summary>
+    public readonly record struct Key(string Name, string DType, string Shape, UInt128 Content);
 
     private readonly Dictionary<Key, (Parameter Parameter, int Holders)> _held = new();
     private readonly Dictionary<Parameter, Key> _keyOf = new(ReferenceEqualityComparer.Instance);
     private readonly object _gate = new();
-
-    /// <summary>The key of tensor <paramref name="name"/> in <paramref name="file"/>.</summary>
-    public static Key KeyOf(string file, string name)
-    {
-        var info = new FileInfo(file);
-        return new Key(Path.GetFullPath(file), info.Length, info.LastWriteTimeUtc.Ticks, name);
-    }
 
     /// <summary>The parameter held for <paramref name="key"/> (one more holder), or a new one from <paramref name="create"/>.</summary>
     public Parameter Acquire(Key key, Func<Parameter> create)

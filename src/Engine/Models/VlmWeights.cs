@@ -169,7 +169,7 @@ public sealed class ParameterStore : IDisposable
         return new ParameterStore(backend, config, trainable, (name, shape, isTrainable) =>
         {
             Parameter Create() => Parameter.Load(backend, name, shape, t => checkpoint.ReadInto(name, shape, t), isTrainable);
-            return isTrainable || shared is null ? Create() : shared.Acquire(SharedFrozenParameters.KeyOf(checkpoint.FileOf(name), name), Create);
+            return isTrainable || shared is null ? Create() : shared.Acquire(checkpoint.ContentKey(name), Create);
         }, shared);
     }
 

@@ -18,13 +18,14 @@ public sealed class GrpoLossResult(double loss, float[] logProbs, Tensor hiddenG
 }
 
 /// <summary>
-/// The LM head and the GRPO loss together. <see cref="Fused"/> walks the vocabulary in chunks: pass 1 makes each
-/// chunk's logits with a GEMM and folds them into a running log-sum-exp and the target logit; the per-token loss and
-/// d loss / d logp follow; pass 2 remakes each chunk, turns it into its logit gradient in place and applies it to the
-/// hidden-state gradient and the head's weight gradient. Only [T, chunk] logits ever exist. <see cref="Unfused"/> is
-/// the plain composition over the full [T, V] logits with the loss computed on the host, the reference for tests
-/// and for the peak-memory comparison. Logits are fp32 on every backend (the GEMM writes fp32 from bf16 operands on
-/// CUDA), as the sampler's are, so the old and new log-probs of a PPO ratio carry no bf16 rounding.
+/// The LM head and the GRPO loss together. <see cref="Fused"/> runs <see cref="ChunkedLmHead"/> over the response rows
+/// alone (prompt and image rows never enter the head): pass 1 folds each vocabulary chunk's fp32 logits into a running
+/// log-sum-exp and the target logit; the per-token loss and d loss / d logp follow (<c>grpo_token_loss</c>); pass 2
+/// remakes each chunk, turns it into its logit gradient in place and applies it to the hidden-state gradient and the
+/// head's weight gradient. Only [R, chunk] logits ever exist. <see cref="Unfused"/> is the plain composition over the
+/// full [T, V] logits with the loss computed on the host, the reference for tests. Logits are fp32 on every backend
+/// (the GEMM writes fp32 from bf16 operands on CUDA), as the sampler's are, so the old and new log-probs of a PPO
+/// ratio carry no bf16 rounding.
 /// <para>
 /// <c>vocabLimit</c>: the softmax runs over the head's first rows only (the tokenizer's ids, as sampling does), so a head
 /// padded wider than its tokenizer gives the same log-probs as the sampler and a PPO ratio of 1 before any update; the

@@ -211,6 +211,11 @@ public sealed class LeanCheckpointTests(CpuFixture fx, ITestOutputHelper output)
         Assert.True(b.Memory.BytesInUse - before <= adapterBytes * 1.2, $"the reference took {b.Memory.BytesInUse - before:N0} B");
         Assert.Same(policy.Parameters["language_model.model.layers.0.mlp.up_proj.weight"], reference.Parameters["language_model.model.layers.0.mlp.up_proj.weight"]);
         Assert.NotSame(policy.Parameters["mlp1.1.weight"], reference.Parameters["mlp1.1.weight"]);
+        // A reward model whose checkpoint holds the same backbone (here an f32 export: another file, the same bytes) references it too.
+        var sameBackbone = Path.Combine(_dir, "same-backbone");
+        CheckpointExport.Export(model, sameBackbone, "F32");
+        using (var rm = RewardModel.Load(b, sameBackbone, TrainableParts.None, trainHead: false))
+            Assert.Same(policy.Parameters["language_model.model.layers.1.self_attn.q_proj.weight"], rm.Vlm.Parameters["language_model.model.layers.1.self_attn.q_proj.weight"]);
         using var copy = VisionLanguageModel.Load(b, model, TrainableParts.None, share: false);
         int ctx = reference.ImageContextId;
         int[] ids = [5, 7, ctx - 2, .. Enumerable.Repeat(ctx, c.TokensPerTile), ctx - 1, 11, 12, 13, 14];
