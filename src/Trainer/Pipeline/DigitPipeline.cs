@@ -425,7 +425,9 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
     private TrainConfig Stage(string stage, string model, string output, string data, int steps, string[] extra) =>
         TrainConfig.Load(null, [$"stage={stage}", $"model={model}", $"output={output}", $"data.path={data}", $"steps={steps}", $"seed={s.Seed}",
             // Warm-up and SFT train everything; the reward model, MPO and GRPO keep the aligned vision encoder as it is.
-            $"trainable={(stage == "sft" ? "all" : "adapter+llm")}", $"checkpoint.every={Math.Max(1, steps / 2)}", "checkpoint.keep=1", .. extra]);
+            $"trainable={(stage == "sft" ? "all" : "adapter+llm")}", $"checkpoint.every={Math.Max(1, steps / 2)}", "checkpoint.keep=1",
+            // The CPU trains in fp32 from stage to stage: each stage's final model is exported in fp32, not rounded to bf16.
+            "checkpoint.export_dtype=f32", .. extra]);
 
     private (string Model, List<GrpoStepMetrics> Steps) RunGrpo(string name, string model, string? rmModel, bool buffer, Action<string, double>? progress, CancellationToken cancel)
     {
@@ -451,7 +453,8 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         }
         Report.Write(output);
         var steps = File.ReadAllLines(Path.Combine(output, "metrics.jsonl")).Select(l => JsonSerializer.Deserialize<GrpoStepMetrics>(l)!).ToList();
-        return (RunCheckpoints.Latest(output) ?? throw new InvalidOperationException($"{output} has no checkpoint"), steps);
+        var final = Path.Combine(output, "final");
+        return (Directory.Exists(final) ? final : RunCheckpoints.Latest(output) ?? throw new InvalidOperationException($"{output} has no checkpoint"), steps);
     }
 
     /// <summary>

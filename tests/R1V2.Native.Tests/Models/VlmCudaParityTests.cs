@@ -137,6 +137,39 @@ public sealed class VlmCudaParityTests(CpuFixture fx, ITestOutputHelper output)
     private sealed record CpuResult(double Loss, double[] Logits, Dictionary<string, double[]> Grads);
 
     /// <summary>Forward and backward on the CPU backend, with every weight and pixel passed through <paramref name="map"/> first.</summary>
+    /// <summary>
+    /// On a bf16 device a frozen part is its bf16 values alone (no fp32 master), a trainable one has its master and
+    /// gradient; the KL reference of an adapter-only policy adds the adapter's bf16 copy and nothing else; the values
+    /// equal the checkpoint's rounded to bf16.
+    /// </summary>
+    [SkippableFact]
+    public void FrozenParts_OnCudaBf16_KeepNoMaster_AndAReferenceSharesThem()
+    {
+        Skip.IfNot(Gpu.Available, Gpu.Reason);
+        var dir = VlmParityTests.FixtureDir("internvit6b");
+        using var cuda = new CudaBackend(activationType: DType.BF16);
+        long before = cuda.Memory.BytesInUse;
+        using var policy = VisionLanguageModel.Load(cuda, dir, TrainableParts.Adapter);
+        long policyBytes = cuda.Memory.BytesInUse - before;
+        foreach (var (name, p) in policy.Parameters.All)
+        {
+            Assert.Equal(DType.BF16, p.Value.DType);
+            if (name.StartsWith(VlmWeights.Adapter, StringComparison.Ordinal)) { Assert.NotNull(p.Master); Assert.NotNull(p.Grad); }
+            else { Assert.Null(p.Master); Assert.Null(p.Grad); }
+        }
+        static long Pool(long bytes) => Engine.Backends.MemoryPool<Engine.Backends.DeviceBlock>.RoundUp(bytes);
+        long expected = policy.Parameters.All.Sum(p => Pool(p.Parameter.Value.Length * 2) + (p.Parameter.Trainable ? 2 * Pool(p.Parameter.Value.Length * 4) : 0));
+        long adapterCopy = policy.Parameters.All.Where(p => p.Parameter.Trainable).Sum(p => Pool(p.Parameter.Value.Length * 2));
+        output.WriteLine($"policy: {policyBytes:N0} B, expected {expected:N0} B (bf16 values, masters and gradients of the adapter only)");
+        Assert.InRange(policyBytes, expected, expected + 65536);
+        long mid = cuda.Memory.BytesInUse;
+        using var reference = VisionLanguageModel.Load(cuda, dir, TrainableParts.None);
+        Assert.InRange(cuda.Memory.BytesInUse - mid, adapterCopy, adapterCopy + 65536);
+        using var file = Engine.Checkpoints.Checkpoint.Open(dir);
+        foreach (var (name, p) in policy.Parameters.All.Where(p => !p.Parameter.Trainable).Take(5))
+            Assert.Equal(file.Read(name, [.. p.Value.Shape]).Select(BFloat16.Round), p.Value.ToFloatArray());
+    }
+
     private CpuResult CpuStep(string dir, VlmBatch batch, Func<float, float>? map)
     {
         using var model = VisionLanguageModel.Load(fx.Backend, dir, TrainableParts.All);
