@@ -45,6 +45,9 @@ public abstract class Backend : IDisposable
 
     public abstract MemoryStats Memory { get; }
 
+    /// <summary>Restarts the peak of <see cref="Memory"/> from the bytes in use now (to measure one phase's peak).</summary>
+    public abstract void ResetPeakMemory();
+
     /// <summary>Frozen parameters loaded from checkpoints, each held once on this device whoever loads it (<see cref="Layers.SharedFrozenParameters"/>).</summary>
     public Layers.SharedFrozenParameters Frozen { get; } = new();
 

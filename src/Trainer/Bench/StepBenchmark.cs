@@ -19,6 +19,10 @@ public sealed record StepTiming(string Config, string Backend, string Trainable,
     public string Stage { get; init; } = "model";
     public int ScoredTokens { get; init; }
 
+    /// <summary>The loss path's peak above the hidden states (LM head over the scored rows, forward and backward), and what [T, V] fp32 logits would take.</summary>
+    public long LossPeakBytes { get; init; }
+    public long FullLogitsBytes { get; init; }
+
     /// <summary>With profiling: the profiled step's wall time (longer than <see cref="MedianSeconds"/>: every op synchronizes).</summary>
     public double? ProfiledStepMilliseconds { get; init; }
 }
@@ -108,15 +112,52 @@ public static class StepBenchmark
             double flops = StepCost.TrainingFlops(config, shape);
             var estimate = StepCost.TrainingMemory(config, shape, trainable, backend.ActivationType, checkpointLayers);
             long peak = backend.Memory.PeakBytesInUse;
+            var (lossPeak, fullLogits) = LossPeak(backend, model, rm, batch, stage);
             return new StepTiming(configName, backend.Name, trainable.ToString(), shape.SequenceLengths.Length, shape.SequenceLengths[0], shape.Tiles, steps,
                 median, shape.TextTokens / median, flops / 1e12, flops / median / 1e12, peakFlops is null ? null : flops / median / peakFlops,
                 peak, estimate.Total, (double)peak / estimate.Total) { Ops = ops, ProfiledStepMilliseconds = profiledStep, Stage = stage.ToString().ToLowerInvariant(),
-                ScoredTokens = shape.ScoredTokens };
+                ScoredTokens = shape.ScoredTokens, LossPeakBytes = lossPeak, FullLogitsBytes = fullLogits };
         }
         finally
         {
             if (rm is not null) { rm.Weight.Dispose(); rm.Bias.Dispose(); }
         }
+    }
+
+    /// <summary>
+    /// The loss path's own peak above the forward's hidden states: the LM head's passes over the scored rows (or the
+    /// reward head), forward and backward, after a forward to the final norm; and the bytes the [T, V] fp32 logits of
+    /// every row would take (what the chunked head replaced; none for the reward model).
+    /// </summary>
+    private static (long Peak, long FullLogits) LossPeak(Backend backend, VisionLanguageModel model, RewardModel? rm, VlmBatch batch, BenchStage stage)
+    {
+        using var pass = model.Forward(batch, withLoss: false);
+        backend.Synchronize();
+        long before = backend.Memory.BytesInUse;
+        backend.ResetPeakMemory();
+        if (stage == BenchStage.Rm)
+        {
+            var lastRows = batch.CuSeqlens.Skip(1).Select(e => e - 1).ToArray();
+            using var index = backend.Rows(lastRows, batch.InputIds.Length, distinct: true, "last_tokens");
+            using var last = backend.Activations(lastRows.Length, model.Config.Llm.HiddenSize);
+            backend.GatherRows(pass.Hidden, index, last);
+            using var scores = Engine.Layers.Linear.Forward(backend, last, rm!.Weight.Value, rm.Bias.Value);
+        }
+        else if (stage == BenchStage.Grpo)
+        {
+            int t = batch.Targets.Length;
+            using var r = FusedGrpoLoss.Fused(backend, pass.Hidden, model.LmHead, new GrpoTokens(batch.Targets, new float[t], new float[t], Enumerable.Repeat(1f / t, t).ToArray()),
+                new GrpoLossSettings());
+        }
+        else
+        {
+            using var scored = Engine.Layers.ChunkedLmHead.Forward(backend, pass.Hidden, model.LmHead, batch.Targets, 1f, model.VocabChunk);
+            using var d = backend.FromArray(Enumerable.Repeat(-1f, scored.Rows.Length).ToArray(), DType.F32, [scored.Rows.Length]);
+            using var dh = Engine.Layers.ChunkedLmHead.Backward(backend, scored, model.LmHead, d, backend.ActivationType, model.VocabChunk);
+        }
+        backend.Synchronize();
+        long full = stage == BenchStage.Rm ? 0 : (long)batch.InputIds.Length * model.Config.Llm.VocabSize * 4;
+        return (backend.Memory.PeakBytesInUse - before, full);
     }
 
     /// <summary>The reference pass's log-probs (released before the policy's pass, as the trainer does), then the policy's with a DPO-shaped gradient.</summary>

@@ -33,6 +33,38 @@ public sealed class StepProfileTests
         Assert.Null(plain.Ops);
     }
 
+    [Theory]
+    [InlineData(BenchStage.Sft)]
+    [InlineData(BenchStage.Mpo)]
+    [InlineData(BenchStage.Grpo)]
+    [InlineData(BenchStage.Rm)]
+    public void StageBenchmarks_ScoreTheResponseRows_AndTheirLossPathStaysBelowFullLogits(BenchStage stage)
+    {
+        // The small config with a 4096-row vocabulary: [T, V] logits (5 MB) dwarf the hidden states' gradient (0.3 MB).
+        var json = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(AppContext.BaseDirectory, "configs", "small.json")))!;
+        json["llm_config"]!["vocab_size"] = 4096;
+        var path = Path.Combine(Path.GetTempPath(), $"small-v4096-{Environment.ProcessId}.json");
+        File.WriteAllText(path, json.ToJsonString());
+        var config = VlmConfig.Load(path);
+        File.Delete(path);
+        using var b = new CpuBackend();
+        var shape = StepShape.Uniform(2, 160, 1);
+        var t = StepBenchmark.Run(b, config, "small", shape, TrainableParts.Adapter, steps: 1, peakFlops: null, stage: stage);
+        Assert.Equal(stage.ToString().ToLowerInvariant(), t.Stage);
+        int text = 160 - (config.TokensPerTile + 2);
+        Assert.Equal(stage == BenchStage.Rm ? 0 : 2 * (text / 2), t.ScoredTokens);   // each sequence's last half of text tokens
+        Assert.True(t.LossPeakBytes > 0);
+        if (stage != BenchStage.Rm)
+        {
+            // O(rows x chunk): the scored rows' fp32 logits chunk, their gathered states and gradient, and d hidden [T, D].
+            int d = config.Llm.HiddenSize, tokens = shape.TextTokens, r = t.ScoredTokens, chunk = Math.Min(config.Llm.VocabSize, ChunkedLmHead.DefaultChunk);
+            long bound = (long)r * chunk * 4 + (long)r * d * 4 * 3 + (long)tokens * d * 4 + r * 32L + 65536;
+            Assert.True(t.LossPeakBytes <= bound, $"{stage}: loss path {t.LossPeakBytes:N0} B above {bound:N0} B");
+            Assert.True(t.LossPeakBytes < t.FullLogitsBytes, $"{stage}: loss path {t.LossPeakBytes:N0} B, full logits {t.FullLogitsBytes:N0} B");
+        }
+        Assert.InRange(t.PeakOverEstimate, 0.95, 1.05);
+    }
+
     [Fact]
     public void ProfiledGeneration_CountsOpsPerDecodeStep_AndTheirTimesFitInTheStep()
     {

@@ -144,6 +144,7 @@ public sealed unsafe class CpuBackend : Backend
     public override string Name => "cpu";
     public override DType ActivationType => DType.F32;
     public override MemoryStats Memory => _pool.Stats;
+    public override void ResetPeakMemory() => _pool.ResetPeak();
 
     protected override void CheckSupported(DType dtype) { }
 

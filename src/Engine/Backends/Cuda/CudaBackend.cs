@@ -69,6 +69,7 @@ public sealed unsafe class CudaBackend : Backend
     public override string Name => $"cuda:{_context.Ordinal}";
     public override DType ActivationType { get; }
     public override MemoryStats Memory => _pool.Stats;
+    public override void ResetPeakMemory() => _pool.ResetPeak();
 
     // ---- kernels ------------------------------------------------------------------------------------------
     /// <summary>The kernel <paramref name="name"/> of <paramref name="family"/>, compiling and loading the family once.</summary>
