@@ -87,7 +87,9 @@ public static class StepCost
         // Embeddings, final norm; ids, positions, targets; final rstd. The LM head's pass 1 keeps the gathered scored
         // rows (when not every row is scored) and their running max, sum, target logit and ids.
         long llmOther = t * (a * 2L * d + 4L * 3 + 4L) + (r < t ? r * a * d : 0) + r * 16;
-        long vitKept = checkpointLayers ? v.NumLayers * vt * a * cv : v.NumLayers * vitLayer;
+        // A frozen ViT keeps nothing per layer (its pass frees each layer once the next has read it).
+        bool vitTrains = VlmWeights.Expected(c).Any(x => x.Name.StartsWith(VlmWeights.Vit, StringComparison.Ordinal) && VlmWeights.IsTrainable(x.Name, trainable));
+        long vitKept = !vitTrains ? 0 : checkpointLayers ? v.NumLayers * vt * a * cv : v.NumLayers * vitLayer;
         long llmKept = checkpointLayers ? l.NumLayers * t * a * d : l.NumLayers * llmLayer;
         long activations = vitKept + vitOther + adapter + llmKept + llmOther;
         // Backward working set: the larger of one decoder layer's and one ViT layer's temporaries (with checkpointing
@@ -95,7 +97,7 @@ public static class StepCost
         // a bf16 device, d hidden of the scored rows in fp32 and scattered to [T, D]), plus the running input gradient
         // of the final norm.
         long llmBack = t * a * (3L * f + 5L * d + 2L * l.NumHeads * hd + 2L * l.NumKvHeads * hd) + t * 4L * l.NumHeads + (checkpointLayers ? llmLayer : 0);
-        long vitBack = vt * a * (2L * fv + 9L * cv) + vt * 4L * v.NumHeads + (checkpointLayers ? vitLayer : 0);
+        long vitBack = !vitTrains ? 0 : vt * a * (2L * fv + 9L * cv) + vt * 4L * v.NumHeads + (checkpointLayers ? vitLayer : 0);
         long chunk = Math.Min(vocabChunk, l.VocabSize);
         long headBack = r * chunk * (4L + (a == 4 ? 0 : a)) + r * d * (4L + (a == 4 ? 0 : a)) + t * a * d;
         long workspace = Math.Max(Math.Max(llmBack, vitBack) + t * a * 2L * d, headBack);

@@ -89,7 +89,9 @@ public sealed class VisionEncoder : IDisposable
     }
 
     /// <summary>pixels: [n, 3, S, S] normalised, row-major on the host; S = the tile size (force_image_size).</summary>
-    public State Forward(float[] pixels, int tiles)
+    /// <param name="forBackward">Keep what <see cref="Backward"/> needs; false (a frozen encoder) frees each layer's
+    /// activations as soon as the next layer has its input: only the output survives.</param>
+    public State Forward(float[] pixels, int tiles, bool forBackward = true)
     {
         var c = _c;
         int s = _tileSize, p = c.PatchSize, side = s / p, np = side * side, cv = c.HiddenSize, seq = 1 + np;
@@ -133,8 +135,17 @@ public sealed class VisionEncoder : IDisposable
         }
 
         st.Tiles = h.Keep(_b.Sequences(PackedSequences.FromLengths(Enumerable.Repeat(seq, tiles))));
+        Tensor? transient = null; // without backward: the previous layer's output, freed once the next has read it
         foreach (var layer in _layers)
         {
+            if (!forBackward)
+            {
+                var next = layer.Forward(x, st.Tiles, out var scratch);
+                scratch.Dispose();
+                transient?.Dispose();
+                x = transient = next;
+                continue;
+            }
             st.LayerInputs.Add(x);
             var y = h.Keep(layer.Forward(x, st.Tiles, out var cache));
             if (CheckpointLayers) { cache.Dispose(); st.Caches.Add(null); } else st.Caches.Add(cache);
@@ -142,6 +153,7 @@ public sealed class VisionEncoder : IDisposable
         }
         st.Output = h.Keep(_b.Activations(tiles * np, cv));
         _b.GatherRows(x, st.PatchRows, st.Output);
+        transient?.Dispose();
         return st;
     }
 
@@ -161,6 +173,7 @@ public sealed class VisionEncoder : IDisposable
     /// <summary>dOutput: [n P, C] -> parameter gradients (pixels get none).</summary>
     public void Backward(State st, Tensor dOutput)
     {
+        if (st.Caches.Count != _layers.Length) throw new InvalidOperationException("this ViT pass ran without keeping its activations (frozen encoder): no backward");
         var c = _c;
         int side = _tileSize / c.PatchSize, np = side * side, cv = c.HiddenSize, seq = 1 + np, tiles = dOutput.Rows / np;
         using var held = new Activations();

@@ -447,7 +447,7 @@ public sealed class VisionLanguageModel : IDisposable
     {
         if (tileSources is null)
         {
-            var pass = new ImagePass { Vit = _vit.Forward(pixels, tiles) };
+            var pass = new ImagePass { Vit = _vit.Forward(pixels, tiles, forBackward: VitTrainable) };
             pass.Adapter = _adapter.Forward(pass.Vit.Output, tiles);
             return pass;
         }
@@ -462,7 +462,7 @@ public sealed class VisionLanguageModel : IDisposable
             for (int i = 0; i < tiles; i++) Array.Copy(pixels, (long)tileSources[i] * tileSize, all, (long)i * tileSize, tileSize);
             return ForwardImage(all, tiles);
         }
-        var shared = new ImagePass { Vit = _vit.Forward(pixels, distinct) };
+        var shared = new ImagePass { Vit = _vit.Forward(pixels, distinct, forBackward: false) };
         int perTile = shared.Vit.Output.Rows / distinct, width = shared.Vit.Output.Dim(1);
         var rows = new int[tiles * perTile];
         for (int i = 0; i < tiles; i++)
