@@ -87,7 +87,7 @@ public sealed class GrpoTrainer : IDisposable
         var source = resume ?? config.Model;
         var parts = config.TrainableParts();
         _model = VisionLanguageModel.Load(backend, source, parts);
-        _base = RunCheckpoints.BaseOf(resume, config.Model);
+        _base = RunCheckpoints.BaseOf(resume, config.Model, _model.Parameters.All.Where(p => p.Parameter.Trainable).Select(p => p.Name));
         _tokenizer = TextTokenizer.Load(source);
         // Kept in memory: a resumed run's source is a checkpoint directory that pruning later removes.
         _tokenizerJson = File.ReadAllBytes(_tokenizer.Source);
@@ -400,6 +400,8 @@ public sealed class GrpoTrainer : IDisposable
         _data.Seek(state.DataPosition);
         _ssb.Restore(ulong.Parse(state.Extra["ssb_rng"]!.GetValue<string>()), BufferFile.Read(Path.Combine(dir, BufferFile.Name), _c.Data.Path, row =>
         {
+            if (row < 0 || row >= _data.Count)
+                throw new InvalidDataException($"{Path.Combine(dir, BufferFile.Name)} refers to row {row} of {_c.Data.Path}, which has {_data.Count} rows (the data file changed since the checkpoint)");
             var p = _data.Read(row);
             return _chat.Prompt([new ChatTurn("user", p.Question, p.Images)]);
         }));

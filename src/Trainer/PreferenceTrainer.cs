@@ -67,7 +67,8 @@ public sealed class PreferenceTrainer : IDisposable
             _reference = VisionLanguageModel.Load(backend, config.Model, TrainableParts.None); // the frozen start, also on resume
             trainable = _policy.Parameters.Trainable;
         }
-        _base = RunCheckpoints.BaseOf(resume, config.Model);
+        _base = RunCheckpoints.BaseOf(resume, config.Model, (_rm?.Vlm ?? _policy!).Parameters.All.Where(p => p.Parameter.Trainable).Select(p => p.Name)
+            .Concat(_rm is null ? [] : [RewardModel.HeadWeight, RewardModel.HeadBias]));
         _packer = new ResponsePacker(_policy ?? _rm!.Vlm, _tokenizer);
         var o = config.Optim;
         _opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);

@@ -28,9 +28,10 @@ public static class RunCheckpoints
     /// The newest intact checkpoint of a run, or null. First removes the run's own leftover temporary checkpoint
     /// directories (step-N.tmp-*, final.tmp-*); then verifies manifests from the newest down, warning about each damaged one.
     /// </summary>
-    public static string? Latest(string output)
+    /// <param name="cleanup">false: leave temporaries alone (a reader such as <c>engine export</c> next to a live run).</param>
+    public static string? Latest(string output, bool cleanup = true)
     {
-        RemoveStaleTemporaries(output);
+        if (cleanup) RemoveStaleTemporaries(output);
         var dir = Path.Combine(output, "checkpoints");
         if (!Directory.Exists(dir)) return null;
         foreach (var candidate in Directories(dir).Reverse())
@@ -199,8 +200,24 @@ public static class RunCheckpoints
     /// The base a run's lean checkpoints name for their frozen tensors: the one the checkpoint being resumed names
     /// (refused, naming it, when its content changed), else the model the run starts from.
     /// </summary>
-    public static Checkpoint.BaseReference BaseOf(string? resume, string model) =>
-        (resume is null ? null : Checkpoint.ReadBase(resume)) ?? new Checkpoint.BaseReference(Path.GetFullPath(model), Checkpoint.ContentHash(model));
+    /// <param name="trained">The tensors this run trains: a lean checkpoint written with another set is refused (what it
+    /// trained would silently fall back to the base on the next resume).</param>
+    public static Checkpoint.BaseReference BaseOf(string? resume, string model, IEnumerable<string> trained)
+    {
+        if (resume is null) return new Checkpoint.BaseReference(Path.GetFullPath(model), Checkpoint.ContentHash(model));
+        var reference = Checkpoint.ReadBase(resume);
+        if (reference is null) return new Checkpoint.BaseReference(Path.GetFullPath(model), Checkpoint.ContentHash(model)); // a full checkpoint
+        using var lean = Checkpoint.Open(resume);
+        var held = lean.OwnNames.ToHashSet(StringComparer.Ordinal);
+        var now = trained.ToHashSet(StringComparer.Ordinal);
+        if (!held.SetEquals(now))
+        {
+            var extra = held.Except(now).Order(StringComparer.Ordinal).ToList();
+            var missing = now.Except(held).Order(StringComparer.Ordinal).ToList();
+            throw new CheckpointException($"{resume}: the checkpoint holds the tensors its run trained; this run trains another set ({(extra.Count > 0 ? $"no longer {extra.Count} such as '{extra[0]}'" : "")}{(extra.Count > 0 && missing.Count > 0 ? ", " : "")}{(missing.Count > 0 ? $"{missing.Count} more such as '{missing[0]}'" : "")}); resume with the same trainable setting or use another output directory");
+        }
+        return reference;
+    }
 
     /// <summary>The files beside a model's weights and config that an HF export carries: the tokenizer's files and generation settings.</summary>
     public static IEnumerable<string> SideFiles(string directory) =>

@@ -48,7 +48,7 @@ public sealed class SftTrainer : IDisposable
         if (_data.Count - held < 1) throw new InvalidDataException($"{config.Data.Path}: {_data.Count} examples leave none to train on with sft.held_out {config.Sft.HeldOut}");
         _heldOut = Enumerable.Range(_data.Count - held, held).ToHashSet();
         _model = VisionLanguageModel.Load(backend, resume ?? config.Model, config.TrainableParts());
-        _base = RunCheckpoints.BaseOf(resume, config.Model);
+        _base = RunCheckpoints.BaseOf(resume, config.Model, _model.Parameters.All.Where(p => p.Parameter.Trainable).Select(p => p.Name));
         _packer = new ResponsePacker(_model, _tokenizer);
         var o = config.Optim;
         _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);

@@ -135,7 +135,7 @@ public static class BenchCommand
         var mfu = t.Mfu is null ? "(MFU: no peak known for this backend)" : $"MFU {100 * t.Mfu:F1}%";
         AnsiConsole.MarkupLineInterpolated($"median step {t.MedianSeconds * 1e3:F1} ms, {t.TokensPerSecond:F0} tokens/s, {t.AchievedTflops * 1e3:F2} GFLOP/s model FLOPs, {mfu}");
         AnsiConsole.MarkupLineInterpolated($"peak memory {t.PeakBytes / 1048576.0:F1} MiB, estimate {t.EstimatedBytes / 1048576.0:F1} MiB (ratio {t.PeakOverEstimate:F3})");
-        AnsiConsole.MarkupLineInterpolated($"loss path peak {t.LossPeakBytes / 1048576.0:F1} MiB over the hidden states ({t.ScoredTokens} scored rows; [T, V] fp32 logits of every row would be {t.FullLogitsBytes / 1048576.0:F1} MiB)");
+        AnsiConsole.MarkupLineInterpolated($"loss path peak {t.LossPeakBytes / 1048576.0:F1} MiB over the hidden states ({t.ScoredTokens} scored rows; [[T, V]] fp32 logits of every row would be {t.FullLogitsBytes / 1048576.0:F1} MiB)");
         if (t.Ops is { } ops)
         {
             double total = ops.Sum(o => o.Milliseconds);

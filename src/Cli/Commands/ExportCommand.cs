@@ -26,7 +26,7 @@ public static class ExportCommand
     {
         if (!Directory.Exists(run)) throw new DirectoryNotFoundException($"--run {run}: no such directory");
         if (File.Exists(Path.Combine(run, Checkpoint.SingleFile)) || File.Exists(Path.Combine(run, Checkpoint.IndexFile))) return run;
-        return RunCheckpoints.Latest(run)
+        return RunCheckpoints.Latest(run, cleanup: false) // the run may be training: its temporaries are its own
                ?? (Directory.Exists(Path.Combine(run, "final")) ? Path.Combine(run, "final") : null)
                ?? throw new CheckpointException($"--run {run}: neither a checkpoint directory (model.safetensors or its index) nor a run with an intact checkpoint under {Path.Combine(run, "checkpoints")}");
     }

@@ -43,8 +43,14 @@ public sealed class Checkpoint : IDisposable
     /// base.json, naming its base checkpoint (path and <see cref="ContentHash"/>): every tensor it does not hold is
     /// read from the base, which is refused, naming it, when its content changed since the checkpoint was written.
     /// </summary>
-    public static Checkpoint Open(string directory)
+    public static Checkpoint Open(string directory) => Open(directory, 0);
+
+    /// <summary>How many lean checkpoints may stack on each other before base.json is taken for a cycle.</summary>
+    public const int MaxBaseDepth = 16;
+
+    private static Checkpoint Open(string directory, int depth)
     {
+        if (depth > MaxBaseDepth) throw new CheckpointException($"{directory}: more than {MaxBaseDepth} checkpoints stacked through {BaseFile} (a cycle?)");
         var index = Path.Combine(directory, IndexFile);
         var single = Path.Combine(directory, SingleFile);
         var files = new List<SafetensorsFile>();
@@ -97,7 +103,7 @@ public sealed class Checkpoint : IDisposable
         {
             if (ReadBase(directory) is { } reference)
             {
-                baseCheckpoint = Open(reference.Path);
+                baseCheckpoint = Open(reference.Path, depth + 1);
                 foreach (var name in baseCheckpoint.Names)
                     if (!where.ContainsKey(name)) where[name] = baseCheckpoint._where[name];
             }
@@ -130,6 +136,7 @@ public sealed class Checkpoint : IDisposable
             recorded = json["sha256"]?.GetValueKind() == JsonValueKind.String ? json["sha256"]!.GetValue<string>() : throw new CheckpointException($"{path}: no \"sha256\" string");
         }
         catch (JsonException e) { throw new CheckpointException($"{path}: not valid JSON ({e.Message})"); }
+        catch (InvalidOperationException) { throw new CheckpointException($"{path}: expected an object with \"path\" and \"sha256\" strings"); }
         if (!System.IO.Path.IsPathRooted(basePath)) basePath = System.IO.Path.GetFullPath(System.IO.Path.Combine(directory, basePath));
         if (!System.IO.Directory.Exists(basePath))
             throw new CheckpointException($"{directory}: its base checkpoint {basePath} (named in {BaseFile}) does not exist; the checkpoint holds only the trained tensors");
@@ -141,8 +148,9 @@ public sealed class Checkpoint : IDisposable
 
     /// <summary>
     /// A content hash of a checkpoint directory that does not read its weights in full: SHA-256 over config.json, the
-    /// shard index, base.json (a lean base's own base), and for each safetensors file its name, size, header and the
-    /// first and last MiB of its data. Retraining changes the data at both ends of every file; a copy keeps the hash.
+    /// shard index, base.json (a lean base's own base), and for each safetensors file its name, size and header, and
+    /// for every tensor in it the first and last 4 KiB of its data. Retraining any tensor (the adapter alone of a
+    /// base, in the middle of its file) changes its bytes at both ends; a copy keeps the hash.
     /// </summary>
     public static string ContentHash(string directory)
     {
@@ -157,17 +165,15 @@ public sealed class Checkpoint : IDisposable
         foreach (var path in System.IO.Directory.GetFiles(directory, "*.safetensors").Where(p => System.IO.Path.GetFileName(p) != "optimizer.safetensors")
                      .Order(StringComparer.Ordinal))
         {
-            using var fs = File.OpenRead(path);
-            Text($"{System.IO.Path.GetFileName(path)} {fs.Length}");
-            const int edge = 1 << 20;
-            var buffer = new byte[edge];
-            int n = fs.ReadAtLeast(buffer, (int)Math.Min(edge, fs.Length), throwOnEndOfStream: false);
-            sha.AppendData(buffer, 0, n);
-            if (fs.Length > edge)
+            Text($"{System.IO.Path.GetFileName(path)} {new FileInfo(path).Length}");
+            using var file = SafetensorsFile.Open(path);
+            foreach (var (name, info) in file.Tensors.OrderBy(t => t.Value.Begin))
             {
-                fs.Seek(Math.Max(edge, fs.Length - edge), SeekOrigin.Begin);
-                n = fs.ReadAtLeast(buffer, (int)(fs.Length - fs.Position), throwOnEndOfStream: false);
-                sha.AppendData(buffer, 0, n);
+                Text($"{name} {info.DType} {info.ShapeString} {info.Begin} {info.End}");
+                long bytes = info.End - info.Begin;
+                const int edge = 4096;
+                sha.AppendData(file.Bytes(name, 0, (int)Math.Min(edge, bytes)));
+                if (bytes > edge) sha.AppendData(file.Bytes(name, Math.Max(edge, bytes - edge), (int)(bytes - Math.Max(edge, bytes - edge))));
             }
         }
         return Convert.ToHexString(sha.GetHashAndReset()).ToLowerInvariant();

@@ -156,22 +156,28 @@ public sealed unsafe class SafetensorsFile : IDisposable
     {
         var t = Info(name);
         if (destination.Length != t.Length) throw new CheckpointException($"{Path}: tensor '{name}' has {t.Length} elements, {destination.Length} requested");
-        var bytes = Bytes(name);
-        switch (t.DType)
+        int size = SafetensorInfo.ElementSize(t.DType);
+        if (t.DType is not ("F32" or "BF16" or "F16")) throw new CheckpointException($"{Path}: tensor '{name}' is {t.DType}; expected F32, BF16 or F16");
+        const int slice = 1 << 26; // elements per read: a tensor's bytes may pass 2 GiB (a 38B vocabulary in fp32)
+        for (long at = 0; at < t.Length; at += slice)
         {
-            case "F32":
-                System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(bytes).CopyTo(destination);
-                break;
-            case "BF16":
-                var bf = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(bytes);
-                for (int i = 0; i < bf.Length; i++) destination[i] = BFloat16.ToFloat(bf[i]);
-                break;
-            case "F16":
-                var h = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, Half>(bytes);
-                for (int i = 0; i < h.Length; i++) destination[i] = (float)h[i];
-                break;
-            default:
-                throw new CheckpointException($"{Path}: tensor '{name}' is {t.DType}; expected F32, BF16 or F16");
+            int n = (int)Math.Min(slice, t.Length - at);
+            var bytes = Bytes(name, at * size, n * size);
+            var d = destination.Slice((int)at, n);
+            switch (t.DType)
+            {
+                case "F32":
+                    System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(bytes).CopyTo(d);
+                    break;
+                case "BF16":
+                    var bf = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(bytes);
+                    for (int i = 0; i < n; i++) d[i] = BFloat16.ToFloat(bf[i]);
+                    break;
+                default:
+                    var h = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, Half>(bytes);
+                    for (int i = 0; i < n; i++) d[i] = (float)h[i];
+                    break;
+            }
         }
     }
 
@@ -248,12 +254,15 @@ public sealed unsafe class SafetensorsFile : IDisposable
                     var (name, shape) = layout[t];
                     var values = data(t);
                     if (values.LongLength != shape.Aggregate(1L, (a, d) => a * d)) throw new ArgumentException($"tensor '{name}': {values.Length} values for shape [{string.Join(", ", shape)}]");
-                    if (dtype == "F32") fs.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(values.AsSpan()));
-                    else
+                    const int slice = 1 << 26; // elements per write: a tensor's bytes may pass 2 GiB
+                    for (int at = 0; at < values.Length; at += slice)
                     {
-                        if (bits is null || bits.Length < values.Length) bits = new ushort[values.Length];
-                        for (int i = 0; i < values.Length; i++) bits[i] = BFloat16.FromFloat(values[i]);
-                        fs.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(bits.AsSpan(0, values.Length)));
+                        int n = Math.Min(slice, values.Length - at);
+                        if (dtype == "F32") { fs.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(values.AsSpan(at, n))); continue; }
+                        bits ??= new ushort[Math.Min(slice, values.Length)];
+                        if (bits.Length < n) bits = new ushort[n];
+                        for (int i = 0; i < n; i++) bits[i] = BFloat16.FromFloat(values[at + i]);
+                        fs.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(bits.AsSpan(0, n)));
                     }
                 }
                 fs.Flush(flushToDisk: true);

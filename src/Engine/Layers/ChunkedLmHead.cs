@@ -103,6 +103,22 @@ public static class ChunkedLmHead
         int r = rows.Count;
         float invT = 1f / temperature;
         var scored = new ScoredRows(t, [.. rows], v, invT);
+        try
+        {
+            Pass1(b, hidden, head, targets, vocabChunk, scored);
+            return scored;
+        }
+        catch
+        {
+            scored.Dispose();
+            throw;
+        }
+    }
+
+    private static void Pass1(Backend b, Tensor hidden, Parameter head, int[] targets, int vocabChunk, ScoredRows scored)
+    {
+        int t = hidden.Rows, r = scored.Rows.Length, v = scored.Vocabulary;
+        float invT = scored.InverseTemperature;
         if (r == t) scored.Hidden = hidden;
         else
         {
@@ -113,14 +129,13 @@ public static class ChunkedLmHead
         scored.Max = scored.Keep(b.FromArray(Enumerable.Repeat(float.NegativeInfinity, r).ToArray(), DType.F32, [r], "lse_max"));
         scored.Sum = scored.Keep(b.Allocate(DType.F32, [r], "lse_sum"));
         scored.TargetLogit = scored.Keep(b.Allocate(DType.F32, [r], "target_logit"));
-        if (r == 0) return scored;
+        if (r == 0) return;
         for (int c0 = 0; c0 < v; c0 += vocabChunk)
         {
             int n = Math.Min(vocabChunk, v - c0);
             using var chunk = Linear.ForwardF32(b, scored.Hidden, head.Value.SliceRows(c0, n));   // fp32 logits [R, chunk]
             b.ChunkLseUpdate(chunk, scored.Targets, c0, invT, scored.Max, scored.Sum, scored.TargetLogit);
         }
-        return scored;
     }
 
     /// <summary>

@@ -136,25 +136,36 @@ public sealed class VisionEncoder : IDisposable
 
         st.Tiles = h.Keep(_b.Sequences(PackedSequences.FromLengths(Enumerable.Repeat(seq, tiles))));
         Tensor? transient = null; // without backward: the previous layer's output, freed once the next has read it
-        foreach (var layer in _layers)
+        try
         {
-            if (!forBackward)
+            foreach (var layer in _layers)
             {
-                var next = layer.Forward(x, st.Tiles, out var scratch);
-                scratch.Dispose();
-                transient?.Dispose();
-                x = transient = next;
-                continue;
+                if (!forBackward)
+                {
+                    var next = layer.Forward(x, st.Tiles, out var scratch);
+                    scratch.Dispose();
+                    transient?.Dispose();
+                    x = transient = next;
+                    continue;
+                }
+                st.LayerInputs.Add(x);
+                var y = h.Keep(layer.Forward(x, st.Tiles, out var cache));
+                if (CheckpointLayers) { cache.Dispose(); st.Caches.Add(null); } else st.Caches.Add(cache);
+                x = y;
             }
-            st.LayerInputs.Add(x);
-            var y = h.Keep(layer.Forward(x, st.Tiles, out var cache));
-            if (CheckpointLayers) { cache.Dispose(); st.Caches.Add(null); } else st.Caches.Add(cache);
-            x = y;
+            st.Output = h.Keep(_b.Activations(tiles * np, cv));
+            _b.GatherRows(x, st.PatchRows, st.Output);
+            return st;
         }
-        st.Output = h.Keep(_b.Activations(tiles * np, cv));
-        _b.GatherRows(x, st.PatchRows, st.Output);
-        transient?.Dispose();
-        return st;
+        catch
+        {
+            st.Dispose();
+            throw;
+        }
+        finally
+        {
+            transient?.Dispose();
+        }
     }
 
     /// <summary>The position table for this tile size, [1 + P', C]: the stored one, or CLS + bicubic-resampled patches.</summary>

@@ -67,7 +67,7 @@ public static class BufferFile
                 int row = r.ReadInt32();
                 var hash = r.ReadBytes(32);
                 int tiles = r.ReadInt32(), n = r.ReadInt32();
-                if (n < 0 || (long)n * 8 > fs.Length - fs.Position) throw new InvalidDataException($"{path}: rollout {i} claims {n} tokens, more than the file holds");
+                if (n < 0 || n > 1 << 28 || (long)n * 8 > fs.Length - fs.Position) throw new InvalidDataException($"{path}: rollout {i} claims {n} tokens, more than the file holds");
                 var ids = MemoryMarshal.Cast<byte, int>(r.ReadBytes(n * 4)).ToArray();
                 var old = MemoryMarshal.Cast<byte, float>(r.ReadBytes(n * 4)).ToArray();
                 double reward = r.ReadDouble(), advantage = r.ReadDouble();

@@ -34,6 +34,24 @@ public sealed class CliTests
         Assert.False(Directory.Exists(dir));
     }
 
+    [Theory]
+    [InlineData("sft")]
+    [InlineData("rm")]
+    public void BenchModel_OfAStage_PrintsItsFigures_WritesJson_AndExitsZero(string stage)
+    {
+        var dir = Path.Combine(Path.GetTempPath(), "r1v2-bench-model-" + Guid.NewGuid().ToString("N"));
+        try
+        {
+            Assert.Equal(0, BenchCommand.RunModel(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), 1, 48, 1, 1, "adapter", "cpu", dir,
+                stage: Enum.Parse<R1V2.Native.Trainer.Bench.BenchStage>(stage, ignoreCase: true), checkpointLayers: true));
+            var json = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Assert.Single(Directory.GetFiles(dir, $"model-{stage}-tiny-*.json"))))!;
+            Assert.Equal(stage, json["Stage"]!.GetValue<string>());
+            Assert.True(json["LossPeakBytes"]!.GetValue<long>() > 0);
+            Assert.Equal(0, BenchCommand.RunMemory(Path.Combine(AppContext.BaseDirectory, "configs", "r1v2-38b.json"), "8192,16384", 7, 0.5, "bf16", true));
+        }
+        finally { if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true); }
+    }
+
     [Fact]
     public void KernelTable_ShowsBracketedShapesAsText()
     {

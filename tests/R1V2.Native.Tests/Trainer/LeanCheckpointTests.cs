@@ -99,21 +99,53 @@ public sealed class LeanCheckpointTests(CpuFixture fx, ITestOutputHelper output)
     [Fact]
     public void ResumingOverAChangedBase_IsRefused_NamingIt()
     {
-        var model = Path.Combine(_dir, "base");
-        InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), model, seed: 5);
+        var model = WideCheckpoint();                                            // 14.5 MB: a tensor in its middle is far from both ends
         using (var t = new GrpoTrainer(Grpo(model, "run", 1), fx.Backend, GrpoTestRuns.Letters)) t.Run();
         var ckpt = RunCheckpoints.Latest(Path.Combine(_dir, "run"))!;
         Assert.NotNull(Checkpoint.ReadBase(ckpt));
-        // Retrain the base in place: same names, shapes and header, other weights.
+        // Retrain one tensor of the base in place: same names, shapes and header, other weights in the middle of the
+        // file, more than a MiB from either end.
         using (var m = VisionLanguageModel.Load(fx.Backend, model, share: false))
         {
-            var p = m.Parameters["language_model.model.norm.weight"];
+            var p = m.Parameters["language_model.model.layers.3.mlp.up_proj.weight"];
             p.Value.CopyFrom(p.Value.ToFloatArray().Select(x => x * 1.5f).ToArray());
             m.Save(model);
         }
         var e = Assert.Throws<CheckpointException>(() => new GrpoTrainer(Grpo(model, "run", 2), fx.Backend, GrpoTestRuns.Letters));
         Assert.Contains(Path.GetFullPath(model), e.Message);
         Assert.Contains("changed since this checkpoint was written", e.Message);
+    }
+
+    [Fact]
+    public void ResumingWithAnotherTrainableSet_IsRefused_AndABaseCycleIsAnError()
+    {
+        var model = Path.Combine(_dir, "base");
+        InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), model, seed: 5);
+        using (var t = new GrpoTrainer(Grpo(model, "run", 1), fx.Backend, GrpoTestRuns.Letters)) t.Run();
+        var e = Assert.Throws<CheckpointException>(() => new GrpoTrainer(Grpo(model, "run", 2, "trainable=adapter+llm"), fx.Backend, GrpoTestRuns.Letters));
+        Assert.Contains("same trainable setting", e.Message);
+        var ckpt = RunCheckpoints.Latest(Path.Combine(_dir, "run"))!;
+        Checkpoint.WriteBase(ckpt, new Checkpoint.BaseReference(ckpt, Checkpoint.ContentHash(ckpt)));
+        Checkpoint.WriteBase(ckpt, new Checkpoint.BaseReference(ckpt, Checkpoint.ContentHash(ckpt))); // names itself, hash and all
+        Assert.Throws<CheckpointException>(() => Checkpoint.Open(ckpt));
+        File.WriteAllText(Path.Combine(ckpt, Checkpoint.BaseFile), "[1, 2]");
+        Assert.Contains("expected an object", Assert.Throws<CheckpointException>(() => Checkpoint.Open(ckpt)).Message);
+    }
+
+    [Fact]
+    public void Export_RefusesANonEmptyOutput_AndOneHoldingItsSource()
+    {
+        var model = Path.Combine(_dir, "base");
+        InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), model, seed: 5);
+        using (var t = new GrpoTrainer(Grpo(model, "run", 1), fx.Backend, GrpoTestRuns.Letters)) t.Run();
+        var run = Path.Combine(_dir, "run");
+        var ckpt = RunCheckpoints.Latest(run)!;
+        Assert.Contains("not empty", Assert.Throws<CheckpointException>(() => CheckpointExport.Export(ckpt, run)).Message);
+        Assert.True(Directory.Exists(ckpt));
+        var empty = Path.Combine(_dir, "empty-out");
+        Directory.CreateDirectory(empty);
+        CheckpointExport.Export(ckpt, empty);                                    // an empty directory is fine
+        Assert.True(File.Exists(Path.Combine(empty, "tokenizer_config.json")));   // from the base: the lean checkpoint has none
     }
 
     [Fact]
