@@ -103,7 +103,13 @@ public static class NativeLibraries
         "libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so.11", "libcublasLt.so",
         "cublasLt64_13.dll", "cublasLt64_12.dll", "cublasLt64_11.dll");
 
-    public static IReadOnlyList<NativeLibrarySpec> All { get; } = [Cuda, Nvrtc, Cublas, CublasLt];
+    /// <summary>MPI (Open MPI 4/5 from Debian or a cluster module; MPICH-family libraries by their usual names).</summary>
+    public static readonly NativeLibrarySpec Mpi = new("r1v2_mpi", "R1V2_LIBMPI", "libmpi.so.40", "libmpi.so.12", "libmpi.so");
+
+    public static IReadOnlyList<NativeLibrarySpec> All { get; } = [Cuda, Nvrtc, Cublas, CublasLt, Mpi];
+
+    /// <summary>What the CUDA backend needs.</summary>
+    public static IReadOnlyList<NativeLibrarySpec> CudaStack { get; } = [Cuda, Nvrtc, Cublas, CublasLt];
 
     private static int _installed;
 

@@ -29,6 +29,7 @@ public static class Program
             DigitsCommand.Create(),
             EvalCommand.Create(),
             ExportCommand.Create(),
+            SelftestCommand.Create(),
         };
         try
         {

@@ -760,12 +760,16 @@ public abstract class Backend : IDisposable
 
     protected abstract void AdamWCore(Tensor master, Tensor grad, Tensor m, Tensor v, Tensor? workingCopy, AdamWSettings s, int step, float gradScale);
 
-    /// <summary>sqrt(sum of squares over all tensors), summed in a fixed order (deterministic), across ranks.</summary>
-    public double GlobalNorm(IReadOnlyList<Tensor> tensors)
+    /// <summary>
+    /// sqrt(sum of squares over all tensors), summed in a fixed order (deterministic). Every parameter counts once:
+    /// tensors replicated on each rank (data-parallel gradients after their all-reduce) are not summed across ranks;
+    /// tensors split across the ranks of <paramref name="shardedOver"/> (each rank holding a distinct part) are.
+    /// </summary>
+    public double GlobalNorm(IReadOnlyList<Tensor> tensors, ICollectives? shardedOver = null)
     {
         foreach (var t in tensors) Float(t, "global_norm", t.Name);
         Span<double> sumsq = [SumOfSquaresCore(tensors)];
-        Collectives.AllReduceSum(sumsq);
+        shardedOver?.AllReduceSum(sumsq);
         return Math.Sqrt(sumsq[0]);
     }
 
@@ -874,12 +878,39 @@ public abstract class Backend : IDisposable
 }
 
 /// <summary>Collectives across data-parallel ranks. NCCL (GPU) and MPI (CPU) implementations come with multi-GPU.</summary>
+/// <summary>
+/// The process group the engine runs in: rank and size, and the collectives the engine needs (sums and maxima of
+/// host values and tensors, broadcast, gather and scatter of fp32 blocks, barrier, abort, sub-groups). One process:
+/// <see cref="SingleProcessCollectives"/>; launched by mpirun or srun: <see cref="MpiCollectives"/>.
+/// </summary>
 public interface ICollectives
 {
     int Rank { get; }
     int WorldSize { get; }
+
+    /// <summary>This process's index among the processes of its node (the CUDA device it takes).</summary>
+    int LocalRank { get; }
+
     void AllReduceSum(Span<double> values);
+    void AllReduceMax(Span<double> values);
     void AllReduceSum(Tensor tensor);
+
+    /// <summary>Every rank's <paramref name="data"/> becomes rank <paramref name="root"/>'s.</summary>
+    void Broadcast(Span<byte> data, int root);
+
+    /// <summary><paramref name="all"/> [size x n] receives every rank's <paramref name="mine"/> [n] in rank order.</summary>
+    void AllGather(ReadOnlySpan<float> mine, Span<float> all);
+
+    /// <summary>The sum over ranks of <paramref name="all"/> [size x n], block <see cref="Rank"/> of it into <paramref name="mine"/> [n].</summary>
+    void ReduceScatterSum(ReadOnlySpan<float> all, Span<float> mine);
+
+    void Barrier();
+
+    /// <summary>Ends every rank of the job (exit code 1) after printing <paramref name="message"/> with this rank.</summary>
+    void Abort(string message);
+
+    /// <summary>The ranks that pass the same <paramref name="color"/>, ordered by <paramref name="key"/> (tensor- and data-parallel groups).</summary>
+    ICollectives Split(int color, int key);
 }
 
 public sealed class SingleProcessCollectives : ICollectives
@@ -887,6 +918,14 @@ public sealed class SingleProcessCollectives : ICollectives
     public static readonly SingleProcessCollectives Instance = new();
     public int Rank => 0;
     public int WorldSize => 1;
+    public int LocalRank => 0;
     public void AllReduceSum(Span<double> values) { }
+    public void AllReduceMax(Span<double> values) { }
     public void AllReduceSum(Tensor tensor) { }
+    public void Broadcast(Span<byte> data, int root) { if (root != 0) throw new ArgumentOutOfRangeException(nameof(root), $"root {root} in a group of 1"); }
+    public void AllGather(ReadOnlySpan<float> mine, Span<float> all) => mine.CopyTo(all);
+    public void ReduceScatterSum(ReadOnlySpan<float> all, Span<float> mine) => all[..mine.Length].CopyTo(mine);
+    public void Barrier() { }
+    public void Abort(string message) { Console.Error.WriteLine($"rank 0: {message}"); Environment.Exit(1); }
+    public ICollectives Split(int color, int key) => this;
 }

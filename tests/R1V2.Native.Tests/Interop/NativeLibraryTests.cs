@@ -43,7 +43,7 @@ public sealed class NativeLibraryTests
         Assert.Equal("libcuda.so.1", NativeLibraries.Cuda.Candidates[0]);
     }
 
-    public static TheoryData<string> Bindings => new() { nameof(CudaDriver), nameof(Nvrtc), nameof(Cublas), nameof(CublasLt) };
+    public static TheoryData<string> Bindings => new() { nameof(CudaDriver), nameof(Nvrtc), nameof(Cublas), nameof(CublasLt), nameof(Mpi) };
 
     [SkippableTheory]
     [MemberData(nameof(Bindings))]
@@ -54,6 +54,7 @@ public sealed class NativeLibraryTests
             nameof(CudaDriver) => (typeof(CudaDriver), NativeLibraries.Cuda),
             nameof(Nvrtc) => (typeof(Nvrtc), NativeLibraries.Nvrtc),
             nameof(Cublas) => (typeof(Cublas), NativeLibraries.Cublas),
+            nameof(Mpi) => (typeof(Mpi), NativeLibraries.Mpi),
             _ => (typeof(CublasLt), NativeLibraries.CublasLt),
         };
         Skip.IfNot(lib.TryLoad(out var error), $"{lib.LogicalName} is not installed here ({error})");

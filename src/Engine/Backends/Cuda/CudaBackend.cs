@@ -52,7 +52,7 @@ public sealed unsafe class CudaBackend : Backend
     /// <summary>True when a CUDA device, the driver and NVRTC and cuBLAS are all usable here; otherwise why not.</summary>
     public static bool IsAvailable(out string reason)
     {
-        foreach (var lib in NativeLibraries.All)
+        foreach (var lib in NativeLibraries.CudaStack)
             if (!lib.TryLoad(out var error)) { reason = error!; return false; }
         try
         {
