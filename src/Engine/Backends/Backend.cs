@@ -906,7 +906,7 @@ public interface ICollectives
 
     void Barrier();
 
-    /// <summary>Ends every rank of the job (exit code 1) after printing <paramref name="message"/> with this rank.</summary>
+    /// <summary>Ends every rank of the job (exit code 1) after printing <paramref name="message"/> with this rank (one process: throws it).</summary>
     void Abort(string message);
 
     /// <summary>The ranks that pass the same <paramref name="color"/>, ordered by <paramref name="key"/> (tensor- and data-parallel groups).</summary>
@@ -926,6 +926,6 @@ public sealed class SingleProcessCollectives : ICollectives
     public void AllGather(ReadOnlySpan<float> mine, Span<float> all) => mine.CopyTo(all);
     public void ReduceScatterSum(ReadOnlySpan<float> all, Span<float> mine) => all[..mine.Length].CopyTo(mine);
     public void Barrier() { }
-    public void Abort(string message) { Console.Error.WriteLine($"rank 0: {message}"); Environment.Exit(1); }
+    public void Abort(string message) => throw new InvalidOperationException(message); // one process: Program.Report ends it
     public ICollectives Split(int color, int key) => this;
 }

@@ -79,7 +79,7 @@ public sealed unsafe class MpiCollectives : ICollectives
         Console.Error.WriteLine($"rank {Rank}: {message}");
         Console.Error.Flush();
         Mpi.Abort(Mpi.CommWorld, 1);
-        Environment.Exit(1);
+        throw new InvalidOperationException($"MPI_Abort returned: {message}"); // it does not when it works
     }
 
     public ICollectives Split(int color, int key) => new MpiCollectives(Mpi.Split(_comm, color, key), owned: true, LocalRank);
