@@ -41,12 +41,34 @@ public static class Program
         }
     }
 
+    /// <summary>Prefixes every line with "rank R: ".</summary>
+    private sealed class RankPrefixedWriter(TextWriter inner, int rank) : TextWriter
+    {
+        public override System.Text.Encoding Encoding => inner.Encoding;
+        public override void Write(char value) => inner.Write(value);
+        public override void WriteLine(string? value)
+        {
+            foreach (var line in (value ?? "").Split('\n')) inner.WriteLine($"rank {rank}: {line}");
+            inner.Flush();
+        }
+    }
+
     /// <summary>
     /// The one place an exception ends a command: a problem with the user's input (<see cref="IsInputError"/>) prints
     /// <c>error: message</c> and exits 1; an interrupted run exits 130; anything else prints <c>internal error: message</c>
     /// and exits 2. No exception leaves the process; with <paramref name="trace"/> the stack trace follows the message.
     /// </summary>
     public static int Report(Exception e, TextWriter error, bool trace)
+    {
+        // Under mpirun each line names its rank, and a rank that fails ends the whole job (the others would wait forever).
+        var group = Engine.Backends.Launch.Current;
+        if (group.WorldSize > 1) error = new RankPrefixedWriter(error, group.Rank);
+        int code = Classify(e, error, trace);
+        if (group.WorldSize > 1 && code != 130) group.Abort($"ending the job after the error above (exit {code})");
+        return code;
+    }
+
+    private static int Classify(Exception e, TextWriter error, bool trace)
     {
         e = Unwrap(e);
         int code;

@@ -16,7 +16,10 @@ public static class SelftestCommand
         var sizes = new Option<string>("--sizes") { Description = "Comma-separated all-reduce sizes in fp32 elements for the bandwidth table", DefaultValueFactory = _ => "1024,262144,4194304" };
         var collectives = new Command("collectives", "Check every collective against a host computation and time all-reduce (run it under mpirun or srun)") { sizes };
         collectives.SetAction(r => RunCollectives(r.GetValue(sizes)!));
-        return new Command("selftest", "Checks of this machine and launch") { collectives };
+        var rank = new Option<int>("--rank") { Description = "The rank that fails", DefaultValueFactory = _ => 1 };
+        var abort = new Command("abort", "Check that one failing rank ends the whole job with its message (exit 1) instead of leaving the others waiting") { rank };
+        abort.SetAction(r => RunAbort(r.GetValue(rank)));
+        return new Command("selftest", "Checks of this machine and launch") { collectives, abort };
     }
 
     /// <summary>One collective's check: its name and the first wrong value, or null.</summary>
@@ -67,6 +70,16 @@ public static class SelftestCommand
         c.Barrier();
         checks.Add(new Check("barrier", null));
         return checks;
+    }
+
+    /// <summary>Rank <paramref name="failing"/> throws while every other rank waits in a barrier: the job must end, not hang.</summary>
+    public static int RunAbort(int failing)
+    {
+        var c = Launch.Collectives();
+        if (failing < 0 || failing >= c.WorldSize) throw new ArgumentException($"--rank {failing} is not a rank of this launch of {c.WorldSize}");
+        if (c.Rank == failing) throw new InvalidOperationException($"a deliberate failure on rank {failing} (engine selftest abort)");
+        c.Barrier(); // never completes: the failing rank aborts the job
+        return 0;
     }
 
     public static int RunCollectives(string sizes)

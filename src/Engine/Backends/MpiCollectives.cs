@@ -76,7 +76,7 @@ public sealed unsafe class MpiCollectives : ICollectives
 
     public void Abort(string message)
     {
-        Console.Error.WriteLine($"rank {Rank}: {message}");
+        Console.Error.WriteLine($"rank {Mpi.Rank(Mpi.CommWorld)}: {message}");
         Console.Error.Flush();
         Mpi.Abort(Mpi.CommWorld, 1);
         throw new InvalidOperationException($"MPI_Abort returned: {message}"); // it does not when it works
@@ -105,7 +105,10 @@ public static class Launch
     /// The process group of this launch: MPI's world when a launcher started more than one process, else the single
     /// process (no MPI library is needed then).
     /// </summary>
-    public static ICollectives Collectives() => WorldSize() is > 1 ? MpiCollectives.World() : SingleProcessCollectives.Instance;
+    public static ICollectives Collectives() => Current = WorldSize() is > 1 ? MpiCollectives.World() : SingleProcessCollectives.Instance;
+
+    /// <summary>The group <see cref="Collectives"/> last made (a single process until then): what an error ends.</summary>
+    public static ICollectives Current { get; private set; } = SingleProcessCollectives.Instance;
 
     private static int? Int(string name) => int.TryParse(Environment.GetEnvironmentVariable(name), out int v) ? v : null;
 }

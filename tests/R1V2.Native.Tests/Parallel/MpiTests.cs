@@ -61,6 +61,16 @@ public sealed class MpiTests
         Assert.Contains("all 9 collectives match the host computation on 4 rank(s)", output);
     }
 
+    [SkippableFact]
+    public void AFailingRank_EndsTheWholeJobWithItsMessage_NotAHang()
+    {
+        var (code, output) = Run(3, "selftest", "abort", "--rank", "1");
+        Assert.NotEqual(0, code);
+        Assert.Contains("a deliberate failure on rank 1", output);
+        Assert.Matches("rank 1: [a-z ]*error: ", output);
+        Assert.Contains("rank 1: ending the job after the error above", output);
+    }
+
     [Fact]
     public void SelftestChecks_CatchACollectiveThatDoesNothing()
     {
