@@ -5,6 +5,7 @@ using R1V2.Native.Engine.Backends;
 using R1V2.Native.Engine.Models;
 using R1V2.Native.Engine.Text;
 using R1V2.Native.Trainer.Config;
+using R1V2.Native.Trainer.Parallel;
 using R1V2.Native.Trainer.Data;
 using R1V2.Native.Trainer.Optim;
 
@@ -35,12 +36,15 @@ public sealed class SftTrainer : IDisposable
     private int _step;
     private readonly NonFiniteGuard _guard;
     private double? _heldOutBefore;
+    private readonly DataParallel _dp;
 
-    public SftTrainer(TrainConfig config, Backend backend)
+    /// <param name="dataParallel">The ranks this run trains on together (each takes its share of every batch); one process by default.</param>
+    public SftTrainer(TrainConfig config, Backend backend, DataParallel? dataParallel = null)
     {
         _c = config;
+        _dp = dataParallel ?? DataParallel.Single;
         Directory.CreateDirectory(config.Output);
-        var resume = RunCheckpoints.Latest(config.Output);
+        var resume = RunCheckpoints.Latest(config.Output, cleanup: _dp.Writes);
         if (resume is not null) RunCheckpoints.CheckStage(resume, "sft");
         _tokenizer = TextTokenizer.Load(config.Model);
         _data = new SftDataset(config.Data.Path, config.Seed, config.Data.Shuffle, config.Data.SkipBadRows);
@@ -57,10 +61,10 @@ public sealed class SftTrainer : IDisposable
         if (resume is not null) Restore(resume);
         else
         {
-            File.WriteAllText(MetricsPath, "");
+            if (_dp.Writes) File.WriteAllText(MetricsPath, "");
             _heldOutBefore = HeldOutLoss();
         }
-        File.WriteAllText(Path.Combine(config.Output, "config.resolved.yaml"), config.ToYaml());
+        if (_dp.Writes) File.WriteAllText(Path.Combine(config.Output, "config.resolved.yaml"), config.ToYaml());
     }
 
     public List<SftStepMetrics> History { get; } = [];
@@ -75,27 +79,35 @@ public sealed class SftTrainer : IDisposable
         {
             var batch = new List<SftExample>();
             while (batch.Count < _c.Sft.Batch) batch.AddRange(_data.Next(1).Where(e => !_heldOut.Contains(e.Index)));
-            var (packed, _) = _packer.Pack(batch.Select(e => (e.Prompt, e.Images, (IReadOnlyList<string>)[e.Response])));
+            var mine = _dp.Shard(batch, "sft.batch");
+            var (packed, _) = _packer.Pack(mine.Select(e => (e.Prompt, e.Images, (IReadOnlyList<string>)[e.Response])));
             _opt.ZeroGrad();
             double loss;
+            long tokens;
             using (var pass = _model.Forward(packed))
             {
-                loss = pass.Loss;
-                _model.Backward(pass);
+                // The mean NLL over the global batch's response tokens: each rank's tokens weigh 1 / (every rank's count).
+                var sums = _dp.Sum(-pass.LogProbs.Sum(x => (double)x), packed.Targets.Count(t => t >= 0));
+                tokens = (long)sums[1];
+                loss = _dp.Ranks == 1 ? pass.Loss : sums[0] / Math.Max(1, tokens);
+                float g = tokens == 0 ? 0f : -1f / tokens;
+                _model.Backward(pass, packed.Targets.Select(t => t >= 0 ? g : 0f).ToArray());
             }
+            _dp.ReduceGradients(_model.Parameters.Trainable);
             var lr = _schedule.At(_step + 1);
             var report = _guard.Step(_opt, lr, _step);
             _step++;
             bool scheduled = _step % _c.Checkpoint.Every == 0 || _step == _c.Steps;
-            var m = new SftStepMetrics(_step, loss, report.GradNorm, lr, packed.Targets.Count(t => t >= 0), scheduled ? HeldOutLoss() : null);
+            var m = new SftStepMetrics(_step, loss, report.GradNorm, lr, (int)tokens, scheduled ? HeldOutLoss() : null);
             History.Add(m);
-            File.AppendAllText(MetricsPath, JsonSerializer.Serialize(m) + "\n");
+            if (_dp.Writes) File.AppendAllText(MetricsPath, JsonSerializer.Serialize(m) + "\n");
             onStep?.Invoke(m);
-            if (scheduled || cancel.IsCancellationRequested) SaveCheckpoint();
+            if ((scheduled || cancel.IsCancellationRequested) && _dp.Writes) SaveCheckpoint();
             if (cancel.IsCancellationRequested) return null;
         }
         var after = History.LastOrDefault(h => h.HeldOutLoss is not null)?.HeldOutLoss ?? HeldOutLoss();
         var summary = new SftSummary(_c.Steps, _data.Count - _heldOut.Count, _heldOut.Count, _heldOutBefore, after, History.Count > 0 ? History[^1].Loss : double.NaN);
+        if (!_dp.Writes) return summary;
         File.WriteAllText(Path.Combine(_c.Output, "summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
         RunCheckpoints.SaveFinal(_c.Output, SaveModel);
         return summary;

@@ -125,9 +125,18 @@ public static class TrainCommand
     private static int RunSft(TrainConfig config, StopSignals cancel)
     {
         using var backend = Backends.Create(config.Backend);
-        using var trainer = new SftTrainer(config, backend);
+        // Under mpirun / srun every rank trains on its share of each batch; one process is a group of one.
+        var group = Engine.Backends.Launch.Collectives();
+        using var trainer = new SftTrainer(config, backend, new Trainer.Parallel.DataParallel(group));
+        if (group.Rank != 0)
+        {
+            trainer.Run(cancel: cancel.Token); // rank 0 alone prints progress and writes the run's files
+            group.Barrier();
+            Interop.Mpi.FinalizeIfInitialized();
+            return 0;
+        }
         var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
-        AnsiConsole.MarkupLineInterpolated($"stage sft on {backend.Name}: {config.Steps} steps of {config.Sft.Batch} examples; run directory {config.Output}{resumed}");
+        AnsiConsole.MarkupLineInterpolated($"stage sft on {backend.Name}: {config.Steps} steps of {config.Sft.Batch} examples{(group.WorldSize > 1 ? $" shared by {group.WorldSize} data-parallel ranks" : "")}; run directory {config.Output}{resumed}");
         SftSummary? summary = null;
         Progress().Start(ctx =>
         {
@@ -145,6 +154,11 @@ public static class TrainCommand
         }
         AnsiConsole.MarkupLineInterpolated($"final loss {summary.FinalLoss:F4}; held-out loss {summary.HeldOutLossBefore:F4} -> {summary.HeldOutLossAfter:F4} on {summary.HeldOutExamples} examples; model in {Path.Combine(config.Output, "final")}");
         foreach (var f in Report.Write(config.Output)) AnsiConsole.MarkupLineInterpolated($"wrote {f}");
+        if (group.WorldSize > 1)
+        {
+            group.Barrier();
+            Interop.Mpi.FinalizeIfInitialized();
+        }
         return 0;
     }
 

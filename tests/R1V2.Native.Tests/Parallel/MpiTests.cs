@@ -71,6 +71,93 @@ public sealed class MpiTests
         Assert.Contains("rank 1: ending the job after the error above", output);
     }
 
+    /// <summary>A tiny checkpoint and 20 supervised examples under <paramref name="dir"/>; the `engine train` arguments of a 3-step run into <paramref name="output"/>.</summary>
+    private static string[] SftArgs(string dir, string output)
+    {
+        var ckpt = Path.Combine(dir, "tiny");
+        if (!Directory.Exists(ckpt)) InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), ckpt, seed: 6);
+        var data = Path.Combine(dir, "sft.jsonl");
+        File.WriteAllLines(data, Enumerable.Range(0, 20).Select(i => System.Text.Json.JsonSerializer.Serialize(new { prompt = $"Is {i} even?", response = $"<think>{i} mod 2</think> {(i % 2 == 0 ? "yes" : "no")}" })));
+        return ["train", "--stage", "sft", "--set", $"model={ckpt}", "--set", $"data.path={data}", "--set", "steps=3", "--set", "sft.batch=4", "--set", "trainable=all",
+            "--set", "optim.lr=0.003", "--set", "sft.held_out=0.2", "--set", "checkpoint.export_dtype=f32", "--backend", "cpu", "--out", output];
+    }
+
+    private static double[][] Metrics(string output) =>
+        [.. File.ReadAllLines(Path.Combine(output, "metrics.jsonl")).Where(l => l.Trim().Length > 0).Select(l => System.Text.Json.Nodes.JsonNode.Parse(l)!)
+            .Select(j => new[] { j["Loss"]!.GetValue<double>(), j["GradNorm"]!.GetValue<double>(), j["Tokens"]!.GetValue<double>() })];
+
+    [SkippableFact]
+    public void DataParallelSft_OnTwoRanks_EqualsOneProcessWithTheWholeBatch()
+    {
+        var dir = Directory.CreateTempSubdirectory("r1v2-dp-").FullName;
+        try
+        {
+            var one = Path.Combine(dir, "one");
+            Assert.Equal(0, R1V2.Native.Cli.Program.Main(SftArgs(dir, one)));
+            var two = Path.Combine(dir, "two");
+            var (code, output) = Run(2, SftArgs(dir, two));
+            Assert.True(code == 0, output);
+            Assert.Contains("shared by 2 data-parallel ranks", output);
+            var (a, b) = (Metrics(one), Metrics(two));
+            Assert.Equal(3, b.Length);                                   // one writer: rank 0's lines only
+            for (int s = 0; s < 3; s++)
+                for (int k = 0; k < 3; k++)
+                    Assert.True(Math.Abs(a[s][k] - b[s][k]) <= 1e-5 * Math.Abs(a[s][k]), $"step {s + 1}, field {k}: {a[s][k]} vs {b[s][k]}");
+            using var w1 = R1V2.Native.Engine.Checkpoints.Checkpoint.Open(Path.Combine(one, "final"));
+            using var w2 = R1V2.Native.Engine.Checkpoints.Checkpoint.Open(Path.Combine(two, "final"));
+            // Over all weights together: a key bias has no gradient in exact arithmetic (softmax ignores a shift shared by
+            // every key), so each run's rounding noise there becomes a full AdamW step; per tensor it differs at 2e-5.
+            double diff = 0, norm = 0;
+            foreach (var name in w1.Names)
+            {
+                var shape = w1.Info(name).Shape.Select(d => (int)d).ToArray();
+                var (x, y) = (w1.Read(name, shape), w2.Read(name, shape));
+                diff += x.Zip(y).Sum(z => (double)(z.First - z.Second) * (z.First - z.Second));
+                norm += x.Sum(v => (double)v * v);
+            }
+            Assert.True(Math.Sqrt(diff) <= 1e-5 * Math.Sqrt(norm), $"weights differ by {Math.Sqrt(diff):E2} (norm {Math.Sqrt(norm):E2})");
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    [Fact]
+    public void DataParallelSft_WithoutTheReduction_DiffersFromOneProcess()
+    {
+        // The negative control: rank 0 of 2 whose collectives do nothing trains on half of each batch with local counts.
+        var dir = Directory.CreateTempSubdirectory("r1v2-dp-neg-").FullName;
+        try
+        {
+            var args = SftArgs(dir, Path.Combine(dir, "one"));
+            Assert.Equal(0, R1V2.Native.Cli.Program.Main(args));
+            var config = R1V2.Native.Trainer.Config.TrainConfig.Load(null, [.. Enumerable.Range(0, args.Length).Where(i => args[i] == "--set").Select(i => args[i + 1]),
+                "stage=sft", $"output={Path.Combine(dir, "half")}"]);
+            using (var b = new CpuBackend())
+            using (var t = new R1V2.Native.Trainer.SftTrainer(config, b, new R1V2.Native.Trainer.Parallel.DataParallel(new Deaf(2))))
+                t.Run();
+            var (whole, half) = (Metrics(Path.Combine(dir, "one")), Metrics(Path.Combine(dir, "half")));
+            Assert.NotEqual(whole[0][2], half[0][2]);                     // tokens: half the batch's
+            Assert.NotEqual(whole[^1][0], half[^1][0]);
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    /// <summary>Rank 0 of <paramref name="n"/> whose collectives do nothing.</summary>
+    private sealed class Deaf(int n) : ICollectives
+    {
+        public int Rank => 0;
+        public int WorldSize => n;
+        public int LocalRank => 0;
+        public void AllReduceSum(Span<double> values) { }
+        public void AllReduceMax(Span<double> values) { }
+        public void AllReduceSum(Tensor tensor) { }
+        public void Broadcast(Span<byte> data, int root) { }
+        public void AllGather(ReadOnlySpan<float> mine, Span<float> all) { }
+        public void ReduceScatterSum(ReadOnlySpan<float> all, Span<float> mine) { }
+        public void Barrier() { }
+        public void Abort(string message) => throw new InvalidOperationException(message);
+        public ICollectives Split(int color, int key) => this;
+    }
+
     [Fact]
     public void SelftestChecks_CatchACollectiveThatDoesNothing()
     {
