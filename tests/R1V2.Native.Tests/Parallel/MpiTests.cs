@@ -132,7 +132,7 @@ public sealed class MpiTests
             var config = R1V2.Native.Trainer.Config.TrainConfig.Load(null, [.. Enumerable.Range(0, args.Length).Where(i => args[i] == "--set").Select(i => args[i + 1]),
                 "stage=sft", $"output={Path.Combine(dir, "half")}"]);
             using (var b = new CpuBackend())
-            using (var t = new R1V2.Native.Trainer.SftTrainer(config, b, new R1V2.Native.Trainer.Parallel.DataParallel(new Deaf(2))))
+            using (var t = new R1V2.Native.Trainer.SftTrainer(config, b, new R1V2.Native.Trainer.Parallel.DataParallel(new Inert(0, 2))))
                 t.Run();
             var (whole, half) = (Metrics(Path.Combine(dir, "one")), Metrics(Path.Combine(dir, "half")));
             Assert.NotEqual(whole[0][2], half[0][2]);                     // tokens: half the batch's
@@ -141,28 +141,11 @@ public sealed class MpiTests
         finally { Directory.Delete(dir, true); }
     }
 
-    /// <summary>Rank 0 of <paramref name="n"/> whose collectives do nothing.</summary>
-    private sealed class Deaf(int n) : ICollectives
-    {
-        public int Rank => 0;
-        public int WorldSize => n;
-        public int LocalRank => 0;
-        public void AllReduceSum(Span<double> values) { }
-        public void AllReduceMax(Span<double> values) { }
-        public void AllReduceSum(Tensor tensor) { }
-        public void Broadcast(Span<byte> data, int root) { }
-        public void AllGather(ReadOnlySpan<float> mine, Span<float> all) { }
-        public void ReduceScatterSum(ReadOnlySpan<float> all, Span<float> mine) { }
-        public void Barrier() { }
-        public void Abort(string message) => throw new InvalidOperationException(message);
-        public ICollectives Split(int color, int key) => this;
-    }
-
     [Fact]
     public void SelftestChecks_CatchACollectiveThatDoesNothing()
     {
         using var b = new CpuBackend();
-        var checks = SelftestCommand.Checks(new Inert(), b);
+        var checks = SelftestCommand.Checks(new Inert(1, 3), b);
         Assert.Contains(checks, k => k.Collective.StartsWith("all_reduce sum") && k.Problem is not null);
         Assert.Contains(checks, k => k.Collective == "all_gather" && k.Problem is not null);
         Assert.Contains(checks, k => k.Collective.StartsWith("broadcast") && k.Problem is not null);
@@ -211,12 +194,12 @@ public sealed class MpiTests
         public ICollectives Split(int color, int key) => this;
     }
 
-    /// <summary>A group of 3 whose collectives do nothing: the self-test must notice.</summary>
-    private sealed class Inert : ICollectives
+    /// <summary>Rank <paramref name="rank"/> of a group of <paramref name="size"/> whose collectives do nothing.</summary>
+    private sealed class Inert(int rank, int size) : ICollectives
     {
-        public int Rank => 1;
-        public int WorldSize => 3;
-        public int LocalRank => 1;
+        public int Rank => rank;
+        public int WorldSize => size;
+        public int LocalRank => rank;
         public void AllReduceSum(Span<double> values) { }
         public void AllReduceMax(Span<double> values) { }
         public void AllReduceSum(Tensor tensor) { }
