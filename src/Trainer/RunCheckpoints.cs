@@ -179,13 +179,19 @@ public static class RunCheckpoints
     }
 
     /// <summary>The first <paramref name="steps"/> lines of a run's metrics.jsonl; later lines (steps after the checkpoint) are dropped from the file.</summary>
+    /// <remarks>The file is replaced whole (written beside it, then renamed) and only when lines go: a run killed while
+    /// rewinding leaves the old file or the new one, never a truncated one (the random SIGKILL test found that).</remarks>
     public static List<T> RewindMetrics<T>(string metricsPath, int steps)
     {
-        var kept = File.Exists(metricsPath)
-            ? File.ReadAllLines(metricsPath).Where(l => l.Trim().Length > 0).Take(steps).Select(l => JsonSerializer.Deserialize<T>(l)!).ToList()
-            : [];
-        File.WriteAllLines(metricsPath, kept.Select(m => JsonSerializer.Serialize(m)));
-        return kept;
+        var lines = File.Exists(metricsPath) ? File.ReadAllLines(metricsPath).Where(l => l.Trim().Length > 0).ToList() : [];
+        var kept = lines.Take(steps).ToList();
+        if (kept.Count != lines.Count || !File.Exists(metricsPath))
+        {
+            var tmp = metricsPath + ".tmp";
+            File.WriteAllLines(tmp, kept);
+            File.Move(tmp, metricsPath, overwrite: true);
+        }
+        return [.. kept.Select(l => JsonSerializer.Deserialize<T>(l)!)];
     }
 
     /// <summary>Writes output/final through <paramref name="write"/> into a temporary directory, then renames it over the old one.</summary>
