@@ -47,7 +47,6 @@ public static unsafe partial class Mpi
     public static nint CommWorld { get; private set; }
     public static nint Float { get; private set; }
     public static nint Double { get; private set; }
-    public static nint Int { get; private set; }
     public static nint Byte { get; private set; }
     public static nint Sum { get; private set; }
     public static nint Max { get; private set; }
@@ -67,7 +66,6 @@ public static unsafe partial class Mpi
             CommWorld = world;
             Float = Export("ompi_mpi_float");
             Double = Export("ompi_mpi_double");
-            Int = Export("ompi_mpi_int");
             Byte = Export("ompi_mpi_byte");
             Sum = Export("ompi_mpi_op_sum");
             Max = Export("ompi_mpi_op_max");
@@ -80,7 +78,6 @@ public static unsafe partial class Mpi
             CommWorld = 0x44000000;
             Float = 0x4c00040a;
             Double = 0x4c00080b;
-            Int = 0x4c000405;
             Byte = 0x4c00010d;
             Sum = 0x58000003;
             Max = 0x58000001;

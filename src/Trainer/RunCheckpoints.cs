@@ -210,10 +210,8 @@ public static class RunCheckpoints
     /// trained would silently fall back to the base on the next resume).</param>
     public static Checkpoint.BaseReference BaseOf(string? resume, string model, IEnumerable<string> trained)
     {
-        if (resume is null) return new Checkpoint.BaseReference(Path.GetFullPath(model), Checkpoint.ContentHash(model));
-        var reference = Checkpoint.ReadBase(resume);
-        if (reference is null) return new Checkpoint.BaseReference(Path.GetFullPath(model), Checkpoint.ContentHash(model)); // a full checkpoint
-        using var lean = Checkpoint.Open(resume);
+        using var lean = resume is null ? null : Checkpoint.Open(resume);
+        if (lean?.Base is not { } reference) return new Checkpoint.BaseReference(Path.GetFullPath(model), Checkpoint.ContentHash(model)); // a fresh run or a full checkpoint
         var held = lean.OwnNames.ToHashSet(StringComparer.Ordinal);
         var now = trained.ToHashSet(StringComparer.Ordinal);
         if (!held.SetEquals(now))
@@ -225,18 +223,10 @@ public static class RunCheckpoints
         return reference;
     }
 
-    /// <summary>The files beside a model's weights and config that an HF export carries: the tokenizer's files and generation settings.</summary>
-    public static IEnumerable<string> SideFiles(string directory) =>
-        Directory.Exists(directory)
-            ? Directory.GetFiles(directory).Where(f => Path.GetFileName(f) is var n && (n.StartsWith("tokenizer", StringComparison.Ordinal)
-                || n is "special_tokens_map.json" or "generation_config.json" or "vocab.json" or "merges.txt" or "added_tokens.json" or "preprocessor_config.json"
-                || n.StartsWith("chat_template", StringComparison.Ordinal)))
-            : [];
-
-    /// <summary>Copies <see cref="SideFiles"/> of <paramref name="source"/> into <paramref name="destination"/>.</summary>
+    /// <summary>Copies the tokenizer's and generation files of <paramref name="source"/> (<see cref="CheckpointExport.SideFiles"/>) into <paramref name="destination"/>.</summary>
     public static void CopySideFiles(string source, string destination)
     {
-        foreach (var f in SideFiles(source)) File.Copy(f, Path.Combine(destination, Path.GetFileName(f)), overwrite: true);
+        foreach (var f in CheckpointExport.SideFiles(source)) File.Copy(f, Path.Combine(destination, Path.GetFileName(f)), overwrite: true);
     }
 
     /// <summary>Refuses to resume a run of one stage from another stage's checkpoint (trainer_state.json "stage"; none means grpo).</summary>

@@ -110,7 +110,7 @@ public static class SelftestCommand
         }
         if (c.Rank == 0)
         {
-            AnsiConsole.MarkupLineInterpolated($"{c.WorldSize} rank(s) ({c.GetType().Name}), local rank {c.LocalRank} on this node");
+            AnsiConsole.MarkupLineInterpolated($"{c.WorldSize} rank(s) ({c.GetType().Name}), local rank {c.LocalRank} on this node{(c is MpiCollectives ? $"; MPI handle ABI: {Interop.Mpi.Abi}" : "")}");
             var results = new Table().AddColumns("collective", "rank 0");
             foreach (var k in checks) results.AddRow(Markup.Escape(k.Collective), k.Problem is null ? "ok" : Markup.Escape(k.Problem));
             AnsiConsole.Write(results);

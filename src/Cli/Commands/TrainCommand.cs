@@ -128,12 +128,17 @@ public static class TrainCommand
         // Under mpirun / srun every rank trains on its share of each batch; one process is a group of one.
         var group = Engine.Backends.Launch.Collectives();
         using var trainer = new SftTrainer(config, backend, new Trainer.Parallel.DataParallel(group));
-        if (group.Rank != 0)
+        int Done()
         {
-            trainer.Run(cancel: cancel.Token); // rank 0 alone prints progress and writes the run's files
+            if (group.WorldSize == 1) return 0;
             group.Barrier();
             Interop.Mpi.FinalizeIfInitialized();
             return 0;
+        }
+        if (group.Rank != 0)
+        {
+            trainer.Run(cancel: cancel.Token); // rank 0 alone prints progress and writes the run's files
+            return Done();
         }
         var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
         AnsiConsole.MarkupLineInterpolated($"stage sft on {backend.Name}: {config.Steps} steps of {config.Sft.Batch} examples{(group.WorldSize > 1 ? $" shared by {group.WorldSize} data-parallel ranks" : "")}; run directory {config.Output}{resumed}");
@@ -154,12 +159,7 @@ public static class TrainCommand
         }
         AnsiConsole.MarkupLineInterpolated($"final loss {summary.FinalLoss:F4}; held-out loss {summary.HeldOutLossBefore:F4} -> {summary.HeldOutLossAfter:F4} on {summary.HeldOutExamples} examples; model in {Path.Combine(config.Output, "final")}");
         foreach (var f in Report.Write(config.Output)) AnsiConsole.MarkupLineInterpolated($"wrote {f}");
-        if (group.WorldSize > 1)
-        {
-            group.Barrier();
-            Interop.Mpi.FinalizeIfInitialized();
-        }
-        return 0;
+        return Done();
     }
 
     private static int RunPreference(TrainConfig config, StopSignals cancel)

@@ -51,9 +51,6 @@ public abstract class Backend : IDisposable
     /// <summary>Frozen parameters loaded from checkpoints, each held once on this device whoever loads it (<see cref="Layers.SharedFrozenParameters"/>).</summary>
     public Layers.SharedFrozenParameters Frozen { get; } = new();
 
-    /// <summary>Collective operations across data-parallel ranks (a single process until multi-GPU lands).</summary>
-    public ICollectives Collectives { get; protected set; } = SingleProcessCollectives.Instance;
-
     /// <summary>
     /// Per-op wall time, when enabled: every op synchronizes before and after, so the times are the op's own (and the
     /// whole run is slower). Null when off, which costs one null check per op.
@@ -156,18 +153,7 @@ public abstract class Backend : IDisposable
             var bytes = source(at * size, n * size);
             if (direct) { UploadBytesCore(t, at * target, bytes); continue; }
             var f = staging!.AsSpan(0, n);
-            switch (sourceDType)
-            {
-                case "F32": System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(bytes).CopyTo(f); break;
-                case "BF16":
-                    var bf = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(bytes);
-                    for (int i = 0; i < n; i++) f[i] = BFloat16.ToFloat(bf[i]);
-                    break;
-                default:
-                    var h = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, Half>(bytes);
-                    for (int i = 0; i < n; i++) f[i] = (float)h[i];
-                    break;
-            }
+            Checkpoints.SafetensorsFile.Decode(bytes, sourceDType, f);
             if (bits is null) { UploadBytesCore(t, at * target, System.Runtime.InteropServices.MemoryMarshal.AsBytes(f)); continue; }
             for (int i = 0; i < n; i++) bits[i] = BFloat16.FromFloat(f[i]);
             UploadBytesCore(t, at * target, System.Runtime.InteropServices.MemoryMarshal.AsBytes(bits.AsSpan(0, n)));
@@ -877,7 +863,6 @@ public abstract class Backend : IDisposable
     }
 }
 
-/// <summary>Collectives across data-parallel ranks. NCCL (GPU) and MPI (CPU) implementations come with multi-GPU.</summary>
 /// <summary>
 /// The process group the engine runs in: rank and size, and the collectives the engine needs (sums and maxima of
 /// host values and tensors, broadcast, gather and scatter of fp32 blocks, barrier, abort, sub-groups). One process:

@@ -20,18 +20,25 @@ public sealed class Checkpoint : IDisposable
     private readonly Dictionary<string, SafetensorsFile> _where;
     private readonly Checkpoint? _base;
 
-    private Checkpoint(string directory, List<SafetensorsFile> files, Dictionary<string, SafetensorsFile> where, Checkpoint? baseCheckpoint)
+    private Checkpoint(string directory, List<SafetensorsFile> files, Dictionary<string, SafetensorsFile> where, Checkpoint? baseCheckpoint, BaseReference? reference)
     {
         Directory = directory;
         _files = files;
         _where = where;
         _base = baseCheckpoint;
+        Base = reference;
     }
 
     public string Directory { get; }
 
+    /// <summary>A lean checkpoint's base as base.json names it (verified against its hash when opened), or null for a full checkpoint.</summary>
+    public BaseReference? Base { get; }
+
     /// <summary>The base a lean checkpoint layers over (its frozen tensors come from there), or null for a full checkpoint.</summary>
     public string? BaseDirectory => _base?.Directory;
+
+    /// <summary>This checkpoint's directory, then its base's, and so on down the stack of lean checkpoints.</summary>
+    public IEnumerable<string> Chain => _base is null ? [Directory] : [Directory, .. _base.Chain];
 
     /// <summary>The tensors stored in this directory itself (a lean checkpoint's trainable ones), not those of its base.</summary>
     public IEnumerable<string> OwnNames => _where.Where(kv => _files.Contains(kv.Value)).Select(kv => kv.Key);
@@ -99,9 +106,11 @@ public sealed class Checkpoint : IDisposable
             throw;
         }
         Checkpoint? baseCheckpoint = null;
+        BaseReference? reference;
         try
         {
-            if (ReadBase(directory) is { } reference)
+            reference = ReadBase(directory);
+            if (reference is not null)
             {
                 baseCheckpoint = Open(reference.Path, depth + 1);
                 foreach (var name in baseCheckpoint.Names)
@@ -113,7 +122,7 @@ public sealed class Checkpoint : IDisposable
             foreach (var f in files) f.Dispose();
             throw;
         }
-        return new Checkpoint(directory, files, where, baseCheckpoint);
+        return new Checkpoint(directory, files, where, baseCheckpoint, reference);
     }
 
     /// <summary>A lean checkpoint's base: its directory and the content hash it had when the checkpoint was written.</summary>
@@ -231,8 +240,8 @@ public sealed class Checkpoint : IDisposable
         var info = file.Tensors[name];
         if (!info.Shape.SequenceEqual(shape.Select(d => (long)d)))
             throw new CheckpointException($"{file.Path}: tensor '{name}' has shape {info.ShapeString}, expected [{string.Join(", ", shape)}]");
-        int size = SafetensorInfo.ElementSize(info.DType);
         if (info.DType is not ("F32" or "BF16" or "F16")) throw new CheckpointException($"{file.Path}: tensor '{name}' is {info.DType}; expected F32, BF16 or F16");
+        int size = SafetensorInfo.ElementSize(info.DType);
         destination.Backend.UploadStored(destination, info.DType, info.Length, (offset, count) =>
         {
             var bytes = file.Bytes(name, offset, count);
@@ -296,10 +305,6 @@ public sealed class Checkpoint : IDisposable
             hash.Append(file.Bytes(name, at, (int)Math.Min(1 << 26, bytes - at)));
         return new Layers.SharedFrozenParameters.Key(name, info.DType, info.ShapeString, hash.GetCurrentHashAsUInt128());
     }
-
-    /// <summary>The safetensors file tensor <paramref name="name"/> is read from (a lean checkpoint's base file for a frozen tensor).</summary>
-    public string FileOf(string name) =>
-        _where.TryGetValue(name, out var f) ? f.Path : throw new CheckpointException($"{Directory}: missing tensor '{name}'");
 
     public SafetensorInfo Info(string name) =>
         _where.TryGetValue(name, out var f) ? f.Tensors[name] : throw new CheckpointException($"{Directory}: missing tensor '{name}'");

@@ -14,9 +14,16 @@ public static class CheckpointExport
 {
     public const long ShardBytes = 5_000_000_000;
 
-    /// <summary>Files of a checkpoint directory that are the training run's own and never exported.</summary>
-    private static readonly HashSet<string> RunFiles = new(StringComparer.Ordinal)
-        { Checkpoint.BaseFile, Checkpoint.IndexFile, "manifest.json", "trainer_state.json", "optimizer.safetensors", "buffer.bin" };
+    /// <summary>
+    /// The files beside a model's weights and config.json that an HF checkpoint carries: the tokenizer's files,
+    /// generation and preprocessing settings, chat templates and remote code (never the run's own state).
+    /// </summary>
+    public static IEnumerable<string> SideFiles(string directory) =>
+        Directory.Exists(directory)
+            ? Directory.GetFiles(directory).Where(f => Path.GetFileName(f) is var n && !n.Contains(".tmp-", StringComparison.Ordinal)
+                && (n.StartsWith("tokenizer", StringComparison.Ordinal) || n.StartsWith("chat_template", StringComparison.Ordinal) || n.EndsWith(".py", StringComparison.Ordinal)
+                    || n is "special_tokens_map.json" or "generation_config.json" or "vocab.json" or "merges.txt" or "added_tokens.json" or "preprocessor_config.json"))
+            : [];
 
     /// <summary>Whether <paramref name="path"/> is <paramref name="directory"/> or lies inside it.</summary>
     private static bool IsWithin(string path, string directory)
@@ -33,8 +40,8 @@ public static class CheckpointExport
         if (Directory.Exists(output) && Directory.EnumerateFileSystemEntries(output).Any())
             throw new CheckpointException($"{output}: exists and is not empty; export into a new directory");
         using var checkpoint = Checkpoint.Open(source);
-        for (var c = Path.GetFullPath(source); c is not null; c = Checkpoint.ReadBase(c)?.Path)
-            if (IsWithin(c, full)) throw new CheckpointException($"{output}: the export would write over {c}, which it reads");
+        foreach (var read in checkpoint.Chain)
+            if (IsWithin(read, full)) throw new CheckpointException($"{output}: the export would write over {read}, which it reads");
         var names = checkpoint.Names.Order(StringComparer.Ordinal).ToList();
         var layout = names.Select(n => (n, checkpoint.Info(n).Shape.Select(d => checked((int)d)).ToArray())).ToList();
         var tmp = output.TrimEnd('/', '\\') + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
@@ -42,17 +49,15 @@ public static class CheckpointExport
         try
         {
             Checkpoint.SaveStreamed(tmp, layout, i => checkpoint.Read(layout[i].n, layout[i].Item2), dtype, shardBytes);
-            // The source's own files first, then what its bases add (a lean checkpoint carries config.json and tokenizer.json;
-            // its base has the rest: tokenizer_config.json, generation_config.json, remote code).
-            var copied = new List<string>();
-            for (var dir = source; dir is not null; dir = Checkpoint.ReadBase(dir)?.Path)
-                foreach (var f in Directory.GetFiles(dir))
+            // config.json from the source; the side files from the source first, then what its bases add (a lean
+            // checkpoint carries tokenizer.json; its base has tokenizer_config.json, generation_config.json, remote code).
+            File.Copy(Path.Combine(source, "config.json"), Path.Combine(tmp, "config.json"));
+            var copied = new List<string> { "config.json" };
+            foreach (var dir in checkpoint.Chain)
+                foreach (var f in SideFiles(dir).Where(f => !copied.Contains(Path.GetFileName(f))))
                 {
-                    var name = Path.GetFileName(f);
-                    if (RunFiles.Contains(name) || name.EndsWith(".safetensors", StringComparison.Ordinal) || name.Contains(".tmp-", StringComparison.Ordinal)
-                        || copied.Contains(name)) continue;
-                    File.Copy(f, Path.Combine(tmp, name));
-                    copied.Add(name);
+                    File.Copy(f, Path.Combine(tmp, Path.GetFileName(f)));
+                    copied.Add(Path.GetFileName(f));
                 }
             if (Directory.Exists(output)) Directory.Delete(output); // empty, checked above
             Directory.Move(tmp, output);

@@ -136,13 +136,6 @@ public sealed unsafe class SafetensorsFile : IDisposable
     public SafetensorInfo Info(string name) =>
         Tensors.TryGetValue(name, out var t) ? t : throw new CheckpointException($"{Path}: no tensor '{name}'");
 
-    /// <summary>The raw bytes of a tensor (valid while this file is open).</summary>
-    public ReadOnlySpan<byte> Bytes(string name)
-    {
-        var t = Info(name);
-        return t.End == t.Begin ? [] : new ReadOnlySpan<byte>(_base + _dataStart + t.Begin, checked((int)(t.End - t.Begin)));
-    }
-
     /// <summary><paramref name="count"/> raw bytes of a tensor from byte <paramref name="offset"/> (valid while this file is open; any tensor size).</summary>
     public ReadOnlySpan<byte> Bytes(string name, long offset, int count)
     {
@@ -156,28 +149,34 @@ public sealed unsafe class SafetensorsFile : IDisposable
     {
         var t = Info(name);
         if (destination.Length != t.Length) throw new CheckpointException($"{Path}: tensor '{name}' has {t.Length} elements, {destination.Length} requested");
-        int size = SafetensorInfo.ElementSize(t.DType);
         if (t.DType is not ("F32" or "BF16" or "F16")) throw new CheckpointException($"{Path}: tensor '{name}' is {t.DType}; expected F32, BF16 or F16");
+        int size = SafetensorInfo.ElementSize(t.DType);
         const int slice = 1 << 26; // elements per read: a tensor's bytes may pass 2 GiB (a 38B vocabulary in fp32)
         for (long at = 0; at < t.Length; at += slice)
         {
             int n = (int)Math.Min(slice, t.Length - at);
-            var bytes = Bytes(name, at * size, n * size);
-            var d = destination.Slice((int)at, n);
-            switch (t.DType)
-            {
-                case "F32":
-                    System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(bytes).CopyTo(d);
-                    break;
-                case "BF16":
-                    var bf = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(bytes);
-                    for (int i = 0; i < n; i++) d[i] = BFloat16.ToFloat(bf[i]);
-                    break;
-                default:
-                    var h = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, Half>(bytes);
-                    for (int i = 0; i < n; i++) d[i] = (float)h[i];
-                    break;
-            }
+            Decode(Bytes(name, at * size, n * size), t.DType, destination.Slice((int)at, n));
+        }
+    }
+
+    /// <summary>Stored values (F32, BF16 or F16 bytes, little-endian) into fp32: every reader of checkpoint data converts here.</summary>
+    public static void Decode(ReadOnlySpan<byte> bytes, string dtype, Span<float> destination)
+    {
+        switch (dtype)
+        {
+            case "F32":
+                System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(bytes).CopyTo(destination);
+                break;
+            case "BF16":
+                var bf = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(bytes);
+                for (int i = 0; i < bf.Length; i++) destination[i] = BFloat16.ToFloat(bf[i]);
+                break;
+            case "F16":
+                var h = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, Half>(bytes);
+                for (int i = 0; i < h.Length; i++) destination[i] = (float)h[i];
+                break;
+            default:
+                throw new ArgumentException($"stored type {dtype}; expected F32, BF16 or F16");
         }
     }
 

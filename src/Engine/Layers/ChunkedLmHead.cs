@@ -100,9 +100,7 @@ public static class ChunkedLmHead
             if (targets[i] >= v) throw new ArgumentException($"target {i} is token {targets[i]}, outside the {v} vocabulary rows the head covers");
             if (targets[i] >= 0) rows.Add(i);
         }
-        int r = rows.Count;
-        float invT = 1f / temperature;
-        var scored = new ScoredRows(t, [.. rows], v, invT);
+        var scored = new ScoredRows(t, [.. rows], v, 1f / temperature);
         try
         {
             Pass1(b, hidden, head, targets, vocabChunk, scored);
@@ -158,8 +156,7 @@ public static class ChunkedLmHead
         int r = scored.Rows.Length, d = scored.Hidden.Cols;
         if (dLogProb.Length != r) throw new ArgumentException($"{dLogProb.Length} log-prob gradients for {r} scored rows");
         var w = head.Value;
-        bool gathered = r != scored.TotalRows;
-        var dRows = b.Allocate(DType.F32, r, d);
+        var dRows = b.Allocate(DType.F32, r, d);   // d hidden of the scored rows, fp32 while the chunks add into it
         try
         {
             if (r > 0) b.Zero(dRows);
@@ -176,29 +173,26 @@ public static class ChunkedLmHead
                 b.Gemm(dlogits, false, wc, false, dRows, beta: 1f);                                                  // dH += dlogits W_chunk
                 if (head.Grad is not null) b.Gemm(dlogits, true, scored.Hidden, false, head.Grad.SliceRows(c0, n), beta: 1f); // dW_chunk += dlogits^T H
             }
-            if (!gathered && gradType == DType.F32) { var whole = dRows; dRows = null!; return whole; }
-            var typed = dRows;
-            if (gradType != DType.F32)
+        }
+        catch
+        {
+            dRows.Dispose();
+            throw;
+        }
+        var typed = dRows;
+        if (gradType != DType.F32)
+            using (dRows)
             {
                 typed = b.Allocate(gradType, r, d);
                 b.Convert(dRows, typed);
             }
-            try
-            {
-                if (!gathered) { var whole = typed; typed = null!; return whole; }
-                var dHidden = b.Allocate(gradType, scored.TotalRows, d);
-                b.Zero(dHidden);
-                if (r > 0) using (var index = b.Rows(scored.Rows, scored.TotalRows, distinct: true, "scored_rows")) b.ScatterRows(typed, index, dHidden);
-                return dHidden;
-            }
-            finally
-            {
-                if (typed is not null && !ReferenceEquals(typed, dRows)) typed.Dispose();
-            }
-        }
-        finally
+        if (r == scored.TotalRows) return typed;
+        using (typed)
         {
-            dRows?.Dispose();
+            var dHidden = b.Allocate(gradType, scored.TotalRows, d);
+            b.Zero(dHidden);
+            if (r > 0) using (var index = b.Rows(scored.Rows, scored.TotalRows, distinct: true, "scored_rows")) b.ScatterRows(typed, index, dHidden);
+            return dHidden;
         }
     }
 

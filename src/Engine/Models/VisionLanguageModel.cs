@@ -262,20 +262,12 @@ public sealed class VisionLanguageModel : IDisposable
         return new VisionLanguageModel(backend, config, ParameterStore.FromCheckpoint(backend, config, checkpoint, trainable, optional, share), imageContext);
     }
 
-    /// <summary>HF export shards: at most this many bytes per safetensors file.</summary>
-    public const long ExportShardBytes = 5_000_000_000;
-
     /// <summary>
     /// Writes config.json and every weight (fp32 masters when present, else the stored values) in the HF layout, in
     /// <paramref name="dtype"/>, sharded at <paramref name="maxShardBytes"/>, one tensor at a time on the host.
     /// </summary>
-    public void Save(string directory, string dtype = "F32", long maxShardBytes = ExportShardBytes, IEnumerable<Parameter>? extra = null)
-    {
-        var tensors = Parameters.All.Select(p => (p.Name, p.Parameter)).Concat((extra ?? []).Select(p => (p.Name, p))).ToList();
-        Directory.CreateDirectory(directory);
-        Checkpoint.SaveStreamed(directory, [.. tensors.Select(t => (t.Item1, t.Item2.Weights.Shape.ToArray()))], i => tensors[i].Item2.Weights.ToFloatArray(), dtype, maxShardBytes);
-        WriteConfig(directory);
-    }
+    public void Save(string directory, string dtype = "F32", long maxShardBytes = CheckpointExport.ShardBytes, IEnumerable<Parameter>? extra = null) =>
+        Write(directory, Parameters.All.Select(p => (p.Name, p.Parameter)).Concat((extra ?? []).Select(p => (p.Name, p))), dtype, maxShardBytes);
 
     /// <summary>
     /// A lean training checkpoint: config.json, the trainable parameters' fp32 masters (and <paramref name="extra"/>
@@ -284,11 +276,17 @@ public sealed class VisionLanguageModel : IDisposable
     /// </summary>
     public void SaveTrainable(string directory, Checkpoint.BaseReference baseReference, IEnumerable<Parameter>? extra = null)
     {
-        var tensors = Parameters.All.Where(p => p.Parameter.Trainable).Select(p => (p.Name, p.Parameter))
-            .Concat((extra ?? []).Select(p => (p.Name, p))).ToList();
-        Directory.CreateDirectory(directory);
-        Checkpoint.SaveStreamed(directory, [.. tensors.Select(t => (t.Item1, t.Item2.Weights.Shape.ToArray()))], i => tensors[i].Item2.Weights.ToFloatArray(), "F32", long.MaxValue);
+        Write(directory, Parameters.All.Where(p => p.Parameter.Trainable).Select(p => (p.Name, p.Parameter)).Concat((extra ?? []).Select(p => (p.Name, p))),
+            "F32", long.MaxValue);
         Checkpoint.WriteBase(directory, baseReference);
+    }
+
+    private void Write(string directory, IEnumerable<(string Name, Parameter Parameter)> parameters, string dtype, long maxShardBytes)
+    {
+        var tensors = parameters.ToList();
+        Directory.CreateDirectory(directory);
+        Checkpoint.SaveStreamed(directory, [.. tensors.Select(t => (t.Name, t.Parameter.Weights.Shape.ToArray()))], i => tensors[i].Parameter.Weights.ToFloatArray(),
+            dtype, maxShardBytes);
         WriteConfig(directory);
     }
 

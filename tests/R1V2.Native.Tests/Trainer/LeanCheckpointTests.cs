@@ -53,6 +53,16 @@ public sealed class LeanCheckpointTests(CpuFixture fx, ITestOutputHelper output)
             "checkpoint.every=1", "checkpoint.keep=2", "grpo.ssb.capacity=16", .. extra]);
     }
 
+    /// <summary>A tiny base checkpoint and one adapter-only GRPO step over it: the base, the run directory and its lean checkpoint.</summary>
+    private (string Model, string Run, string Checkpoint) OneStepRun(int seed)
+    {
+        var model = Path.Combine(_dir, "base");
+        InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), model, seed: seed);
+        using (var t = new GrpoTrainer(Grpo(model, "run", 1), fx.Backend, GrpoTestRuns.Letters)) t.Run();
+        var run = Path.Combine(_dir, "run");
+        return (model, run, RunCheckpoints.Latest(run)!);
+    }
+
     private static long AdapterParameters(VlmConfig c) =>
         VlmWeights.Expected(c).Where(t => t.Name.StartsWith(VlmWeights.Adapter, StringComparison.Ordinal)).Sum(t => t.Shape.Aggregate(1L, (a, d) => a * d));
 
@@ -119,12 +129,9 @@ public sealed class LeanCheckpointTests(CpuFixture fx, ITestOutputHelper output)
     [Fact]
     public void ResumingWithAnotherTrainableSet_IsRefused_AndABaseCycleIsAnError()
     {
-        var model = Path.Combine(_dir, "base");
-        InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), model, seed: 5);
-        using (var t = new GrpoTrainer(Grpo(model, "run", 1), fx.Backend, GrpoTestRuns.Letters)) t.Run();
+        var (model, _, ckpt) = OneStepRun(seed: 5);
         var e = Assert.Throws<CheckpointException>(() => new GrpoTrainer(Grpo(model, "run", 2, "trainable=adapter+llm"), fx.Backend, GrpoTestRuns.Letters));
         Assert.Contains("same trainable setting", e.Message);
-        var ckpt = RunCheckpoints.Latest(Path.Combine(_dir, "run"))!;
         Checkpoint.WriteBase(ckpt, new Checkpoint.BaseReference(ckpt, Checkpoint.ContentHash(ckpt)));
         Checkpoint.WriteBase(ckpt, new Checkpoint.BaseReference(ckpt, Checkpoint.ContentHash(ckpt))); // names itself, hash and all
         Assert.Throws<CheckpointException>(() => Checkpoint.Open(ckpt));
@@ -135,11 +142,7 @@ public sealed class LeanCheckpointTests(CpuFixture fx, ITestOutputHelper output)
     [Fact]
     public void Export_RefusesANonEmptyOutput_AndOneHoldingItsSource()
     {
-        var model = Path.Combine(_dir, "base");
-        InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), model, seed: 5);
-        using (var t = new GrpoTrainer(Grpo(model, "run", 1), fx.Backend, GrpoTestRuns.Letters)) t.Run();
-        var run = Path.Combine(_dir, "run");
-        var ckpt = RunCheckpoints.Latest(run)!;
+        var (_, run, ckpt) = OneStepRun(seed: 5);
         Assert.Contains("not empty", Assert.Throws<CheckpointException>(() => CheckpointExport.Export(ckpt, run)).Message);
         Assert.True(Directory.Exists(ckpt));
         var empty = Path.Combine(_dir, "empty-out");
@@ -151,11 +154,7 @@ public sealed class LeanCheckpointTests(CpuFixture fx, ITestOutputHelper output)
     [Fact]
     public void Export_OfALeanCheckpoint_IsTheWholeModelInBf16Shards_WithTheTokenizerAndConfig()
     {
-        var model = Path.Combine(_dir, "base");
-        InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), model, seed: 7);
-        using (var t = new GrpoTrainer(Grpo(model, "run", 1), fx.Backend, GrpoTestRuns.Letters)) t.Run();
-        var run = Path.Combine(_dir, "run");
-        var ckpt = RunCheckpoints.Latest(run)!;
+        var (_, run, ckpt) = OneStepRun(seed: 7);
         var outDir = Path.Combine(_dir, "export");
         Assert.Equal(0, ExportCommand.Run(run, outDir));                     // a run directory: its newest checkpoint
 
