@@ -36,6 +36,12 @@ public static unsafe partial class Mpi
     [LibraryImport(Lib, EntryPoint = "MPI_Allgather")] private static partial int MPI_Allgather(void* send, int sendCount, nint sendType, void* recv, int recvCount, nint recvType, nint comm);
     [LibraryImport(Lib, EntryPoint = "MPI_Bcast")] private static partial int MPI_Bcast(void* buffer, int count, nint type, int root, nint comm);
     [LibraryImport(Lib, EntryPoint = "MPI_Barrier")] private static partial int MPI_Barrier(nint comm);
+    [LibraryImport(Lib, EntryPoint = "MPI_Iallreduce")] private static partial int MPI_Iallreduce(void* send, void* recv, int count, nint type, nint op, nint comm, nint* request);
+    [LibraryImport(Lib, EntryPoint = "MPI_Ireduce_scatter_block")] private static partial int MPI_Ireduce_scatter_block(void* send, void* recv, int count, nint type, nint op, nint comm, nint* request);
+    [LibraryImport(Lib, EntryPoint = "MPI_Iallgather")] private static partial int MPI_Iallgather(void* send, int sendCount, nint sendType, void* recv, int recvCount, nint recvType, nint comm, nint* request);
+    [LibraryImport(Lib, EntryPoint = "MPI_Ibcast")] private static partial int MPI_Ibcast(void* buffer, int count, nint type, int root, nint comm, nint* request);
+    [LibraryImport(Lib, EntryPoint = "MPI_Ibarrier")] private static partial int MPI_Ibarrier(nint comm, nint* request);
+    [LibraryImport(Lib, EntryPoint = "MPI_Test")] private static partial int MPI_Test(nint* request, int* flag, void* status);
     [LibraryImport(Lib, EntryPoint = "MPI_Abort")] private static partial int MPI_Abort(nint comm, int code);
     [LibraryImport(Lib, EntryPoint = "MPI_Error_string")] private static partial int MPI_Error_string(int code, byte* text, int* length);
 
@@ -54,6 +60,9 @@ public static unsafe partial class Mpi
     /// <summary>MPI_IN_PLACE: 1 in Open MPI, -1 in MPICH.</summary>
     public static void* InPlace { get; private set; }
 
+    /// <summary>MPI_STATUS_IGNORE: 0 in Open MPI, 1 in MPICH.</summary>
+    private static void* StatusIgnore { get; set; }
+
     /// <summary>Loads the library, finds its ABI and predefined handles, and initialises MPI (once; funneled threads).</summary>
     public static void Initialize()
     {
@@ -70,6 +79,7 @@ public static unsafe partial class Mpi
             Sum = Export("ompi_mpi_op_sum");
             Max = Export("ompi_mpi_op_max");
             InPlace = (void*)1;
+            StatusIgnore = null;
         }
         else
         {
@@ -82,6 +92,7 @@ public static unsafe partial class Mpi
             Sum = 0x58000003;
             Max = 0x58000001;
             InPlace = (void*)-1;
+            StatusIgnore = (void*)1;
         }
         int flag;
         Check(MPI_Initialized(&flag), "MPI_Initialized");
@@ -122,6 +133,52 @@ public static unsafe partial class Mpi
     public static void Broadcast(void* data, int count, nint type, int root, nint comm) => Check(MPI_Bcast(data, count, type, root, comm), "MPI_Bcast");
 
     public static void Barrier(nint comm) => Check(MPI_Barrier(comm), "MPI_Barrier");
+
+    // Non-blocking forms: the request handle (a pointer in Open MPI, a 32-bit integer in MPICH, which the low half of
+    // an nint holds on little-endian machines) is completed by Test. They let a wait sleep between polls and give up.
+
+    public static nint StartAllReduceInPlace(void* data, int count, nint type, nint op, nint comm)
+    {
+        nint r = 0;
+        Check(MPI_Iallreduce(InPlace, data, count, type, op, comm, &r), "MPI_Iallreduce");
+        return r;
+    }
+
+    public static nint StartReduceScatterBlock(void* send, void* recv, int countPerRank, nint type, nint op, nint comm)
+    {
+        nint r = 0;
+        Check(MPI_Ireduce_scatter_block(send, recv, countPerRank, type, op, comm, &r), "MPI_Ireduce_scatter_block");
+        return r;
+    }
+
+    public static nint StartAllGather(void* send, int countPerRank, nint type, void* recv, nint comm)
+    {
+        nint r = 0;
+        Check(MPI_Iallgather(send, countPerRank, type, recv, countPerRank, type, comm, &r), "MPI_Iallgather");
+        return r;
+    }
+
+    public static nint StartBroadcast(void* data, int count, nint type, int root, nint comm)
+    {
+        nint r = 0;
+        Check(MPI_Ibcast(data, count, type, root, comm, &r), "MPI_Ibcast");
+        return r;
+    }
+
+    public static nint StartBarrier(nint comm)
+    {
+        nint r = 0;
+        Check(MPI_Ibarrier(comm, &r), "MPI_Ibarrier");
+        return r;
+    }
+
+    /// <summary>Whether <paramref name="request"/> has completed (it is then freed and set to MPI_REQUEST_NULL).</summary>
+    public static bool Test(ref nint request)
+    {
+        int flag;
+        fixed (nint* r = &request) Check(MPI_Test(r, &flag, StatusIgnore), "MPI_Test");
+        return flag != 0;
+    }
 
     /// <summary>Ends every rank of <paramref name="comm"/>'s job with <paramref name="code"/>; does not return on success.</summary>
     public static void Abort(nint comm, int code) => MPI_Abort(comm, code);

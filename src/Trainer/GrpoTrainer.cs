@@ -12,6 +12,7 @@ using R1V2.Native.Trainer.Config;
 using R1V2.Native.Trainer.Data;
 using R1V2.Native.Trainer.Grpo;
 using R1V2.Native.Trainer.Optim;
+using R1V2.Native.Trainer.Parallel;
 using R1V2.Native.Trainer.Rewards;
 using R1V2.Native.Trainer.Ssb;
 
@@ -77,22 +78,28 @@ public sealed class GrpoTrainer : IDisposable
     private readonly Func<string, PromptRow, RewardBreakdown> _score;
 
     /// <param name="reward">Scores a response text against its prompt; by default the hybrid reward (rule + format).</param>
-    public GrpoTrainer(TrainConfig config, Backend backend, Func<string, PromptRow, RewardBreakdown>? reward = null)
+    /// <param name="dataParallel">The ranks this run trains on together: each samples and scores whole prompt groups of
+    /// every step's prompts (prompt i on rank i mod R) and keeps its own sample buffer; one process by default.</param>
+    public GrpoTrainer(TrainConfig config, Backend backend, Func<string, PromptRow, RewardBreakdown>? reward = null, DataParallel? dataParallel = null)
     {
         _c = config;
         _b = backend;
+        _dp = dataParallel ?? DataParallel.Single;
+        if (config.Grpo.PromptsPerStep % _dp.Ranks != 0)
+            throw new InvalidDataException($"grpo.prompts_per_step is {config.Grpo.PromptsPerStep}: it must be a multiple of the {_dp.Ranks} data-parallel ranks (each rank samples whole prompt groups, the same number)");
         Directory.CreateDirectory(config.Output);
-        var resume = LatestCheckpoint(config.Output);
+        var resume = RunCheckpoints.Latest(config.Output, cleanup: _dp.Writes);
         if (resume is not null) RunCheckpoints.CheckStage(resume, "grpo");
         var source = resume ?? config.Model;
         var parts = config.TrainableParts();
         _model = VisionLanguageModel.Load(backend, source, parts);
+        _dp.SyncWeights(_model.Parameters.All.Select(p => p.Parameter).ToList());
         _base = RunCheckpoints.BaseOf(resume, config.Model, _model.Parameters.All.Where(p => p.Parameter.Trainable).Select(p => p.Name));
         _tokenizer = TextTokenizer.Load(source);
         // Kept in memory: a resumed run's source is a checkpoint directory that pruning later removes.
         _tokenizerJson = File.ReadAllBytes(_tokenizer.Source);
         var g = config.Grpo;
-        _chat = new ChatRunner(_model, _tokenizer, new GeneratorOptions(g.CacheBlocks, MaxBatch: Math.Max(g.GroupSize * g.PromptsPerStep, 1)));
+        _chat = new ChatRunner(_model, _tokenizer, new GeneratorOptions(g.CacheBlocks, MaxBatch: Math.Max(g.GroupSize * g.PromptsPerStep / _dp.Ranks, 1)));
         _data = new PromptDataset(config.Data.Path, config.Seed, config.Data.Shuffle, config.Data.SkipBadRows);
         _grounding = new Grounding(config.Monitor.ObjectWords.Concat(_data.ObjectWords),
             config.Monitor.ClaimPattern.Length > 0 ? config.Monitor.ClaimPattern : null);
@@ -117,10 +124,15 @@ public sealed class GrpoTrainer : IDisposable
         _aggregation = g.Aggregation == "token_mean" ? LossAggregation.TokenMean : LossAggregation.SequenceMeanTokenMean;
         _vocabLimit = Math.Min(_tokenizer.VocabularySize, _model.Config.Llm.VocabSize);
         _update = new GrpoUpdate(_model, settings, _aggregation, g.VocabChunk, _vocabLimit);
+        _policyStep = new GrpoPolicyStep(_update, _aggregation, g.Minibatches, config.Optim.GradAccum, _dp);
         if (resume is not null) Restore(resume);
-        else RunCheckpoints.RewindMetrics<GrpoStepMetrics>(MetricsPath, 0); // lines a run killed before its first checkpoint logged
-        File.WriteAllText(Path.Combine(config.Output, "config.resolved.yaml"), config.ToYaml());
+        else if (_dp.Writes) RunCheckpoints.RewindMetrics<GrpoStepMetrics>(MetricsPath, 0); // lines a run killed before its first checkpoint logged
+        if (_dp.Writes) File.WriteAllText(Path.Combine(config.Output, "config.resolved.yaml"), config.ToYaml());
     }
+
+    private readonly DataParallel _dp;
+    private readonly GrpoPolicyStep _policyStep;
+    private IReadOnlyList<Engine.Layers.Parameter> Trainable => [.. _model.Parameters.Trainable];
 
     private readonly bool _customReward, _klLoss, _klPenalty;
     private readonly Checkpoint.BaseReference _base;
@@ -156,12 +168,16 @@ public sealed class GrpoTrainer : IDisposable
             trained = true;
             var m = RunStep();
             _history.Add(m);
-            File.AppendAllText(MetricsPath, JsonSerializer.Serialize(m) + "\n");
+            if (_dp.Writes) File.AppendAllText(MetricsPath, JsonSerializer.Serialize(m) + "\n");
             onStep?.Invoke(m);
-            if (_step % _c.Checkpoint.Every == 0 || _step == _c.Steps || cancel.IsCancellationRequested) SaveCheckpoint();
-            if (cancel.IsCancellationRequested) return;
+            // A stop seen by one rank (its signal came first) stops every rank after the same step.
+            bool stop = _dp.Any(cancel.IsCancellationRequested);
+            if (_step % _c.Checkpoint.Every == 0 || _step == _c.Steps || stop) SaveCheckpoint();
+            if (stop) return;
         }
-        if (trained || !Directory.Exists(Path.Combine(_c.Output, "final"))) RunCheckpoints.SaveFinal(_c.Output, SaveFinalModel);
+        bool save = _dp.Writes && (trained || !Directory.Exists(Path.Combine(_c.Output, "final")));
+        if (save) RunCheckpoints.SaveFinal(_c.Output, SaveFinalModel);
+        _dp.Barrier();
     }
 
     /// <summary>The run's final model, exported whole in the HF layout (<c>checkpoint.export_dtype</c>, 5 GB shards) with the tokenizer's files.</summary>
@@ -181,7 +197,8 @@ public sealed class GrpoTrainer : IDisposable
     private Round SampleRound(int step, int round)
     {
         var g = _c.Grpo;
-        var prompts = _data.Next(g.PromptsPerStep);
+        // Every rank draws the step's prompts and samples its share of them: prompt i on rank i mod R, whole groups.
+        var prompts = _dp.Shard(_data.Next(g.PromptsPerStep), "grpo.prompts_per_step");
         var requests = new List<GenerationRequest>();
         var promptInputs = new List<(int[] Ids, float[]? Pixels, int Tiles)>();
         foreach (var p in prompts)
@@ -192,13 +209,14 @@ public sealed class GrpoTrainer : IDisposable
             requests.Add(new GenerationRequest(ids, pixels, tiles, new SamplingParams(g.Temperature, TopP: g.TopP), seed, g.MaxNewTokens, _chat.StopTokens,
                 Samples: g.GroupSize));
         }
-        var samples = new Generator(_model, _tokenizer, new GeneratorOptions(g.CacheBlocks, MaxBatch: g.GroupSize * g.PromptsPerStep)).Generate(requests);
+        var samples = new Generator(_model, _tokenizer, new GeneratorOptions(g.CacheBlocks, MaxBatch: g.GroupSize * prompts.Count)).Generate(requests);
         var texts = samples.Select(_chat.Text).ToList();
         double[]? rmScores = _rewardModel is null || _customReward ? null : ScoreWithRewardModel(samples, promptInputs);
         // The whole round is scored at once: the reward model's scaling moves between steps, never inside a group.
         var breakdowns = _customReward
             ? samples.Select((x, i) => _score(texts[i], prompts[x.Request])).ToList()
-            : [.. _reward.ScoreStep(texts, samples.Select(x => ContextOf(prompts[x.Request])).ToList(), rmScores)];
+            : [.. _reward.ScoreStep(texts, samples.Select(x => ContextOf(prompts[x.Request])).ToList(), rmScores,
+                rmScores is null || _dp.Ranks == 1 ? null : (_dp.Gather(rmScores, g.GroupSize * g.PromptsPerStep, g.GroupSize), i => _dp.GlobalIndex(i, g.GroupSize)))];
         var rollouts = samples.Select((x, i) =>
         {
             var (ids, pixels, tiles) = promptInputs[x.Request];
@@ -245,19 +263,19 @@ public sealed class GrpoTrainer : IDisposable
         {
             // DAPO's dynamic sampling: more rounds of prompts until the batch holds prompts_per_step groups whose rewards
             // differ, at most max_rounds rounds; the batch is the informative groups (fewer when the rounds run out).
+            // Data parallel: the rounds and the groups kept are decided on every rank's groups in the global order.
             var (groups, _) = DynamicSampling.Fill(round =>
             {
                 if (round > 0) rounds.Add(SampleRound(step, round));
                 return rounds[round].Rollouts.Chunk(g.GroupSize).Select(c => (IReadOnlyList<Rollout>)c).ToList();
-            }, g.PromptsPerStep, g.DynamicSampling.MaxRounds, Informative);
+            }, g.PromptsPerStep, g.DynamicSampling.MaxRounds, Informative, _dp);
             fresh = groups.SelectMany(x => x).ToList();
         }
         else fresh = rounds[0].Rollouts;
 
-        int target = g.GroupSize * g.PromptsPerStep;
+        // This rank's share of the update batch: its groups' rollouts topped up from its own buffer.
+        int target = g.GroupSize * g.PromptsPerStep / _dp.Ranks;
         var batch = g.Ssb.Enabled ? _ssb.Build(fresh, target, step, Informative) : new UpdateBatch(fresh, fresh.Count, 0, target);
-        int sampled = rounds.Sum(r => r.Rollouts.Count);
-        double freshRatio = rounds.Sum(r => r.TaskInformative.Count) / (double)sampled;
 
         // What the update trains on: the samples with a task advantage and the replayed ones; with a KL term (a k2/k3
         // loss or the k1 penalty) every fresh sample too, a zero-advantage one for its KL term only. Those extra samples
@@ -270,75 +288,39 @@ public sealed class GrpoTrainer : IDisposable
         var freshSet = new HashSet<Rollout>(fresh, ReferenceEqualityComparer.Instance);
         bool Counted(Rollout r) => !freshSet.Contains(r) || Informative(r);
 
-        double loss = 0, meanRatio = 0, clipped = 0, dualClipped = 0, gradNorm = 0, kl = 0;
-        int skipped = 0, updates = 0, optimizerSteps = 0;
         var lr = _schedule.At(step + 1);
-        if (update.Count > 0)
-        {
-            // minibatches micro-batches; every grad_accum of them make one optimiser step, whose loss is the mean over all
-            // of its rollouts: the token weights come from the whole accumulated batch before its first micro-batch. The
-            // samples with a policy-gradient term are split as without a KL term; the KL-only ones are spread over the
-            // same micro-batches (a micro-batch of KL terms alone would be an optimiser step of its own, and Adam makes
-            // any gradient, however faint, a step of the learning rate's size).
-            var withGradient = update.Where(Counted).ToList();
-            var klOnly = update.Where(r => !Counted(r)).ToList();
-            static IEnumerable<Rollout> Part(List<Rollout> list, int i, int parts)
-            {
-                int per = (list.Count + parts - 1) / parts;
-                return list.Skip(i * per).Take(per);
-            }
-            var micro = Enumerable.Range(0, g.Minibatches)
-                .Select(i => (IReadOnlyList<Rollout>)[.. Part(withGradient, i, g.Minibatches), .. Part(klOnly, i, g.Minibatches)])
-                .Where(c => c.Count > 0).ToList();
-            foreach (var accumulated in micro.Chunk(_c.Optim.GradAccum))
-            {
-                var members = accumulated.SelectMany(c => c).ToList();
-                var weights = GrpoMath.SequenceWeights(members.Select(r => r.Response.Length).ToList(), _aggregation, members.Select(Counted).ToList());
-                _opt.ZeroGrad();
-                int offset = 0;
-                double stepLoss = 0;
-                foreach (var chunk in accumulated)
-                {
-                    var stats = _update.Accumulate(chunk, _klLoss ? ReferenceLogProbs(chunk) : null, weights[offset..(offset + chunk.Count)]);
-                    offset += chunk.Count;
-                    stepLoss += stats.Loss;
-                    meanRatio += stats.MeanRatio; clipped += stats.ClippedFraction; dualClipped += stats.DualClippedFraction; kl += stats.Kl ?? 0;
-                    updates++;
-                }
-                loss += stepLoss;
-                var report = _guard.Step(_opt, lr, step);
-                if (report.Skipped) skipped++;
-                gradNorm += report.GradNorm;
-                optimizerSteps++;
-            }
-        }
+        var policy = _policyStep.Run(update.Where(Counted).ToList(), update.Where(r => !Counted(r)).ToList(), _klLoss ? ReferenceLogProbs : null,
+            _opt, Trainable, () => _guard.Step(_opt, lr, step));
         _step++;
+
+        // The step's figures over every rank's rollouts: sums and counts reduced together, then the means.
         var all = rounds.SelectMany(r => r.Rewards).ToList();
-        double n = Math.Max(1, all.Count), u = Math.Max(1, updates), o = Math.Max(1, optimizerSteps);
-        int tokens = rounds.Sum(r => r.Rollouts.Sum(x => x.Response.Length)), checks = rounds.Sum(r => r.GroundingChecks);
-        double seconds = clock.Elapsed.TotalSeconds;
-        double? halluc = checks == 0 ? null : 1 - rounds.Sum(r => r.Grounded) / (double)checks;
-        var metrics = new GrpoStepMetrics(_step, loss / o, all.Average(r => r.Total), all.Average(r => r.Rule), all.Count(r => r.Format > 0) / n, tokens / n,
-            batch.EffectiveRatio, freshRatio, batch.Replayed, meanRatio / u, clipped / u, gradNorm / o, lr, skipped, halluc, tokens / seconds, seconds, null)
+        double[]? rm = rounds.All(r => r.RmScores is not null) ? [.. rounds.SelectMany(r => r.RmScores!)] : null;
+        var k1 = _klPenalty ? rounds.Select(r => r.KlPenalty!.Value).ToList() : [];
+        var sum = _dp.Sum(all.Count, all.Sum(r => r.Total), all.Sum(r => r.Rule), all.Count(r => r.Format > 0),
+            rounds.Sum(r => r.Rollouts.Sum(x => x.Response.Length)), rounds.Sum(r => r.GroundingChecks), rounds.Sum(r => r.Grounded),
+            batch.Samples.Count(s => Math.Abs(s.Advantage) > SelectiveSampleBuffer.ZeroAdvantage), batch.TargetSize, rounds.Sum(r => r.TaskInformative.Count),
+            batch.Replayed, update.Count, rounds.Skip(1).Sum(r => r.Rollouts.Count), all.Sum(r => r.Reasoning), all.Sum(r => r.Grounding),
+            rm?.Sum() ?? 0, rm?.Sum(x => x * x) ?? 0, k1.Sum(), k1.Count, all.Sum(r => Math.Abs(r.RewardModel)));
+        double seconds = _dp.Max(clock.Elapsed.TotalSeconds)[0];
+        double n = Math.Max(1, sum[0]), tokens = sum[4], checks = sum[5];
+        double? halluc = checks == 0 ? null : 1 - sum[6] / checks;
+        var metrics = new GrpoStepMetrics(_step, policy.Loss, sum[1] / n, sum[2] / n, sum[3] / n, tokens / n, sum[7] / Math.Max(1, sum[8]), sum[9] / n, (int)sum[10],
+            policy.MeanRatio, policy.ClippedFraction, policy.GradNorm, lr, policy.Skipped, halluc, tokens / seconds, seconds, null)
         {
-            DualClippedFraction = dualClipped / u,
-            UpdateRollouts = update.Count,
+            DualClippedFraction = policy.DualClippedFraction,
+            UpdateRollouts = (int)sum[11],
             SamplingRounds = rounds.Count,
-            ExtraRollouts = rounds.Skip(1).Sum(r => r.Rollouts.Count),
-            KlPenalty = _klPenalty ? rounds.Average(r => r.KlPenalty!.Value) : null,
+            ExtraRollouts = (int)sum[12],
+            KlPenalty = _klPenalty ? sum[17] / Math.Max(1, sum[18]) : null,
+            Kl = _klLoss && policy.MicroBatches > 0 ? policy.Kl : null,
         };
-        if (_klLoss && updates > 0) metrics = metrics with { Kl = kl / u };
-        if (_c.Reward.ReasoningWeight != 0) metrics = metrics with { ReasoningTerm = all.Average(r => r.Reasoning) };
-        if (_c.Reward.GroundingWeight != 0) metrics = metrics with { GroundingTerm = all.Average(r => r.Grounding) };
-        if (rounds.All(r => r.RmScores is not null))
+        if (_c.Reward.ReasoningWeight != 0) metrics = metrics with { ReasoningTerm = sum[13] / n };
+        if (_c.Reward.GroundingWeight != 0) metrics = metrics with { GroundingTerm = sum[14] / n };
+        if (rm is not null)
         {
-            var scores = rounds.SelectMany(r => r.RmScores!).ToArray();
-            double mean = scores.Average();
-            metrics = metrics with
-            {
-                RewardModelMean = mean, RewardModelStd = Math.Sqrt(scores.Sum(x => (x - mean) * (x - mean)) / scores.Length),
-                RewardModelTerm = all.Average(r => Math.Abs(r.RewardModel)),
-            };
+            double mean = sum[15] / n;
+            metrics = metrics with { RewardModelMean = mean, RewardModelStd = Math.Sqrt(Math.Max(0, sum[16] / n - mean * mean)), RewardModelTerm = sum[19] / n };
         }
         return metrics with { Warning = RewardHackingMonitor.Check(_history.Append(metrics).ToList(), _c.Monitor) };
     }
@@ -379,18 +361,28 @@ public sealed class GrpoTrainer : IDisposable
     /// A lean checkpoint: the trainable parameters' fp32 masters (frozen tensors stay in the base it names), AdamW
     /// moments, the sample buffer as buffer.bin (prompt references, not pixels), data position, RNG and reward scaling.
     /// </summary>
-    public void SaveCheckpoint() => RunCheckpoints.Save(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
+    /// <remarks>Data parallel: rank 0 writes the weights and state; each rank writes its own buffer
+    /// (buffer.rank-NNNNN.bin with its RNG), after checking that every rank's weights are still rank 0's.</remarks>
+    public void SaveCheckpoint()
     {
-        _model.SaveTrainable(tmp, _base);
-        File.WriteAllBytes(Path.Combine(tmp, "tokenizer.json"), _tokenizerJson);
+        _dp.CheckSameWeights(Trainable, $"step {_step}");
         var (rng, items) = _ssb.Snapshot();
-        BufferFile.Write(Path.Combine(tmp, BufferFile.Name), Path.GetFullPath(_c.Data.Path), items);
-        RunCheckpoints.WriteState(tmp, new TrainerState("grpo", _step, _guard.InARow, _data.Position, new JsonObject
+        _dp.SaveCheckpoint(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
         {
-            ["ssb_rng"] = rng.ToString(),
-            ["rm_scaling"] = new JsonArray(_reward.Scaling.State.Count, _reward.Scaling.State.Mean, _reward.Scaling.State.M2),
-        }), _opt);
-    });
+            _model.SaveTrainable(tmp, _base);
+            File.WriteAllBytes(Path.Combine(tmp, "tokenizer.json"), _tokenizerJson);
+            RunCheckpoints.WriteState(tmp, new TrainerState("grpo", _step, _guard.InARow, _data.Position, new JsonObject
+            {
+                ["ssb_rng"] = rng.ToString(),
+                ["rm_scaling"] = new JsonArray(_reward.Scaling.State.Count, _reward.Scaling.State.Mean, _reward.Scaling.State.M2),
+                ["data_parallel"] = _dp.Ranks,
+            }), _opt);
+        }, tmp =>
+        {
+            BufferFile.Write(Path.Combine(tmp, _dp.OwnFile(BufferFile.Name)), Path.GetFullPath(_c.Data.Path), items);
+            if (_dp.Ranks > 1) File.WriteAllText(Path.Combine(tmp, _dp.OwnFile("ssb_rng.txt")), rng.ToString());
+        });
+    }
 
     private void Restore(string dir)
     {
@@ -398,7 +390,11 @@ public sealed class GrpoTrainer : IDisposable
         _step = state.Step;
         _guard.InARow = state.BadInARow;
         _data.Seek(state.DataPosition);
-        _ssb.Restore(ulong.Parse(state.Extra["ssb_rng"]!.GetValue<string>()), BufferFile.Read(Path.Combine(dir, BufferFile.Name), _c.Data.Path, row =>
+        int ranks = state.Extra["data_parallel"]?.GetValue<int>() ?? 1;
+        if (ranks != _dp.Ranks)
+            throw new InvalidDataException($"{dir} was written by {ranks} data-parallel rank(s), each with its own sample buffer; resume it with {ranks} (this launch has {_dp.Ranks})");
+        var rngText = _dp.Ranks == 1 ? state.Extra["ssb_rng"]!.GetValue<string>() : File.ReadAllText(Path.Combine(dir, _dp.OwnFile("ssb_rng.txt"))).Trim();
+        _ssb.Restore(ulong.Parse(rngText), BufferFile.Read(Path.Combine(dir, _dp.OwnFile(BufferFile.Name)), _c.Data.Path, row =>
         {
             if (row < 0 || row >= _data.Count)
                 throw new InvalidDataException($"{Path.Combine(dir, BufferFile.Name)} refers to row {row} of {_c.Data.Path}, which has {_data.Count} rows (the data file changed since the checkpoint)");
@@ -407,7 +403,8 @@ public sealed class GrpoTrainer : IDisposable
         }));
         if (state.Extra["rm_scaling"] is JsonArray sc)
             _reward.Scaling.Restore((sc[0]!.GetValue<long>(), sc[1]!.GetValue<double>(), sc[2]!.GetValue<double>()));
-        _history.AddRange(RunCheckpoints.RewindMetrics<GrpoStepMetrics>(MetricsPath, _step));
+        // The writer's log; the other ranks keep no history (the reward-hacking warning is the writer's to print).
+        if (_dp.Writes) _history.AddRange(RunCheckpoints.RewindMetrics<GrpoStepMetrics>(MetricsPath, _step));
     }
 
     public void Dispose()

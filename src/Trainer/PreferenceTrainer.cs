@@ -7,6 +7,7 @@ using R1V2.Native.Trainer.Config;
 using R1V2.Native.Trainer.Data;
 using R1V2.Native.Trainer.Mpo;
 using R1V2.Native.Trainer.Optim;
+using R1V2.Native.Trainer.Parallel;
 
 namespace R1V2.Native.Trainer;
 
@@ -41,13 +42,15 @@ public sealed class PreferenceTrainer : IDisposable
     private int _step;
     private readonly NonFiniteGuard _guard;
 
-    public PreferenceTrainer(TrainConfig config, Backend backend)
+    /// <param name="dataParallel">The ranks this run trains on together (each scores its share of every step's pairs); one process by default.</param>
+    public PreferenceTrainer(TrainConfig config, Backend backend, DataParallel? dataParallel = null)
     {
         _c = config;
         _b = backend;
+        _dp = dataParallel ?? DataParallel.Single;
         var parts = config.TrainableParts();
         Directory.CreateDirectory(config.Output);
-        var resume = RunCheckpoints.Latest(config.Output);
+        var resume = RunCheckpoints.Latest(config.Output, cleanup: _dp.Writes);
         if (resume is not null) RunCheckpoints.CheckStage(resume, config.Stage);
         var source = resume ?? config.Model;
         _tokenizer = TextTokenizer.Load(config.Model);
@@ -67,6 +70,7 @@ public sealed class PreferenceTrainer : IDisposable
             _reference = VisionLanguageModel.Load(backend, config.Model, TrainableParts.None); // the frozen start, also on resume
             trainable = _policy.Parameters.Trainable;
         }
+        _dp.SyncWeights([.. (_rm?.Vlm ?? _policy!).Parameters.All.Select(p => p.Parameter), .. _rm is null ? [] : new[] { _rm.Weight, _rm.Bias }]);
         _base = RunCheckpoints.BaseOf(resume, config.Model, (_rm?.Vlm ?? _policy!).Parameters.All.Where(p => p.Parameter.Trainable).Select(p => p.Name)
             .Concat(_rm is null ? [] : [RewardModel.HeadWeight, RewardModel.HeadBias]));
         _packer = new ResponsePacker(_policy ?? _rm!.Vlm, _tokenizer);
@@ -76,9 +80,13 @@ public sealed class PreferenceTrainer : IDisposable
         _delta = new BcoDelta();
         _guard = new NonFiniteGuard(config.Optim.MaxSkippedSteps);
         if (resume is not null) Restore(resume);
-        else File.WriteAllText(MetricsPath, "");
-        File.WriteAllText(Path.Combine(config.Output, "config.resolved.yaml"), config.ToYaml());
+        else if (_dp.Writes) File.WriteAllText(MetricsPath, "");
+        if (_dp.Writes) File.WriteAllText(Path.Combine(config.Output, "config.resolved.yaml"), config.ToYaml());
     }
+
+    private readonly DataParallel _dp;
+
+    private IEnumerable<Engine.Layers.Parameter> Trainable => _rm?.Trainable ?? _policy!.Parameters.Trainable;
 
     public List<PreferenceStepMetrics> History { get; } = [];
     public int Step => _step;
@@ -101,32 +109,43 @@ public sealed class PreferenceTrainer : IDisposable
             var pairs = new List<PreferencePair>();
             while (pairs.Count < _c.Pairs.PairsPerStep)
                 pairs.AddRange(_data.Next(1).Where(p => !_heldOut.Contains(p.Index)));
-            var m = _rm is not null ? RewardStep(pairs, _step) : MpoStep(pairs, _step);
+            // Every rank draws the step's pairs and trains on its share: pair i on rank i mod R.
+            var mine = _dp.Shard(pairs, "pairs.pairs_per_step");
+            var m = _rm is not null ? RewardStep(mine, pairs.Count, _step) : MpoStep(mine, pairs.Count, _step);
             _step++;
             History.Add(m);
-            File.AppendAllText(MetricsPath, JsonSerializer.Serialize(m) + "\n");
+            if (_dp.Writes) File.AppendAllText(MetricsPath, JsonSerializer.Serialize(m) + "\n");
             onStep?.Invoke(m);
-            if (_step % _c.Checkpoint.Every == 0 || _step == _c.Steps || cancel.IsCancellationRequested) SaveCheckpoint();
-            if (cancel.IsCancellationRequested) return null;
+            bool stop = _dp.Any(cancel.IsCancellationRequested);
+            if (_step % _c.Checkpoint.Every == 0 || _step == _c.Steps || stop) SaveCheckpoint();
+            if (stop) return null;
         }
         var held = _heldOut.Order().Select(_data.Read).ToList();
         double? accuracy = held.Count == 0 ? null : Evaluate(held);
         var summary = new PreferenceSummary(_c.Stage, _c.Steps, _data.Count - held.Count, held.Count, accuracy, History.Count > 0 ? History[^1].Loss : double.NaN);
-        File.WriteAllText(Path.Combine(_c.Output, "summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
-        RunCheckpoints.SaveFinal(_c.Output, SaveModel);
+        if (_dp.Writes)
+        {
+            File.WriteAllText(Path.Combine(_c.Output, "summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
+            RunCheckpoints.SaveFinal(_c.Output, SaveModel);
+        }
+        _dp.Barrier();
         return summary;
     }
 
     private readonly Checkpoint.BaseReference _base;
 
     /// <summary>A lean checkpoint: the trainable parameters (and the reward head), moments and state; frozen tensors stay in the base.</summary>
-    public void SaveCheckpoint() => RunCheckpoints.Save(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
+    public void SaveCheckpoint()
     {
-        if (_rm is not null) _rm.Vlm.SaveTrainable(tmp, _base, extra: [_rm.Weight, _rm.Bias]); else _policy!.SaveTrainable(tmp, _base);
-        File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"), overwrite: true);
-        RunCheckpoints.WriteState(tmp, new TrainerState(_c.Stage, _step, _guard.InARow, _data.Position,
-            new System.Text.Json.Nodes.JsonObject { ["bco_delta"] = _delta.Value, ["bco_delta_count"] = _delta.Count }), _opt);
-    });
+        _dp.CheckSameWeights(Trainable, $"step {_step}");
+        _dp.SaveCheckpoint(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
+        {
+            if (_rm is not null) _rm.Vlm.SaveTrainable(tmp, _base, extra: [_rm.Weight, _rm.Bias]); else _policy!.SaveTrainable(tmp, _base);
+            File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"), overwrite: true);
+            RunCheckpoints.WriteState(tmp, new TrainerState(_c.Stage, _step, _guard.InARow, _data.Position,
+                new System.Text.Json.Nodes.JsonObject { ["bco_delta"] = _delta.Value, ["bco_delta_count"] = _delta.Count }), _opt);
+        });
+    }
 
     /// <summary>The stage's final model, exported whole in the HF layout (<c>checkpoint.export_dtype</c>) with the tokenizer's files.</summary>
     private void SaveModel(string dir)
@@ -143,10 +162,12 @@ public sealed class PreferenceTrainer : IDisposable
         _guard.InARow = state.BadInARow;
         _data.Seek(state.DataPosition);
         _delta.Restore(state.Extra["bco_delta_count"]?.GetValue<long>() ?? 0, state.Extra["bco_delta"]!.GetValue<double>());
-        History.AddRange(RunCheckpoints.RewindMetrics<PreferenceStepMetrics>(MetricsPath, _step));
+        if (_dp.Writes) History.AddRange(RunCheckpoints.RewindMetrics<PreferenceStepMetrics>(MetricsPath, _step));
     }
 
-    private PreferenceStepMetrics RewardStep(List<PreferencePair> pairs, int step)
+    /// <param name="pairs">This rank's share of the step's pairs.</param>
+    /// <param name="total">The step's pair count over every rank: the loss is their mean.</param>
+    private PreferenceStepMetrics RewardStep(List<PreferencePair> pairs, int total, int step)
     {
         var (batch, _) = Pack(pairs);
         _opt.ZeroGrad();
@@ -157,19 +178,23 @@ public sealed class PreferenceTrainer : IDisposable
         {
             double rc = scored.Scores[2 * i], rr = scored.Scores[2 * i + 1];
             var (l, g) = MpoMath.BradleyTerry(rc, rr);
-            loss += l / pairs.Count;
-            d[2 * i] = (float)(g / pairs.Count);
-            d[2 * i + 1] = (float)(-g / pairs.Count);
+            loss += l / total;
+            d[2 * i] = (float)(g / total);
+            d[2 * i + 1] = (float)(-g / total);
             correct += rc > rr ? 1 : 0;
             margin += rc - rr;
         }
         _rm.Backward(scored, d);
+        _dp.ReduceGradients(Trainable);
         var lr = _schedule.At(step + 1);
         var report = _guard.Step(_opt, lr, step);
-        return new PreferenceStepMetrics(step + 1, loss, correct / pairs.Count, margin / pairs.Count, 0, report.GradNorm, lr);
+        var sums = _dp.Sum(loss, correct, margin);
+        return new PreferenceStepMetrics(step + 1, sums[0], sums[1] / total, sums[2] / total, 0, report.GradNorm, lr);
     }
 
-    private PreferenceStepMetrics MpoStep(List<PreferencePair> pairs, int step)
+    /// <param name="pairs">This rank's share of the step's pairs.</param>
+    /// <param name="total">The step's pair count over every rank: the loss is their mean, BCO's delta moves by all of them.</param>
+    private PreferenceStepMetrics MpoStep(List<PreferencePair> pairs, int total, int step)
     {
         var (batch, spans) = Pack(pairs);
         double[] refSums;
@@ -183,31 +208,34 @@ public sealed class PreferenceTrainer : IDisposable
         // BCO's delta: the running mean of the implicit rewards beta lr(y) of chosen and rejected, this batch's included;
         // a batch the non-finite guard skips leaves it as it was (a NaN would stay in a running mean for good).
         var deltaBefore = (_delta.Count, _delta.Value);
-        var implicitRewards = Enumerable.Range(0, 2 * pairs.Count).Select(k => mpo.Beta * (sums[k] - refSums[k])).ToList();
+        var implicitRewards = _dp.Gather(Enumerable.Range(0, 2 * pairs.Count).Select(k => mpo.Beta * (sums[k] - refSums[k])).ToList(), 2 * total, block: 2);
         if (implicitRewards.All(double.IsFinite)) _delta.Update(implicitRewards);
         for (int i = 0; i < pairs.Count; i++)
         {
             var (cs, rs) = (spans[2 * i], spans[2 * i + 1]);
             var l = MpoMath.Loss(sums[2 * i], refSums[2 * i], cs.End - cs.Start, sums[2 * i + 1], refSums[2 * i + 1], mpo.Beta, _delta.Value, mpo.WPref, mpo.WQuality, mpo.WGen);
-            loss += l.Loss / pairs.Count;
-            for (int t = cs.Start; t < cs.End; t++) dlogp[t] = (float)(l.GradChosen / pairs.Count);
-            for (int t = rs.Start; t < rs.End; t++) dlogp[t] = (float)(l.GradRejected / pairs.Count);
+            loss += l.Loss / total;
+            for (int t = cs.Start; t < cs.End; t++) dlogp[t] = (float)(l.GradChosen / total);
+            for (int t = rs.Start; t < rs.End; t++) dlogp[t] = (float)(l.GradRejected / total);
             double lc = sums[2 * i] - refSums[2 * i], lr = sums[2 * i + 1] - refSums[2 * i + 1];
             correct += lc > lr ? 1 : 0;
             margin += mpo.Beta * (lc - lr);
         }
         _policy.Backward(pass, dlogp);
+        _dp.ReduceGradients(Trainable);
         var lrate = _schedule.At(step + 1);
         var report = _guard.Step(_opt, lrate, step);
         if (report.Skipped) _delta.Restore(deltaBefore.Count, deltaBefore.Value);
-        return new PreferenceStepMetrics(step + 1, loss, correct / pairs.Count, margin / pairs.Count, _delta.Value, report.GradNorm, lrate);
+        var totals = _dp.Sum(loss, correct, margin);
+        return new PreferenceStepMetrics(step + 1, totals[0], totals[1] / total, totals[2] / total, _delta.Value, report.GradNorm, lrate);
     }
 
     /// <summary>Held-out accuracy: the reward model scores chosen above rejected; MPO's implicit reward does.</summary>
     private double Evaluate(List<PreferencePair> pairs)
     {
         double correct = 0;
-        foreach (var chunk in pairs.Chunk(Math.Max(1, _c.Pairs.PairsPerStep)))
+        // Data parallel: each rank scores pair i mod R, the counts are summed.
+        foreach (var chunk in pairs.Where((_, i) => i % _dp.Ranks == _dp.Rank).Chunk(Math.Max(1, _c.Pairs.PairsPerStep)))
         {
             var (batch, spans) = Pack(chunk);
             if (_rm is not null)
@@ -227,7 +255,7 @@ public sealed class PreferenceTrainer : IDisposable
                 }
             }
         }
-        return correct / pairs.Count;
+        return _dp.Sum(correct)[0] / pairs.Count;
     }
 
     public void Dispose()

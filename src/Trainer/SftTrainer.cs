@@ -52,6 +52,7 @@ public sealed class SftTrainer : IDisposable
         if (_data.Count - held < 1) throw new InvalidDataException($"{config.Data.Path}: {_data.Count} examples leave none to train on with sft.held_out {config.Sft.HeldOut}");
         _heldOut = Enumerable.Range(_data.Count - held, held).ToHashSet();
         _model = VisionLanguageModel.Load(backend, resume ?? config.Model, config.TrainableParts());
+        _dp.SyncWeights([.. _model.Parameters.All.Select(p => p.Parameter)]);
         _base = RunCheckpoints.BaseOf(resume, config.Model, _model.Parameters.All.Where(p => p.Parameter.Trainable).Select(p => p.Name));
         _packer = new ResponsePacker(_model, _tokenizer);
         var o = config.Optim;
@@ -102,8 +103,9 @@ public sealed class SftTrainer : IDisposable
             History.Add(m);
             if (_dp.Writes) File.AppendAllText(MetricsPath, JsonSerializer.Serialize(m) + "\n");
             onStep?.Invoke(m);
-            if ((scheduled || cancel.IsCancellationRequested) && _dp.Writes) SaveCheckpoint();
-            if (cancel.IsCancellationRequested) return null;
+            bool stop = _dp.Any(cancel.IsCancellationRequested);
+            if (scheduled || stop) SaveCheckpoint();
+            if (stop) return null;
         }
         var after = History.LastOrDefault(h => h.HeldOutLoss is not null)?.HeldOutLoss ?? HeldOutLoss();
         var summary = new SftSummary(_c.Steps, _data.Count - _heldOut.Count, _heldOut.Count, _heldOutBefore, after, History.Count > 0 ? History[^1].Loss : double.NaN);
@@ -133,12 +135,16 @@ public sealed class SftTrainer : IDisposable
     private readonly Checkpoint.BaseReference _base;
 
     /// <summary>A lean checkpoint: the trainable parameters' fp32 masters (frozen ones from the base), moments, state, tokenizer.</summary>
-    public void SaveCheckpoint() => RunCheckpoints.Save(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
+    public void SaveCheckpoint()
     {
-        _model.SaveTrainable(tmp, _base);
-        File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"), overwrite: true);
-        RunCheckpoints.WriteState(tmp, new TrainerState("sft", _step, _guard.InARow, _data.Position, new JsonObject { ["held_out_before"] = _heldOutBefore }), _opt);
-    });
+        _dp.CheckSameWeights(_model.Parameters.Trainable, $"step {_step}");
+        _dp.SaveCheckpoint(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
+        {
+            _model.SaveTrainable(tmp, _base);
+            File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"), overwrite: true);
+            RunCheckpoints.WriteState(tmp, new TrainerState("sft", _step, _guard.InARow, _data.Position, new JsonObject { ["held_out_before"] = _heldOutBefore }), _opt);
+        });
+    }
 
     /// <summary>The stage's final model: the whole model exported in the HF layout (<c>checkpoint.export_dtype</c>, 5 GB shards) with the tokenizer's files.</summary>
     private void SaveModel(string dir)
@@ -155,7 +161,7 @@ public sealed class SftTrainer : IDisposable
         _guard.InARow = state.BadInARow;
         _data.Seek(state.DataPosition);
         _heldOutBefore = state.Extra["held_out_before"]?.GetValue<double>();
-        History.AddRange(RunCheckpoints.RewindMetrics<SftStepMetrics>(MetricsPath, _step));
+        if (_dp.Writes) History.AddRange(RunCheckpoints.RewindMetrics<SftStepMetrics>(MetricsPath, _step));
     }
 
     public void Dispose()

@@ -32,13 +32,19 @@ public static class TrainCommand
         var config = new Option<string?>("--config") { Description = "Run config (YAML): trains the VLM stage it names (sft, rm, mpo or grpo)" };
         var set = new Option<string[]>("--set") { Description = "Override a config key, e.g. --set grpo.group_size=8 (repeatable)" };
         var stage = new Option<string?>("--stage") { Description = "sft | rm | mpo | grpo (the same as --set stage=...)" };
+        var tp = new Option<int?>("--tp") { Description = "Tensor-parallel size under mpirun / srun (the same as --set parallel.tp=N); data parallel is the world size divided by it" };
         var pipeline = new Option<string[]>("--pipeline")
             { Description = "Built-in digit task: change one of its settings, e.g. --pipeline grpo_steps=300 (repeatable; an unknown key lists the settings)" };
         var task = new Option<string>("--task")
             { Description = "Without --config: digits (the R1V2 pipeline on MNIST digit scenes: sft, rm, mpo, grpo) | next-byte (the op-library smoke task; --steps, --batch-tokens, --lr) | reward-control (GRPO on a reward the model can obviously earn, prompts that never repeat; --steps, --lr)", DefaultValueFactory = _ => "digits" };
         var cmd = new Command("train", "Train: with --config or --stage, that VLM stage; without, the built-in task (the full digit pipeline)")
-            { steps, batch, lr, seed, backend, output, config, set, stage, task, pipeline };
+            { steps, batch, lr, seed, backend, output, config, set, stage, tp, task, pipeline };
         static bool StageRun(string? config, string[]? set, string? stage) => config is not null || (set?.Length ?? 0) > 0 || stage is not null;
+        cmd.Validators.Add(r =>
+        {
+            if (r.GetValue(tp) is not null && !StageRun(r.GetValue(config), r.GetValue(set), r.GetValue(stage)) && r.GetValue(tp) != 1)
+                r.AddError("--tp applies to a --config/--set/--stage run: the built-in digit task runs its GRPO stages data-parallel (tensor-parallel size 1)");
+        });
         cmd.Validators.Add(r =>
         {
             if ((r.GetValue(pipeline)?.Length ?? 0) > 0 && (StageRun(r.GetValue(config), r.GetValue(set), r.GetValue(stage)) || r.GetValue(task) is { } t && t != "digits"))
@@ -47,7 +53,8 @@ public static class TrainCommand
         // With a config, an explicit --backend overrides the config's backend key (as --set backend=... would).
         cmd.SetAction(r => StageRun(r.GetValue(config), r.GetValue(set), r.GetValue(stage))
             ? RunStage(r.GetValue(config), [.. r.GetValue(set) ?? [], .. r.GetValue(stage) is { } st ? new[] { $"stage={st}" } : [],
-                .. r.GetResult(backend) is { Implicit: false } ? new[] { $"backend={r.GetValue(backend)}" } : []], r.GetValue(output))
+                .. r.GetResult(backend) is { Implicit: false } ? new[] { $"backend={r.GetValue(backend)}" } : [],
+                .. r.GetValue(tp) is { } n ? new[] { $"parallel.tp={n}" } : []], r.GetValue(output))
             : r.GetValue(task) switch
             {
                 "next-byte" => Run(new NextTokenSettings(r.GetValue(steps), r.GetValue(batch), r.GetValue(lr), Seed: r.GetValue(seed)), r.GetValue(backend)!, r.GetValue(output)),
@@ -95,16 +102,25 @@ public static class TrainCommand
     /// <summary>The default pipeline with a bar per stage; Ctrl-C stops after the running stage's checkpoint (run again with --out to continue).</summary>
     public static int RunPipeline(PipelineSettings settings, string backendName)
     {
-        using var backend = Backends.Create(backendName);
+        // Under mpirun the GRPO stages run data-parallel; rank 0 runs the rest and alone prints and writes.
+        var group = Launch.Collectives();
+        var dp = new Trainer.Parallel.DataParallel(group);
+        using var backend = Backends.Create(backendName, group.LocalRank);
         using var cancel = new StopSignals();
-        AnsiConsole.MarkupLineInterpolated($"[bold]engine train[/]: the R1V2 pipeline on handwritten-digit scenes on {backend.Name}; run directory {settings.Output}");
+        if (group.Rank != 0)
+        {
+            try { new DigitPipeline(settings, backend, dataParallel: dp).Follow(cancel.Token); }
+            catch (OperationCanceledException) { return 0; }
+            return Done(group);
+        }
+        AnsiConsole.MarkupLineInterpolated($"[bold]engine train[/]: the R1V2 pipeline on handwritten-digit scenes on {backend.Name}{(group.WorldSize > 1 ? $", GRPO data-parallel on {group.WorldSize} ranks" : "")}; run directory {settings.Output}");
         PipelineSummary? summary = null;
         try
         {
             Progress().Start(ctx =>
             {
                 var bars = new Dictionary<string, ProgressTask>();
-                var pipeline = new DigitPipeline(settings, backend, line => AnsiConsole.MarkupLineInterpolated($"{line}"));
+                var pipeline = new DigitPipeline(settings, backend, line => AnsiConsole.MarkupLineInterpolated($"{line}"), dp);
                 summary = pipeline.Run((stage, fraction) =>
                 {
                     if (!bars.TryGetValue(stage, out var bar)) bars[stage] = bar = ctx.AddTask(stage, maxValue: 1);
@@ -112,36 +128,53 @@ public static class TrainCommand
                 }, cancel.Token);
             });
         }
-        catch (OperationCanceledException e) when (cancel.Requested)
+        catch (OperationCanceledException e)
         {
             AnsiConsole.MarkupLineInterpolated($"{cancel.StoppedLine($"{e.Message}, checkpoints written in {settings.Output}")} (with --out {settings.Output})");
             return 0;
         }
         AnsiConsole.MarkupLineInterpolated($"done in {summary!.Seconds:F0} s; {Path.Combine(settings.Output, "summary.md")}:");
         AnsiConsole.WriteLine(File.ReadAllText(Path.Combine(settings.Output, "summary.md")));
+        return Done(group);
+    }
+
+    /// <summary>
+    /// The process group of this launch (under mpirun / srun every rank trains on its share of each batch; one process
+    /// is a group of one) with the config's collective timeout, and the backend on this rank's device (its local rank).
+    /// </summary>
+    private static (ICollectives Group, Trainer.Parallel.DataParallel Dp) Launched(TrainConfig config)
+    {
+        var group = Launch.Collectives();
+        if (group is MpiCollectives mpi) mpi.Timeout = TimeSpan.FromSeconds(config.Parallel.TimeoutS);
+        int tp = config.Parallel.Tp;
+        if (tp != 1)
+            throw new InvalidDataException($"parallel.tp is {tp}: tensor parallelism is not in this build; with parallel.tp=1 the {group.WorldSize} rank(s) train data-parallel, each holding the whole model");
+        return (group, new Trainer.Parallel.DataParallel(group));
+    }
+
+    /// <summary>The end of a launch: every rank waits for the others (rank 0 finishing its report), then MPI closes.</summary>
+    private static int Done(ICollectives group)
+    {
+        if (group.WorldSize == 1) return 0;
+        group.Barrier();
+        Interop.Mpi.FinalizeIfInitialized();
         return 0;
     }
 
+    private static string Ranks(ICollectives group, string what) => group.WorldSize > 1 ? $" {what} by {group.WorldSize} data-parallel ranks" : "";
+
     private static int RunSft(TrainConfig config, StopSignals cancel)
     {
-        using var backend = Backends.Create(config.Backend);
-        // Under mpirun / srun every rank trains on its share of each batch; one process is a group of one.
-        var group = Engine.Backends.Launch.Collectives();
-        using var trainer = new SftTrainer(config, backend, new Trainer.Parallel.DataParallel(group));
-        int Done()
-        {
-            if (group.WorldSize == 1) return 0;
-            group.Barrier();
-            Interop.Mpi.FinalizeIfInitialized();
-            return 0;
-        }
+        var (group, dp) = Launched(config);
+        using var backend = Backends.Create(config.Backend, group.LocalRank);
+        using var trainer = new SftTrainer(config, backend, dp);
         if (group.Rank != 0)
         {
             trainer.Run(cancel: cancel.Token); // rank 0 alone prints progress and writes the run's files
-            return Done();
+            return Done(group);
         }
         var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
-        AnsiConsole.MarkupLineInterpolated($"stage sft on {backend.Name}: {config.Steps} steps of {config.Sft.Batch} examples{(group.WorldSize > 1 ? $" shared by {group.WorldSize} data-parallel ranks" : "")}; run directory {config.Output}{resumed}");
+        AnsiConsole.MarkupLineInterpolated($"stage sft on {backend.Name}: {config.Steps} steps of {config.Sft.Batch} examples{Ranks(group, "shared")}; run directory {config.Output}{resumed}");
         SftSummary? summary = null;
         Progress().Start(ctx =>
         {
@@ -155,19 +188,25 @@ public static class TrainCommand
         if (summary is null)
         {
             AnsiConsole.MarkupLineInterpolated($"{cancel.StoppedLine($"checkpoint written at step {trainer.Step} in {Path.Combine(config.Output, "checkpoints")}")}");
-            return 0;
+            return Done(group);
         }
         AnsiConsole.MarkupLineInterpolated($"final loss {summary.FinalLoss:F4}; held-out loss {summary.HeldOutLossBefore:F4} -> {summary.HeldOutLossAfter:F4} on {summary.HeldOutExamples} examples; model in {Path.Combine(config.Output, "final")}");
         foreach (var f in Report.Write(config.Output)) AnsiConsole.MarkupLineInterpolated($"wrote {f}");
-        return Done();
+        return Done(group);
     }
 
     private static int RunPreference(TrainConfig config, StopSignals cancel)
     {
-        using var backend = Backends.Create(config.Backend);
-        using var trainer = new PreferenceTrainer(config, backend);
+        var (group, dp) = Launched(config);
+        using var backend = Backends.Create(config.Backend, group.LocalRank);
+        using var trainer = new PreferenceTrainer(config, backend, dp);
+        if (group.Rank != 0)
+        {
+            trainer.Run(cancel: cancel.Token);
+            return Done(group);
+        }
         var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
-        AnsiConsole.MarkupLineInterpolated($"stage {config.Stage} on {backend.Name}: {config.Steps} steps of {config.Pairs.PairsPerStep} pairs; run directory {config.Output}{resumed}");
+        AnsiConsole.MarkupLineInterpolated($"stage {config.Stage} on {backend.Name}: {config.Steps} steps of {config.Pairs.PairsPerStep} pairs{Ranks(group, "shared")}; run directory {config.Output}{resumed}");
         PreferenceSummary? summary = null;
         Progress().Start(ctx =>
         {
@@ -181,16 +220,18 @@ public static class TrainCommand
         if (summary is null)
         {
             AnsiConsole.MarkupLineInterpolated($"{cancel.StoppedLine($"checkpoint written at step {trainer.Step} in {Path.Combine(config.Output, "checkpoints")}")}");
-            return 0;
+            return Done(group);
         }
         var last = trainer.History[^1];
         AnsiConsole.MarkupLineInterpolated($"final loss {last.Loss:F4}, train accuracy {last.Accuracy:F2}; held-out accuracy {(summary.HeldOutAccuracy is { } a ? a.ToString("F3") : "-")} on {summary.HeldOutPairs} pairs; model in {Path.Combine(config.Output, "final")}");
         foreach (var f in Report.Write(config.Output)) AnsiConsole.MarkupLineInterpolated($"wrote {f}");
-        return 0;
+        return Done(group);
     }
 
     private static int RunIterativeMpo(TrainConfig config, StopSignals cancel)
     {
+        if (Launch.WorldSize() is > 1)
+            throw new InvalidOperationException($"mpo.rounds = {config.Mpo.Rounds}: iterative MPO (it samples its own pairs between rounds) runs in one process; start it without mpirun, or train one round (mpo.rounds=1) data-parallel");
         using var backend = Backends.Create(config.Backend);
         AnsiConsole.MarkupLineInterpolated($"stage mpo on {backend.Name}: {config.Mpo.Rounds} rounds of {config.Steps} steps of {config.Pairs.PairsPerStep} pairs; run directory {config.Output}");
         List<R1V2.Native.Trainer.Mpo.MpoRound>? rounds = null;
@@ -215,10 +256,16 @@ public static class TrainCommand
 
     private static int RunGrpo(TrainConfig config, StopSignals cancel)
     {
-        using var backend = Backends.Create(config.Backend);
-        using var trainer = new GrpoTrainer(config, backend);
+        var (group, dp) = Launched(config);
+        using var backend = Backends.Create(config.Backend, group.LocalRank);
+        using var trainer = new GrpoTrainer(config, backend, dataParallel: dp);
+        if (group.Rank != 0)
+        {
+            trainer.Run(cancel: cancel.Token);
+            return Done(group);
+        }
         var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
-        AnsiConsole.MarkupLineInterpolated($"stage grpo on {backend.Name}: {config.Steps} steps of {config.Grpo.PromptsPerStep} prompts x {config.Grpo.GroupSize} samples; run directory {config.Output}{resumed}");
+        AnsiConsole.MarkupLineInterpolated($"stage grpo on {backend.Name}: {config.Steps} steps of {config.Grpo.PromptsPerStep} prompts x {config.Grpo.GroupSize} samples{Ranks(group, "sampled and trained")}; run directory {config.Output}{resumed}");
         Progress().Start(ctx =>
         {
             var bar = Bar(ctx, "grpo", config.Steps, trainer.Step);
@@ -231,7 +278,7 @@ public static class TrainCommand
         });
         if (cancel.Requested) AnsiConsole.MarkupLineInterpolated($"{cancel.StoppedLine($"checkpoint written at step {trainer.Step} in {Path.Combine(config.Output, "checkpoints")}")}");
         foreach (var f in Report.Write(config.Output)) AnsiConsole.MarkupLineInterpolated($"wrote {f}");
-        return 0;
+        return Done(group);
     }
 
     /// <summary>The reward-control task with a progress bar; prints the reward's first- and last-quarter means.</summary>

@@ -878,6 +878,9 @@ public interface ICollectives
 
     void AllReduceSum(Span<double> values);
     void AllReduceMax(Span<double> values);
+
+    /// <summary>In-place sum of fp32 host values (a bucket of gradients, a shard's moments).</summary>
+    void AllReduceSum(Span<float> values);
     void AllReduceSum(Tensor tensor);
 
     /// <summary>Every rank's <paramref name="data"/> becomes rank <paramref name="root"/>'s.</summary>
@@ -890,6 +893,9 @@ public interface ICollectives
     void ReduceScatterSum(ReadOnlySpan<float> all, Span<float> mine);
 
     void Barrier();
+
+    /// <summary>A barrier with its own time limit (<see cref="Timeout.InfiniteTimeSpan"/>: none), for waits that are a stage of the run.</summary>
+    void Barrier(TimeSpan timeout);
 
     /// <summary>Ends every rank of the job (exit code 1) after printing <paramref name="message"/> with this rank (one process: throws it).</summary>
     void Abort(string message);
@@ -906,11 +912,13 @@ public sealed class SingleProcessCollectives : ICollectives
     public int LocalRank => 0;
     public void AllReduceSum(Span<double> values) { }
     public void AllReduceMax(Span<double> values) { }
+    public void AllReduceSum(Span<float> values) { }
     public void AllReduceSum(Tensor tensor) { }
     public void Broadcast(Span<byte> data, int root) { if (root != 0) throw new ArgumentOutOfRangeException(nameof(root), $"root {root} in a group of 1"); }
     public void AllGather(ReadOnlySpan<float> mine, Span<float> all) => mine.CopyTo(all);
     public void ReduceScatterSum(ReadOnlySpan<float> all, Span<float> mine) => all[..mine.Length].CopyTo(mine);
     public void Barrier() { }
+    public void Barrier(TimeSpan timeout) { }
     public void Abort(string message) => throw new InvalidOperationException(message); // one process: Program.Report ends it
     public ICollectives Split(int color, int key) => this;
 }

@@ -33,14 +33,25 @@ public sealed unsafe class MpiCollectives : ICollectives
     public int WorldSize { get; }
     public int LocalRank { get; }
 
+    /// <summary>
+    /// How long one collective may wait for the other ranks (<c>parallel.timeout_s</c>, 600 s by default) before it ends
+    /// the job naming itself: a rank that died or hangs must not leave the others waiting for ever.
+    /// </summary>
+    public TimeSpan Timeout { get; set; } = TimeSpan.FromSeconds(600);
+
     public void AllReduceSum(Span<double> values)
     {
-        fixed (double* p = values) Mpi.AllReduceInPlace(p, values.Length, Mpi.Double, Mpi.Sum, _comm);
+        fixed (double* p = values) Wait(Mpi.StartAllReduceInPlace(p, values.Length, Mpi.Double, Mpi.Sum, _comm), "all_reduce sum");
     }
 
     public void AllReduceMax(Span<double> values)
     {
-        fixed (double* p = values) Mpi.AllReduceInPlace(p, values.Length, Mpi.Double, Mpi.Max, _comm);
+        fixed (double* p = values) Wait(Mpi.StartAllReduceInPlace(p, values.Length, Mpi.Double, Mpi.Max, _comm), "all_reduce max");
+    }
+
+    public void AllReduceSum(Span<float> values)
+    {
+        fixed (float* p = values) Wait(Mpi.StartAllReduceInPlace(p, values.Length, Mpi.Float, Mpi.Sum, _comm), "all_reduce sum (fp32)");
     }
 
     public void AllReduceSum(Tensor tensor)
@@ -50,29 +61,49 @@ public sealed unsafe class MpiCollectives : ICollectives
         const int slice = 1 << 28;
         fixed (float* p = host)
             for (long at = 0; at < host.LongLength; at += slice)
-                Mpi.AllReduceInPlace(p + at, (int)Math.Min(slice, host.LongLength - at), Mpi.Float, Mpi.Sum, _comm);
+                Wait(Mpi.StartAllReduceInPlace(p + at, (int)Math.Min(slice, host.LongLength - at), Mpi.Float, Mpi.Sum, _comm), $"all_reduce sum of {tensor.Name}");
         tensor.CopyFrom(host);
     }
 
     public void Broadcast(Span<byte> data, int root)
     {
         if (root < 0 || root >= WorldSize) throw new ArgumentOutOfRangeException(nameof(root), $"root {root} outside the group of {WorldSize}");
-        fixed (byte* p = data) Mpi.Broadcast(p, data.Length, Mpi.Byte, root, _comm);
+        fixed (byte* p = data) Wait(Mpi.StartBroadcast(p, data.Length, Mpi.Byte, root, _comm), $"broadcast from rank {root}");
     }
 
     public void AllGather(ReadOnlySpan<float> mine, Span<float> all)
     {
         if (all.Length != mine.Length * WorldSize) throw new ArgumentException($"all_gather: {all.Length} values for {WorldSize} ranks x {mine.Length}");
-        fixed (float* s = mine) fixed (float* r = all) Mpi.AllGather(s, mine.Length, Mpi.Float, r, _comm);
+        fixed (float* s = mine) fixed (float* r = all) Wait(Mpi.StartAllGather(s, mine.Length, Mpi.Float, r, _comm), "all_gather");
     }
 
     public void ReduceScatterSum(ReadOnlySpan<float> all, Span<float> mine)
     {
         if (all.Length != mine.Length * WorldSize) throw new ArgumentException($"reduce_scatter: {all.Length} values for {WorldSize} ranks x {mine.Length}");
-        fixed (float* s = all) fixed (float* r = mine) Mpi.ReduceScatterBlock(s, r, mine.Length, Mpi.Float, Mpi.Sum, _comm);
+        fixed (float* s = all) fixed (float* r = mine) Wait(Mpi.StartReduceScatterBlock(s, r, mine.Length, Mpi.Float, Mpi.Sum, _comm), "reduce_scatter sum");
     }
 
-    public void Barrier() => Mpi.Barrier(_comm);
+    public void Barrier() => Wait(Mpi.StartBarrier(_comm), "barrier");
+
+    public void Barrier(TimeSpan timeout) => Wait(Mpi.StartBarrier(_comm), "barrier", timeout);
+
+    /// <summary>
+    /// Polls a started collective to completion: briefly at full speed (a collective between busy ranks ends in
+    /// microseconds), then every millisecond, so a rank waiting for a slow one (rank 0 writing a checkpoint, evaluating)
+    /// leaves its core to the others; past <see cref="Timeout"/> it ends the job with a message naming the collective.
+    /// </summary>
+    private void Wait(nint request, string collective, TimeSpan? timeout = null)
+    {
+        var limit = timeout ?? Timeout;
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (!Mpi.Test(ref request))
+        {
+            if (clock.ElapsedMilliseconds < 20) { Thread.Yield(); continue; }
+            if (limit != System.Threading.Timeout.InfiniteTimeSpan && clock.Elapsed > limit)
+                Abort($"{collective} waited {clock.Elapsed.TotalSeconds:F0} s for the other ranks, past parallel.timeout_s = {limit.TotalSeconds:F0}: a rank is stuck, dead or on another path");
+            Thread.Sleep(1);
+        }
+    }
 
     public void Abort(string message)
     {
@@ -82,7 +113,7 @@ public sealed unsafe class MpiCollectives : ICollectives
         throw new InvalidOperationException($"MPI_Abort returned: {message}"); // it does not when it works
     }
 
-    public ICollectives Split(int color, int key) => new MpiCollectives(Mpi.Split(_comm, color, key), owned: true, LocalRank);
+    public ICollectives Split(int color, int key) => new MpiCollectives(Mpi.Split(_comm, color, key), owned: true, LocalRank) { Timeout = Timeout };
 
     /// <summary>Frees a communicator made by <see cref="Split"/>.</summary>
     public void Free()

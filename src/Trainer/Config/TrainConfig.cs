@@ -24,6 +24,7 @@ public sealed class TrainConfig
     public PairsConfig Pairs { get; set; } = new();
     public MpoConfig Mpo { get; set; } = new();
     public SftConfig Sft { get; set; } = new();
+    public ParallelConfig Parallel { get; set; } = new();
 
     /// <summary>The model parts that train, from <see cref="Trainable"/>.</summary>
     public Engine.Models.TrainableParts TrainableParts() => Trainable switch
@@ -101,6 +102,16 @@ public sealed class TrainConfig
         /// <summary>Minibatches whose gradients add up before one optimiser step.</summary>
         public int GradAccum { get; set; } = 1;
         public int MaxSkippedSteps { get; set; } = 10;
+    }
+
+    /// <summary>
+    /// Several processes (mpirun / srun): the tensor-parallel size (data parallel is the world divided by it) and how
+    /// long one collective may wait for the other ranks before it ends the job.
+    /// </summary>
+    public sealed class ParallelConfig
+    {
+        public int Tp { get; set; } = 1;
+        public double TimeoutS { get; set; } = 600;
     }
 
     public sealed class CheckpointConfig
@@ -359,6 +370,8 @@ public sealed class TrainConfig
                      (Reward.FormatUnfinished, "reward.format_unfinished"), (Reward.FormatRepeated, "reward.format_repeated") })
             Range(v, key, -Inf, Inf, loOpen: true, hiOpen: true);
         Range(Monitor.Window, "monitor.window", 1, Inf, hiOpen: true);
+        Range(Parallel.TimeoutS, "parallel.timeout_s", 0, Inf, loOpen: true, hiOpen: true);
+        Range(Parallel.Tp, "parallel.tp", 1, Inf, hiOpen: true);
         Range(Monitor.RewardRise, "monitor.reward_rise", 0, Inf, hiOpen: true);
         Range(Monitor.GroundingDrop, "monitor.grounding_drop", 0, 1);
         if (Monitor.ClaimPattern.Length > 0)

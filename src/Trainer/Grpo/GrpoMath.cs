@@ -52,14 +52,18 @@ public static class GrpoMath
     /// zero-advantage samples a KL term keeps in the update) get weights on the same scale, so adding them leaves the
     /// policy gradient as it was. Null: all count.
     /// </summary>
-    public static double[] SequenceWeights(IReadOnlyList<int> lengths, LossAggregation aggregation, IReadOnlyList<bool>? counted = null)
+    /// <param name="acrossRanks">Data parallel: sums the counts [S, N, all sequences, all tokens] over the ranks whose
+    /// sequences make up the loss's batch (each rank holds its share); null: these sequences are the whole batch.</param>
+    public static double[] SequenceWeights(IReadOnlyList<int> lengths, LossAggregation aggregation, IReadOnlyList<bool>? counted = null,
+        Func<double[], double[]>? acrossRanks = null)
     {
         if (counted is not null && counted.Count != lengths.Count) throw new ArgumentException($"{counted.Count} flags for {lengths.Count} sequences");
         var idx = Enumerable.Range(0, lengths.Count).Where(i => counted is null || counted[i]).ToList();
-        if (idx.Count == 0) idx = [.. Enumerable.Range(0, lengths.Count)];   // only KL terms: their own mean
-        int s = idx.Count;
-        long total = idx.Sum(i => (long)lengths[i]);
-        return lengths.Select(n => n == 0 ? 0 : aggregation == LossAggregation.SequenceMeanTokenMean ? 1.0 / (s * (double)n) : 1.0 / Math.Max(1, total)).ToArray();
+        double[] totals = [idx.Count, idx.Sum(i => (double)lengths[i]), lengths.Count, lengths.Sum(n => (double)n)];
+        if (acrossRanks is not null) totals = acrossRanks(totals);
+        // Only KL terms anywhere: their own mean.
+        var (s, total) = totals[0] > 0 ? (totals[0], totals[1]) : (totals[2], totals[3]);
+        return lengths.Select(n => n == 0 ? 0 : aggregation == LossAggregation.SequenceMeanTokenMean ? 1.0 / (s * n) : 1.0 / Math.Max(1, total)).ToArray();
     }
 
     /// <summary>

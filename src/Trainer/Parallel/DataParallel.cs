@@ -1,3 +1,5 @@
+using System.Runtime.InteropServices;
+using System.Text;
 using R1V2.Native.Engine.Backends;
 using R1V2.Native.Engine.Layers;
 
@@ -7,7 +9,8 @@ namespace R1V2.Native.Trainer.Parallel;
 /// Data parallelism as the trainers see it, in one place: every rank draws the same global batch (same seed, same
 /// data position) and trains on its share (examples i with i mod world == rank); loss normalisers are global counts;
 /// gradients are summed across ranks before the norm, the clip and AdamW, so every rank takes the same step from the
-/// same weights. One writer (rank 0) writes metrics, checkpoints and reports. In one process every call is the identity.
+/// same weights. One writer (rank 0) writes metrics, reports and the shared part of a checkpoint; each rank writes what
+/// it alone holds (its sample buffer, its optimiser shard). In one process every call is the identity.
 /// </summary>
 public sealed class DataParallel(ICollectives group)
 {
@@ -15,9 +18,13 @@ public sealed class DataParallel(ICollectives group)
 
     public ICollectives Group { get; } = group;
     public int Ranks => Group.WorldSize;
+    public int Rank => Group.Rank;
 
     /// <summary>Whether this rank writes the run's files.</summary>
     public bool Writes => Group.Rank == 0;
+
+    /// <summary>Gradients are summed in buckets of this many fp32 values (one collective per bucket, not per tensor).</summary>
+    public int BucketValues { get; init; } = 1 << 22;
 
     /// <summary>This rank's share of a global batch; a batch smaller than the group is an error naming the setting.</summary>
     public List<T> Shard<T>(IReadOnlyList<T> global, string setting)
@@ -26,6 +33,9 @@ public sealed class DataParallel(ICollectives group)
         return [.. global.Where((_, i) => i % Ranks == Group.Rank)];
     }
 
+    /// <summary>The global index of this rank's <paramref name="local"/>-th element of a sharded list, in blocks of <paramref name="block"/> (a prompt's group).</summary>
+    public int GlobalIndex(int local, int block = 1) => (local / block * Ranks + Rank) * block + local % block;
+
     /// <summary>Sums of per-rank values (token counts, loss sums) over the group.</summary>
     public double[] Sum(params double[] local)
     {
@@ -33,11 +43,173 @@ public sealed class DataParallel(ICollectives group)
         return local;
     }
 
-    /// <summary>Sums every trainable parameter's gradient over the group (in place).</summary>
+    /// <summary>Maxima of per-rank values over the group.</summary>
+    public double[] Max(params double[] local)
+    {
+        Group.AllReduceMax(local);
+        return local;
+    }
+
+    /// <summary>Whether any rank says yes (a stop request seen by one rank stops all of them at the same step).</summary>
+    public bool Any(bool mine) => Ranks == 1 ? mine : Max(mine ? 1 : 0)[0] > 0;
+
+    /// <summary>
+    /// Every rank's values of a list sharded by <see cref="Shard{T}"/> (in blocks of <paramref name="block"/>), put back
+    /// in the global order: the same list one process would hold. Values travel bit for bit (a gather moves bytes).
+    /// </summary>
+    public double[] Gather(IReadOnlyList<double> mine, int globalCount, int block = 1)
+    {
+        if (Ranks == 1) return [.. mine];
+        int blocks = (globalCount / block + Ranks - 1) / Ranks, per = blocks * block;
+        var send = new double[per];
+        Array.Fill(send, double.NaN);
+        for (int i = 0; i < mine.Count; i++) send[i] = mine[i];
+        var all = new double[per * Ranks];
+        Group.AllGather(MemoryMarshal.Cast<double, float>(send), MemoryMarshal.Cast<double, float>(all.AsSpan()));
+        var global = new double[globalCount];
+        for (int r = 0; r < Ranks; r++)
+            for (int i = 0; i < per; i++)
+            {
+                int g = (i / block * Ranks + r) * block + i % block;
+                if (g < globalCount) global[g] = all[r * per + i];
+            }
+        return global;
+    }
+
+    /// <summary>Rank 0's string on every rank (a temporary directory's path, a model path decided by rank 0).</summary>
+    public string Broadcast(string? mine)
+    {
+        if (Ranks == 1) return mine ?? throw new ArgumentNullException(nameof(mine));
+        var bytes = Writes ? Encoding.UTF8.GetBytes(mine ?? throw new ArgumentNullException(nameof(mine))) : [];
+        var length = BitConverter.GetBytes(bytes.Length);
+        Group.Broadcast(length, 0);
+        if (!Writes) bytes = new byte[BitConverter.ToInt32(length)];
+        Group.Broadcast(bytes, 0);
+        return Encoding.UTF8.GetString(bytes);
+    }
+
+    /// <summary>
+    /// Sums every trainable parameter's gradient over the group (in place), in buckets of <see cref="BucketValues"/>:
+    /// small tensors (norms, biases) travel together instead of one collective each.
+    /// </summary>
     public void ReduceGradients(IEnumerable<Parameter> parameters)
     {
         if (Ranks == 1) return;
-        foreach (var p in parameters)
-            if (p.Grad is not null) Group.AllReduceSum(p.Grad);
+        var bucket = new List<Parameter>();
+        long values = 0;
+        foreach (var p in parameters.Where(p => p.Grad is not null))
+        {
+            if (p.Grad!.Length >= BucketValues)
+            {
+                Group.AllReduceSum(p.Grad);
+                continue;
+            }
+            if (values + p.Grad.Length > BucketValues) Flush();
+            bucket.Add(p);
+            values += p.Grad.Length;
+        }
+        Flush();
+
+        void Flush()
+        {
+            if (bucket.Count == 0) return;
+            var host = new float[values];
+            long at = 0;
+            foreach (var p in bucket)
+            {
+                p.Grad!.ToFloatArray().CopyTo(host, at);
+                at += p.Grad.Length;
+            }
+            Group.AllReduceSum(host.AsSpan());
+            at = 0;
+            foreach (var p in bucket)
+            {
+                p.Grad!.CopyFrom(host.AsSpan((int)at, (int)p.Grad.Length));
+                at += p.Grad.Length;
+            }
+            bucket.Clear();
+            values = 0;
+        }
     }
+
+    /// <summary>
+    /// Identical starting weights: rank 0's trainable parameters (fp32 masters and the working copy) sent to every
+    /// rank, then checked by hash. Frozen parameters come from the same files on every rank and are checked by hash too.
+    /// </summary>
+    public void SyncWeights(IReadOnlyList<Parameter> parameters)
+    {
+        if (Ranks == 1) return;
+        foreach (var p in parameters.Where(p => p.Trainable))
+        {
+            var values = p.Weights.ToFloatArray();
+            Group.Broadcast(MemoryMarshal.AsBytes(values.AsSpan()), 0);
+            p.Weights.CopyFrom(values);
+            if (p.Master is not null) p.Value.CopyFrom(values);
+        }
+        CheckSameWeights(parameters, "after loading");
+    }
+
+    /// <summary>An xxHash128 of the parameters' fp32 weights, in order.</summary>
+    public static UInt128 WeightsHash(IEnumerable<Parameter> parameters)
+    {
+        var hash = new System.IO.Hashing.XxHash128();
+        foreach (var p in parameters) hash.Append(MemoryMarshal.AsBytes(p.Weights.ToFloatArray().AsSpan()));
+        return hash.GetCurrentHashAsUInt128();
+    }
+
+    /// <summary>Throws, naming the ranks, when any rank's weights hash differently from rank 0's (replicas that drifted apart).</summary>
+    public void CheckSameWeights(IEnumerable<Parameter> parameters, string when)
+    {
+        if (Ranks == 1) return;
+        var mine = new[] { WeightsHash(parameters) };
+        var all = new UInt128[Ranks];
+        Group.AllGather(MemoryMarshal.Cast<UInt128, float>(mine.AsSpan()), MemoryMarshal.Cast<UInt128, float>(all.AsSpan()));
+        var differ = Enumerable.Range(1, Ranks - 1).Where(r => all[r] != all[0]).ToList();
+        if (differ.Count > 0)
+            throw new InvalidOperationException($"the weights of rank(s) {string.Join(", ", differ)} differ from rank 0's {when}: the data-parallel replicas are no longer one model");
+    }
+
+    /// <summary>The name of a file only this rank holds (one process: the name itself; else name.rank-NNNNN.ext).</summary>
+    public string OwnFile(string name) =>
+        Ranks == 1 ? name : $"{Path.GetFileNameWithoutExtension(name)}.rank-{Rank:D5}{Path.GetExtension(name)}";
+
+    /// <summary>
+    /// A checkpoint written by every rank: rank 0 makes the temporary directory and tells the others; each rank writes
+    /// its own files into it (<paramref name="own"/>); after a barrier rank 0 writes the shared files
+    /// (<paramref name="shared"/>), the manifest, and renames it; a second barrier lets no rank run ahead of the rename.
+    /// </summary>
+    public void SaveCheckpoint(string output, int step, int keep, Action<string> shared, Action<string>? own = null)
+    {
+        if (Ranks == 1)
+        {
+            RunCheckpoints.Save(output, step, keep, tmp => { shared(tmp); own?.Invoke(tmp); });
+            return;
+        }
+        if (Writes)
+        {
+            RunCheckpoints.Save(output, step, keep, tmp =>
+            {
+                Broadcast(tmp);
+                own?.Invoke(tmp);
+                Group.Barrier();
+                shared(tmp);
+            });
+        }
+        else
+        {
+            var tmp = Broadcast(null);
+            own?.Invoke(tmp);
+            Group.Barrier();
+        }
+        Group.Barrier();
+    }
+
+    /// <summary>Waits for every rank (bounded by the group's collective timeout).</summary>
+    public void Barrier() => Group.Barrier();
+
+    /// <summary>
+    /// Waits, without a time limit, for rank 0 to finish work it does alone (data, earlier stages, evaluation): not a
+    /// hang but a stage of the run. A rank 0 that fails ends the whole job, so this never waits for a dead rank.
+    /// </summary>
+    public void WaitForWriter() => Group.Barrier(Timeout.InfiniteTimeSpan);
 }

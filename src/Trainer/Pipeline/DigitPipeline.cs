@@ -8,6 +8,7 @@ using R1V2.Native.Engine.Text;
 using R1V2.Native.Trainer.Config;
 using R1V2.Native.Trainer.Data;
 using R1V2.Native.Trainer.Mpo;
+using R1V2.Native.Trainer.Parallel;
 using R1V2.Native.Trainer.Rewards;
 using R1V2.Native.Trainer.Tasks;
 
@@ -182,14 +183,32 @@ public sealed record PipelineSummary(IReadOnlyList<StageResult> Stages, double? 
 /// stage is evaluated on the held-out scenes; the run directory holds every stage's run, the evaluations, plots and
 /// summary.md. A stage whose output exists is not run again, so an interrupted pipeline continues where it stopped.
 /// </summary>
-public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<string>? log = null)
+/// <para>Under mpirun the GRPO stages run data-parallel on every rank; rank 0 alone prepares the data, trains the
+/// earlier stages, evaluates and writes the report while the other ranks wait.</para>
+public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<string>? log = null, DataParallel? dataParallel = null)
 {
     private readonly Action<string> _log = log ?? (_ => { });
+    private readonly DataParallel _dp = dataParallel ?? DataParallel.Single;
 
     private string Dir(params string[] parts) => Path.Combine([s.Output, .. parts]);
 
+    /// <summary>
+    /// A rank other than 0: waits while rank 0 prepares everything GRPO starts from, trains both GRPO runs with it,
+    /// then waits for its report.
+    /// </summary>
+    public void Follow(CancellationToken cancel = default)
+    {
+        _dp.WaitForWriter();
+        var (model, rm) = (_dp.Broadcast(null), _dp.Broadcast(null));
+        RunGrpo("grpo", model, rm.Length > 0 ? rm : null, buffer: true, null, cancel);
+        RunGrpo("grpo-no-ssb", model, rm.Length > 0 ? rm : null, buffer: false, null, cancel);
+        _dp.WaitForWriter();
+    }
+
+    /// <summary>The pipeline on rank 0 (or the one process); the other ranks run <see cref="Follow"/>.</summary>
     public PipelineSummary Run(Action<string, double>? progress = null, CancellationToken cancel = default)
     {
+        if (!_dp.Writes) throw new InvalidOperationException($"rank {_dp.Rank} runs DigitPipeline.Follow: rank 0 runs the pipeline");
         var clock = System.Diagnostics.Stopwatch.StartNew();
         PipelineOverrides.Validate(s);
         PipelineOverrides.Remember(s, s.Output);
@@ -330,6 +349,13 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             : rmModel is null ? $"GRPO reward: {ruleTerms} (no reward model was trained)."
             : string.Format(CultureInfo.InvariantCulture, "GRPO reward: {2} only: the reward model's held-out pair accuracy {0:F3} is below the {1:F2} gate (PipelineSettings.RmMinAccuracy), so its score is left out.", rmAccuracy, s.RmMinAccuracy, ruleTerms);
         _log(rewardNote);
+        if (_dp.Ranks > 1)
+        {
+            _log($"GRPO runs data-parallel on {_dp.Ranks} ranks");
+            _dp.WaitForWriter();
+            _dp.Broadcast(mpoModel);
+            _dp.Broadcast(grpoRm ?? "");
+        }
         var with = RunGrpo("grpo", mpoModel, grpoRm, buffer: true, progress, cancel);
         var without = RunGrpo("grpo-no-ssb", mpoModel, grpoRm, buffer: false, progress, cancel);
         stages.Add(Evaluate("grpo", with.Model));
@@ -351,6 +377,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         };
         File.WriteAllText(Dir("summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
         WriteSummary(summary);
+        if (_dp.Ranks > 1) _dp.WaitForWriter();
         return summary;
     }
 
@@ -443,14 +470,15 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
             .. rmModel is null ? Array.Empty<string>() : [$"reward.rm_path={rmModel}", $"reward.rm_weight={s.RmWeight.ToString(CultureInfo.InvariantCulture)}", "reward.rm_transform=standardise",
                 $"reward.rm_threshold={s.RmThreshold.ToString(CultureInfo.InvariantCulture)}"],
         ]);
-        using (var t = new GrpoTrainer(config, backend))
+        using (var t = new GrpoTrainer(config, backend, dataParallel: _dp))
         {
             if (t.Step < s.GrpoSteps)
             {
                 t.Run(m => progress?.Invoke(name, m.Step / (double)s.GrpoSteps), cancel);
-                if (cancel.IsCancellationRequested) throw new OperationCanceledException($"interrupted during {name}");
+                if (t.Step < s.GrpoSteps) throw new OperationCanceledException($"interrupted during {name}");
             }
         }
+        if (!_dp.Writes) return ("", []);
         Report.Write(output);
         var steps = File.ReadAllLines(Path.Combine(output, "metrics.jsonl")).Select(l => JsonSerializer.Deserialize<GrpoStepMetrics>(l)!).ToList();
         var final = Path.Combine(output, "final");

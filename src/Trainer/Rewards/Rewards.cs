@@ -170,12 +170,24 @@ public sealed class HybridReward(FormatReward format, double rewardModelWeight =
     /// The rewards of one step's responses. With reward-model scores (raw, one per response), the scores are transformed
     /// together (<see cref="RewardModelScaling.ApplyStep"/>): equal scores in a step earn equal terms.
     /// </summary>
-    public RewardBreakdown[] ScoreStep(IReadOnlyList<string> responses, IReadOnlyList<RewardContext> contexts, IReadOnlyList<double>? rewardModelScores = null)
+    /// <param name="stepScores">Data parallel: every rank's scores of the step (in the global order), which the scaling
+    /// moves by, and where this rank's responses sit in it; null: <paramref name="rewardModelScores"/> are the step's.</param>
+    public RewardBreakdown[] ScoreStep(IReadOnlyList<string> responses, IReadOnlyList<RewardContext> contexts, IReadOnlyList<double>? rewardModelScores = null,
+        (IReadOnlyList<double> All, Func<int, int> PositionOf)? stepScores = null)
     {
         if (contexts.Count != responses.Count) throw new ArgumentException($"{contexts.Count} reward contexts for {responses.Count} responses");
         if (rewardModelScores is not null && rewardModelScores.Count != responses.Count)
             throw new ArgumentException($"{rewardModelScores.Count} reward-model scores for {responses.Count} responses");
-        double[]? terms = rewardModelScores is null || rewardModelWeight == 0 ? null : _scaling.ApplyStep(rewardModelScores);
+        double[]? terms = null;
+        if (rewardModelScores is not null && rewardModelWeight != 0)
+        {
+            if (stepScores is { } step)
+            {
+                var all = _scaling.ApplyStep(step.All);
+                terms = [.. Enumerable.Range(0, responses.Count).Select(i => all[step.PositionOf(i)])];
+            }
+            else terms = _scaling.ApplyStep(rewardModelScores);
+        }
         var result = new RewardBreakdown[responses.Count];
         for (int i = 0; i < responses.Count; i++)
             result[i] = Score(responses[i], contexts[i], rewardModelScores?[i] ?? 0, terms is null ? 0 : rewardModelWeight * terms[i]);

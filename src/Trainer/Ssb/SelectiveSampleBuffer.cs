@@ -101,15 +101,26 @@ public sealed class SelectiveSampleBuffer(int capacity, int maxAge, ulong seed)
 /// </summary>
 public static class DynamicSampling
 {
+    /// <param name="sampleRound">Samples round r: this rank's groups (data parallel: prompt i of the round on rank i mod R).</param>
+    /// <param name="dataParallel">Data parallel: which groups are kept, and whether another round is needed, are decided on
+    /// every rank's groups in the global order (the groups one process would have); each rank returns its own kept ones.</param>
     public static (List<IReadOnlyList<Rollout>> Groups, int Rounds) Fill(Func<int, IReadOnlyList<IReadOnlyList<Rollout>>> sampleRound, int targetGroups, int maxRounds,
-        Func<Rollout, bool>? informative = null)
+        Func<Rollout, bool>? informative = null, Parallel.DataParallel? dataParallel = null)
     {
+        var dp = dataParallel ?? Parallel.DataParallel.Single;
         var kept = new List<IReadOnlyList<Rollout>>();
-        int round = 0;
-        while (kept.Count < targetGroups && round < maxRounds)
+        int keptAnywhere = 0, round = 0;
+        while (keptAnywhere < targetGroups && round < maxRounds)
         {
-            foreach (var g in sampleRound(round))
-                if (g.Any(informative ?? SelectiveSampleBuffer.IsInformative) && kept.Count < targetGroups) kept.Add(g);
+            var groups = sampleRound(round);
+            var flags = groups.Select(g => g.Any(informative ?? SelectiveSampleBuffer.IsInformative) ? 1.0 : 0.0).ToList();
+            var global = dp.Gather(flags, (int)dp.Sum(flags.Count)[0]);
+            for (int i = 0; i < global.Length && keptAnywhere < targetGroups; i++)
+            {
+                if (global[i] == 0) continue;
+                keptAnywhere++;
+                if (i % dp.Ranks == dp.Rank) kept.Add(groups[i / dp.Ranks]);
+            }
             round++;
         }
         return (kept, round);

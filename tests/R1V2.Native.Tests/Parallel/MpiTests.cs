@@ -18,6 +18,7 @@ public sealed class MpiCollection;
 public sealed class MpiTests
 {
     private static string Engine => Path.Combine(AppContext.BaseDirectory, OperatingSystem.IsWindows() ? "engine.exe" : "engine");
+    private static string RanksProgram => Path.Combine(AppContext.BaseDirectory, OperatingSystem.IsWindows() ? "r1v2-ranks.exe" : "r1v2-ranks");
 
     private static string? MpiRun()
     {
@@ -35,9 +36,11 @@ public sealed class MpiTests
     }
 
     /// <summary>Runs <c>mpirun -np N engine ARGS</c> (as root too, oversubscribed, unbound) with a timeout; returns exit code and output.</summary>
-    private static (int Code, string Output) Run(int ranks, params string[] args)
+    private static (int Code, string Output) Run(int ranks, params string[] args) => RunProgram(Engine, ranks, args);
+
+    private static (int Code, string Output) RunProgram(string program, int ranks, params string[] args)
     {
-        var info = new ProcessStartInfo(RequireMpiRun(), ["--oversubscribe", "--bind-to", "none", "-np", ranks.ToString(), Engine, .. args])
+        var info = new ProcessStartInfo(RequireMpiRun(), ["--oversubscribe", "--bind-to", "none", "-np", ranks.ToString(), program, .. args])
             { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
         info.Environment["OMPI_ALLOW_RUN_AS_ROOT"] = "1";
         info.Environment["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1";
@@ -47,7 +50,7 @@ public sealed class MpiTests
         if (!p.WaitForExit(TimeSpan.FromSeconds(180)))
         {
             p.Kill(entireProcessTree: true);
-            Assert.Fail($"mpirun -np {ranks} engine {string.Join(' ', args)} did not end within 180 s");
+            Assert.Fail($"mpirun -np {ranks} {Path.GetFileName(program)} {string.Join(' ', args)} did not end within 180 s");
         }
         return (p.ExitCode, stdout.Result + stderr.Result);
     }
@@ -141,6 +144,78 @@ public sealed class MpiTests
         finally { Directory.Delete(dir, true); }
     }
 
+    private static string TinyModel(string dir)
+    {
+        var ckpt = Path.Combine(dir, "tiny");
+        if (!Directory.Exists(ckpt)) InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), ckpt, seed: 6);
+        return ckpt;
+    }
+
+    /// <summary>Relative difference of two results: loss, gradient norm, clipped share each, and the weights as one vector.</summary>
+    private static void AssertSameStep(R1V2.Native.Ranks.StepResult a, R1V2.Native.Ranks.StepResult b, string what)
+    {
+        Assert.True(Math.Abs(a.Loss - b.Loss) <= 1e-5 * Math.Abs(a.Loss), $"{what}: loss {a.Loss} vs {b.Loss}");
+        Assert.True(Math.Abs(a.GradNorm - b.GradNorm) <= 1e-5 * a.GradNorm, $"{what}: gradient norm {a.GradNorm} vs {b.GradNorm}");
+        Assert.True(Math.Abs(a.ClippedFraction - b.ClippedFraction) <= 1e-9, $"{what}: clipped share {a.ClippedFraction} vs {b.ClippedFraction}");
+        Assert.Equal(a.Tokens, b.Tokens);
+        double diff = 0, norm = 0;
+        for (int i = 0; i < a.Weights.Length; i++)
+        {
+            diff += (double)(a.Weights[i] - b.Weights[i]) * (a.Weights[i] - b.Weights[i]);
+            norm += (double)a.Weights[i] * a.Weights[i];
+        }
+        Assert.True(Math.Sqrt(diff) <= 1e-5 * Math.Sqrt(norm), $"{what}: weights differ by {Math.Sqrt(diff):E2} (norm {Math.Sqrt(norm):E2})");
+    }
+
+    private static R1V2.Native.Ranks.StepResult RanksResult(string dir, int ranks, params string[] options)
+    {
+        var output = Path.Combine(dir, $"result-{ranks}-{Guid.NewGuid():N}.json");
+        var (code, text) = RunProgram(RanksProgram, ranks, ["grpo-step", TinyModel(dir), output, .. options]);
+        Assert.True(code == 0, text);
+        return System.Text.Json.JsonSerializer.Deserialize<R1V2.Native.Ranks.StepResult>(File.ReadAllText(output))!;
+    }
+
+    [SkippableTheory]
+    [InlineData("token_mean")]
+    [InlineData("seq_mean_token_mean")]
+    public void DataParallelGrpoStep_OneTwoAndFourRanks_TakeTheSameStep(string aggregation)
+    {
+        // 8 fixed rollouts: one rank with all of them, 2 ranks with 4 and 4 ranks with 2 each, two micro-batches per
+        // rank accumulated into one optimiser step; the PPO clip and the gradient-norm clip are both active, and the
+        // ranks hold different token counts, so the global normalisers matter.
+        RequireMpiRun();
+        var dir = Directory.CreateTempSubdirectory("r1v2-dp-grpo-").FullName;
+        try
+        {
+            string[] options = ["--aggregation", aggregation, "--rollouts", "8", "--minibatches", "2", "--grad-accum", "2"];
+            var one = R1V2.Native.Ranks.Scenarios.GrpoStep(TinyModel(dir), R1V2.Native.Trainer.Parallel.DataParallel.Single, R1V2.Native.Ranks.Scenarios.Options.Parse(options));
+            Assert.True(one.ClippedFraction > 0.05, $"the PPO clip is active on {one.ClippedFraction:P0} of tokens");
+            Assert.True(one.GradNorm > 0.5, $"gradient norm {one.GradNorm} is above max_grad_norm 0.5: the clip scales it");
+            var lengths = R1V2.Native.Ranks.Scenarios.FixedRollouts(64, 8).Select(r => r.Response.Length).ToList();
+            Assert.NotEqual(lengths.Where((_, i) => i % 2 == 0).Sum(), lengths.Where((_, i) => i % 2 == 1).Sum());
+            AssertSameStep(one, RanksResult(dir, 2, options), "2 ranks");
+            AssertSameStep(one, RanksResult(dir, 4, options), "4 ranks");
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    [Fact]
+    public void DataParallelGrpoStep_WithoutTheReductions_DiffersFromOneProcess()
+    {
+        // The negative control: rank 0 of 2 whose collectives do nothing steps on its half with local normalisers.
+        var dir = Directory.CreateTempSubdirectory("r1v2-dp-grpo-neg-").FullName;
+        try
+        {
+            var options = R1V2.Native.Ranks.Scenarios.Options.Parse([]);
+            var one = R1V2.Native.Ranks.Scenarios.GrpoStep(TinyModel(dir), R1V2.Native.Trainer.Parallel.DataParallel.Single, options);
+            var half = R1V2.Native.Ranks.Scenarios.GrpoStep(TinyModel(dir), new R1V2.Native.Trainer.Parallel.DataParallel(new Inert(0, 2)), options);
+            Assert.NotEqual(one.Tokens, half.Tokens);
+            Assert.True(Math.Abs(one.Loss - half.Loss) > 1e-3 * Math.Abs(one.Loss), $"loss {one.Loss} vs {half.Loss}");
+            Assert.NotEqual(one.Hash, half.Hash);
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
     [Fact]
     public void SelftestChecks_CatchACollectiveThatDoesNothing()
     {
@@ -185,11 +260,13 @@ public sealed class MpiTests
         public int LocalRank => 0;
         public void AllReduceSum(Span<double> values) { foreach (ref var v in values) v *= n; }
         public void AllReduceMax(Span<double> values) { }
+        public void AllReduceSum(Span<float> values) { foreach (ref var v in values) v *= n; }
         public void AllReduceSum(Tensor tensor) => throw new NotSupportedException();
         public void Broadcast(Span<byte> data, int root) { }
         public void AllGather(ReadOnlySpan<float> mine, Span<float> all) => throw new NotSupportedException();
         public void ReduceScatterSum(ReadOnlySpan<float> all, Span<float> mine) => throw new NotSupportedException();
         public void Barrier() { }
+        public void Barrier(TimeSpan timeout) { }
         public void Abort(string message) => throw new InvalidOperationException(message);
         public ICollectives Split(int color, int key) => this;
     }
@@ -202,11 +279,13 @@ public sealed class MpiTests
         public int LocalRank => rank;
         public void AllReduceSum(Span<double> values) { }
         public void AllReduceMax(Span<double> values) { }
+        public void AllReduceSum(Span<float> values) { }
         public void AllReduceSum(Tensor tensor) { }
         public void Broadcast(Span<byte> data, int root) { }
         public void AllGather(ReadOnlySpan<float> mine, Span<float> all) { }
         public void ReduceScatterSum(ReadOnlySpan<float> all, Span<float> mine) { }
         public void Barrier() { }
+        public void Barrier(TimeSpan timeout) { }
         public void Abort(string message) => throw new InvalidOperationException(message);
         public ICollectives Split(int color, int key) => this;
     }

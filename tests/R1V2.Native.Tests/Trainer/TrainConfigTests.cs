@@ -71,6 +71,7 @@ public sealed class TrainConfigTests : IDisposable
         { "reward.format_well_formed=.nan", "reward.format_well_formed" }, { "reward.format_empty_answer=.inf", "reward.format_empty_answer" },
         { "reward.format_unfinished=-.inf", "reward.format_unfinished" }, { "reward.format_repeated=.nan", "reward.format_repeated" },
         { "reward.reasoning_weight=-1", "reward.reasoning_weight" }, { "reward.grounding_weight=-1", "reward.grounding_weight" },
+        { "parallel.tp=0", "parallel.tp" }, { "parallel.timeout_s=0", "parallel.timeout_s" },
         { "monitor.window=0", "monitor.window" }, { "monitor.reward_rise=-1", "monitor.reward_rise" }, { "monitor.grounding_drop=2", "monitor.grounding_drop" },
     };
 

@@ -1,0 +1,80 @@
+using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Backends.Cpu;
+using R1V2.Native.Engine.Models;
+using R1V2.Native.Trainer.Grpo;
+using R1V2.Native.Trainer.Optim;
+using R1V2.Native.Trainer.Parallel;
+using R1V2.Native.Trainer.Ssb;
+
+namespace R1V2.Native.Ranks;
+
+/// <summary>What a scenario reports: loss, gradient norm, clipped share, the weights after the step and their hash.</summary>
+public sealed record StepResult(double Loss, double GradNorm, double ClippedFraction, long Tokens, int LocalTokens, float[] Weights, string Hash);
+
+/// <summary>
+/// Scenarios the multi-rank tests run on every rank and in one process, so the two can be compared: the same global
+/// batch, made from the same seed on every rank, each rank training on its share.
+/// </summary>
+public static class Scenarios
+{
+    public sealed record Options(int Rollouts, string Aggregation, int Minibatches, int GradAccum)
+    {
+        public static Options Parse(string[] args)
+        {
+            var o = new Options(8, "token_mean", 2, 2);
+            for (int i = 0; i + 1 < args.Length; i += 2)
+                o = args[i] switch
+                {
+                    "--rollouts" => o with { Rollouts = int.Parse(args[i + 1]) },
+                    "--aggregation" => o with { Aggregation = args[i + 1] },
+                    "--minibatches" => o with { Minibatches = int.Parse(args[i + 1]) },
+                    "--grad-accum" => o with { GradAccum = int.Parse(args[i + 1]) },
+                    _ => throw new ArgumentException($"unknown option {args[i]}"),
+                };
+            return o;
+        }
+    }
+
+    /// <summary>
+    /// <paramref name="count"/> fixed rollouts for the tiny VLM: groups of 4 text prompts, responses of 3 to 17 tokens (so
+    /// the ranks' token counts differ), old log-probs far from the policy's (so the PPO clip is active) and advantages of
+    /// both signs. The same on every rank.
+    /// </summary>
+    public static List<Rollout> FixedRollouts(int vocab, int count)
+    {
+        var rng = new Random(20261202);
+        var list = new List<Rollout>();
+        for (int i = 0; i < count; i++)
+        {
+            int group = i / 4;
+            var prompt = Enumerable.Range(0, 5 + group % 3).Select(k => 1 + (group * 7 + k * 3) % (vocab - 1)).ToArray();
+            int length = 3 + rng.Next(15);
+            var response = Enumerable.Range(0, length).Select(_ => 1 + rng.Next(vocab - 1)).ToArray();
+            var old = Enumerable.Range(0, length).Select(_ => (float)(-Math.Log(vocab) + (rng.NextDouble() - 0.5) * 1.5)).ToArray();
+            double advantage = (i % 4) switch { 0 => 1.2, 1 => -0.7, 2 => 0.4, _ => -0.9 };
+            list.Add(new Rollout(group, prompt, null, 0, response, old, 0, advantage, 0));
+        }
+        return list;
+    }
+
+    /// <summary>
+    /// One GRPO policy step (minibatches micro-batches, grad_accum of them per optimiser step) on this rank's share of
+    /// the fixed rollouts (rollout i on rank i mod R), through the trainer's <see cref="GrpoPolicyStep"/>.
+    /// </summary>
+    public static StepResult GrpoStep(string model, DataParallel dp, Options o)
+    {
+        using var backend = new CpuBackend();
+        using var vlm = VisionLanguageModel.Load(backend, model, TrainableParts.All);
+        dp.SyncWeights([.. vlm.Parameters.All.Select(p => p.Parameter)]);
+        var trainable = vlm.Parameters.Trainable.ToList();
+        using var opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f), maxGradNorm: 0.5);
+        var aggregation = o.Aggregation == "token_mean" ? LossAggregation.TokenMean : LossAggregation.SequenceMeanTokenMean;
+        var update = new GrpoUpdate(vlm, new GrpoLossSettings(0.2f, 0.28f), aggregation, vocabChunk: 64);
+        var mine = dp.Shard(FixedRollouts(vlm.Config.Llm.VocabSize, o.Rollouts), "rollouts");
+        var step = new GrpoPolicyStep(update, aggregation, o.Minibatches, o.GradAccum, dp);
+        var r = step.Run(mine, [], null, opt, trainable, () => opt.Step(1e-3f));
+        dp.CheckSameWeights(trainable, "after the step");
+        var weights = trainable.SelectMany(p => p.Weights.ToFloatArray()).ToArray();
+        return new StepResult(r.Loss, r.GradNorm, r.ClippedFraction, r.Tokens, mine.Sum(x => x.Response.Length), weights, DataParallel.WeightsHash(trainable).ToString("x32"));
+    }
+}
