@@ -52,7 +52,8 @@ public sealed class MpiTests
             p.Kill(entireProcessTree: true);
             Assert.Fail($"mpirun -np {ranks} {Path.GetFileName(program)} {string.Join(' ', args)} did not end within 180 s");
         }
-        return (p.ExitCode, stdout.Result + stderr.Result);
+        // Lines the console wrapped at its width are joined again, so a test can look for a sentence.
+        return (p.ExitCode, System.Text.RegularExpressions.Regex.Replace(stdout.Result + stderr.Result, @"\s*\n\s*", " "));
     }
 
     [SkippableFact]
@@ -212,6 +213,144 @@ public sealed class MpiTests
             Assert.NotEqual(one.Tokens, half.Tokens);
             Assert.True(Math.Abs(one.Loss - half.Loss) > 1e-3 * Math.Abs(one.Loss), $"loss {one.Loss} vs {half.Loss}");
             Assert.NotEqual(one.Hash, half.Hash);
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    /// <summary>`engine train` arguments of a 2-step preference stage (rm or mpo) on 16 pairs, 4 per step, into <paramref name="output"/>.</summary>
+    private static string[] PreferenceArgs(string dir, string stage, string output)
+    {
+        var data = Path.Combine(dir, "pairs.jsonl");
+        File.WriteAllLines(data, Enumerable.Range(0, 16).Select(i => System.Text.Json.JsonSerializer.Serialize(new
+            { prompt = $"Is {i} even?", chosen = $"<think>{i} mod 2</think> {(i % 2 == 0 ? "yes" : "no")}", rejected = $"<think>guess</think> {(i % 3 == 0 ? "maybe" : "no idea")}" })));
+        return ["train", "--stage", stage, "--set", $"model={TinyModel(dir)}", "--set", $"data.path={data}", "--set", "steps=2", "--set", "pairs.pairs_per_step=4",
+            "--set", "pairs.held_out=0.25", "--set", "trainable=all", "--set", "optim.lr=0.003", "--set", "checkpoint.export_dtype=f32", "--backend", "cpu", "--out", output];
+    }
+
+    private static double[][] PreferenceMetrics(string output) =>
+        [.. File.ReadAllLines(Path.Combine(output, "metrics.jsonl")).Where(l => l.Trim().Length > 0).Select(l => System.Text.Json.Nodes.JsonNode.Parse(l)!)
+            .Select(j => new[] { j["Loss"]!.GetValue<double>(), j["GradNorm"]!.GetValue<double>(), j["Accuracy"]!.GetValue<double>(), j["Margin"]!.GetValue<double>(), j["Delta"]!.GetValue<double>() })];
+
+    private static void AssertSameFinalWeights(string one, string other, string what)
+    {
+        using var w1 = R1V2.Native.Engine.Checkpoints.Checkpoint.Open(Path.Combine(one, "final"));
+        using var w2 = R1V2.Native.Engine.Checkpoints.Checkpoint.Open(Path.Combine(other, "final"));
+        double diff = 0, norm = 0;
+        foreach (var name in w1.Names)
+        {
+            var shape = w1.Info(name).Shape.Select(d => (int)d).ToArray();
+            var (x, y) = (w1.Read(name, shape), w2.Read(name, shape));
+            diff += x.Zip(y).Sum(z => (double)(z.First - z.Second) * (z.First - z.Second));
+            norm += x.Sum(v => (double)v * v);
+        }
+        Assert.True(Math.Sqrt(diff) <= 1e-5 * Math.Sqrt(norm), $"{what}: weights differ by {Math.Sqrt(diff):E2} (norm {Math.Sqrt(norm):E2})");
+    }
+
+    [SkippableTheory]
+    [InlineData("mpo")]
+    [InlineData("rm")]
+    public void DataParallelPreferenceStage_OneTwoAndFourRanks_TakeTheSameSteps(string stage)
+    {
+        // 4 pairs a step: one process with all of them, 2 ranks with 2 and 4 ranks with 1 each; MPO's BCO delta moves by
+        // every rank's implicit rewards, the held-out accuracy is counted over every rank's share.
+        RequireMpiRun();
+        var dir = Directory.CreateTempSubdirectory($"r1v2-dp-{stage}-").FullName;
+        try
+        {
+            var one = Path.Combine(dir, "one");
+            Assert.Equal(0, R1V2.Native.Cli.Program.Main(PreferenceArgs(dir, stage, one)));
+            var a = PreferenceMetrics(one);
+            foreach (int ranks in new[] { 2, 4 })
+            {
+                var many = Path.Combine(dir, $"ranks-{ranks}");
+                var (code, output) = Run(ranks, PreferenceArgs(dir, stage, many));
+                Assert.True(code == 0, output);
+                Assert.Contains($"shared by {ranks} data-parallel ranks", output);
+                var b = PreferenceMetrics(many);
+                Assert.Equal(2, b.Length);
+                for (int s = 0; s < 2; s++)
+                    for (int k = 0; k < 5; k++)
+                        Assert.True(Math.Abs(a[s][k] - b[s][k]) <= 1e-5 * Math.Max(1e-3, Math.Abs(a[s][k])), $"{ranks} ranks, step {s + 1}, field {k}: {a[s][k]} vs {b[s][k]}");
+                var summary = (string p) => System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(p, "summary.json")))!["HeldOutAccuracy"]!.GetValue<double>();
+                Assert.Equal(summary(one), summary(many));
+                AssertSameFinalWeights(one, many, $"{ranks} ranks");
+            }
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    /// <summary>`engine train` arguments of a tiny GRPO stage (prompts of sums, 2 samples each, 8 new tokens at most).</summary>
+    private static string[] GrpoArgs(string dir, string output, int steps, int prompts = 2)
+    {
+        var data = Path.Combine(dir, "prompts.jsonl");
+        if (!File.Exists(data))
+            File.WriteAllLines(data, Enumerable.Range(0, 12).Select(i => $"{{\"question\": \"what is {i} + {i}?\", \"answer\": \"{2 * i}\"}}"));
+        return ["train", "--stage", "grpo", "--set", $"model={TinyModel(dir)}", "--set", $"data.path={data}", "--set", $"steps={steps}", "--set", $"grpo.prompts_per_step={prompts}",
+            "--set", "grpo.group_size=2", "--set", "grpo.max_new_tokens=8", "--set", "grpo.cache_blocks=256", "--set", "trainable=all", "--set", "checkpoint.every=1",
+            "--set", "checkpoint.keep=1", "--set", "grpo.temperature=1.5", "--set", "checkpoint.export_dtype=f32", "--backend", "cpu", "--out", output];
+    }
+
+    [SkippableFact]
+    public void DataParallelGrpoStage_UnderMpirun_TrainsCheckpointsPerRankBuffersAndResumes()
+    {
+        RequireMpiRun();
+        var dir = Directory.CreateTempSubdirectory("r1v2-dp-grpo-run-").FullName;
+        try
+        {
+            var output = Path.Combine(dir, "run");
+            var (code, text) = Run(2, GrpoArgs(dir, output, steps: 2));
+            Assert.True(code == 0, text);
+            Assert.Contains("sampled and trained by 2 data-parallel ranks", text);
+            Assert.Equal(2, File.ReadAllLines(Path.Combine(output, "metrics.jsonl")).Count(l => l.Trim().Length > 0));   // rank 0 alone writes
+            var checkpoint = Directory.GetDirectories(Path.Combine(output, "checkpoints")).Single();
+            Assert.True(File.Exists(Path.Combine(checkpoint, "buffer.rank-00000.bin")) && File.Exists(Path.Combine(checkpoint, "buffer.rank-00001.bin")),
+                string.Join(", ", Directory.GetFiles(checkpoint).Select(Path.GetFileName)));
+            Assert.Null(R1V2.Native.Trainer.RunCheckpoints.VerifyManifest(checkpoint));                       // every rank's files are in its manifest
+            Assert.True(Directory.Exists(Path.Combine(output, "final")));
+
+            (code, text) = Run(2, GrpoArgs(dir, output, steps: 3));                                        // resumes at step 2 on the same world size
+            Assert.True(code == 0, text);
+            Assert.Contains("resumed at step 2", text);
+            Assert.Equal(3, File.ReadAllLines(Path.Combine(output, "metrics.jsonl")).Count(l => l.Trim().Length > 0));
+
+            // One process cannot take over two ranks' buffers: a clear error, not a silent half.
+            var one = new StringWriter();
+            var err = Console.Error;
+            Console.SetError(one);
+            try { Assert.Equal(1, R1V2.Native.Cli.Program.Main(GrpoArgs(dir, output, steps: 4))); }
+            finally { Console.SetError(err); }
+            Assert.Contains("written by 2 data-parallel rank(s)", one.ToString());
+
+            (code, text) = Run(2, GrpoArgs(dir, Path.Combine(dir, "odd"), steps: 1, prompts: 3));
+            Assert.NotEqual(0, code);
+            Assert.Contains("grpo.prompts_per_step is 3: it must be a multiple of the 2 data-parallel ranks", text);
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    [SkippableFact]
+    public void ARankThatFailsInStepTwo_EndsTheJobWithItsMessage()
+    {
+        // Supervised rows 4-7 make step 2; with 2 ranks row 5 is rank 1's, and its image is not an image: rank 1 fails
+        // in step 2 while rank 0 waits in the gradient all-reduce. The job must end with rank 1's message, not hang.
+        var mpirun = RequireMpiRun();
+        var dir = Directory.CreateTempSubdirectory("r1v2-dp-fault-").FullName;
+        try
+        {
+            var args = SftArgs(dir, Path.Combine(dir, "run")).ToList();
+            var data = Path.Combine(dir, "sft.jsonl");
+            File.WriteAllBytes(Path.Combine(dir, "broken.png"), [0x89, 0x50, 0x4e, 0x47, 1, 2, 3]);
+            var rows = File.ReadAllLines(data);
+            rows[5] = System.Text.Json.JsonSerializer.Serialize(new { prompt = "<image> what is it?", image = "broken.png", response = "a broken file" });
+            File.WriteAllLines(data, rows);
+            args.AddRange(["--set", "parallel.timeout_s=60"]);
+            var clock = Stopwatch.StartNew();
+            var (code, output) = Run(2, [.. args]);
+            Assert.NotEqual(0, code);
+            Assert.Contains("rank 1", output);
+            Assert.Contains("broken.png", output);
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"the job took {clock.Elapsed.TotalSeconds:F0} s to end");
+            Assert.Single(File.ReadAllLines(Path.Combine(dir, "run", "metrics.jsonl")), l => l.Trim().Length > 0);   // step 1 was logged, step 2 never was
         }
         finally { Directory.Delete(dir, true); }
     }
