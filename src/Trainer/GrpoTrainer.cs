@@ -104,7 +104,7 @@ public sealed class GrpoTrainer : IDisposable
         _grounding = new Grounding(config.Monitor.ObjectWords.Concat(_data.ObjectWords),
             config.Monitor.ClaimPattern.Length > 0 ? config.Monitor.ClaimPattern : null);
         var o = config.Optim;
-        _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
+        _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm, _dp, config.Parallel.ShardOptimizer);
         _schedule = config.Schedule();
         _guard = new NonFiniteGuard(config.Optim.MaxSkippedSteps);
         _ssb = new SelectiveSampleBuffer(g.Ssb.Capacity, g.Ssb.MaxAge, (ulong)config.Seed * 0x9E3779B97F4A7C15ul + 1);
@@ -158,6 +158,9 @@ public sealed class GrpoTrainer : IDisposable
     public int Step => _step;
     public IReadOnlyList<GrpoStepMetrics> History => _history;
     public string MetricsPath => Path.Combine(_c.Output, "metrics.jsonl");
+
+    /// <summary>AdamW's state on this rank (masters and moments of its shard when <c>parallel.shard_optimizer</c> is on).</summary>
+    public long OptimizerStateBytes => _opt.StateBytes;
 
     /// <summary>Runs until the configured step count or cancellation (a checkpoint is written on the way out).</summary>
     public void Run(Action<GrpoStepMetrics>? onStep = null, CancellationToken cancel = default)
@@ -290,7 +293,7 @@ public sealed class GrpoTrainer : IDisposable
 
         var lr = _schedule.At(step + 1);
         var policy = _policyStep.Run(update.Where(Counted).ToList(), update.Where(r => !Counted(r)).ToList(), _klLoss ? ReferenceLogProbs : null,
-            _opt, Trainable, () => _guard.Step(_opt, lr, step));
+            _opt, () => _guard.Step(_opt, lr, step));
         _step++;
 
         // The step's figures over every rank's rollouts: sums and counts reduced together, then the means.
@@ -367,7 +370,7 @@ public sealed class GrpoTrainer : IDisposable
     {
         _dp.CheckSameWeights(Trainable, $"step {_step}");
         var (rng, items) = _ssb.Snapshot();
-        _dp.SaveCheckpoint(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
+        _dp.SaveCheckpoint(_c.Output, _step, _c.Checkpoint.Keep, _opt, tmp =>
         {
             _model.SaveTrainable(tmp, _base);
             File.WriteAllBytes(Path.Combine(tmp, "tokenizer.json"), _tokenizerJson);

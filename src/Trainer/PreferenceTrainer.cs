@@ -75,7 +75,7 @@ public sealed class PreferenceTrainer : IDisposable
             .Concat(_rm is null ? [] : [RewardModel.HeadWeight, RewardModel.HeadBias]));
         _packer = new ResponsePacker(_policy ?? _rm!.Vlm, _tokenizer);
         var o = config.Optim;
-        _opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
+        _opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm, _dp, config.Parallel.ShardOptimizer);
         _schedule = config.Schedule();
         _delta = new BcoDelta();
         _guard = new NonFiniteGuard(config.Optim.MaxSkippedSteps);
@@ -91,6 +91,9 @@ public sealed class PreferenceTrainer : IDisposable
     public List<PreferenceStepMetrics> History { get; } = [];
     public int Step => _step;
     public string MetricsPath => Path.Combine(_c.Output, "metrics.jsonl");
+
+    /// <summary>AdamW's state on this rank (masters and moments of its shard when <c>parallel.shard_optimizer</c> is on).</summary>
+    public long OptimizerStateBytes => _opt.StateBytes;
 
     /// <summary>Packs each pair as two sequences (prompt + chosen + &lt;|im_end|&gt;, prompt + rejected + ...); targets on the responses.</summary>
     private (VlmBatch Batch, List<(int Start, int End)> Responses) Pack(IReadOnlyList<PreferencePair> pairs) =>
@@ -138,7 +141,7 @@ public sealed class PreferenceTrainer : IDisposable
     public void SaveCheckpoint()
     {
         _dp.CheckSameWeights(Trainable, $"step {_step}");
-        _dp.SaveCheckpoint(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
+        _dp.SaveCheckpoint(_c.Output, _step, _c.Checkpoint.Keep, _opt, tmp =>
         {
             if (_rm is not null) _rm.Vlm.SaveTrainable(tmp, _base, extra: [_rm.Weight, _rm.Bias]); else _policy!.SaveTrainable(tmp, _base);
             File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"), overwrite: true);
@@ -185,7 +188,6 @@ public sealed class PreferenceTrainer : IDisposable
             margin += rc - rr;
         }
         _rm.Backward(scored, d);
-        _dp.ReduceGradients(Trainable);
         var lr = _schedule.At(step + 1);
         var report = _guard.Step(_opt, lr, step);
         var sums = _dp.Sum(loss, correct, margin);
@@ -222,7 +224,6 @@ public sealed class PreferenceTrainer : IDisposable
             margin += mpo.Beta * (lc - lr);
         }
         _policy.Backward(pass, dlogp);
-        _dp.ReduceGradients(Trainable);
         var lrate = _schedule.At(step + 1);
         var report = _guard.Step(_opt, lrate, step);
         if (report.Skipped) _delta.Restore(deltaBefore.Count, deltaBefore.Value);

@@ -241,14 +241,31 @@ public static class RunCheckpoints
     /// <summary>The AdamW moments as optimizer.safetensors (NAME.exp_avg, NAME.exp_avg_sq); returns the optimiser's step count.</summary>
     public static int SaveOptimizer(string dir, AdamWOptimizer opt)
     {
+        if (opt.Sharded) return opt.StepCount;   // each rank writes its shard (SaveOptimizerShard)
         var (step, moments) = opt.Export();
         SafetensorsFile.Write(Path.Combine(dir, "optimizer.safetensors"),
             moments.SelectMany(m => new[] { (m.Name + ".exp_avg", m.Shape, m.M), (m.Name + ".exp_avg_sq", m.Shape, m.V) }));
         return step;
     }
 
+    /// <summary>This rank's shard of a sharded optimiser (ZeRO-1): master, moments and step, in its own file.</summary>
+    public static void SaveOptimizerShard(string dir, AdamWOptimizer opt)
+    {
+        var (_, master, m, v) = opt.ExportShard();   // the step is trainer_state.json's optimizer_step
+        SafetensorsFile.Write(Path.Combine(dir, opt.ShardFile), [("master", [master.Length], master), ("exp_avg", [m.Length], m), ("exp_avg_sq", [v.Length], v)]);
+    }
+
     public static void LoadOptimizer(string dir, AdamWOptimizer opt, int step)
     {
+        if (opt.Sharded)
+        {
+            var shard = Path.Combine(dir, opt.ShardFile);
+            if (!File.Exists(shard))
+                throw new InvalidDataException($"checkpoint {dir} has no {opt.ShardFile}: it was written by another number of ranks, or without parallel.shard_optimizer; resume it as it was written");
+            using var f = SafetensorsFile.Open(shard);
+            opt.ImportShard(step, f.ReadFloats("master"), f.ReadFloats("exp_avg"), f.ReadFloats("exp_avg_sq"));
+            return;
+        }
         var path = Path.Combine(dir, "optimizer.safetensors");
         if (!File.Exists(path)) throw new FileNotFoundException($"checkpoint {dir} has no optimizer.safetensors", path);
         using var file = SafetensorsFile.Open(path);

@@ -56,7 +56,7 @@ public sealed class SftTrainer : IDisposable
         _base = RunCheckpoints.BaseOf(resume, config.Model, _model.Parameters.All.Where(p => p.Parameter.Trainable).Select(p => p.Name));
         _packer = new ResponsePacker(_model, _tokenizer);
         var o = config.Optim;
-        _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm);
+        _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm, _dp, config.Parallel.ShardOptimizer);
         _schedule = config.Schedule();
         _guard = new NonFiniteGuard(config.Optim.MaxSkippedSteps);
         if (resume is not null) Restore(resume);
@@ -71,6 +71,9 @@ public sealed class SftTrainer : IDisposable
     public List<SftStepMetrics> History { get; } = [];
     public int Step => _step;
     public string MetricsPath => Path.Combine(_c.Output, "metrics.jsonl");
+
+    /// <summary>AdamW's state on this rank (masters and moments of its shard when <c>parallel.shard_optimizer</c> is on).</summary>
+    public long OptimizerStateBytes => _opt.StateBytes;
     public VisionLanguageModel Model => _model;
 
     /// <summary>Runs to the configured step count, then measures the held-out loss and saves the model; null when cancelled (after a checkpoint).</summary>
@@ -94,7 +97,6 @@ public sealed class SftTrainer : IDisposable
                 float g = tokens == 0 ? 0f : -1f / tokens;
                 _model.Backward(pass, packed.Targets.Select(t => t >= 0 ? g : 0f).ToArray());
             }
-            _dp.ReduceGradients(_model.Parameters.Trainable);
             var lr = _schedule.At(_step + 1);
             var report = _guard.Step(_opt, lr, _step);
             _step++;
@@ -138,7 +140,7 @@ public sealed class SftTrainer : IDisposable
     public void SaveCheckpoint()
     {
         _dp.CheckSameWeights(_model.Parameters.Trainable, $"step {_step}");
-        _dp.SaveCheckpoint(_c.Output, _step, _c.Checkpoint.Keep, tmp =>
+        _dp.SaveCheckpoint(_c.Output, _step, _c.Checkpoint.Keep, _opt, tmp =>
         {
             _model.SaveTrainable(tmp, _base);
             File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"), overwrite: true);

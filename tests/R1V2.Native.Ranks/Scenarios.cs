@@ -67,12 +67,12 @@ public static class Scenarios
         using var vlm = VisionLanguageModel.Load(backend, model, TrainableParts.All);
         dp.SyncWeights([.. vlm.Parameters.All.Select(p => p.Parameter)]);
         var trainable = vlm.Parameters.Trainable.ToList();
-        using var opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f), maxGradNorm: 0.5);
+        using var opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f), maxGradNorm: 0.5, dp);
         var aggregation = o.Aggregation == "token_mean" ? LossAggregation.TokenMean : LossAggregation.SequenceMeanTokenMean;
         var update = new GrpoUpdate(vlm, new GrpoLossSettings(0.2f, 0.28f), aggregation, vocabChunk: 64);
         var mine = dp.Shard(FixedRollouts(vlm.Config.Llm.VocabSize, o.Rollouts), "rollouts");
         var step = new GrpoPolicyStep(update, aggregation, o.Minibatches, o.GradAccum, dp);
-        var r = step.Run(mine, [], null, opt, trainable, () => opt.Step(1e-3f));
+        var r = step.Run(mine, [], null, opt, () => opt.Step(1e-3f));
         dp.CheckSameWeights(trainable, "after the step");
         var weights = trainable.SelectMany(p => p.Weights.ToFloatArray()).ToArray();
         return new StepResult(r.Loss, r.GradNorm, r.ClippedFraction, r.Tokens, mine.Sum(x => x.Response.Length), weights, DataParallel.WeightsHash(trainable).ToString("x32"));

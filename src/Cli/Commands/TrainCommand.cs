@@ -163,6 +163,13 @@ public static class TrainCommand
 
     private static string Ranks(ICollectives group, string what) => group.WorldSize > 1 ? $" {what} by {group.WorldSize} data-parallel ranks" : "";
 
+    /// <summary>The optimiser's memory on each rank, said when several ranks share a run.</summary>
+    private static void SayOptimizerMemory(ICollectives group, TrainConfig config, long bytes)
+    {
+        if (group.WorldSize > 1)
+            AnsiConsole.MarkupLineInterpolated($"optimizer state per rank: {bytes / 1048576.0:F2} MiB{(config.Parallel.ShardOptimizer ? $" (masters and moments sharded over {group.WorldSize} ranks)" : " (replicated; parallel.shard_optimizer=true shards it)")}");
+    }
+
     private static int RunSft(TrainConfig config, StopSignals cancel)
     {
         var (group, dp) = Launched(config);
@@ -175,6 +182,7 @@ public static class TrainCommand
         }
         var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
         AnsiConsole.MarkupLineInterpolated($"stage sft on {backend.Name}: {config.Steps} steps of {config.Sft.Batch} examples{Ranks(group, "shared")}; run directory {config.Output}{resumed}");
+        SayOptimizerMemory(group, config, trainer.OptimizerStateBytes);
         SftSummary? summary = null;
         Progress().Start(ctx =>
         {
@@ -207,6 +215,7 @@ public static class TrainCommand
         }
         var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
         AnsiConsole.MarkupLineInterpolated($"stage {config.Stage} on {backend.Name}: {config.Steps} steps of {config.Pairs.PairsPerStep} pairs{Ranks(group, "shared")}; run directory {config.Output}{resumed}");
+        SayOptimizerMemory(group, config, trainer.OptimizerStateBytes);
         PreferenceSummary? summary = null;
         Progress().Start(ctx =>
         {
@@ -266,6 +275,7 @@ public static class TrainCommand
         }
         var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
         AnsiConsole.MarkupLineInterpolated($"stage grpo on {backend.Name}: {config.Steps} steps of {config.Grpo.PromptsPerStep} prompts x {config.Grpo.GroupSize} samples{Ranks(group, "sampled and trained")}; run directory {config.Output}{resumed}");
+        SayOptimizerMemory(group, config, trainer.OptimizerStateBytes);
         Progress().Start(ctx =>
         {
             var bar = Bar(ctx, "grpo", config.Steps, trainer.Step);

@@ -105,12 +105,14 @@ public sealed class TrainConfig
     }
 
     /// <summary>
-    /// Several processes (mpirun / srun): the tensor-parallel size (data parallel is the world divided by it) and how
-    /// long one collective may wait for the other ranks before it ends the job.
+    /// Several processes (mpirun / srun): the tensor-parallel size (data parallel is the world divided by it), whether
+    /// AdamW's masters and moments are sharded over the data-parallel ranks (ZeRO-1), and how long one collective may
+    /// wait for the other ranks before it ends the job.
     /// </summary>
     public sealed class ParallelConfig
     {
         public int Tp { get; set; } = 1;
+        public bool ShardOptimizer { get; set; }
         public double TimeoutS { get; set; } = 600;
     }
 

@@ -1,4 +1,3 @@
-using R1V2.Native.Engine.Layers;
 using R1V2.Native.Trainer.Optim;
 using R1V2.Native.Trainer.Parallel;
 using R1V2.Native.Trainer.Ssb;
@@ -15,7 +14,8 @@ public sealed record PolicyStepResult(double Loss, double GradNorm, int Optimize
 /// rank together. The rollouts with a policy-gradient term are split front first, and the KL-only ones (zero advantage,
 /// kept for a KL term) spread over the same micro-batches. Data parallel: micro-batch i of the step is micro-batch i of
 /// every rank; a step's token weights come from the counts of all its rollouts on all ranks before its first backward
-/// (<see cref="GrpoMath.SequenceWeights"/>); gradients are summed over the ranks before the norm, the clip and AdamW;
+/// (<see cref="GrpoMath.SequenceWeights"/>); the optimiser sums the gradients over the ranks before the norm, the clip
+/// and AdamW (<see cref="AdamWOptimizer"/>);
 /// a rank with nothing in a micro-batch still joins its collectives. One rank with the whole batch and R ranks with
 /// its shares take the same step.
 /// </summary>
@@ -26,7 +26,7 @@ public sealed class GrpoPolicyStep(GrpoUpdate update, LossAggregation aggregatio
     /// <param name="referenceLogProbs">The frozen reference's log-probs of a micro-batch (a k2/k3 loss term), or null.</param>
     /// <param name="optimizerStep">Steps the optimiser after the gradients are summed (the non-finite guard, the learning rate).</param>
     public PolicyStepResult Run(IReadOnlyList<Rollout> withGradient, IReadOnlyList<Rollout> klOnly, Func<IReadOnlyList<Rollout>, IReadOnlyList<float[]>>? referenceLogProbs,
-        AdamWOptimizer optimizer, IReadOnlyList<Parameter> trainable, Func<StepReport> optimizerStep)
+        AdamWOptimizer optimizer, Func<StepReport> optimizerStep)
     {
         var dp = dataParallel;
         var counted = new HashSet<Rollout>(withGradient, ReferenceEqualityComparer.Instance);
@@ -64,8 +64,7 @@ public sealed class GrpoPolicyStep(GrpoUpdate update, LossAggregation aggregatio
                 sums[4] += (stats.Kl ?? 0) * stats.Tokens;
             }
             loss += dp.Ranks == 1 ? stepLoss : dp.Sum(stepLoss)[0];
-            dp.ReduceGradients(trainable);
-            var report = optimizerStep();
+            var report = optimizerStep();   // the optimiser sums the gradients over the ranks first
             if (report.Skipped) skipped++;
             gradNorm += report.GradNorm;
             steps++;

@@ -178,8 +178,18 @@ public sealed class DataParallel(ICollectives group)
     /// its own files into it (<paramref name="own"/>); after a barrier rank 0 writes the shared files
     /// (<paramref name="shared"/>), the manifest, and renames it; a second barrier lets no rank run ahead of the rename.
     /// </summary>
-    public void SaveCheckpoint(string output, int step, int keep, Action<string> shared, Action<string>? own = null)
+    /// <param name="optimizer">Its shard goes into this rank's own file when its state is sharded (ZeRO-1).</param>
+    public void SaveCheckpoint(string output, int step, int keep, Optim.AdamWOptimizer optimizer, Action<string> shared, Action<string>? own = null)
     {
+        if (optimizer.Sharded)
+        {
+            var writeOwn = own;
+            own = tmp =>
+            {
+                RunCheckpoints.SaveOptimizerShard(tmp, optimizer);
+                writeOwn?.Invoke(tmp);
+            };
+        }
         if (Ranks == 1)
         {
             RunCheckpoints.Save(output, step, keep, tmp => { shared(tmp); own?.Invoke(tmp); });

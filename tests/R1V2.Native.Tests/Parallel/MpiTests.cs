@@ -355,6 +355,53 @@ public sealed class MpiTests
         finally { Directory.Delete(dir, true); }
     }
 
+    [SkippableFact]
+    public void ShardedOptimizer_ThreeSteps_GiveTheWeightsOfTheReplicatedOne_AndResumeBitForBit()
+    {
+        // ZeRO-1 on 2 ranks: 3 supervised steps with the optimiser state sharded equal the same 3 steps with it
+        // replicated; a sharded run stopped after step 2 and resumed writes the same final weights as one run straight
+        // through, bit for bit (every rank's shard comes back from its own file).
+        RequireMpiRun();
+        var dir = Directory.CreateTempSubdirectory("r1v2-zero1-").FullName;
+        try
+        {
+            string[] Args(string output, int steps, bool shard) =>
+                [.. SftArgs(dir, output), "--set", $"steps={steps}", "--set", "checkpoint.every=1", "--set", $"parallel.shard_optimizer={(shard ? "true" : "false")}"];
+            var replicated = Path.Combine(dir, "replicated");
+            var (code, text) = Run(2, Args(replicated, 3, shard: false));
+            Assert.True(code == 0, text);
+            Assert.Contains("(replicated;", text);
+            var sharded = Path.Combine(dir, "sharded");
+            (code, text) = Run(2, Args(sharded, 3, shard: true));
+            Assert.True(code == 0, text);
+            Assert.Contains("(masters and moments sharded over 2 ranks)", text);
+            var (a, b) = (Metrics(replicated), Metrics(sharded));
+            for (int s = 0; s < 3; s++)
+                for (int k = 0; k < 3; k++)
+                    Assert.True(Math.Abs(a[s][k] - b[s][k]) <= 1e-5 * Math.Abs(a[s][k]), $"step {s + 1}, field {k}: {a[s][k]} vs {b[s][k]}");
+            AssertSameFinalWeights(replicated, sharded, "sharded against replicated");
+            var checkpoint = Directory.GetDirectories(Path.Combine(sharded, "checkpoints")).OrderBy(d => d).Last();
+            Assert.True(File.Exists(Path.Combine(checkpoint, "optimizer.rank-00000.safetensors")) && File.Exists(Path.Combine(checkpoint, "optimizer.rank-00001.safetensors")));
+            Assert.False(File.Exists(Path.Combine(checkpoint, "optimizer.safetensors")));
+
+            var resumed = Path.Combine(dir, "resumed");
+            (code, text) = Run(2, Args(resumed, 2, shard: true));
+            Assert.True(code == 0, text);
+            Directory.Delete(Path.Combine(resumed, "final"), true);
+            (code, text) = Run(2, Args(resumed, 3, shard: true));
+            Assert.True(code == 0, text);
+            Assert.Contains("resumed at step 2", text);
+            using var w1 = R1V2.Native.Engine.Checkpoints.Checkpoint.Open(Path.Combine(sharded, "final"));
+            using var w2 = R1V2.Native.Engine.Checkpoints.Checkpoint.Open(Path.Combine(resumed, "final"));
+            foreach (var name in w1.Names)
+            {
+                var shape = w1.Info(name).Shape.Select(d => (int)d).ToArray();
+                Assert.Equal(w1.Read(name, shape), w2.Read(name, shape));
+            }
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
     [Fact]
     public void SelftestChecks_CatchACollectiveThatDoesNothing()
     {
