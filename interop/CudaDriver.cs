@@ -91,6 +91,8 @@ public static unsafe partial class CudaDriver
     [LibraryImport(Lib, EntryPoint = "cuEventDestroy_v2")] private static partial int cuEventDestroy(IntPtr ev);
     [LibraryImport(Lib, EntryPoint = "cuEventRecord")] private static partial int cuEventRecord(IntPtr ev, IntPtr stream);
     [LibraryImport(Lib, EntryPoint = "cuEventSynchronize")] private static partial int cuEventSynchronize(IntPtr ev);
+    [LibraryImport(Lib, EntryPoint = "cuEventQuery")] private static partial int cuEventQuery(IntPtr ev);
+    [LibraryImport(Lib, EntryPoint = "cuStreamWaitEvent")] private static partial int cuStreamWaitEvent(IntPtr stream, IntPtr ev, uint flags);
     [LibraryImport(Lib, EntryPoint = "cuEventElapsedTime")] private static partial int cuEventElapsedTime(float* ms, IntPtr start, IntPtr end);
     [LibraryImport(Lib, EntryPoint = "cuMemAlloc_v2")] private static partial int cuMemAlloc(ulong* ptr, nuint bytes);
     [LibraryImport(Lib, EntryPoint = "cuMemFree_v2")] private static partial int cuMemFree(ulong ptr);
@@ -272,6 +274,18 @@ public static unsafe partial class CudaDriver
     internal static void RecordEvent(IntPtr e, IntPtr stream) => Check(cuEventRecord(e, stream));
     internal static void SynchronizeEvent(IntPtr e) => Check(cuEventSynchronize(e));
 
+    /// <summary>Whether the work before the event's record has finished (CUDA_ERROR_NOT_READY: not yet).</summary>
+    internal static bool EventDone(IntPtr e)
+    {
+        int code = cuEventQuery(e);
+        if (code == 600) return false; // CUDA_ERROR_NOT_READY
+        Check(code);
+        return true;
+    }
+
+    /// <summary>Work queued on <paramref name="stream"/> after this call waits for the event (no host wait).</summary>
+    internal static void StreamWaitEvent(IntPtr stream, IntPtr e) => Check(cuStreamWaitEvent(stream, e, 0));
+
     // CUDA 12.8+ headers name cuEventElapsedTime_v2; older drivers export only the plain name.
     private static readonly delegate* unmanaged<float*, IntPtr, IntPtr, int> ElapsedV2 =
         NativeLibraries.Cuda.TryLoad(out _) && NativeLibrary.TryGetExport(NativeLibraries.Cuda.Handle, "cuEventElapsedTime_v2", out var f)
@@ -399,6 +413,10 @@ public sealed class CudaEvent : IDisposable
     public IntPtr Handle { get; private set; }
     public void Record(CudaStream stream) => CudaDriver.RecordEvent(Handle, stream.Handle);
     public void Synchronize() => CudaDriver.SynchronizeEvent(Handle);
+    public bool Done => CudaDriver.EventDone(Handle);
+
+    /// <summary>Makes <paramref name="stream"/>'s later work wait for this event.</summary>
+    public void MakeWait(CudaStream stream) => CudaDriver.StreamWaitEvent(stream.Handle, Handle);
 
     /// <summary>Milliseconds between two recorded events (both must have completed).</summary>
     public static float Elapsed(CudaEvent start, CudaEvent end) => CudaDriver.ElapsedMilliseconds(start.Handle, end.Handle);

@@ -106,7 +106,10 @@ public static class NativeLibraries
     /// <summary>MPI (Open MPI 4/5 from Debian or a cluster module; MPICH-family libraries by their usual names).</summary>
     public static readonly NativeLibrarySpec Mpi = new("r1v2_mpi", "R1V2_LIBMPI", "libmpi.so.40", "libmpi.so.12", "libmpi.so");
 
-    public static IReadOnlyList<NativeLibrarySpec> All { get; } = [Cuda, Nvrtc, Cublas, CublasLt, Mpi];
+    /// <summary>NCCL for collectives on CUDA tensors (NGC container, NVIDIA's apt repository, or the nvidia-nccl-cu12 wheel's lib directory).</summary>
+    public static readonly NativeLibrarySpec Nccl = new("r1v2_nccl", "R1V2_LIBNCCL", "libnccl.so.2", "libnccl.so");
+
+    public static IReadOnlyList<NativeLibrarySpec> All { get; } = [Cuda, Nvrtc, Cublas, CublasLt, Mpi, Nccl];
 
     /// <summary>What the CUDA backend needs.</summary>
     public static IReadOnlyList<NativeLibrarySpec> CudaStack { get; } = [Cuda, Nvrtc, Cublas, CublasLt];

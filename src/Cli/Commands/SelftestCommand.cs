@@ -14,8 +14,9 @@ public static class SelftestCommand
     public static Command Create()
     {
         var sizes = new Option<string>("--sizes") { Description = "Comma-separated all-reduce sizes in fp32 elements for the bandwidth table", DefaultValueFactory = _ => "1024,262144,4194304" };
-        var collectives = new Command("collectives", "Check every collective against a host computation and time all-reduce (run it under mpirun or srun)") { sizes };
-        collectives.SetAction(r => RunCollectives(r.GetValue(sizes)!));
+        var backend = Backends.Option();
+        var collectives = new Command("collectives", "Check every collective against a host computation and time all-reduce (run it under mpirun or srun; on CUDA tensors go through NCCL)") { sizes, backend };
+        collectives.SetAction(r => RunCollectives(r.GetValue(sizes)!, r.GetValue(backend)!));
         var rank = new Option<int>("--rank") { Description = "The rank that fails", DefaultValueFactory = _ => 1 };
         var abort = new Command("abort", "Check that one failing rank ends the whole job with its message (exit 1) instead of leaving the others waiting") { rank };
         abort.SetAction(r => RunAbort(r.GetValue(rank)));
@@ -82,19 +83,21 @@ public static class SelftestCommand
         return 0;
     }
 
-    public static int RunCollectives(string sizes)
+    public static int RunCollectives(string sizes, string backendName = "cpu")
     {
         var c = Launch.Collectives();
-        using var backend = new Engine.Backends.Cpu.CpuBackend();
+        using var backend = Backends.Create(backendName, c.LocalRank);
+        c = Launch.ForBackend(c, backend);
         var checks = Checks(c, backend);
         var wrong = checks.Where(k => k.Problem is not null).ToList();
         foreach (var k in wrong) Console.Error.WriteLine($"rank {c.Rank}: {k.Collective}: {k.Problem}");
         var failed = new double[] { wrong.Count };
         c.AllReduceSum(failed);
-        var table = new Table().AddColumns("fp32 elements", "MB", "median (ms)", "bus GB/s");
+        // The all-reduce a gradient takes: an fp32 tensor of the backend (host staging through MPI on the CPU, NCCL on CUDA).
+        var table = new Table().AddColumns($"fp32 tensor elements ({backend.Name})", "MB", "median (ms)", "bus GB/s");
         foreach (var n in sizes.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(int.Parse))
         {
-            var data = new double[Math.Max(1, n / 2)]; // fp64 pairs: the same bytes as n fp32 values
+            using var data = backend.Allocate(Engine.Tensors.DType.F32, [Math.Max(1, n)], "selftest.bandwidth");
             var times = new List<double>();
             for (int i = 0; i < 6; i++)
             {
@@ -110,7 +113,7 @@ public static class SelftestCommand
         }
         if (c.Rank == 0)
         {
-            AnsiConsole.MarkupLineInterpolated($"{c.WorldSize} rank(s) ({c.GetType().Name}), local rank {c.LocalRank} on this node{(c is MpiCollectives ? $"; MPI handle ABI: {Interop.Mpi.Abi}" : "")}");
+            AnsiConsole.MarkupLineInterpolated($"{c.WorldSize} rank(s) ({c.GetType().Name}), local rank {c.LocalRank} on this node{(c is not SingleProcessCollectives ? $"; MPI handle ABI: {Interop.Mpi.Abi}" : "")}{(c is Engine.Backends.Cuda.NcclCollectives ? $"; NCCL {Interop.Nccl.Version()}" : "")}");
             var results = new Table().AddColumns("collective", "rank 0");
             foreach (var k in checks) results.AddRow(Markup.Escape(k.Collective), k.Problem is null ? "ok" : Markup.Escape(k.Problem));
             AnsiConsole.Write(results);
@@ -119,7 +122,8 @@ public static class SelftestCommand
             else AnsiConsole.MarkupLineInterpolated($"{failed[0]} check(s) failed across the ranks (each rank printed its own)");
         }
         c.Barrier();
-        if (c is MpiCollectives) Interop.Mpi.FinalizeIfInitialized();
+        (c as IDisposable)?.Dispose();
+        if (c.WorldSize > 1 || c is MpiCollectives) Interop.Mpi.FinalizeIfInitialized();
         return failed[0] == 0 ? 0 : 1;
     }
 }

@@ -104,8 +104,9 @@ public static class TrainCommand
     {
         // Under mpirun the GRPO stages run data-parallel; rank 0 runs the rest and alone prints and writes.
         var group = Launch.Collectives();
-        var dp = new Trainer.Parallel.DataParallel(group);
         using var backend = Backends.Create(backendName, group.LocalRank);
+        group = Launch.ForBackend(group, backend);
+        var dp = new Trainer.Parallel.DataParallel(group);
         using var cancel = new StopSignals();
         if (group.Rank != 0)
         {
@@ -142,14 +143,16 @@ public static class TrainCommand
     /// The process group of this launch (under mpirun / srun every rank trains on its share of each batch; one process
     /// is a group of one) with the config's collective timeout, and the backend on this rank's device (its local rank).
     /// </summary>
-    private static (ICollectives Group, Trainer.Parallel.DataParallel Dp) Launched(TrainConfig config)
+    private static (ICollectives Group, Trainer.Parallel.DataParallel Dp, Backend Backend) Launched(TrainConfig config)
     {
         var group = Launch.Collectives();
         if (group is MpiCollectives mpi) mpi.Timeout = TimeSpan.FromSeconds(config.Parallel.TimeoutS);
         int tp = config.Parallel.Tp;
         if (tp != 1)
             throw new InvalidDataException($"parallel.tp is {tp}: tensor parallelism is not in this build; with parallel.tp=1 the {group.WorldSize} rank(s) train data-parallel, each holding the whole model");
-        return (group, new Trainer.Parallel.DataParallel(group));
+        var backend = Backends.Create(config.Backend, group.LocalRank);
+        group = Launch.ForBackend(group, backend);   // CUDA tensors: NCCL
+        return (group, new Trainer.Parallel.DataParallel(group), backend);
     }
 
     /// <summary>The end of a launch: every rank waits for the others (rank 0 finishing its report), then MPI closes.</summary>
@@ -172,8 +175,8 @@ public static class TrainCommand
 
     private static int RunSft(TrainConfig config, StopSignals cancel)
     {
-        var (group, dp) = Launched(config);
-        using var backend = Backends.Create(config.Backend, group.LocalRank);
+        var (group, dp, launchedBackend) = Launched(config);
+        using var backend = launchedBackend;
         using var trainer = new SftTrainer(config, backend, dp);
         if (group.Rank != 0)
         {
@@ -205,8 +208,8 @@ public static class TrainCommand
 
     private static int RunPreference(TrainConfig config, StopSignals cancel)
     {
-        var (group, dp) = Launched(config);
-        using var backend = Backends.Create(config.Backend, group.LocalRank);
+        var (group, dp, launchedBackend) = Launched(config);
+        using var backend = launchedBackend;
         using var trainer = new PreferenceTrainer(config, backend, dp);
         if (group.Rank != 0)
         {
@@ -265,8 +268,8 @@ public static class TrainCommand
 
     private static int RunGrpo(TrainConfig config, StopSignals cancel)
     {
-        var (group, dp) = Launched(config);
-        using var backend = Backends.Create(config.Backend, group.LocalRank);
+        var (group, dp, launchedBackend) = Launched(config);
+        using var backend = launchedBackend;
         using var trainer = new GrpoTrainer(config, backend, dataParallel: dp);
         if (group.Rank != 0)
         {

@@ -876,6 +876,10 @@ public interface ICollectives
     /// <summary>This process's index among the processes of its node (the CUDA device it takes).</summary>
     int LocalRank { get; }
 
+    /// <summary>Whether <see cref="AllReduceSum(Tensor)"/> runs on the device (NCCL): tensors are then reduced in place
+    /// instead of staged through host buckets.</summary>
+    bool TensorsOnDevice => false;
+
     void AllReduceSum(Span<double> values);
     void AllReduceMax(Span<double> values);
 

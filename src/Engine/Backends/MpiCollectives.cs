@@ -133,10 +133,25 @@ public static class Launch
     public static int? LocalRank() => Int("OMPI_COMM_WORLD_LOCAL_RANK") ?? Int("MPI_LOCALRANKID") ?? Int("SLURM_LOCALID");
 
     /// <summary>
-    /// The process group of this launch: MPI's world when a launcher started more than one process, else the single
-    /// process (no MPI library is needed then).
+    /// The process group of this launch: MPI's world when a launcher started more than one process (or
+    /// <c>R1V2_COLLECTIVES=mpi|nccl</c> asks for it in one process, to check the path), else the single process (no MPI
+    /// library is needed then).
     /// </summary>
-    public static ICollectives Collectives() => Current = WorldSize() is > 1 ? MpiCollectives.World() : SingleProcessCollectives.Instance;
+    public static ICollectives Collectives() =>
+        Current = WorldSize() is > 1 || Forced is "mpi" or "nccl" ? MpiCollectives.World() : SingleProcessCollectives.Instance;
+
+    /// <summary>
+    /// The group that reduces <paramref name="backend"/>'s tensors: NCCL over the MPI group on a CUDA backend (more
+    /// than one rank, or <c>R1V2_COLLECTIVES=nccl</c>), else the group itself.
+    /// </summary>
+    public static ICollectives ForBackend(ICollectives group, Backend backend)
+    {
+        if (backend is Cuda.CudaBackend cuda && group is MpiCollectives mpi && (mpi.WorldSize > 1 || Forced == "nccl"))
+            return Current = new Cuda.NcclCollectives(mpi, cuda);
+        return group;
+    }
+
+    private static string? Forced => Environment.GetEnvironmentVariable("R1V2_COLLECTIVES")?.Trim().ToLowerInvariant();
 
     /// <summary>The group <see cref="Collectives"/> last made (a single process until then): what an error ends.</summary>
     public static ICollectives Current { get; private set; } = SingleProcessCollectives.Instance;

@@ -95,6 +95,12 @@ public sealed class DataParallel(ICollectives group)
     public void ReduceGradients(IEnumerable<Parameter> parameters)
     {
         if (Ranks == 1) return;
+        if (Group.TensorsOnDevice)
+        {
+            // NCCL: each gradient in place on the device, no host staging.
+            foreach (var p in parameters.Where(p => p.Grad is not null)) Group.AllReduceSum(p.Grad!);
+            return;
+        }
         var bucket = new List<Parameter>();
         long values = 0;
         foreach (var p in parameters.Where(p => p.Grad is not null))

@@ -43,7 +43,7 @@ public sealed class NativeLibraryTests
         Assert.Equal("libcuda.so.1", NativeLibraries.Cuda.Candidates[0]);
     }
 
-    public static TheoryData<string> Bindings => new() { nameof(CudaDriver), nameof(Nvrtc), nameof(Cublas), nameof(CublasLt), nameof(Mpi) };
+    public static TheoryData<string> Bindings => new() { nameof(CudaDriver), nameof(Nvrtc), nameof(Cublas), nameof(CublasLt), nameof(Mpi), nameof(Nccl) };
 
     [SkippableTheory]
     [MemberData(nameof(Bindings))]
@@ -55,6 +55,7 @@ public sealed class NativeLibraryTests
             nameof(Nvrtc) => (typeof(Nvrtc), NativeLibraries.Nvrtc),
             nameof(Cublas) => (typeof(Cublas), NativeLibraries.Cublas),
             nameof(Mpi) => (typeof(Mpi), NativeLibraries.Mpi),
+            nameof(Nccl) => (typeof(Nccl), NativeLibraries.Nccl),
             _ => (typeof(CublasLt), NativeLibraries.CublasLt),
         };
         Skip.IfNot(lib.TryLoad(out var error), $"{lib.LogicalName} is not installed here ({error})");

@@ -476,3 +476,32 @@ public sealed class MpiTests
         public ICollectives Split(int color, int key) => this;
     }
 }
+
+/// <summary>The NCCL binding where no NCCL is installed (CI, laptops): the ABI it assumes and the error it gives.</summary>
+public sealed class NcclBindingTests
+{
+    [Fact]
+    public void TheBinding_UsesNcclsAbi()
+    {
+        // nccl.h: typedef struct { char internal[NCCL_UNIQUE_ID_BYTES]; } ncclUniqueId, NCCL_UNIQUE_ID_BYTES 128;
+        // ncclFloat32 = 7, ncclFloat64 = 8, ncclBfloat16 = 9; ncclSum = 0, ncclMax = 2; ncclInProgress = 7.
+        Assert.Equal(128, System.Runtime.InteropServices.Marshal.SizeOf<NcclUniqueId>());
+        Assert.Equal(128, System.Runtime.CompilerServices.Unsafe.SizeOf<NcclUniqueId>());
+        Assert.Equal((7, 8, 9), ((int)NcclDataType.Float32, (int)NcclDataType.Float64, (int)NcclDataType.Bfloat16));
+        Assert.Equal((0, 2), ((int)NcclRedOp.Sum, (int)NcclRedOp.Max));
+        Assert.Equal(7, Nccl.InProgress);
+    }
+
+    [SkippableFact]
+    public void WithoutNccl_TheErrorNamesTheLibraryAndTheOverride()
+    {
+        Skip.If(NativeLibraries.Nccl.TryLoad(out _), "NCCL is installed here");
+        Assert.False(NativeLibraries.Nccl.TryLoad(out var error));
+        Assert.Contains("libnccl.so.2", error);
+        Assert.Contains("R1V2_LIBNCCL", error);
+        var e = Assert.ThrowsAny<Exception>(() => Nccl.Version());
+        var text = e.ToString();
+        Assert.Contains("libnccl.so.2", text);
+        Assert.Contains("R1V2_LIBNCCL", text);
+    }
+}

@@ -118,6 +118,9 @@ public sealed unsafe class CudaBackend : Backend
 
     /// <summary>Device pointer of the first element; 0 (nullptr in the kernel) for an absent optional tensor.</summary>
     private static ulong P(Tensor? t) => t is null ? 0 : ((CudaBlock)t.Block).Pointer + (ulong)t.ByteOffset;
+
+    /// <summary>A tensor's device address (for libraries that take raw pointers, such as NCCL).</summary>
+    public static ulong DevicePointer(Tensor t) => t.Block is CudaBlock ? P(t) : throw new ArgumentException($"{t} is not a CUDA tensor");
     private static ulong I(int v) => KernelArg.I32(v);
     private static ulong L(long v) => KernelArg.I64(v);
     private static ulong Fl(float v) => KernelArg.F32(v);
