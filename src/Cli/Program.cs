@@ -30,6 +30,7 @@ public static class Program
             EvalCommand.Create(),
             ExportCommand.Create(),
             SelftestCommand.Create(),
+            PlanCommand.Create(),
         };
         try
         {

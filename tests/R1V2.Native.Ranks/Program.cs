@@ -9,8 +9,9 @@ try
 {
     var result = args[0] switch
     {
-        "grpo-step" => Scenarios.GrpoStep(args[1], new R1V2.Native.Trainer.Parallel.DataParallel(group), Scenarios.Options.Parse(args[3..])),
-        _ => throw new ArgumentException($"unknown scenario '{args[0]}' (grpo-step)"),
+        "grpo-step" => (object)Scenarios.GrpoStep(args[1], new R1V2.Native.Trainer.Parallel.DataParallel(group), Scenarios.Options.Parse(args[3..])),
+        "step-memory" => (object)Scenarios.StepMemory(args[1], new R1V2.Native.Trainer.Parallel.DataParallel(group), args.Contains("--shard-optimizer")),
+        _ => throw new ArgumentException($"unknown scenario '{args[0]}' (grpo-step, step-memory)"),
     };
     if (group.Rank == 0) File.WriteAllText(args[2], JsonSerializer.Serialize(result));
     group.Barrier();

@@ -77,4 +77,15 @@ public static class Scenarios
         var weights = trainable.SelectMany(p => p.Weights.ToFloatArray()).ToArray();
         return new StepResult(r.Loss, r.GradNorm, r.ClippedFraction, r.Tokens, mine.Sum(x => x.Response.Length), weights, DataParallel.WeightsHash(trainable).ToString("x32"));
     }
+
+    /// <summary>
+    /// One supervised step of a model config (random weights, 2 sequences of 96 tokens with a tile each, the LLM and
+    /// adapter trainable) on this rank: its measured pool peak and <see cref="StepCost"/>'s plan for this layout.
+    /// </summary>
+    public static R1V2.Native.Trainer.Bench.StepTiming StepMemory(string config, DataParallel dp, bool shardOptimizer)
+    {
+        using var backend = new CpuBackend();
+        return R1V2.Native.Trainer.Bench.StepBenchmark.Run(backend, VlmConfig.Load(config), Path.GetFileNameWithoutExtension(config), StepShape.Uniform(2, 96, 1),
+            TrainableParts.AdapterAndLlm, steps: 1, peakFlops: null, stage: R1V2.Native.Trainer.Bench.BenchStage.Sft, dataParallel: dp, shardOptimizer: shardOptimizer);
+    }
 }

@@ -51,14 +51,16 @@ public enum BenchStage
 public static class StepBenchmark
 {
     public static StepTiming Run(Backend backend, VlmConfig config, string configName, StepShape shape, TrainableParts trainable, int steps,
-        double? peakFlops, int imageContextId = 261, bool profile = false, BenchStage stage = BenchStage.Model, bool checkpointLayers = false)
+        double? peakFlops, int imageContextId = 261, bool profile = false, BenchStage stage = BenchStage.Model, bool checkpointLayers = false,
+        Parallel.DataParallel? dataParallel = null, bool shardOptimizer = false)
     {
+        var dp = dataParallel ?? Parallel.DataParallel.Single;
         using var store = new ParameterStore(backend, config, trainable, (n, s) => VlmWeights.RandomInit(config, n, s, 1));
         GC.Collect(); // the initial values' host arrays (gigabytes at real widths) are garbage now
         using var model = new VisionLanguageModel(backend, config, store, imageContextId) { CheckpointLlm = checkpointLayers, CheckpointVit = checkpointLayers };
         var rm = stage == BenchStage.Rm ? RewardModel.WithNewHead(model) : null;
         var trainableParameters = rm?.Trainable.ToList() ?? store.Trainable.ToList();
-        using var opt = new AdamWOptimizer(backend, trainableParameters, new AdamWSettings(1e-4f));
+        using var opt = new AdamWOptimizer(backend, trainableParameters, new AdamWSettings(1e-4f), dataParallel: dp, shardState: shardOptimizer);
         var batch = stage == BenchStage.Model ? SyntheticBatch(config, shape, imageContextId) : StageBatch(config, shape, imageContextId);
         shape = shape with { Scored = stage == BenchStage.Rm ? 0 : batch.Targets.Count(x => x != Backend.IgnoreIndex) }; // a reward model never runs the LM head
         void Step()
@@ -110,7 +112,8 @@ public static class StepBenchmark
             }
             double median = times[times.Count / 2];
             double flops = StepCost.TrainingFlops(config, shape);
-            var estimate = StepCost.TrainingMemory(config, shape, trainable, backend.ActivationType, checkpointLayers);
+            var estimate = StepCost.TrainingMemory(config, shape, trainable, backend.ActivationType, checkpointLayers,
+                layout: new ParallelLayout(dp.Ranks, 1, shardOptimizer));
             long peak = backend.Memory.PeakBytesInUse;
             var (lossPeak, fullLogits) = LossPeak(backend, model, rm, batch, stage);
             return new StepTiming(configName, backend.Name, trainable.ToString(), shape.SequenceLengths.Length, shape.SequenceLengths[0], shape.Tiles, steps,

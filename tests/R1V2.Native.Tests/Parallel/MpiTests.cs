@@ -402,6 +402,31 @@ public sealed class MpiTests
         finally { Directory.Delete(dir, true); }
     }
 
+    [SkippableTheory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void ThePlan_MatchesTheMeasuredPoolPeak_OfEachRank(bool shard)
+    {
+        // engine plan's per-rank figures (StepCost with the layout) against the pool peak of a supervised step of the
+        // small config on 2 data-parallel ranks, with the optimiser replicated and sharded (ZeRO-1).
+        RequireMpiRun();
+        var dir = Directory.CreateTempSubdirectory("r1v2-plan-").FullName;
+        try
+        {
+            var output = Path.Combine(dir, "timing.json");
+            var (code, text) = RunProgram(RanksProgram, 2, ["step-memory", Path.Combine(AppContext.BaseDirectory, "configs", "small.json"), output, .. shard ? new[] { "--shard-optimizer" } : []]);
+            Assert.True(code == 0, text);
+            var t = System.Text.Json.JsonSerializer.Deserialize<R1V2.Native.Trainer.Bench.StepTiming>(File.ReadAllText(output))!;
+            Assert.InRange(t.PeakOverEstimate, 0.9, 1.1);
+            var config = R1V2.Native.Engine.Models.VlmConfig.Load(Path.Combine(AppContext.BaseDirectory, "configs", "small.json"));
+            var shape = R1V2.Native.Engine.Models.StepShape.Uniform(2, 96, 1) with { Scored = t.ScoredTokens };
+            var plan = R1V2.Native.Engine.Models.StepCost.TrainingMemory(config, shape, R1V2.Native.Engine.Models.TrainableParts.AdapterAndLlm, DType.F32,
+                layout: new R1V2.Native.Engine.Models.ParallelLayout(2, 1, shard));
+            Assert.Equal(plan.Total, t.EstimatedBytes);
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
     [Fact]
     public void SelftestChecks_CatchACollectiveThatDoesNothing()
     {
