@@ -336,7 +336,8 @@ public sealed class GrpoTrainer : IDisposable
     {
         var (batch, starts) = Rollout.PackShared(rollouts, _reference!.ImageContextId);
         using var pass = _reference.Forward(batch, withLoss: false);
-        var logp = FusedGrpoLoss.TokenLogProbs(_b, pass.Hidden, _reference.LmHead, batch.Targets, _c.Grpo.Temperature, _c.Grpo.VocabChunk, _vocabLimit);
+        var logp = FusedGrpoLoss.TokenLogProbs(_b, pass.Hidden, _reference.LmHead, batch.Targets, _c.Grpo.Temperature, _c.Grpo.VocabChunk, _vocabLimit,
+            _reference.TensorParallel);
         return rollouts.Select((r, i) => logp[starts[i]..(starts[i] + r.Response.Length)]).ToList();
     }
 

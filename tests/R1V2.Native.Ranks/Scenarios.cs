@@ -1,5 +1,7 @@
 using R1V2.Native.Engine.Backends;
 using R1V2.Native.Engine.Backends.Cpu;
+using R1V2.Native.Engine.Generation;
+using R1V2.Native.Engine.Layers;
 using R1V2.Native.Engine.Models;
 using R1V2.Native.Trainer.Grpo;
 using R1V2.Native.Trainer.Optim;
@@ -87,5 +89,89 @@ public static class Scenarios
         using var backend = new CpuBackend();
         return R1V2.Native.Trainer.Bench.StepBenchmark.Run(backend, VlmConfig.Load(config), Path.GetFileNameWithoutExtension(config), StepShape.Uniform(2, 96, 1),
             TrainableParts.AdapterAndLlm, steps: 1, peakFlops: null, stage: R1V2.Native.Trainer.Bench.BenchStage.Sft, dataParallel: dp, shardOptimizer: shardOptimizer);
+    }
+
+    /// <summary>What the tensor-parallel scenario compares with one process, every tensor whole (gathered over the group).</summary>
+    public sealed record TensorParallelResult(float[] Logits, double Loss, Dictionary<string, float[]> Gradients, double GrpoLoss, Dictionary<string, float[]> GrpoGradients,
+        int[][] Generated, double StepLoss, double StepGradNorm, float[] Weights)
+    {
+        /// <summary>The vocabulary rows of this rank's LM head and its MLP columns: what it holds of the cut tensors.</summary>
+        public int LocalHeadRows { get; init; }
+        public int LocalMlpColumns { get; init; }
+    }
+
+    /// <summary>A tensor whole again from every rank's slice (rank order: rows stacked, or each row's column blocks side by side).</summary>
+    public static float[] Whole(TensorParallel tp, string name, int[] shape, float[] local)
+    {
+        var cut = TensorParallel.CutOf(name);
+        if (tp.Size == 1 || cut == TensorParallel.Cut.Whole) return local;
+        var all = new float[local.Length * tp.Size];
+        tp.Group.AllGather(local, all);
+        if (cut == TensorParallel.Cut.Rows) return all;
+        int rows = shape[0], part = shape[1] / tp.Size;
+        var whole = new float[all.Length];
+        for (int r = 0; r < tp.Size; r++)
+            for (int i = 0; i < rows; i++) Array.Copy(all, (long)r * local.Length + (long)i * part, whole, (long)i * shape[1] + r * part, part);
+        return whole;
+    }
+
+    /// <summary>
+    /// The tiny VLM cut over tensor-parallel groups of <paramref name="tensorParallel"/> ranks (the world's other
+    /// dimension data parallel): logits, loss and every gradient of a teacher-forced pass over fixed rollouts (one
+    /// with an image), the fused GRPO loss and its gradients, a greedy generation, then one GRPO optimiser step on each
+    /// data-parallel rank's share of the rollouts. Everything comes back whole.
+    /// </summary>
+    public static TensorParallelResult TensorParallelStep(string model, ICollectives world, int tensorParallel, Options o)
+    {
+        var tpGroup = world.Split(world.Rank / tensorParallel, world.Rank);
+        var dpGroup = world.Split(world.Rank % tensorParallel, world.Rank);
+        var tp = new TensorParallel(tpGroup);
+        var dp = new DataParallel(dpGroup);
+        using var backend = new CpuBackend();
+        using var vlm = VisionLanguageModel.Load(backend, model, TrainableParts.All, tensorParallel: tp);
+        var shapes = VlmWeights.Expected(vlm.Config).ToDictionary(x => x.Name, x => x.Shape);
+        var trainable = vlm.Parameters.All.Where(p => p.Parameter.Trainable).ToList();
+        Dictionary<string, float[]> Gradients() => trainable.ToDictionary(p => p.Name, p => Whole(tp, p.Name, shapes[p.Name], p.Parameter.Grad!.ToFloatArray()));
+
+        // Fixed rollouts; the first has an image (4 <IMG_CONTEXT> tokens, one 28 x 28 tile).
+        var rollouts = FixedRollouts(vlm.Config.Llm.VocabSize, o.Rollouts);
+        int perTile = vlm.Config.TokensPerTile, tile = 3 * vlm.Config.ForceImageSize * vlm.Config.ForceImageSize;
+        var rng = new Random(7);
+        var pixels = Enumerable.Range(0, tile).Select(_ => (float)(rng.NextDouble() * 2 - 1)).ToArray();
+        rollouts[0] = rollouts[0] with { PromptIds = [3, .. Enumerable.Repeat(vlm.ImageContextId, perTile), 5, 9], Pixels = pixels, Tiles = 1 };
+
+        var (batch, _) = Rollout.Pack(rollouts, vlm.ImageContextId);
+        foreach (var (_, p) in vlm.Parameters.All) p.ZeroGrad();
+        float[] logits;
+        double loss;
+        using (var pass = vlm.Forward(batch))
+        {
+            logits = vlm.FullLogits(pass);
+            loss = pass.Loss;
+            vlm.Backward(pass);
+        }
+        var gradients = Gradients();
+
+        foreach (var (_, p) in vlm.Parameters.All) p.ZeroGrad();
+        var aggregation = o.Aggregation == "token_mean" ? LossAggregation.TokenMean : LossAggregation.SequenceMeanTokenMean;
+        var update = new GrpoUpdate(vlm, new GrpoLossSettings(0.2f, 0.28f), aggregation, vocabChunk: 64);
+        double grpoLoss = update.Accumulate(rollouts).Loss;
+        var grpoGradients = Gradients();
+
+        var generated = new Generator(vlm, null, new GeneratorOptions(CacheBlocks: 64, MaxBatch: 4)).Generate(
+            [new GenerationRequest([1, 2, 3, 4], MaxNewTokens: 6), new GenerationRequest(rollouts[0].PromptIds, pixels, 1, MaxNewTokens: 6)])
+            .OrderBy(g => g.Request).Select(g => g.Tokens).ToArray();
+
+        dp.SyncWeights([.. vlm.Parameters.All.Select(p => p.Parameter)]);
+        var parameters = trainable.Select(p => p.Parameter).ToList();
+        using var opt = new AdamWOptimizer(backend, parameters, new AdamWSettings(1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f), maxGradNorm: 0.5, dp, tensorParallel: tp);
+        var step = new GrpoPolicyStep(update, aggregation, o.Minibatches, o.GradAccum, dp);
+        var r = step.Run(dp.Shard(rollouts, "rollouts"), [], null, opt, () => opt.Step(1e-3f));
+        var weights = trainable.SelectMany(p => Whole(tp, p.Name, shapes[p.Name], p.Parameter.Weights.ToFloatArray())).ToArray();
+        return new TensorParallelResult(logits, loss, gradients, grpoLoss, grpoGradients, generated, r.Loss, r.GradNorm, weights)
+        {
+            LocalHeadRows = vlm.LmHead.Value.Dim(0),
+            LocalMlpColumns = vlm.Parameters["language_model.model.layers.0.mlp.gate_proj.weight"].Value.Dim(0),
+        };
     }
 }

@@ -70,7 +70,8 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
             if (r.PromptIds.Length + r.MaxNewTokens > cfg.MaxPositionEmbeddings)
                 throw new ArgumentException($"prompt ({r.PromptIds.Length}) + max new tokens ({r.MaxNewTokens}) exceed max_position_embeddings {cfg.MaxPositionEmbeddings}");
         }
-        using var cache = new PagedKvCache(b, cfg.NumLayers, cfg.NumKvHeads, cfg.HeadDim, _o.CacheBlocks, _o.BlockSize);
+        // Tensor parallel: each rank caches its own kv heads; the logits come back whole, so every rank samples the same tokens.
+        using var cache = new PagedKvCache(b, cfg.NumLayers, cfg.NumKvHeads / model.TensorParallel.Size, cfg.HeadDim, _o.CacheBlocks, _o.BlockSize);
         var waiting = new LinkedList<Waiting>(requests.Select((r, i) => new Waiting(i, Enumerable.Range(0, r.Samples).ToArray(), r.PromptIds, null, null)));
         var running = new List<Active>();
         var done = new List<GeneratedSample>();
@@ -162,7 +163,7 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
         using var seqs = b.Sequences([.. cu]);
         using var slotIndex = b.Rows([.. allSlots], cache.NumBlocks * cache.BlockSize, distinct: true, "slots");
         using var embeddings = model.Embed([.. ids], tiles > 0 ? [.. pixels] : null, tiles, [.. imageRows]);
-        int t = ids.Count, heads = model.Config.Llm.NumHeads;
+        int t = ids.Count, heads = model.Config.Llm.NumHeads / model.TensorParallel.Size;
         float scale = 1f / MathF.Sqrt(model.Config.Llm.HeadDim);
         var lastRows = cu.Skip(1).Select(end => end - 1).ToArray();
         using var logits = model.InferLogits(embeddings, seqs.Positions(), lastRows, (layer, q, k, v, o) =>

@@ -13,8 +13,13 @@ public sealed class ScoredRows : IDisposable
 {
     private readonly Activations _held = new();
 
-    internal ScoredRows(int totalRows, int[] rows, int vocabulary, float inverseTemperature) =>
-        (TotalRows, Rows, Vocabulary, InverseTemperature) = (totalRows, rows, vocabulary, inverseTemperature);
+    internal ScoredRows(int totalRows, int[] rows, int vocabulary, float inverseTemperature, TensorParallel tp, int columnOffset, int localRows) =>
+        (TotalRows, Rows, Vocabulary, InverseTemperature, TensorParallel, ColumnOffset, LocalRows) = (totalRows, rows, vocabulary, inverseTemperature, tp, columnOffset, localRows);
+
+    /// <summary>Vocabulary-parallel head: the ranks' group, the first vocabulary id this rank's head rows hold, and how many of them the softmax covers.</summary>
+    public TensorParallel TensorParallel { get; }
+    public int ColumnOffset { get; }
+    public int LocalRows { get; }
 
     /// <summary>T: the rows of the hidden states the pass was given.</summary>
     public int TotalRows { get; }
@@ -22,7 +27,7 @@ public sealed class ScoredRows : IDisposable
     /// <summary>[R]: the positions (among the T) whose target is scored, ascending.</summary>
     public int[] Rows { get; }
 
-    /// <summary>The head rows the softmax covers.</summary>
+    /// <summary>The vocabulary ids the softmax covers (over every rank's head rows).</summary>
     public int Vocabulary { get; }
 
     public float InverseTemperature { get; }
@@ -80,6 +85,13 @@ public sealed class ScoredRows : IDisposable
 /// <c>vocabLimit</c>: the softmax runs over the head's first rows only (the tokenizer's ids, as sampling does); the
 /// padding rows of a wider head get no gradient. Null: every row.
 /// </para>
+/// <para>
+/// Vocabulary parallel (<see cref="TensorParallel"/>): each rank's head holds vocabulary rows [r V/tp, (r+1) V/tp).
+/// Pass 1 runs over its own rows, then one all-reduce MAX of the row maxima and one all-reduce SUM of the rescaled
+/// sums of exp and of the target logit (found on the rank that holds the target) give every rank the whole
+/// log-sum-exp; pass 2 makes its own chunks' gradient, and the hidden-state gradient is all-reduced. [T, V] is never
+/// gathered.
+/// </para>
 /// </summary>
 public static class ChunkedLmHead
 {
@@ -87,20 +99,23 @@ public static class ChunkedLmHead
 
     /// <summary>Pass 1 over the rows of <paramref name="hidden"/> [T, D] whose target is not negative.</summary>
     public static ScoredRows Forward(Backend b, Tensor hidden, Parameter head, int[] targets, float temperature = 1f, int vocabChunk = DefaultChunk,
-        int? vocabLimit = null)
+        int? vocabLimit = null, TensorParallel? tensorParallel = null)
     {
         int t = hidden.Rows;
         if (targets.Length != t) throw new ArgumentException($"{targets.Length} targets for {t} hidden rows");
         if (vocabChunk < 1) throw new ArgumentOutOfRangeException(nameof(vocabChunk), $"vocabulary chunk {vocabChunk} must be at least 1");
         if (!(temperature > 0)) throw new ArgumentOutOfRangeException(nameof(temperature), $"temperature {temperature} must be positive");
-        int v = HeadRows(head, vocabLimit);
+        var tp = tensorParallel ?? TensorParallel.None;
+        int headRows = head.Value.Dim(0), offset = tp.Rank * headRows;
+        int v = HeadRows(headRows * tp.Size, vocabLimit);
+        int local = Math.Clamp(v - offset, 0, headRows);
         var rows = new List<int>();
         for (int i = 0; i < t; i++)
         {
             if (targets[i] >= v) throw new ArgumentException($"target {i} is token {targets[i]}, outside the {v} vocabulary rows the head covers");
             if (targets[i] >= 0) rows.Add(i);
         }
-        var scored = new ScoredRows(t, [.. rows], v, 1f / temperature);
+        var scored = new ScoredRows(t, [.. rows], v, 1f / temperature, tp, offset, local);
         try
         {
             Pass1(b, hidden, head, targets, vocabChunk, scored);
@@ -115,7 +130,7 @@ public static class ChunkedLmHead
 
     private static void Pass1(Backend b, Tensor hidden, Parameter head, int[] targets, int vocabChunk, ScoredRows scored)
     {
-        int t = hidden.Rows, r = scored.Rows.Length, v = scored.Vocabulary;
+        int t = hidden.Rows, r = scored.Rows.Length, v = scored.LocalRows, offset = scored.ColumnOffset;
         float invT = scored.InverseTemperature;
         if (r == t) scored.Hidden = hidden;
         else
@@ -128,21 +143,42 @@ public static class ChunkedLmHead
         scored.Sum = scored.Keep(b.Allocate(DType.F32, [r], "lse_sum"));
         scored.TargetLogit = scored.Keep(b.Allocate(DType.F32, [r], "target_logit"));
         if (r == 0) return;
+        var tp = scored.TensorParallel;
+        if (tp.Size > 1)
+        {
+            b.Zero(scored.Sum);
+            b.Zero(scored.TargetLogit);   // the ranks that do not hold a row's target add 0 for it
+        }
         for (int c0 = 0; c0 < v; c0 += vocabChunk)
         {
             int n = Math.Min(vocabChunk, v - c0);
             using var chunk = Linear.ForwardF32(b, scored.Hidden, head.Value.SliceRows(c0, n));   // fp32 logits [R, chunk]
-            b.ChunkLseUpdate(chunk, scored.Targets, c0, invT, scored.Max, scored.Sum, scored.TargetLogit);
+            b.ChunkLseUpdate(chunk, scored.Targets, offset + c0, invT, scored.Max, scored.Sum, scored.TargetLogit);
         }
+        if (tp.Size == 1) return;
+        // The whole vocabulary's log-sum-exp: the largest row maximum, every rank's sum rescaled to it, the target's logit.
+        float[] max = scored.Max.ToFloatArray(), sum = scored.Sum.ToFloatArray(), target = scored.TargetLogit.ToFloatArray();
+        var global = max.Select(x => (double)x).ToArray();
+        tp.AllReduceMax(global);
+        var sums = new double[2 * r];
+        for (int i = 0; i < r; i++)
+        {
+            sums[i] = float.IsNegativeInfinity(max[i]) ? 0 : sum[i] * Math.Exp(max[i] - global[i]);
+            sums[r + i] = target[i];
+        }
+        tp.AllReduce(sums);
+        scored.Max.CopyFrom(global.Select(x => (float)x).ToArray());
+        scored.Sum.CopyFrom(sums.Take(r).Select(x => (float)x).ToArray());
+        scored.TargetLogit.CopyFrom(sums.Skip(r).Select(x => (float)x).ToArray());
     }
 
     /// <summary>
     /// log softmax(logits / temperature)[target] at each of the T positions (0 where the target is ignored).
     /// </summary>
     public static float[] LogProbs(Backend b, Tensor hidden, Parameter head, int[] targets, float temperature = 1f, int vocabChunk = DefaultChunk,
-        int? vocabLimit = null)
+        int? vocabLimit = null, TensorParallel? tensorParallel = null)
     {
-        using var scored = Forward(b, hidden, head, targets, temperature, vocabChunk, vocabLimit);
+        using var scored = Forward(b, hidden, head, targets, temperature, vocabChunk, vocabLimit, tensorParallel);
         return scored.Spread(scored.RowLogProbs());
     }
 
@@ -160,12 +196,12 @@ public static class ChunkedLmHead
         try
         {
             if (r > 0) b.Zero(dRows);
-            for (int c0 = 0; c0 < scored.Vocabulary && r > 0; c0 += vocabChunk)
+            for (int c0 = 0; c0 < scored.LocalRows && r > 0; c0 += vocabChunk)
             {
-                int n = Math.Min(vocabChunk, scored.Vocabulary - c0);
+                int n = Math.Min(vocabChunk, scored.LocalRows - c0);
                 var wc = w.SliceRows(c0, n);
                 using var chunk = Linear.ForwardF32(b, scored.Hidden, wc);
-                b.ChunkLogitGrad(chunk, scored.Max, scored.Sum, scored.Targets, dLogProb, c0, scored.InverseTemperature);
+                b.ChunkLogitGrad(chunk, scored.Max, scored.Sum, scored.Targets, dLogProb, scored.ColumnOffset + c0, scored.InverseTemperature);
                 // The GEMMs take dlogits in the storage type (bf16 on CUDA: gradients tolerate its rounding, log-probs do not).
                 using var stored = wc.DType == DType.F32 ? null : b.Allocate(wc.DType, r, n);
                 if (stored is not null) b.Convert(chunk, stored);
@@ -173,6 +209,7 @@ public static class ChunkedLmHead
                 b.Gemm(dlogits, false, wc, false, dRows, beta: 1f);                                                  // dH += dlogits W_chunk
                 if (head.Grad is not null) b.Gemm(dlogits, true, scored.Hidden, false, head.Grad.SliceRows(c0, n), beta: 1f); // dW_chunk += dlogits^T H
             }
+            if (r > 0) scored.TensorParallel.AllReduce(dRows);   // every rank's vocabulary rows contribute to d hidden
         }
         catch
         {
@@ -197,9 +234,10 @@ public static class ChunkedLmHead
     }
 
     /// <summary>The head rows the softmax covers: all, or the first <paramref name="vocabLimit"/>.</summary>
-    public static int HeadRows(Parameter head, int? vocabLimit)
+    public static int HeadRows(Parameter head, int? vocabLimit) => HeadRows(head.Value.Dim(0), vocabLimit);
+
+    private static int HeadRows(int v, int? vocabLimit)
     {
-        int v = head.Value.Dim(0);
         if (vocabLimit is { } limit && (limit < 1 || limit > v)) throw new ArgumentOutOfRangeException(nameof(vocabLimit), $"vocabulary limit {limit} outside [1, {v}] head rows");
         return vocabLimit ?? v;
     }

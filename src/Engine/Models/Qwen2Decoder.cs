@@ -7,6 +7,9 @@ namespace R1V2.Native.Engine.Models;
 /// <summary>
 /// The Qwen2 decoder layers: pre-norm (RMSNorm) GQA attention with q/k/v biases and rotate-half RoPE at explicit
 /// positions, causal inside each packed sequence, then a SwiGLU MLP; residuals around both. x: [T, D].
+/// <para>Tensor parallel (<see cref="TensorParallel"/>): each rank runs its heads and MLP columns; the outputs of
+/// o_proj and down are partial sums, all-reduced before the residual; in backward the gradients of the two norms'
+/// outputs (the inputs of q/k/v and of gate/up) are all-reduced before the norms' backward.</para>
 /// </summary>
 public sealed class Qwen2Decoder
 {
@@ -18,7 +21,7 @@ public sealed class Qwen2Decoder
     {
         _b = backend;
         _c = config;
-        _layers = Enumerable.Range(0, config.NumLayers).Select(i => new Layer(backend, config, p, i)).ToArray();
+        _layers = Enumerable.Range(0, config.NumLayers).Select(i => new Layer(backend, config, p, i, p.TensorParallel)).ToArray();
     }
 
     public bool CheckpointLayers { get; set; }
@@ -102,11 +105,17 @@ public sealed class Qwen2Decoder
         private readonly LlmConfig _c;
         private readonly Norm _inputNorm, _postNorm;
         private readonly Linear _q, _k, _v, _o, _gate, _up, _down;
+        private readonly TensorParallel _tp;
 
-        public Layer(Backend b, LlmConfig c, ParameterStore p, int i)
+        // This rank's query heads, kv heads and MLP columns (all of them without tensor parallelism).
+        private readonly int _heads, _kvHeads, _ffn;
+
+        public Layer(Backend b, LlmConfig c, ParameterStore p, int i, TensorParallel tp)
         {
             _b = b;
             _c = c;
+            _tp = tp;
+            (_heads, _kvHeads, _ffn) = (c.NumHeads / tp.Size, c.NumKvHeads / tp.Size, c.IntermediateSize / tp.Size);
             var pre = $"language_model.model.layers.{i}.";
             _inputNorm = new Norm(b, p[pre + "input_layernorm.weight"], null, false, c.RmsNormEps);
             _postNorm = new Norm(b, p[pre + "post_attention_layernorm.weight"], null, false, c.RmsNormEps);
@@ -122,7 +131,7 @@ public sealed class Qwen2Decoder
         public Tensor Infer(Tensor x, Tensor positions, Action<Tensor, Tensor, Tensor, Tensor> attend)
         {
             var b = _b;
-            int t = x.Rows, hd = _c.HeadDim, h = _c.NumHeads, kvh = _c.NumKvHeads;
+            int t = x.Rows, hd = _c.HeadDim, h = _heads, kvh = _kvHeads;
             using var held = new Activations();
             var n1 = held.Keep(_inputNorm.Forward(x, out var norm1)); held.Keep(norm1);
             var qr = held.Keep(b.Activations(t, h * hd));
@@ -133,13 +142,15 @@ public sealed class Qwen2Decoder
             var a = held.Keep(b.Activations(t, h * hd));
             attend(qr.Reshape(t, h, hd), kr.Reshape(t, kvh, hd), v.Reshape(t, kvh, hd), a.Reshape(t, h, hd));
             var h1 = held.Keep(_o.Forward(a));
+            _tp.AllReduce(h1);
             b.Add(h1, h1, x);
             var n2 = held.Keep(_postNorm.Forward(h1, out var norm2)); held.Keep(norm2);
             var gate = held.Keep(_gate.Forward(n2));
             var up = held.Keep(_up.Forward(n2));
-            var act = held.Keep(b.Activations(t, _c.IntermediateSize));
+            var act = held.Keep(b.Activations(t, _ffn));
             b.SwiGluForward(gate, up, act);
             var y = _down.Forward(act);
+            _tp.AllReduce(y);
             b.Add(y, y, h1);
             return y;
         }
@@ -156,7 +167,7 @@ public sealed class Qwen2Decoder
         public Tensor Forward(Tensor x, Tensor positions, PackedSequences seqs, SharedRows? shared, out Cache cache)
         {
             var b = _b;
-            int t = x.Rows, hd = _c.HeadDim, h = _c.NumHeads, kvh = _c.NumKvHeads;
+            int t = x.Rows, hd = _c.HeadDim, h = _heads, kvh = _kvHeads;
             var k = new Cache();
             var held = k.Held;
             k.N1 = held.Keep(_inputNorm.Forward(x, out k.Norm1)); held.Keep(k.Norm1);
@@ -192,13 +203,15 @@ public sealed class Qwen2Decoder
                 k.A = held.Keep(shared.Select(k.AllA));
             }
             k.H1 = held.Keep(_o.Forward(k.A));
+            _tp.AllReduce(k.H1);
             b.Add(k.H1, k.H1, x);
             k.N2 = held.Keep(_postNorm.Forward(k.H1, out k.Norm2)); held.Keep(k.Norm2);
             k.Gate = held.Keep(_gate.Forward(k.N2));
             k.Up = held.Keep(_up.Forward(k.N2));
-            k.Act = held.Keep(b.Activations(t, _c.IntermediateSize));
+            k.Act = held.Keep(b.Activations(t, _ffn));
             b.SwiGluForward(k.Gate, k.Up, k.Act);
             var y = _down.Forward(k.Act);
+            _tp.AllReduce(y);
             b.Add(y, y, k.H1);
             cache = k;
             return y;
@@ -207,14 +220,15 @@ public sealed class Qwen2Decoder
         public Tensor Backward(Tensor dy, Tensor x, Tensor positions, PackedSequences seqs, SharedRows? shared, Cache k)
         {
             var b = _b;
-            int t = x.Rows, hd = _c.HeadDim, h = _c.NumHeads, kvh = _c.NumKvHeads;
+            int t = x.Rows, hd = _c.HeadDim, h = _heads, kvh = _kvHeads;
             using var held = new Activations();
             var dAct = held.Keep(_down.Backward(dy, k.Act)!);
-            var dGate = held.Keep(b.Activations(t, _c.IntermediateSize));
-            var dUp = held.Keep(b.Activations(t, _c.IntermediateSize));
+            var dGate = held.Keep(b.Activations(t, _ffn));
+            var dUp = held.Keep(b.Activations(t, _ffn));
             b.SwiGluBackward(dAct, k.Gate, k.Up, dGate, dUp);
             var dn2 = held.Keep(_gate.Backward(dGate, k.N2)!);
             using (var dn2u = _up.Backward(dUp, k.N2)!) b.Add(dn2, dn2, dn2u);
+            _tp.AllReduce(dn2);
             var dh1 = held.Keep(_postNorm.Backward(dn2, k.H1, k.Norm2));
             b.Add(dh1, dh1, dy);
 
@@ -249,6 +263,7 @@ public sealed class Qwen2Decoder
             var dn1 = held.Keep(_q.Backward(dqr, k.N1)!);
             using (var dk = _k.Backward(dkr, k.N1)!) b.Add(dn1, dn1, dk);
             using (var dvn = _v.Backward(dv, k.N1)!) b.Add(dn1, dn1, dvn);
+            _tp.AllReduce(dn1);
             var dx = _inputNorm.Backward(dn1, x, k.Norm1);
             b.Add(dx, dx, dh1);
             return dx;

@@ -236,6 +236,79 @@ public sealed class VisionLanguageModel : IDisposable
         _head = config.Llm.TieWordEmbeddings ? _embed : parameters["language_model.lm_head.weight"];
     }
 
+    /// <summary>How the decoder, the embedding and the LM head are cut over ranks (<see cref="TensorParallel.None"/>: whole).</summary>
+    public TensorParallel TensorParallel => Parameters.TensorParallel;
+
+    /// <summary>
+    /// Token embeddings of <paramref name="ids"/> into <paramref name="output"/> [T, D]. Vocabulary parallel: each rank
+    /// looks up the ids its rows hold, zero elsewhere, and the ranks' rows are summed.
+    /// </summary>
+    private void LookUp(int[] ids, Tensor output)
+    {
+        var tp = TensorParallel;
+        if (tp.Size == 1)
+        {
+            using var all = _b.FromArray(ids, [ids.Length], "input_ids");
+            _b.EmbeddingForward(_embed.Value, all, output);
+            return;
+        }
+        var (positions, localIds) = LocalIds(ids);
+        _b.Zero(output);
+        if (positions.Length > 0)
+        {
+            using var tid = _b.FromArray(localIds, [localIds.Length], "local_input_ids");
+            using var rows = _b.Activations(positions.Length, output.Cols);
+            _b.EmbeddingForward(_embed.Value, tid, rows);
+            using var index = _b.Rows(positions, ids.Length, distinct: true, "local_id_rows");
+            _b.ScatterRows(rows, index, output);
+        }
+        tp.AllReduce(output);
+    }
+
+    /// <summary>The positions whose id lies in this rank's vocabulary rows, and those ids relative to its first row.</summary>
+    private (int[] Positions, int[] LocalIds) LocalIds(int[] ids)
+    {
+        int rows = _embed.Value.Dim(0), start = TensorParallel.Rank * rows;
+        var positions = Enumerable.Range(0, ids.Length).Where(i => ids[i] >= start && ids[i] < start + rows).ToArray();
+        return (positions, [.. positions.Select(i => ids[i] - start)]);
+    }
+
+    /// <summary>The embedding's gradient from d embeddings [T, D] (this rank's vocabulary rows only, when cut).</summary>
+    private void LookUpBackward(Tensor dEmbeddings, Pass pass)
+    {
+        if (TensorParallel.Size == 1)
+        {
+            _b.EmbeddingBackward(dEmbeddings, pass.Ids, _embed.Grad!);
+            return;
+        }
+        var (positions, localIds) = LocalIds(pass.Ids.ToIntArray());
+        if (positions.Length == 0) return;
+        using var tid = _b.FromArray(localIds, [localIds.Length], "local_input_ids");
+        using var rows = _b.Activations(positions.Length, dEmbeddings.Cols);
+        using var index = _b.Rows(positions, (int)pass.Ids.Length, distinct: true, "local_id_rows");
+        _b.GatherRows(dEmbeddings, index, rows);
+        _b.EmbeddingBackward(rows, tid, _embed.Grad!);
+    }
+
+    /// <summary>Logits [rows, V] fp32 from a vocabulary-parallel head's local [rows, V / tp]: every rank's columns gathered.</summary>
+    private Tensor GatherVocabulary(Tensor local)
+    {
+        var tp = TensorParallel;
+        if (tp.Size == 1) return local;
+        using (local)
+        {
+            int rows = local.Rows, part = local.Cols;
+            var mine = local.ToFloatArray();
+            var all = new float[mine.Length * tp.Size];
+            tp.Group.AllGather(mine, all);
+            var logits = new float[all.Length];
+            for (int r = 0; r < tp.Size; r++)
+                for (int i = 0; i < rows; i++)
+                    Array.Copy(all, (long)r * mine.Length + (long)i * part, logits, (long)i * part * tp.Size + r * part, part);
+            return _b.FromArray(logits, DType.F32, [rows, part * tp.Size], "logits");
+        }
+    }
+
     public VlmConfig Config { get; }
     public ParameterStore Parameters { get; }
     public int ImageContextId { get; }
@@ -253,13 +326,14 @@ public sealed class VisionLanguageModel : IDisposable
     /// <param name="optional">Extra tensors the checkpoint may hold beside the VLM's (a reward head); not loaded here.</param>
     /// <param name="share">Frozen parameters come from the backend's shared set (a second model over the same files
     /// references them: <see cref="Backend.Frozen"/>); false loads a private copy of everything.</param>
+    /// <param name="tensorParallel">Each rank loads its slice of the decoder, embedding and LM head (<see cref="TensorParallel"/>).</param>
     public static VisionLanguageModel Load(Backend backend, string directory, TrainableParts trainable = TrainableParts.None,
-        IReadOnlyDictionary<string, int[]>? optional = null, bool share = true)
+        IReadOnlyDictionary<string, int[]>? optional = null, bool share = true, TensorParallel? tensorParallel = null)
     {
         var config = VlmConfig.Load(Path.Combine(directory, "config.json"));
         int imageContext = TokenizerFiles.SpecialTokenId(Path.Combine(directory, "tokenizer.json"), TokenizerFiles.ImageContext);
         using var checkpoint = Checkpoint.Open(directory);
-        return new VisionLanguageModel(backend, config, ParameterStore.FromCheckpoint(backend, config, checkpoint, trainable, optional, share), imageContext);
+        return new VisionLanguageModel(backend, config, ParameterStore.FromCheckpoint(backend, config, checkpoint, trainable, optional, share, tensorParallel), imageContext);
     }
 
     /// <summary>
@@ -334,7 +408,7 @@ public sealed class VisionLanguageModel : IDisposable
     /// </summary>
     public float[] FullLogits(Pass pass)
     {
-        using var logits = Linear.ForwardF32(_b, pass.Final, _head.Value);
+        using var logits = GatherVocabulary(Linear.ForwardF32(_b, pass.Final, _head.Value));
         return logits.ToFloatArray();
     }
 
@@ -375,7 +449,7 @@ public sealed class VisionLanguageModel : IDisposable
         pass.Ids = h.Keep(_b.FromArray(batch.InputIds, [t], "input_ids"));
         pass.Positions = h.Keep(_b.FromArray(sharedRows ? batch.Positions! : pass.Sequences.Positions(), [t], "position_ids"));
         pass.Embeddings = h.Keep(_b.Activations(t, c.Llm.HiddenSize));
-        _b.EmbeddingForward(_embed.Value, pass.Ids, pass.Embeddings);
+        LookUp(batch.InputIds, pass.Embeddings);
 
         if (batch.Tiles > 0)
         {
@@ -388,7 +462,7 @@ public sealed class VisionLanguageModel : IDisposable
         pass.Final = h.Keep(_finalNorm.Forward(pass.Llm.Output, out pass.FinalNorm)); h.Keep(pass.FinalNorm);
         pass.Counted = batch.Targets.Count(x => x != Backend.IgnoreIndex);
         if (!withLoss) return pass;
-        pass.Scored = h.Keep(ChunkedLmHead.Forward(_b, pass.Final, _head, batch.Targets, 1f, VocabChunk));
+        pass.Scored = h.Keep(ChunkedLmHead.Forward(_b, pass.Final, _head, batch.Targets, 1f, VocabChunk, tensorParallel: TensorParallel));
         pass.LogProbs = pass.Scored.Spread(pass.Scored.RowLogProbs());
         pass.Loss = pass.Counted == 0 ? 0 : -pass.LogProbs.Sum(x => (double)x) / pass.Counted;
         return pass;
@@ -407,7 +481,7 @@ public sealed class VisionLanguageModel : IDisposable
         if (positions.Length != tiles * Config.TokensPerTile)
             throw new ArgumentException($"the prompt has {positions.Length} <IMG_CONTEXT> tokens but {tiles} image tiles x {Config.TokensPerTile} tokens per tile = {tiles * Config.TokensPerTile} image features");
         var embeddings = _b.Activations(t, Config.Llm.HiddenSize);
-        using (var tid = _b.FromArray(ids, [t], "input_ids")) _b.EmbeddingForward(_embed.Value, tid, embeddings);
+        LookUp(ids, embeddings);
         if (tiles > 0)
         {
             using var image = ForwardImage(pixels ?? throw new ArgumentException("image tiles but no pixel values"), tiles);
@@ -484,8 +558,7 @@ public sealed class VisionLanguageModel : IDisposable
     public Tensor EmbedTokens(int[] ids)
     {
         var embeddings = _b.Activations(ids.Length, Config.Llm.HiddenSize);
-        using var tid = _b.FromArray(ids, [ids.Length], "input_ids");
-        _b.EmbeddingForward(_embed.Value, tid, embeddings);
+        LookUp(ids, embeddings);
         return embeddings;
     }
 
@@ -502,7 +575,8 @@ public sealed class VisionLanguageModel : IDisposable
         _b.GatherRows(hidden, rows, last);
         using var normed = _finalNorm.Forward(last, out var stats);
         stats.Dispose();
-        return Linear.ForwardF32(_b, normed, _head.Value); // fp32 logits for sampling and its log-probs, whatever the storage type
+        // fp32 logits for sampling and its log-probs, whatever the storage type; a vocabulary-parallel head's gathered.
+        return GatherVocabulary(Linear.ForwardF32(_b, normed, _head.Value));
     }
 
     /// <summary>Backward of the mean NLL of <paramref name="pass"/>; gradients accumulate into trainable parameters.</summary>
@@ -521,7 +595,7 @@ public sealed class VisionLanguageModel : IDisposable
         if (!LlmTrainable && !needImage) return;
         if (pass.Scored is null) throw new InvalidOperationException("this pass ran without the loss: use BackwardFromHidden");
         using var dlogprob = _b.FromArray(pass.Scored.Pick(dLogProb), DType.F32, [pass.Scored.Rows.Length]);
-        using var dFinal = ChunkedLmHead.Backward(_b, pass.Scored, _head, dlogprob, _b.ActivationType, VocabChunk);
+        using var dFinal = ChunkedLmHead.Backward(_b, pass.Scored, _head, dlogprob, _b.ActivationType, VocabChunk);   // the pass's ScoredRows carry the group
         BackwardFromHidden(pass, dFinal);
     }
 
@@ -556,7 +630,7 @@ public sealed class VisionLanguageModel : IDisposable
             using var zeros = _b.Activations(pass.ImageRows.Length, c.Llm.HiddenSize);
             _b.ScatterRows(zeros, pass.ImageRows, dEmb);
         }
-        if (_embed.Grad is not null) _b.EmbeddingBackward(dEmb, pass.Ids, _embed.Grad);
+        if (_embed.Grad is not null) LookUpBackward(dEmb, pass);
     }
 
     public void Dispose()

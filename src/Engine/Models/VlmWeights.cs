@@ -132,14 +132,22 @@ public sealed class ParameterStore : IDisposable
     private readonly List<(string Name, Parameter Parameter)> _ordered = [];
     private readonly SharedFrozenParameters? _shared;
 
-    public ParameterStore(Backend backend, VlmConfig config, TrainableParts trainable, Func<string, int[], float[]> values)
-        : this(backend, config, trainable, (name, shape, isTrainable) => Parameter.Create(backend, name, shape, values(name, shape), isTrainable), null)
+    /// <param name="values">A tensor's whole values by name and whole shape.</param>
+    /// <param name="tensorParallel">Each rank keeps its slice of the decoder's cut tensors (<see cref="TensorParallel"/>).</param>
+    public ParameterStore(Backend backend, VlmConfig config, TrainableParts trainable, Func<string, int[], float[]> values, TensorParallel? tensorParallel = null)
+        : this(backend, config, trainable, (name, shape, isTrainable) =>
+        {
+            var tp = tensorParallel ?? TensorParallel.None;
+            return Parameter.Create(backend, name, tp.LocalShape(name, shape), tp.Slice(name, shape, values(name, shape)), isTrainable);
+        }, null, tensorParallel)
     {
     }
 
-    private ParameterStore(Backend backend, VlmConfig config, TrainableParts trainable, Func<string, int[], bool, Parameter> create, SharedFrozenParameters? shared)
+    private ParameterStore(Backend backend, VlmConfig config, TrainableParts trainable, Func<string, int[], bool, Parameter> create, SharedFrozenParameters? shared,
+        TensorParallel? tensorParallel = null)
     {
         _shared = shared;
+        TensorParallel = tensorParallel ?? TensorParallel.None;
         try
         {
             foreach (var (name, shape) in VlmWeights.Expected(config))
@@ -160,11 +168,16 @@ public sealed class ParameterStore : IDisposable
     /// Parameters from a checkpoint, one tensor at a time (its values pass through the host once; the peak is about
     /// one tensor). Frozen ones are shared through the backend's <see cref="Backend.Frozen"/> unless <paramref name="share"/> is false.
     /// </summary>
+    /// <param name="tensorParallel">Each rank reads its slice of the decoder's cut tensors: the whole tensor passes
+    /// through the host once (the peak is about one tensor), the slice goes to the device; nothing is shared then.</param>
     public static ParameterStore FromCheckpoint(Backend backend, VlmConfig config, Checkpoint checkpoint, TrainableParts trainable,
-        IReadOnlyDictionary<string, int[]>? optional = null, bool share = true)
+        IReadOnlyDictionary<string, int[]>? optional = null, bool share = true, TensorParallel? tensorParallel = null)
     {
         CheckLayerCounts(config, checkpoint);
         checkpoint.Validate(VlmWeights.Expected(config).ToDictionary(t => t.Name, t => t.Shape), optional);
+        if (tensorParallel is { Size: > 1 } tp)
+            return new ParameterStore(backend, config, trainable, (name, shape, isTrainable) =>
+                Parameter.Create(backend, name, tp.LocalShape(name, shape), tp.Slice(name, shape, checkpoint.Read(name, shape)), isTrainable), null, tp);
         var shared = share ? backend.Frozen : null;
         return new ParameterStore(backend, config, trainable, (name, shape, isTrainable) =>
         {
@@ -189,6 +202,9 @@ public sealed class ParameterStore : IDisposable
                 throw new CheckpointException($"{checkpoint.Directory}: config.json's {key} is {layers} but the checkpoint holds {held} such layers ({prefix}0 to {prefix}{held - 1}); expected a tensor '{prefix}{held}.*'");
         }
     }
+
+    /// <summary>How the decoder's tensors are cut over ranks (<see cref="TensorParallel.None"/>: whole).</summary>
+    public TensorParallel TensorParallel { get; }
 
     public Parameter this[string name] => _byName.TryGetValue(name, out var p) ? p : throw new KeyNotFoundException($"no parameter '{name}'");
     public Parameter? Find(string name) => _byName.GetValueOrDefault(name);

@@ -34,12 +34,14 @@ public sealed class GrpoLossResult(double loss, float[] logProbs, Tensor hiddenG
 /// </summary>
 public static class FusedGrpoLoss
 {
+    /// <param name="tensorParallel">A vocabulary-parallel head: the log-sum-exp is combined over the ranks (two small
+    /// all-reduces), every rank computes the same token losses, and d hidden is summed over the ranks; [T, V] never exists.</param>
     public static GrpoLossResult Fused(Backend b, Tensor hidden, Parameter head, GrpoTokens tokens, GrpoLossSettings settings, int vocabChunk = ChunkedLmHead.DefaultChunk,
-        int? vocabLimit = null)
+        int? vocabLimit = null, TensorParallel? tensorParallel = null)
     {
         int t = hidden.Rows;
         if (tokens.Targets.Length != t) throw new ArgumentException($"{tokens.Targets.Length} targets for {t} hidden rows");
-        using var scored = ChunkedLmHead.Forward(b, hidden, head, tokens.Targets, settings.Temperature, vocabChunk, vocabLimit);
+        using var scored = ChunkedLmHead.Forward(b, hidden, head, tokens.Targets, settings.Temperature, vocabChunk, vocabLimit, tensorParallel);
         int r = scored.Rows.Length;
         using var held = new Activations();
         var old = held.Keep(b.FromArray(scored.Pick(tokens.OldLogProbs), DType.F32, [r]));
@@ -60,7 +62,7 @@ public static class FusedGrpoLoss
     /// alone like <see cref="Fused"/>'s first pass: the reference model's log-probs at the policy's temperature.
     /// </summary>
     public static float[] TokenLogProbs(Backend b, Tensor hidden, Parameter head, int[] targets, float temperature, int vocabChunk = ChunkedLmHead.DefaultChunk,
-        int? vocabLimit = null) => ChunkedLmHead.LogProbs(b, hidden, head, targets, temperature, vocabChunk, vocabLimit);
+        int? vocabLimit = null, TensorParallel? tensorParallel = null) => ChunkedLmHead.LogProbs(b, hidden, head, targets, temperature, vocabChunk, vocabLimit, tensorParallel);
 
     public static GrpoLossResult Unfused(Backend b, Tensor hidden, Parameter head, GrpoTokens tokens, GrpoLossSettings settings, int? vocabLimit = null)
     {

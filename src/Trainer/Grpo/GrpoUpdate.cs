@@ -90,7 +90,7 @@ public sealed class GrpoUpdate(VisionLanguageModel model, GrpoLossSettings setti
         }
         using var pass = model.Forward(batch, withLoss: false);
         var tokens = new GrpoTokens(targets, old, adv, weights, refs);
-        using var result = FusedGrpoLoss.Fused(model.Backend, pass.Hidden, model.LmHead, tokens, settings, vocabChunk, vocabLimit);
+        using var result = FusedGrpoLoss.Fused(model.Backend, pass.Hidden, model.LmHead, tokens, settings, vocabChunk, vocabLimit, model.TensorParallel);
         model.BackwardFromHidden(pass, result.HiddenGrad);
 
         // Token statistics over every rollout: a distinct token counts once per copy.

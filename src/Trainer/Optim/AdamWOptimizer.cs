@@ -25,6 +25,7 @@ public sealed class AdamWOptimizer : IDisposable
     private readonly Backend _b;
     private readonly List<(Parameter P, Tensor M, Tensor V)> _state = [];
     private readonly DataParallel _dp;
+    private readonly TensorParallel _tp;
 
     // ZeRO-1: this rank's shard [ShardStart, ShardStart + shard) of the flat parameters, padded to ranks x shard.
     private readonly Tensor? _master, _grad, _m, _v;
@@ -33,10 +34,14 @@ public sealed class AdamWOptimizer : IDisposable
 
     /// <param name="dataParallel">The ranks whose gradients each step sums (one process by default).</param>
     /// <param name="shardState">Keep masters and moments for this rank's shard only (ZeRO-1).</param>
+    /// <param name="tensorParallel">Tensor parallel: the gradient norm counts each rank's slices of the cut tensors once
+    /// (their squares summed over the group) and the whole tensors once.</param>
     public AdamWOptimizer(Backend backend, IEnumerable<Parameter> parameters, AdamWSettings settings, double maxGradNorm = 1.0,
-        DataParallel? dataParallel = null, bool shardState = false)
+        DataParallel? dataParallel = null, bool shardState = false, TensorParallel? tensorParallel = null)
     {
         _b = backend;
+        _tp = tensorParallel ?? TensorParallel.None;
+        if (shardState && _tp.Size > 1) throw new NotSupportedException("parallel.shard_optimizer together with tensor parallelism is not in this build: shard one or the other");
         Settings = settings;
         MaxGradNorm = maxGradNorm;
         _dp = dataParallel ?? DataParallel.Single;
@@ -136,6 +141,12 @@ public sealed class AdamWOptimizer : IDisposable
         _dp.ReduceGradients(_state.Select(s => s.P));
         var grads = _state.Select(s => s.P.Grad!).ToList();
         double norm = _b.GlobalNorm(grads);
+        if (_tp.Size > 1)
+        {
+            double sliced = _b.GlobalNorm([.. _state.Where(s => TensorParallel.IsSharded(s.P.Name)).Select(s => s.P.Grad!)], shardedOver: _tp.Group);
+            double whole = _b.GlobalNorm([.. _state.Where(s => !TensorParallel.IsSharded(s.P.Name)).Select(s => s.P.Grad!)]);
+            norm = Math.Sqrt(sliced * sliced + whole * whole);
+        }
         if (!double.IsFinite(norm)) return new StepReport(StepCount, norm, 0, learningRate, Skipped: true);
         double scale = MaxGradNorm > 0 ? Backend.ClipScale(norm, MaxGradNorm) : 1.0;
         StepCount++;

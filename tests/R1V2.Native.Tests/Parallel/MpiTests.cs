@@ -427,6 +427,65 @@ public sealed class MpiTests
         finally { Directory.Delete(dir, true); }
     }
 
+    private static void AssertClose(float[] a, float[] b, double relative, string what)
+    {
+        Assert.Equal(a.Length, b.Length);
+        double diff = 0, norm = 0;
+        for (int i = 0; i < a.Length; i++)
+        {
+            diff += (double)(a[i] - b[i]) * (a[i] - b[i]);
+            norm += (double)a[i] * a[i];
+        }
+        Assert.True(Math.Sqrt(diff) <= relative * Math.Sqrt(norm), $"{what}: differs by {Math.Sqrt(diff):E2} (norm {Math.Sqrt(norm):E2})");
+    }
+
+    private static void AssertSameGradients(Dictionary<string, float[]> a, Dictionary<string, float[]> b, string what)
+    {
+        Assert.Equal(a.Keys.Order(), b.Keys.Order());
+        double total = Math.Sqrt(a.Values.Sum(g => g.Sum(x => (double)x * x)));
+        foreach (var (name, g) in a)
+        {
+            // Each tensor to 1e-4 of its own norm, or to 1e-6 of all gradients where its own is rounding noise (a key
+            // bias has no gradient in exact arithmetic: softmax ignores a shift shared by every key).
+            double diff = Math.Sqrt(g.Zip(b[name]).Sum(z => (double)(z.First - z.Second) * (z.First - z.Second)));
+            double own = Math.Sqrt(g.Sum(x => (double)x * x));
+            Assert.True(diff <= 1e-4 * own + 1e-6 * total, $"{what}: gradient of {name} differs by {diff:E2} (its norm {own:E2}, all {total:E2})");
+        }
+    }
+
+    [SkippableTheory]
+    [InlineData(2)]
+    [InlineData(4)]
+    public void TensorParallel_TwoWays_AndTwoByTwo_EqualOneProcess(int ranks)
+    {
+        // tp = 2 (and tp = 2 x dp = 2 on 4 ranks) against one process on the tiny VLM (4 heads, 2 kv heads, 96 MLP
+        // columns, 272 vocabulary rows, all cut in two): logits, the loss and every gradient of a pass with an image, the
+        // fused GRPO loss and its gradients, a greedy generation, and one GRPO optimiser step.
+        RequireMpiRun();
+        var dir = Directory.CreateTempSubdirectory("r1v2-tp-").FullName;
+        try
+        {
+            var options = R1V2.Native.Ranks.Scenarios.Options.Parse([]);
+            var one = R1V2.Native.Ranks.Scenarios.TensorParallelStep(TinyModel(dir), SingleProcessCollectives.Instance, 1, options);
+            var output = Path.Combine(dir, "tp.json");
+            var (code, text) = RunProgram(RanksProgram, ranks, ["tensor-parallel", TinyModel(dir), output, "2"]);
+            Assert.True(code == 0, text);
+            var tp = System.Text.Json.JsonSerializer.Deserialize<R1V2.Native.Ranks.Scenarios.TensorParallelResult>(File.ReadAllText(output))!;
+            Assert.Equal((272, 96), (one.LocalHeadRows, one.LocalMlpColumns));
+            Assert.Equal((136, 48), (tp.LocalHeadRows, tp.LocalMlpColumns));   // each rank held half of the cut tensors
+            AssertClose(one.Logits, tp.Logits, 1e-5, "logits");
+            Assert.True(Math.Abs(one.Loss - tp.Loss) <= 1e-5 * one.Loss, $"loss {one.Loss} vs {tp.Loss}");
+            AssertSameGradients(one.Gradients, tp.Gradients, "NLL");
+            Assert.True(Math.Abs(one.GrpoLoss - tp.GrpoLoss) <= 1e-5 * Math.Abs(one.GrpoLoss), $"GRPO loss {one.GrpoLoss} vs {tp.GrpoLoss}");
+            AssertSameGradients(one.GrpoGradients, tp.GrpoGradients, "GRPO");
+            Assert.Equal(one.Generated, tp.Generated);
+            Assert.True(Math.Abs(one.StepLoss - tp.StepLoss) <= 1e-5 * Math.Abs(one.StepLoss), $"step loss {one.StepLoss} vs {tp.StepLoss}");
+            Assert.True(Math.Abs(one.StepGradNorm - tp.StepGradNorm) <= 1e-5 * one.StepGradNorm, $"gradient norm {one.StepGradNorm} vs {tp.StepGradNorm}");
+            AssertClose(one.Weights, tp.Weights, 1e-5, "weights after the step");
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
     [Fact]
     public void SelftestChecks_CatchACollectiveThatDoesNothing()
     {
