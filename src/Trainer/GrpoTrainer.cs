@@ -92,7 +92,7 @@ public sealed class GrpoTrainer : IDisposable
         if (resume is not null) RunCheckpoints.CheckStage(resume, "grpo");
         var source = resume ?? config.Model;
         var parts = config.TrainableParts();
-        _model = VisionLanguageModel.Load(backend, source, parts);
+        _model = VisionLanguageModel.Load(backend, source, parts, tensorParallel: _dp.TensorParallel);
         _dp.SyncWeights(_model.Parameters.All.Select(p => p.Parameter).ToList());
         _base = RunCheckpoints.BaseOf(resume, config.Model, _model.Parameters.All.Where(p => p.Parameter.Trainable).Select(p => p.Name));
         _tokenizer = TextTokenizer.Load(source);
@@ -104,14 +104,14 @@ public sealed class GrpoTrainer : IDisposable
         _grounding = new Grounding(config.Monitor.ObjectWords.Concat(_data.ObjectWords),
             config.Monitor.ClaimPattern.Length > 0 ? config.Monitor.ClaimPattern : null);
         var o = config.Optim;
-        _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm, _dp, config.Parallel.ShardOptimizer);
+        _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm, _dp, config.Parallel.ShardOptimizer, _dp.TensorParallel);
         _schedule = config.Schedule();
         _guard = new NonFiniteGuard(config.Optim.MaxSkippedSteps);
         _ssb = new SelectiveSampleBuffer(g.Ssb.Capacity, g.Ssb.MaxAge, (ulong)config.Seed * 0x9E3779B97F4A7C15ul + 1);
         var r = config.Reward;
         // A reward model weighted 0 adds nothing to any reward: it is neither loaded nor run (scoring every rollout costs
         // about as much as the policy update).
-        if (r.RmPath.Length > 0 && r.RmWeight != 0) _rewardModel = RewardModel.Load(backend, r.RmPath, TrainableParts.None, trainHead: false);
+        if (r.RmPath.Length > 0 && r.RmWeight != 0) _rewardModel = RewardModel.Load(backend, r.RmPath, TrainableParts.None, trainHead: false, _dp.TensorParallel);
         _reward = RewardFrom(r, withRewardModel: _rewardModel is not null);
         _score = reward ?? ((text, p) => _reward.Score(text, ContextOf(p)));
         _customReward = reward is not null;
@@ -120,7 +120,7 @@ public sealed class GrpoTrainer : IDisposable
         _klLoss = estimator != KlEstimator.None && g.KlCoef != 0;
         _klPenalty = g.Kl == "k1" && g.KlCoef != 0;
         var settings = new GrpoLossSettings(g.EpsLow, g.EpsHigh, g.DualClip, _klLoss ? g.KlCoef : 0, _klLoss ? estimator : KlEstimator.None, g.Temperature);
-        if (_klLoss || _klPenalty) _reference = VisionLanguageModel.Load(backend, config.Model, TrainableParts.None); // frozen copy
+        if (_klLoss || _klPenalty) _reference = VisionLanguageModel.Load(backend, config.Model, TrainableParts.None, tensorParallel: _dp.TensorParallel); // frozen copy
         _aggregation = g.Aggregation == "token_mean" ? LossAggregation.TokenMean : LossAggregation.SequenceMeanTokenMean;
         _vocabLimit = Math.Min(_tokenizer.VocabularySize, _model.Config.Llm.VocabSize);
         _update = new GrpoUpdate(_model, settings, _aggregation, g.VocabChunk, _vocabLimit);
@@ -178,15 +178,16 @@ public sealed class GrpoTrainer : IDisposable
             if (_step % _c.Checkpoint.Every == 0 || _step == _c.Steps || stop) SaveCheckpoint();
             if (stop) return;
         }
-        bool save = _dp.Writes && (trained || !Directory.Exists(Path.Combine(_c.Output, "final")));
-        if (save) RunCheckpoints.SaveFinal(_c.Output, SaveFinalModel);
+        bool save = _dp.Any(trained || !Directory.Exists(Path.Combine(_c.Output, "final")));
+        var whole = save ? _model.GatherWhole(trainableOnly: false) : null;   // tensor parallel: every rank of the group takes part
+        if (save && _dp.Writes) RunCheckpoints.SaveFinal(_c.Output, dir => SaveFinalModel(dir, whole));
         _dp.Barrier();
     }
 
     /// <summary>The run's final model, exported whole in the HF layout (<c>checkpoint.export_dtype</c>, 5 GB shards) with the tokenizer's files.</summary>
-    private void SaveFinalModel(string dir)
+    private void SaveFinalModel(string dir, IReadOnlyDictionary<string, float[]>? whole)
     {
-        _model.Save(dir, _c.Checkpoint.ExportSafetensorsDType());
+        _model.Save(dir, _c.Checkpoint.ExportSafetensorsDType(), whole: whole);
         RunCheckpoints.CopySideFiles(_c.Model, dir);
         File.WriteAllBytes(Path.Combine(dir, "tokenizer.json"), _tokenizerJson);
     }
@@ -370,10 +371,11 @@ public sealed class GrpoTrainer : IDisposable
     public void SaveCheckpoint()
     {
         _dp.CheckSameWeights(Trainable, $"step {_step}");
+        var whole = _model.GatherWhole(trainableOnly: true);
         var (rng, items) = _ssb.Snapshot();
         _dp.SaveCheckpoint(_c.Output, _step, _c.Checkpoint.Keep, _opt, tmp =>
         {
-            _model.SaveTrainable(tmp, _base);
+            _model.SaveTrainable(tmp, _base, whole: whole);
             File.WriteAllBytes(Path.Combine(tmp, "tokenizer.json"), _tokenizerJson);
             RunCheckpoints.WriteState(tmp, new TrainerState("grpo", _step, _guard.InARow, _data.Position, new JsonObject
             {

@@ -61,13 +61,13 @@ public sealed class PreferenceTrainer : IDisposable
         IEnumerable<Engine.Layers.Parameter> trainable;
         if (config.Stage == "rm")
         {
-            _rm = RewardModel.Load(backend, source, parts);
+            _rm = RewardModel.Load(backend, source, parts, tensorParallel: _dp.TensorParallel);
             trainable = _rm.Trainable;
         }
         else
         {
-            _policy = VisionLanguageModel.Load(backend, source, parts);
-            _reference = VisionLanguageModel.Load(backend, config.Model, TrainableParts.None); // the frozen start, also on resume
+            _policy = VisionLanguageModel.Load(backend, source, parts, tensorParallel: _dp.TensorParallel);
+            _reference = VisionLanguageModel.Load(backend, config.Model, TrainableParts.None, tensorParallel: _dp.TensorParallel); // the frozen start, also on resume
             trainable = _policy.Parameters.Trainable;
         }
         _dp.SyncWeights([.. (_rm?.Vlm ?? _policy!).Parameters.All.Select(p => p.Parameter), .. _rm is null ? [] : new[] { _rm.Weight, _rm.Bias }]);
@@ -75,7 +75,7 @@ public sealed class PreferenceTrainer : IDisposable
             .Concat(_rm is null ? [] : [RewardModel.HeadWeight, RewardModel.HeadBias]));
         _packer = new ResponsePacker(_policy ?? _rm!.Vlm, _tokenizer);
         var o = config.Optim;
-        _opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm, _dp, config.Parallel.ShardOptimizer);
+        _opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm, _dp, config.Parallel.ShardOptimizer, _dp.TensorParallel);
         _schedule = config.Schedule();
         _delta = new BcoDelta();
         _guard = new NonFiniteGuard(config.Optim.MaxSkippedSteps);
@@ -126,10 +126,11 @@ public sealed class PreferenceTrainer : IDisposable
         var held = _heldOut.Order().Select(_data.Read).ToList();
         double? accuracy = held.Count == 0 ? null : Evaluate(held);
         var summary = new PreferenceSummary(_c.Stage, _c.Steps, _data.Count - held.Count, held.Count, accuracy, History.Count > 0 ? History[^1].Loss : double.NaN);
+        var whole = (_rm?.Vlm ?? _policy!).GatherWhole(trainableOnly: false);
         if (_dp.Writes)
         {
             File.WriteAllText(Path.Combine(_c.Output, "summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
-            RunCheckpoints.SaveFinal(_c.Output, SaveModel);
+            RunCheckpoints.SaveFinal(_c.Output, dir => SaveModel(dir, whole));
         }
         _dp.Barrier();
         return summary;
@@ -141,9 +142,10 @@ public sealed class PreferenceTrainer : IDisposable
     public void SaveCheckpoint()
     {
         _dp.CheckSameWeights(Trainable, $"step {_step}");
+        var whole = (_rm?.Vlm ?? _policy!).GatherWhole(trainableOnly: true);
         _dp.SaveCheckpoint(_c.Output, _step, _c.Checkpoint.Keep, _opt, tmp =>
         {
-            if (_rm is not null) _rm.Vlm.SaveTrainable(tmp, _base, extra: [_rm.Weight, _rm.Bias]); else _policy!.SaveTrainable(tmp, _base);
+            if (_rm is not null) _rm.Vlm.SaveTrainable(tmp, _base, extra: [_rm.Weight, _rm.Bias], whole: whole); else _policy!.SaveTrainable(tmp, _base, whole: whole);
             File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"), overwrite: true);
             RunCheckpoints.WriteState(tmp, new TrainerState(_c.Stage, _step, _guard.InARow, _data.Position,
                 new System.Text.Json.Nodes.JsonObject { ["bco_delta"] = _delta.Value, ["bco_delta_count"] = _delta.Count }), _opt);
@@ -151,9 +153,9 @@ public sealed class PreferenceTrainer : IDisposable
     }
 
     /// <summary>The stage's final model, exported whole in the HF layout (<c>checkpoint.export_dtype</c>) with the tokenizer's files.</summary>
-    private void SaveModel(string dir)
+    private void SaveModel(string dir, IReadOnlyDictionary<string, float[]>? whole)
     {
-        if (_rm is not null) _rm.Save(dir, _c.Checkpoint.ExportSafetensorsDType()); else _policy!.Save(dir, _c.Checkpoint.ExportSafetensorsDType());
+        if (_rm is not null) _rm.Save(dir, _c.Checkpoint.ExportSafetensorsDType(), whole); else _policy!.Save(dir, _c.Checkpoint.ExportSafetensorsDType(), whole: whole);
         RunCheckpoints.CopySideFiles(_c.Model, dir);
         File.Copy(_tokenizer.Source, Path.Combine(dir, "tokenizer.json"), overwrite: true);
     }

@@ -51,12 +51,12 @@ public sealed class SftTrainer : IDisposable
         int held = (int)Math.Floor(_data.Count * config.Sft.HeldOut);
         if (_data.Count - held < 1) throw new InvalidDataException($"{config.Data.Path}: {_data.Count} examples leave none to train on with sft.held_out {config.Sft.HeldOut}");
         _heldOut = Enumerable.Range(_data.Count - held, held).ToHashSet();
-        _model = VisionLanguageModel.Load(backend, resume ?? config.Model, config.TrainableParts());
+        _model = VisionLanguageModel.Load(backend, resume ?? config.Model, config.TrainableParts(), tensorParallel: _dp.TensorParallel);
         _dp.SyncWeights([.. _model.Parameters.All.Select(p => p.Parameter)]);
         _base = RunCheckpoints.BaseOf(resume, config.Model, _model.Parameters.All.Where(p => p.Parameter.Trainable).Select(p => p.Name));
         _packer = new ResponsePacker(_model, _tokenizer);
         var o = config.Optim;
-        _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm, _dp, config.Parallel.ShardOptimizer);
+        _opt = new AdamWOptimizer(backend, _model.Parameters.Trainable, new AdamWSettings(o.Lr, o.Beta1, o.Beta2, o.Eps, o.WeightDecay), o.MaxGradNorm, _dp, config.Parallel.ShardOptimizer, _dp.TensorParallel);
         _schedule = config.Schedule();
         _guard = new NonFiniteGuard(config.Optim.MaxSkippedSteps);
         if (resume is not null) Restore(resume);
@@ -111,9 +111,10 @@ public sealed class SftTrainer : IDisposable
         }
         var after = History.LastOrDefault(h => h.HeldOutLoss is not null)?.HeldOutLoss ?? HeldOutLoss();
         var summary = new SftSummary(_c.Steps, _data.Count - _heldOut.Count, _heldOut.Count, _heldOutBefore, after, History.Count > 0 ? History[^1].Loss : double.NaN);
+        var whole = _model.GatherWhole(trainableOnly: false);   // tensor parallel: every rank of the group takes part
         if (!_dp.Writes) return summary;
         File.WriteAllText(Path.Combine(_c.Output, "summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
-        RunCheckpoints.SaveFinal(_c.Output, SaveModel);
+        RunCheckpoints.SaveFinal(_c.Output, dir => SaveModel(dir, whole));
         return summary;
     }
 
@@ -140,18 +141,19 @@ public sealed class SftTrainer : IDisposable
     public void SaveCheckpoint()
     {
         _dp.CheckSameWeights(_model.Parameters.Trainable, $"step {_step}");
+        var whole = _model.GatherWhole(trainableOnly: true);
         _dp.SaveCheckpoint(_c.Output, _step, _c.Checkpoint.Keep, _opt, tmp =>
         {
-            _model.SaveTrainable(tmp, _base);
+            _model.SaveTrainable(tmp, _base, whole: whole);
             File.Copy(_tokenizer.Source, Path.Combine(tmp, "tokenizer.json"), overwrite: true);
             RunCheckpoints.WriteState(tmp, new TrainerState("sft", _step, _guard.InARow, _data.Position, new JsonObject { ["held_out_before"] = _heldOutBefore }), _opt);
         });
     }
 
     /// <summary>The stage's final model: the whole model exported in the HF layout (<c>checkpoint.export_dtype</c>, 5 GB shards) with the tokenizer's files.</summary>
-    private void SaveModel(string dir)
+    private void SaveModel(string dir, IReadOnlyDictionary<string, float[]>? whole)
     {
-        _model.Save(dir, _c.Checkpoint.ExportSafetensorsDType());
+        _model.Save(dir, _c.Checkpoint.ExportSafetensorsDType(), whole: whole);
         RunCheckpoints.CopySideFiles(_c.Model, dir);
         File.Copy(_tokenizer.Source, Path.Combine(dir, "tokenizer.json"), overwrite: true);
     }

@@ -100,21 +100,6 @@ public static class Scenarios
         public int LocalMlpColumns { get; init; }
     }
 
-    /// <summary>A tensor whole again from every rank's slice (rank order: rows stacked, or each row's column blocks side by side).</summary>
-    public static float[] Whole(TensorParallel tp, string name, int[] shape, float[] local)
-    {
-        var cut = TensorParallel.CutOf(name);
-        if (tp.Size == 1 || cut == TensorParallel.Cut.Whole) return local;
-        var all = new float[local.Length * tp.Size];
-        tp.Group.AllGather(local, all);
-        if (cut == TensorParallel.Cut.Rows) return all;
-        int rows = shape[0], part = shape[1] / tp.Size;
-        var whole = new float[all.Length];
-        for (int r = 0; r < tp.Size; r++)
-            for (int i = 0; i < rows; i++) Array.Copy(all, (long)r * local.Length + (long)i * part, whole, (long)i * shape[1] + r * part, part);
-        return whole;
-    }
-
     /// <summary>
     /// The tiny VLM cut over tensor-parallel groups of <paramref name="tensorParallel"/> ranks (the world's other
     /// dimension data parallel): logits, loss and every gradient of a teacher-forced pass over fixed rollouts (one
@@ -131,7 +116,7 @@ public static class Scenarios
         using var vlm = VisionLanguageModel.Load(backend, model, TrainableParts.All, tensorParallel: tp);
         var shapes = VlmWeights.Expected(vlm.Config).ToDictionary(x => x.Name, x => x.Shape);
         var trainable = vlm.Parameters.All.Where(p => p.Parameter.Trainable).ToList();
-        Dictionary<string, float[]> Gradients() => trainable.ToDictionary(p => p.Name, p => Whole(tp, p.Name, shapes[p.Name], p.Parameter.Grad!.ToFloatArray()));
+        Dictionary<string, float[]> Gradients() => trainable.ToDictionary(p => p.Name, p => tp.Gather(p.Name, shapes[p.Name], p.Parameter.Grad!.ToFloatArray()));
 
         // Fixed rollouts; the first has an image (4 <IMG_CONTEXT> tokens, one 28 x 28 tile).
         var rollouts = FixedRollouts(vlm.Config.Llm.VocabSize, o.Rollouts);
@@ -167,7 +152,7 @@ public static class Scenarios
         using var opt = new AdamWOptimizer(backend, parameters, new AdamWSettings(1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f), maxGradNorm: 0.5, dp, tensorParallel: tp);
         var step = new GrpoPolicyStep(update, aggregation, o.Minibatches, o.GradAccum, dp);
         var r = step.Run(dp.Shard(rollouts, "rollouts"), [], null, opt, () => opt.Step(1e-3f));
-        var weights = trainable.SelectMany(p => Whole(tp, p.Name, shapes[p.Name], p.Parameter.Weights.ToFloatArray())).ToArray();
+        var weights = trainable.SelectMany(p => tp.Gather(p.Name, shapes[p.Name], p.Parameter.Weights.ToFloatArray())).ToArray();
         return new TensorParallelResult(logits, loss, gradients, grpoLoss, grpoGradients, generated, r.Loss, r.GradNorm, weights)
         {
             LocalHeadRows = vlm.LmHead.Value.Dim(0),

@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Text.Json;
 using R1V2.Native.Engine.Backends;
+using R1V2.Native.Engine.Layers;
 using R1V2.Native.Engine.Backends.Cpu;
 using R1V2.Native.Engine.Backends.Cuda;
 using R1V2.Native.Engine.Kernels;
@@ -145,14 +146,18 @@ public static class TrainCommand
     /// </summary>
     private static (ICollectives Group, Trainer.Parallel.DataParallel Dp, Backend Backend) Launched(TrainConfig config)
     {
-        var group = Launch.Collectives();
-        if (group is MpiCollectives mpi) mpi.Timeout = TimeSpan.FromSeconds(config.Parallel.TimeoutS);
+        var world = Launch.Collectives();
+        if (world is MpiCollectives mpi) mpi.Timeout = TimeSpan.FromSeconds(config.Parallel.TimeoutS);
         int tp = config.Parallel.Tp;
-        if (tp != 1)
-            throw new InvalidDataException($"parallel.tp is {tp}: tensor parallelism is not in this build; with parallel.tp=1 the {group.WorldSize} rank(s) train data-parallel, each holding the whole model");
-        var backend = Backends.Create(config.Backend, group.LocalRank);
-        group = Launch.ForBackend(group, backend);   // CUDA tensors: NCCL
-        return (group, new Trainer.Parallel.DataParallel(group), backend);
+        if (world.WorldSize % tp != 0)
+            throw new InvalidDataException($"parallel.tp is {tp} but the launch has {world.WorldSize} rank(s): the world size must be a multiple of the tensor-parallel size (data parallel = world / tp)");
+        var backend = Backends.Create(config.Backend, world.LocalRank);
+        world = Launch.ForBackend(world, backend);   // CUDA tensors: NCCL
+        if (tp == 1) return (world, new Trainer.Parallel.DataParallel(world), backend);
+        // Tensor-parallel groups of consecutive ranks (one node's GPUs), data-parallel groups across them.
+        var tensor = new TensorParallel(world.Split(world.Rank / tp, world.Rank));
+        var data = world.Split(world.Rank % tp, world.Rank);
+        return (world, new Trainer.Parallel.DataParallel(data, tensor, world), backend);
     }
 
     /// <summary>The end of a launch: every rank waits for the others (rank 0 finishing its report), then MPI closes.</summary>
@@ -165,6 +170,9 @@ public static class TrainCommand
     }
 
     private static string Ranks(ICollectives group, string what) => group.WorldSize > 1 ? $" {what} by {group.WorldSize} data-parallel ranks" : "";
+
+    private static string Ranks(Trainer.Parallel.DataParallel dp, string what) =>
+        dp.TensorParallel.Size == 1 ? Ranks(dp.Group, what) : $" {what} by {dp.Ranks} data-parallel rank(s) x {dp.TensorParallel.Size} tensor-parallel ranks";
 
     /// <summary>The optimiser's memory on each rank, said when several ranks share a run.</summary>
     private static void SayOptimizerMemory(ICollectives group, TrainConfig config, long bytes)
@@ -184,7 +192,7 @@ public static class TrainCommand
             return Done(group);
         }
         var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
-        AnsiConsole.MarkupLineInterpolated($"stage sft on {backend.Name}: {config.Steps} steps of {config.Sft.Batch} examples{Ranks(group, "shared")}; run directory {config.Output}{resumed}");
+        AnsiConsole.MarkupLineInterpolated($"stage sft on {backend.Name}: {config.Steps} steps of {config.Sft.Batch} examples{Ranks(dp, "shared")}; run directory {config.Output}{resumed}");
         SayOptimizerMemory(group, config, trainer.OptimizerStateBytes);
         SftSummary? summary = null;
         Progress().Start(ctx =>
@@ -217,7 +225,7 @@ public static class TrainCommand
             return Done(group);
         }
         var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
-        AnsiConsole.MarkupLineInterpolated($"stage {config.Stage} on {backend.Name}: {config.Steps} steps of {config.Pairs.PairsPerStep} pairs{Ranks(group, "shared")}; run directory {config.Output}{resumed}");
+        AnsiConsole.MarkupLineInterpolated($"stage {config.Stage} on {backend.Name}: {config.Steps} steps of {config.Pairs.PairsPerStep} pairs{Ranks(dp, "shared")}; run directory {config.Output}{resumed}");
         SayOptimizerMemory(group, config, trainer.OptimizerStateBytes);
         PreferenceSummary? summary = null;
         Progress().Start(ctx =>
@@ -277,7 +285,7 @@ public static class TrainCommand
             return Done(group);
         }
         var resumed = trainer.Step > 0 ? $" (resumed at step {trainer.Step})" : "";
-        AnsiConsole.MarkupLineInterpolated($"stage grpo on {backend.Name}: {config.Steps} steps of {config.Grpo.PromptsPerStep} prompts x {config.Grpo.GroupSize} samples{Ranks(group, "sampled and trained")}; run directory {config.Output}{resumed}");
+        AnsiConsole.MarkupLineInterpolated($"stage grpo on {backend.Name}: {config.Steps} steps of {config.Grpo.PromptsPerStep} prompts x {config.Grpo.GroupSize} samples{Ranks(dp, "sampled and trained")}; run directory {config.Output}{resumed}");
         SayOptimizerMemory(group, config, trainer.OptimizerStateBytes);
         Progress().Start(ctx =>
         {

@@ -79,6 +79,21 @@ public sealed class TensorParallel(ICollectives group)
         if (Size > 1) Group.AllReduceMax(values);
     }
 
+    /// <summary>A cut tensor whole again from every rank's slice (rank order: rows stacked, or each row's column blocks side by side); a whole one as it is.</summary>
+    public float[] Gather(string name, int[] shape, float[] local)
+    {
+        var cut = CutOf(name);
+        if (Size == 1 || cut == Cut.Whole) return local;
+        var all = new float[local.Length * Size];
+        Group.AllGather(local, all);
+        if (cut == Cut.Rows) return all;
+        int rows = shape[0], part = shape[1] / Size;
+        var whole = new float[all.Length];
+        for (int r = 0; r < Size; r++)
+            for (int i = 0; i < rows; i++) Array.Copy(all, (long)r * local.Length + (long)i * part, whole, (long)i * shape[1] + r * part, part);
+        return whole;
+    }
+
     /// <summary>Whether a parameter's values are distinct on each rank (a slice) rather than a replica: its squares count on every rank in a norm.</summary>
     public static bool IsSharded(string name) => CutOf(name) != Cut.Whole;
 }

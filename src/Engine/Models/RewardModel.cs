@@ -29,12 +29,12 @@ public sealed class RewardModel : IDisposable
     public Parameter Bias { get; }
     public IEnumerable<Parameter> Trainable => Vlm.Parameters.Trainable.Concat(new[] { Weight, Bias }.Where(p => p.Trainable));
 
-    public static RewardModel Load(Backend backend, string directory, TrainableParts trainable, bool trainHead = true)
+    public static RewardModel Load(Backend backend, string directory, TrainableParts trainable, bool trainHead = true, Layers.TensorParallel? tensorParallel = null)
     {
         var config = VlmConfig.Load(Path.Combine(directory, "config.json"));
         int d = config.Llm.HiddenSize;
         var optional = new Dictionary<string, int[]> { [HeadWeight] = [1, d], [HeadBias] = [1] };
-        var vlm = VisionLanguageModel.Load(backend, directory, trainable, optional);
+        var vlm = VisionLanguageModel.Load(backend, directory, trainable, optional, tensorParallel: tensorParallel);
         float[] w = new float[d], b = new float[1];
         using (var ck = Checkpoint.Open(directory))
             if (ck.Contains(HeadWeight))
@@ -53,7 +53,7 @@ public sealed class RewardModel : IDisposable
             Parameter.Create(vlm.Backend, HeadBias, [1], new float[1], trainHead));
     }
 
-    public void Save(string directory, string dtype = "F32") => Vlm.Save(directory, dtype, extra: [Weight, Bias]);
+    public void Save(string directory, string dtype = "F32", IReadOnlyDictionary<string, float[]>? whole = null) => Vlm.Save(directory, dtype, extra: [Weight, Bias], whole: whole);
 
     /// <summary>A forward over packed sequences and their scores (one per sequence).</summary>
     public sealed class Scored(VisionLanguageModel.Pass pass, RowIndex last, Tensor lastHidden, float[] scores) : IDisposable

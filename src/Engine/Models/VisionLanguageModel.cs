@@ -340,27 +340,53 @@ public sealed class VisionLanguageModel : IDisposable
     /// Writes config.json and every weight (fp32 masters when present, else the stored values) in the HF layout, in
     /// <paramref name="dtype"/>, sharded at <paramref name="maxShardBytes"/>, one tensor at a time on the host.
     /// </summary>
-    public void Save(string directory, string dtype = "F32", long maxShardBytes = CheckpointExport.ShardBytes, IEnumerable<Parameter>? extra = null) =>
-        Write(directory, Parameters.All.Select(p => (p.Name, p.Parameter)).Concat((extra ?? []).Select(p => (p.Name, p))), dtype, maxShardBytes);
+    /// <param name="whole">Tensor parallel: the whole values <see cref="GatherWhole"/> collected (on the rank that writes).</param>
+    public void Save(string directory, string dtype = "F32", long maxShardBytes = CheckpointExport.ShardBytes, IEnumerable<Parameter>? extra = null,
+        IReadOnlyDictionary<string, float[]>? whole = null) =>
+        Write(directory, Parameters.All.Select(p => (p.Name, p.Parameter)).Concat((extra ?? []).Select(p => (p.Name, p))), dtype, maxShardBytes, whole);
+
+    /// <summary>
+    /// Tensor parallel: every parameter (or the trainable ones) whole, gathered from the group's slices one tensor at a
+    /// time: every rank of the group calls it (it is a collective), rank 0 of the group keeps the values, the others get
+    /// null. Without tensor parallelism: null (the tensors are whole already).
+    /// </summary>
+    public Dictionary<string, float[]>? GatherWhole(bool trainableOnly)
+    {
+        var tp = TensorParallel;
+        if (tp.Size == 1) return null;
+        var shapes = VlmWeights.Expected(Config).ToDictionary(x => x.Name, x => x.Shape);
+        var whole = new Dictionary<string, float[]>();
+        foreach (var (name, p) in Parameters.All.Where(p => !trainableOnly || p.Parameter.Trainable))
+        {
+            var values = TensorParallel.CutOf(name) == TensorParallel.Cut.Whole ? null : tp.Gather(name, shapes[name], p.Weights.ToFloatArray());
+            if (tp.Rank == 0) whole[name] = values ?? p.Weights.ToFloatArray();
+        }
+        return tp.Rank == 0 ? whole : null;
+    }
 
     /// <summary>
     /// A lean training checkpoint: config.json, the trainable parameters' fp32 masters (and <paramref name="extra"/>
     /// tensors, such as a reward head) as model.safetensors, and base.json naming the checkpoint every frozen tensor
     /// comes from (<see cref="Checkpoint.Open"/> layers the two). Frozen parts cost nothing per checkpoint.
     /// </summary>
-    public void SaveTrainable(string directory, Checkpoint.BaseReference baseReference, IEnumerable<Parameter>? extra = null)
+    public void SaveTrainable(string directory, Checkpoint.BaseReference baseReference, IEnumerable<Parameter>? extra = null, IReadOnlyDictionary<string, float[]>? whole = null)
     {
         Write(directory, Parameters.All.Where(p => p.Parameter.Trainable).Select(p => (p.Name, p.Parameter)).Concat((extra ?? []).Select(p => (p.Name, p))),
-            "F32", long.MaxValue);
+            "F32", long.MaxValue, whole);
         Checkpoint.WriteBase(directory, baseReference);
     }
 
-    private void Write(string directory, IEnumerable<(string Name, Parameter Parameter)> parameters, string dtype, long maxShardBytes)
+    private void Write(string directory, IEnumerable<(string Name, Parameter Parameter)> parameters, string dtype, long maxShardBytes,
+        IReadOnlyDictionary<string, float[]>? whole = null)
     {
         var tensors = parameters.ToList();
+        if (TensorParallel.Size > 1 && whole is null)
+            throw new InvalidOperationException("a tensor-parallel model is written from its whole values: GatherWhole on every rank of the group first");
+        var shapes = TensorParallel.Size == 1 ? null : VlmWeights.Expected(Config).ToDictionary(x => x.Name, x => x.Shape);
         Directory.CreateDirectory(directory);
-        Checkpoint.SaveStreamed(directory, [.. tensors.Select(t => (t.Name, t.Parameter.Weights.Shape.ToArray()))], i => tensors[i].Parameter.Weights.ToFloatArray(),
-            dtype, maxShardBytes);
+        Checkpoint.SaveStreamed(directory,
+            [.. tensors.Select(t => (t.Name, shapes is not null && shapes.TryGetValue(t.Name, out var s) ? s : t.Parameter.Weights.Shape.ToArray()))],
+            i => whole is not null && whole.TryGetValue(tensors[i].Name, out var v) ? v : tensors[i].Parameter.Weights.ToFloatArray(), dtype, maxShardBytes);
         WriteConfig(directory);
     }
 

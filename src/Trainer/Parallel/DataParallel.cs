@@ -12,16 +12,21 @@ namespace R1V2.Native.Trainer.Parallel;
 /// same weights. One writer (rank 0) writes metrics, reports and the shared part of a checkpoint; each rank writes what
 /// it alone holds (its sample buffer, its optimiser shard). In one process every call is the identity.
 /// </summary>
-public sealed class DataParallel(ICollectives group)
+/// <param name="group">The data-parallel group: the ranks that hold the same slice of the model and split the batch.</param>
+/// <param name="tensorParallel">The tensor-parallel group this rank cuts the decoder with (none by default).</param>
+/// <param name="world">Every rank of the launch (the data-parallel group when there is no tensor parallelism).</param>
+public sealed class DataParallel(ICollectives group, TensorParallel? tensorParallel = null, ICollectives? world = null)
 {
     public static readonly DataParallel Single = new(SingleProcessCollectives.Instance);
 
     public ICollectives Group { get; } = group;
+    public ICollectives World { get; } = world ?? group;
+    public TensorParallel TensorParallel { get; } = tensorParallel ?? TensorParallel.None;
     public int Ranks => Group.WorldSize;
     public int Rank => Group.Rank;
 
-    /// <summary>Whether this rank writes the run's files.</summary>
-    public bool Writes => Group.Rank == 0;
+    /// <summary>Whether this rank writes the run's files (rank 0 of the launch).</summary>
+    public bool Writes => World.Rank == 0;
 
     /// <summary>Gradients are summed in buckets of this many fp32 values (one collective per bucket, not per tensor).</summary>
     public int BucketValues { get; init; } = 1 << 22;
@@ -51,7 +56,13 @@ public sealed class DataParallel(ICollectives group)
     }
 
     /// <summary>Whether any rank says yes (a stop request seen by one rank stops all of them at the same step).</summary>
-    public bool Any(bool mine) => Ranks == 1 ? mine : Max(mine ? 1 : 0)[0] > 0;
+    public bool Any(bool mine)
+    {
+        if (World.WorldSize == 1) return mine;
+        Span<double> flag = [mine ? 1 : 0];
+        World.AllReduceMax(flag);
+        return flag[0] > 0;
+    }
 
     /// <summary>
     /// Every rank's values of a list sharded by <see cref="Shard{T}"/> (in blocks of <paramref name="block"/>), put back
@@ -79,12 +90,12 @@ public sealed class DataParallel(ICollectives group)
     /// <summary>Rank 0's string on every rank (a temporary directory's path, a model path decided by rank 0).</summary>
     public string Broadcast(string? mine)
     {
-        if (Ranks == 1) return mine ?? throw new ArgumentNullException(nameof(mine));
+        if (World.WorldSize == 1) return mine ?? throw new ArgumentNullException(nameof(mine));
         var bytes = Writes ? Encoding.UTF8.GetBytes(mine ?? throw new ArgumentNullException(nameof(mine))) : [];
         var length = BitConverter.GetBytes(bytes.Length);
-        Group.Broadcast(length, 0);
+        World.Broadcast(length, 0);
         if (!Writes) bytes = new byte[BitConverter.ToInt32(length)];
-        Group.Broadcast(bytes, 0);
+        World.Broadcast(bytes, 0);
         return Encoding.UTF8.GetString(bytes);
     }
 
@@ -196,9 +207,12 @@ public sealed class DataParallel(ICollectives group)
                 writeOwn?.Invoke(tmp);
             };
         }
-        if (Ranks == 1)
+        // A data-parallel rank's own files are written once: by rank 0 of its tensor-parallel group (the others hold the same).
+        var writeOwnOnce = own;
+        own = tmp => { if (TensorParallel.Rank == 0) writeOwnOnce?.Invoke(tmp); };
+        if (World.WorldSize == 1)
         {
-            RunCheckpoints.Save(output, step, keep, tmp => { shared(tmp); own?.Invoke(tmp); });
+            RunCheckpoints.Save(output, step, keep, tmp => { shared(tmp); own(tmp); });
             return;
         }
         if (Writes)
@@ -206,26 +220,26 @@ public sealed class DataParallel(ICollectives group)
             RunCheckpoints.Save(output, step, keep, tmp =>
             {
                 Broadcast(tmp);
-                own?.Invoke(tmp);
-                Group.Barrier();
+                own(tmp);
+                World.Barrier();
                 shared(tmp);
             });
         }
         else
         {
             var tmp = Broadcast(null);
-            own?.Invoke(tmp);
-            Group.Barrier();
+            own(tmp);
+            World.Barrier();
         }
-        Group.Barrier();
+        World.Barrier();
     }
 
     /// <summary>Waits for every rank (bounded by the group's collective timeout).</summary>
-    public void Barrier() => Group.Barrier();
+    public void Barrier() => World.Barrier();
 
     /// <summary>
     /// Waits, without a time limit, for rank 0 to finish work it does alone (data, earlier stages, evaluation): not a
     /// hang but a stage of the run. A rank 0 that fails ends the whole job, so this never waits for a dead rank.
     /// </summary>
-    public void WaitForWriter() => Group.Barrier(Timeout.InfiniteTimeSpan);
+    public void WaitForWriter() => World.Barrier(Timeout.InfiniteTimeSpan);
 }

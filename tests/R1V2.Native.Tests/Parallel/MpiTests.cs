@@ -328,6 +328,62 @@ public sealed class MpiTests
         finally { Directory.Delete(dir, true); }
     }
 
+    [SkippableTheory]
+    [InlineData(2)]
+    [InlineData(4)]
+    public void SftStage_TensorParallel_EqualsOneProcess(int ranks)
+    {
+        // engine train --stage sft --tp 2 on 2 ranks (and tp 2 x dp 2 on 4): the losses, gradient norms and the final
+        // model (gathered whole from the slices) of one process.
+        RequireMpiRun();
+        var dir = Directory.CreateTempSubdirectory("r1v2-tp-sft-").FullName;
+        try
+        {
+            var one = Path.Combine(dir, "one");
+            Assert.Equal(0, R1V2.Native.Cli.Program.Main(SftArgs(dir, one)));
+            var tp = Path.Combine(dir, "tp");
+            var (code, output) = Run(ranks, [.. SftArgs(dir, tp), "--tp", "2"]);
+            Assert.True(code == 0, output);
+            var (a, b) = (Metrics(one), Metrics(tp));
+            Assert.Equal(3, b.Length);
+            for (int s = 0; s < 3; s++)
+                for (int k = 0; k < 3; k++)
+                    Assert.True(Math.Abs(a[s][k] - b[s][k]) <= 1e-5 * Math.Abs(a[s][k]), $"step {s + 1}, field {k}: {a[s][k]} vs {b[s][k]}");
+            AssertSameFinalWeights(one, tp, $"tp 2 on {ranks} ranks");
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    [SkippableFact]
+    public void GrpoStage_TensorAndDataParallel_OnFourRanks_TrainsAndWritesWholeTensors()
+    {
+        // mpirun -np 4 engine train --stage grpo --tp 2: two data-parallel replicas of the tiny VLM, each cut over two
+        // ranks. The checkpoints and the final model hold whole tensors (one process loads them), a buffer per replica.
+        RequireMpiRun();
+        var dir = Directory.CreateTempSubdirectory("r1v2-tp-grpo-").FullName;
+        try
+        {
+            var output = Path.Combine(dir, "run");
+            var (code, text) = Run(4, [.. GrpoArgs(dir, output, steps: 2), "--tp", "2"]);
+            Assert.True(code == 0, text);
+            Assert.Contains("sampled and trained by 2 data-parallel rank(s) x 2 tensor-parallel ranks", text);
+            Assert.Equal(2, File.ReadAllLines(Path.Combine(output, "metrics.jsonl")).Count(l => l.Trim().Length > 0));
+            var checkpoint = Directory.GetDirectories(Path.Combine(output, "checkpoints")).Single();
+            Assert.Equal(["buffer.rank-00000.bin", "buffer.rank-00001.bin"], Directory.GetFiles(checkpoint, "buffer*").Select(Path.GetFileName).Order());
+            Assert.Null(R1V2.Native.Trainer.RunCheckpoints.VerifyManifest(checkpoint));
+            using (var b = new CpuBackend())
+            using (var model = R1V2.Native.Engine.Models.VisionLanguageModel.Load(b, Path.Combine(output, "final")))
+                Assert.Equal(272, model.LmHead.Value.Dim(0));                                          // whole again
+            (code, text) = Run(4, [.. GrpoArgs(dir, output, steps: 3), "--tp", "2"]);
+            Assert.True(code == 0, text);
+            Assert.Contains("resumed at step 2", text);
+            (code, text) = Run(3, [.. GrpoArgs(dir, Path.Combine(dir, "odd"), steps: 1), "--tp", "2"]);
+            Assert.NotEqual(0, code);
+            Assert.Contains("parallel.tp is 2 but the launch has 3 rank(s)", text);
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
     [SkippableFact]
     public void ARankThatFailsInStepTwo_EndsTheJobWithItsMessage()
     {
