@@ -24,7 +24,17 @@ public sealed class Parameter : IDisposable
     public Tensor Value { get; }
 
     /// <summary>fp32 master weights, or null when <see cref="Value"/> is itself fp32.</summary>
-    public Tensor? Master { get; }
+    public Tensor? Master { get; private set; }
+
+    /// <summary>
+    /// Frees the fp32 master (the optimiser keeps its own shard of it: ZeRO-1); <see cref="Weights"/> is then the
+    /// working copy, which the optimiser refreshes from its shard after each step.
+    /// </summary>
+    public void ReleaseMaster()
+    {
+        Master?.Dispose();
+        Master = null;
+    }
 
     /// <summary>fp32 gradient, accumulated by backward; null for a frozen parameter.</summary>
     public Tensor? Grad { get; }

@@ -60,6 +60,8 @@ public sealed class AdamWOptimizer : IDisposable
             throw new NotSupportedException($"parallel.shard_optimizer: {_total} trainable values do not fit the host staging of the MPI path ({Array.MaxLength} at most)");
         _shard = (int)shard;
         _master = backend.FromArray(Flat(p => p.Weights).AsSpan(ShardStart, _shard), DType.F32, [_shard], "optimizer.master_shard");
+        // This rank's shard is the only fp32 master it keeps (a bf16 device's whole-parameter masters go).
+        foreach (var p in trainable) p.ReleaseMaster();
         _grad = backend.Allocate(DType.F32, [_shard], "optimizer.grad_shard");
         _m = backend.Allocate(DType.F32, [_shard], "optimizer.exp_avg_shard");
         _v = backend.Allocate(DType.F32, [_shard], "optimizer.exp_avg_sq_shard");
