@@ -41,7 +41,6 @@ public sealed class AdamWOptimizer : IDisposable
     {
         _b = backend;
         _tp = tensorParallel ?? TensorParallel.None;
-        if (shardState && _tp.Size > 1) throw new NotSupportedException("parallel.shard_optimizer together with tensor parallelism is not in this build: shard one or the other");
         Settings = settings;
         MaxGradNorm = maxGradNorm;
         _dp = dataParallel ?? DataParallel.Single;
@@ -163,7 +162,26 @@ public sealed class AdamWOptimizer : IDisposable
         var mine = new float[_shard];
         _dp.Group.ReduceScatterSum(Flat(p => p.Grad!), mine);
         _grad!.CopyFrom(mine);
-        double norm = _b.GlobalNorm([_grad], shardedOver: _dp.Group);   // each shard's squares once, summed over the ranks
+        double norm;
+        if (_tp.Size == 1) norm = _b.GlobalNorm([_grad], shardedOver: _dp.Group);   // each shard's squares once, summed over the ranks
+        else
+        {
+            // With tensor parallelism the shard spans slices (distinct on each tensor-parallel rank: summed over that group
+            // too) and whole tensors (the same on each: counted once).
+            var squares = new double[2];
+            long offset = 0, start = ShardStart, end = ShardStart + (long)_shard;
+            foreach (var (p, _, _) in _state)
+            {
+                long from = Math.Max(offset, start), to = Math.Min(offset + p.Weights.Length, end);
+                int k = TensorParallel.IsSharded(p.Name) ? 0 : 1;
+                for (long i = from; i < to; i++) squares[k] += (double)mine[i - start] * mine[i - start];
+                offset += p.Weights.Length;
+            }
+            _dp.Group.AllReduceSum(squares);
+            Span<double> sliced = [squares[0]];
+            _tp.Group.AllReduceSum(sliced);
+            norm = Math.Sqrt(sliced[0] + squares[1]);
+        }
         if (!double.IsFinite(norm)) return new StepReport(StepCount, norm, 0, learningRate, Skipped: true);
         double scale = MaxGradNorm > 0 ? Backend.ClipScale(norm, MaxGradNorm) : 1.0;
         StepCount++;

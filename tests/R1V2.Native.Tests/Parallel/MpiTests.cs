@@ -329,12 +329,13 @@ public sealed class MpiTests
     }
 
     [SkippableTheory]
-    [InlineData(2)]
-    [InlineData(4)]
-    public void SftStage_TensorParallel_EqualsOneProcess(int ranks)
+    [InlineData(2, false)]
+    [InlineData(4, false)]
+    [InlineData(4, true)]
+    public void SftStage_TensorParallel_EqualsOneProcess(int ranks, bool shardOptimizer)
     {
-        // engine train --stage sft --tp 2 on 2 ranks (and tp 2 x dp 2 on 4): the losses, gradient norms and the final
-        // model (gathered whole from the slices) of one process.
+        // engine train --stage sft --tp 2 on 2 ranks (and tp 2 x dp 2 on 4, also with ZeRO-1 sharding each replica's
+        // slices): the losses, gradient norms and the final model (gathered whole from the slices) of one process.
         RequireMpiRun();
         var dir = Directory.CreateTempSubdirectory("r1v2-tp-sft-").FullName;
         try
@@ -342,7 +343,7 @@ public sealed class MpiTests
             var one = Path.Combine(dir, "one");
             Assert.Equal(0, R1V2.Native.Cli.Program.Main(SftArgs(dir, one)));
             var tp = Path.Combine(dir, "tp");
-            var (code, output) = Run(ranks, [.. SftArgs(dir, tp), "--tp", "2"]);
+            var (code, output) = Run(ranks, [.. SftArgs(dir, tp), "--tp", "2", "--set", $"parallel.shard_optimizer={(shardOptimizer ? "true" : "false")}"]);
             Assert.True(code == 0, output);
             var (a, b) = (Metrics(one), Metrics(tp));
             Assert.Equal(3, b.Length);
