@@ -78,8 +78,7 @@ public sealed class MpiTests
     /// <summary>A tiny checkpoint and 20 supervised examples under <paramref name="dir"/>; the `engine train` arguments of a 3-step run into <paramref name="output"/>.</summary>
     private static string[] SftArgs(string dir, string output)
     {
-        var ckpt = Path.Combine(dir, "tiny");
-        if (!Directory.Exists(ckpt)) InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), ckpt, seed: 6);
+        var ckpt = TinyModel(dir);
         var data = Path.Combine(dir, "sft.jsonl");
         File.WriteAllLines(data, Enumerable.Range(0, 20).Select(i => System.Text.Json.JsonSerializer.Serialize(new { prompt = $"Is {i} even?", response = $"<think>{i} mod 2</think> {(i % 2 == 0 ? "yes" : "no")}" })));
         return ["train", "--stage", "sft", "--set", $"model={ckpt}", "--set", $"data.path={data}", "--set", "steps=3", "--set", "sft.batch=4", "--set", "trainable=all",
@@ -102,24 +101,8 @@ public sealed class MpiTests
             var (code, output) = Run(2, SftArgs(dir, two));
             Assert.True(code == 0, output);
             Assert.Contains("shared by 2 data-parallel ranks", output);
-            var (a, b) = (Metrics(one), Metrics(two));
-            Assert.Equal(3, b.Length);                                   // one writer: rank 0's lines only
-            for (int s = 0; s < 3; s++)
-                for (int k = 0; k < 3; k++)
-                    Assert.True(Math.Abs(a[s][k] - b[s][k]) <= 1e-5 * Math.Abs(a[s][k]), $"step {s + 1}, field {k}: {a[s][k]} vs {b[s][k]}");
-            using var w1 = R1V2.Native.Engine.Checkpoints.Checkpoint.Open(Path.Combine(one, "final"));
-            using var w2 = R1V2.Native.Engine.Checkpoints.Checkpoint.Open(Path.Combine(two, "final"));
-            // Over all weights together: a key bias has no gradient in exact arithmetic (softmax ignores a shift shared by
-            // every key), so each run's rounding noise there becomes a full AdamW step; per tensor it differs at 2e-5.
-            double diff = 0, norm = 0;
-            foreach (var name in w1.Names)
-            {
-                var shape = w1.Info(name).Shape.Select(d => (int)d).ToArray();
-                var (x, y) = (w1.Read(name, shape), w2.Read(name, shape));
-                diff += x.Zip(y).Sum(z => (double)(z.First - z.Second) * (z.First - z.Second));
-                norm += x.Sum(v => (double)v * v);
-            }
-            Assert.True(Math.Sqrt(diff) <= 1e-5 * Math.Sqrt(norm), $"weights differ by {Math.Sqrt(diff):E2} (norm {Math.Sqrt(norm):E2})");
+            AssertSameMetrics(Metrics(one), Metrics(two), 1e-5);           // one writer: rank 0's lines only
+            AssertSameFinalWeights(one, two, "2 ranks");
         }
         finally { Directory.Delete(dir, true); }
     }
@@ -231,6 +214,19 @@ public sealed class MpiTests
         [.. File.ReadAllLines(Path.Combine(output, "metrics.jsonl")).Where(l => l.Trim().Length > 0).Select(l => System.Text.Json.Nodes.JsonNode.Parse(l)!)
             .Select(j => new[] { j["Loss"]!.GetValue<double>(), j["GradNorm"]!.GetValue<double>(), j["Accuracy"]!.GetValue<double>(), j["Margin"]!.GetValue<double>(), j["Delta"]!.GetValue<double>() })];
 
+    /// <summary>The same number of logged steps, each field within <paramref name="relative"/> of one process's.</summary>
+    private static void AssertSameMetrics(double[][] a, double[][] b, double relative)
+    {
+        Assert.Equal(a.Length, b.Length);
+        for (int s = 0; s < a.Length; s++)
+            for (int k = 0; k < a[s].Length; k++)
+                Assert.True(Math.Abs(a[s][k] - b[s][k]) <= relative * Math.Max(1e-3, Math.Abs(a[s][k])), $"step {s + 1}, field {k}: {a[s][k]} vs {b[s][k]}");
+    }
+
+    /// <summary>
+    /// Two runs' final models, over all weights together: a key bias has no gradient in exact arithmetic (softmax ignores
+    /// a shift shared by every key), so each run's rounding noise there becomes a full AdamW step; per tensor it differs at 2e-5.
+    /// </summary>
     private static void AssertSameFinalWeights(string one, string other, string what)
     {
         using var w1 = R1V2.Native.Engine.Checkpoints.Checkpoint.Open(Path.Combine(one, "final"));
@@ -266,11 +262,7 @@ public sealed class MpiTests
                 var (code, output) = Run(ranks, PreferenceArgs(dir, stage, many));
                 Assert.True(code == 0, output);
                 Assert.Contains($"shared by {ranks} data-parallel ranks", output);
-                var b = PreferenceMetrics(many);
-                Assert.Equal(2, b.Length);
-                for (int s = 0; s < 2; s++)
-                    for (int k = 0; k < 5; k++)
-                        Assert.True(Math.Abs(a[s][k] - b[s][k]) <= 1e-5 * Math.Max(1e-3, Math.Abs(a[s][k])), $"{ranks} ranks, step {s + 1}, field {k}: {a[s][k]} vs {b[s][k]}");
+                AssertSameMetrics(a, PreferenceMetrics(many), 1e-5);
                 var summary = (string p) => System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(p, "summary.json")))!["HeldOutAccuracy"]!.GetValue<double>();
                 Assert.Equal(summary(one), summary(many));
                 AssertSameFinalWeights(one, many, $"{ranks} ranks");
@@ -345,11 +337,7 @@ public sealed class MpiTests
             var tp = Path.Combine(dir, "tp");
             var (code, output) = Run(ranks, [.. SftArgs(dir, tp), "--tp", "2", "--set", $"parallel.shard_optimizer={(shardOptimizer ? "true" : "false")}"]);
             Assert.True(code == 0, output);
-            var (a, b) = (Metrics(one), Metrics(tp));
-            Assert.Equal(3, b.Length);
-            for (int s = 0; s < 3; s++)
-                for (int k = 0; k < 3; k++)
-                    Assert.True(Math.Abs(a[s][k] - b[s][k]) <= 1e-5 * Math.Abs(a[s][k]), $"step {s + 1}, field {k}: {a[s][k]} vs {b[s][k]}");
+            AssertSameMetrics(Metrics(one), Metrics(tp), 1e-5);
             AssertSameFinalWeights(one, tp, $"tp 2 on {ranks} ranks");
         }
         finally { Directory.Delete(dir, true); }
@@ -432,10 +420,7 @@ public sealed class MpiTests
             (code, text) = Run(2, Args(sharded, 3, shard: true));
             Assert.True(code == 0, text);
             Assert.Contains("(masters and moments sharded over 2 ranks)", text);
-            var (a, b) = (Metrics(replicated), Metrics(sharded));
-            for (int s = 0; s < 3; s++)
-                for (int k = 0; k < 3; k++)
-                    Assert.True(Math.Abs(a[s][k] - b[s][k]) <= 1e-5 * Math.Abs(a[s][k]), $"step {s + 1}, field {k}: {a[s][k]} vs {b[s][k]}");
+            AssertSameMetrics(Metrics(replicated), Metrics(sharded), 1e-5);
             AssertSameFinalWeights(replicated, sharded, "sharded against replicated");
             var checkpoint = Directory.GetDirectories(Path.Combine(sharded, "checkpoints")).OrderBy(d => d).Last();
             Assert.True(File.Exists(Path.Combine(checkpoint, "optimizer.rank-00000.safetensors")) && File.Exists(Path.Combine(checkpoint, "optimizer.rank-00001.safetensors")));
