@@ -30,6 +30,7 @@ public static unsafe partial class Mpi
     [LibraryImport(Lib, EntryPoint = "MPI_Comm_rank")] private static partial int MPI_Comm_rank(nint comm, int* rank);
     [LibraryImport(Lib, EntryPoint = "MPI_Comm_size")] private static partial int MPI_Comm_size(nint comm, int* size);
     [LibraryImport(Lib, EntryPoint = "MPI_Comm_split")] private static partial int MPI_Comm_split(nint comm, int color, int key, nint* newComm);
+    [LibraryImport(Lib, EntryPoint = "MPI_Comm_split_type")] private static partial int MPI_Comm_split_type(nint comm, int type, int key, nint info, nint* newComm);
     [LibraryImport(Lib, EntryPoint = "MPI_Comm_free")] private static partial int MPI_Comm_free(nint* comm);
     [LibraryImport(Lib, EntryPoint = "MPI_Allreduce")] private static partial int MPI_Allreduce(void* send, void* recv, int count, nint type, nint op, nint comm);
     [LibraryImport(Lib, EntryPoint = "MPI_Reduce_scatter_block")] private static partial int MPI_Reduce_scatter_block(void* send, void* recv, int count, nint type, nint op, nint comm);
@@ -60,6 +61,10 @@ public static unsafe partial class Mpi
     /// <summary>MPI_IN_PLACE: 1 in Open MPI, -1 in MPICH.</summary>
     public static void* InPlace { get; private set; }
 
+    /// <summary>MPI_COMM_TYPE_SHARED (0 in Open MPI, 1 in MPICH) and MPI_INFO_NULL.</summary>
+    private static int CommTypeShared { get; set; }
+    private static nint InfoNull { get; set; }
+
     /// <summary>MPI_STATUS_IGNORE: 0 in Open MPI, 1 in MPICH.</summary>
     private static void* StatusIgnore { get; set; }
 
@@ -80,6 +85,8 @@ public static unsafe partial class Mpi
             Max = Export("ompi_mpi_op_max");
             InPlace = (void*)1;
             StatusIgnore = null;
+            CommTypeShared = 0;
+            InfoNull = Export("ompi_mpi_info_null");
         }
         else
         {
@@ -93,6 +100,8 @@ public static unsafe partial class Mpi
             Max = 0x58000001;
             InPlace = (void*)-1;
             StatusIgnore = (void*)1;
+            CommTypeShared = 1;
+            InfoNull = 0x1c000000;
         }
         int flag;
         Check(MPI_Initialized(&flag), "MPI_Initialized");
@@ -116,6 +125,14 @@ public static unsafe partial class Mpi
     {
         nint result;
         Check(MPI_Comm_split(comm, color, key, &result), "MPI_Comm_split");
+        return result;
+    }
+
+    /// <summary>The ranks of <paramref name="comm"/> that share this one's memory (its node), ordered by rank.</summary>
+    public static nint SplitShared(nint comm)
+    {
+        nint result;
+        Check(MPI_Comm_split_type(comm, CommTypeShared, Rank(comm), InfoNull, &result), "MPI_Comm_split_type");
         return result;
     }
 

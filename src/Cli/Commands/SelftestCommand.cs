@@ -68,6 +68,11 @@ public static class SelftestCommand
         checks.Add(new Check("split rank and size", group.Rank == Array.IndexOf(members, r) && group.WorldSize == members.Length ? null
             : $"rank {group.Rank} of {group.WorldSize}, expected {Array.IndexOf(members, r)} of {members.Length}"));
         (group as MpiCollectives)?.Free();
+        if (c is MpiCollectives or Engine.Backends.Cuda.NcclCollectives)
+        {
+            int node = MpiCollectives.NodeRank();
+            checks.Add(new Check("local rank (node's shared-memory group)", node == c.LocalRank ? null : $"the launcher says local rank {c.LocalRank}, MPI's shared-memory split {node}"));
+        }
         c.Barrier();
         checks.Add(new Check("barrier", null));
         return checks;

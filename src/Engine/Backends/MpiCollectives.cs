@@ -26,7 +26,15 @@ public sealed unsafe class MpiCollectives : ICollectives
     public static MpiCollectives World()
     {
         Mpi.Initialize();
-        return new MpiCollectives(Mpi.CommWorld, owned: false, Launch.LocalRank() ?? 0);
+        return new MpiCollectives(Mpi.CommWorld, owned: false, Launch.LocalRank() ?? NodeRank());
+    }
+
+    /// <summary>This process's rank among the processes of its node, from MPI's shared-memory split (a launcher that sets no local-rank variable).</summary>
+    public static int NodeRank()
+    {
+        var node = Mpi.SplitShared(Mpi.CommWorld);
+        try { return Mpi.Rank(node); }
+        finally { Mpi.Free(node); }
     }
 
     public int Rank { get; }
