@@ -94,6 +94,7 @@ public sealed class GrpoTrainer : IDisposable
         var parts = config.TrainableParts();
         _model = VisionLanguageModel.Load(backend, source, parts, tensorParallel: _dp.TensorParallel);
         _dp.SyncWeights(_model.Parameters.All.Select(p => p.Parameter).ToList());
+        _model.GradientReady = _dp.GradientReady;   // data parallel: buckets start their sums during the step's last backward
         _base = RunCheckpoints.BaseOf(resume, config.Model, _model.Parameters.All.Where(p => p.Parameter.Trainable).Select(p => p.Name));
         _tokenizer = TextTokenizer.Load(source);
         // Kept in memory: a resumed run's source is a checkpoint directory that pruning later removes.

@@ -70,6 +70,7 @@ public sealed class PreferenceTrainer : IDisposable
             _reference = VisionLanguageModel.Load(backend, config.Model, TrainableParts.None, tensorParallel: _dp.TensorParallel); // the frozen start, also on resume
             trainable = _policy.Parameters.Trainable;
         }
+        (_rm?.Vlm ?? _policy!).GradientReady = _dp.GradientReady;   // data parallel: buckets start their sums while backward goes on
         _dp.SyncWeights([.. (_rm?.Vlm ?? _policy!).Parameters.All.Select(p => p.Parameter), .. _rm is null ? [] : new[] { _rm.Weight, _rm.Bias }]);
         _base = RunCheckpoints.BaseOf(resume, config.Model, (_rm?.Vlm ?? _policy!).Parameters.All.Where(p => p.Parameter.Trainable).Select(p => p.Name)
             .Concat(_rm is null ? [] : [RewardModel.HeadWeight, RewardModel.HeadBias]));
@@ -189,6 +190,7 @@ public sealed class PreferenceTrainer : IDisposable
             correct += rc > rr ? 1 : 0;
             margin += rc - rr;
         }
+        _dp.FinalBackward = true;
         _rm.Backward(scored, d);
         var lr = _schedule.At(step + 1);
         var report = _guard.Step(_opt, lr, step);
@@ -225,6 +227,7 @@ public sealed class PreferenceTrainer : IDisposable
             correct += lc > lr ? 1 : 0;
             margin += mpo.Beta * (lc - lr);
         }
+        _dp.FinalBackward = true;
         _policy.Backward(pass, dlogp);
         var lrate = _schedule.At(step + 1);
         var report = _guard.Step(_opt, lrate, step);

@@ -53,6 +53,7 @@ public sealed class SftTrainer : IDisposable
         _heldOut = Enumerable.Range(_data.Count - held, held).ToHashSet();
         _model = VisionLanguageModel.Load(backend, resume ?? config.Model, config.TrainableParts(), tensorParallel: _dp.TensorParallel);
         _dp.SyncWeights([.. _model.Parameters.All.Select(p => p.Parameter)]);
+        _model.GradientReady = _dp.GradientReady;   // data parallel: buckets start their sums while backward goes on
         _base = RunCheckpoints.BaseOf(resume, config.Model, _model.Parameters.All.Where(p => p.Parameter.Trainable).Select(p => p.Name));
         _packer = new ResponsePacker(_model, _tokenizer);
         var o = config.Optim;
@@ -95,6 +96,7 @@ public sealed class SftTrainer : IDisposable
                 tokens = (long)sums[1];
                 loss = _dp.Ranks == 1 ? pass.Loss : sums[0] / Math.Max(1, tokens);
                 float g = tokens == 0 ? 0f : -1f / tokens;
+                _dp.FinalBackward = true;
                 _model.Backward(pass, packed.Targets.Select(t => t >= 0 ? g : 0f).ToArray());
             }
             var lr = _schedule.At(_step + 1);

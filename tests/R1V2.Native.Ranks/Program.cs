@@ -9,7 +9,7 @@ try
 {
     var result = args[0] switch
     {
-        "grpo-step" => (object)Scenarios.GrpoStep(args[1], new R1V2.Native.Trainer.Parallel.DataParallel(group), Scenarios.Options.Parse(args[3..])),
+        "grpo-step" => (object)Scenarios.GrpoStep(args[1], new R1V2.Native.Trainer.Parallel.DataParallel(group) { BucketValues = Scenarios.SmallBuckets }, Scenarios.Options.Parse(args[3..])),
         "tensor-parallel" => (object)Scenarios.TensorParallelStep(args[1], group, int.Parse(args[3]), Scenarios.Options.Parse(args[4..])),
         "step-memory" => (object)Scenarios.StepMemory(args[1], new R1V2.Native.Trainer.Parallel.DataParallel(group), args.Contains("--shard-optimizer")),
         _ => throw new ArgumentException($"unknown scenario '{args[0]}' (grpo-step, step-memory, tensor-parallel)"),

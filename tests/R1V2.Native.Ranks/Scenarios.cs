@@ -11,7 +11,11 @@ using R1V2.Native.Trainer.Ssb;
 namespace R1V2.Native.Ranks;
 
 /// <summary>What a scenario reports: loss, gradient norm, clipped share, the weights after the step and their hash.</summary>
-public sealed record StepResult(double Loss, double GradNorm, double ClippedFraction, long Tokens, int LocalTokens, float[] Weights, string Hash);
+public sealed record StepResult(double Loss, double GradNorm, double ClippedFraction, long Tokens, int LocalTokens, float[] Weights, string Hash)
+{
+    /// <summary>Gradient buckets whose sum began during backward (data parallel).</summary>
+    public int EarlyBuckets { get; init; }
+}
 
 /// <summary>
 /// Scenarios the multi-rank tests run on every rank and in one process, so the two can be compared: the same global
@@ -19,6 +23,9 @@ public sealed record StepResult(double Loss, double GradNorm, double ClippedFrac
 /// </summary>
 public static class Scenarios
 {
+    /// <summary>Gradient buckets of 4096 values: the tiny VLM's gradients make several, so some start during backward.</summary>
+    public const int SmallBuckets = 4096;
+
     public sealed record Options(int Rollouts, string Aggregation, int Minibatches, int GradAccum)
     {
         public static Options Parse(string[] args)
@@ -68,6 +75,7 @@ public static class Scenarios
         using var backend = new CpuBackend();
         using var vlm = VisionLanguageModel.Load(backend, model, TrainableParts.All);
         dp.SyncWeights([.. vlm.Parameters.All.Select(p => p.Parameter)]);
+        vlm.GradientReady = dp.GradientReady;
         var trainable = vlm.Parameters.Trainable.ToList();
         using var opt = new AdamWOptimizer(backend, trainable, new AdamWSettings(1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f), maxGradNorm: 0.5, dp);
         var aggregation = o.Aggregation == "token_mean" ? LossAggregation.TokenMean : LossAggregation.SequenceMeanTokenMean;
@@ -77,7 +85,8 @@ public static class Scenarios
         var r = step.Run(mine, [], null, opt, () => opt.Step(1e-3f));
         dp.CheckSameWeights(trainable, "after the step");
         var weights = trainable.SelectMany(p => p.Weights.ToFloatArray()).ToArray();
-        return new StepResult(r.Loss, r.GradNorm, r.ClippedFraction, r.Tokens, mine.Sum(x => x.Response.Length), weights, DataParallel.WeightsHash(trainable).ToString("x32"));
+        return new StepResult(r.Loss, r.GradNorm, r.ClippedFraction, r.Tokens, mine.Sum(x => x.Response.Length), weights, DataParallel.WeightsHash(trainable).ToString("x32"))
+            { EarlyBuckets = dp.BucketsStartedInBackward };
     }
 
     /// <summary>
@@ -150,6 +159,7 @@ public static class Scenarios
         dp.SyncWeights([.. vlm.Parameters.All.Select(p => p.Parameter)]);
         var parameters = trainable.Select(p => p.Parameter).ToList();
         using var opt = new AdamWOptimizer(backend, parameters, new AdamWSettings(1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f), maxGradNorm: 0.5, dp, tensorParallel: tp);
+        vlm.GradientReady = dp.GradientReady;
         var step = new GrpoPolicyStep(update, aggregation, o.Minibatches, o.GradAccum, dp);
         var r = step.Run(dp.Shard(rollouts, "rollouts"), [], null, opt, () => opt.Step(1e-3f));
         var weights = trainable.SelectMany(p => tp.Gather(p.Name, shapes[p.Name], p.Parameter.Weights.ToFloatArray())).ToArray();

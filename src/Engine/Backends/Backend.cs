@@ -885,6 +885,17 @@ public interface ICollectives
 
     /// <summary>In-place sum of fp32 host values (a bucket of gradients, a shard's moments).</summary>
     void AllReduceSum(Span<float> values);
+
+    /// <summary>
+    /// Starts an in-place sum of <paramref name="values"/> and returns what completes it (the array must stay untouched
+    /// until then): a bucket of gradients reduced while backward goes on. Every rank starts the same sums in the same
+    /// order. By default it runs at once.
+    /// </summary>
+    Action StartAllReduceSum(float[] values)
+    {
+        AllReduceSum(values.AsSpan());
+        return () => { };
+    }
     void AllReduceSum(Tensor tensor);
 
     /// <summary>Every rank's <paramref name="data"/> becomes rank <paramref name="root"/>'s.</summary>

@@ -62,6 +62,23 @@ public sealed unsafe class MpiCollectives : ICollectives
         fixed (float* p = values) Wait(Mpi.StartAllReduceInPlace(p, values.Length, Mpi.Float, Mpi.Sum, _comm), "all_reduce sum (fp32)");
     }
 
+    public Action StartAllReduceSum(float[] values)
+    {
+        var pin = System.Runtime.InteropServices.GCHandle.Alloc(values, System.Runtime.InteropServices.GCHandleType.Pinned);
+        nint request;
+        try { request = Mpi.StartAllReduceInPlace((void*)pin.AddrOfPinnedObject(), values.Length, Mpi.Float, Mpi.Sum, _comm); }
+        catch
+        {
+            pin.Free();
+            throw;
+        }
+        return () =>
+        {
+            try { Wait(request, $"all_reduce sum of a {values.Length}-value gradient bucket"); }
+            finally { pin.Free(); }
+        };
+    }
+
     public void AllReduceSum(Tensor tensor)
     {
         if (tensor.DType != DType.F32) throw new ArgumentException($"all_reduce: {tensor} must be fp32 (gradients are)");

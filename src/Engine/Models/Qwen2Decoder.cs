@@ -55,7 +55,9 @@ public sealed class Qwen2Decoder
     }
 
     /// <summary>dOutput [T, D] -> dx [T, D] (the caller owns it), accumulating parameter gradients.</summary>
-    public Tensor Backward(State st, Tensor dOutput, Tensor positions, PackedSequences sequences, SharedRows? shared = null)
+    /// <param name="ready">Called with each parameter of a layer once that layer's backward is done (its gradient is
+    /// final for this pass): a data-parallel run starts reducing them while the layers below run.</param>
+    public Tensor Backward(State st, Tensor dOutput, Tensor positions, PackedSequences sequences, SharedRows? shared = null, Action<Parameter>? ready = null)
     {
         var dx = dOutput;
         bool owned = false;
@@ -66,6 +68,7 @@ public sealed class Qwen2Decoder
             Tensor next;
             using (cache) next = _layers[i].Backward(dx, st.Inputs[i], positions, sequences, shared, cache);
             st.Caches[i] = null;
+            if (ready is not null) foreach (var p in _layers[i].Parameters) ready(p);
             if (owned) dx.Dispose();
             dx = next;
             owned = true;
@@ -106,6 +109,10 @@ public sealed class Qwen2Decoder
         private readonly Norm _inputNorm, _postNorm;
         private readonly Linear _q, _k, _v, _o, _gate, _up, _down;
         private readonly TensorParallel _tp;
+
+        /// <summary>The layer's weights and biases.</summary>
+        public IEnumerable<Parameter> Parameters => new[] { _inputNorm.Weight, _postNorm.Weight, _q.Weight, _q.Bias, _k.Weight, _k.Bias, _v.Weight, _v.Bias,
+            _o.Weight, _gate.Weight, _up.Weight, _down.Weight }.OfType<Parameter>();
 
         // This rank's query heads, kv heads and MLP columns (all of them without tensor parallelism).
         private readonly int _heads, _kvHeads, _ffn;

@@ -438,6 +438,13 @@ public sealed class VisionLanguageModel : IDisposable
         return logits.ToFloatArray();
     }
 
+    /// <summary>
+    /// Called during backward with each parameter whose gradient for the pass is complete (the LM head and final norm,
+    /// then each decoder layer from the top): a data-parallel run starts reducing gradients while backward goes on.
+    /// Parameters not named here (embedding, adapter, ViT) are complete when backward returns.
+    /// </summary>
+    public Action<Parameter>? GradientReady { get; set; }
+
     /// <summary>Vocabulary rows per chunk of the LM head (<see cref="ChunkedLmHead"/>): the loss's logits are [scored rows, chunk] fp32.</summary>
     public int VocabChunk { get; set; } = ChunkedLmHead.DefaultChunk;
 
@@ -642,7 +649,12 @@ public sealed class VisionLanguageModel : IDisposable
             _b.Convert(dHidden, dFinal);
         }
         var dOut = held.Keep(_finalNorm.Backward(dFinal, pass.Llm.Output, pass.FinalNorm));
-        var dEmb = held.Keep(_llm.Backward(pass.Llm, dOut, pass.Positions, pass.Sequences, pass.Shared));
+        if (GradientReady is { } ready)
+        {
+            if (!c.Llm.TieWordEmbeddings) ready(_head);   // a tied head is the embedding: complete only at the end
+            ready(_finalNorm.Weight);
+        }
+        var dEmb = held.Keep(_llm.Backward(pass.Llm, dOut, pass.Positions, pass.Sequences, pass.Shared, GradientReady));
 
         if (pass.ImageRows is not null)
         {

@@ -49,11 +49,12 @@ public sealed class GrpoPolicyStep(GrpoUpdate update, LossAggregation aggregatio
             var weights = GrpoMath.SequenceWeights(members.Select(r => r.Response.Length).ToList(), aggregation, members.Select(counted.Contains).ToList(),
                 dp.Ranks == 1 ? null : dp.Sum);
             optimizer.ZeroGrad();
-            int offset = 0;
+            int offset = 0, last = Array.FindLastIndex(accumulated, c => c.Count > 0);
             double stepLoss = 0;
-            foreach (var chunk in accumulated)
+            foreach (var (chunk, index) in accumulated.Select((c, i) => (c, i)))
             {
                 if (chunk.Count == 0) continue;
+                dp.FinalBackward = index == last;   // this rank's last backward before the step: its gradients may start their sums
                 var stats = update.Accumulate(chunk, referenceLogProbs?.Invoke(chunk), weights[offset..(offset + chunk.Count)]);
                 offset += chunk.Count;
                 stepLoss += stats.Loss;

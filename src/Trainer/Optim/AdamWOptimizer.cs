@@ -50,6 +50,7 @@ public sealed class AdamWOptimizer : IDisposable
         {
             foreach (var p in trainable)
                 _state.Add((p, backend.Allocate(DType.F32, p.Weights.Shape.ToArray(), p.Name + ".exp_avg"), backend.Allocate(DType.F32, p.Weights.Shape.ToArray(), p.Name + ".exp_avg_sq")));
+            _dp.PlanBuckets(trainable);
             return;
         }
         foreach (var p in trainable) _state.Add((p, null!, null!));

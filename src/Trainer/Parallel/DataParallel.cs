@@ -99,9 +99,74 @@ public sealed class DataParallel(ICollectives group, TensorParallel? tensorParal
         return Encoding.UTF8.GetString(bytes);
     }
 
+    // Gradient buckets: the trainable parameters in reverse order (about the order backward finishes them), cut into
+    // runs of at most BucketValues; the same on every rank, started in that order on every rank.
+    private List<List<Parameter>>? _buckets;
+    private readonly HashSet<Parameter> _ready = new(ReferenceEqualityComparer.Instance);
+    private readonly List<(List<Parameter> Bucket, float[] Host, Action Wait)> _inFlight = [];
+    private int _started;
+
     /// <summary>
-    /// Sums every trainable parameter's gradient over the group (in place), in buckets of <see cref="BucketValues"/>:
-    /// small tensors (norms, biases) travel together instead of one collective each.
+    /// Whether the backward now running is the last before the optimiser step (its gradients are final): only then do
+    /// <see cref="GradientReady"/> calls start reductions. A micro-batch whose gradient more micro-batches will add to
+    /// leaves it false.
+    /// </summary>
+    public bool FinalBackward { get; set; }
+
+    /// <summary>Fixes the buckets the gradients of <paramref name="parameters"/> (the optimiser's) are summed in.</summary>
+    public void PlanBuckets(IEnumerable<Parameter> parameters)
+    {
+        if (Ranks == 1 || Group.TensorsOnDevice) return;
+        _buckets = [];
+        var bucket = new List<Parameter>();
+        long values = 0;
+        foreach (var p in parameters.Where(p => p.Grad is not null).Reverse())
+        {
+            if (bucket.Count > 0 && values + p.Grad!.Length > BucketValues)
+            {
+                _buckets.Add(bucket);
+                (bucket, values) = ([], 0);
+            }
+            bucket.Add(p);
+            values += p.Grad!.Length;
+        }
+        if (bucket.Count > 0) _buckets.Add(bucket);
+    }
+
+    /// <summary>
+    /// A parameter's gradient is final (the model's backward says so): every bucket whose parameters are all final, in
+    /// order, starts its sum while backward goes on.
+    /// </summary>
+    public void GradientReady(Parameter p)
+    {
+        if (_buckets is null || !FinalBackward) return;
+        _ready.Add(p);
+        while (_started < _buckets.Count && _buckets[_started].All(_ready.Contains))
+        {
+            Start(_buckets[_started++]);
+            BucketsStartedInBackward++;
+        }
+    }
+
+    /// <summary>How many gradient buckets began their sum while backward was still running (over the run so far).</summary>
+    public int BucketsStartedInBackward { get; private set; }
+
+    private void Start(List<Parameter> bucket)
+    {
+        var host = new float[bucket.Sum(p => p.Grad!.Length)];
+        long at = 0;
+        foreach (var p in bucket)
+        {
+            p.Grad!.ToFloatArray().CopyTo(host, at);
+            at += p.Grad.Length;
+        }
+        _inFlight.Add((bucket, host, Group.StartAllReduceSum(host)));
+    }
+
+    /// <summary>
+    /// Sums every trainable parameter's gradient over the group (in place) before the optimiser step: the buckets not
+    /// started during backward start now, in order, then every bucket is waited for and copied back. Small tensors
+    /// (norms, biases) travel together instead of one collective each.
     /// </summary>
     public void ReduceGradients(IEnumerable<Parameter> parameters)
     {
@@ -112,40 +177,27 @@ public sealed class DataParallel(ICollectives group, TensorParallel? tensorParal
             foreach (var p in parameters.Where(p => p.Grad is not null)) Group.AllReduceSum(p.Grad!);
             return;
         }
-        var bucket = new List<Parameter>();
-        long values = 0;
-        foreach (var p in parameters.Where(p => p.Grad is not null))
+        if (_buckets is null) PlanBuckets(parameters);
+        try
         {
-            if (p.Grad!.Length >= BucketValues)
+            while (_started < _buckets!.Count) Start(_buckets[_started++]);
+            foreach (var (bucket, host, wait) in _inFlight)
             {
-                Group.AllReduceSum(p.Grad);
-                continue;
+                wait();
+                long at = 0;
+                foreach (var p in bucket)
+                {
+                    p.Grad!.CopyFrom(host.AsSpan((int)at, (int)p.Grad.Length));
+                    at += p.Grad.Length;
+                }
             }
-            if (values + p.Grad.Length > BucketValues) Flush();
-            bucket.Add(p);
-            values += p.Grad.Length;
         }
-        Flush();
-
-        void Flush()
+        finally
         {
-            if (bucket.Count == 0) return;
-            var host = new float[values];
-            long at = 0;
-            foreach (var p in bucket)
-            {
-                p.Grad!.ToFloatArray().CopyTo(host, at);
-                at += p.Grad.Length;
-            }
-            Group.AllReduceSum(host.AsSpan());
-            at = 0;
-            foreach (var p in bucket)
-            {
-                p.Grad!.CopyFrom(host.AsSpan((int)at, (int)p.Grad.Length));
-                at += p.Grad.Length;
-            }
-            bucket.Clear();
-            values = 0;
+            _inFlight.Clear();
+            _ready.Clear();
+            _started = 0;
+            FinalBackward = false;
         }
     }
 

@@ -177,8 +177,12 @@ public sealed class MpiTests
             Assert.True(one.GradNorm > 0.5, $"gradient norm {one.GradNorm} is above max_grad_norm 0.5: the clip scales it");
             var lengths = R1V2.Native.Ranks.Scenarios.FixedRollouts(64, 8).Select(r => r.Response.Length).ToList();
             Assert.NotEqual(lengths.Where((_, i) => i % 2 == 0).Sum(), lengths.Where((_, i) => i % 2 == 1).Sum());
-            AssertSameStep(one, RanksResult(dir, 2, options), "2 ranks");
-            AssertSameStep(one, RanksResult(dir, 4, options), "4 ranks");
+            foreach (int ranks in new[] { 2, 4 })
+            {
+                var many = RanksResult(dir, ranks, options);
+                AssertSameStep(one, many, $"{ranks} ranks");
+                Assert.True(many.EarlyBuckets > 0, $"{ranks} ranks: no gradient bucket began its sum during backward");
+            }
         }
         finally { Directory.Delete(dir, true); }
     }
