@@ -8,9 +8,10 @@ public enum GeluApproximation { Erf = 0, Tanh = 1 }
 /// Attention schedule. RowWise: one warp per (query, head) walking the keys (any head dim up to 256, fp32 or bf16).
 /// Tiled: FlashAttention-2 on tensor cores (64-row tiles, mma.sync; P and dS rounded to bf16 where they enter an mma),
 /// bf16 storage and head dims 64, 80, 96, 128; its CPU twins run the same schedule and rounding. Both backwards are
-/// deterministic (dq and dk/dv in separate passes, no atomics).
+/// deterministic (dq and dk/dv in separate passes, no atomics). Auto (the default): Tiled wherever the backend runs it
+/// natively (CUDA, bf16, those head dims, 16-byte aligned rows), RowWise elsewhere (fp32, other head dims, the CPU).
 /// </summary>
-public enum AttentionVariant { RowWise, Tiled }
+public enum AttentionVariant { Auto, RowWise, Tiled }
 
 /// <summary>
 /// The KL estimator of the loss term, with d = log pi_ref - log pi on the policy's own samples: k2 = d^2 / 2 (gradient: an
@@ -473,7 +474,7 @@ public abstract class Backend : IDisposable
     public void AttentionForward(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, float scale, bool causal)
     {
         CheckAttention(q, k, v, sequences, output, lse, "attention_forward");
-        if (Attention == AttentionVariant.Tiled)
+        if (VariantFor(q, k, v) == AttentionVariant.Tiled)
         {
             if (!TiledHeadDims.Contains(q.Dim(2)))
                 throw new ArgumentException($"attention_forward: the tiled variant takes head dims {string.Join(", ", TiledHeadDims)}, not {q.Dim(2)}; use AttentionVariant.RowWise");
@@ -484,8 +485,15 @@ public abstract class Backend : IDisposable
         using (Profiled("attention_forward")) AttentionForwardCore(q, k, v, sequences, output, lse, scale, causal);
     }
 
-    /// <summary>Which attention forward schedule runs (backward is the same for both: it reads the saved lse).</summary>
-    public AttentionVariant Attention { get; set; } = AttentionVariant.RowWise;
+    /// <summary>Which attention schedule runs (forward and backward alike); Auto picks per call (<see cref="VariantFor"/>).</summary>
+    public AttentionVariant Attention { get; set; } = AttentionVariant.Auto;
+
+    /// <summary>The schedule a call runs: the one set, or under Auto the tiled one where <see cref="RunsTiledNatively"/>.</summary>
+    public AttentionVariant VariantFor(Tensor q, Tensor k, Tensor v) => Attention != AttentionVariant.Auto ? Attention
+        : RunsTiledNatively(q, k, v) ? AttentionVariant.Tiled : AttentionVariant.RowWise;
+
+    /// <summary>Whether the tiled schedule is this backend's fast path for these tensors (none by default: the CPU's is row-wise).</summary>
+    protected virtual bool RunsTiledNatively(Tensor q, Tensor k, Tensor v) => false;
 
     public static readonly int[] TiledHeadDims = [64, 80, 96, 128];
 
@@ -507,7 +515,7 @@ public abstract class Backend : IDisposable
         CheckAttention(q, k, v, sequences, output, lse, "attention_backward");
         SameAs(dout, q, "attention_backward", "dout"); SameAs(dq, q, "attention_backward", "dq");
         SameAs(dk, k, "attention_backward", "dk"); SameAs(dv, v, "attention_backward", "dv");
-        if (Attention == AttentionVariant.Tiled)
+        if (VariantFor(q, k, v) == AttentionVariant.Tiled)
         {
             if (!TiledHeadDims.Contains(q.Dim(2)))
                 throw new ArgumentException($"attention_backward: the tiled variant takes head dims {string.Join(", ", TiledHeadDims)}, not {q.Dim(2)}; use AttentionVariant.RowWise");

@@ -142,6 +142,24 @@ public sealed class TiledAttentionTests(CpuFixture fx)
 {
     private readonly Backend _b = fx.Backend;
 
+    [Fact]
+    public void TheDefault_IsTiledWhereCudaRunsItNatively_AndRowWiseElsewhere()
+    {
+        // CUDA: bf16 with a head dim of 64, 80, 96 or 128 and 16-byte aligned rows take the tensor-core schedule.
+        foreach (int d in Backend.TiledHeadDims) Assert.True(R1V2.Native.Engine.Backends.Cuda.CudaBackend.TiledFits(DType.BF16, d, 0, 4096, 8192));
+        Assert.False(R1V2.Native.Engine.Backends.Cuda.CudaBackend.TiledFits(DType.F32, 128, 0, 0, 0));       // fp32: row-wise
+        Assert.False(R1V2.Native.Engine.Backends.Cuda.CudaBackend.TiledFits(DType.BF16, 48, 0, 0, 0));      // other head dims
+        Assert.False(R1V2.Native.Engine.Backends.Cuda.CudaBackend.TiledFits(DType.BF16, 128, 0, 8, 0));     // an unaligned view
+        // The CPU (fp32) keeps row-wise under Auto; Tiled still runs when asked for.
+        Assert.Equal(AttentionVariant.Auto, new CpuBackend().Attention);
+        using var q = _b.FromArray(new float[2 * 2 * 64], DType.F32, [2, 2, 64]);
+        Assert.Equal(AttentionVariant.RowWise, _b.VariantFor(q, q, q));
+        var before = _b.Attention;
+        _b.Attention = AttentionVariant.Tiled;
+        try { Assert.Equal(AttentionVariant.Tiled, _b.VariantFor(q, q, q)); }
+        finally { _b.Attention = before; }
+    }
+
     private (float[] O, float[] Lse) Run(AttentionVariant variant, int[] cu, int heads, int kv, int dim, float[] q, float[] k, float[] v, bool causal)
     {
         int t = cu[^1];

@@ -334,6 +334,15 @@ public sealed unsafe class CudaBackend : Backend
             [P(output), P(lse), P(q), P(k), P(v), P(sequences.Device), I(sequences.Count), I(t), I(h), I(hkv), I(d), Fl(scale), I(causal ? 1 : 0)]);
     }
 
+    /// <summary>
+    /// The tensor-core schedule's domain: bf16, head dims 64/80/96/128, every tensor's rows 16-byte aligned (what its
+    /// 16-byte loads need). Training, prefill and every stage's passes take it by default (<see cref="AttentionVariant.Auto"/>).
+    /// </summary>
+    public static bool TiledFits(DType type, int headDim, params ulong[] addresses) =>
+        type == DType.BF16 && TiledHeadDims.Contains(headDim) && addresses.All(a => a % 16 == 0);
+
+    protected override bool RunsTiledNatively(Tensor q, Tensor k, Tensor v) => TiledFits(q.DType, q.Dim(2), P(q), P(k), P(v));
+
     protected override void CheckTiledAttention(Tensor q)
     {
         if (q.DType != DType.BF16) throw new ArgumentException($"attention_forward: the tiled (tensor-core) variant needs bf16 tensors, q is {q.DType.Name()}");
