@@ -31,6 +31,7 @@ public static class Program
             ExportCommand.Create(),
             SelftestCommand.Create(),
             PlanCommand.Create(),
+            TuneCommand.Create(),
         };
         try
         {

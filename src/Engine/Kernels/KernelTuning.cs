@@ -3,7 +3,8 @@ namespace R1V2.Native.Engine.Kernels;
 /// <summary>
 /// Tunable launch parameters per kernel family. Each becomes a -D define when the family is compiled (so
 /// __launch_bounds__ and the code see it) and is the block size the host launches with, so the two always agree.
-/// Autotuning will search these per shape and device; the defaults are the values measured as sound.
+/// `engine tune` searches them per device and shape bucket (<see cref="KernelTuner"/>, <see cref="TuningCache"/>); the
+/// defaults are the values measured as sound and stand wherever no tuning was cached.
 /// </summary>
 public sealed class KernelTuning
 {
@@ -45,6 +46,23 @@ public sealed class KernelTuning
     }
 
     public static KernelTuning Default { get; } = new();
+
+    /// <summary>
+    /// A family's variant space for `engine tune`: the block sizes worth trying (powers of two from 64 up to the largest
+    /// that compiles without spilling registers for sm_80 and sm_90: 256 for the row-wise attention's backward, 512 for
+    /// sampling and the row gather/scale kernels, 1024 elsewhere; the tensor-core attention is fixed by its warp layout).
+    /// Each is a -D define; `engine kernels --all-variants` compiles every one.
+    /// </summary>
+    public static IReadOnlyList<int> Space(string family)
+    {
+        if (!DefaultBlocks.ContainsKey(family)) throw new ArgumentException($"tuning: unknown kernel family '{family}'");
+        if (family == "attention_mma") return [128];
+        int largest = family switch { "attention" => 256, "sampling" or "rows" => 512, _ => 1024 };
+        return [.. new[] { 64, 128, 256, 512, 1024 }.Where(b => b <= largest)];
+    }
+
+    /// <summary>The launch parameters of this tuning that differ from the defaults (what a cache file records).</summary>
+    public IReadOnlyDictionary<string, int> Overrides => _blocks.Where(b => DefaultBlocks[b.Key] != b.Value).ToDictionary();
 
     public int Block(string family) =>
         _blocks.TryGetValue(family, out var b) ? b : throw new ArgumentException($"tuning: unknown kernel family '{family}'");

@@ -44,7 +44,8 @@ public sealed unsafe class CudaBackend : Backend
         _cublas.SetWorkspace(_workspace, WorkspaceBytes);
         _errorWord = CudaDriver.Alloc(8);
         _pool = new MemoryPool<CudaBlock>(bytes => new CudaBlock(CudaDriver.Alloc(bytes), bytes), b => CudaDriver.Free(b.Pointer));
-        Compiler = compiler ?? new KernelCompiler();
+        // Launch parameters: what `engine tune` cached for this GPU, driver, NVRTC and shape bucket, else the defaults.
+        Compiler = compiler ?? new KernelCompiler(tuning: new TuningCache().Load(TuningKeyOf(Device, TuningBucket), m => Console.Error.WriteLine($"warning: {m}")));
         ActivationType = activationType;
         _target = KernelCompiler.TargetFor(Device.Major * 10 + Device.Minor, Nvrtc.SupportedArchs());
     }
@@ -64,6 +65,13 @@ public sealed unsafe class CudaBackend : Backend
     }
 
     public KernelCompiler Compiler { get; }
+
+    /// <summary>The shape bucket whose tuning a backend loads: <c>R1V2_TUNING_SHAPES</c> (e.g. hidden-5120), else the standard shapes.</summary>
+    public static string TuningBucket => Environment.GetEnvironmentVariable("R1V2_TUNING_SHAPES") is { Length: > 0 } b ? b : TuningKey.StandardShapes;
+
+    /// <summary>The tuning cache's key of a device.</summary>
+    public static TuningKey TuningKeyOf(CudaDeviceInfo device, string bucket) =>
+        new(device.Name, $"{device.Major}{device.Minor}", CudaDriver.DriverVersion(), Nvrtc.Version().ToString(), bucket);
     public CudaDeviceInfo Device => _context.Device;
     public CudaStream Stream => _stream;
     public override string Name => $"cuda:{_context.Ordinal}";
