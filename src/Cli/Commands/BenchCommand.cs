@@ -13,8 +13,11 @@ public static class BenchCommand
     {
         var output = new Option<string>("--out") { Description = "Directory for the JSON results", DefaultValueFactory = _ => Path.Combine("perf", "results") };
         var repeats = new Option<int>("--repeats") { Description = "Timed repeats per kernel (at least 20)", DefaultValueFactory = _ => 25 };
-        var kernels = new Command("kernels", "Time each CUDA kernel (warm-up, L2 flushed, median) and report GB/s or TFLOP/s and % of peak") { output, repeats };
-        kernels.SetAction(r => RunKernels(r.GetValue(output)!, r.GetValue(repeats)));
+        var baseline = new Option<string?>("--baseline") { Description = "Baseline JSON to gate against (default: perf/baselines/<gpu>.json when it exists); a kernel more than 5% below it fails the run" };
+        var writeBaseline = new Option<bool>("--write-baseline") { Description = "Also write this run as perf/baselines/<gpu>.json" };
+        var kernels = new Command("kernels", "Time each CUDA kernel (warm-up, L2 flushed, median) and report GB/s or TFLOP/s and % of peak; gate against the GPU's baseline")
+            { output, repeats, baseline, writeBaseline };
+        kernels.SetAction(r => RunKernels(r.GetValue(output)!, r.GetValue(repeats), r.GetValue(baseline), r.GetValue(writeBaseline)));
         var config = new Option<string>("--config") { Description = "Model config", DefaultValueFactory = _ => Path.Combine("configs", "small.json") };
         var sequences = new Option<int>("--sequences") { Description = "Packed sequences per step", DefaultValueFactory = _ => 2 };
         var tokens = new Option<int>("--tokens") { Description = "Tokens per sequence", DefaultValueFactory = _ => 128 };
@@ -162,7 +165,7 @@ public static class BenchCommand
         return table;
     }
 
-    public static int RunKernels(string outDir, int repeats)
+    public static int RunKernels(string outDir, int repeats, string? baselinePath = null, bool writeBaseline = false)
     {
         if (!CudaBackend.IsAvailable(out var reason))
         {
@@ -179,6 +182,38 @@ public static class BenchCommand
         AnsiConsole.Write(KernelTable(timings));
         var path = KernelBenchmark.WriteJson(outDir, d, timings);
         AnsiConsole.MarkupLineInterpolated($"wrote {path}");
-        return 0;
+        foreach (var t in timings.Where(t => t.PeakBytes is not null))
+            AnsiConsole.MarkupLineInterpolated($"{t.Op}: peak memory {t.PeakBytes!.Value / 1048576.0:F1} MiB");
+        int status = Gate(timings, d.Name, baselinePath ?? (File.Exists(KernelBaseline.PathFor(d.Name)) ? KernelBaseline.PathFor(d.Name) : null));
+        if (writeBaseline)
+        {
+            var target = KernelBaseline.PathFor(d.Name);
+            Directory.CreateDirectory(Path.GetDirectoryName(target)!);
+            File.Copy(path, target, overwrite: true);
+            AnsiConsole.MarkupLineInterpolated($"wrote the baseline {target}");
+        }
+        return status;
+    }
+
+    /// <summary>The regression gate: 0 when no kernel fell more than 5% below the baseline's share of peak, else 1 (each named).</summary>
+    public static int Gate(IReadOnlyList<KernelTiming> timings, string gpu, string? baselinePath)
+    {
+        if (baselinePath is null)
+        {
+            AnsiConsole.MarkupLineInterpolated($"no baseline for {gpu} ({KernelBaseline.PathFor(gpu)}): nothing to gate against (--write-baseline records one)");
+            return 0;
+        }
+        var (baseGpu, baseline) = KernelBaseline.Read(baselinePath);
+        if (baseGpu != gpu) throw new InvalidDataException($"{baselinePath} was measured on {baseGpu}, this GPU is {gpu}: a baseline holds for its own GPU model");
+        var (regressions, fresh) = KernelBaseline.Compare(timings, baseline);
+        foreach (var n in fresh) AnsiConsole.MarkupLineInterpolated($"new (not in the baseline): {n}");
+        if (regressions.Count == 0)
+        {
+            AnsiConsole.MarkupLineInterpolated($"no kernel fell more than {KernelBaseline.Tolerance:P0} below {baselinePath}");
+            return 0;
+        }
+        foreach (var r in regressions)
+            AnsiConsole.MarkupLineInterpolated($"[red]regression:[/] {r.Op} {r.Shape}: {r.NowPercent:F1}% of peak, the baseline {r.BaselinePercent:F1}% ({r.Drop:P1} lower)");
+        return 1;
     }
 }

@@ -6,7 +6,11 @@ namespace R1V2.Native.Engine.Backends.Cuda;
 
 /// <summary>One timed kernel: median time and what it achieved against the device's peak.</summary>
 public sealed record KernelTiming(string Op, string Shape, string DType, double MedianMicroseconds, double MinMicroseconds, int Repeats,
-    double Bytes, double Flops, double GigabytesPerSecond, double TeraflopsPerSecond, double PercentOfPeak, string Bound);
+    double Bytes, double Flops, double GigabytesPerSecond, double TeraflopsPerSecond, double PercentOfPeak, string Bound)
+{
+    /// <summary>The op's peak device memory above what was in use before it (the loss ops), or null.</summary>
+    public long? PeakBytes { get; init; }
+}
 
 /// <summary>
 /// Times each op of the CUDA backend with CUDA events on its stream: warm-up launches, then repeats each preceded by
@@ -27,78 +31,19 @@ public sealed class KernelBenchmark(CudaBackend backend, int repeats = 25, int w
         return perClockPerSm * d.MultiprocessorCount * d.ClockRateKHz * 1e3;
     }
 
-    public IReadOnlyList<KernelTiming> RunAll()
-    {
-        var b = backend;
-        var bf = DType.BF16;
-        var results = new List<KernelTiming>();
-        const int T = 8192, C = 4096, F = 11008, V = 32768, H = 32, D = 128;
+    public IReadOnlyList<KernelTiming> RunAll() => RunAll(BenchShapes.Model38B);
 
-        using (var x = b.Allocate(bf, T, C)) using (var w = b.Allocate(bf, C)) using (var y = b.Allocate(bf, T, C)) using (var r = b.Allocate(DType.F32, T))
-        using (var m = b.Allocate(DType.F32, T))
-        {
-            results.Add(Time("rmsnorm_forward", $"[{T}, {C}]", bf, 2.0 * T * C * 2, 0, () => b.RmsNormForward(x, w, y, r, 1e-6f)));
-            results.Add(Time("rmsnorm_backward", $"[{T}, {C}]", bf, 3.0 * T * C * 2, 0, () => b.RmsNormBackward(y, x, w, r, y, null, false)));
-            results.Add(Time("layernorm_forward", $"[{T}, {C}]", bf, 2.0 * T * C * 2, 0, () => b.LayerNormForward(x, w, w, y, m, r, 1e-6f)));
-            results.Add(Time("axpby (residual add)", $"[{T}, {C}]", bf, 3.0 * T * C * 2, 0, () => b.Add(y, x, y)));
-            results.Add(Time("gelu_forward", $"[{T}, {C}]", bf, 2.0 * T * C * 2, 0, () => b.GeluForward(x, y, GeluApproximation.Erf)));
-            results.Add(Time("softmax_forward", $"[{T}, {C}]", bf, 2.0 * T * C * 2, 0, () => b.SoftmaxForward(x, y)));
-        }
-        using (var g = b.Allocate(bf, T, F)) using (var u = b.Allocate(bf, T, F)) using (var y = b.Allocate(bf, T, F))
-        {
-            results.Add(Time("swiglu_forward", $"[{T}, {F}]", bf, 3.0 * T * F * 2, 0, () => b.SwiGluForward(g, u, y)));
-            results.Add(Time("swiglu_backward", $"[{T}, {F}]", bf, 5.0 * T * F * 2, 0, () => b.SwiGluBackward(y, g, u, g, u)));
-        }
-        using (var q = b.Allocate(bf, T, H, D)) using (var pos = b.Allocate(DType.I32, T))
-            results.Add(Time("rope_forward", $"[{T}, {H}, {D}]", bf, 2.0 * T * H * D * 2, 0, () => b.RopeForward(q, pos, q, 1e6f)));
-        using (var logits = b.Allocate(bf, 2048, V)) using (var tgt = b.Allocate(DType.I32, 2048)) using (var lp = b.Allocate(DType.F32, 2048))
-        using (var lse = b.Allocate(DType.F32, 2048))
-        {
-            results.Add(Time("cross_entropy_forward", $"[2048, {V}]", bf, 2048.0 * V * 2, 0, () => b.CrossEntropyForward(logits, tgt, lp, lse)));
-            results.Add(Time("cross_entropy_backward", $"[2048, {V}]", bf, 2.0 * 2048 * V * 2, 0, () => b.CrossEntropyBackward(logits, tgt, lse, lp, logits)));
-        }
-        using (var table = b.Allocate(bf, V, C)) using (var ids = b.Allocate(DType.I32, T)) using (var o = b.Allocate(bf, T, C))
-            results.Add(Time("embedding_forward", $"[{T}] x [{V}, {C}]", bf, 2.0 * T * C * 2, 0, () => b.EmbeddingForward(table, ids, o)));
-        {
-            // Attention forward, two packed causal sequences of 4096 tokens, 32 query / 8 kv heads of 128: both schedules.
-            const int L = 4096, AH = 32, AKV = 8, AD = 128;
-            using var seq = b.Sequences([0, L, 2 * L]);
-            using var q = b.Allocate(bf, 2 * L, AH, AD);
-            using var k = b.Allocate(bf, 2 * L, AKV, AD);
-            using var v = b.Allocate(bf, 2 * L, AKV, AD);
-            using var o = b.Allocate(bf, 2 * L, AH, AD);
-            using var lse = b.Allocate(DType.F32, 2 * L, AH);
-            double flops = 2 * 4.0 * L * (double)L / 2 * AD * AH; // QK^T and PV, causal half
-            double bytes = 2.0 * 2 * L * (AH + 2 * AKV + AH) * AD;
-            var before = b.Attention;
-            foreach (var variant in new[] { AttentionVariant.RowWise, AttentionVariant.Tiled })
+    /// <summary>Times every op of <see cref="KernelOps"/> at <paramref name="shapes"/> in bf16.</summary>
+    public IReadOnlyList<KernelTiming> RunAll(BenchShapes shapes)
+    {
+        var results = new List<KernelTiming>();
+        foreach (var op in KernelOps.All(backend, shapes, DType.BF16))
+            using (op)
             {
-                b.Attention = variant;
-                results.Add(Time($"attention_forward ({variant})", $"2 x {L} causal, H {AH}/{AKV}, D {AD}", bf, bytes, flops,
-                    () => b.AttentionForward(q, k, v, seq, o, lse, 1f / MathF.Sqrt(AD), true)));
+                if (!op.Timed) continue;
+                var timing = Time(op.Name, op.Shape, op.DType, op.Bytes, op.Flops, op.Launch);
+                results.Add(op.ReportsPeak ? timing with { PeakBytes = KernelOps.PeakBytes(backend, op) } : timing);
             }
-            using var dq = b.Allocate(bf, 2 * L, AH, AD);
-            using var dk = b.Allocate(bf, 2 * L, AKV, AD);
-            using var dv = b.Allocate(bf, 2 * L, AKV, AD);
-            foreach (var variant in new[] { AttentionVariant.RowWise, AttentionVariant.Tiled })
-            {
-                b.Attention = variant;
-                results.Add(Time($"attention_backward ({variant})", $"2 x {L} causal, H {AH}/{AKV}, D {AD}", bf, 2 * bytes, 2.5 * flops,
-                    () => b.AttentionBackward(o, q, k, v, o, lse, seq, dq, dk, dv, 1f / MathF.Sqrt(AD), true)));
-            }
-            b.Attention = before;
-        }
-        const long N = 64L << 20;
-        using (var p = b.Allocate(DType.F32, (int)N)) using (var g = b.Allocate(DType.F32, (int)N)) using (var m1 = b.Allocate(DType.F32, (int)N))
-        using (var v1 = b.Allocate(DType.F32, (int)N)) using (var c = b.Allocate(bf, (int)N))
-        {
-            results.Add(Time("adamw_update", $"[{N}]", DType.F32, N * (4.0 * 4 + 3 * 4 + 2), 0, () => b.AdamW(p, g, m1, v1, c, new AdamWSettings(1e-4f), 1)));
-            results.Add(Time("grad_norm", $"[{N}]", DType.F32, N * 4.0, 0, () => b.GlobalNorm([g])));
-        }
-        foreach (var (m, n, k) in new[] { (8192, 8192, 8192), (4096, 11008, 4096), (8192, 4096, 11008) })
-            using (var a = b.Allocate(bf, m, k)) using (var w = b.Allocate(bf, n, k)) using (var c = b.Allocate(bf, m, n))
-                results.Add(Time("gemm (cublasLt, x W^T)", $"{m}x{n}x{k}", bf, 2.0 * (m * (long)k + n * (long)k + m * (long)n), 2.0 * m * n * k,
-                    () => b.Gemm(a, false, w, true, c)));
         return results;
     }
 
