@@ -382,8 +382,7 @@ public sealed unsafe class CpuBackend : Backend
 
     protected override void AdamWCore(Tensor master, Tensor grad, Tensor m, Tensor v, Tensor? workingCopy, AdamWSettings s, int step, float gradScale)
     {
-        var args = new AdamWArgs(s.LearningRate, s.Beta1, s.Beta2, s.Epsilon, s.WeightDecay,
-            1f - MathF.Pow(s.Beta1, step), 1f - MathF.Pow(s.Beta2, step), gradScale, workingCopy is null ? 0 : 1);
+        var args = AdamWArgs.Of(s, step, gradScale, workingCopy is not null);
         if (!_launchTwins)
         {
             HostOps.AdamW(P(master), workingCopy is null ? null : (ushort*)Pointer(workingCopy), P(grad), P(m), P(v), args, master.Length);
