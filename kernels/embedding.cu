@@ -1,4 +1,6 @@
 // Token embedding lookup. Forward: out[t, :] = table[ids[t], :]; backward: dtable[ids[t], :] += dout[t, :].
+// Forward on a 2-D grid: block x is token t (its id read and checked once), blocks y and the threads walk its columns
+// (no 64-bit division per element).
 // table, out, dout: storage dtype; table [V, C], out [T, C]; ids [T] int32; dtable [V, C] fp32.
 // Forward: an id outside [0, V) is not read or written: its row index and value go to error[0..1] (error[0] starts
 // at -1). Backward: the host has checked the ids and grouped the positions by id.
@@ -16,14 +18,16 @@ __device__ __forceinline__ bool check_id(int id, int vocab, int t, int* error)
 }
 
 template <typename T>
-__device__ void embedding_forward_impl(T* out, const T* table, const int* ids, int tokens, int dim, int vocab, int* error)
+__device__ void embedding_forward_impl(T* __restrict__ out, const T* __restrict__ table, const int* __restrict__ ids, int tokens, int dim, int vocab,
+    int* error)
 {
-    FOR_EACH(i, (long long)tokens * dim)
-    {
-        const int t = (int)(i / dim), c = (int)(i % dim);
-        const int id = ids[t];
-        if (check_id(id, vocab, t, error)) out[i] = table[(long long)id * dim + c];
-    }
+    const int t = blockIdx.x;
+    if (t >= tokens) return;
+    const int id = ids[t];
+    if (!check_id(id, vocab, t, error)) return;
+    const T* row = table + (long long)id * dim;
+    T* dst = out + (long long)t * dim;
+    for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < dim; c += gridDim.y * blockDim.x) dst[c] = row[c];
 }
 INSTANTIATE_F32_BF16(embedding_forward, EMBEDDING_BLOCK, (T* out, const T* table, const int* ids, int tokens, int dim, int vocab, int* error), (out, table, ids, tokens, dim, vocab, error))
 

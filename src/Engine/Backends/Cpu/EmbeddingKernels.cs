@@ -9,6 +9,7 @@ namespace R1V2.Native.Engine.Backends.Cpu;
 /// </summary>
 internal static class EmbeddingKernels
 {
+    /// <summary>The forward's copy, element by element (the CUDA kernel walks token rows on a 2-D grid: the same values, moved).</summary>
     public static void Forward(Index1D thread, ArrayView<float> output, ArrayView<float> table, ArrayView<int> ids, int dim, int threads)
     {
         for (long i = thread; i < output.Length; i += threads) output[i] = table[(long)ids[i / dim] * dim + i % dim];

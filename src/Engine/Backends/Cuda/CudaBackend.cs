@@ -96,13 +96,13 @@ public sealed unsafe class CudaBackend : Backend
 
     private static string Suffix(Tensor t) => t.DType == DType.BF16 ? "_bf16" : "_f32";
 
-    private void Launch(string family, string kernel, long gridX, ReadOnlySpan<ulong> args)
+    private void Launch(string family, string kernel, long gridX, ReadOnlySpan<ulong> args, long gridY = 1)
     {
-        if (gridX <= 0) return; // zero rows or columns: nothing to do (a block would touch row 0 of an empty tensor)
+        if (gridX <= 0 || gridY <= 0) return; // zero rows or columns: nothing to do (a block would touch row 0 of an empty tensor)
         EnsureCurrent();
         var f = Function(family, kernel);
         int block = Compiler.Tuning.Block(family);
-        CudaDriver.Launch(f.Handle, new Dim3(checked((uint)gridX)), new Dim3((uint)block), 0, _stream.Handle, args);
+        CudaDriver.Launch(f.Handle, new Dim3(checked((uint)gridX), checked((uint)gridY)), new Dim3((uint)block), 0, _stream.Handle, args);
     }
 
     [ThreadStatic] private static IntPtr _currentContext;
@@ -309,8 +309,9 @@ public sealed unsafe class CudaBackend : Backend
     protected override void EmbeddingForwardCore(Tensor table, Tensor ids, Tensor output)
     {
         ResetError();
-        Launch("embedding", "embedding_forward" + Suffix(table), StrideGrid("embedding", output.Length),
-            [P(output), P(table), P(ids), I((int)ids.Length), I(table.Dim(1)), I(table.Dim(0)), _errorWord]);
+        // Grid x: one block row per token; grid y: enough column blocks to cover the row once.
+        Launch("embedding", "embedding_forward" + Suffix(table), ids.Length,
+            [P(output), P(table), P(ids), I((int)ids.Length), I(table.Dim(1)), I(table.Dim(0)), _errorWord], gridY: Math.Min(ColumnGrid("embedding", table.Dim(1)), 65535));
         ThrowOnBadId("embedding_forward", "ids", table.Dim(0));
     }
 
