@@ -36,6 +36,18 @@ template <> __device__ __forceinline__ bf16 from_float<bf16>(float v) { return f
 template <typename T> __device__ __forceinline__ float load(const T* p, long long i) { return to_float(p[i]); }
 template <typename T> __device__ __forceinline__ void store(T* p, long long i, float v) { p[i] = from_float<T>(v); }
 
+// 16 bytes of a storage type (4 fp32 or 8 bf16) moved by one load or store instruction. The host launches a kernel
+// that uses it only where every array is 16-byte aligned and the element count is a multiple of Packed128<T>::size.
+template <typename T> struct __align__(16) Packed128
+{
+    static constexpr int size = 16 / sizeof(T);
+    T v[size];
+    __device__ __forceinline__ float get(int k) const { return to_float(v[k]); }
+    __device__ __forceinline__ void set(int k, float x) { v[k] = from_float<T>(x); }
+};
+template <typename T> __device__ __forceinline__ Packed128<T> load128(const T* p, long long pack) { return reinterpret_cast<const Packed128<T>*>(p)[pack]; }
+template <typename T> __device__ __forceinline__ void store128(T* p, long long pack, const Packed128<T>& x) { reinterpret_cast<Packed128<T>*>(p)[pack] = x; }
+
 __device__ __forceinline__ float warp_sum(float v)
 {
 #pragma unroll

@@ -223,9 +223,25 @@ public sealed unsafe class CudaBackend : Backend
         Launch("bias", "bias_backward" + Suffix(dy), ColumnGrid("bias", dy.Cols), [P(dbias), P(dy), I(dy.Rows), I(dy.Cols), I(accumulate ? 1 : 0)]);
 
     // ---- elementwise ------------------------------------------------------------------------------------------
-    protected override void AxpbyCore(Tensor output, Tensor a, Tensor? b, float alpha, float beta) =>
-        Launch("elementwise", "axpby" + Suffix(output), StrideGrid("elementwise", output.Length),
-            [P(output), P(a), P(b), Fl(alpha), Fl(beta), L(output.Length)]);
+    protected override void AxpbyCore(Tensor output, Tensor a, Tensor? b, float alpha, float beta)
+    {
+        // 16-byte packs where every array allows them; the per-element arithmetic is the same either way.
+        long packs = Packs(output, a, b);
+        if (packs > 0)
+            Launch("elementwise", "axpby_vec" + Suffix(output), StrideGrid("elementwise", packs), [P(output), P(a), P(b), Fl(alpha), Fl(beta), L(packs)]);
+        else
+            Launch("elementwise", "axpby" + Suffix(output), StrideGrid("elementwise", output.Length), [P(output), P(a), P(b), Fl(alpha), Fl(beta), L(output.Length)]);
+    }
+
+    /// <summary>The number of 16-byte packs of <paramref name="first"/> when every given tensor is 16-byte aligned and whole packs; else 0.</summary>
+    private static long Packs(Tensor first, params Tensor?[] others)
+    {
+        int per = 16 / first.DType.Size();
+        if (first.Length == 0 || first.Length % per != 0 || P(first) % 16 != 0) return 0;
+        foreach (var t in others)
+            if (t is not null && P(t) % 16 != 0) return 0;
+        return first.Length / per;
+    }
 
     protected override void ConvertCore(Tensor source, Tensor destination)
     {
@@ -275,8 +291,12 @@ public sealed unsafe class CudaBackend : Backend
         Launch("rope", (forward ? "rope_forward" : "rope_backward") + Suffix(x), StrideGrid("rope", x.Length / 2),
             [P(y), P(x), P(positions), I(x.Dim(0)), I(x.Dim(1)), I(x.Dim(2)), Fl(theta)]);
 
-    protected override void SwiGluForwardCore(Tensor gate, Tensor up, Tensor y) =>
-        Launch("swiglu", "swiglu_forward" + Suffix(gate), StrideGrid("swiglu", gate.Length), [P(y), P(gate), P(up), L(gate.Length)]);
+    protected override void SwiGluForwardCore(Tensor gate, Tensor up, Tensor y)
+    {
+        long packs = Packs(gate, up, y);
+        if (packs > 0) Launch("swiglu", "swiglu_forward_vec" + Suffix(gate), StrideGrid("swiglu", packs), [P(y), P(gate), P(up), L(packs)]);
+        else Launch("swiglu", "swiglu_forward" + Suffix(gate), StrideGrid("swiglu", gate.Length), [P(y), P(gate), P(up), L(gate.Length)]);
+    }
 
     protected override void SwiGluBackwardCore(Tensor dy, Tensor gate, Tensor up, Tensor dgate, Tensor dup) =>
         Launch("swiglu", "swiglu_backward" + Suffix(gate), StrideGrid("swiglu", gate.Length),
