@@ -13,7 +13,26 @@ __device__ void bias_add_impl(T* y, const T* bias, int rows, int cols)
 }
 INSTANTIATE_F32_BF16(bias_add, BIAS_BLOCK, (T* y, const T* bias, int rows, int cols), (y, bias, rows, cols))
 
-// One thread per column walks the rows: coalesced across the warp and deterministic (no atomics).
+// Pass 1 of dbias: one thread per (column, chunk of COLUMN_CHUNK_ROWS rows), coalesced across the warp; pass 2 sums
+// the chunks in order (bias_backward_sum). Deterministic, no atomics, and the whole GPU busy whatever the width.
+template <typename T>
+__device__ void bias_backward_partial_impl(float* partial, const T* dy, int rows, int cols)
+{
+    const int c = blockIdx.x * blockDim.x + threadIdx.x, k = blockIdx.y;
+    if (c >= cols) return;
+    const int r1 = min(rows, (k + 1) * COLUMN_CHUNK_ROWS);
+    float s = 0.0f;
+    for (int r = k * COLUMN_CHUNK_ROWS; r < r1; r++) s += load(dy, (long long)r * cols + c);
+    partial[(long long)k * cols + c] = s;
+}
+INSTANTIATE_F32_BF16(bias_backward_partial, BIAS_BLOCK, (float* partial, const T* dy, int rows, int cols), (partial, dy, rows, cols))
+
+extern "C" __global__ void __launch_bounds__(BIAS_BLOCK) bias_backward_sum(float* dbias, const float* partial, int chunks, int cols, int accumulate)
+{
+    column_chunks_sum(dbias, partial, chunks, cols, accumulate);
+}
+
+// One thread per column walks every row (the single-pass form, kept as a variant).
 template <typename T>
 __device__ void bias_backward_impl(float* dbias, const T* dy, int rows, int cols, int accumulate)
 {

@@ -33,6 +33,20 @@ template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <> __device__ __forceinline__ bf16 from_float<bf16>(float v) { return float_to_bf16(v); }
 
+// Column sums over many rows (weight and bias gradients) in two passes, deterministic and spread over the whole GPU:
+// pass 1 writes an fp32 partial per (chunk of COLUMN_CHUNK_ROWS rows, column), each chunk's rows added in order, on a
+// grid of (column blocks, chunks); pass 2 adds each column's partials in chunk order. The CPU twins add in that order.
+#define COLUMN_CHUNK_ROWS 64
+
+__device__ __forceinline__ void column_chunks_sum(float* out, const float* partial, int chunks, int cols, int accumulate)
+{
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    float s = 0.0f;
+    for (int k = 0; k < chunks; k++) s += partial[(long long)k * cols + c];
+    out[c] = accumulate ? out[c] + s : s;
+}
+
 template <typename T> __device__ __forceinline__ float load(const T* p, long long i) { return to_float(p[i]); }
 template <typename T> __device__ __forceinline__ void store(T* p, long long i, float v) { p[i] = from_float<T>(v); }
 

@@ -68,4 +68,31 @@ __device__ void layernorm_backward_params_impl(float* dw, float* db, const T* dy
     dw[c] = accumulate ? dw[c] + sw : sw;
     if (db != nullptr) db[c] = accumulate ? db[c] + sb : sb;
 }
+// Pass 1 of dw and db: (column, chunk of COLUMN_CHUNK_ROWS rows) partials of each; pass 2 adds them in chunk order.
+template <typename T>
+__device__ void layernorm_backward_params_partial_impl(float* pw, float* pb, const T* dy, const T* x, const float* mean, const float* rstd, int rows, int cols)
+{
+    const int c = blockIdx.x * blockDim.x + threadIdx.x, k = blockIdx.y;
+    if (c >= cols) return;
+    const int r1 = min(rows, (k + 1) * COLUMN_CHUNK_ROWS);
+    float sw = 0.0f, sb = 0.0f;
+    for (int r = k * COLUMN_CHUNK_ROWS; r < r1; r++)
+    {
+        long long i = (long long)r * cols + c;
+        float g = load(dy, i);
+        sw += g * (load(x, i) - mean[r]) * rstd[r];
+        sb += g;
+    }
+    pw[(long long)k * cols + c] = sw;
+    if (pb != nullptr) pb[(long long)k * cols + c] = sb;
+}
+INSTANTIATE_F32_BF16(layernorm_backward_params_partial, LAYERNORM_BLOCK, (float* pw, float* pb, const T* dy, const T* x, const float* mean, const float* rstd, int rows, int cols), (pw, pb, dy, x, mean, rstd, rows, cols))
+
+extern "C" __global__ void __launch_bounds__(LAYERNORM_BLOCK) layernorm_backward_params_sum(float* dw, float* db, const float* pw, const float* pb, int chunks, int cols,
+    int accumulate)
+{
+    column_chunks_sum(dw, pw, chunks, cols, accumulate);
+    if (db != nullptr) column_chunks_sum(db, pb, chunks, cols, accumulate);
+}
+
 INSTANTIATE_F32_BF16(layernorm_backward_params, LAYERNORM_BLOCK, (float* dw, float* db, const T* dy, const T* x, const float* mean, const float* rstd, int rows, int cols, int accumulate), (dw, db, dy, x, mean, rstd, rows, cols, accumulate))

@@ -52,4 +52,22 @@ __device__ void rmsnorm_backward_weight_impl(float* dw, const T* dy, const T* x,
     for (int r = 0; r < rows; r++) { long long i = (long long)r * cols + c; s += load(dy, i) * load(x, i) * rstd[r]; }
     dw[c] = accumulate ? dw[c] + s : s;
 }
+// Pass 1 of dw: (column, chunk of COLUMN_CHUNK_ROWS rows) partials; pass 2 (rmsnorm_backward_weight_sum) adds them in order.
+template <typename T>
+__device__ void rmsnorm_backward_weight_partial_impl(float* partial, const T* dy, const T* x, const float* rstd, int rows, int cols)
+{
+    const int c = blockIdx.x * blockDim.x + threadIdx.x, k = blockIdx.y;
+    if (c >= cols) return;
+    const int r1 = min(rows, (k + 1) * COLUMN_CHUNK_ROWS);
+    float s = 0.0f;
+    for (int r = k * COLUMN_CHUNK_ROWS; r < r1; r++) { long long i = (long long)r * cols + c; s += load(dy, i) * load(x, i) * rstd[r]; }
+    partial[(long long)k * cols + c] = s;
+}
+INSTANTIATE_F32_BF16(rmsnorm_backward_weight_partial, RMSNORM_BLOCK, (float* partial, const T* dy, const T* x, const float* rstd, int rows, int cols), (partial, dy, x, rstd, rows, cols))
+
+extern "C" __global__ void __launch_bounds__(RMSNORM_BLOCK) rmsnorm_backward_weight_sum(float* dw, const float* partial, int chunks, int cols, int accumulate)
+{
+    column_chunks_sum(dw, partial, chunks, cols, accumulate);
+}
+
 INSTANTIATE_F32_BF16(rmsnorm_backward_weight, RMSNORM_BLOCK, (float* dw, const T* dy, const T* x, const float* rstd, int rows, int cols, int accumulate), (dw, dy, x, rstd, rows, cols, accumulate))

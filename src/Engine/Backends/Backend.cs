@@ -435,6 +435,12 @@ public abstract class Backend : IDisposable
     public const int IgnoreIndex = -100;
 
     /// <summary>
+    /// Rows per chunk of the weight- and bias-gradient column sums (kernels/common.cuh COLUMN_CHUNK_ROWS): each chunk's
+    /// rows are added in order, then the chunks in order, on every backend (deterministic, and the same bits on each).
+    /// </summary>
+    public const int ColumnChunkRows = 64;
+
+    /// <summary>
     /// Fused log-softmax + gather: lse[t] = logsumexp(logits[t, :]), logprob[t] = logits[t, target[t]] - lse[t] (the
     /// per-token NLL is -logprob). logits [T, V]; targets [T] int32 (IgnoreIndex gives 0); logprob, lse [T] fp32.
     /// No [T, V] probabilities tensor is made.

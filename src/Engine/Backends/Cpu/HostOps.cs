@@ -80,7 +80,13 @@ internal static class HostOps
             for (long c = s; c < e; c++)
             {
                 float sum = 0f;
-                for (int r = 0; r < rows; r++) sum += dy[(long)r * cols + c];
+                for (int r0 = 0; r0 < rows; r0 += Backend.ColumnChunkRows)
+                {
+                    float p = 0f;
+                    int r1 = Math.Min(rows, r0 + Backend.ColumnChunkRows);
+                    for (int r = r0; r < r1; r++) p += dy[(long)r * cols + c];
+                    sum += p;
+                }
                 dbias[c] = accumulate ? dbias[c] + sum : sum;
             }
         });
@@ -120,7 +126,13 @@ internal static class HostOps
             for (long c = s; c < e; c++)
             {
                 float sum = 0f;
-                for (int r = 0; r < rows; r++) { long i = (long)r * cols + c; sum += dy[i] * x[i] * rstd[r]; }
+                for (int r0 = 0; r0 < rows; r0 += Backend.ColumnChunkRows)
+                {
+                    float p = 0f;
+                    int r1 = Math.Min(rows, r0 + Backend.ColumnChunkRows);
+                    for (int r = r0; r < r1; r++) { long i = (long)r * cols + c; p += dy[i] * x[i] * rstd[r]; }
+                    sum += p;
+                }
                 dw[c] = accumulate ? dw[c] + sum : sum;
             }
         });
@@ -248,12 +260,19 @@ internal static class HostOps
             for (long c = s; c < e; c++)
             {
                 float sw = 0f, sb = 0f;
-                for (int r = 0; r < rows; r++)
+                for (int r0 = 0; r0 < rows; r0 += Backend.ColumnChunkRows)
                 {
-                    long i = (long)r * cols + c;
-                    float g = dy[i];
-                    sw += g * (x[i] - mean[r]) * rstd[r];
-                    sb += g;
+                    float pw = 0f, pb = 0f;
+                    int r1 = Math.Min(rows, r0 + Backend.ColumnChunkRows);
+                    for (int r = r0; r < r1; r++)
+                    {
+                        long i = (long)r * cols + c;
+                        float g = dy[i];
+                        pw += g * (x[i] - mean[r]) * rstd[r];
+                        pb += g;
+                    }
+                    sw += pw;
+                    sb += pb;
                 }
                 dw[c] = accumulate ? dw[c] + sw : sw;
                 if (db != null) db[c] = accumulate ? db[c] + sb : sb;

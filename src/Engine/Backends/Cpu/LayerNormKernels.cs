@@ -42,13 +42,21 @@ internal static class LayerNormKernels
     public static void BackwardParams(Index1D c, ArrayView<float> dw, ArrayView<float> db, int hasBias, ArrayView<float> dy, ArrayView<float> x,
         ArrayView<float> mean, ArrayView<float> rstd, int rows, int cols, int accumulate)
     {
+        // In the CUDA kernels' order: each chunk of ColumnChunkRows rows, then the chunks.
         float sw = 0f, sb = 0f;
-        for (int r = 0; r < rows; r++)
+        for (int r0 = 0; r0 < rows; r0 += Backend.ColumnChunkRows)
         {
-            long i = (long)r * cols + c;
-            float g = dy[i];
-            sw += g * (x[i] - mean[r]) * rstd[r];
-            sb += g;
+            float pw = 0f, pb = 0f;
+            int r1 = Math.Min(rows, r0 + Backend.ColumnChunkRows);
+            for (int r = r0; r < r1; r++)
+            {
+                long i = (long)r * cols + c;
+                float g = dy[i];
+                pw += g * (x[i] - mean[r]) * rstd[r];
+                pb += g;
+            }
+            sw += pw;
+            sb += pb;
         }
         dw[c] = accumulate != 0 ? dw[c] + sw : sw;
         if (hasBias != 0) db[c] = accumulate != 0 ? db[c] + sb : sb;

@@ -43,8 +43,15 @@ internal static class RmsNormKernels
     /// <summary>dw[c] (+)= sum_t dy * x * rstd, one thread per column.</summary>
     public static void BackwardWeight(Index1D c, ArrayView<float> dw, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> rstd, int rows, int cols, int accumulate)
     {
+        // In the CUDA kernels' order: each chunk of ColumnChunkRows rows, then the chunks.
         float s = 0f;
-        for (int r = 0; r < rows; r++) { long i = (long)r * cols + c; s += dy[i] * x[i] * rstd[r]; }
+        for (int r0 = 0; r0 < rows; r0 += Backend.ColumnChunkRows)
+        {
+            float p = 0f;
+            int r1 = Math.Min(rows, r0 + Backend.ColumnChunkRows);
+            for (int r = r0; r < r1; r++) { long i = (long)r * cols + c; p += dy[i] * x[i] * rstd[r]; }
+            s += p;
+        }
         dw[c] = accumulate != 0 ? dw[c] + s : s;
     }
 }

@@ -219,8 +219,20 @@ public sealed unsafe class CudaBackend : Backend
             Launch("bias", "bias_add" + Suffix(c), StrideGrid("bias", c.Length), [P(c), P(bias), I(batch * m), I(n)]);
     }
 
-    protected override void BiasBackwardCore(Tensor dy, Tensor dbias, bool accumulate) =>
-        Launch("bias", "bias_backward" + Suffix(dy), ColumnGrid("bias", dy.Cols), [P(dbias), P(dy), I(dy.Rows), I(dy.Cols), I(accumulate ? 1 : 0)]);
+    protected override void BiasBackwardCore(Tensor dy, Tensor dbias, bool accumulate)
+    {
+        int chunks = ColumnChunks(dy.Rows);
+        using var partial = Allocate(DType.F32, Math.Max(1, chunks), dy.Cols);
+        Launch("bias", "bias_backward_partial" + Suffix(dy), ColumnGrid("bias", dy.Cols), [P(partial), P(dy), I(dy.Rows), I(dy.Cols)], gridY: chunks);
+        Launch("bias", "bias_backward_sum", ColumnGrid("bias", dy.Cols), [P(dbias), P(partial), I(chunks), I(dy.Cols), I(accumulate ? 1 : 0)]);
+    }
+
+    /// <summary>Chunks of <see cref="Backend.ColumnChunkRows"/> rows of a two-pass column sum (at most 65535: the grid's y limit).</summary>
+    private static int ColumnChunks(int rows)
+    {
+        int chunks = (rows + ColumnChunkRows - 1) / ColumnChunkRows;
+        return chunks <= 65535 ? chunks : throw new ArgumentException($"a column sum over {rows} rows exceeds the {65535 * ColumnChunkRows} rows the two-pass kernels take");
+    }
 
     // ---- elementwise ------------------------------------------------------------------------------------------
     protected override void AxpbyCore(Tensor output, Tensor a, Tensor? b, float alpha, float beta)
@@ -268,8 +280,12 @@ public sealed unsafe class CudaBackend : Backend
     {
         // The weight gradient reads dy before dx is written (dx may alias dy).
         if (dweight is not null)
-            Launch("rmsnorm", "rmsnorm_backward_weight" + Suffix(x), ColumnGrid("rmsnorm", x.Cols),
-                [P(dweight), P(dy), P(x), P(rstd), I(x.Rows), I(x.Cols), I(accumulate ? 1 : 0)]);
+        {
+            int chunks = ColumnChunks(x.Rows);
+            using var partial = Allocate(DType.F32, Math.Max(1, chunks), x.Cols);
+            Launch("rmsnorm", "rmsnorm_backward_weight_partial" + Suffix(x), ColumnGrid("rmsnorm", x.Cols), [P(partial), P(dy), P(x), P(rstd), I(x.Rows), I(x.Cols)], gridY: chunks);
+            Launch("rmsnorm", "rmsnorm_backward_weight_sum", ColumnGrid("rmsnorm", x.Cols), [P(dweight), P(partial), I(chunks), I(x.Cols), I(accumulate ? 1 : 0)]);
+        }
         Launch("rmsnorm", "rmsnorm_backward" + Suffix(x), x.Rows, [P(dx), P(dy), P(x), P(weight), P(rstd), I(x.Rows), I(x.Cols)]);
     }
 
@@ -280,8 +296,15 @@ public sealed unsafe class CudaBackend : Backend
     protected override void LayerNormBackwardCore(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor dx, Tensor? dweight, Tensor? dbias, bool accumulate)
     {
         if (dweight is not null)
-            Launch("layernorm", "layernorm_backward_params" + Suffix(x), ColumnGrid("layernorm", x.Cols),
-                [P(dweight), P(dbias), P(dy), P(x), P(mean), P(rstd), I(x.Rows), I(x.Cols), I(accumulate ? 1 : 0)]);
+        {
+            int chunks = ColumnChunks(x.Rows);
+            using var pw = Allocate(DType.F32, Math.Max(1, chunks), x.Cols);
+            using var pb = dbias is null ? null : Allocate(DType.F32, Math.Max(1, chunks), x.Cols);
+            Launch("layernorm", "layernorm_backward_params_partial" + Suffix(x), ColumnGrid("layernorm", x.Cols),
+                [P(pw), P(pb), P(dy), P(x), P(mean), P(rstd), I(x.Rows), I(x.Cols)], gridY: chunks);
+            Launch("layernorm", "layernorm_backward_params_sum", ColumnGrid("layernorm", x.Cols),
+                [P(dweight), P(dbias), P(pw), P(pb), I(chunks), I(x.Cols), I(accumulate ? 1 : 0)]);
+        }
         Launch("layernorm", "layernorm_backward" + Suffix(x), x.Rows,
             [P(dx), P(dy), P(x), P(weight), P(mean), P(rstd), I(x.Rows), I(x.Cols)]);
     }
