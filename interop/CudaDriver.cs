@@ -111,6 +111,7 @@ public static unsafe partial class CudaDriver
     [LibraryImport(Lib, EntryPoint = "cuModuleLoadDataEx")] private static partial int cuModuleLoadDataEx(IntPtr* module, void* image, uint numOptions, int* options, void** values);
     [LibraryImport(Lib, EntryPoint = "cuModuleUnload")] private static partial int cuModuleUnload(IntPtr module);
     [LibraryImport(Lib, EntryPoint = "cuModuleGetFunction")] private static partial int cuModuleGetFunction(IntPtr* function, IntPtr module, byte* name);
+    [LibraryImport(Lib, EntryPoint = "cuOccupancyMaxActiveBlocksPerMultiprocessor")] private static partial int cuOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, IntPtr function, int blockSize, nuint dynamicSharedBytes);
     [LibraryImport(Lib, EntryPoint = "cuFuncGetAttribute")] private static partial int cuFuncGetAttribute(int* value, int attribute, IntPtr function);
     [LibraryImport(Lib, EntryPoint = "cuFuncSetAttribute")] private static partial int cuFuncSetAttribute(IntPtr function, int attribute, int value);
     [LibraryImport(Lib, EntryPoint = "cuLaunchKernel")]
@@ -165,6 +166,14 @@ public static unsafe partial class CudaDriver
         Init();
         int n;
         Check(cuDeviceGetCount(&n));
+        return n;
+    }
+
+    /// <summary>How many blocks of <paramref name="blockSize"/> threads of a kernel one SM holds at once (its occupancy).</summary>
+    public static int MaxActiveBlocksPerMultiprocessor(IntPtr function, int blockSize, long dynamicSharedBytes = 0)
+    {
+        int n;
+        Check(cuOccupancyMaxActiveBlocksPerMultiprocessor(&n, function, blockSize, (nuint)dynamicSharedBytes));
         return n;
     }
 

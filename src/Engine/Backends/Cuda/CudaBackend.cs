@@ -115,6 +115,25 @@ public sealed unsafe class CudaBackend : Backend
         _currentContext = _context.Handle;
     }
 
+    /// <summary>
+    /// A grid-stride kernel over <paramref name="n"/> items: as many blocks as the items need, at most one wave of the
+    /// blocks the device holds resident at once (SMs x the kernel's occupancy at this block size, asked of the driver
+    /// once per kernel), so no block waits for another to finish.
+    /// </summary>
+    private void LaunchStride(string family, string kernel, long n, ReadOnlySpan<ulong> args)
+    {
+        if (n <= 0) return;
+        EnsureCurrent();
+        int block = Compiler.Tuning.Block(family);
+        var f = Function(family, kernel);
+        if (!_residentBlocks.TryGetValue(kernel, out int perSm))
+            _residentBlocks[kernel] = perSm = Math.Max(1, CudaDriver.MaxActiveBlocksPerMultiprocessor(f.Handle, block));
+        long grid = Math.Clamp((n + block - 1) / block, 1, (long)Device.MultiprocessorCount * perSm);
+        Launch(family, kernel, grid, args);
+    }
+
+    private readonly Dictionary<string, int> _residentBlocks = new();
+
     /// <summary>Blocks for a grid-stride loop over n elements: enough to fill the device, never more than needed.</summary>
     private long StrideGrid(string family, long n)
     {
@@ -216,7 +235,7 @@ public sealed unsafe class CudaBackend : Backend
         Cublas.GemmStridedBatchedEx(_cublas, opB, opA, n, m, k, alpha, P(b), Cu(b.DType), ldb, (long)k * n,
             P(a), Cu(a.DType), lda, (long)m * k, beta, P(c), Cu(c.DType), n, (long)m * n, batch);
         if (bias is not null)
-            Launch("bias", "bias_add" + Suffix(c), StrideGrid("bias", c.Length), [P(c), P(bias), I(batch * m), I(n)]);
+            LaunchStride("bias", "bias_add" + Suffix(c), c.Length, [P(c), P(bias), I(batch * m), I(n)]);
     }
 
     protected override void BiasBackwardCore(Tensor dy, Tensor dbias, bool accumulate)
@@ -240,9 +259,9 @@ public sealed unsafe class CudaBackend : Backend
         // 16-byte packs where every array allows them; the per-element arithmetic is the same either way.
         long packs = Packs(output, a, b);
         if (packs > 0)
-            Launch("elementwise", "axpby_vec" + Suffix(output), StrideGrid("elementwise", packs), [P(output), P(a), P(b), Fl(alpha), Fl(beta), L(packs)]);
+            LaunchStride("elementwise", "axpby_vec" + Suffix(output), packs, [P(output), P(a), P(b), Fl(alpha), Fl(beta), L(packs)]);
         else
-            Launch("elementwise", "axpby" + Suffix(output), StrideGrid("elementwise", output.Length), [P(output), P(a), P(b), Fl(alpha), Fl(beta), L(output.Length)]);
+            LaunchStride("elementwise", "axpby" + Suffix(output), output.Length, [P(output), P(a), P(b), Fl(alpha), Fl(beta), L(output.Length)]);
     }
 
     /// <summary>The number of 16-byte packs of <paramref name="first"/> when every given tensor is 16-byte aligned and whole packs; else 0.</summary>
@@ -261,10 +280,10 @@ public sealed unsafe class CudaBackend : Backend
         switch (source.DType, destination.DType)
         {
             case (DType.F32, DType.BF16):
-                Launch("elementwise", "convert_f32_to_bf16", StrideGrid("elementwise", n), [P(destination), P(source), L(n)]);
+                LaunchStride("elementwise", "convert_f32_to_bf16", n, [P(destination), P(source), L(n)]);
                 break;
             case (DType.BF16, DType.F32):
-                Launch("elementwise", "convert_bf16_to_f32", StrideGrid("elementwise", n), [P(destination), P(source), L(n)]);
+                LaunchStride("elementwise", "convert_bf16_to_f32", n, [P(destination), P(source), L(n)]);
                 break;
             default:
                 CudaDriver.CopyDtoDAsync(P(destination), P(source), source.Bytes, _stream.Handle);
@@ -311,25 +330,25 @@ public sealed unsafe class CudaBackend : Backend
 
     // ---- rope, activations, softmax -------------------------------------------------------------------------------------
     protected override void RopeCore(Tensor x, Tensor positions, Tensor y, float theta, bool forward) =>
-        Launch("rope", (forward ? "rope_forward" : "rope_backward") + Suffix(x), StrideGrid("rope", x.Length / 2),
+        LaunchStride("rope", (forward ? "rope_forward" : "rope_backward") + Suffix(x), x.Length / 2,
             [P(y), P(x), P(positions), I(x.Dim(0)), I(x.Dim(1)), I(x.Dim(2)), Fl(theta)]);
 
     protected override void SwiGluForwardCore(Tensor gate, Tensor up, Tensor y)
     {
         long packs = Packs(gate, up, y);
-        if (packs > 0) Launch("swiglu", "swiglu_forward_vec" + Suffix(gate), StrideGrid("swiglu", packs), [P(y), P(gate), P(up), L(packs)]);
-        else Launch("swiglu", "swiglu_forward" + Suffix(gate), StrideGrid("swiglu", gate.Length), [P(y), P(gate), P(up), L(gate.Length)]);
+        if (packs > 0) LaunchStride("swiglu", "swiglu_forward_vec" + Suffix(gate), packs, [P(y), P(gate), P(up), L(packs)]);
+        else LaunchStride("swiglu", "swiglu_forward" + Suffix(gate), gate.Length, [P(y), P(gate), P(up), L(gate.Length)]);
     }
 
     protected override void SwiGluBackwardCore(Tensor dy, Tensor gate, Tensor up, Tensor dgate, Tensor dup) =>
-        Launch("swiglu", "swiglu_backward" + Suffix(gate), StrideGrid("swiglu", gate.Length),
+        LaunchStride("swiglu", "swiglu_backward" + Suffix(gate), gate.Length,
             [P(dgate), P(dup), P(dy), P(gate), P(up), L(gate.Length)]);
 
     protected override void GeluForwardCore(Tensor x, Tensor y, GeluApproximation approximation) =>
-        Launch("gelu", "gelu_forward" + Suffix(x), StrideGrid("gelu", x.Length), [P(y), P(x), L(x.Length), I((int)approximation)]);
+        LaunchStride("gelu", "gelu_forward" + Suffix(x), x.Length, [P(y), P(x), L(x.Length), I((int)approximation)]);
 
     protected override void GeluBackwardCore(Tensor dy, Tensor x, Tensor dx, GeluApproximation approximation) =>
-        Launch("gelu", "gelu_backward" + Suffix(x), StrideGrid("gelu", x.Length), [P(dx), P(dy), P(x), L(x.Length), I((int)approximation)]);
+        LaunchStride("gelu", "gelu_backward" + Suffix(x), x.Length, [P(dx), P(dy), P(x), L(x.Length), I((int)approximation)]);
 
     protected override void SoftmaxForwardCore(Tensor x, Tensor y, float scale) =>
         Launch("softmax", "softmax_forward" + Suffix(x), x.Rows, [P(y), P(x), I(x.Rows), I(x.Cols), Fl(scale)]);
@@ -359,7 +378,7 @@ public sealed unsafe class CudaBackend : Backend
     }
 
     protected override void EmbeddingBackwardCore(Tensor doutput, Tensor order, Tensor starts, Tensor rows, Tensor dtable) =>
-        Launch("embedding", "embedding_backward" + Suffix(doutput), StrideGrid("embedding", rows.Length * dtable.Dim(1)),
+        LaunchStride("embedding", "embedding_backward" + Suffix(doutput), rows.Length * dtable.Dim(1),
             [P(dtable), P(doutput), P(order), P(starts), P(rows), I((int)rows.Length), I(dtable.Dim(1))]);
 
     protected override void CrossEntropyForwardCore(Tensor logits, Tensor targets, Tensor logprob, Tensor lse, int ignoreIndex)
@@ -452,17 +471,17 @@ public sealed unsafe class CudaBackend : Backend
     }
 
     protected override void ScatterRowsCore(Tensor source, RowIndex rows, Tensor destination) =>
-        Launch("rows", "scatter_rows" + Suffix(source), StrideGrid("rows", source.Length), [P(destination), P(source), P(rows.Device), I(source.Rows), I(source.Cols)]);
+        LaunchStride("rows", "scatter_rows" + Suffix(source), source.Length, [P(destination), P(source), P(rows.Device), I(source.Rows), I(source.Cols)]);
 
     protected override void ScaleColumnsCore(Tensor x, Tensor scale, Tensor y) =>
-        Launch("rows", "scale_columns" + Suffix(x), StrideGrid("rows", x.Length), [P(y), P(x), P(scale), I(x.Rows), I(x.Cols)]);
+        LaunchStride("rows", "scale_columns" + Suffix(x), x.Length, [P(y), P(x), P(scale), I(x.Rows), I(x.Cols)]);
 
     protected override void ScaleColumnsBackwardCore(Tensor dy, Tensor x, Tensor dscale, bool accumulate) =>
         Launch("rows", "scale_columns_backward" + Suffix(x), ColumnGrid("rows", x.Cols), [P(dscale), P(dy), P(x), I(x.Rows), I(x.Cols), I(accumulate ? 1 : 0)]);
 
     // ---- paged KV cache and sampling -------------------------------------------------------------------------------------
     protected override void KvAppendCore(Tensor k, Tensor v, RowIndex slots, Tensor kCache, Tensor vCache) =>
-        Launch("paged_attention", "kv_append" + Suffix(k), StrideGrid("paged_attention", k.Length),
+        LaunchStride("paged_attention", "kv_append" + Suffix(k), k.Length,
             [P(kCache), P(vCache), P(k), P(v), P(slots.Device), I(k.Dim(0)), I(k.Dim(1)), I(k.Dim(2))]);
 
     protected override void PagedAttentionDecodeCore(Tensor q, Tensor kCache, Tensor vCache, PagedBatch batch, Tensor output, float scale, int splitBlocks)
@@ -495,7 +514,7 @@ public sealed unsafe class CudaBackend : Backend
 
     protected override void GrpoTokenLossCore(Tensor m, Tensor s, Tensor targetLogit, Tensor targets, Tensor oldLogp, Tensor? refLogp, Tensor advantage,
         Tensor weight, GrpoLossSettings g, Tensor loss, Tensor dlogp, Tensor logp) =>
-        Launch("grpo_loss", "grpo_token_loss", StrideGrid("grpo_loss", targets.Length),
+        LaunchStride("grpo_loss", "grpo_token_loss", targets.Length,
             [P(loss), P(dlogp), P(logp), P(m), P(s), P(targetLogit), P(targets), P(oldLogp), P(refLogp), P(advantage), P(weight), I((int)targets.Length),
              Fl(g.EpsLow), Fl(g.EpsHigh), Fl(g.DualClip), Fl(g.KlCoef), I((int)g.Kl)]);
 
@@ -510,7 +529,7 @@ public sealed unsafe class CudaBackend : Backend
         // Four elements a thread with 16-byte accesses where the sizes and addresses allow; the per-element arithmetic is the same.
         bool vector = master.Length % 4 == 0 && new[] { P(master), P(grad), P(m), P(v) }.All(a => a % 16 == 0) && (workingCopy is null || P(workingCopy) % 8 == 0);
         long n = vector ? master.Length / 4 : master.Length;
-        Launch("adamw", vector ? "adamw_update4" : "adamw_update", StrideGrid("adamw", n),
+        LaunchStride("adamw", vector ? "adamw_update4" : "adamw_update", n,
             [P(master), P(workingCopy), P(grad), P(m), P(v), L(n), Fl(s.Beta1), Fl(s.Beta2), Fl(s.Epsilon), Fl(stepSize), Fl(invSqrtBc2), Fl(decay), Fl(gradScale)]);
     }
 
