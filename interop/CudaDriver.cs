@@ -35,6 +35,7 @@ public enum CuDeviceAttribute
     MemoryClockRateKHz = 36,
     GlobalMemoryBusWidthBits = 37,
     L2CacheSizeBytes = 38,
+    MaxThreadsPerMultiprocessor = 39,
     ComputeCapabilityMajor = 75,
     ComputeCapabilityMinor = 76,
     MaxSharedMemoryPerBlockOptin = 97,

@@ -157,11 +157,11 @@ public static class BenchCommand
     /// <summary>The kernel timings as a table; shapes such as "[4096, 1024]" are text, not markup.</summary>
     public static Table KernelTable(IEnumerable<KernelTiming> timings)
     {
-        var table = new Table().AddColumns("op", "shape", "dtype", "median (us)", "GB/s", "TFLOP/s", "% of peak", "bound");
+        var table = new Table().AddColumns("op", "shape", "dtype", "median (us)", "GB/s", "TFLOP/s", "% of peak", "bound", "kernels (block, registers, spills, occupancy)");
         foreach (var t in timings)
             table.AddRow(Markup.Escape(t.Op), Markup.Escape(t.Shape), Markup.Escape(t.DType), t.MedianMicroseconds.ToString("F1"),
                 t.GigabytesPerSecond.ToString("F0"), t.Flops > 0 ? t.TeraflopsPerSecond.ToString("F1") : "-", t.PercentOfPeak.ToString("F1"),
-                Markup.Escape(t.Bound));
+                Markup.Escape(t.Bound), Markup.Escape(string.Join("; ", t.Kernels.Select(k => $"{k.Kernel} ({k.Block}, {k.Registers}, {k.SpillBytes} B, {k.Occupancy:P0})"))));
         return table;
     }
 

@@ -96,10 +96,28 @@ public sealed unsafe class CudaBackend : Backend
 
     private static string Suffix(Tensor t) => t.DType == DType.BF16 ? "_bf16" : "_f32";
 
+    /// <summary>When set, every kernel launch adds its (family, kernel) here: what `engine bench kernels` reports resources of.</summary>
+    public List<(string Family, string Kernel)>? LaunchLog { get; set; }
+
+    /// <summary>
+    /// A kernel's registers and spills (NVRTC's ptxas report) and occupancy: the share of an SM's threads its resident
+    /// blocks fill at its block size.
+    /// </summary>
+    public KernelUse Use(string family, string kernel)
+    {
+        EnsureCurrent();
+        var resources = Compiler.Compile(family, _target.Arch, _target.Cubin).Kernels.FirstOrDefault(k => k.Kernel == kernel);
+        int block = Compiler.Tuning.Block(family);
+        int resident = CudaDriver.MaxActiveBlocksPerMultiprocessor(Function(family, kernel).Handle, block);
+        double occupancy = (double)resident * block / CudaDriver.Attribute(Device.Ordinal, CuDeviceAttribute.MaxThreadsPerMultiprocessor);
+        return new KernelUse(kernel, block, resources?.Registers ?? 0, (resources?.SpillStoreBytes ?? 0) + (resources?.SpillLoadBytes ?? 0), occupancy);
+    }
+
     private void Launch(string family, string kernel, long gridX, ReadOnlySpan<ulong> args, long gridY = 1)
     {
         if (gridX <= 0 || gridY <= 0) return; // zero rows or columns: nothing to do (a block would touch row 0 of an empty tensor)
         EnsureCurrent();
+        LaunchLog?.Add((family, kernel));
         var f = Function(family, kernel);
         int block = Compiler.Tuning.Block(family);
         CudaDriver.Launch(f.Handle, new Dim3(checked((uint)gridX), checked((uint)gridY)), new Dim3((uint)block), 0, _stream.Handle, args);

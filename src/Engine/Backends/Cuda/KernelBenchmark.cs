@@ -10,7 +10,13 @@ public sealed record KernelTiming(string Op, string Shape, string DType, double 
 {
     /// <summary>The op's peak device memory above what was in use before it (the loss ops), or null.</summary>
     public long? PeakBytes { get; init; }
+
+    /// <summary>The kernels the op launched: block size, registers, spilled bytes and occupancy of each.</summary>
+    public IReadOnlyList<KernelUse> Kernels { get; init; } = [];
 }
+
+/// <summary>One kernel an op launched, as compiled and as resident on the GPU.</summary>
+public sealed record KernelUse(string Kernel, int Block, int Registers, int SpillBytes, double Occupancy);
 
 /// <summary>
 /// Times each op of the CUDA backend with CUDA events on its stream: warm-up launches, then repeats each preceded by
@@ -41,10 +47,23 @@ public sealed class KernelBenchmark(CudaBackend backend, int repeats = 25, int w
             using (op)
             {
                 if (!op.Timed) continue;
-                var timing = Time(op.Name, op.Shape, op.DType, op.Bytes, op.Flops, op.Launch);
+                var timing = Time(op.Name, op.Shape, op.DType, op.Bytes, op.Flops, op.Launch) with { Kernels = KernelsOf(op) };
                 results.Add(op.ReportsPeak ? timing with { PeakBytes = KernelOps.PeakBytes(backend, op) } : timing);
             }
         return results;
+    }
+
+    /// <summary>The distinct kernels one launch of <paramref name="op"/> runs (cuBLAS GEMMs are not ours: none listed).</summary>
+    private IReadOnlyList<KernelUse> KernelsOf(KernelOp op)
+    {
+        backend.LaunchLog = [];
+        try
+        {
+            op.Launch();
+            backend.Synchronize();
+            return [.. backend.LaunchLog.Distinct().Select(k => backend.Use(k.Family, k.Kernel))];
+        }
+        finally { backend.LaunchLog = null; }
     }
 
     private KernelTiming Time(string op, string shape, DType dtype, double bytes, double flops, Action launch)
