@@ -61,9 +61,6 @@ public sealed class KernelTuning
         return [.. new[] { 64, 128, 256, 512, 1024 }.Where(b => b <= largest)];
     }
 
-    /// <summary>The launch parameters of this tuning that differ from the defaults (what a cache file records).</summary>
-    public IReadOnlyDictionary<string, int> Overrides => _blocks.Where(b => DefaultBlocks[b.Key] != b.Value).ToDictionary();
-
     public int Block(string family) =>
         _blocks.TryGetValue(family, out var b) ? b : throw new ArgumentException($"tuning: unknown kernel family '{family}'");
 
