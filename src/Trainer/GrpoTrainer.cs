@@ -182,7 +182,7 @@ public sealed class GrpoTrainer : IDisposable
         bool save = _dp.Any(trained || !Directory.Exists(Path.Combine(_c.Output, "final")));
         var whole = save ? _model.GatherWhole(trainableOnly: false) : null;   // tensor parallel: every rank of the group takes part
         if (save && _dp.Writes) RunCheckpoints.SaveFinal(_c.Output, dir => SaveFinalModel(dir, whole));
-        _dp.Barrier();
+        _dp.WaitForWriter();   // rank 0 writes the final model: no time limit
     }
 
     /// <summary>The run's final model, exported whole in the HF layout (<c>checkpoint.export_dtype</c>, 5 GB shards) with the tokenizer's files.</summary>

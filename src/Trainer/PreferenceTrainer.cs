@@ -133,7 +133,7 @@ public sealed class PreferenceTrainer : IDisposable
             File.WriteAllText(Path.Combine(_c.Output, "summary.json"), JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true }));
             RunCheckpoints.SaveFinal(_c.Output, dir => SaveModel(dir, whole));
         }
-        _dp.Barrier();
+        _dp.WaitForWriter();   // rank 0 writes the final model: no time limit
         return summary;
     }
 

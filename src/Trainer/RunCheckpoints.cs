@@ -241,34 +241,44 @@ public static class RunCheckpoints
     /// <summary>The AdamW moments as optimizer.safetensors (NAME.exp_avg, NAME.exp_avg_sq); returns the optimiser's step count.</summary>
     public static int SaveOptimizer(string dir, AdamWOptimizer opt)
     {
-        if (opt.Sharded) return opt.StepCount;   // each rank writes its shard (SaveOptimizerShard)
+        if (opt.KeepsOwnFile) return opt.StepCount;   // each rank writes its own (SaveOwnOptimizer)
         var (step, moments) = opt.Export();
-        SafetensorsFile.Write(Path.Combine(dir, "optimizer.safetensors"),
-            moments.SelectMany(m => new[] { (m.Name + ".exp_avg", m.Shape, m.M), (m.Name + ".exp_avg_sq", m.Shape, m.V) }));
+        WriteMoments(Path.Combine(dir, "optimizer.safetensors"), moments);
         return step;
     }
 
-    /// <summary>This rank's shard of a sharded optimiser (ZeRO-1): master, moments and step, in its own file.</summary>
-    public static void SaveOptimizerShard(string dir, AdamWOptimizer opt)
+    private static void WriteMoments(string path, IReadOnlyList<(string Name, int[] Shape, float[] M, float[] V)> moments) =>
+        SafetensorsFile.Write(path, moments.SelectMany(m => new[] { (m.Name + ".exp_avg", m.Shape, m.M), (m.Name + ".exp_avg_sq", m.Shape, m.V) }));
+
+    /// <summary>
+    /// This rank's optimiser state in its own file (<see cref="AdamWOptimizer.OwnFile"/>): a ZeRO-1 shard (master and
+    /// moments), or with tensor parallelism the moments of this rank's slices. Every rank writes one.
+    /// </summary>
+    public static void SaveOwnOptimizer(string dir, AdamWOptimizer opt)
     {
+        var path = Path.Combine(dir, opt.OwnFile);
+        if (!opt.Sharded)
+        {
+            WriteMoments(path, opt.Export().Moments);
+            return;
+        }
         var (_, master, m, v) = opt.ExportShard();   // the step is trainer_state.json's optimizer_step
-        SafetensorsFile.Write(Path.Combine(dir, opt.ShardFile), [("master", [master.Length], master), ("exp_avg", [m.Length], m), ("exp_avg_sq", [v.Length], v)]);
+        SafetensorsFile.Write(path, [("master", [master.Length], master), ("exp_avg", [m.Length], m), ("exp_avg_sq", [v.Length], v)]);
     }
 
     public static void LoadOptimizer(string dir, AdamWOptimizer opt, int step)
     {
+        var path = Path.Combine(dir, opt.KeepsOwnFile ? opt.OwnFile : "optimizer.safetensors");
+        if (!File.Exists(path))
+            throw new InvalidDataException(opt.KeepsOwnFile
+                ? $"checkpoint {dir} has no {opt.OwnFile}: it was written by another number of ranks, another tensor-parallel size, or without parallel.shard_optimizer; resume it as it was written"
+                : $"checkpoint {dir} has no optimizer.safetensors (it was written with parallel.shard_optimizer or tensor parallelism: resume it as it was written)");
+        using var file = SafetensorsFile.Open(path);
         if (opt.Sharded)
         {
-            var shard = Path.Combine(dir, opt.ShardFile);
-            if (!File.Exists(shard))
-                throw new InvalidDataException($"checkpoint {dir} has no {opt.ShardFile}: it was written by another number of ranks, or without parallel.shard_optimizer; resume it as it was written");
-            using var f = SafetensorsFile.Open(shard);
-            opt.ImportShard(step, f.ReadFloats("master"), f.ReadFloats("exp_avg"), f.ReadFloats("exp_avg_sq"));
+            opt.ImportShard(step, file.ReadFloats("master"), file.ReadFloats("exp_avg"), file.ReadFloats("exp_avg_sq"));
             return;
         }
-        var path = Path.Combine(dir, "optimizer.safetensors");
-        if (!File.Exists(path)) throw new FileNotFoundException($"checkpoint {dir} has no optimizer.safetensors", path);
-        using var file = SafetensorsFile.Open(path);
         var moments = opt.ParameterNames.ToDictionary(n => n, n => (file.ReadFloats(n + ".exp_avg"), file.ReadFloats(n + ".exp_avg_sq")));
         opt.Import(step, moments);
     }

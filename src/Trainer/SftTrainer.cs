@@ -111,7 +111,9 @@ public sealed class SftTrainer : IDisposable
             if (scheduled || stop) SaveCheckpoint();
             if (stop) return null;
         }
-        var after = History.LastOrDefault(h => h.HeldOutLoss is not null)?.HeldOutLoss ?? HeldOutLoss();
+        // Every rank decides together (only rank 0 holds the log after a resume; the pass runs collectives under tp).
+        var logged = History.LastOrDefault(h => h.HeldOutLoss is not null)?.HeldOutLoss;
+        var after = _dp.Any(logged is null) ? HeldOutLoss() : logged;
         var summary = new SftSummary(_c.Steps, _data.Count - _heldOut.Count, _heldOut.Count, _heldOutBefore, after, History.Count > 0 ? History[^1].Loss : double.NaN);
         var whole = _model.GatherWhole(trainableOnly: false);   // tensor parallel: every rank of the group takes part
         if (!_dp.Writes) return summary;

@@ -112,7 +112,7 @@ public static class TrainCommand
         if (group.Rank != 0)
         {
             try { new DigitPipeline(settings, backend, dataParallel: dp).Follow(cancel.Token); }
-            catch (OperationCanceledException) { return 0; }
+            catch (OperationCanceledException) { }   // stopped with rank 0: both end through Done
             return Done(group);
         }
         AnsiConsole.MarkupLineInterpolated($"[bold]engine train[/]: the R1V2 pipeline on handwritten-digit scenes on {backend.Name}{(group.WorldSize > 1 ? $", GRPO data-parallel on {group.WorldSize} ranks" : "")}; run directory {settings.Output}");
@@ -133,7 +133,7 @@ public static class TrainCommand
         catch (OperationCanceledException e)
         {
             AnsiConsole.MarkupLineInterpolated($"{cancel.StoppedLine($"{e.Message}, checkpoints written in {settings.Output}")} (with --out {settings.Output})");
-            return 0;
+            return Done(group);
         }
         AnsiConsole.MarkupLineInterpolated($"done in {summary!.Seconds:F0} s; {Path.Combine(settings.Output, "summary.md")}:");
         AnsiConsole.WriteLine(File.ReadAllText(Path.Combine(settings.Output, "summary.md")));
@@ -164,7 +164,7 @@ public static class TrainCommand
     private static int Done(ICollectives group)
     {
         if (group.WorldSize == 1) return 0;
-        group.Barrier();
+        group.Barrier(Timeout.InfiniteTimeSpan);   // rank 0 may still be writing its report
         Interop.Mpi.FinalizeIfInitialized();
         return 0;
     }

@@ -32,6 +32,18 @@ public sealed class TensorParallel(ICollectives group)
         return Cut.Whole;
     }
 
+    /// <summary>
+    /// Refuses a decoder the size does not cut evenly: each rank needs whole query heads, whole kv heads (GQA), an equal
+    /// share of the MLP columns and of the vocabulary. The error names <c>parallel.tp</c> and the dimension.
+    /// </summary>
+    public void Check(Models.LlmConfig c)
+    {
+        if (Size == 1) return;
+        foreach (var (value, what) in new[] { (c.NumHeads, "attention heads"), (c.NumKvHeads, "key/value heads"), (c.IntermediateSize, "MLP columns"), (c.VocabSize, "vocabulary rows") })
+            if (value % Size != 0)
+                throw new InvalidDataException($"parallel.tp is {Size}, but the decoder's {value} {what} do not split into {Size} equal parts: choose a tensor-parallel size that divides the heads ({c.NumHeads}), kv heads ({c.NumKvHeads}), MLP ({c.IntermediateSize}) and vocabulary ({c.VocabSize})");
+    }
+
     /// <summary>This rank's shape of a tensor whose whole shape is <paramref name="shape"/>; a dimension the size does not divide is an error naming it.</summary>
     public int[] LocalShape(string name, int[] shape)
     {

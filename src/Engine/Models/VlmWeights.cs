@@ -148,6 +148,7 @@ public sealed class ParameterStore : IDisposable
     {
         _shared = shared;
         TensorParallel = tensorParallel ?? TensorParallel.None;
+        TensorParallel.Check(config.Llm);
         try
         {
             foreach (var (name, shape) in VlmWeights.Expected(config))

@@ -39,7 +39,8 @@ public sealed class GrpoPolicyStep(GrpoUpdate update, LossAggregation aggregatio
         // Empty micro-batches are trailing on every rank; the step runs as many as the fullest rank has.
         int used = slots.Count(s => s.Count > 0);
         used = (int)dp.Max(used)[0];
-        double loss = 0, gradNorm = 0;
+        double gradNorm = 0;
+        var stepLosses = new List<double>();
         int steps = 0, skipped = 0;
         // Sums over this rank's micro-batches of token-weighted statistics: tokens, ratio, clipped, dual-clipped, k3.
         var sums = new double[5];
@@ -64,12 +65,15 @@ public sealed class GrpoPolicyStep(GrpoUpdate update, LossAggregation aggregatio
                 sums[3] += stats.DualClippedFraction * stats.Tokens;
                 sums[4] += (stats.Kl ?? 0) * stats.Tokens;
             }
-            loss += dp.Ranks == 1 ? stepLoss : dp.Sum(stepLoss)[0];
-            var report = optimizerStep();   // the optimiser sums the gradients over the ranks first
+            stepLosses.Add(stepLoss);
+            // The optimiser sums the gradients over the ranks first; the step losses are summed after the last step (a
+            // blocking sum here could meet another rank's gradient buckets, still in flight, on the same communicator).
+            var report = optimizerStep();
             if (report.Skipped) skipped++;
             gradNorm += report.GradNorm;
             steps++;
         }
+        double loss = (dp.Ranks == 1 ? [.. stepLosses] : dp.Sum([.. stepLosses])).Sum();
         if (dp.Ranks > 1) sums = dp.Sum(sums);
         double n = Math.Max(1, sums[0]), o = Math.Max(1, steps);
         return new PolicyStepResult(loss / o, gradNorm / o, steps, skipped, used, (long)sums[0], sums[1] / n, sums[2] / n, sums[3] / n,

@@ -80,8 +80,14 @@ public sealed class AdamWOptimizer : IDisposable
     /// <summary>The bytes of optimiser state this rank holds: moments, and the fp32 master shard when sharded.</summary>
     public long StateBytes => Sharded ? 4L * 4 * _shard : _state.Sum(s => 2 * s.M.Bytes);
 
-    /// <summary>The file this rank's shard of the state goes to in a checkpoint.</summary>
-    public string ShardFile => _dp.OwnFile("optimizer.safetensors");
+    /// <summary>
+    /// Whether each rank keeps its optimiser state in a file of its own: a ZeRO-1 shard, or with tensor parallelism the
+    /// moments of its slices (different on every rank of a tensor-parallel group).
+    /// </summary>
+    public bool KeepsOwnFile => Sharded || _tp.Size > 1;
+
+    /// <summary>This rank's optimiser file in a checkpoint: optimizer.rank-NNNNN.safetensors, by its rank in the launch.</summary>
+    public string OwnFile => $"optimizer.rank-{_dp.World.Rank:D5}.safetensors";
 
     /// <summary>The parameters' tensors (weights or gradients) end to end, zero-padded to ranks x shard.</summary>
     private float[] Flat(Func<Parameter, Tensor> of)
@@ -105,7 +111,7 @@ public sealed class AdamWOptimizer : IDisposable
     {
         if (!Sharded) throw new InvalidOperationException("the optimiser state is not sharded");
         if (master.Length != _shard || m.Length != _shard || v.Length != _shard)
-            throw new InvalidDataException($"{ShardFile} holds a shard of {m.Length} values; this launch's shard is {_shard} ({_total} trainable values over {_dp.Ranks} ranks): resume on the world size that wrote it");
+            throw new InvalidDataException($"{OwnFile} holds a shard of {m.Length} values; this launch's shard is {_shard} ({_total} trainable values over {_dp.Ranks} ranks): resume on the world size that wrote it");
         _master!.CopyFrom(master);
         _m!.CopyFrom(m);
         _v!.CopyFrom(v);
@@ -123,6 +129,9 @@ public sealed class AdamWOptimizer : IDisposable
     public void Import(int step, IReadOnlyDictionary<string, (float[] M, float[] V)> moments)
     {
         if (Sharded) throw new InvalidOperationException("the optimiser state is sharded: each rank imports its own (ImportShard)");
+        foreach (var (p, m, _) in _state)
+            if (moments.TryGetValue(p.Name, out var mv) && mv.M.Length != m.Length)
+                throw new InvalidDataException($"optimiser state for '{p.Name}' holds {mv.M.Length} values, the parameter here {m.Length}: it was written with another tensor-parallel size; resume it as it was written");
         foreach (var (p, m, v) in _state)
         {
             if (!moments.TryGetValue(p.Name, out var mv)) throw new InvalidDataException($"optimiser state has no moments for '{p.Name}'");

@@ -211,7 +211,8 @@ public sealed class DataParallel(ICollectives group, TensorParallel? tensorParal
         foreach (var p in parameters.Where(p => p.Trainable))
         {
             var values = p.Weights.ToFloatArray();
-            Group.Broadcast(MemoryMarshal.AsBytes(values.AsSpan()), 0);
+            for (int at = 0; at < values.Length; at += Slice)   // byte spans of at most 1 GiB (a 2^29-value tensor overflows one)
+                Group.Broadcast(MemoryMarshal.AsBytes(values.AsSpan(at, Math.Min(Slice, values.Length - at))), 0);
             p.Weights.CopyFrom(values);
             if (p.Master is not null) p.Value.CopyFrom(values);
         }
@@ -222,9 +223,16 @@ public sealed class DataParallel(ICollectives group, TensorParallel? tensorParal
     public static UInt128 WeightsHash(IEnumerable<Parameter> parameters)
     {
         var hash = new System.IO.Hashing.XxHash128();
-        foreach (var p in parameters) hash.Append(MemoryMarshal.AsBytes(p.Weights.ToFloatArray().AsSpan()));
+        foreach (var p in parameters)
+        {
+            var values = p.Weights.ToFloatArray();
+            for (int at = 0; at < values.Length; at += Slice) hash.Append(MemoryMarshal.AsBytes(values.AsSpan(at, Math.Min(Slice, values.Length - at))));
+        }
         return hash.GetCurrentHashAsUInt128();
     }
+
+    /// <summary>Values per byte span handed to MPI or the hash (2^28 floats, 1 GiB).</summary>
+    private const int Slice = 1 << 28;
 
     /// <summary>Throws, naming the ranks, when any rank's weights hash differently from rank 0's (replicas that drifted apart).</summary>
     public void CheckSameWeights(IEnumerable<Parameter> parameters, string when)
@@ -250,30 +258,27 @@ public sealed class DataParallel(ICollectives group, TensorParallel? tensorParal
     /// <param name="optimizer">Its shard goes into this rank's own file when its state is sharded (ZeRO-1).</param>
     public void SaveCheckpoint(string output, int step, int keep, Optim.AdamWOptimizer optimizer, Action<string> shared, Action<string>? own = null)
     {
-        if (optimizer.Sharded)
-        {
-            var writeOwn = own;
-            own = tmp =>
-            {
-                RunCheckpoints.SaveOptimizerShard(tmp, optimizer);
-                writeOwn?.Invoke(tmp);
-            };
-        }
-        // A data-parallel rank's own files are written once: by rank 0 of its tensor-parallel group (the others hold the same).
+        // Every rank's optimiser file (a ZeRO-1 shard, or its slices' moments); a data-parallel rank's own files once, by
+        // rank 0 of its tensor-parallel group (the others hold the same buffer).
         var writeOwnOnce = own;
-        own = tmp => { if (TensorParallel.Rank == 0) writeOwnOnce?.Invoke(tmp); };
+        own = tmp =>
+        {
+            if (optimizer.KeepsOwnFile) RunCheckpoints.SaveOwnOptimizer(tmp, optimizer);
+            if (TensorParallel.Rank == 0) writeOwnOnce?.Invoke(tmp);
+        };
         if (World.WorldSize == 1)
         {
             RunCheckpoints.Save(output, step, keep, tmp => { shared(tmp); own(tmp); });
             return;
         }
+        // The barriers wait on disk writes (a large checkpoint can take longer than parallel.timeout_s): no time limit.
         if (Writes)
         {
             RunCheckpoints.Save(output, step, keep, tmp =>
             {
                 Broadcast(tmp);
                 own(tmp);
-                World.Barrier();
+                WaitForWriter();
                 shared(tmp);
             });
         }
@@ -281,9 +286,9 @@ public sealed class DataParallel(ICollectives group, TensorParallel? tensorParal
         {
             var tmp = Broadcast(null);
             own(tmp);
-            World.Barrier();
+            WaitForWriter();
         }
-        World.Barrier();
+        WaitForWriter();
     }
 
     /// <summary>Waits for every rank (bounded by the group's collective timeout).</summary>

@@ -199,7 +199,9 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
     public void Follow(CancellationToken cancel = default)
     {
         _dp.WaitForWriter();
-        var (model, rm) = (_dp.Broadcast(null), _dp.Broadcast(null));
+        var model = _dp.Broadcast(null);
+        if (model.Length == 0) throw new OperationCanceledException("rank 0 stopped before GRPO");   // its stop sentinel
+        var rm = _dp.Broadcast(null);
         RunGrpo("grpo", model, rm.Length > 0 ? rm : null, buffer: true, null, cancel);
         RunGrpo("grpo-no-ssb", model, rm.Length > 0 ? rm : null, buffer: false, null, cancel);
         _dp.WaitForWriter();
@@ -209,6 +211,20 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
     public PipelineSummary Run(Action<string, double>? progress = null, CancellationToken cancel = default)
     {
         if (!_dp.Writes) throw new InvalidOperationException($"rank {_dp.Rank} runs DigitPipeline.Follow: rank 0 runs the pipeline");
+        try { return RunAll(progress, cancel); }
+        catch (OperationCanceledException) when (_dp.Ranks > 1 && !_followersReleased)
+        {
+            // Stopped in a stage rank 0 runs alone: the other ranks, waiting for GRPO, get the stop sentinel.
+            _dp.WaitForWriter();
+            _dp.Broadcast("");
+            throw;
+        }
+    }
+
+    private bool _followersReleased;
+
+    private PipelineSummary RunAll(Action<string, double>? progress, CancellationToken cancel)
+    {
         var clock = System.Diagnostics.Stopwatch.StartNew();
         PipelineOverrides.Validate(s);
         PipelineOverrides.Remember(s, s.Output);
@@ -353,6 +369,7 @@ public sealed class DigitPipeline(PipelineSettings s, Backend backend, Action<st
         {
             _log($"GRPO runs data-parallel on {_dp.Ranks} ranks");
             _dp.WaitForWriter();
+            _followersReleased = true;
             _dp.Broadcast(mpoModel);
             _dp.Broadcast(grpoRm ?? "");
         }

@@ -343,6 +343,26 @@ public sealed class MpiTests
             Assert.True(code == 0, output);
             AssertSameMetrics(Metrics(one), Metrics(tp), 1e-5);
             AssertSameFinalWeights(one, tp, $"tp 2 on {ranks} ranks");
+
+            // Stopped after step 2 and resumed: each rank's optimiser file brings back its slices' state, bit for bit.
+            var resumed = Path.Combine(dir, "resumed");
+            string[] Steps(int n) => [.. SftArgs(dir, resumed), "--tp", "2", "--set", $"parallel.shard_optimizer={(shardOptimizer ? "true" : "false")}", "--set", $"steps={n}", "--set", "checkpoint.every=1"];
+            (code, output) = Run(ranks, Steps(2));
+            Assert.True(code == 0, output);
+            var checkpoint = Directory.GetDirectories(Path.Combine(resumed, "checkpoints")).OrderBy(d => d).Last();
+            Assert.Equal(Enumerable.Range(0, ranks).Select(r => $"optimizer.rank-{r:D5}.safetensors"),
+                Directory.GetFiles(checkpoint, "optimizer*").Select(Path.GetFileName).Order());
+            Directory.Delete(Path.Combine(resumed, "final"), true);
+            (code, output) = Run(ranks, Steps(3));
+            Assert.True(code == 0, output);
+            Assert.Contains("resumed at step 2", output);
+            using var w1 = R1V2.Native.Engine.Checkpoints.Checkpoint.Open(Path.Combine(tp, "final"));
+            using var w2 = R1V2.Native.Engine.Checkpoints.Checkpoint.Open(Path.Combine(resumed, "final"));
+            foreach (var name in w1.Names)
+            {
+                var shape = w1.Info(name).Shape.Select(d => (int)d).ToArray();
+                Assert.Equal(w1.Read(name, shape), w2.Read(name, shape));
+            }
         }
         finally { Directory.Delete(dir, true); }
     }
@@ -530,6 +550,16 @@ public sealed class MpiTests
             AssertClose(one.Weights, tp.Weights, 1e-5, "weights after the step");
         }
         finally { Directory.Delete(dir, true); }
+    }
+
+    [Fact]
+    public void ATensorParallelSize_ThatDoesNotSplitTheHeads_IsAnErrorNamingIt()
+    {
+        var c = R1V2.Native.Engine.Models.VlmConfig.Load(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json")).Llm;   // 4 heads, 2 kv heads
+        var e = Assert.Throws<InvalidDataException>(() => new R1V2.Native.Engine.Layers.TensorParallel(new Inert(0, 4)).Check(c));
+        Assert.Contains("parallel.tp is 4", e.Message);
+        Assert.Contains("2 key/value heads", e.Message);
+        new R1V2.Native.Engine.Layers.TensorParallel(new Inert(0, 2)).Check(c);
     }
 
     [Fact]
