@@ -6,19 +6,48 @@
 #define RMSNORM_BLOCK 256
 #endif
 
-// One block per row.
+#ifndef RMSNORM_KEPT
+#define RMSNORM_KEPT 32   // values of its row a thread keeps in registers: rows up to RMSNORM_KEPT x block wide are read once
+#endif
+
+// One block per row. A row that fits is read once: every load is issued into registers before the reduction, then
+// scaled from there. The sum of squares adds the same values in the same order either way (a padded slot adds 0).
 template <typename T>
-__device__ void rmsnorm_forward_impl(T* y, float* rstd, const T* x, const T* w, int rows, int cols, float eps)
+__device__ void rmsnorm_forward_impl(T* __restrict__ y, float* __restrict__ rstd, const T* __restrict__ x, const T* __restrict__ w, int rows, int cols, float eps)
 {
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
     const T* xr = x + row * cols;
+    const bool fits = cols <= RMSNORM_KEPT * (int)blockDim.x;
+    float kept[RMSNORM_KEPT];
     float ss = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) { float v = load(xr, c); ss += v * v; }
+    if (fits)
+    {
+#pragma unroll
+        for (int k = 0; k < RMSNORM_KEPT; k++)
+        {
+            const int c = threadIdx.x + k * blockDim.x;
+            kept[k] = c < cols ? load(xr, c) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < RMSNORM_KEPT; k++) ss += kept[k] * kept[k];
+    }
+    else
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) { float v = load(xr, c); ss += v * v; }
     ss = block_sum(ss, scratch);
     const float r = rsqrtf(ss / cols + eps);
     if (threadIdx.x == 0) rstd[row] = r;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) store(y + row * cols, c, load(w, c) * (load(xr, c) * r));
+    if (fits)
+    {
+#pragma unroll
+        for (int k = 0; k < RMSNORM_KEPT; k++)
+        {
+            const int c = threadIdx.x + k * blockDim.x;
+            if (c < cols) store(y + row * cols, c, load(w, c) * (kept[k] * r));
+        }
+    }
+    else
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) store(y + row * cols, c, load(w, c) * (load(xr, c) * r));
 }
 INSTANTIATE_F32_BF16(rmsnorm_forward, RMSNORM_BLOCK, (T* y, float* rstd, const T* x, const T* w, int rows, int cols, float eps), (y, rstd, x, w, rows, cols, eps))
 
