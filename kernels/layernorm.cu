@@ -6,22 +6,59 @@
 #define LAYERNORM_BLOCK 256
 #endif
 
-// One block per row; two passes over the row (mean, then centred variance) for accuracy with large offsets.
+#ifndef LAYERNORM_KEPT
+#define LAYERNORM_KEPT 32   // values of its row a thread keeps in registers: rows up to LAYERNORM_KEPT x block wide are read once
+#endif
+
+// One block per row; two passes over the row (mean, then centred variance) for accuracy with large offsets. A row that
+// fits is read from memory once into registers; the sums add the same values in the same order either way.
 template <typename T>
-__device__ void layernorm_forward_impl(T* y, float* mean, float* rstd, const T* x, const T* w, const T* b, int rows, int cols, float eps)
+__device__ void layernorm_forward_impl(T* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd, const T* __restrict__ x, const T* __restrict__ w,
+    const T* __restrict__ b, int rows, int cols, float eps)
 {
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
     const T* xr = x + row * cols;
+    const bool fits = cols <= LAYERNORM_KEPT * (int)blockDim.x;
+    float kept[LAYERNORM_KEPT];
     float s = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) s += load(xr, c);
+    if (fits)
+    {
+#pragma unroll
+        for (int k = 0; k < LAYERNORM_KEPT; k++)
+        {
+            const int c = threadIdx.x + k * blockDim.x;
+            kept[k] = c < cols ? load(xr, c) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < LAYERNORM_KEPT; k++) s += kept[k];
+    }
+    else
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) s += load(xr, c);
     const float mu = block_sum(s, scratch) / cols;
     float ss = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) { float d = load(xr, c) - mu; ss += d * d; }
+    if (fits)
+    {
+#pragma unroll
+        for (int k = 0; k < LAYERNORM_KEPT; k++)
+            if (threadIdx.x + k * blockDim.x < cols) { float d = kept[k] - mu; ss += d * d; }
+    }
+    else
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) { float d = load(xr, c) - mu; ss += d * d; }
     const float r = rsqrtf(block_sum(ss, scratch) / cols + eps);
     if (threadIdx.x == 0) { mean[row] = mu; rstd[row] = r; }
-    for (int c = threadIdx.x; c < cols; c += blockDim.x)
-        store(y + row * cols, c, (load(xr, c) - mu) * r * load(w, c) + (b != nullptr ? load(b, c) : 0.0f));
+    if (fits)
+    {
+#pragma unroll
+        for (int k = 0; k < LAYERNORM_KEPT; k++)
+        {
+            const int c = threadIdx.x + k * blockDim.x;
+            if (c < cols) store(y + row * cols, c, (kept[k] - mu) * r * load(w, c) + (b != nullptr ? load(b, c) : 0.0f));
+        }
+    }
+    else
+        for (int c = threadIdx.x; c < cols; c += blockDim.x)
+            store(y + row * cols, c, (load(xr, c) - mu) * r * load(w, c) + (b != nullptr ? load(b, c) : 0.0f));
 }
 INSTANTIATE_F32_BF16(layernorm_forward, LAYERNORM_BLOCK, (T* y, float* mean, float* rstd, const T* x, const T* w, const T* b, int rows, int cols, float eps), (y, mean, rstd, x, w, b, rows, cols, eps))
 
