@@ -6,20 +6,56 @@
 #define SOFTMAX_BLOCK 256
 #endif
 
-// One block per row: max, then sum of exponentials, then the normalised write.
+#ifndef SOFTMAX_KEPT
+#define SOFTMAX_KEPT 32   // values of its row a thread keeps in registers: rows up to SOFTMAX_KEPT x block wide are read once
+#endif
+
+// One block per row: max, then sum of exponentials, then the normalised write. A row that fits is read once into
+// registers, which then hold its exponentials; the max and the sum see the same values in the same order either way.
 template <typename T>
-__device__ void softmax_forward_impl(T* y, const T* x, int rows, int cols, float scale)
+__device__ void softmax_forward_impl(T* __restrict__ y, const T* __restrict__ x, int rows, int cols, float scale)
 {
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
     const T* xr = x + row * cols;
+    const bool fits = cols <= SOFTMAX_KEPT * (int)blockDim.x;
+    float kept[SOFTMAX_KEPT];
     float m = -INFINITY;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, scale * load(xr, c));
+    if (fits)
+    {
+#pragma unroll
+        for (int k = 0; k < SOFTMAX_KEPT; k++)
+        {
+            const int c = threadIdx.x + k * blockDim.x;
+            kept[k] = c < cols ? scale * load(xr, c) : -INFINITY;
+        }
+#pragma unroll
+        for (int k = 0; k < SOFTMAX_KEPT; k++) m = fmaxf(m, kept[k]);
+    }
+    else
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, scale * load(xr, c));
     m = block_max(m, scratch);
     float s = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) s += __expf(scale * load(xr, c) - m);
+    if (fits)
+    {
+#pragma unroll
+        for (int k = 0; k < SOFTMAX_KEPT; k++)
+            if (threadIdx.x + k * blockDim.x < cols) { kept[k] = __expf(kept[k] - m); s += kept[k]; }
+    }
+    else
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) s += __expf(scale * load(xr, c) - m);
     const float inv = 1.0f / block_sum(s, scratch);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) store(y + row * cols, c, __expf(scale * load(xr, c) - m) * inv);
+    if (fits)
+    {
+#pragma unroll
+        for (int k = 0; k < SOFTMAX_KEPT; k++)
+        {
+            const int c = threadIdx.x + k * blockDim.x;
+            if (c < cols) store(y + row * cols, c, kept[k] * inv);
+        }
+    }
+    else
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) store(y + row * cols, c, __expf(scale * load(xr, c) - m) * inv);
 }
 INSTANTIATE_F32_BF16(softmax_forward, SOFTMAX_BLOCK, (T* y, const T* x, int rows, int cols, float scale), (y, x, rows, cols, scale))
 
