@@ -94,8 +94,9 @@ public sealed class SignalTests : IDisposable
     {
         Skip.IfNot(OperatingSystem.IsLinux(), "POSIX signals");
         var output = Path.Combine(_dir, "twice");
-        // Long steps (16 prompts x 4 samples of up to 64 tokens), so that the run is still in its step when the second signal comes.
-        using var p = Start(Args(output, 400, 1000, "--set", "grpo.prompts_per_step=16", "--set", "grpo.max_new_tokens=64"));
+        // Long steps (64 prompts x 4 samples of up to 128 tokens, a few seconds each), so that the run is still in its step
+        // when the second signal comes (with shorter ones it could finish the step and exit 0 in between).
+        using var p = Start(Args(output, 400, 1000, "--set", "grpo.prompts_per_step=64", "--set", "grpo.max_new_tokens=128"));
         var acknowledged = new TaskCompletionSource();
         p.ErrorDataReceived += (_, e) => { if (e.Data?.Contains("SIGTERM: stopping") == true) acknowledged.TrySetResult(); };
         p.BeginErrorReadLine();
