@@ -241,7 +241,7 @@ public sealed class PreferenceTrainer : IDisposable
     {
         double correct = 0;
         // Data parallel: each rank scores pair i mod R, the counts are summed.
-        foreach (var chunk in pairs.Where((_, i) => i % _dp.Ranks == _dp.Rank).Chunk(Math.Max(1, _c.Pairs.PairsPerStep)))
+        foreach (var chunk in _dp.Mine(pairs).Chunk(Math.Max(1, _c.Pairs.PairsPerStep)))
         {
             var (batch, spans) = Pack(chunk);
             if (_rm is not null)

@@ -104,10 +104,8 @@ public static class TrainCommand
     public static int RunPipeline(PipelineSettings settings, string backendName)
     {
         // Under mpirun the GRPO stages run data-parallel; rank 0 runs the rest and alone prints and writes.
-        var group = Launch.Collectives();
-        using var backend = Backends.Create(backendName, group.LocalRank);
-        group = Launch.ForBackend(group, backend);
-        var dp = new Trainer.Parallel.DataParallel(group);
+        var (group, dp, launchedBackend) = Launched(backendName, new TrainConfig.ParallelConfig());
+        using var backend = launchedBackend;
         using var cancel = new StopSignals();
         if (group.Rank != 0)
         {
@@ -142,16 +140,17 @@ public static class TrainCommand
 
     /// <summary>
     /// The process group of this launch (under mpirun / srun every rank trains on its share of each batch; one process
-    /// is a group of one) with the config's collective timeout, and the backend on this rank's device (its local rank).
+    /// is a group of one) with the collective timeout, the backend on this rank's device (its local rank), and the
+    /// tensor- and data-parallel groups of <paramref name="parallel"/>.
     /// </summary>
-    private static (ICollectives Group, Trainer.Parallel.DataParallel Dp, Backend Backend) Launched(TrainConfig config)
+    private static (ICollectives Group, Trainer.Parallel.DataParallel Dp, Backend Backend) Launched(string backendName, TrainConfig.ParallelConfig parallel)
     {
         var world = Launch.Collectives();
-        if (world is MpiCollectives mpi) mpi.Timeout = TimeSpan.FromSeconds(config.Parallel.TimeoutS);
-        int tp = config.Parallel.Tp;
+        if (world is MpiCollectives mpi) mpi.Timeout = TimeSpan.FromSeconds(parallel.TimeoutS);
+        int tp = parallel.Tp;
         if (world.WorldSize % tp != 0)
             throw new InvalidDataException($"parallel.tp is {tp} but the launch has {world.WorldSize} rank(s): the world size must be a multiple of the tensor-parallel size (data parallel = world / tp)");
-        var backend = Backends.Create(config.Backend, world.LocalRank);
+        var backend = Backends.Create(backendName, world.LocalRank);
         world = Launch.ForBackend(world, backend);   // CUDA tensors: NCCL
         if (tp == 1) return (world, new Trainer.Parallel.DataParallel(world), backend);
         // Tensor-parallel groups of consecutive ranks (one node's GPUs), data-parallel groups across them.
@@ -183,7 +182,7 @@ public static class TrainCommand
 
     private static int RunSft(TrainConfig config, StopSignals cancel)
     {
-        var (group, dp, launchedBackend) = Launched(config);
+        var (group, dp, launchedBackend) = Launched(config.Backend, config.Parallel);
         using var backend = launchedBackend;
         using var trainer = new SftTrainer(config, backend, dp);
         if (group.Rank != 0)
@@ -216,7 +215,7 @@ public static class TrainCommand
 
     private static int RunPreference(TrainConfig config, StopSignals cancel)
     {
-        var (group, dp, launchedBackend) = Launched(config);
+        var (group, dp, launchedBackend) = Launched(config.Backend, config.Parallel);
         using var backend = launchedBackend;
         using var trainer = new PreferenceTrainer(config, backend, dp);
         if (group.Rank != 0)
@@ -276,7 +275,7 @@ public static class TrainCommand
 
     private static int RunGrpo(TrainConfig config, StopSignals cancel)
     {
-        var (group, dp, launchedBackend) = Launched(config);
+        var (group, dp, launchedBackend) = Launched(config.Backend, config.Parallel);
         using var backend = launchedBackend;
         using var trainer = new GrpoTrainer(config, backend, dataParallel: dp);
         if (group.Rank != 0)

@@ -26,9 +26,6 @@ public sealed class KernelOp(string name, string shape, DType dtype, double byte
     /// <summary>Whether the benchmark reports the op's peak memory beside its time (the loss ops: fused against [T, V]).</summary>
     public bool ReportsPeak { get; init; }
 
-    /// <summary>An op that only carries inputs for the ones before it (nothing to time).</summary>
-    public bool Timed => Bytes > 0 || Flops > 0;
-
     public void Dispose()
     {
         foreach (var o in owned) o.Dispose();
@@ -130,14 +127,14 @@ public static class KernelOps
         float scale = 1f / MathF.Sqrt(D);
         var variants = new List<AttentionVariant> { AttentionVariant.RowWise };
         if (Backend.TiledHeadDims.Contains(D)) variants.Add(AttentionVariant.Tiled);
+        IDisposable[] inputs = [seq, q, k, v, o, lse, dq, dk, dv];
         foreach (var variant in variants)
         {
             yield return new KernelOp($"attention_forward ({variant})", shape, t, bytes, flops, () => With(b, variant, () => b.AttentionForward(q, k, v, seq, o, lse, scale, true)));
+            // The last op owns the inputs (disposed once the benchmark is through with it).
             yield return new KernelOp($"attention_backward ({variant})", shape, t, 2 * bytes, 2.5 * flops,
-                () => With(b, variant, () => b.AttentionBackward(o, q, k, v, o, lse, seq, dq, dk, dv, scale, true)));
+                () => With(b, variant, () => b.AttentionBackward(o, q, k, v, o, lse, seq, dq, dk, dv, scale, true)), variant == variants[^1] ? inputs : []);
         }
-        // The last op owns the inputs (disposed once the benchmark is through with it).
-        yield return new KernelOp("attention inputs", shape, t, 0, 0, () => { }, seq, q, k, v, o, lse, dq, dk, dv);
     }
 
     /// <summary>The pool's peak while <paramref name="op"/> runs once, above what was in use before it (the loss ops' memory figure).</summary>

@@ -12,9 +12,6 @@ public sealed record FamilyChoice(string Family, int Block, double? Milliseconds
 /// <summary>What the tuner asks of a device: whether a variant computes what the CPU twin does, and how long it takes.</summary>
 public interface IVariantRunner
 {
-    /// <summary>Whether the family has an op to check and time (families without one keep their default).</summary>
-    bool Covers(string family);
-
     /// <summary>Null when the variant's results equal the CPU twin's on a small input (within the op's tolerance), else what differs.</summary>
     string? Check(string family, int block);
 

@@ -35,8 +35,11 @@ public sealed class DataParallel(ICollectives group, TensorParallel? tensorParal
     public List<T> Shard<T>(IReadOnlyList<T> global, string setting)
     {
         if (global.Count < Ranks) throw new InvalidDataException($"{setting} is {global.Count}, fewer than the {Ranks} data-parallel ranks: each rank needs at least one example");
-        return [.. global.Where((_, i) => i % Ranks == Group.Rank)];
+        return Mine(global);
     }
+
+    /// <summary>This rank's share of a list (item i with i mod R == rank), possibly empty (an evaluation's last rows).</summary>
+    public List<T> Mine<T>(IEnumerable<T> global) => [.. global.Where((_, i) => i % Ranks == Group.Rank)];
 
     /// <summary>The global index of this rank's <paramref name="local"/>-th element of a sharded list, in blocks of <paramref name="block"/> (a prompt's group).</summary>
     public int GlobalIndex(int local, int block = 1) => (local / block * Ranks + Rank) * block + local % block;
@@ -290,9 +293,6 @@ public sealed class DataParallel(ICollectives group, TensorParallel? tensorParal
         }
         WaitForWriter();
     }
-
-    /// <summary>Waits for every rank (bounded by the group's collective timeout).</summary>
-    public void Barrier() => World.Barrier();
 
     /// <summary>
     /// Waits, without a time limit, for rank 0 to finish work it does alone (data, earlier stages, evaluation): not a

@@ -17,7 +17,7 @@ public sealed class KernelBenchmarkTests
             using (op)
             {
                 op.Launch();
-                if (op.Timed) names.Add(op.Name);
+                names.Add(op.Name);
             }
         // Forward and backward, weight and bias gradients, both attention schedules, decode at each batch, the loss pair.
         foreach (var expected in new[] { "rmsnorm_backward (dx + weight gradient)", "layernorm_backward (dx + weight and bias gradients)", "bias_backward",

@@ -14,7 +14,6 @@ public sealed class KernelTunerTests : IDisposable
     private sealed class FakeDevice(Dictionary<int, double> times, params int[] wrong) : IVariantRunner
     {
         public List<int> Timed { get; } = [];
-        public bool Covers(string family) => true;
         public string? Check(string family, int block) => wrong.Contains(block) ? $"element 3 is 0.5, the CPU twin's 0.25" : null;
 
         public double Time(string family, int block)
@@ -55,7 +54,6 @@ public sealed class KernelTunerTests : IDisposable
 
     private sealed class Throwing : IVariantRunner
     {
-        public bool Covers(string family) => true;
         public string? Check(string family, int block) => block == 1024 ? throw new InvalidOperationException("launch failed: too many resources requested") : null;
         public double Time(string family, int block) => block;
     }

@@ -69,8 +69,6 @@ public sealed class CudaVariantRunner(int device, TuningShapes shapes, string? k
     /// <summary>The families this runner can check and time.</summary>
     public static IReadOnlyCollection<string> Families => Ops.Keys;
 
-    public bool Covers(string family) => Ops.ContainsKey(family);
-
     private CudaBackend Variant(string family, int block, DType activations) =>
         new(device, new KernelCompiler(kernelCache, new KernelTuning(new Dictionary<string, int> { [family] = block })), activations);
 

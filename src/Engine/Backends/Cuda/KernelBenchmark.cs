@@ -46,7 +46,6 @@ public sealed class KernelBenchmark(CudaBackend backend, int repeats = 25, int w
         foreach (var op in KernelOps.All(backend, shapes, DType.BF16))
             using (op)
             {
-                if (!op.Timed) continue;
                 var timing = Time(op.Name, op.Shape, op.DType, op.Bytes, op.Flops, op.Launch) with { Kernels = KernelsOf(op) };
                 results.Add(op.ReportsPeak ? timing with { PeakBytes = KernelOps.PeakBytes(backend, op) } : timing);
             }
