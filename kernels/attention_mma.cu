@@ -6,6 +6,7 @@
 // q, o: [T, H, D] bf16; k, v: [T, Hkv, D] bf16; lse: [T, H] fp32; cu_seqlens [S + 1]; tile_offsets [S + 1]: query tiles
 // of sequence s are tile_offsets[s] .. tile_offsets[s+1]-1. D is a template parameter (64, 80, 96, 128).
 #include "common.cuh"
+#include "mma.cuh"
 
 #ifndef ATTENTION_MMA_BLOCK
 #define ATTENTION_MMA_BLOCK 128
@@ -13,30 +14,6 @@
 #define MMA_BLOCK_M 64
 // Keys per shared-memory tile: 64, or 32 at head dim 128 so that S, O and the Q fragments fit in 255 registers.
 #define MMA_BLOCK_N(D) ((D) >= 128 ? 32 : 64)
-
-__device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi)
-{
-    unsigned int r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); // first source goes to the upper half
-    return r;
-}
-
-__device__ __forceinline__ unsigned int pack_bits(bf16 lo, bf16 hi) { return (unsigned int)lo.bits | ((unsigned int)hi.bits << 16); }
-
-// D (16x8 fp32) += A (16x16 bf16, row) * B (16x8 bf16, col)
-__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* b)
-{
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-__device__ __forceinline__ int find_sequence(const int* offsets, int count, int x)
-{
-    int lo = 0, hi = count;
-    while (hi - lo > 1) { int mid = (lo + hi) >> 1; if (offsets[mid] <= x) lo = mid; else hi = mid; }
-    return lo;
-}
 
 template <int D>
 __device__ void attention_mma_forward_impl(bf16* o, float* lse, const bf16* q, const bf16* k, const bf16* v, const int* cu_seqlens,

@@ -6,12 +6,14 @@ public enum GeluApproximation { Erf = 0, Tanh = 1 }
 
 /// <summary>
 /// Attention schedule. RowWise: one warp per (query, head) walking the keys (any head dim up to 256, fp32 or bf16).
-/// Tiled: FlashAttention-2 on tensor cores (64-row tiles, mma.sync; P and dS rounded to bf16 where they enter an mma),
-/// bf16 storage and head dims 64, 80, 96, 128; its CPU twins run the same schedule and rounding. Both backwards are
-/// deterministic (dq and dk/dv in separate passes, no atomics). Auto (the default): Tiled wherever the backend runs it
-/// natively (CUDA, bf16, those head dims, 16-byte aligned rows), RowWise elsewhere (fp32, other head dims, the CPU).
+/// Tiled: tensor cores with 64-row tiles (mma.sync, 32-64 keys per tile; dq and dk/dv in two passes, 7 matmuls).
+/// Flash: the FlashAttention-2 class schedule (128 x 64 forward tiles, ldmatrix and cp.async pipelines; a one-pass
+/// backward of 5 matmuls with dq summed over fixed splits). Tiled and Flash take bf16 storage and head dims 64, 80, 96,
+/// 128 and round P and dS to bf16 where they enter an mma; their CPU twins run the same schedule and rounding. Every
+/// backward is deterministic (no atomics). Auto (the default): Flash wherever the backend runs it natively (CUDA, bf16,
+/// those head dims, 16-byte aligned rows), RowWise elsewhere (fp32, other head dims, the CPU).
 /// </summary>
-public enum AttentionVariant { Auto, RowWise, Tiled }
+public enum AttentionVariant { Auto, RowWise, Tiled, Flash }
 
 /// <summary>
 /// The KL estimator of the loss term, with d = log pi_ref - log pi on the policy's own samples: k2 = d^2 / 2 (gradient: an
@@ -480,31 +482,76 @@ public abstract class Backend : IDisposable
     public void AttentionForward(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, float scale, bool causal)
     {
         CheckAttention(q, k, v, sequences, output, lse, "attention_forward");
-        if (VariantFor(q, k, v) == AttentionVariant.Tiled)
+        var variant = VariantFor(q, k, v);
+        if (variant != AttentionVariant.RowWise)
         {
-            if (!TiledHeadDims.Contains(q.Dim(2)))
-                throw new ArgumentException($"attention_forward: the tiled variant takes head dims {string.Join(", ", TiledHeadDims)}, not {q.Dim(2)}; use AttentionVariant.RowWise");
-            CheckTiledAttention(q);
-            using (Profiled("tiled_attention_forward")) TiledAttentionForwardCore(q, k, v, sequences, output, lse, scale, causal);
+            CheckTensorCoreAttention(q, variant, "attention_forward");
+            if (variant == AttentionVariant.Flash)
+                using (Profiled("flash_attention_forward")) FlashAttentionForwardCore(q, k, v, sequences, output, lse, scale, causal);
+            else
+                using (Profiled("tiled_attention_forward")) TiledAttentionForwardCore(q, k, v, sequences, output, lse, scale, causal);
             return;
         }
         using (Profiled("attention_forward")) AttentionForwardCore(q, k, v, sequences, output, lse, scale, causal);
     }
 
+    private void CheckTensorCoreAttention(Tensor q, AttentionVariant variant, string op)
+    {
+        if (!TiledHeadDims.Contains(q.Dim(2)))
+            throw new ArgumentException($"{op}: the {variant.ToString().ToLowerInvariant()} variant takes head dims {string.Join(", ", TiledHeadDims)}, not {q.Dim(2)}; use AttentionVariant.RowWise");
+        CheckTiledAttention(q);
+    }
+
     /// <summary>Which attention schedule runs (forward and backward alike); Auto picks per call (<see cref="VariantFor"/>).</summary>
     public AttentionVariant Attention { get; set; } = AttentionVariant.Auto;
 
-    /// <summary>The schedule a call runs: the one set, or under Auto the tiled one where <see cref="RunsTiledNatively"/>.</summary>
+    /// <summary>The schedule a call runs: the one set, or under Auto the flash one where <see cref="RunsTiledNatively"/>.</summary>
     public AttentionVariant VariantFor(Tensor q, Tensor k, Tensor v) => Attention != AttentionVariant.Auto ? Attention
-        : RunsTiledNatively(q, k, v) ? AttentionVariant.Tiled : AttentionVariant.RowWise;
+        : RunsTiledNatively(q, k, v) ? AttentionVariant.Flash : AttentionVariant.RowWise;
 
-    /// <summary>Whether the tiled schedule is this backend's fast path for these tensors (none by default: the CPU's is row-wise).</summary>
+    /// <summary>Whether the tensor-core schedules are this backend's fast path for these tensors (none by default: the CPU's is row-wise).</summary>
     protected virtual bool RunsTiledNatively(Tensor q, Tensor k, Tensor v) => false;
 
     public static readonly int[] TiledHeadDims = [64, 80, 96, 128];
 
     /// <summary>Query rows per tile of the tiled attention (4 warps x 16 rows).</summary>
     public const int AttentionTileRows = 64;
+
+    /// <summary>Query rows per forward tile of the flash attention (4 warps x 32 rows) and keys per backward block (8 warps x 16).</summary>
+    public const int FlashTileRows = 128;
+
+    /// <summary>Keys per tile of the flash forward's online softmax (one rescale per tile).</summary>
+    public const int FlashKeysPerTile = 64;
+
+    /// <summary>
+    /// Splits of the flash backward's dq (each an fp32 partial of [T, H, D], summed in order). Null: from the device
+    /// (<see cref="FlashSplits"/>); a fixed count makes runs on different devices add dq in the same groups.
+    /// </summary>
+    public int? AttentionSplits { get; set; }
+
+    /// <summary>
+    /// The flash backward's dq splits: about two blocks of (split, head) per multiprocessor (the 148 KB block runs one
+    /// per SM at D = 128), at most one split per key tile, and partials of at most 2 GiB together.
+    /// </summary>
+    public static int FlashSplits(int multiprocessors, int heads, int keyTiles, long tokens, int dim)
+    {
+        int splits = Math.Max(1, (2 * multiprocessors + heads - 1) / heads);
+        long bytes = Math.Max(1, tokens * heads * dim * 4L);
+        splits = (int)Math.Min(splits, Math.Max(1, (2L << 30) / bytes));
+        return Math.Clamp(splits, 1, Math.Max(1, keyTiles));
+    }
+
+    /// <summary>The split count a flash backward over these sizes runs with on this backend.</summary>
+    public int FlashSplitsFor(int heads, int keyTiles, long tokens, int dim) =>
+        AttentionSplits is int n ? Math.Clamp(n, 1, Math.Max(1, keyTiles)) : FlashSplits(Multiprocessors, heads, keyTiles, tokens, dim);
+
+    /// <summary>Parallel processors the backend schedules blocks over (CUDA: multiprocessors; CPU: cores).</summary>
+    protected virtual int Multiprocessors => Environment.ProcessorCount;
+
+    protected abstract void FlashAttentionForwardCore(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, float scale, bool causal);
+
+    protected abstract void FlashAttentionBackwardCore(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, PackedSequences sequences,
+        Tensor dq, Tensor dk, Tensor dv, float scale, bool causal);
 
     /// <summary>Backends that run the tiled variant only in some storage types reject the others here.</summary>
     protected virtual void CheckTiledAttention(Tensor q) { }
@@ -521,12 +568,14 @@ public abstract class Backend : IDisposable
         CheckAttention(q, k, v, sequences, output, lse, "attention_backward");
         SameAs(dout, q, "attention_backward", "dout"); SameAs(dq, q, "attention_backward", "dq");
         SameAs(dk, k, "attention_backward", "dk"); SameAs(dv, v, "attention_backward", "dv");
-        if (VariantFor(q, k, v) == AttentionVariant.Tiled)
+        var variant = VariantFor(q, k, v);
+        if (variant != AttentionVariant.RowWise)
         {
-            if (!TiledHeadDims.Contains(q.Dim(2)))
-                throw new ArgumentException($"attention_backward: the tiled variant takes head dims {string.Join(", ", TiledHeadDims)}, not {q.Dim(2)}; use AttentionVariant.RowWise");
-            CheckTiledAttention(q);
-            using (Profiled("tiled_attention_backward")) TiledAttentionBackwardCore(dout, q, k, v, output, lse, sequences, dq, dk, dv, scale, causal);
+            CheckTensorCoreAttention(q, variant, "attention_backward");
+            if (variant == AttentionVariant.Flash)
+                using (Profiled("flash_attention_backward")) FlashAttentionBackwardCore(dout, q, k, v, output, lse, sequences, dq, dk, dv, scale, causal);
+            else
+                using (Profiled("tiled_attention_backward")) TiledAttentionBackwardCore(dout, q, k, v, output, lse, sequences, dq, dk, dv, scale, causal);
             return;
         }
         using (Profiled("attention_backward")) AttentionBackwardCore(dout, q, k, v, output, lse, sequences, dq, dk, dv, scale, causal);

@@ -112,7 +112,7 @@ public static class KernelOps
         }
     }
 
-    /// <summary>Attention forward and backward over two packed causal sequences, in both schedules (the tiled one where the backend runs it).</summary>
+    /// <summary>Attention forward and backward over two packed causal sequences, in every schedule (row-wise, tiled, flash).</summary>
     private static IEnumerable<KernelOp> Attention(Backend b, BenchShapes s, DType t)
     {
         int L = s.SequenceLength, H = s.Heads, KV = s.KvHeads, D = s.HeadDim, e = t.Size();
@@ -126,7 +126,7 @@ public static class KernelOps
         string shape = $"2 x {L} causal, H {H}/{KV}, D {D}";
         float scale = 1f / MathF.Sqrt(D);
         var variants = new List<AttentionVariant> { AttentionVariant.RowWise };
-        if (Backend.TiledHeadDims.Contains(D)) variants.Add(AttentionVariant.Tiled);
+        if (Backend.TiledHeadDims.Contains(D)) variants.AddRange([AttentionVariant.Tiled, AttentionVariant.Flash]);
         IDisposable[] inputs = [seq, q, k, v, o, lse, dq, dk, dv];
         foreach (var variant in variants)
         {

@@ -14,6 +14,7 @@ public sealed class KernelTuning
     {
         ["adamw"] = 256,
         ["attention"] = 128,
+        ["attention_flash"] = 128,
         ["attention_mma"] = 128,
         ["bias"] = 256,
         ["cross_entropy"] = 512,
@@ -41,6 +42,7 @@ public sealed class KernelTuning
             if (!_blocks.ContainsKey(family)) throw new ArgumentException($"tuning: unknown kernel family '{family}'");
             if (block < 32 || block > 1024 || block % 32 != 0) throw new ArgumentException($"tuning: block size of {family} must be a multiple of 32 in [32, 1024], got {block}");
             if (family == "attention_mma" && block != 128) throw new ArgumentException("tuning: attention_mma is fixed at 128 threads (4 warps x 16 query rows per 64-row tile)");
+            if (family == "attention_flash" && block != 128) throw new ArgumentException("tuning: attention_flash is fixed at 128 threads (4 warps x 32 query rows per 128-row tile)");
             _blocks[family] = block;
         }
     }
@@ -56,7 +58,7 @@ public sealed class KernelTuning
     public static IReadOnlyList<int> Space(string family)
     {
         if (!DefaultBlocks.ContainsKey(family)) throw new ArgumentException($"tuning: unknown kernel family '{family}'");
-        if (family == "attention_mma") return [128];
+        if (family is "attention_mma" or "attention_flash") return [128];
         int largest = family switch { "attention" => 256, "sampling" or "rows" => 512, _ => 1024 };
         return [.. new[] { 64, 128, 256, 512, 1024 }.Where(b => b <= largest)];
     }

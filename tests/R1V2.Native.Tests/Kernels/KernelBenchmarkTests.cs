@@ -19,9 +19,10 @@ public sealed class KernelBenchmarkTests
                 op.Launch();
                 names.Add(op.Name);
             }
-        // Forward and backward, weight and bias gradients, both attention schedules, decode at each batch, the loss pair.
+        // Forward and backward, weight and bias gradients, every attention schedule, decode at each batch, the loss pair.
         foreach (var expected in new[] { "rmsnorm_backward (dx + weight gradient)", "layernorm_backward (dx + weight and bias gradients)", "bias_backward",
                      "gelu_backward", "softmax_backward", "rope_backward", "embedding_backward", "attention_forward (Tiled)", "attention_backward (RowWise)",
+                     "attention_forward (Flash)", "attention_backward (Flash)",
                      "paged_attention_decode (batch 1)", "paged_attention_decode (batch 3)", "fused GRPO loss, pass 1 (chunked LM head + log-sum-exp)",
                      "unfused loss ([T, V] fp32 logits + cross entropy)", "adamw_update", "grad_norm", "gemm (x W^T)" })
             Assert.Contains(expected, names);

@@ -31,6 +31,11 @@ public sealed class KernelCompileTests : IDisposable
             yield return m.Groups[1].Value;
         foreach (Match m in Regex.Matches(source, @"^INSTANTIATE_MMA_FORWARD\((\d+)\)", RegexOptions.Multiline))
             yield return $"attention_mma_forward_d{m.Groups[1].Value}_bf16";
+        foreach (Match m in Regex.Matches(source, @"^INSTANTIATE_FLASH\((\d+)\)", RegexOptions.Multiline))
+        {
+            yield return $"attention_flash_forward_d{m.Groups[1].Value}_bf16";
+            yield return $"attention_flash_backward_d{m.Groups[1].Value}_bf16";
+        }
         foreach (Match m in Regex.Matches(source, @"^INSTANTIATE_MMA_BACKWARD\((\d+)\)", RegexOptions.Multiline))
         {
             yield return $"attention_mma_backward_dq_d{m.Groups[1].Value}_bf16";

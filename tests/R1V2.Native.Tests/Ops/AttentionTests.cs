@@ -250,3 +250,142 @@ public sealed class TiledAttentionTests(CpuFixture fx)
         Assert.Contains("head dims 64, 80, 96, 128, not 8", e.Message);
     }
 }
+
+/// <summary>kernels/attention_flash.cu's schedule through its CPU twins (AttentionVariant.Flash).</summary>
+[Collection("cpu")]
+public sealed class FlashAttentionTests(CpuFixture fx)
+{
+    private readonly Backend _b = fx.Backend;
+
+    private static float[] Bf16(float[] x) => x.Select(BFloat16.Round).ToArray(); // the tensor-core path reads bf16
+
+    private (float[] O, float[] Lse) Forward(AttentionVariant variant, int[] cu, int heads, int kv, int dim, float[] q, float[] k, float[] v, bool causal)
+    {
+        int t = cu[^1];
+        using var seq = _b.Sequences(cu);
+        using var tq = _b.FromArray(q, DType.F32, [t, heads, dim]);
+        using var tk = _b.FromArray(k, DType.F32, [t, kv, dim]);
+        using var tv = _b.FromArray(v, DType.F32, [t, kv, dim]);
+        using var o = _b.Allocate(DType.F32, t, heads, dim);
+        using var lse = _b.Allocate(DType.F32, t, heads);
+        var before = _b.Attention;
+        _b.Attention = variant;
+        try { _b.AttentionForward(tq, tk, tv, seq, o, lse, 1f / MathF.Sqrt(dim), causal); }
+        finally { _b.Attention = before; }
+        return (o.ToFloatArray(), lse.ToFloatArray());
+    }
+
+    [Theory]
+    [InlineData(64, true)]
+    [InlineData(128, true)]
+    [InlineData(128, false)]
+    [InlineData(80, false)]
+    [InlineData(96, true)]
+    public void FlashForward_MatchesDoubleReference_AcrossTileBoundaries(int dim, bool causal)
+    {
+        int[] cu = [0, 300, 301, 367]; // 300 tokens: three 128-row query tiles and five 64-key tiles; a single token; 66 more
+        const int heads = 4, kv = 2;
+        int t = cu[^1];
+        var q = Bf16(TestData.Uniform(11, t * heads * dim, 2f));
+        var k = Bf16(TestData.Uniform(12, t * kv * dim, 2f));
+        var v = Bf16(TestData.Uniform(13, t * kv * dim));
+        var (o, lse) = Forward(AttentionVariant.Flash, cu, heads, kv, dim, q, k, v, causal);
+        var expected = Reference.Attention(TestData.ToDouble(q), TestData.ToDouble(k), TestData.ToDouble(v), cu, heads, kv, dim, 1 / Math.Sqrt(dim), causal);
+        // P is rounded to bf16 (relative error <= 2^-9) before P V: outputs move by at most 2^-9 max|v| ~ 2e-3.
+        Check.Close(expected, o, 2.5e-3, 0, "o");
+        var (_, lseRowWise) = Forward(AttentionVariant.RowWise, cu, heads, kv, dim, q, k, v, causal);
+        Check.Close(TestData.ToDouble(lseRowWise), lse, 1e-5, 1e-5, "lse (sums stay fp32)");
+    }
+
+    [Fact]
+    public void FlashForward_RescalesOncePer64Keys_AtEveryHeadDim()
+    {
+        // At D = 128 the tiled kernel rescales every 32 keys and the flash kernel every 64: the twins follow their
+        // kernels, so the two schedules' outputs differ in the last bits (both within bf16 rounding of the reference).
+        int[] cu = [0, 200];
+        const int heads = 2, kv = 1, dim = 128;
+        var q = Bf16(TestData.Uniform(21, 200 * heads * dim, 3f));
+        var k = Bf16(TestData.Uniform(22, 200 * kv * dim, 3f));
+        var v = Bf16(TestData.Uniform(23, 200 * kv * dim));
+        var (flash, _) = Forward(AttentionVariant.Flash, cu, heads, kv, dim, q, k, v, causal: true);
+        var (tiled, _) = Forward(AttentionVariant.Tiled, cu, heads, kv, dim, q, k, v, causal: true);
+        Assert.False(flash.SequenceEqual(tiled), "the 64-key and 32-key schedules round P after different rescales");
+        Check.Close(TestData.ToDouble(tiled), flash, 2.5e-3, 0, "flash vs tiled");
+    }
+
+    private float[][] Grads(AttentionVariant variant, int[] cu, int heads, int kv, int dim, bool causal, int? splits, int seed)
+    {
+        int t = cu[^1];
+        var q = Bf16(TestData.Uniform(seed, t * heads * dim, 2f));
+        var k = Bf16(TestData.Uniform(seed + 1, t * kv * dim, 2f));
+        var v = Bf16(TestData.Uniform(seed + 2, t * kv * dim));
+        var dout = Bf16(TestData.Uniform(seed + 3, t * heads * dim));
+        using var seq = _b.Sequences(cu);
+        using var tq = _b.FromArray(q, DType.F32, [t, heads, dim]);
+        using var tk = _b.FromArray(k, DType.F32, [t, kv, dim]);
+        using var tv = _b.FromArray(v, DType.F32, [t, kv, dim]);
+        using var tdo = _b.FromArray(dout, DType.F32, [t, heads, dim]);
+        using var o = _b.Allocate(DType.F32, t, heads, dim);
+        using var lse = _b.Allocate(DType.F32, t, heads);
+        using var dq = _b.Allocate(DType.F32, t, heads, dim);
+        using var dk = _b.Allocate(DType.F32, t, kv, dim);
+        using var dv = _b.Allocate(DType.F32, t, kv, dim);
+        var (before, beforeSplits) = (_b.Attention, _b.AttentionSplits);
+        try
+        {
+            _b.Attention = AttentionVariant.RowWise; // the same forward for every schedule: only the backward differs
+            _b.AttentionForward(tq, tk, tv, seq, o, lse, 1f / MathF.Sqrt(dim), causal);
+            _b.Attention = variant;
+            _b.AttentionSplits = splits;
+            _b.AttentionBackward(tdo, tq, tk, tv, o, lse, seq, dq, dk, dv, 1f / MathF.Sqrt(dim), causal);
+        }
+        finally { (_b.Attention, _b.AttentionSplits) = (before, beforeSplits); }
+        return [dq.ToFloatArray(), dk.ToFloatArray(), dv.ToFloatArray()];
+    }
+
+    [Theory]
+    [InlineData(64, true, 1)]
+    [InlineData(64, true, 3)]
+    [InlineData(128, false, 2)]
+    [InlineData(80, true, 4)]
+    public void FlashBackward_MatchesTheExactRowWiseBackward_WithinBf16Rounding(int dim, bool causal, int splits)
+    {
+        int[] cu = [0, 300, 301, 380]; // five 128-key tiles: every split owns one or more, some split owns tiles of two sequences
+        const int heads = 4, kv = 2;
+        var exact = Grads(AttentionVariant.RowWise, cu, heads, kv, dim, causal, null, 31);
+        var flash = Grads(AttentionVariant.Flash, cu, heads, kv, dim, causal, splits, 31);
+        string[] names = ["dq", "dk", "dv"];
+        for (int i = 0; i < 3; i++)
+        {
+            // P and dS rounded to bf16 (2^-9 relative each) inside sums of ~300 terms: ~0.3% in the 2-norm; 1% bound.
+            double rel = Check.RelativeL2(TestData.ToDouble(exact[i]), flash[i]);
+            Assert.True(rel <= 1e-2, $"{names[i]}: relative L2 difference {rel:E2} from the exact backward");
+            Assert.True(rel > 0, $"{names[i]}: the flash twin rounds P and dS, so it cannot equal the exact backward bit for bit");
+        }
+    }
+
+    [Fact]
+    public void FlashBackward_RepeatsBitForBit_AndItsSplitsOnlyRegroupTheDqSum()
+    {
+        int[] cu = [0, 300, 301, 380];
+        var a = Grads(AttentionVariant.Flash, cu, 4, 2, 64, true, 3, 41);
+        var b = Grads(AttentionVariant.Flash, cu, 4, 2, 64, true, 3, 41);
+        for (int i = 0; i < 3; i++) Assert.True(a[i].SequenceEqual(b[i]), $"gradient {i}: two runs differ");
+        var one = Grads(AttentionVariant.Flash, cu, 4, 2, 64, true, 1, 41);
+        // dk and dv do not depend on the splits; dq's fp32 sum is regrouped (same terms, other order): equal to rounding.
+        Assert.True(one[1].SequenceEqual(a[1]) && one[2].SequenceEqual(a[2]), "dk and dv must not depend on the dq splits");
+        Assert.False(one[0].SequenceEqual(a[0]), "three splits add dq in three groups, one split in one");
+        Check.Close(TestData.ToDouble(one[0]), a[0], 1e-5, 1e-4, "dq, 1 vs 3 splits");
+    }
+
+    [Fact]
+    public void FlashSplits_FillTheDevice_WithinMemoryAndTileBounds()
+    {
+        // H200 (132 SMs), the 38B decoder (40 heads, D 128) at 8192 tokens in 64 key tiles: 7 splits, 1.2 GB of partials.
+        Assert.Equal(7, Backend.FlashSplits(132, 40, 64, 8192, 128));
+        Assert.Equal(2, Backend.FlashSplits(132, 40, 2, 256, 128));          // never more splits than key tiles
+        Assert.Equal(1, Backend.FlashSplits(132, 64, 1024, 131072, 128));    // 4 GiB per partial: one split
+        Assert.Equal(33, Backend.FlashSplits(132, 8, 100, 4096, 64));        // few heads: more splits
+        Assert.Equal(1, Backend.FlashSplits(132, 40, 0, 0, 128));
+    }
+}

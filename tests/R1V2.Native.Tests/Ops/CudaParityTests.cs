@@ -302,12 +302,17 @@ public sealed class CudaParityTests(CpuFixture fx)
     /// sum in fp32, so they differ by summation order and the bf16 output rounding (2^-9 relative).
     /// </summary>
     [SkippableTheory]
-    [InlineData(64, true)]
-    [InlineData(80, false)]
-    [InlineData(96, true)]
-    [InlineData(128, true)]
-    [InlineData(128, false)]
-    public void CudaTiledAttention_ForwardAndBackward_MatchTheirCpuTwins(int dim, bool causal)
+    [InlineData(64, true, AttentionVariant.Tiled)]
+    [InlineData(80, false, AttentionVariant.Tiled)]
+    [InlineData(96, true, AttentionVariant.Tiled)]
+    [InlineData(128, true, AttentionVariant.Tiled)]
+    [InlineData(128, false, AttentionVariant.Tiled)]
+    [InlineData(64, true, AttentionVariant.Flash)]
+    [InlineData(80, false, AttentionVariant.Flash)]
+    [InlineData(96, true, AttentionVariant.Flash)]
+    [InlineData(128, true, AttentionVariant.Flash)]
+    [InlineData(128, false, AttentionVariant.Flash)]
+    public void CudaTensorCoreAttention_ForwardAndBackward_MatchTheirCpuTwins(int dim, bool causal, AttentionVariant variant)
     {
         Skip.IfNot(Gpu.Available, Gpu.Reason);
         int[] cu = [0, 200, 201, 330];
@@ -329,7 +334,8 @@ public sealed class CudaParityTests(CpuFixture fx)
             using var dq = b.Allocate(dt, t, heads, dim);
             using var dk = b.Allocate(dt, t, kv, dim);
             using var dv = b.Allocate(dt, t, kv, dim);
-            b.Attention = AttentionVariant.Tiled;
+            b.Attention = variant;
+            b.AttentionSplits = 3; // the flash backward adds dq in the same three groups on both sides
             b.AttentionForward(tq, tk, tv, seq, o, lse, 1f / MathF.Sqrt(dim), causal);
             b.AttentionBackward(tdo, tq, tk, tv, o, lse, seq, dq, dk, dv, 1f / MathF.Sqrt(dim), causal);
             return [o.ToFloatArray(), lse.ToFloatArray(), dq.ToFloatArray(), dk.ToFloatArray(), dv.ToFloatArray()];
@@ -337,7 +343,7 @@ public sealed class CudaParityTests(CpuFixture fx)
         using var cuda = new CudaBackend(activationType: DType.BF16);
         var before = fx.Backend.Attention;
         float[][] expected;
-        try { expected = Run(fx.Backend, DType.F32); } finally { fx.Backend.Attention = before; }
+        try { expected = Run(fx.Backend, DType.F32); } finally { fx.Backend.Attention = before; fx.Backend.AttentionSplits = null; }
         var actual = Run(cuda, DType.BF16);
         Check.Close(expected[0], actual[0], 4e-3, 8e-3, $"o (d = {dim}, causal = {causal})");
         Check.Close(expected[1], actual[1], 1e-4, 1e-4, $"lse (d = {dim}, causal = {causal})");

@@ -145,6 +145,81 @@ internal static class AttentionKernels
         for (int d = 0; d < a.Dim; d++) dk[kb + d] *= a.Scale;
     }
 
+    /// <summary>
+    /// Twin of attention_flash_backward's dq: split sp of <paramref name="splits"/> owns the 128-key tiles t with
+    /// t % splits == sp (global tile numbers from <paramref name="tiles"/>) and adds dS (rounded to bf16) times k into its
+    /// own fp32 partial [splits, T, H, D], tiles in ascending order; <see cref="FlashDqReduce"/> adds the partials in split order.
+    /// </summary>
+    public static void BackwardDqFlash(Index1D w, ArrayView<float> partial, ArrayView<float> q, ArrayView<float> k, ArrayView<float> v,
+        ArrayView<float> dout, ArrayView<float> lse, ArrayView<float> delta, ArrayView<int> cu, ArrayView<int> tiles, AttentionArgs a, int splits)
+    {
+        const float log2e = 1.4426950408889634f;
+        int i = w / a.Heads, h = w % a.Heads, kvh = h / (a.Heads / a.KvHeads);
+        int s = SequenceOf(cu, a.NumSeqs, i);
+        int start = cu[s], end = a.Causal != 0 ? i + 1 : cu[s + 1];
+        long n = (long)a.Tokens * a.Heads * a.Dim, qb = ((long)i * a.Heads + h) * a.Dim;
+        for (int sp = 0; sp < splits; sp++)
+            for (int d = 0; d < a.Dim; d++) partial[sp * n + qb + d] = 0f;
+        float l2 = lse[w] * log2e, dl = delta[w];
+        for (int j = start; j < end; j++)
+        {
+            long kb = ((long)j * a.KvHeads + kvh) * a.Dim;
+            float sc = 0f, dp = 0f;
+            for (int d = 0; d < a.Dim; d++) { sc += q[qb + d] * k[kb + d]; dp += dout[qb + d] * v[kb + d]; }
+            float ds = Bf16(MathF.Pow(2f, sc * a.Scale * log2e - l2) * (dp - dl));
+            long at = (tiles[s] + (j - cu[s]) / Backend.FlashTileRows) % splits * n + qb;
+            for (int d = 0; d < a.Dim; d++) partial[at + d] += ds * k[kb + d];
+        }
+    }
+
+    /// <summary>Twin of attention_flash_dq_reduce: dq = scale * (partial 0 + partial 1 + ...), in split order.</summary>
+    public static void FlashDqReduce(Index1D e, ArrayView<float> dq, ArrayView<float> partial, int splits, float scale)
+    {
+        long n = dq.Length;
+        float sum = 0f;
+        for (int sp = 0; sp < splits; sp++) sum += partial[sp * n + e];
+        dq[e] = sum * scale;
+    }
+
+    /// <summary>
+    /// Twin of attention_flash_backward's dk and dv per (key row, query head): P and dS rounded to bf16, queries in
+    /// ascending order, unscaled, into fp32 [T, H, D]; <see cref="FlashHeadsReduce"/> adds each kv head's query heads in order.
+    /// </summary>
+    public static void BackwardDkDvFlash(Index1D w, ArrayView<float> dkHeads, ArrayView<float> dvHeads, ArrayView<float> q, ArrayView<float> k,
+        ArrayView<float> v, ArrayView<float> dout, ArrayView<float> lse, ArrayView<float> delta, ArrayView<int> cu, AttentionArgs a)
+    {
+        const float log2e = 1.4426950408889634f;
+        int j = w / a.Heads, h = w % a.Heads, kvh = h / (a.Heads / a.KvHeads);
+        int s = SequenceOf(cu, a.NumSeqs, j);
+        int first = a.Causal != 0 ? j : cu[s], end = cu[s + 1];
+        long kb = ((long)j * a.KvHeads + kvh) * a.Dim, ob = ((long)j * a.Heads + h) * a.Dim;
+        for (int d = 0; d < a.Dim; d++) { dkHeads[ob + d] = 0f; dvHeads[ob + d] = 0f; }
+        for (int i = first; i < end; i++)
+        {
+            long qb = ((long)i * a.Heads + h) * a.Dim;
+            float sc = 0f, dp = 0f;
+            for (int d = 0; d < a.Dim; d++) { sc += k[kb + d] * q[qb + d]; dp += v[kb + d] * dout[qb + d]; }
+            long r = (long)i * a.Heads + h;
+            float p = MathF.Pow(2f, sc * a.Scale * log2e - lse[r] * log2e);
+            float pb = Bf16(p), ds = Bf16(p * (dp - delta[r]));
+            for (int d = 0; d < a.Dim; d++) { dvHeads[ob + d] += pb * dout[qb + d]; dkHeads[ob + d] += ds * q[qb + d]; }
+        }
+    }
+
+    /// <summary>Twin of attention_flash_dkdv_reduce per (key row, kv head): the group's query heads added in order; dk times scale.</summary>
+    public static void FlashHeadsReduce(Index1D w, ArrayView<float> dk, ArrayView<float> dv, ArrayView<float> dkHeads, ArrayView<float> dvHeads, AttentionArgs a)
+    {
+        int j = w / a.KvHeads, g = w % a.KvHeads, group = a.Heads / a.KvHeads;
+        long ob = ((long)j * a.KvHeads + g) * a.Dim, first = ((long)j * a.Heads + (long)g * group) * a.Dim;
+        for (int d = 0; d < a.Dim; d++)
+        {
+            float sk = 0f, sv = 0f;
+            for (int hh = 0; hh < group; hh++) { sk += dkHeads[first + (long)hh * a.Dim + d]; sv += dvHeads[first + (long)hh * a.Dim + d]; }
+            dk[ob + d] = sk * a.Scale;
+            dv[ob + d] = sv;
+        }
+    }
+
     public static void Delta(Index1D w, ArrayView<float> delta, ArrayView<float> o, ArrayView<float> dout, int dim)
     {
         long b = (long)w.X * dim;

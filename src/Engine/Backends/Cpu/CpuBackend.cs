@@ -58,6 +58,10 @@ public sealed unsafe class CpuBackend : Backend
 
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs> _attnForward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _attnDelta;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, AttentionArgs, int> _attnDqFlash;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, float> _attnDqReduce;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs> _attnDkDvFlash;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs> _attnHeadsReduce;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs, int> _attnTiled;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs> _attnDqTiled;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs> _attnDkDvTiled;
@@ -119,6 +123,10 @@ public sealed unsafe class CpuBackend : Backend
         _attnDqTiled = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs>(AttentionKernels.BackwardDqTiled);
         _attnDkDvTiled = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs>(AttentionKernels.BackwardDkDvTiled);
         _attnDelta = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(AttentionKernels.Delta);
+        _attnDqFlash = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<int>, AttentionArgs, int>(AttentionKernels.BackwardDqFlash);
+        _attnDqReduce = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, float>(AttentionKernels.FlashDqReduce);
+        _attnDkDvFlash = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs>(AttentionKernels.BackwardDkDvFlash);
+        _attnHeadsReduce = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>(AttentionKernels.FlashHeadsReduce);
         _attnDq = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs>(AttentionKernels.BackwardDq);
         _attnDkDv = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, AttentionArgs>(AttentionKernels.BackwardDkDv);
         _scatterRows = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int>(RowsKernels.ScatterRows);
@@ -423,6 +431,32 @@ public sealed unsafe class CpuBackend : Backend
         _attnDelta(q.Dim(0) * q.Dim(1), F(delta), F(output), F(dout), q.Dim(2));
         _attnDqTiled(q.Dim(0) * q.Dim(1), F(dq), F(q), F(k), F(v), F(dout), F(lse), F(delta), I(sequences.Device), a);
         _attnDkDvTiled(k.Dim(0) * k.Dim(1), F(dk), F(dv), F(q), F(k), F(v), F(dout), F(lse), F(delta), I(sequences.Device), a);
+    }
+
+    /// <summary>The flash forward's twin is the tiled forward's with 64 keys per tile at every head dim (the kernel's tile).</summary>
+    protected override void FlashAttentionForwardCore(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, float scale, bool causal)
+    {
+        if (q.Dim(0) == 0) return;
+        _attnTiled(q.Dim(0) * q.Dim(1), F(output), F(lse), F(q), F(k), F(v), I(sequences.Device), AttnArgs(q, k, sequences, scale, causal), FlashKeysPerTile);
+    }
+
+    protected override void FlashAttentionBackwardCore(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, PackedSequences sequences,
+        Tensor dq, Tensor dk, Tensor dv, float scale, bool causal)
+    {
+        int t = q.Dim(0), h = q.Dim(1), d = q.Dim(2);
+        if (t == 0) return;
+        var a = AttnArgs(q, k, sequences, scale, causal);
+        var (tiles, tileDevice) = sequences.TileOffsets(FlashTileRows);
+        int splits = FlashSplitsFor(h, tiles[^1], t, d);
+        using var delta = Allocate(DType.F32, t, h);
+        using var partial = Allocate(DType.F32, splits, t, h, d);
+        using var dkHeads = Allocate(DType.F32, t, h, d);
+        using var dvHeads = Allocate(DType.F32, t, h, d);
+        _attnDelta(t * h, F(delta), F(output), F(dout), d);
+        _attnDqFlash(t * h, F(partial), F(q), F(k), F(v), F(dout), F(lse), F(delta), I(sequences.Device), I(tileDevice), a, splits);
+        _attnDqReduce((int)dq.Length, F(dq), F(partial), splits, scale);
+        _attnDkDvFlash(t * h, F(dkHeads), F(dvHeads), F(q), F(k), F(v), F(dout), F(lse), F(delta), I(sequences.Device), a);
+        _attnHeadsReduce(t * k.Dim(1), F(dk), F(dv), F(dkHeads), F(dvHeads), a);
     }
 
     protected override void AttentionBackwardCore(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, PackedSequences sequences,

@@ -475,6 +475,69 @@ public sealed unsafe class CudaBackend : Backend
         CudaDriver.Launch(kvf.Handle, new Dim3((uint)tiles[^1], (uint)hkv), new Dim3((uint)block), 0, _stream.Handle, kvArgs);
     }
 
+    protected override int Multiprocessors => Device.MultiprocessorCount;
+
+    /// <summary>Launches a flash kernel with its dynamic shared memory (above 48 KB only after the function allows it).</summary>
+    private void LaunchFlash(string kernel, Dim3 grid, int threads, int sharedBytes, ReadOnlySpan<ulong> args)
+    {
+        EnsureCurrent();
+        LaunchLog?.Add(("attention_flash", kernel));
+        var f = Function("attention_flash", kernel);
+        if (sharedBytes > 48 * 1024 && _flashShared.Add(kernel))
+            CudaDriver.SetFunctionAttribute(f.Handle, CuFunctionAttribute.MaxDynamicSharedSizeBytes, sharedBytes);
+        CudaDriver.Launch(f.Handle, grid, new Dim3((uint)threads), (uint)sharedBytes, _stream.Handle, args);
+    }
+
+    private readonly HashSet<string> _flashShared = new();
+
+    /// <summary>Shared memory of the flash kernels (bf16 tiles; rows padded by 8 where the head dim is not a multiple of 64).</summary>
+    public static int FlashForwardSharedBytes(int d) => (FlashTileRows + 2 * FlashKeysPerTile) * FlashStride(d) * 2;
+
+    public static int FlashBackwardSharedBytes(int d) =>
+        (2 * FlashTileRows + 4 * FlashBackwardQueryRows) * FlashStride(d) * 2 + FlashTileRows * FlashBackwardQueryRows * 2 + 4 * FlashBackwardQueryRows * 4;
+
+    /// <summary>Query rows per tile of the flash backward (a block's 128 keys walk them).</summary>
+    public const int FlashBackwardQueryRows = 64;
+
+    private static int FlashStride(int d) => (d / 8) % 8 == 0 ? d : d + 8;
+
+    protected override void FlashAttentionForwardCore(Tensor q, Tensor k, Tensor v, PackedSequences sequences, Tensor output, Tensor lse, float scale, bool causal)
+    {
+        int t = q.Dim(0), h = q.Dim(1), hkv = k.Dim(1), d = q.Dim(2);
+        if (t == 0) return;
+        foreach (var x in new[] { k, v, output })
+            if (P(x) % 16 != 0) throw new ArgumentException($"attention_forward: {x} is not 16-byte aligned for the flash variant");
+        var (tiles, tileDevice) = sequences.TileOffsets(FlashTileRows);
+        if (tiles[^1] == 0) return;
+        LaunchFlash($"attention_flash_forward_d{d}_bf16", new Dim3((uint)tiles[^1], (uint)h), Compiler.Tuning.Block("attention_flash"), FlashForwardSharedBytes(d),
+            [P(output), P(lse), P(q), P(k), P(v), P(sequences.Device), P(tileDevice), I(sequences.Count), I(h), I(hkv), Fl(scale), I(causal ? 1 : 0)]);
+    }
+
+    protected override void FlashAttentionBackwardCore(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, PackedSequences sequences,
+        Tensor dq, Tensor dk, Tensor dv, float scale, bool causal)
+    {
+        int t = q.Dim(0), h = q.Dim(1), hkv = k.Dim(1), d = q.Dim(2);
+        if (t == 0) return;
+        foreach (var x in new[] { k, v, output, dout, dq, dk, dv })
+            if (P(x) % 16 != 0) throw new ArgumentException($"attention_backward: {x} is not 16-byte aligned for the flash variant");
+        var (tiles, tileDevice) = sequences.TileOffsets(FlashTileRows);
+        int splits = FlashSplitsFor(h, tiles[^1], t, d);
+        using var delta = Allocate(DType.F32, t, h);
+        using var partial = Allocate(DType.F32, splits, t, h, d);
+        using var dkHeads = Allocate(DType.F32, t, h, d);
+        using var dvHeads = Allocate(DType.F32, t, h, d);
+        Launch("attention", "attention_backward_delta_bf16", WarpGrid("attention", (long)t * h), [P(delta), P(output), P(dout), I(t), I(h), I(d)]);
+        CudaDriver.MemsetAsync(P(partial), 0, partial.Length * 4, _stream.Handle);
+        LaunchFlash($"attention_flash_backward_d{d}_bf16", new Dim3((uint)splits, (uint)h), FlashBackwardThreads, FlashBackwardSharedBytes(d),
+            [P(partial), P(dkHeads), P(dvHeads), P(q), P(k), P(v), P(dout), P(lse), P(delta), P(sequences.Device), P(tileDevice),
+             I(sequences.Count), I(t), I(h), I(hkv), Fl(scale), I(causal ? 1 : 0)]);
+        LaunchStride("attention_flash", "attention_flash_dq_reduce", dq.Length, [P(dq), P(partial), I(splits), L(dq.Length), Fl(scale)]);
+        LaunchStride("attention_flash", "attention_flash_dkdv_reduce", dk.Length, [P(dk), P(dv), P(dkHeads), P(dvHeads), I(h), I(hkv), I(d), L(dk.Length), Fl(scale)]);
+    }
+
+    /// <summary>Threads of a flash backward block (8 warps x 16 keys).</summary>
+    public const int FlashBackwardThreads = 256;
+
     protected override void AttentionBackwardCore(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, PackedSequences sequences,
         Tensor dq, Tensor dk, Tensor dv, float scale, bool causal)
     {
