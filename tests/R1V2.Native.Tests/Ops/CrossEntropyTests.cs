@@ -77,6 +77,19 @@ public sealed class CrossEntropyTests(CpuFixture fx)
     }
 
     [Fact]
+    public void CrossEntropyForward_VectorPath_SkipsAllMaskedVectors_AndRescalesOncePerVector()
+    {
+        // vocab 8: read as two 4-wide vectors (the kernels' packed path). Row 0's first vector is all -inf; row 1's
+        // maximum sits in its second vector, after smaller values that must be rescaled once.
+        float ninf = float.NegativeInfinity;
+        float[] logits = [ninf, ninf, ninf, ninf, 1f, 2f, ninf, 0.5f, -3f, 1f, -2f, 0f, 30f, 29f, ninf, -1f];
+        var (lp, lse) = Forward(logits, [5, 4], 8);
+        var (elp, expLse) = Reference.LogSoftmaxGather(TestData.ToDouble(logits), [5, 4], 8, Backend.IgnoreIndex);
+        Check.Close(expLse, lse, 1e-6, 1e-6, "lse");
+        Check.Close(elp, lp, 1e-6, 1e-6, "logprob");
+    }
+
+    [Fact]
     public void CrossEntropyForward_TargetOutsideVocabulary_IsAnError()
     {
         using var tl = _b.Allocate(DType.F32, 2, 5);

@@ -347,14 +347,33 @@ internal static class HostOps
             for (long row = s; row < e; row++)
             {
                 long b = row * vocab;
-                var acc = new RunningLse(float.NegativeInfinity, 0f);
-                for (int v = 0; v < vocab; v++) acc = acc.Add(logits[b + v]);
-                float l = acc.Log;
+                float l = LogSumExp(logits + b, vocab);
                 lse[row] = l;
                 int target = targets[row];
                 logprob[row] = target == ignoreIndex ? 0f : logits[b + target] - l;
             }
         });
+
+    /// <summary>The host loop of <see cref="CrossEntropyKernels.LogSumExp"/>: the same values in the same order.</summary>
+    private static unsafe float LogSumExp(float* x, int vocab)
+    {
+        var acc = new RunningLse(float.NegativeInfinity, 0f);
+        int n = RunningLse.Vector(vocab);
+        if (n == 1)
+        {
+            for (int v = 0; v < vocab; v++) acc = acc.Add(x[v]);
+            return acc.Log;
+        }
+        for (int v0 = 0; v0 < vocab; v0 += n)
+        {
+            float vm = x[v0];
+            for (int k = 1; k < n; k++) vm = MathF.Max(vm, x[v0 + k]);
+            if (!(vm > float.NegativeInfinity)) continue;
+            acc = acc.Rescale(vm);
+            for (int k = 0; k < n; k++) acc = acc.AddBelow(x[v0 + k]);
+        }
+        return acc.Log;
+    }
 
     /// <summary>dlogits may alias logits: each logit is read before its gradient is written.</summary>
     public static unsafe void CrossEntropyBackward(float* dlogits, float* logits, float* lse, int* targets, float* dlogprob, int rows, int vocab,

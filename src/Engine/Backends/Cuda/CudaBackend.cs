@@ -403,13 +403,16 @@ public sealed unsafe class CudaBackend : Backend
     {
         ResetError();
         Launch("cross_entropy", "cross_entropy_forward" + Suffix(logits), logits.Rows,
-            [P(logprob), P(lse), P(logits), P(targets), I(logits.Rows), I(logits.Cols), I(ignoreIndex), _errorWord]);
+            [P(logprob), P(lse), P(logits), P(targets), I(logits.Rows), I(logits.Cols), I(ignoreIndex), _errorWord, I(Packed(logits) ? 1 : 0)]);
         ThrowOnBadId("cross_entropy_forward", "targets", logits.Cols);
     }
 
     protected override void CrossEntropyBackwardCore(Tensor logits, Tensor targets, Tensor lse, Tensor dlogprob, Tensor dlogits, int ignoreIndex) =>
         Launch("cross_entropy", "cross_entropy_backward" + Suffix(logits), logits.Rows,
-            [P(dlogits), P(logits), P(lse), P(targets), P(dlogprob), I(logits.Rows), I(logits.Cols), I(ignoreIndex)]);
+            [P(dlogits), P(logits), P(lse), P(targets), P(dlogprob), I(logits.Rows), I(logits.Cols), I(ignoreIndex), I(Packed(logits) && P(dlogits) % 16 == 0 ? 1 : 0)]);
+
+    /// <summary>Whether a [rows, cols] tensor's rows are 16-byte vectors of its storage type (aligned start, whole vectors per row).</summary>
+    private static bool Packed(Tensor t) => P(t) % 16 == 0 && t.Cols % (16 / t.DType.Size()) == 0;
 
     // ---- attention and rows ---------------------------------------------------------------------------------------------------
     /// <summary>Blocks for one warp per item.</summary>
