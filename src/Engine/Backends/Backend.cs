@@ -318,30 +318,66 @@ public abstract class Backend : IDisposable
 
     // ---- RoPE ------------------------------------------------------------------------------------------
 
-    /// <summary>Qwen2 rotate-half RoPE. x, y: [T, H, D] (D even; y may be x); positions: [T] int32.</summary>
-    public void RopeForward(Tensor x, Tensor positions, Tensor y, float theta)
+    /// <summary>
+    /// Qwen2 rotate-half RoPE. x, y: [T, H, D] (D even; y may be x); positions: [T] int32. With a <paramref name="table"/>
+    /// (<see cref="RopeTable(float, int, int)"/>) the kernels read each position's cosines and sines from it; positions
+    /// past it, or no table, compute them per pair as HF does.
+    /// </summary>
+    public void RopeForward(Tensor x, Tensor positions, Tensor y, float theta, RopeTable? table = null)
     {
-        CheckRope(x, positions, y, "rope_forward", theta);
-        using (Profiled("rope")) RopeCore(x, positions, y, theta, forward: true);
+        CheckRope(x, positions, y, "rope_forward", theta, table);
+        using (Profiled("rope")) RopeCore(x, positions, y, theta, table, forward: true);
     }
 
     /// <summary>dx = rotation of dy by the negative angle.</summary>
-    public void RopeBackward(Tensor dy, Tensor positions, Tensor dx, float theta)
+    public void RopeBackward(Tensor dy, Tensor positions, Tensor dx, float theta, RopeTable? table = null)
     {
-        CheckRope(dy, positions, dx, "rope_backward", theta);
-        using (Profiled("rope")) RopeCore(dy, positions, dx, theta, forward: false);
+        CheckRope(dy, positions, dx, "rope_backward", theta, table);
+        using (Profiled("rope")) RopeCore(dy, positions, dx, theta, table, forward: false);
     }
 
-    private void CheckRope(Tensor x, Tensor positions, Tensor y, string op, float theta)
+    private void CheckRope(Tensor x, Tensor positions, Tensor y, string op, float theta, RopeTable? table)
     {
         Float(x, op, "x"); SameAs(y, x, op, "y");
         if (x.Rank != 3 || x.Dim(2) % 2 != 0) throw new ArgumentException($"{op}: x is {x.ShapeString}, expected [T, H, D] with D even");
         Own(positions, op);
         if (positions.DType != DType.I32 || positions.Length != x.Dim(0)) throw new ArgumentException($"{op}: positions is {positions}, expected [{x.Dim(0)}] int32");
         if (!(theta > 1f)) throw new ArgumentException($"{op}: theta must be > 1, got {theta}");
+        if (table is not null && (table.Theta != theta || table.Dim != x.Dim(2) || table.Backend != this))
+            throw new ArgumentException($"{op}: the RoPE table is for theta {table.Theta} and head dim {table.Dim}{(table.Backend != this ? " on another backend" : "")}, the call has theta {theta} and head dim {x.Dim(2)}");
     }
 
-    protected abstract void RopeCore(Tensor x, Tensor positions, Tensor y, float theta, bool forward);
+    protected abstract void RopeCore(Tensor x, Tensor positions, Tensor y, float theta, RopeTable? table, bool forward);
+
+    private readonly Dictionary<(float Theta, int Dim), RopeTable> _ropeTables = new();
+
+    /// <summary>
+    /// The cosines and sines of positions 0 .. <paramref name="positions"/>-1 for RoPE at this theta and head dim, made
+    /// once per backend (a later call for more positions makes a larger one) and freed with the backend.
+    /// </summary>
+    public RopeTable RopeTable(float theta, int dim, int positions)
+    {
+        if (dim <= 0 || dim % 2 != 0) throw new ArgumentException($"rope table: head dim must be even and positive, got {dim}");
+        if (positions < 0) throw new ArgumentException($"rope table: positions must be >= 0, got {positions}");
+        lock (_ropeTables)
+        {
+            if (_ropeTables.TryGetValue((theta, dim), out var t) && t.Positions >= positions) return t;
+            t?.Values.Dispose();
+            var made = new RopeTable(this, theta, dim, positions, FromArray(Backends.RopeTable.Build(theta, dim, positions), DType.F32, [Math.Max(1, positions), dim / 2, 2], "rope_table"));
+            _ropeTables[(theta, dim)] = made;
+            return made;
+        }
+    }
+
+    /// <summary>Frees the RoPE tables (the backend's only cached tensors); the next <see cref="RopeTable(float, int, int)"/> makes them again.</summary>
+    public void ReleaseTables()
+    {
+        lock (_ropeTables)
+        {
+            foreach (var t in _ropeTables.Values) t.Values.Dispose();
+            _ropeTables.Clear();
+        }
+    }
 
     // ---- activations -----------------------------------------------------------------------------------
 

@@ -239,3 +239,37 @@ public sealed class SharedRows : IDisposable
         Output.Dispose();
     }
 }
+
+/// <summary>
+/// RoPE's cosines and sines per (position, pair): [positions, D/2, 2] fp32, the exactly rounded cosine and sine of the
+/// fp32 angle pos * theta^(-2i/D) (the angle HF forms), made on the host so every backend reads the same values.
+/// Owned by its backend (<see cref="Backend.RopeTable(float, int, int)"/>).
+/// </summary>
+public sealed class RopeTable
+{
+    internal RopeTable(Backend backend, float theta, int dim, int positions, Tensor values) => (Backend, Theta, Dim, Positions, Values) = (backend, theta, dim, positions, values);
+
+    public Backend Backend { get; }
+    public float Theta { get; }
+    public int Dim { get; }
+    public int Positions { get; }
+    public Tensor Values { get; }
+
+    public static float[] Build(float theta, int dim, int positions)
+    {
+        int half = dim / 2;
+        var v = new float[Math.Max(1, positions) * (long)half * 2];
+        var invFreq = new float[half];
+        for (int i = 0; i < half; i++) invFreq[i] = 1f / MathF.Pow(theta, (float)(2 * i) / dim);
+        Parallel.For(0, positions, p =>
+        {
+            for (int i = 0; i < half; i++)
+            {
+                double a = (float)p * invFreq[i]; // the fp32 angle
+                v[((long)p * half + i) * 2] = (float)Math.Cos(a);
+                v[((long)p * half + i) * 2 + 1] = (float)Math.Sin(a);
+            }
+        });
+        return v;
+    }
+}

@@ -73,8 +73,8 @@ public static class KernelOps
             int H = s.Heads, D = s.HeadDim;
             var q = b.Allocate(t, T, H, D); var pos = b.FromArray(Enumerable.Range(0, T).ToArray(), [T]);
             b.Zero(q);
-            yield return new KernelOp("rope_forward", $"[{T}, {H}, {D}]", t, 2.0 * T * H * D * e, 0, () => b.RopeForward(q, pos, q, 1e6f));
-            yield return new KernelOp("rope_backward", $"[{T}, {H}, {D}]", t, 2.0 * T * H * D * e, 0, () => b.RopeBackward(q, pos, q, 1e6f), q, pos);
+            yield return new KernelOp("rope_forward", $"[{T}, {H}, {D}]", t, 2.0 * T * H * D * e, 0, () => b.RopeForward(q, pos, q, 1e6f, b.RopeTable(1e6f, D, T)));
+            yield return new KernelOp("rope_backward", $"[{T}, {H}, {D}]", t, 2.0 * T * H * D * e, 0, () => b.RopeBackward(q, pos, q, 1e6f, b.RopeTable(1e6f, D, T)), q, pos);
         }
         {
             int V = s.Vocabulary, rows = Math.Min(T, 2048);

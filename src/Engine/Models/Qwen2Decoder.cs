@@ -117,6 +117,9 @@ public sealed class Qwen2Decoder
         // This rank's query heads, kv heads and MLP columns (all of them without tensor parallelism).
         private readonly int _heads, _kvHeads, _ffn;
 
+        /// <summary>RoPE's cosines and sines up to the model's max_position_embeddings (one per backend, shared by the layers).</summary>
+        private RopeTable Rope => _b.RopeTable(_c.RopeTheta, _c.HeadDim, _c.MaxPositionEmbeddings);
+
         public Layer(Backend b, LlmConfig c, ParameterStore p, int i, TensorParallel tp)
         {
             _b = b;
@@ -142,9 +145,9 @@ public sealed class Qwen2Decoder
             using var held = new Activations();
             var n1 = held.Keep(_inputNorm.Forward(x, out var norm1)); held.Keep(norm1);
             var qr = held.Keep(b.Activations(t, h * hd));
-            using (var q = _q.Forward(n1)) b.RopeForward(q.Reshape(t, h, hd), positions, qr.Reshape(t, h, hd), _c.RopeTheta);
+            using (var q = _q.Forward(n1)) b.RopeForward(q.Reshape(t, h, hd), positions, qr.Reshape(t, h, hd), _c.RopeTheta, Rope);
             var kr = held.Keep(b.Activations(t, kvh * hd));
-            using (var kk = _k.Forward(n1)) b.RopeForward(kk.Reshape(t, kvh, hd), positions, kr.Reshape(t, kvh, hd), _c.RopeTheta);
+            using (var kk = _k.Forward(n1)) b.RopeForward(kk.Reshape(t, kvh, hd), positions, kr.Reshape(t, kvh, hd), _c.RopeTheta, Rope);
             var v = held.Keep(_v.Forward(n1));
             var a = held.Keep(b.Activations(t, h * hd));
             attend(qr.Reshape(t, h, hd), kr.Reshape(t, kvh, hd), v.Reshape(t, kvh, hd), a.Reshape(t, h, hd));
@@ -181,12 +184,12 @@ public sealed class Qwen2Decoder
             using (var q = _q.Forward(k.N1))
             {
                 k.Qr = held.Keep(b.Activations(t, h * hd));
-                b.RopeForward(q.Reshape(t, h, hd), positions, k.Qr.Reshape(t, h, hd), _c.RopeTheta);
+                b.RopeForward(q.Reshape(t, h, hd), positions, k.Qr.Reshape(t, h, hd), _c.RopeTheta, Rope);
             }
             using (var kk = _k.Forward(k.N1))
             {
                 k.Kr = held.Keep(b.Activations(t, kvh * hd));
-                b.RopeForward(kk.Reshape(t, kvh, hd), positions, k.Kr.Reshape(t, kvh, hd), _c.RopeTheta);
+                b.RopeForward(kk.Reshape(t, kvh, hd), positions, k.Kr.Reshape(t, kvh, hd), _c.RopeTheta, Rope);
             }
             k.V = held.Keep(_v.Forward(k.N1));
             if (shared is null)
@@ -265,8 +268,8 @@ public sealed class Qwen2Decoder
                 dkr = held.Keep(shared.GatherBackward(dkAll));
                 dv = held.Keep(shared.GatherBackward(dvAll));
             }
-            b.RopeBackward(dqr.Reshape(t, h, hd), positions, dqr.Reshape(t, h, hd), _c.RopeTheta);   // in place
-            b.RopeBackward(dkr.Reshape(t, kvh, hd), positions, dkr.Reshape(t, kvh, hd), _c.RopeTheta);
+            b.RopeBackward(dqr.Reshape(t, h, hd), positions, dqr.Reshape(t, h, hd), _c.RopeTheta, Rope);   // in place
+            b.RopeBackward(dkr.Reshape(t, kvh, hd), positions, dkr.Reshape(t, kvh, hd), _c.RopeTheta, Rope);
             var dn1 = held.Keep(_q.Backward(dqr, k.N1)!);
             using (var dk = _k.Backward(dkr, k.N1)!) b.Add(dn1, dn1, dk);
             using (var dvn = _v.Backward(dv, k.N1)!) b.Add(dn1, dn1, dvn);

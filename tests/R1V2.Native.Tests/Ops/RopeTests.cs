@@ -6,13 +6,61 @@ public sealed class RopeTests(CpuFixture fx)
 {
     private readonly Backend _b = fx.Backend;
 
-    private float[] Run(float[] x, int[] pos, int heads, int dim, float theta, bool forward)
+    private float[] Run(float[] x, int[] pos, int heads, int dim, float theta, bool forward, int tablePositions = -1)
     {
         using var tx = _b.FromArray(x, DType.F32, [pos.Length, heads, dim]);
         using var tp = _b.FromArray(pos, [pos.Length]);
         using var ty = _b.Allocate(DType.F32, pos.Length, heads, dim);
-        if (forward) _b.RopeForward(tx, tp, ty, theta); else _b.RopeBackward(tx, tp, ty, theta);
+        var table = tablePositions >= 0 ? _b.RopeTable(theta, dim, tablePositions) : null;
+        if (forward) _b.RopeForward(tx, tp, ty, theta, table); else _b.RopeBackward(tx, tp, ty, theta, table);
         return ty.ToFloatArray();
+    }
+
+    [Theory]
+    [InlineData(10000f)]
+    [InlineData(1000000f)]
+    public void RopeTable_GivesTheExactlyRoundedCosineAndSine_OfTheFp32Angle(float theta)
+    {
+        const int dim = 128, positions = 5000;
+        var v = RopeTable.Build(theta, dim, positions);
+        for (int p = 0; p < positions; p += 7)
+            for (int i = 0; i < dim / 2; i += 5)
+            {
+                float angle = p * (1f / MathF.Pow(theta, (float)(2 * i) / dim)); // the angle HF forms in fp32
+                Assert.Equal((float)Math.Cos(angle), v[(p * (dim / 2) + i) * 2]);
+                Assert.Equal((float)Math.Sin(angle), v[(p * (dim / 2) + i) * 2 + 1]);
+            }
+    }
+
+    [Fact]
+    public void RopeForward_WithATable_MatchesDoubleReference_AndFallsBackPastIt()
+    {
+        // The table holds positions 0..9: 37 and 4000 are computed per pair; the rest are read.
+        int[] pos = [0, 1, 2, 3, 9, 0, 37, 4000, 8];
+        const int heads = 3, dim = 16;
+        var x = TestData.Uniform(25, pos.Length * heads * dim);
+        var y = Run(x, pos, heads, dim, 1e4f, forward: true, tablePositions: 10);
+        // Angles up to 4000 rad: the fp32 angle carries ~4000 * 6e-8 of error against the double reference.
+        Check.Close(Reference.Rope(TestData.ToDouble(x), pos, heads, dim, 1e4), y, 5e-4, 1e-5, "y");
+        var without = Run(x, pos, heads, dim, 1e4f, forward: true);
+        int row = heads * dim;
+        // Positions past the table: the same expressions as without a table, bit for bit.
+        Assert.Equal(without[(6 * row)..(8 * row)], y[(6 * row)..(8 * row)]);
+        // Positions in it: the exactly rounded table differs from MathF's sine and cosine by at most an ulp or two.
+        Check.Close(TestData.ToDouble(without), y, 1e-6, 1e-6, "table vs computed");
+        var dx = Run(y, pos, heads, dim, 1e4f, forward: false, tablePositions: 10);
+        Check.Close(TestData.ToDouble(x), dx, 1e-5, 1e-5, "backward undoes forward");
+    }
+
+    [Fact]
+    public void RopeForward_RejectsATableOfAnotherThetaOrHeadDim()
+    {
+        using var x = _b.FromArray(new float[2 * 2 * 8], DType.F32, [2, 2, 8]);
+        using var p = _b.FromArray(new[] { 0, 1 }, [2]);
+        var e = Assert.Throws<ArgumentException>(() => _b.RopeForward(x, p, x, 1e4f, _b.RopeTable(1e6f, 8, 4)));
+        Assert.Contains("theta 1000000 and head dim 8, the call has theta 10000", e.Message);
+        e = Assert.Throws<ArgumentException>(() => _b.RopeForward(x, p, x, 1e4f, _b.RopeTable(1e4f, 16, 4)));
+        Assert.Contains("head dim 16", e.Message);
     }
 
     [Theory]

@@ -32,7 +32,7 @@ public sealed unsafe class CpuBackend : Backend
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, float> _lnForward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _lnBackward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int> _lnBackwardParams;
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int, float, float, int> _rope;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, int, int, int, float, float, int> _rope;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _swigluForward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> _swigluBackward;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int, int> _geluForward;
@@ -105,7 +105,7 @@ public sealed unsafe class CpuBackend : Backend
         _lnForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, float>(LayerNormKernels.Forward);
         _lnBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(LayerNormKernels.Backward);
         _lnBackwardParams = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, int>(LayerNormKernels.BackwardParams);
-        _rope = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, int, int, float, float, int>(RopeKernels.Rotate);
+        _rope = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, int, int, int, float, float, int>(RopeKernels.Rotate);
         _swigluForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(SwiGluKernels.Forward);
         _swigluBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>(SwiGluKernels.Backward);
         _geluForward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int, int>(GeluKernels.Forward);
@@ -304,11 +304,13 @@ public sealed unsafe class CpuBackend : Backend
         _lnBackward(x.Rows, F(dx), F(dy), F(x), F(weight), F(mean), F(rstd), x.Cols);
     }
 
-    protected override void RopeCore(Tensor x, Tensor positions, Tensor y, float theta, bool forward)
+    protected override void RopeCore(Tensor x, Tensor positions, Tensor y, float theta, RopeTable? table, bool forward)
     {
-        if (!_launchTwins) { HostOps.Rope(P(y), P(x), Pi(positions), x.Dim(1), x.Dim(2), theta, forward ? 1f : -1f, x.Length); return; }
+        var values = table?.Values ?? x; // no table: zero rows, the view is never read
+        int rows = table?.Positions ?? 0;
+        if (!_launchTwins) { HostOps.Rope(P(y), P(x), Pi(positions), P(values), rows, x.Dim(1), x.Dim(2), theta, forward ? 1f : -1f, x.Length); return; }
         int g = Grid(x.Length / 2);
-        _rope(g, F(y), F(x), I(positions), x.Dim(1), x.Dim(2), theta, forward ? 1f : -1f, g);
+        _rope(g, F(y), F(x), I(positions), F(values), rows, x.Dim(1), x.Dim(2), theta, forward ? 1f : -1f, g);
     }
 
     protected override void SwiGluForwardCore(Tensor gate, Tensor up, Tensor y)

@@ -142,7 +142,7 @@ internal static class HostOps
     /// cosines are computed once per (position, pair) present, with the twin's expressions, so every value is the
     /// twin's bit for bit while a token's heads share them.
     /// </summary>
-    public static unsafe void Rope(float* y, float* x, int* pos, int heads, int dim, float theta, float direction, long values)
+    public static unsafe void Rope(float* y, float* x, int* pos, float* table, int tableRows, int heads, int dim, float theta, float direction, long values)
     {
         int half = dim / 2;
         long tokens = values / ((long)heads * dim);
@@ -159,7 +159,14 @@ internal static class HostOps
             if (!present[p]) continue;
             for (int i = 0; i < half; i++)
             {
-                float a = RopeKernels.Angle(p + lo, i, dim, theta);
+                int at = p + lo;
+                if (at >= 0 && at < tableRows)
+                {
+                    cos[p * half + i] = table[((long)at * half + i) * 2];
+                    sin[p * half + i] = table[((long)at * half + i) * 2 + 1] * direction;
+                    continue;
+                }
+                float a = RopeKernels.Angle(at, i, dim, theta);
                 sin[p * half + i] = MathF.Sin(a) * direction;
                 cos[p * half + i] = MathF.Cos(a);
             }

@@ -347,9 +347,9 @@ public sealed unsafe class CudaBackend : Backend
     }
 
     // ---- rope, activations, softmax -------------------------------------------------------------------------------------
-    protected override void RopeCore(Tensor x, Tensor positions, Tensor y, float theta, bool forward) =>
+    protected override void RopeCore(Tensor x, Tensor positions, Tensor y, float theta, RopeTable? table, bool forward) =>
         LaunchStride("rope", (forward ? "rope_forward" : "rope_backward") + Suffix(x), x.Length / 2,
-            [P(y), P(x), P(positions), I(x.Dim(0)), I(x.Dim(1)), I(x.Dim(2)), Fl(theta)]);
+            [P(y), P(x), P(positions), P(table?.Values), I(table?.Positions ?? 0), I(x.Dim(0)), I(x.Dim(1)), I(x.Dim(2)), Fl(theta)]);
 
     protected override void SwiGluForwardCore(Tensor gate, Tensor up, Tensor y)
     {
