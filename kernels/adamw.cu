@@ -61,3 +61,72 @@ extern "C" __global__ void __launch_bounds__(ADAMW_BLOCK) adamw_update4(float4* 
         }
     }
 }
+
+// All parameters in one launch: a table of tensors (host-made, 64 bytes each) whose elements are cut into chunks of
+// ADAMW_CHUNK; a block takes chunks in a grid-stride loop, finds each chunk's tensor by binary search over first_chunk,
+// and updates it four elements a thread where the tensor allows (vector != 0: the adamw_update4 conditions), one
+// otherwise. Each element's arithmetic is adamw_one, as in the one-tensor kernels: the results are the same bits.
+#define ADAMW_CHUNK 16384
+
+struct AdamWTensor
+{
+    float* p;
+    bf16* copy;
+    const float* g;
+    float* m;
+    float* v;
+    long long n;
+    long long first_chunk;
+    int vector;
+    int pad;
+};
+
+extern "C" __global__ void __launch_bounds__(ADAMW_BLOCK) adamw_multi(const AdamWTensor* __restrict__ tensors, int count, long long chunks,
+    float beta1, float beta2, float eps, float step_size, float inv_sqrt_bc2, float decay, float grad_scale)
+{
+    for (long long c = blockIdx.x; c < chunks; c += gridDim.x)
+    {
+        int lo = 0, hi = count;
+        while (hi - lo > 1) { const int mid = (lo + hi) >> 1; if (tensors[mid].first_chunk <= c) lo = mid; else hi = mid; }
+        const AdamWTensor t = tensors[lo];
+        const long long begin = (c - t.first_chunk) * ADAMW_CHUNK, end = min(begin + ADAMW_CHUNK, t.n);
+        if (t.vector)
+        {
+            float4* p4 = reinterpret_cast<float4*>(t.p);
+            const float4* g4 = reinterpret_cast<const float4*>(t.g);
+            float4* m4 = reinterpret_cast<float4*>(t.m);
+            float4* v4 = reinterpret_cast<float4*>(t.v);
+            uint2* c4 = reinterpret_cast<uint2*>(t.copy);
+            for (long long i = begin / 4 + threadIdx.x; i < end / 4; i += blockDim.x)
+            {
+                const float4 pi = p4[i], gi = g4[i];
+                float4 mi = m4[i], vi = v4[i];
+                float4 out;
+                out.x = adamw_one(pi.x, gi.x, mi.x, vi.x, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
+                out.y = adamw_one(pi.y, gi.y, mi.y, vi.y, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
+                out.z = adamw_one(pi.z, gi.z, mi.z, vi.z, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
+                out.w = adamw_one(pi.w, gi.w, mi.w, vi.w, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
+                m4[i] = mi;
+                v4[i] = vi;
+                p4[i] = out;
+                if (c4 != nullptr)
+                {
+                    uint2 packed;
+                    packed.x = (unsigned int)float_to_bf16(out.x).bits | ((unsigned int)float_to_bf16(out.y).bits << 16);
+                    packed.y = (unsigned int)float_to_bf16(out.z).bits | ((unsigned int)float_to_bf16(out.w).bits << 16);
+                    c4[i] = packed;
+                }
+            }
+        }
+        else
+            for (long long i = begin + threadIdx.x; i < end; i += blockDim.x)
+            {
+                float mi = t.m[i], vi = t.v[i];
+                const float pi = adamw_one(t.p[i], t.g[i], mi, vi, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
+                t.m[i] = mi;
+                t.v[i] = vi;
+                t.p[i] = pi;
+                if (t.copy != nullptr) t.copy[i] = float_to_bf16(pi);
+            }
+    }
+}

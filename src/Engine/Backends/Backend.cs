@@ -30,6 +30,9 @@ public enum KlEstimator { None = 0, K2 = 2, K3 = 3 }
 public sealed record GrpoLossSettings(float EpsLow = 0.2f, float EpsHigh = 0.2f, float DualClip = 0f, float KlCoef = 0f, KlEstimator Kl = KlEstimator.None,
     float Temperature = 1f);
 
+/// <summary>One parameter's tensors for a multi-tensor AdamW step: fp32 master, gradient and moments, optional bf16 working copy.</summary>
+public readonly record struct AdamWTensors(Tensor Master, Tensor Grad, Tensor M, Tensor V, Tensor? WorkingCopy);
+
 /// <summary>AdamW hyper-parameters for one update.</summary>
 public readonly record struct AdamWSettings(float LearningRate, float Beta1 = 0.9f, float Beta2 = 0.999f, float Epsilon = 1e-8f, float WeightDecay = 0.0f);
 
@@ -844,6 +847,34 @@ public abstract class Backend : IDisposable
     }
 
     protected abstract void AdamWCore(Tensor master, Tensor grad, Tensor m, Tensor v, Tensor? workingCopy, AdamWSettings s, int step, float gradScale);
+
+    /// <summary>
+    /// One AdamW step over many parameters at once (each as <see cref="AdamW(Tensor, Tensor, Tensor, Tensor, Tensor?, AdamWSettings, int, float)"/>
+    /// checks it): CUDA runs a single multi-tensor launch; every element gets the same arithmetic, so the results are the
+    /// one-tensor calls' bits.
+    /// </summary>
+    public void AdamW(IReadOnlyList<AdamWTensors> tensors, AdamWSettings s, int step, float gradScale = 1f)
+    {
+        foreach (var t in tensors)
+        {
+            Fp32(t.Master, "adamw", "master");
+            foreach (var (x, n) in new[] { (t.Grad, "grad"), (t.M, "m"), (t.V, "v") }) { Fp32(x, "adamw", n); Len(x, t.Master.Length, "adamw", n); }
+            if (t.WorkingCopy is { } copy)
+            {
+                Own(copy, "adamw");
+                if (copy.DType != DType.BF16 || copy.Length != t.Master.Length) throw new ArgumentException($"adamw: working copy is {copy}, expected {t.Master.Length} bf16 elements");
+            }
+        }
+        if (step < 1) throw new ArgumentOutOfRangeException(nameof(step), "adamw: step counts from 1");
+        if (tensors.Count == 0) return;
+        using (Profiled("adamw")) AdamWManyCore(tensors, s, step, gradScale);
+    }
+
+    /// <summary>The one-tensor update per tensor (backends with a multi-tensor kernel override it).</summary>
+    protected virtual void AdamWManyCore(IReadOnlyList<AdamWTensors> tensors, AdamWSettings s, int step, float gradScale)
+    {
+        foreach (var t in tensors) AdamWCore(t.Master, t.Grad, t.M, t.V, t.WorkingCopy, s, step, gradScale);
+    }
 
     /// <summary>
     /// sqrt(sum of squares over all tensors), summed in a fixed order (deterministic). Every parameter counts once:

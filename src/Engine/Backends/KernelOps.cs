@@ -104,6 +104,20 @@ public static class KernelOps
             yield return new KernelOp("adamw_update", $"[{n}]", DType.F32, n * (4.0 * 4 + 3 * 4 + e), 0, () => b.AdamW(p, g, m1, v1, t == DType.F32 ? null : c, new AdamWSettings(1e-4f), 1));
             yield return new KernelOp("grad_norm", $"[{n}]", DType.F32, n * 4.0, 0, () => b.GlobalNorm([g]), p, g, m1, v1, c);
         }
+        {
+            // The same values as one decoder layer's parameters would hold them: nine tensors of the layer's proportions
+            // (q, k, v, o, gate, up, down, two norms), all updated by one multi-tensor launch.
+            long n = s.AdamValues;
+            double[] shares = [C * (double)C, C * (double)C / 4, C * (double)C / 4, C * (double)C, C * (double)F, C * (double)F, C * (double)F, C, C];
+            double total = shares.Sum();
+            var sizes = shares.Select(x => (int)Math.Max(1, x / total * n)).ToArray();
+            var parts = sizes.Select(k => (P: b.Allocate(DType.F32, k), G: b.Allocate(DType.F32, k), M: b.Allocate(DType.F32, k), V: b.Allocate(DType.F32, k), C: b.Allocate(t, k))).ToList();
+            foreach (var x in parts) { b.Zero(x.P); b.Zero(x.G); b.Zero(x.M); b.Zero(x.V); }
+            var items = parts.Select(x => new AdamWTensors(x.P, x.G, x.M, x.V, t == DType.F32 ? null : x.C)).ToList();
+            long all = sizes.Sum(k => (long)k);
+            yield return new KernelOp("adamw_multi (9 tensors, one launch)", $"[{all}]", DType.F32, all * (4.0 * 4 + 3 * 4 + e), 0,
+                () => b.AdamW(items, new AdamWSettings(1e-4f), 1), [.. parts.SelectMany(x => new[] { x.P, x.G, x.M, x.V, x.C })]);
+        }
         foreach (var (m, n, k) in new[] { (T, C, C), (T, F, C), (T, C, F) })
         {
             var a = b.Allocate(t, m, k); var w = b.Allocate(t, n, k); var c = b.Allocate(t, m, n);

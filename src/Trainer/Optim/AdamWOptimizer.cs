@@ -162,8 +162,7 @@ public sealed class AdamWOptimizer : IDisposable
         double scale = MaxGradNorm > 0 ? Backend.ClipScale(norm, MaxGradNorm) : 1.0;
         StepCount++;
         var s = Settings with { LearningRate = learningRate };
-        foreach (var (p, m, v) in _state)
-            _b.AdamW(p.Weights, p.Grad!, m, v, p.Master is null ? null : p.Value, s, StepCount, (float)scale);
+        _b.AdamW([.. _state.Select(x => new AdamWTensors(x.P.Weights, x.P.Grad!, x.M, x.V, x.P.Master is null ? null : x.P.Value))], s, StepCount, (float)scale);
         return new StepReport(StepCount, norm, scale, learningRate, Skipped: false);
     }
 

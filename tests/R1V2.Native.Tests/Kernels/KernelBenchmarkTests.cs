@@ -24,7 +24,7 @@ public sealed class KernelBenchmarkTests
                      "gelu_backward", "softmax_backward", "rope_backward", "embedding_backward", "attention_forward (Tiled)", "attention_backward (RowWise)",
                      "attention_forward (Flash)", "attention_backward (Flash)",
                      "paged_attention_decode (batch 1)", "paged_attention_decode (batch 3)", "fused GRPO loss, pass 1 (chunked LM head + log-sum-exp)",
-                     "unfused loss ([T, V] fp32 logits + cross entropy)", "adamw_update", "grad_norm", "gemm (x W^T)" })
+                     "unfused loss ([T, V] fp32 logits + cross entropy)", "adamw_update", "adamw_multi (9 tensors, one launch)", "grad_norm", "gemm (x W^T)" })
             Assert.Contains(expected, names);
         b.ReleaseTables();                       // the RoPE table the rope ops made (cached by the backend)
         Assert.Equal(0, b.Memory.BytesInUse);   // every input was freed

@@ -160,6 +160,19 @@ public sealed class CudaParityTests(CpuFixture fx)
             for (int step = 1; step <= 3; step++) b.AdamW(p, g, m, v, copy, new AdamWSettings(1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f), step, 0.7f);
             return [p.ToFloatArray(), m.ToFloatArray(), v.ToFloatArray()];
         },
+        ["adamw_multi"] = (b, dt, prep) =>
+        {
+            // Sizes across the 16384-element chunks, odd ones on the one-element path, with and without a working copy.
+            int[] sizes = [4000, 3, 16384 * 2 + 8, 17, 40000];
+            var ts = sizes.Select((n, i) => (P: b.FromArray(TestData.Uniform(60 + i, n), DType.F32, [n]), G: b.FromArray(TestData.Uniform(70 + i, n), DType.F32, [n]),
+                M: b.Allocate(DType.F32, n), V: b.Allocate(DType.F32, n), C: i % 2 == 0 ? b.Allocate(DType.BF16, n) : null)).ToList();
+            foreach (var t in ts) { b.Zero(t.M); b.Zero(t.V); }
+            var items = ts.Select(t => new AdamWTensors(t.P, t.G, t.M, t.V, t.C)).ToList();
+            for (int step = 1; step <= 3; step++) b.AdamW(items, new AdamWSettings(1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f), step, 0.7f);
+            var outs = ts.SelectMany(t => new[] { t.P.ToFloatArray(), t.M.ToFloatArray(), t.V.ToFloatArray() }).ToArray();
+            foreach (var t in ts) { t.P.Dispose(); t.G.Dispose(); t.M.Dispose(); t.V.Dispose(); t.C?.Dispose(); }
+            return outs;
+        },
         ["attention"] = (b, dt, prep) =>
         {
             int[] cu = [0, 37, 40, 105];

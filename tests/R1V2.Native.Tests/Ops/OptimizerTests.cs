@@ -45,6 +45,48 @@ public sealed class OptimizerTests(CpuFixture fx)
     }
 
     [Fact]
+    public void AdamW_ManyTensorsAtOnce_GiveTheOneTensorCallsBits()
+    {
+        int[] sizes = [300, 7, 4096];
+        var s = new AdamWSettings(1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f);
+        List<float[]> Run(bool many)
+        {
+            var ts = sizes.Select((n, i) => (P: _b.FromArray(TestData.Uniform(80 + i, n), DType.F32, [n]), G: _b.FromArray(TestData.Uniform(90 + i, n), DType.F32, [n]),
+                M: _b.Allocate(DType.F32, n), V: _b.Allocate(DType.F32, n), C: i == 1 ? null : _b.Allocate(DType.BF16, n))).ToList();
+            foreach (var t in ts) { _b.Zero(t.M); _b.Zero(t.V); }
+            for (int step = 1; step <= 2; step++)
+                if (many) _b.AdamW([.. ts.Select(t => new AdamWTensors(t.P, t.G, t.M, t.V, t.C))], s, step, 0.5f);
+                else foreach (var t in ts) _b.AdamW(t.P, t.G, t.M, t.V, t.C, s, step, 0.5f);
+            var outs = ts.SelectMany(t => new[] { t.P.ToFloatArray(), t.M.ToFloatArray(), t.V.ToFloatArray(), t.C?.ToFloatArray() ?? [] }).ToList();
+            foreach (var t in ts) { t.P.Dispose(); t.G.Dispose(); t.M.Dispose(); t.V.Dispose(); t.C?.Dispose(); }
+            return outs;
+        }
+        var one = Run(false);
+        var many = Run(true);
+        for (int i = 0; i < one.Count; i++) Assert.True(one[i].SequenceEqual(many[i]), $"output {i}");
+        // Each tensor is checked as in the one-tensor call.
+        using var p = _b.Allocate(DType.F32, 4);
+        using var g = _b.Allocate(DType.F32, 5);
+        var e = Assert.Throws<ArgumentException>(() => _b.AdamW([new AdamWTensors(p, g, p, p, null)], s, 1));
+        Assert.Contains("grad", e.Message);
+    }
+
+    [Fact]
+    public void AdamWMultiTable_LaysOutTheKernelsStruct_AndCutsChunks()
+    {
+        var (table, chunks) = R1V2.Native.Engine.Backends.Cuda.CudaBackend.AdamWTable(
+            [(0x1000, 0, 0x2000, 0x3000, 0x4000, 16384 * 2 + 4), (0x5008, 0x6000, 0x7000, 0x8000, 0x9000, 8), (0xA000, 0xB004, 0xC000, 0xD000, 0xE000, 12)]);
+        Assert.Equal(3 * 16, table.Length);
+        long At(int tensor, int field) => (long)(uint)table[tensor * 16 + 2 * field] | ((long)table[tensor * 16 + 2 * field + 1] << 32);
+        Assert.Equal([0x1000L, 0, 0x2000, 0x3000, 0x4000, 16384 * 2 + 4, 0, 1], Enumerable.Range(0, 8).Select(f => At(0, f)));
+        Assert.Equal(3, At(1, 6));             // the first tensor spans three chunks
+        Assert.Equal(0, At(1, 7));             // a master at 0x5008 is not 16-byte aligned: one element a thread
+        Assert.Equal(4, At(2, 6));
+        Assert.Equal(0, At(2, 7));             // a working copy at an odd 4-byte address: no 8-byte packed stores
+        Assert.Equal(5, chunks);
+    }
+
+    [Fact]
     public void GlobalNorm_MatchesDoubleReference_AcrossTensors()
     {
         var a = TestData.Uniform(95, 40_000, 0.1f); // spans several partial-sum chunks

@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using R1V2.Native.Engine.Kernels;
 using R1V2.Native.Engine.Tensors;
 using R1V2.Native.Interop;
@@ -615,6 +616,44 @@ public sealed unsafe class CudaBackend : Backend
         long n = vector ? master.Length / 4 : master.Length;
         LaunchStride("adamw", vector ? "adamw_update4" : "adamw_update", n,
             [P(master), P(workingCopy), P(grad), P(m), P(v), L(n), Fl(s.Beta1), Fl(s.Beta2), Fl(s.Epsilon), Fl(stepSize), Fl(invSqrtBc2), Fl(decay), Fl(gradScale)]);
+    }
+
+    /// <summary>Elements per chunk of adamw_multi (ADAMW_CHUNK in kernels/adamw.cu).</summary>
+    public const int AdamWChunk = 16384;
+
+    /// <summary>
+    /// adamw_multi's table: 16 ints (64 bytes) per tensor, the layout of struct AdamWTensor (five pointers, n,
+    /// first_chunk, vector, pad), and the total chunk count.
+    /// </summary>
+    public static (int[] Table, long Chunks) AdamWTable(IReadOnlyList<(ulong Master, ulong Copy, ulong Grad, ulong M, ulong V, long N)> tensors)
+    {
+        var table = new int[tensors.Count * 16];
+        long chunks = 0;
+        for (int i = 0; i < tensors.Count; i++)
+        {
+            var t = tensors[i];
+            bool vector = t.N % 4 == 0 && new[] { t.Master, t.Grad, t.M, t.V }.All(a => a % 16 == 0) && t.Copy % 8 == 0;
+            var row = MemoryMarshal.Cast<int, long>(table.AsSpan(i * 16, 16));
+            row[0] = (long)t.Master; row[1] = (long)t.Copy; row[2] = (long)t.Grad; row[3] = (long)t.M; row[4] = (long)t.V;
+            row[5] = t.N; row[6] = chunks; row[7] = vector ? 1 : 0;
+            chunks += (t.N + AdamWChunk - 1) / AdamWChunk;
+        }
+        return (table, chunks);
+    }
+
+    protected override void AdamWManyCore(IReadOnlyList<AdamWTensors> tensors, AdamWSettings s, int step, float gradScale)
+    {
+        var (stepSize, invSqrtBc2, decay) = Cpu.AdamWArgs.Scalars(s, step);
+        var (table, chunks) = AdamWTable([.. tensors.Select(t => (P(t.Master), P(t.WorkingCopy), P(t.Grad), P(t.M), P(t.V), t.Master.Length))]);
+        if (chunks == 0) return;
+        using var device = FromArray(table, [table.Length], "adamw_table");
+        EnsureCurrent();
+        int block = Compiler.Tuning.Block("adamw");
+        var f = Function("adamw", "adamw_multi");
+        if (!_residentBlocks.TryGetValue("adamw_multi", out int perSm))
+            _residentBlocks["adamw_multi"] = perSm = Math.Max(1, CudaDriver.MaxActiveBlocksPerMultiprocessor(f.Handle, block));
+        Launch("adamw", "adamw_multi", Math.Min(chunks, (long)Device.MultiprocessorCount * perSm),
+            [P(device), I(tensors.Count), L(chunks), Fl(s.Beta1), Fl(s.Beta2), Fl(s.Epsilon), Fl(stepSize), Fl(invSqrtBc2), Fl(decay), Fl(gradScale)]);
     }
 
     protected override double SumOfSquaresCore(IReadOnlyList<Tensor> tensors)
