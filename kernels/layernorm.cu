@@ -125,6 +125,72 @@ __device__ void layernorm_backward_params_partial_impl(float* pw, float* pb, con
 }
 INSTANTIATE_F32_BF16(layernorm_backward_params_partial, LAYERNORM_BLOCK, (float* pw, float* pb, const T* dy, const T* x, const float* mean, const float* rstd, int rows, int cols), (pw, pb, dy, x, mean, rstd, rows, cols))
 
+#ifndef LAYERNORM_BWD_KEPT
+// Columns a thread keeps of x and dy (and its partials) in the fused backward: rows up to 6144 wide (QwQ-32B: 5120,
+// InternViT-6B: 3200) at 256 threads or more; fewer threads keep at most 24 each.
+#define LAYERNORM_BWD_KEPT (6144 / LAYERNORM_BLOCK < 24 ? 6144 / LAYERNORM_BLOCK : 24)
+#endif
+
+// dx and the dw/db partials of one chunk of COLUMN_CHUNK_ROWS rows in one pass (as rmsnorm_backward_fused): each row
+// read once into registers; the sums are layernorm_backward's and layernorm_backward_params_partial's, term for term and
+// in order. pw null: no parameter gradients; pb null: no bias. dx may alias dy.
+template <typename T>
+__device__ void layernorm_backward_fused_impl(T* dx, float* __restrict__ pw, float* __restrict__ pb, const T* dy, const T* __restrict__ x,
+    const T* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ rstd, int rows, int cols)
+{
+    __shared__ float scratch[32];
+    const int k = blockIdx.x, r1 = min(rows, (k + 1) * COLUMN_CHUNK_ROWS);
+    float aw[LAYERNORM_BWD_KEPT], ab[LAYERNORM_BWD_KEPT];
+#pragma unroll
+    for (int j = 0; j < LAYERNORM_BWD_KEPT; j++) aw[j] = ab[j] = 0.0f;
+    for (int row = k * COLUMN_CHUNK_ROWS; row < r1; row++)
+    {
+        const long long base = (long long)row * cols;
+        const float mu = mean[row], r = rstd[row];
+        float xv[LAYERNORM_BWD_KEPT], gv[LAYERNORM_BWD_KEPT];
+#pragma unroll
+        for (int j = 0; j < LAYERNORM_BWD_KEPT; j++)
+        {
+            const int c = threadIdx.x + j * blockDim.x;
+            xv[j] = c < cols ? load(x, base + c) : 0.0f;
+            gv[j] = c < cols ? load(dy, base + c) : 0.0f;
+        }
+        float sg = 0.0f, sgx = 0.0f;
+#pragma unroll
+        for (int j = 0; j < LAYERNORM_BWD_KEPT; j++)
+        {
+            const int c = threadIdx.x + j * blockDim.x;
+            if (c >= cols) continue;
+            const float g = load(w, c) * gv[j];
+            sg += g;
+            sgx += g * (xv[j] - mu) * r;
+        }
+        sg = block_sum(sg, scratch) / cols;
+        sgx = block_sum(sgx, scratch) / cols;
+#pragma unroll
+        for (int j = 0; j < LAYERNORM_BWD_KEPT; j++)
+        {
+            const int c = threadIdx.x + j * blockDim.x;
+            if (c >= cols) continue;
+            const float xhat = (xv[j] - mu) * r;
+            store(dx, base + c, r * (load(w, c) * gv[j] - sg - xhat * sgx));
+            aw[j] += gv[j] * (xv[j] - mu) * r;
+            ab[j] += gv[j];
+        }
+    }
+    if (pw == nullptr) return;
+#pragma unroll
+    for (int j = 0; j < LAYERNORM_BWD_KEPT; j++)
+    {
+        const int c = threadIdx.x + j * blockDim.x;
+        if (c >= cols) continue;
+        pw[(long long)k * cols + c] = aw[j];
+        if (pb != nullptr) pb[(long long)k * cols + c] = ab[j];
+    }
+}
+INSTANTIATE_F32_BF16(layernorm_backward_fused, LAYERNORM_BLOCK, (T* dx, float* pw, float* pb, const T* dy, const T* x, const T* w, const float* mean, const float* rstd, int rows, int cols),
+    (dx, pw, pb, dy, x, w, mean, rstd, rows, cols))
+
 extern "C" __global__ void __launch_bounds__(LAYERNORM_BLOCK) layernorm_backward_params_sum(float* dw, float* db, const float* pw, const float* pb, int chunks, int cols,
     int accumulate)
 {

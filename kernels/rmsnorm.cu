@@ -94,6 +94,67 @@ __device__ void rmsnorm_backward_weight_partial_impl(float* partial, const T* dy
 }
 INSTANTIATE_F32_BF16(rmsnorm_backward_weight_partial, RMSNORM_BLOCK, (float* partial, const T* dy, const T* x, const float* rstd, int rows, int cols), (partial, dy, x, rstd, rows, cols))
 
+#ifndef RMSNORM_BWD_KEPT
+// Columns a thread keeps of x and dy (and its partials) in the fused backward: rows up to 6144 wide (QwQ-32B: 5120,
+// InternViT-6B: 3200) at 256 threads or more; fewer threads keep at most 24 each.
+#define RMSNORM_BWD_KEPT (6144 / RMSNORM_BLOCK < 24 ? 6144 / RMSNORM_BLOCK : 24)
+#endif
+
+// dx and the dw partial of one chunk of COLUMN_CHUNK_ROWS rows in one pass: one block per chunk walks its rows in order,
+// reads each row once into registers (x and dy), writes dx from them, and keeps its columns' dw partial in registers,
+// written once at the end (partial null: no dw). The sums are rmsnorm_backward's and rmsnorm_backward_weight_partial's,
+// term for term and in the same order, so the results are those two kernels' bits. dx may alias dy (each thread
+// reads its columns of a row before it writes them). The host launches it where cols <= RMSNORM_BWD_KEPT * block.
+template <typename T>
+__device__ void rmsnorm_backward_fused_impl(T* dx, float* __restrict__ partial, const T* dy, const T* __restrict__ x, const T* __restrict__ w,
+    const float* __restrict__ rstd, int rows, int cols)
+{
+    __shared__ float scratch[32];
+    const int k = blockIdx.x, r1 = min(rows, (k + 1) * COLUMN_CHUNK_ROWS);
+    float pw[RMSNORM_BWD_KEPT];
+#pragma unroll
+    for (int j = 0; j < RMSNORM_BWD_KEPT; j++) pw[j] = 0.0f;
+    for (int row = k * COLUMN_CHUNK_ROWS; row < r1; row++)
+    {
+        const long long base = (long long)row * cols;
+        const float r = rstd[row];
+        float xv[RMSNORM_BWD_KEPT], gv[RMSNORM_BWD_KEPT];
+#pragma unroll
+        for (int j = 0; j < RMSNORM_BWD_KEPT; j++)
+        {
+            const int c = threadIdx.x + j * blockDim.x;
+            xv[j] = c < cols ? load(x, base + c) : 0.0f;
+            gv[j] = c < cols ? load(dy, base + c) : 0.0f;
+        }
+        float dot = 0.0f;
+#pragma unroll
+        for (int j = 0; j < RMSNORM_BWD_KEPT; j++)
+        {
+            const int c = threadIdx.x + j * blockDim.x;
+            dot += (c < cols ? load(w, c) : 0.0f) * gv[j] * xv[j] * r;
+        }
+        dot = block_sum(dot, scratch) / cols;
+#pragma unroll
+        for (int j = 0; j < RMSNORM_BWD_KEPT; j++)
+        {
+            const int c = threadIdx.x + j * blockDim.x;
+            if (c >= cols) continue;
+            const float xhat = xv[j] * r;
+            store(dx, base + c, r * (load(w, c) * gv[j] - xhat * dot));
+            pw[j] += gv[j] * xv[j] * r;
+        }
+    }
+    if (partial == nullptr) return;
+#pragma unroll
+    for (int j = 0; j < RMSNORM_BWD_KEPT; j++)
+    {
+        const int c = threadIdx.x + j * blockDim.x;
+        if (c < cols) partial[(long long)k * cols + c] = pw[j];
+    }
+}
+INSTANTIATE_F32_BF16(rmsnorm_backward_fused, RMSNORM_BLOCK, (T* dx, float* partial, const T* dy, const T* x, const T* w, const float* rstd, int rows, int cols),
+    (dx, partial, dy, x, w, rstd, rows, cols))
+
 extern "C" __global__ void __launch_bounds__(RMSNORM_BLOCK) rmsnorm_backward_weight_sum(float* dw, const float* partial, int chunks, int cols, int accumulate)
 {
     column_chunks_sum(dw, partial, chunks, cols, accumulate);

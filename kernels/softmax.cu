@@ -59,6 +59,12 @@ __device__ void softmax_forward_impl(T* __restrict__ y, const T* __restrict__ x,
 }
 INSTANTIATE_F32_BF16(softmax_forward, SOFTMAX_BLOCK, (T* y, const T* x, int rows, int cols, float scale), (y, x, rows, cols, scale))
 
+#ifndef SOFTMAX_BWD_KEPT
+#define SOFTMAX_BWD_KEPT (8192 / SOFTMAX_BLOCK < 32 ? 8192 / SOFTMAX_BLOCK : 32) // values of y and of dy a thread keeps
+#endif
+
+// dx = scale * y * (dy - sum(dy * y)). A row that fits (SOFTMAX_BWD_KEPT values a thread) is read once into registers;
+// the dot adds the same terms in the same order either way (a padded slot adds 0). dx may alias dy.
 template <typename T>
 __device__ void softmax_backward_impl(T* dx, const T* dy, const T* y, int rows, int cols, float scale)
 {
@@ -66,7 +72,29 @@ __device__ void softmax_backward_impl(T* dx, const T* dy, const T* y, int rows, 
     const long long row = blockIdx.x;
     const T* yr = y + row * cols;
     const T* dyr = dy + row * cols;
+    const bool fits = cols <= SOFTMAX_BWD_KEPT * (int)blockDim.x;
     float dot = 0.0f;
+    if (fits)
+    {
+        float yv[SOFTMAX_BWD_KEPT], gv[SOFTMAX_BWD_KEPT];
+#pragma unroll
+        for (int k = 0; k < SOFTMAX_BWD_KEPT; k++)
+        {
+            const int c = threadIdx.x + k * blockDim.x;
+            yv[k] = c < cols ? load(yr, c) : 0.0f;
+            gv[k] = c < cols ? load(dyr, c) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < SOFTMAX_BWD_KEPT; k++) dot += gv[k] * yv[k];
+        dot = block_sum(dot, scratch);
+#pragma unroll
+        for (int k = 0; k < SOFTMAX_BWD_KEPT; k++)
+        {
+            const int c = threadIdx.x + k * blockDim.x;
+            if (c < cols) store(dx + row * cols, c, scale * yv[k] * (gv[k] - dot));
+        }
+        return;
+    }
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dot += load(dyr, c) * load(yr, c);
     dot = block_sum(dot, scratch);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) store(dx + row * cols, c, scale * load(yr, c) * (load(dyr, c) - dot));

@@ -314,8 +314,21 @@ public sealed unsafe class CudaBackend : Backend
     protected override void RmsNormForwardCore(Tensor x, Tensor weight, Tensor y, Tensor rstd, float eps) =>
         Launch("rmsnorm", "rmsnorm_forward" + Suffix(x), x.Rows, [P(y), P(rstd), P(x), P(weight), I(x.Rows), I(x.Cols), Fl(eps)]);
 
+    /// <summary>Columns a thread of a fused norm backward keeps in registers (RMSNORM_BWD_KEPT / LAYERNORM_BWD_KEPT).</summary>
+    public static int FusedNormKept(int block) => Math.Min(24, 6144 / block);
+
     protected override void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight, bool accumulate)
     {
+        int block = Compiler.Tuning.Block("rmsnorm");
+        if (dweight is not null && x.Cols <= FusedNormKept(block) * block)
+        {
+            // One pass: each chunk's rows read once for dx and the chunk's dw partial; then the partials in chunk order.
+            int chunks = ColumnChunks(x.Rows);
+            using var partial = Allocate(DType.F32, Math.Max(1, chunks), x.Cols);
+            Launch("rmsnorm", "rmsnorm_backward_fused" + Suffix(x), chunks, [P(dx), P(partial), P(dy), P(x), P(weight), P(rstd), I(x.Rows), I(x.Cols)]);
+            Launch("rmsnorm", "rmsnorm_backward_weight_sum", ColumnGrid("rmsnorm", x.Cols), [P(dweight), P(partial), I(chunks), I(x.Cols), I(accumulate ? 1 : 0)]);
+            return;
+        }
         // The weight gradient reads dy before dx is written (dx may alias dy).
         if (dweight is not null)
         {
@@ -333,6 +346,18 @@ public sealed unsafe class CudaBackend : Backend
 
     protected override void LayerNormBackwardCore(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor dx, Tensor? dweight, Tensor? dbias, bool accumulate)
     {
+        int block = Compiler.Tuning.Block("layernorm");
+        if (dweight is not null && x.Cols <= FusedNormKept(block) * block)
+        {
+            int chunks = ColumnChunks(x.Rows);
+            using var pw = Allocate(DType.F32, Math.Max(1, chunks), x.Cols);
+            using var pb = dbias is null ? null : Allocate(DType.F32, Math.Max(1, chunks), x.Cols);
+            Launch("layernorm", "layernorm_backward_fused" + Suffix(x), chunks,
+                [P(dx), P(pw), P(pb), P(dy), P(x), P(weight), P(mean), P(rstd), I(x.Rows), I(x.Cols)]);
+            Launch("layernorm", "layernorm_backward_params_sum", ColumnGrid("layernorm", x.Cols),
+                [P(dweight), P(dbias), P(pw), P(pb), I(chunks), I(x.Cols), I(accumulate ? 1 : 0)]);
+            return;
+        }
         if (dweight is not null)
         {
             int chunks = ColumnChunks(x.Rows);
