@@ -37,6 +37,31 @@ public sealed class TrainCommandTests : IDisposable
         Assert.Contains("backend: cpu", resolved); // --backend overrides the config
     }
 
+    /// <summary>
+    /// A GRPO run on CUDA (bf16, flash attention, cuBLASLt, the fused loss, multi-tensor AdamW) run twice from one seed
+    /// writes the same checkpoint bytes: every kernel adds in a fixed order. Skipped without a GPU.
+    /// </summary>
+    [SkippableFact]
+    public void GrpoRun_OnCuda_WritesTheSameCheckpointBytesTwice()
+    {
+        Skip.IfNot(Gpu.Available, Gpu.Reason);
+        var ckpt = Tiny();
+        var config = Path.Combine(AppContext.BaseDirectory, "configs", "grpo-tiny.yaml");
+        var data = Path.Combine(AppContext.BaseDirectory, "configs", "data", "arithmetic.jsonl");
+        Dictionary<string, byte[]> Run(string name)
+        {
+            var output = Path.Combine(_dir, name);
+            Assert.Equal(0, Program.Main(["train", "--config", config, "--set", $"model={ckpt}", "--set", $"data.path={data}", "--set", "steps=3",
+                "--set", "grpo.max_new_tokens=8", "--set", "checkpoint.every=3", "--backend", "cuda", "--seed", "5", "--out", output]));
+            return Directory.GetFiles(output, "*.safetensors", SearchOption.AllDirectories).ToDictionary(f => Path.GetRelativePath(output, f), File.ReadAllBytes);
+        }
+        var first = Run("cuda-a");
+        var second = Run("cuda-b");
+        Assert.NotEmpty(first);
+        Assert.Equal(first.Keys.Order(), second.Keys.Order());
+        foreach (var (file, bytes) in first) Assert.True(bytes.AsSpan().SequenceEqual(second[file]), $"{file} differs between two CUDA runs of one seed");
+    }
+
     [Fact]
     public void TrainStageRm_WritesTheModelAndHeldOutAccuracy()
     {
