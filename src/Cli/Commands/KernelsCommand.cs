@@ -35,10 +35,10 @@ public static class KernelsCommand
         {
             foreach (var family in KernelSources.Families.Keys)
             {
-                foreach (int block in allVariants ? KernelTuning.Space(family) : [KernelTuning.DefaultBlocks[family]])
+                foreach (var block in allVariants ? KernelTuning.Space(family) : [KernelTuning.DefaultVariant(family)])
                 {
-                    var variant = block == KernelTuning.DefaultBlocks[family] ? compiler
-                        : new KernelCompiler(cacheDir, new KernelTuning(new Dictionary<string, int> { [family] = block }));
+                    var variant = block == KernelTuning.DefaultVariant(family) ? compiler
+                        : new KernelCompiler(cacheDir, new KernelTuning(new Dictionary<string, KernelVariant> { [family] = block }));
                     CompiledFamily compiled;
                     try
                     {

@@ -28,9 +28,9 @@ public static class TuneCommand
 
     public static int List()
     {
-        var table = new Table().AddColumns("family", "default block", "variants (-D<FAMILY>_BLOCK=)", "tuned by engine tune");
+        var table = new Table().AddColumns("family", "default", "variants (-D<FAMILY>_BLOCK=b, and -D<FAMILY>_KEPT=k as b x k)", "tuned by engine tune");
         foreach (var family in KernelTuning.DefaultBlocks.Keys.Order(StringComparer.Ordinal))
-            table.AddRow(family, KernelTuning.DefaultBlocks[family].ToString(), string.Join(", ", KernelTuning.Space(family)),
+            table.AddRow(family, KernelTuning.DefaultVariant(family).ToString(), string.Join(", ", KernelTuning.Space(family)),
                 CudaVariantRunner.Families.Contains(family) ? "yes" : "no (keeps its default)");
         AnsiConsole.Write(table);
         return 0;
@@ -61,14 +61,14 @@ public static class TuneCommand
         }
         var runner = new CudaVariantRunner(device, shapes);
         var choices = new List<FamilyChoice>();
-        var table = new Table().AddColumns("family", "chosen block", "ms", "default block", "default ms", "variants set aside");
+        var table = new Table().AddColumns("family", "chosen", "ms", "default", "default ms", "variants set aside");
         foreach (var family in families)
         {
             var choice = KernelTuner.Tune(family, runner);
             choices.Add(choice);
-            var byDefault = choice.Tried.FirstOrDefault(t => t.Block == KernelTuning.DefaultBlocks[family]);
-            table.AddRow(family, choice.Block.ToString(), choice.Milliseconds?.ToString("F4") ?? "-", KernelTuning.DefaultBlocks[family].ToString(),
-                byDefault?.Milliseconds?.ToString("F4") ?? "-", string.Join("; ", choice.Tried.Where(t => t.Rejected is not null).Select(t => Markup.Escape($"{t.Block}: {t.Rejected}"))));
+            var byDefault = choice.Tried.FirstOrDefault(t => t.Variant == KernelTuning.DefaultVariant(family));
+            table.AddRow(family, choice.Variant.ToString(), choice.Milliseconds?.ToString("F4") ?? "-", KernelTuning.DefaultVariant(family).ToString(),
+                byDefault?.Milliseconds?.ToString("F4") ?? "-", string.Join("; ", choice.Tried.Where(t => t.Rejected is not null).Select(t => Markup.Escape($"{t.Variant}: {t.Rejected}"))));
         }
         using (var probe = new CudaBackend(device))
         {

@@ -4,19 +4,19 @@ using System.Text.Json.Nodes;
 namespace R1V2.Native.Engine.Kernels;
 
 /// <summary>One variant's outcome: its time, or why it was set aside (it failed its check against the CPU twin, or did not compile).</summary>
-public sealed record VariantResult(int Block, double? Milliseconds, string? Rejected);
+public sealed record VariantResult(KernelVariant Variant, double? Milliseconds, string? Rejected);
 
 /// <summary>A family's winner and every variant tried.</summary>
-public sealed record FamilyChoice(string Family, int Block, double? Milliseconds, IReadOnlyList<VariantResult> Tried);
+public sealed record FamilyChoice(string Family, KernelVariant Variant, double? Milliseconds, IReadOnlyList<VariantResult> Tried);
 
 /// <summary>What the tuner asks of a device: whether a variant computes what the CPU twin does, and how long it takes.</summary>
 public interface IVariantRunner
 {
     /// <summary>Null when the variant's results equal the CPU twin's on a small input (within the op's tolerance), else what differs.</summary>
-    string? Check(string family, int block);
+    string? Check(string family, KernelVariant variant);
 
     /// <summary>The variant's time in milliseconds at the shapes being tuned for.</summary>
-    double Time(string family, int block);
+    double Time(string family, KernelVariant variant);
 }
 
 /// <summary>
@@ -26,25 +26,25 @@ public interface IVariantRunner
 /// </summary>
 public static class KernelTuner
 {
-    public static FamilyChoice Tune(string family, IVariantRunner runner, IReadOnlyList<int>? space = null)
+    public static FamilyChoice Tune(string family, IVariantRunner runner, IReadOnlyList<KernelVariant>? space = null)
     {
         var tried = new List<VariantResult>();
-        foreach (int block in space ?? KernelTuning.Space(family))
+        foreach (var variant in space ?? KernelTuning.Space(family))
         {
             string? problem;
-            try { problem = runner.Check(family, block); }
+            try { problem = runner.Check(family, variant); }
             catch (Exception e) when (e is not OutOfMemoryException) { problem = $"{e.GetType().Name}: {e.Message}"; }
             if (problem is not null)
             {
-                tried.Add(new VariantResult(block, null, problem));
+                tried.Add(new VariantResult(variant, null, problem));
                 continue;
             }
-            tried.Add(new VariantResult(block, runner.Time(family, block), null));
+            tried.Add(new VariantResult(variant, runner.Time(family, variant), null));
         }
-        var best = tried.Where(t => t.Milliseconds is not null).OrderBy(t => t.Milliseconds).ThenBy(t => t.Block).FirstOrDefault();
+        var best = tried.Where(t => t.Milliseconds is not null).OrderBy(t => t.Milliseconds).ThenBy(t => t.Variant.Block).ThenBy(t => t.Variant.Kept).FirstOrDefault();
         return best is null
-            ? new FamilyChoice(family, KernelTuning.DefaultBlocks[family], null, tried)
-            : new FamilyChoice(family, best.Block, best.Milliseconds, tried);
+            ? new FamilyChoice(family, KernelTuning.DefaultVariant(family), null, tried)
+            : new FamilyChoice(family, best.Variant, best.Milliseconds, tried);
     }
 }
 
@@ -91,13 +91,15 @@ public sealed class TuningCache(string? directory = null)
     {
         System.IO.Directory.CreateDirectory(Directory);
         var path = PathOf(key);
-        var blocks = new Dictionary<string, int>();
-        if (File.Exists(path) && TryRead(path, out var existing, out _)) foreach (var (f, b) in existing) blocks[f] = b;
-        foreach (var c in choices) blocks[c.Family] = c.Block;
+        var variants = new Dictionary<string, KernelVariant>();
+        if (File.Exists(path) && TryRead(path, out var existing, out _)) foreach (var (f, v) in existing) variants[f] = v;
+        foreach (var c in choices) variants[c.Family] = c.Variant;
         var doc = new JsonObject
         {
             ["key"] = JsonSerializer.SerializeToNode(key),
-            ["blocks"] = new JsonObject(blocks.OrderBy(b => b.Key, StringComparer.Ordinal).Select(b => KeyValuePair.Create(b.Key, (JsonNode?)b.Value))),
+            // A block size alone as a number; with kept values as "block x kept" (e.g. "256x16").
+            ["blocks"] = new JsonObject(variants.OrderBy(b => b.Key, StringComparer.Ordinal)
+                .Select(b => KeyValuePair.Create(b.Key, b.Value.Kept == 0 ? (JsonNode?)b.Value.Block : b.Value.ToString()))),
             ["tried"] = JsonSerializer.SerializeToNode(choices),
         };
         var tmp = path + ".tmp";
@@ -124,7 +126,7 @@ public sealed class TuningCache(string? directory = null)
         }
     }
 
-    private static bool TryRead(string path, out Dictionary<string, int> blocks, out string? problem)
+    private static bool TryRead(string path, out Dictionary<string, KernelVariant> blocks, out string? problem)
     {
         blocks = [];
         problem = null;
@@ -137,12 +139,13 @@ public sealed class TuningCache(string? directory = null)
             }
             foreach (var (family, value) in b)
             {
-                if (value is not JsonValue v || !v.TryGetValue<int>(out int block))
+                if (value is JsonValue v && v.TryGetValue<int>(out int block)) blocks[family] = block;
+                else if (value is JsonValue s && s.TryGetValue<string>(out var text) && KernelVariant.TryParse(text, out var variant)) blocks[family] = variant;
+                else
                 {
-                    problem = $"the block size of '{family}' is not an integer";
+                    problem = $"the variant of '{family}' is neither a block size (an integer) nor \"block x kept\" (e.g. \"256x16\")";
                     return false;
                 }
-                blocks[family] = block;
             }
             return true;
         }

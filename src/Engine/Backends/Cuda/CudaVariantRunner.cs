@@ -69,13 +69,13 @@ public sealed class CudaVariantRunner(int device, TuningShapes shapes, string? k
     /// <summary>The families this runner can check and time.</summary>
     public static IReadOnlyCollection<string> Families => Ops.Keys;
 
-    private CudaBackend Variant(string family, int block, DType activations) =>
-        new(device, new KernelCompiler(kernelCache, new KernelTuning(new Dictionary<string, int> { [family] = block })), activations);
+    private CudaBackend Variant(string family, KernelVariant variant, DType activations) =>
+        new(device, new KernelCompiler(kernelCache, new KernelTuning(new Dictionary<string, KernelVariant> { [family] = variant })), activations);
 
-    public string? Check(string family, int block)
+    public string? Check(string family, KernelVariant variant)
     {
         const int rows = 67, cols = 1000;   // ragged: no block size divides either
-        using var gpu = Variant(family, block, DType.F32);
+        using var gpu = Variant(family, variant, DType.F32);
         using var cpu = new CpuBackend();
         var (runGpu, gpuResult, gpuInputs) = Ops[family](gpu, DType.F32, rows, cols);
         var (runCpu, cpuResult, cpuInputs) = Ops[family](cpu, DType.F32, rows, cols);
@@ -93,7 +93,7 @@ public sealed class CudaVariantRunner(int device, TuningShapes shapes, string? k
         }
     }
 
-    public double Time(string family, int block)
+    public double Time(string family, KernelVariant variant)
     {
         var (rows, cols) = family switch
         {
@@ -102,7 +102,7 @@ public sealed class CudaVariantRunner(int device, TuningShapes shapes, string? k
             "adamw" or "grad_norm" => (shapes.Intermediate, shapes.Hidden),
             _ => (shapes.Rows, shapes.Hidden),
         };
-        using var gpu = Variant(family, block, DType.BF16);
+        using var gpu = Variant(family, variant, DType.BF16);
         var (run, _, inputs) = Ops[family](gpu, DType.BF16, rows, cols);
         using (inputs)
         {
