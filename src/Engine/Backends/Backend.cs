@@ -69,9 +69,30 @@ public abstract class Backend : IDisposable
 
     private OpProfile.Scope Profiled(string op)
     {
-        if (Profile is null) return default;
-        Synchronize();
-        return new OpProfile.Scope(this, Profile, op);
+        bool staged = StagesOps;
+        if (Profile is null && !staged) return default;
+        if (staged) _opDepth++;
+        if (Profile is not null) Synchronize();
+        return new OpProfile.Scope(this, Profile, op, staged);
+    }
+
+    private int _opDepth;
+
+    /// <summary>Whether an op is running (the staged backends' storage is held in per-op buffers while it is).</summary>
+    protected bool InOp => _opDepth > 0;
+
+    /// <summary>
+    /// Backends that stage storage per op (the CPU backend's bf16 storage: bf16 tensors are widened to fp32 buffers when
+    /// an op reads them and rounded back when it ends) say so here; every public op is then bracketed, the outermost
+    /// one ending with <see cref="OpFinished"/>.
+    /// </summary>
+    protected virtual bool StagesOps => false;
+
+    protected virtual void OpFinished() { }
+
+    internal void EndOp()
+    {
+        if (--_opDepth == 0) OpFinished();
     }
 
     // ---- memory ------------------------------------------------------------------------------------------
@@ -884,7 +905,8 @@ public abstract class Backend : IDisposable
     public double GlobalNorm(IReadOnlyList<Tensor> tensors, ICollectives? shardedOver = null)
     {
         foreach (var t in tensors) Float(t, "global_norm", t.Name);
-        Span<double> sumsq = [SumOfSquaresCore(tensors)];
+        Span<double> sumsq = [0];
+        using (Profiled("global_norm")) sumsq[0] = SumOfSquaresCore(tensors);
         shardedOver?.AllReduceSum(sumsq);
         return Math.Sqrt(sumsq[0]);
     }

@@ -24,12 +24,14 @@ public sealed class OpProfile
     }
 
     /// <summary>Times one op: started after the backend has drained earlier work, stopped after the op's own.</summary>
-    public readonly struct Scope(Backend backend, OpProfile profile, string op) : IDisposable
+    /// <summary>Also the op's boundary for a backend that stages storage per op (<paramref name="staged"/>: it ends the op on dispose).</summary>
+    public readonly struct Scope(Backend backend, OpProfile? profile, string op, bool staged = false) : IDisposable
     {
         private readonly long _start = Stopwatch.GetTimestamp();
 
         public void Dispose()
         {
+            if (staged) backend.EndOp();
             if (profile is null) return;
             backend.Synchronize();
             profile.Add(op, Stopwatch.GetTimestamp() - _start);

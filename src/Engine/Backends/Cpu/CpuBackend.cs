@@ -86,8 +86,16 @@ public sealed unsafe class CpuBackend : Backend
     /// <param name="threads">Simulated multiprocessors (each runs a warp of 2 threads); measured fastest at the core count.</param>
     /// <param name="launchTwins">Launch the ILGPU twins for the ops that otherwise run as host loops (<see cref="HostOps"/>):
     /// the same results, bit for bit, far slower; for the tests that hold the two together.</param>
-    public CpuBackend(int threads = 0, bool launchTwins = false)
+    /// <param name="activationType">
+    /// F32 (the default), or BF16: activations and working weights stored in bf16 where the CUDA backend stores them.
+    /// Each op then reads its bf16 tensors widened to fp32 and rounds what it wrote back to bf16 when it ends (round to
+    /// nearest even), as a CUDA kernel loads bf16, computes in fp32 and rounds on store: the reference that puts the
+    /// roundings where the CUDA model has them.
+    /// </param>
+    public CpuBackend(int threads = 0, bool launchTwins = false, DType activationType = DType.F32)
     {
+        if (activationType == DType.I32) throw new ArgumentException("activation type must be fp32 or bf16");
+        _bf16 = activationType == DType.BF16;
         _launchTwins = launchTwins;
         _context = Context.Create(b => b.CPU(new CPUDevice(2, 1, threads > 0 ? threads : Environment.ProcessorCount)));
         _accelerator = _context.CreateCPUAccelerator(0);
@@ -150,7 +158,39 @@ public sealed unsafe class CpuBackend : Backend
     public bool AttentionTwins { get; set; }
 
     public override string Name => "cpu";
-    public override DType ActivationType => DType.F32;
+    public override DType ActivationType => _bf16 ? DType.BF16 : DType.F32;
+
+    private readonly bool _bf16;
+
+    // bf16 storage: per op, each bf16 region read as fp32 (keyed by block, offset and length, so an in-place op's input
+    // and output share one buffer), rounded back when the outermost op ends.
+    private readonly Dictionary<(DeviceBlock Block, long Offset, long Length), CpuBlock> _staged = new();
+
+    protected override bool StagesOps => _bf16;
+
+    private CpuBlock Staged(Tensor t)
+    {
+        if (!InOp) throw new InvalidOperationException($"bf16 storage: {t} was read outside an op");
+        var key = (t.Block, t.ByteOffset, t.Length);
+        if (_staged.TryGetValue(key, out var s)) return s;
+        _accelerator.Synchronize();
+        s = _pool.Rent(Math.Max(4, t.Length * 4));
+        HostOps.FromBf16((float*)s.Buffer.NativePtr, (ushort*)((byte*)((CpuBlock)t.Block).Buffer.NativePtr + t.ByteOffset), t.Length);
+        _staged[key] = s;
+        return s;
+    }
+
+    protected override void OpFinished()
+    {
+        if (_staged.Count == 0) return;
+        _accelerator.Synchronize();
+        foreach (var ((block, offset, length), s) in _staged)
+        {
+            HostOps.ToBf16((ushort*)((byte*)((CpuBlock)block).Buffer.NativePtr + offset), (float*)s.Buffer.NativePtr, length);
+            _pool.Return(s);
+        }
+        _staged.Clear();
+    }
     public override MemoryStats Memory => _pool.Stats;
     public override void ResetPeakMemory() => _pool.ResetPeak();
 
@@ -158,7 +198,7 @@ public sealed unsafe class CpuBackend : Backend
 
     protected override void CheckCompute(Tensor t, string op, string name)
     {
-        if (t.DType != DType.F32) throw new ArgumentException($"{op}: {name} ({t}) is {t.DType.Name()}; the cpu backend computes in fp32 only");
+        if (t.DType != DType.F32 && !(_bf16 && t.DType == DType.BF16)) throw new ArgumentException($"{op}: {name} ({t}) is {t.DType.Name()}; the cpu backend computes in fp32 only");
     }
 
     // ---- memory -----------------------------------------------------------------------------------------
@@ -167,13 +207,22 @@ public sealed unsafe class CpuBackend : Backend
     public override void Synchronize() => _accelerator.Synchronize();
 
     private static ArrayView<byte> Bytes(Tensor t) => ((CpuBlock)t.Block).Buffer.View.SubView(t.ByteOffset, t.Bytes);
-    private static ArrayView<float> F(Tensor t) => Bytes(t).Cast<float>();
+    /// <summary>A float tensor's elements as fp32 (a bf16 tensor's staged fp32 copy under bf16 storage).</summary>
+    private ArrayView<float> F(Tensor t) => (_bf16 && t.DType == DType.BF16 ? StagedBytes(t) : Bytes(t)).Cast<float>();
+
+    private ArrayView<byte> StagedBytes(Tensor t) => Staged(t).Buffer.View.SubView(0, t.Length * 4);
     private static ArrayView<int> I(Tensor t) => Bytes(t).Cast<int>();
     private static ArrayView<ushort> H(Tensor t) => Bytes(t).Cast<ushort>();
-    private static ArrayView<float> F(Tensor? t, Tensor fallback) => t is null ? F(fallback) : F(t);
+    private ArrayView<float> F(Tensor? t, Tensor fallback) => t is null ? F(fallback) : F(t);
 
     /// <summary>Host pointers to the first fp32 / int32 element, after the launched kernels have finished.</summary>
-    private float* P(Tensor t) => (float*)Pointer(t);
+    private float* P(Tensor t)
+    {
+        if (!(_bf16 && t.DType == DType.BF16)) return (float*)Pointer(t);
+        var s = Staged(t);
+        _accelerator.Synchronize();
+        return (float*)s.Buffer.NativePtr;
+    }
     private int* Pi(Tensor t) => (int*)Pointer(t);
 
     /// <summary>Host pointer to the first element (CPU accelerator memory is host memory).</summary>
@@ -225,9 +274,9 @@ public sealed unsafe class CpuBackend : Backend
     // ---- ops -----------------------------------------------------------------------------------------------
     protected override void GemmCore(Tensor a, bool transA, Tensor b, bool transB, Tensor c, Tensor? bias, float alpha, float beta, int batch, int m, int n, int k)
     {
-        var pa = (float*)Pointer(a);
-        var pb = (float*)Pointer(b);
-        var pc = (float*)Pointer(c);
+        var pa = P(a);
+        var pb = P(b);
+        var pc = P(c);
         for (int i = 0; i < batch; i++)
             CpuGemm.Gemm(pa + (long)i * m * k, transA, pb + (long)i * k * n, transB, pc + (long)i * m * n, m, n, k, alpha, beta);
         if (bias is null) return;
@@ -411,7 +460,7 @@ public sealed unsafe class CpuBackend : Backend
         if (q.Dim(0) == 0) return;
         if (!AttentionTwins)
         {
-            CpuAttention.Forward((float*)Pointer(q), (float*)Pointer(k), (float*)Pointer(v), (float*)Pointer(output), (float*)Pointer(lse), sequences.Host,
+            CpuAttention.Forward(P(q), P(k), P(v), P(output), P(lse), sequences.Host,
                 q.Dim(1), k.Dim(1), q.Dim(2), scale, causal);
             return;
         }
@@ -467,8 +516,8 @@ public sealed unsafe class CpuBackend : Backend
         if (q.Dim(0) == 0) return;
         if (!AttentionTwins)
         {
-            CpuAttention.Backward((float*)Pointer(dout), (float*)Pointer(q), (float*)Pointer(k), (float*)Pointer(v), (float*)Pointer(output), (float*)Pointer(lse),
-                (float*)Pointer(dq), (float*)Pointer(dk), (float*)Pointer(dv), sequences.Host, q.Dim(1), k.Dim(1), q.Dim(2), scale, causal);
+            CpuAttention.Backward(P(dout), P(q), P(k), P(v), P(output), P(lse),
+                P(dq), P(dk), P(dv), sequences.Host, q.Dim(1), k.Dim(1), q.Dim(2), scale, causal);
             return;
         }
         var a = AttnArgs(q, k, sequences, scale, causal);
