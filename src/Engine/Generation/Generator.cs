@@ -13,7 +13,8 @@ public sealed record GenerationRequest(
     int[] PromptIds, float[]? Pixels = null, int Tiles = 0, SamplingParams? Sampling = null, ulong Seed = 0, int MaxNewTokens = 256,
     IReadOnlyList<int>? StopTokens = null, IReadOnlyList<string>? StopStrings = null, int Samples = 1);
 
-public enum FinishReason { StopToken, StopString, Length }
+/// <summary>Why a sample ended: a stop token or string, the length limit, or its request was cancelled.</summary>
+public enum FinishReason { StopToken, StopString, Length, Cancelled }
 
 /// <summary>A finished completion: its tokens (a final stop token included), the log-prob of each, text, and why it ended.</summary>
 public sealed record GeneratedSample(int Request, int Sample, int[] Tokens, float[] LogProbs, string? Text, FinishReason Finish);
@@ -27,21 +28,84 @@ public sealed record GeneratorOptions(int CacheBlocks = 512, int BlockSize = 16,
 public sealed record GenerationStats(int PrefillTokens, int DecodeSteps, int DecodedTokens, int Preemptions, int PeakBlocks, long CopiedBlocks, double PrefillSeconds, double DecodeSeconds);
 
 /// <summary>
-/// Batched generation with continuous batching over a paged KV cache. Each step admits waiting prompts while the
-/// batch and the cache allow (one packed prefill through flash attention for all of them, the prompt's blocks shared by
-/// its samples), then decodes one token for every running sample (split-KV paged attention) and samples it. Finished
-/// samples free their blocks at once, which lets waiting prompts in. Policy when blocks run out mid-decode: preempt the
-/// most recently admitted sample (free its blocks, requeue it with what it generated) and recompute it later by
-/// prefill; a request that cannot fit even alone is an error.
+/// Batched generation of a fixed set of requests with continuous batching over a paged KV cache
+/// (<see cref="GenerationLoop"/>): every request is submitted, then the loop steps until all have finished.
 /// </summary>
 public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenizer = null, GeneratorOptions? options = null)
 {
-    private readonly GeneratorOptions _o = options ?? new GeneratorOptions();
-
     public GenerationStats? LastStats { get; private set; }
+
+    public IReadOnlyList<GeneratedSample> Generate(IReadOnlyList<GenerationRequest> requests, Action<TokenEvent>? onToken = null)
+    {
+        using var loop = new GenerationLoop(model, tokenizer, options);
+        var done = new List<GeneratedSample>();
+        var ids = new List<int>();
+        foreach (var r in requests) loop.Validate(r);
+        foreach (var r in requests)
+        {
+            int index = ids.Count;
+            ids.Add(loop.Submit(r, onToken is null ? null : e => onToken(e with { Request = index }), s => done.Add(s with { Request = index })));
+        }
+        while (!loop.Idle) loop.Step();
+        LastStats = loop.Stats;
+        return done.OrderBy(s => s.Request).ThenBy(s => s.Sample).ToList();
+    }
+}
+
+/// <summary>
+/// The generation loop: one owner of the model and the KV cache that requests join and leave at any step. Each
+/// <see cref="Step"/> admits waiting prompts while the batch and the cache allow (one packed prefill through flash
+/// attention for all of them, the prompt's blocks shared by its samples), then decodes one token for every running
+/// sample (split-KV paged attention) and samples it. Finished or cancelled samples free their blocks at once, which lets
+/// waiting prompts in. Policy when blocks run out mid-decode: preempt the most recently admitted sample (free its
+/// blocks, requeue it with what it generated) and recompute it later by prefill; a request that cannot fit even alone
+/// is an error. Sample i of a request draws from the RNG stream (seed + i, step), so its tokens do not depend on the
+/// other requests in the batch. Not thread-safe: one thread submits, cancels and steps.
+/// </summary>
+public sealed class GenerationLoop : IDisposable
+{
+    private readonly VisionLanguageModel model;
+    private readonly TextTokenizer? tokenizer;
+    private readonly GeneratorOptions _o;
+    private readonly PagedKvCache _cache;
+    private readonly Dictionary<int, Submitted> _requests = new();
+    private readonly LinkedList<Waiting> _waiting = new();
+    private readonly List<Active> _running = new();
+    private int _nextId, _admissions, _prefillTokens, _steps, _decoded, _preemptions;
+    private readonly System.Diagnostics.Stopwatch _prefillTime = new(), _decodeTime = new();
+
+    public GenerationLoop(VisionLanguageModel model, TextTokenizer? tokenizer = null, GeneratorOptions? options = null)
+    {
+        this.model = model;
+        this.tokenizer = tokenizer;
+        _o = options ?? new GeneratorOptions();
+        var cfg = model.Config.Llm;
+        // Tensor parallel: each rank caches its own kv heads; the logits come back whole, so every rank samples the same tokens.
+        _cache = new PagedKvCache(model.Backend, cfg.NumLayers, cfg.NumKvHeads / model.TensorParallel.Size, cfg.HeadDim, _o.CacheBlocks, _o.BlockSize);
+    }
+
+    public GeneratorOptions Options => _o;
+
+    /// <summary>Nothing waiting or running.</summary>
+    public bool Idle => _waiting.Count == 0 && _running.Count == 0;
+
+    public int RunningSamples => _running.Count;
+    public int WaitingSamples => _waiting.Sum(w => w.Samples.Length);
+    public int UsedBlocks => _cache.UsedBlocks;
+    public int FreeBlocks => _cache.FreeBlocks;
+    public int TotalBlocks => _cache.NumBlocks;
+    public int Preemptions => _preemptions;
+
+    public GenerationStats Stats => new(_prefillTokens, _steps, _decoded, _preemptions, _cache.PeakUsedBlocks, _cache.CopiedBlocks,
+        _prefillTime.Elapsed.TotalSeconds, _decodeTime.Elapsed.TotalSeconds);
 
     /// <summary>Ids the tokenizer knows (the LM head may be padded wider); without a tokenizer every id can be drawn.</summary>
     private int? VocabularyLimit => tokenizer is null ? null : Math.Min(tokenizer.VocabularySize, model.Config.Llm.VocabSize);
+
+    private sealed record Submitted(GenerationRequest Request, Action<TokenEvent>? OnToken, Action<GeneratedSample>? OnDone)
+    {
+        public int Remaining = Request.Samples;
+    }
 
     private sealed class Active
     {
@@ -57,54 +121,92 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
 
     private sealed record Waiting(int Request, int[] Samples, int[] Prefix, List<int>[]? Generated, List<float>[]? LogProbs);
 
-    public IReadOnlyList<GeneratedSample> Generate(IReadOnlyList<GenerationRequest> requests, Action<TokenEvent>? onToken = null)
+    /// <summary>Throws (naming what is wrong) for a request this loop could never run.</summary>
+    public void Validate(GenerationRequest r)
     {
-        var b = model.Backend;
         var cfg = model.Config.Llm;
-        foreach (var r in requests)
+        (r.Sampling ?? SamplingParams.Greedy).Validate();
+        if (r.PromptIds.Length == 0) throw new ArgumentException("a prompt needs at least one token");
+        if (r.Samples < 1 || r.Samples > _o.MaxBatch) throw new ArgumentException($"samples per request must be in [1, {_o.MaxBatch}], got {r.Samples}");
+        if (r.MaxNewTokens < 1) throw new ArgumentException("max new tokens must be at least 1");
+        if (r.PromptIds.Length + r.MaxNewTokens > cfg.MaxPositionEmbeddings)
+            throw new ArgumentException($"prompt ({r.PromptIds.Length}) + max new tokens ({r.MaxNewTokens}) exceed max_position_embeddings {cfg.MaxPositionEmbeddings}");
+        int needed = (r.PromptIds.Length + _o.BlockSize - 1) / _o.BlockSize + r.Samples;
+        if (needed > _cache.NumBlocks) throw new ArgumentException($"the prompt needs {needed} cache blocks of {_o.BlockSize} tokens; the cache has {_cache.NumBlocks}");
+    }
+
+    /// <summary>Queues a request (validated); its samples join at a later <see cref="Step"/>. Returns its id.</summary>
+    public int Submit(GenerationRequest r, Action<TokenEvent>? onToken = null, Action<GeneratedSample>? onDone = null)
+    {
+        Validate(r);
+        int id = _nextId++;
+        _requests[id] = new Submitted(r, onToken, onDone);
+        _waiting.AddLast(new Waiting(id, Enumerable.Range(0, r.Samples).ToArray(), r.PromptIds, null, null));
+        return id;
+    }
+
+    /// <summary>Ends a request's samples now (waiting or running): their blocks are freed and each reports <see cref="FinishReason.Cancelled"/>.</summary>
+    public void Cancel(int id)
+    {
+        if (!_requests.TryGetValue(id, out var sub)) return;
+        for (var node = _waiting.First; node is not null;)
         {
-            (r.Sampling ?? SamplingParams.Greedy).Validate();
-            if (r.PromptIds.Length == 0) throw new ArgumentException("a prompt needs at least one token");
-            if (r.Samples < 1 || r.Samples > _o.MaxBatch) throw new ArgumentException($"samples per request must be in [1, {_o.MaxBatch}], got {r.Samples}");
-            if (r.MaxNewTokens < 1) throw new ArgumentException("max new tokens must be at least 1");
-            if (r.PromptIds.Length + r.MaxNewTokens > cfg.MaxPositionEmbeddings)
-                throw new ArgumentException($"prompt ({r.PromptIds.Length}) + max new tokens ({r.MaxNewTokens}) exceed max_position_embeddings {cfg.MaxPositionEmbeddings}");
+            var next = node.Next;
+            if (node.Value.Request == id)
+            {
+                for (int j = 0; j < node.Value.Samples.Length; j++)
+                    Finish(id, node.Value.Samples[j], node.Value.Generated?[j] ?? [], node.Value.LogProbs?[j] ?? [], FinishReason.Cancelled);
+                _waiting.Remove(node);
+            }
+            node = next;
         }
-        // Tensor parallel: each rank caches its own kv heads; the logits come back whole, so every rank samples the same tokens.
-        using var cache = new PagedKvCache(b, cfg.NumLayers, cfg.NumKvHeads / model.TensorParallel.Size, cfg.HeadDim, _o.CacheBlocks, _o.BlockSize);
-        var waiting = new LinkedList<Waiting>(requests.Select((r, i) => new Waiting(i, Enumerable.Range(0, r.Samples).ToArray(), r.PromptIds, null, null)));
-        var running = new List<Active>();
-        var done = new List<GeneratedSample>();
-        int admissions = 0, prefillTokens = 0, steps = 0, decoded = 0, preemptions = 0;
-        var prefillTime = new System.Diagnostics.Stopwatch();
-        var decodeTime = new System.Diagnostics.Stopwatch();
-
-        while (waiting.Count > 0 || running.Count > 0)
+        foreach (var a in _running.Where(a => a.Request == id).ToList())
         {
-            // Admit while the batch and the cache have room.
-            var admitted = new List<(Waiting W, CacheSequence Parent)>();
-            int freeBlocks = cache.FreeBlocks;
-            while (waiting.First is { } node && running.Count + admitted.Sum(a => a.W.Samples.Length) + node.Value.Samples.Length <= _o.MaxBatch)
-            {
-                var w = node.Value;
-                int prefixBlocks = (w.Prefix.Length + _o.BlockSize - 1) / _o.BlockSize;
-                int needed = prefixBlocks + w.Samples.Length; // each sample may need one more block on its first step
-                if (needed > cache.NumBlocks) throw new InvalidOperationException($"request {w.Request} needs {needed} cache blocks of {_o.BlockSize} tokens; the cache has {cache.NumBlocks}");
-                if (needed > freeBlocks) break;
-                freeBlocks -= needed;
-                waiting.RemoveFirst();
-                admitted.Add((w, cache.Create()));
-            }
-            if (admitted.Count > 0)
-            {
-                prefillTime.Start();
-                prefillTokens += Prefill(cache, requests, admitted, running, ref admissions, onToken, done);
-                prefillTime.Stop();
-            }
-            if (running.Count == 0) continue;
+            _cache.Release(a.Seq);
+            _running.Remove(a);
+            Finish(id, a.Sample, a.Tokens, a.LogProbs, FinishReason.Cancelled);
+        }
+    }
 
-            // One decode step for every running sample; preempt the newest when the cache is full.
-            decodeTime.Start();
+    private void Finish(int id, int sample, List<int> tokens, List<float> logprobs, FinishReason reason)
+    {
+        var sub = _requests[id];
+        sub.OnDone?.Invoke(new GeneratedSample(id, sample, [.. tokens], [.. logprobs], tokenizer?.Decode(tokens), reason));
+        if (--sub.Remaining == 0) _requests.Remove(id);
+    }
+
+    /// <summary>One iteration: admit what fits (one packed prefill), then one decode step for every running sample.</summary>
+    public void Step()
+    {
+        var cache = _cache;
+        var running = _running;
+        var waiting = _waiting;
+        // Admit while the batch and the cache have room.
+        var admitted = new List<(Waiting W, CacheSequence Parent)>();
+        int freeBlocks = cache.FreeBlocks;
+        while (waiting.First is { } node && running.Count + admitted.Sum(a => a.W.Samples.Length) + node.Value.Samples.Length <= _o.MaxBatch)
+        {
+            var w = node.Value;
+            int prefixBlocks = (w.Prefix.Length + _o.BlockSize - 1) / _o.BlockSize;
+            int needed = prefixBlocks + w.Samples.Length; // each sample may need one more block on its first step
+            if (needed > cache.NumBlocks) throw new InvalidOperationException($"request {w.Request} needs {needed} cache blocks of {_o.BlockSize} tokens; the cache has {cache.NumBlocks}");
+            if (needed > freeBlocks) break;
+            freeBlocks -= needed;
+            waiting.RemoveFirst();
+            admitted.Add((w, cache.Create()));
+        }
+        if (admitted.Count > 0)
+        {
+            _prefillTime.Start();
+            try { _prefillTokens += Prefill(cache, admitted, running); }
+            finally { _prefillTime.Stop(); }
+        }
+        if (running.Count == 0) return;
+
+        // One decode step for every running sample; preempt the newest when the cache is full.
+        _decodeTime.Start();
+        try
+        {
             int idx = 0;
             while (idx < running.Count)
             {
@@ -123,25 +225,24 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
                     var prefix = victim.Context.Take(victim.Context.Count - 1).ToArray(); // the pending token is fed again after the recompute
                     waiting.AddFirst(new Waiting(victim.Request, [victim.Sample], prefix, [new List<int>(victim.Tokens)], [new List<float>(victim.LogProbs)]));
                     running.RemoveAt(at);
-                    preemptions++;
+                    _preemptions++;
                     if (at < idx) idx--;
                 }
             }
-            if (running.Count == 0) { decodeTime.Stop(); continue; }
+            if (running.Count == 0) return;
             using (var logits = DecodeStep(cache, running, running.Select(a => a.Slot).ToArray()))
-                SampleAndAdvance(logits, requests, running, onToken, done, cache);
-            steps++;
-            decoded += running.Count;
-            decodeTime.Stop();
+                SampleAndAdvance(logits, running, cache);
+            _steps++;
+            _decoded += running.Count;
             running.RemoveAll(a => a.Seq.BlockTable.Count == 0 && a.Pending < 0);
         }
-        LastStats = new GenerationStats(prefillTokens, steps, decoded, preemptions, cache.PeakUsedBlocks, cache.CopiedBlocks, prefillTime.Elapsed.TotalSeconds, decodeTime.Elapsed.TotalSeconds);
-        return done.OrderBy(s => s.Request).ThenBy(s => s.Sample).ToList();
+        finally { _decodeTime.Stop(); }
     }
 
+    public void Dispose() => _cache.Dispose();
+
     /// <summary>One packed prefill of every admitted prompt; new requests sample their first token here.</summary>
-    private int Prefill(PagedKvCache cache, IReadOnlyList<GenerationRequest> requests, List<(Waiting W, CacheSequence Parent)> admitted,
-        List<Active> running, ref int admissions, Action<TokenEvent>? onToken, List<GeneratedSample> done)
+    private int Prefill(PagedKvCache cache, List<(Waiting W, CacheSequence Parent)> admitted, List<Active> running)
     {
         var b = model.Backend;
         var ids = new List<int>();
@@ -152,7 +253,7 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
         var imageRows = new List<int>();
         foreach (var (w, parent) in admitted)
         {
-            var r = requests[w.Request];
+            var r = _requests[w.Request].Request;
             // Image features go to the prompt's own <IMG_CONTEXT> rows, not to any generated after it (a resumed sample).
             for (int i = 0; i < r.PromptIds.Length; i++) if (r.PromptIds[i] == model.ImageContextId) imageRows.Add(ids.Count + i);
             ids.AddRange(w.Prefix);
@@ -180,7 +281,7 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
         {
             var (w, _) = admitted[a];
             if (w.Generated is not null) continue;
-            var r = requests[w.Request];
+            var r = _requests[w.Request].Request;
             foreach (var s in w.Samples)
             {
                 rows.Add(new SampleRow(r.Sampling ?? SamplingParams.Greedy, r.Seed + (ulong)s, 0, w.Prefix));
@@ -196,11 +297,11 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
             {
                 var active = new Active
                 {
-                    Request = w.Request, Sample = w.Samples[j], Seq = cache.Fork(parent), Context = [.. w.Prefix], Admitted = admissions++,
+                    Request = w.Request, Sample = w.Samples[j], Seq = cache.Fork(parent), Context = [.. w.Prefix], Admitted = _admissions++,
                 };
                 if (w.Generated is null)
                 {
-                    Advance(active, sampled.Item1[row], sampled.Item2[row], requests, onToken, done, cache);
+                    Advance(active, sampled.Item1[row], sampled.Item2[row], cache);
                     row++;
                 }
                 else
@@ -245,28 +346,27 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
         });
     }
 
-    private void SampleAndAdvance(Tensor logits, IReadOnlyList<GenerationRequest> requests, List<Active> running, Action<TokenEvent>? onToken,
-        List<GeneratedSample> done, PagedKvCache cache)
+    private void SampleAndAdvance(Tensor logits, List<Active> running, PagedKvCache cache)
     {
         var rows = running.Select(a =>
         {
-            var r = requests[a.Request];
+            var r = _requests[a.Request].Request;
             return new SampleRow(r.Sampling ?? SamplingParams.Greedy, r.Seed + (ulong)a.Sample, a.Tokens.Count, a.Context);
         }).ToList();
         var (tokens, logprobs) = model.Backend.Sample(logits, rows, VocabularyLimit);
-        for (int i = 0; i < running.Count; i++) Advance(running[i], tokens[i], logprobs[i], requests, onToken, done, cache);
+        for (int i = 0; i < running.Count; i++) Advance(running[i], tokens[i], logprobs[i], cache);
     }
 
     /// <summary>Records a sampled token and finishes the sample on a stop token, stop string or the length limit.</summary>
-    private void Advance(Active a, int token, float logprob, IReadOnlyList<GenerationRequest> requests, Action<TokenEvent>? onToken,
-        List<GeneratedSample> done, PagedKvCache cache)
+    private void Advance(Active a, int token, float logprob, PagedKvCache cache)
     {
-        var r = requests[a.Request];
+        var sub = _requests[a.Request];
+        var r = sub.Request;
         a.Tokens.Add(token);
         a.LogProbs.Add(logprob);
         a.Context.Add(token);
         a.Pending = token;
-        onToken?.Invoke(new TokenEvent(a.Request, a.Sample, token, logprob));
+        sub.OnToken?.Invoke(new TokenEvent(a.Request, a.Sample, token, logprob));
         FinishReason? finish = null;
         if (r.StopTokens?.Contains(token) == true) finish = FinishReason.StopToken;
         else if (r.StopStrings is { Count: > 0 } stops && tokenizer is not null)
@@ -278,6 +378,6 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
         if (finish is null) return;
         cache.Release(a.Seq);
         a.Pending = -1;
-        done.Add(new GeneratedSample(a.Request, a.Sample, [.. a.Tokens], [.. a.LogProbs], tokenizer?.Decode(a.Tokens), finish.Value));
+        Finish(a.Request, a.Sample, a.Tokens, a.LogProbs, finish.Value);
     }
 }

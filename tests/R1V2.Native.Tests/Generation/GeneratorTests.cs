@@ -113,9 +113,42 @@ public sealed class GeneratorTests(CpuFixture fx)
         Assert.Equal(FinishReason.StopToken, stopped.Finish);
         Assert.Equal(free.Tokens[..(Array.IndexOf(free.Tokens, stopAt) + 1)], stopped.Tokens);
 
-        var e = Assert.Throws<InvalidOperationException>(() =>
+        // A prompt the cache could never hold is refused before anything runs (a server answers it with a 400).
+        var e = Assert.Throws<ArgumentException>(() =>
             new Generator(model, options: new GeneratorOptions(CacheBlocks: 2, BlockSize: 4)).Generate([new GenerationRequest(prompt, pixels, 1)]));
         Assert.Contains("cache blocks", e.Message);
         Assert.Throws<ArgumentException>(() => gen.Generate([new GenerationRequest(prompt, pixels, 1, MaxNewTokens: 0)]));
+    }
+
+    [Fact]
+    public void TheLoop_AdmitsRequestsWhileOthersDecode_AndASeededSampleIsTheSameAloneOrAmongOthers()
+    {
+        var (model, prompt, pixels) = Fixture();
+        using var _ = model;
+        var options = new GeneratorOptions(CacheBlocks: 64, BlockSize: 4);
+        var sampling = new SamplingParams(0.9f);
+        GenerationRequest Request(ulong seed, int samples = 1, int max = 6) => new(prompt, pixels, 1, sampling, seed, max, Samples: samples);
+        var alone = new Dictionary<ulong, int[][]>();
+        foreach (ulong seed in new ulong[] { 1, 2, 3 })
+            alone[seed] = new Generator(model, options: options).Generate([Request(seed, samples: seed == 2 ? 2 : 1)]).Select(x => x.Tokens).ToArray();
+
+        using var loop = new GenerationLoop(model, options: options);
+        var got = new Dictionary<int, List<GeneratedSample>>();
+        int Submit(ulong seed) { int id = loop.Submit(Request(seed, samples: seed == 2 ? 2 : 1), onDone: x => (got.TryGetValue(x.Request, out var l) ? l : got[x.Request] = []).Add(x)); return id; }
+        int a = Submit(1);
+        loop.Step(); loop.Step();                      // a decodes alone for two steps
+        int b = Submit(2);                             // joins mid-run with two samples sharing its prompt's blocks
+        loop.Step();
+        Assert.Equal(3, loop.RunningSamples);
+        int c = Submit(3);
+        int cancelled = Submit(3);
+        loop.Step();
+        loop.Cancel(cancelled);                        // a client went away: its blocks are free at once
+        Assert.Equal(FinishReason.Cancelled, Assert.Single(got[cancelled]).Finish);
+        while (!loop.Idle) loop.Step();
+        Assert.Equal(0, loop.UsedBlocks);              // everything finished or cancelled freed its blocks
+        Assert.Equal(alone[1], got[a].OrderBy(x => x.Sample).Select(x => x.Tokens));
+        Assert.Equal(alone[2], got[b].OrderBy(x => x.Sample).Select(x => x.Tokens));
+        Assert.Equal(alone[3], got[c].OrderBy(x => x.Sample).Select(x => x.Tokens));
     }
 }
