@@ -32,6 +32,7 @@ public static class Program
             SelftestCommand.Create(),
             PlanCommand.Create(),
             TuneCommand.Create(),
+            ServeCommand.Create(),
         };
         try
         {

@@ -66,6 +66,30 @@ public sealed class ImagePreprocessor(int tileSize, int minTiles = 1, int maxTil
         { throw new InvalidDataException($"{path}: corrupt image ({e.Message})", e); }
     }
 
+    /// <summary>
+    /// Loads and tiles an image held in memory (e.g. a data URL's bytes); <paramref name="name"/> names it in errors and
+    /// <paramref name="maxPixels"/> bounds its width x height before it is decoded.
+    /// </summary>
+    public (float[] Pixels, int Tiles) Load(byte[] data, string name, long maxPixels = MaxPixels)
+    {
+        IImageInfo? header;
+        try { using var probe = new MemoryStream(data, writable: false); header = Image.Identify(probe); }
+        catch (Exception e) when (e is UnknownImageFormatException or InvalidImageContentException or NotSupportedException)
+        { throw new InvalidDataException($"{name}: not a readable image ({e.Message})", e); }
+        if (header is null) throw new InvalidDataException($"{name}: unknown or unsupported image format");
+        if ((long)header.Width * header.Height > maxPixels || header.Width <= 0 || header.Height <= 0)
+            throw new InvalidDataException($"{name}: {header.Width} x {header.Height} pixels is outside the limit of {maxPixels} pixels");
+        try
+        {
+            using var loaded = Image.Load<Rgb24>(data);
+            using var image = loaded.Frames.Count > 1 ? loaded.Frames.CloneFrame(0) : loaded.Clone();
+            image.Mutate(x => x.AutoOrient());
+            return Tile(image);
+        }
+        catch (Exception e) when (e is UnknownImageFormatException or InvalidImageContentException or ImageFormatException or NotSupportedException)
+        { throw new InvalidDataException($"{name}: corrupt image ({e.Message})", e); }
+    }
+
     /// <summary>Several images batched: their tiles concatenated in order, with each image's tile count.</summary>
     public (float[] Pixels, int[] TilesPerImage) LoadAll(IReadOnlyList<string> paths)
     {
