@@ -28,7 +28,8 @@ public sealed record ServeLimits(int MaxPromptTokens, int MaxImages, long MaxIma
     string? AllowImageDir);
 
 /// <summary>The sampling fields common to /v1/chat/completions and /v1/completions, validated.</summary>
-public sealed record SamplingRequest(SamplingParams Sampling, int MaxTokens, int N, ulong Seed, string[] Stop, bool Stream, bool IncludeUsage);
+/// <summary>The sampling fields; IgnoreEos (vLLM's extension) keeps generating through end-of-turn tokens up to MaxTokens.</summary>
+public sealed record SamplingRequest(SamplingParams Sampling, int MaxTokens, int N, ulong Seed, string[] Stop, bool Stream, bool IncludeUsage, bool IgnoreEos = false);
 
 /// <summary>A parsed chat request: the prompt ids, pixels, tiles, and the sampling fields.</summary>
 public sealed record ChatRequest(string Model, int[] PromptIds, float[]? Pixels, int Tiles, SamplingRequest Sampling);
@@ -44,10 +45,10 @@ public sealed record CompletionRequest(string Model, int[] PromptIds, SamplingRe
 public static class OpenAiRequests
 {
     private static readonly HashSet<string> ChatFields = ["model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "n", "seed",
-        "stream", "stream_options", "user", "frequency_penalty", "presence_penalty", "logprobs"];
+        "stream", "stream_options", "user", "frequency_penalty", "presence_penalty", "logprobs", "ignore_eos"];
 
     private static readonly HashSet<string> CompletionFields = ["model", "prompt", "temperature", "top_p", "max_tokens", "stop", "n", "seed", "stream",
-        "stream_options", "user", "frequency_penalty", "presence_penalty", "logprobs", "echo"];
+        "stream_options", "user", "frequency_penalty", "presence_penalty", "logprobs", "echo", "ignore_eos"];
 
     public static JsonObject ParseBody(string body)
     {
@@ -114,8 +115,8 @@ public static class OpenAiRequests
         try { prompt = template.Render(rendered); }
         catch (ArgumentException e) { throw ApiException.Invalid("messages", e.Message); }
         var ids = tokenizer.Encode(prompt);
-        var sampling = Sampling(o, limits, maxPositions - ids.Length, "max_completion_tokens", "max_tokens");
         CheckPrompt(ids.Length, limits, "messages");
+        var sampling = Sampling(o, limits, maxPositions - ids.Length, "max_completion_tokens", "max_tokens");
         return new ChatRequest(model, ids, tiles > 0 ? [.. pixels] : null, tiles, sampling);
     }
 
@@ -134,8 +135,8 @@ public static class OpenAiRequests
         };
         var ids = tokenizer.Encode(text);
         if (ids.Length == 0) throw ApiException.Invalid("prompt", "prompt must not be empty");
-        var sampling = Sampling(o, limits, maxPositions - ids.Length, "max_tokens");
         CheckPrompt(ids.Length, limits, "prompt");
+        var sampling = Sampling(o, limits, maxPositions - ids.Length, "max_tokens");
         return new CompletionRequest(model, ids, sampling);
     }
 
@@ -230,8 +231,14 @@ public static class OpenAiRequests
             if (!iu.TryGetValue<bool>(out usage)) throw ApiException.Invalid("stream_options.include_usage", "stream_options.include_usage must be true or false");
         }
         else if (o["stream_options"] is not null and not JsonObject) throw ApiException.Invalid("stream_options", "stream_options must be an object");
+        bool ignoreEos = o["ignore_eos"] switch
+        {
+            null => false,
+            JsonValue v when v.TryGetValue<bool>(out var b) => b,
+            _ => throw ApiException.Invalid("ignore_eos", "ignore_eos must be true or false"),
+        };
         var sampling = new SamplingParams((float)temperature, TopP: (float)topP);
-        return new SamplingRequest(sampling, (int)(max ?? Math.Min(limits.MaxNewTokensDefault, room)), (int)n, (ulong)seed, stop, stream, usage);
+        return new SamplingRequest(sampling, (int)(max ?? Math.Min(limits.MaxNewTokensDefault, room)), (int)n, (ulong)seed, stop, stream, usage, ignoreEos);
     }
 
     /// <summary>An image from a data URL (base64), or a local file under --allow-image-dir; never a network fetch.</summary>

@@ -166,7 +166,7 @@ public sealed class OpenAiServer : IAsyncDisposable
 
     private async Task Run(HttpContext ctx, string model, int[] prompt, float[]? pixels, int tiles, SamplingRequest s, bool chat)
     {
-        var request = new GenerationRequest(prompt, pixels, tiles, s.Sampling, s.Seed, s.MaxTokens, _stopTokens, s.Stop.Length > 0 ? s.Stop : null, s.N);
+        var request = new GenerationRequest(prompt, pixels, tiles, s.Sampling, s.Seed, s.MaxTokens, s.IgnoreEos ? null : _stopTokens, s.Stop.Length > 0 ? s.Stop : null, s.N);
         try { _engine.Validate(request); }
         catch (ArgumentException e) { throw new ApiException(400, e.Message, chat ? "messages" : "prompt"); }
         string id = (chat ? "chatcmpl-" : "cmpl-") + Guid.NewGuid().ToString("N");

@@ -23,9 +23,11 @@ public sealed class ServeEngine : IDisposable
     private readonly CancellationTokenSource _stop = new();
     private volatile Exception? _failure;
 
+    /// <summary>The gauges are published after every step (a step in progress shows the state before it).</summary>
     public ServeEngine(GenerationLoop loop)
     {
         _loop = loop;
+        Publish();
         _thread = new Thread(Run) { IsBackground = true, Name = "generation loop" };
         _thread.Start();
     }
