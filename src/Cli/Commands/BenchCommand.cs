@@ -59,7 +59,7 @@ public static class BenchCommand
             { memConfig, memTokens, memTiles, memScored, memDtype, memNoCheckpoint };
         memory.SetAction(r => RunMemory(r.GetValue(memConfig)!, r.GetValue(memTokens)!, r.GetValue(memTiles), r.GetValue(memScored), r.GetValue(memDtype)!,
             !r.GetValue(memNoCheckpoint)));
-        return new Command("bench", "Benchmarks") { kernels, model, generate, memory };
+        return new Command("bench", "Benchmarks") { kernels, model, generate, memory, BenchServe.Create() };
     }
 
     public static int RunGenerate(string configPath, string batches, int prompt, int newTokens, string backendName, string outDir, bool profile = false)

@@ -250,6 +250,19 @@ public sealed class ServeTests(ITestOutputHelper output) : IAsyncLifetime
     }
 
     [Fact]
+    public void BenchServe_ReportsEachConcurrencyLevel_AndWritesItsJson()
+    {
+        var outDir = Path.Combine(_dir, "bench");
+        Assert.Equal(0, R1V2.Native.Cli.Program.Main(["bench", "serve", "--config", Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"),
+            "--concurrency", "1,4", "--requests", "4", "--max-tokens", "3", "--backend", "cpu", "--out", outDir]));
+        var json = JsonNode.Parse(File.ReadAllText(Assert.Single(Directory.GetFiles(outDir, "serve-tiny-cpu-*.json"))))!;
+        var levels = json["levels"]!.AsArray();
+        Assert.Equal([1, 4], levels.Select(l => (int)l!["Concurrency"]!));
+        // ignore_eos: every request generates all its tokens, so tokens/s is 3 x requests/s.
+        Assert.All(levels, l => Assert.Equal(3 * (double)l!["RequestsPerSecond"]!, (double)l["TokensPerSecond"]!, 6));
+    }
+
+    [Fact]
     public void BadServeSettings_AreRefusedNamingTheOption()
     {
         Assert.Contains("--port", Assert.Throws<ArgumentException>(() => ServeCommand.Check(Options with { Port = 70000 })).Message);
