@@ -60,27 +60,7 @@ public sealed class StepMemoryTests(ITestOutputHelper output)
         Assert.True(ratio is > 0.95 and < 1.05, $"measured peak {peak:N0} B vs estimate {estimate.Total:N0} B (ratio {ratio:F3}): {estimate}");
     }
 
-    /// <summary>
-    /// R1V2-38B's widths (ViT 3200 / 25 heads / 12800, LLM 5120 / 40 / 8 / 27648, vocabulary 152064, 448-pixel tiles
-    /// of 14-pixel patches) with 1 ViT and 2 decoder layers (configs/r1v2-38b-width.json, 11 GB of fp32 weights):
-    /// forward and backward of a supervised step with per-layer activation checkpointing; the pool's peak against
-    /// StepCost. Opt-in (R1V2_REAL_WIDTH=1): minutes of CPU per case and more memory than the default suite may take.
-    /// </summary>
-    [SkippableTheory]
-    [InlineData(TrainableParts.Adapter)]
-    [InlineData(TrainableParts.AdapterAndLlm)]
-    public void RealWidths_PeakOfForwardAndBackward_IsWithin5PercentOfStepCost(TrainableParts parts)
-    {
-        Skip.IfNot(Environment.GetEnvironmentVariable("R1V2_REAL_WIDTH") == "1", "opt-in: set R1V2_REAL_WIDTH=1 (11 GB of fp32 weights, minutes of CPU per case)");
-        var config = VlmConfig.Load(Path.Combine(AppContext.BaseDirectory, "configs", "r1v2-38b-width.json"));
-        var shape = StepShape.Uniform(1, 384, 1);
-        var need = StepCost.TrainingMemory(config, shape, parts, DType.F32, checkpointLayers: true);
-        long available = GC.GetGCMemoryInfo().TotalAvailableMemoryBytes;
-        Skip.If((need.Total - need.Optimiser) * 1.15 > available,
-            $"needs about {(need.Total - need.Optimiser) / 1e9:F1} GB for weights, gradients and activations; this machine offers {available / 1e9:F1} GB");
-        var (peak, estimate) = Measure("r1v2-38b-width", shape, parts, checkpoint: true, responseOnly: true, optimizerStep: false);
-        double ratio = (double)peak / estimate.Total;
-        output.WriteLine($"r1v2-38b-width {parts}: measured {peak:N0} B, estimate {estimate.Total:N0} B, ratio {ratio:F4}: {estimate}");
-        Assert.True(ratio is > 0.95 and < 1.05, $"measured peak {peak:N0} B vs estimate {estimate.Total:N0} B (ratio {ratio:F3}): {estimate}");
-    }
+    // R1V2-38B's real widths (configs/r1v2-38b-width.json, 11 GB of fp32 weights, minutes of CPU per case) are measured,
+    // not tested: `engine bench model --config configs/r1v2-38b-width.json --checkpoint-layers` reports the same peak
+    // against StepCost (perf/results/memory-r1v2-38b-width-cpu-20261202.md).
 }
