@@ -20,28 +20,22 @@ __device__ __forceinline__ float adamw_one(float p, float g, float& m, float& v,
     return p - step_size * m / (sqrtf(v) * inv_sqrt_bc2 + eps) - decay * p;
 }
 
-extern "C" __global__ void __launch_bounds__(ADAMW_BLOCK) adamw_update(float* __restrict__ p, bf16* __restrict__ p_bf16, const float* __restrict__ g,
-    float* __restrict__ m, float* __restrict__ v, long long n, float beta1, float beta2, float eps, float step_size, float inv_sqrt_bc2, float decay,
-    float grad_scale)
+// Element i: moments and weight updated in place, the bf16 copy written when there is one.
+__device__ __forceinline__ void adamw_at(float* __restrict__ p, bf16* __restrict__ p_bf16, const float* __restrict__ g, float* __restrict__ m,
+    float* __restrict__ v, long long i, float beta1, float beta2, float eps, float step_size, float inv_sqrt_bc2, float decay, float grad_scale)
 {
-    FOR_EACH(i, n)
-    {
-        float mi = m[i], vi = v[i];
-        const float pi = adamw_one(p[i], g[i], mi, vi, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
-        m[i] = mi;
-        v[i] = vi;
-        p[i] = pi;
-        if (p_bf16 != nullptr) p_bf16[i] = float_to_bf16(pi);
-    }
+    float mi = m[i], vi = v[i];
+    const float pi = adamw_one(p[i], g[i], mi, vi, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = pi;
+    if (p_bf16 != nullptr) p_bf16[i] = float_to_bf16(pi);
 }
 
-extern "C" __global__ void __launch_bounds__(ADAMW_BLOCK) adamw_update4(float4* __restrict__ p, uint2* __restrict__ p_bf16, const float4* __restrict__ g,
-    float4* __restrict__ m, float4* __restrict__ v, long long n4, float beta1, float beta2, float eps, float step_size, float inv_sqrt_bc2, float decay,
-    float grad_scale)
+// Four elements at index i of float4 views (every load issued before any store); the copy gets four bf16 in 8 bytes.
+__device__ __forceinline__ void adamw_four(float4* __restrict__ p, uint2* __restrict__ p_bf16, const float4* __restrict__ g, float4* __restrict__ m,
+    float4* __restrict__ v, long long i, float beta1, float beta2, float eps, float step_size, float inv_sqrt_bc2, float decay, float grad_scale)
 {
-    FOR_EACH(i, n4)
-    {
-        // Every load issued before any store.
         const float4 pi = p[i], gi = g[i];
         float4 mi = m[i], vi = v[i];
         float4 out;
@@ -59,6 +53,22 @@ extern "C" __global__ void __launch_bounds__(ADAMW_BLOCK) adamw_update4(float4* 
             packed.y = (unsigned int)float_to_bf16(out.z).bits | ((unsigned int)float_to_bf16(out.w).bits << 16);
             p_bf16[i] = packed;
         }
+}
+
+extern "C" __global__ void __launch_bounds__(ADAMW_BLOCK) adamw_update(float* __restrict__ p, bf16* __restrict__ p_bf16, const float* __restrict__ g,
+    float* __restrict__ m, float* __restrict__ v, long long n, float beta1, float beta2, float eps, float step_size, float inv_sqrt_bc2, float decay,
+    float grad_scale)
+{
+    FOR_EACH(i, n) adamw_at(p, p_bf16, g, m, v, i, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
+}
+
+extern "C" __global__ void __launch_bounds__(ADAMW_BLOCK) adamw_update4(float4* __restrict__ p, uint2* __restrict__ p_bf16, const float4* __restrict__ g,
+    float4* __restrict__ m, float4* __restrict__ v, long long n4, float beta1, float beta2, float eps, float step_size, float inv_sqrt_bc2, float decay,
+    float grad_scale)
+{
+    FOR_EACH(i, n4)
+    {
+        adamw_four(p, p_bf16, g, m, v, i, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
     }
 }
 
@@ -92,41 +102,12 @@ extern "C" __global__ void __launch_bounds__(ADAMW_BLOCK) adamw_multi(const Adam
         const long long begin = (c - t.first_chunk) * ADAMW_CHUNK, end = min(begin + ADAMW_CHUNK, t.n);
         if (t.vector)
         {
-            float4* p4 = reinterpret_cast<float4*>(t.p);
-            const float4* g4 = reinterpret_cast<const float4*>(t.g);
-            float4* m4 = reinterpret_cast<float4*>(t.m);
-            float4* v4 = reinterpret_cast<float4*>(t.v);
-            uint2* c4 = reinterpret_cast<uint2*>(t.copy);
             for (long long i = begin / 4 + threadIdx.x; i < end / 4; i += blockDim.x)
-            {
-                const float4 pi = p4[i], gi = g4[i];
-                float4 mi = m4[i], vi = v4[i];
-                float4 out;
-                out.x = adamw_one(pi.x, gi.x, mi.x, vi.x, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
-                out.y = adamw_one(pi.y, gi.y, mi.y, vi.y, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
-                out.z = adamw_one(pi.z, gi.z, mi.z, vi.z, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
-                out.w = adamw_one(pi.w, gi.w, mi.w, vi.w, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
-                m4[i] = mi;
-                v4[i] = vi;
-                p4[i] = out;
-                if (c4 != nullptr)
-                {
-                    uint2 packed;
-                    packed.x = (unsigned int)float_to_bf16(out.x).bits | ((unsigned int)float_to_bf16(out.y).bits << 16);
-                    packed.y = (unsigned int)float_to_bf16(out.z).bits | ((unsigned int)float_to_bf16(out.w).bits << 16);
-                    c4[i] = packed;
-                }
-            }
+                adamw_four(reinterpret_cast<float4*>(t.p), reinterpret_cast<uint2*>(t.copy), reinterpret_cast<const float4*>(t.g), reinterpret_cast<float4*>(t.m),
+                    reinterpret_cast<float4*>(t.v), i, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
         }
         else
             for (long long i = begin + threadIdx.x; i < end; i += blockDim.x)
-            {
-                float mi = t.m[i], vi = t.v[i];
-                const float pi = adamw_one(t.p[i], t.g[i], mi, vi, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
-                t.m[i] = mi;
-                t.v[i] = vi;
-                t.p[i] = pi;
-                if (t.copy != nullptr) t.copy[i] = float_to_bf16(pi);
-            }
+                adamw_at(t.p, t.copy, t.g, t.m, t.v, i, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
     }
 }

@@ -160,21 +160,8 @@ public sealed class TiledAttentionTests(CpuFixture fx)
         finally { _b.Attention = before; }
     }
 
-    private (float[] O, float[] Lse) Run(AttentionVariant variant, int[] cu, int heads, int kv, int dim, float[] q, float[] k, float[] v, bool causal)
-    {
-        int t = cu[^1];
-        using var seq = _b.Sequences(cu);
-        using var tq = _b.FromArray(q, DType.F32, [t, heads, dim]);
-        using var tk = _b.FromArray(k, DType.F32, [t, kv, dim]);
-        using var tv = _b.FromArray(v, DType.F32, [t, kv, dim]);
-        using var o = _b.Allocate(DType.F32, t, heads, dim);
-        using var lse = _b.Allocate(DType.F32, t, heads);
-        var before = _b.Attention;
-        _b.Attention = variant;
-        try { _b.AttentionForward(tq, tk, tv, seq, o, lse, 1f / MathF.Sqrt(dim), causal); }
-        finally { _b.Attention = before; }
-        return (o.ToFloatArray(), lse.ToFloatArray());
-    }
+    private (float[] O, float[] Lse) Run(AttentionVariant variant, int[] cu, int heads, int kv, int dim, float[] q, float[] k, float[] v, bool causal) =>
+        AttentionRuns.Forward(_b, variant, cu, heads, kv, dim, q, k, v, causal);
 
     [Theory]
     [InlineData(64, true)]
@@ -259,21 +246,8 @@ public sealed class FlashAttentionTests(CpuFixture fx)
 
     private static float[] Bf16(float[] x) => x.Select(BFloat16.Round).ToArray(); // the tensor-core path reads bf16
 
-    private (float[] O, float[] Lse) Forward(AttentionVariant variant, int[] cu, int heads, int kv, int dim, float[] q, float[] k, float[] v, bool causal)
-    {
-        int t = cu[^1];
-        using var seq = _b.Sequences(cu);
-        using var tq = _b.FromArray(q, DType.F32, [t, heads, dim]);
-        using var tk = _b.FromArray(k, DType.F32, [t, kv, dim]);
-        using var tv = _b.FromArray(v, DType.F32, [t, kv, dim]);
-        using var o = _b.Allocate(DType.F32, t, heads, dim);
-        using var lse = _b.Allocate(DType.F32, t, heads);
-        var before = _b.Attention;
-        _b.Attention = variant;
-        try { _b.AttentionForward(tq, tk, tv, seq, o, lse, 1f / MathF.Sqrt(dim), causal); }
-        finally { _b.Attention = before; }
-        return (o.ToFloatArray(), lse.ToFloatArray());
-    }
+    private (float[] O, float[] Lse) Forward(AttentionVariant variant, int[] cu, int heads, int kv, int dim, float[] q, float[] k, float[] v, bool causal) =>
+        AttentionRuns.Forward(_b, variant, cu, heads, kv, dim, q, k, v, causal);
 
     [Theory]
     [InlineData(64, true)]
@@ -387,5 +361,25 @@ public sealed class FlashAttentionTests(CpuFixture fx)
         Assert.Equal(1, Backend.FlashSplits(132, 64, 1024, 131072, 128));    // 4 GiB per partial: one split
         Assert.Equal(33, Backend.FlashSplits(132, 8, 100, 4096, 64));        // few heads: more splits
         Assert.Equal(1, Backend.FlashSplits(132, 40, 0, 0, 128));
+    }
+}
+
+/// <summary>One attention forward in a given schedule on fp32 tensors (the twins' tests).</summary>
+internal static class AttentionRuns
+{
+    public static (float[] O, float[] Lse) Forward(Backend b, AttentionVariant variant, int[] cu, int heads, int kv, int dim, float[] q, float[] k, float[] v, bool causal)
+    {
+        int t = cu[^1];
+        using var seq = b.Sequences(cu);
+        using var tq = b.FromArray(q, DType.F32, [t, heads, dim]);
+        using var tk = b.FromArray(k, DType.F32, [t, kv, dim]);
+        using var tv = b.FromArray(v, DType.F32, [t, kv, dim]);
+        using var o = b.Allocate(DType.F32, t, heads, dim);
+        using var lse = b.Allocate(DType.F32, t, heads);
+        var before = b.Attention;
+        b.Attention = variant;
+        try { b.AttentionForward(tq, tk, tv, seq, o, lse, 1f / MathF.Sqrt(dim), causal); }
+        finally { b.Attention = before; }
+        return (o.ToFloatArray(), lse.ToFloatArray());
     }
 }

@@ -118,30 +118,36 @@ internal static class AttentionKernels
         for (int d = 0; d < a.Dim; d++) dq[qb + d] *= a.Scale;
     }
 
+    /// <summary>
+    /// The unscaled dk and dv of key row kb from query head h's rows first .. end-1, in order, added at <paramref name="at"/>:
+    /// P and dS rounded to bf16 where the tensor cores take them as operands.
+    /// </summary>
+    private static void AddKeyGradients(ArrayView<float> dk, ArrayView<float> dv, long at, ArrayView<float> q, ArrayView<float> k, ArrayView<float> v,
+        ArrayView<float> dout, ArrayView<float> lse, ArrayView<float> delta, long kb, int h, int first, int end, AttentionArgs a)
+    {
+        const float log2e = 1.4426950408889634f;
+        for (int i = first; i < end; i++)
+        {
+            long qb = ((long)i * a.Heads + h) * a.Dim;
+            float sc = 0f, dp = 0f;
+            for (int d = 0; d < a.Dim; d++) { sc += k[kb + d] * q[qb + d]; dp += v[kb + d] * dout[qb + d]; }
+            long r = (long)i * a.Heads + h;
+            float p = MathF.Pow(2f, sc * a.Scale * log2e - lse[r] * log2e);
+            float pb = Bf16(p), ds = Bf16(p * (dp - delta[r]));
+            for (int d = 0; d < a.Dim; d++) { dv[at + d] += pb * dout[qb + d]; dk[at + d] += ds * q[qb + d]; }
+        }
+    }
+
     /// <summary>Twin of attention_mma_backward_dkdv: P and dS rounded to bf16 before they multiply dO and q.</summary>
     public static void BackwardDkDvTiled(Index1D w, ArrayView<float> dk, ArrayView<float> dv, ArrayView<float> q, ArrayView<float> k, ArrayView<float> v,
         ArrayView<float> dout, ArrayView<float> lse, ArrayView<float> delta, ArrayView<int> cu, AttentionArgs a)
     {
-        const float log2e = 1.4426950408889634f;
         int j = w / a.KvHeads, g = w % a.KvHeads, group = a.Heads / a.KvHeads;
         int s = SequenceOf(cu, a.NumSeqs, j);
         int first = a.Causal != 0 ? j : cu[s], end = cu[s + 1];
         long kb = ((long)j * a.KvHeads + g) * a.Dim;
         for (int d = 0; d < a.Dim; d++) { dk[kb + d] = 0f; dv[kb + d] = 0f; }
-        for (int hh = 0; hh < group; hh++)
-        {
-            int h = g * group + hh;
-            for (int i = first; i < end; i++)
-            {
-                long qb = ((long)i * a.Heads + h) * a.Dim;
-                float sc = 0f, dp = 0f;
-                for (int d = 0; d < a.Dim; d++) { sc += k[kb + d] * q[qb + d]; dp += v[kb + d] * dout[qb + d]; }
-                long r = (long)i * a.Heads + h;
-                float p = MathF.Pow(2f, sc * a.Scale * log2e - lse[r] * log2e);
-                float pb = Bf16(p), ds = Bf16(p * (dp - delta[r]));
-                for (int d = 0; d < a.Dim; d++) { dv[kb + d] += pb * dout[qb + d]; dk[kb + d] += ds * q[qb + d]; }
-            }
-        }
+        for (int hh = 0; hh < group; hh++) AddKeyGradients(dk, dv, kb, q, k, v, dout, lse, delta, kb, g * group + hh, first, end, a);
         for (int d = 0; d < a.Dim; d++) dk[kb + d] *= a.Scale;
     }
 
@@ -188,22 +194,12 @@ internal static class AttentionKernels
     public static void BackwardDkDvFlash(Index1D w, ArrayView<float> dkHeads, ArrayView<float> dvHeads, ArrayView<float> q, ArrayView<float> k,
         ArrayView<float> v, ArrayView<float> dout, ArrayView<float> lse, ArrayView<float> delta, ArrayView<int> cu, AttentionArgs a)
     {
-        const float log2e = 1.4426950408889634f;
         int j = w / a.Heads, h = w % a.Heads, kvh = h / (a.Heads / a.KvHeads);
         int s = SequenceOf(cu, a.NumSeqs, j);
         int first = a.Causal != 0 ? j : cu[s], end = cu[s + 1];
         long kb = ((long)j * a.KvHeads + kvh) * a.Dim, ob = ((long)j * a.Heads + h) * a.Dim;
         for (int d = 0; d < a.Dim; d++) { dkHeads[ob + d] = 0f; dvHeads[ob + d] = 0f; }
-        for (int i = first; i < end; i++)
-        {
-            long qb = ((long)i * a.Heads + h) * a.Dim;
-            float sc = 0f, dp = 0f;
-            for (int d = 0; d < a.Dim; d++) { sc += k[kb + d] * q[qb + d]; dp += v[kb + d] * dout[qb + d]; }
-            long r = (long)i * a.Heads + h;
-            float p = MathF.Pow(2f, sc * a.Scale * log2e - lse[r] * log2e);
-            float pb = Bf16(p), ds = Bf16(p * (dp - delta[r]));
-            for (int d = 0; d < a.Dim; d++) { dvHeads[ob + d] += pb * dout[qb + d]; dkHeads[ob + d] += ds * q[qb + d]; }
-        }
+        AddKeyGradients(dkHeads, dvHeads, ob, q, k, v, dout, lse, delta, kb, h, first, end, a);
     }
 
     /// <summary>Twin of attention_flash_dkdv_reduce per (key row, kv head): the group's query heads added in order; dk times scale.</summary>

@@ -473,8 +473,7 @@ public sealed unsafe class CudaBackend : Backend
     {
         int t = q.Dim(0), h = q.Dim(1), hkv = k.Dim(1), d = q.Dim(2);
         if (t == 0) return;
-        foreach (var x in new[] { k, v, output })
-            if (P(x) % 16 != 0) throw new ArgumentException($"attention_forward: {x} is not 16-byte aligned for the tiled variant");
+        RequireAligned("attention_forward", "tiled", k, v, output);
         var (tiles, tileDevice) = sequences.TileOffsets(AttentionTileRows);
         EnsureCurrent();
         var f = Function("attention_mma", $"attention_mma_forward_d{d}_bf16");
@@ -489,8 +488,7 @@ public sealed unsafe class CudaBackend : Backend
     {
         int t = q.Dim(0), h = q.Dim(1), hkv = k.Dim(1), d = q.Dim(2);
         if (t == 0) return;
-        foreach (var x in new[] { k, v, output, dout, dq, dk, dv })
-            if (P(x) % 16 != 0) throw new ArgumentException($"attention_backward: {x} is not 16-byte aligned for the tiled variant");
+        RequireAligned("attention_backward", "tiled", k, v, output, dout, dq, dk, dv);
         using var delta = Allocate(DType.F32, t, h);
         Launch("attention", "attention_backward_delta_bf16", WarpGrid("attention", (long)t * h), [P(delta), P(output), P(dout), I(t), I(h), I(d)]);
         var (tiles, tileDevice) = sequences.TileOffsets(AttentionTileRows);
@@ -505,6 +503,13 @@ public sealed unsafe class CudaBackend : Backend
     }
 
     protected override int Multiprocessors => Device.MultiprocessorCount;
+
+    /// <summary>The tensor-core attentions' 16-byte loads and stores need every tensor 16-byte aligned.</summary>
+    private static void RequireAligned(string op, string variant, params Tensor[] tensors)
+    {
+        foreach (var x in tensors)
+            if (P(x) % 16 != 0) throw new ArgumentException($"{op}: {x} is not 16-byte aligned for the {variant} variant");
+    }
 
     /// <summary>Launches a flash kernel with its dynamic shared memory (above 48 KB only after the function allows it).</summary>
     private void LaunchFlash(string kernel, Dim3 grid, int threads, int sharedBytes, ReadOnlySpan<ulong> args)
@@ -534,8 +539,7 @@ public sealed unsafe class CudaBackend : Backend
     {
         int t = q.Dim(0), h = q.Dim(1), hkv = k.Dim(1), d = q.Dim(2);
         if (t == 0) return;
-        foreach (var x in new[] { k, v, output })
-            if (P(x) % 16 != 0) throw new ArgumentException($"attention_forward: {x} is not 16-byte aligned for the flash variant");
+        RequireAligned("attention_forward", "flash", k, v, output);
         var (tiles, tileDevice) = sequences.TileOffsets(FlashTileRows);
         if (tiles[^1] == 0) return;
         LaunchFlash($"attention_flash_forward_d{d}_bf16", new Dim3((uint)tiles[^1], (uint)h), Compiler.Tuning.Block("attention_flash"), FlashForwardSharedBytes(d),
@@ -547,8 +551,7 @@ public sealed unsafe class CudaBackend : Backend
     {
         int t = q.Dim(0), h = q.Dim(1), hkv = k.Dim(1), d = q.Dim(2);
         if (t == 0) return;
-        foreach (var x in new[] { k, v, output, dout, dq, dk, dv })
-            if (P(x) % 16 != 0) throw new ArgumentException($"attention_backward: {x} is not 16-byte aligned for the flash variant");
+        RequireAligned("attention_backward", "flash", k, v, output, dout, dq, dk, dv);
         var (tiles, tileDevice) = sequences.TileOffsets(FlashTileRows);
         int splits = FlashSplitsFor(h, tiles[^1], t, d);
         using var delta = Allocate(DType.F32, t, h);
