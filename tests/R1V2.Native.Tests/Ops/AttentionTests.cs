@@ -198,26 +198,7 @@ public sealed class TiledAttentionTests(CpuFixture fx)
         var k = Bf16(TestData.Uniform(5, t * kv * dim, 2f));
         var v = Bf16(TestData.Uniform(6, t * kv * dim));
         var dout = Bf16(TestData.Uniform(7, t * heads * dim));
-        float[][] Grads(AttentionVariant variant)
-        {
-            using var seq = _b.Sequences(cu);
-            using var tq = _b.FromArray(q, DType.F32, [t, heads, dim]);
-            using var tk = _b.FromArray(k, DType.F32, [t, kv, dim]);
-            using var tv = _b.FromArray(v, DType.F32, [t, kv, dim]);
-            using var tdo = _b.FromArray(dout, DType.F32, [t, heads, dim]);
-            using var o = _b.Allocate(DType.F32, t, heads, dim);
-            using var lse = _b.Allocate(DType.F32, t, heads);
-            using var dq = _b.Allocate(DType.F32, t, heads, dim);
-            using var dk = _b.Allocate(DType.F32, t, kv, dim);
-            using var dv = _b.Allocate(DType.F32, t, kv, dim);
-            var before = _b.Attention;
-            _b.Attention = AttentionVariant.RowWise; // the same forward for both: only the backward schedule differs
-            _b.AttentionForward(tq, tk, tv, seq, o, lse, 1f / MathF.Sqrt(dim), causal);
-            _b.Attention = variant;
-            try { _b.AttentionBackward(tdo, tq, tk, tv, o, lse, seq, dq, dk, dv, 1f / MathF.Sqrt(dim), causal); }
-            finally { _b.Attention = before; }
-            return [dq.ToFloatArray(), dk.ToFloatArray(), dv.ToFloatArray()];
-        }
+        float[][] Grads(AttentionVariant variant) => AttentionRuns.Backward(_b, variant, cu, heads, kv, dim, q, k, v, dout, causal, null);
         var exact = Grads(AttentionVariant.RowWise);
         var tiled = Grads(AttentionVariant.Tiled);
         string[] names = ["dq", "dk", "dv"];
@@ -294,27 +275,7 @@ public sealed class FlashAttentionTests(CpuFixture fx)
         var k = Bf16(TestData.Uniform(seed + 1, t * kv * dim, 2f));
         var v = Bf16(TestData.Uniform(seed + 2, t * kv * dim));
         var dout = Bf16(TestData.Uniform(seed + 3, t * heads * dim));
-        using var seq = _b.Sequences(cu);
-        using var tq = _b.FromArray(q, DType.F32, [t, heads, dim]);
-        using var tk = _b.FromArray(k, DType.F32, [t, kv, dim]);
-        using var tv = _b.FromArray(v, DType.F32, [t, kv, dim]);
-        using var tdo = _b.FromArray(dout, DType.F32, [t, heads, dim]);
-        using var o = _b.Allocate(DType.F32, t, heads, dim);
-        using var lse = _b.Allocate(DType.F32, t, heads);
-        using var dq = _b.Allocate(DType.F32, t, heads, dim);
-        using var dk = _b.Allocate(DType.F32, t, kv, dim);
-        using var dv = _b.Allocate(DType.F32, t, kv, dim);
-        var (before, beforeSplits) = (_b.Attention, _b.AttentionSplits);
-        try
-        {
-            _b.Attention = AttentionVariant.RowWise; // the same forward for every schedule: only the backward differs
-            _b.AttentionForward(tq, tk, tv, seq, o, lse, 1f / MathF.Sqrt(dim), causal);
-            _b.Attention = variant;
-            _b.AttentionSplits = splits;
-            _b.AttentionBackward(tdo, tq, tk, tv, o, lse, seq, dq, dk, dv, 1f / MathF.Sqrt(dim), causal);
-        }
-        finally { (_b.Attention, _b.AttentionSplits) = (before, beforeSplits); }
-        return [dq.ToFloatArray(), dk.ToFloatArray(), dv.ToFloatArray()];
+        return AttentionRuns.Backward(_b, variant, cu, heads, kv, dim, q, k, v, dout, causal, splits);
     }
 
     [Theory]
@@ -381,5 +342,33 @@ internal static class AttentionRuns
         try { b.AttentionForward(tq, tk, tv, seq, o, lse, 1f / MathF.Sqrt(dim), causal); }
         finally { b.Attention = before; }
         return (o.ToFloatArray(), lse.ToFloatArray());
+    }
+
+    /// <summary>dq, dk, dv of one backward in a given schedule (and dq split count), after the same row-wise forward.</summary>
+    public static float[][] Backward(Backend b, AttentionVariant variant, int[] cu, int heads, int kv, int dim, float[] q, float[] k, float[] v, float[] dout,
+        bool causal, int? splits)
+    {
+        int t = cu[^1];
+        using var seq = b.Sequences(cu);
+        using var tq = b.FromArray(q, DType.F32, [t, heads, dim]);
+        using var tk = b.FromArray(k, DType.F32, [t, kv, dim]);
+        using var tv = b.FromArray(v, DType.F32, [t, kv, dim]);
+        using var tdo = b.FromArray(dout, DType.F32, [t, heads, dim]);
+        using var o = b.Allocate(DType.F32, t, heads, dim);
+        using var lse = b.Allocate(DType.F32, t, heads);
+        using var dq = b.Allocate(DType.F32, t, heads, dim);
+        using var dk = b.Allocate(DType.F32, t, kv, dim);
+        using var dv = b.Allocate(DType.F32, t, kv, dim);
+        var (before, beforeSplits) = (b.Attention, b.AttentionSplits);
+        try
+        {
+            b.Attention = AttentionVariant.RowWise; // the same forward for every schedule: only the backward differs
+            b.AttentionForward(tq, tk, tv, seq, o, lse, 1f / MathF.Sqrt(dim), causal);
+            b.Attention = variant;
+            b.AttentionSplits = splits;
+            b.AttentionBackward(tdo, tq, tk, tv, o, lse, seq, dq, dk, dv, 1f / MathF.Sqrt(dim), causal);
+        }
+        finally { (b.Attention, b.AttentionSplits) = (before, beforeSplits); }
+        return [dq.ToFloatArray(), dk.ToFloatArray(), dv.ToFloatArray()];
     }
 }
