@@ -20,7 +20,7 @@ namespace R1V2.Native.Cli.Serve;
 /// <summary>Settings of `engine serve`.</summary>
 public sealed record ServeOptions(string Host = "127.0.0.1", int Port = 8000, string? ApiKey = null, int MaxBatch = 32, int CacheBlocks = 2048,
     int BlockSize = 16, int? MaxPromptTokens = null, long MaxImageBytes = 16L << 20, int MaxImages = 4, string? AllowImageDir = null,
-    string? ServedModelName = null, int MaxNewTokensDefault = 512);
+    string? ServedModelName = null, int MaxNewTokensDefault = 512, long MaxImagePixels = ImagePreprocessor.MaxPixels);
 
 /// <summary>
 /// The OpenAI-compatible HTTP server: Kestrel with minimal APIs in front of one <see cref="ServeEngine"/>.
@@ -55,7 +55,7 @@ public sealed class OpenAiServer : IAsyncDisposable
         string name = o.ServedModelName ?? Path.GetFileName(Path.GetFullPath(modelDir).TrimEnd(Path.DirectorySeparatorChar));
         _models = name == modelDir ? [name] : [name, modelDir];
         _stopTokens = new[] { "<|im_end|>", "<|endoftext|>" }.Select(tokenizer.TokenId).Where(id => id is not null).Select(id => id!.Value).ToArray();
-        _limits = new ServeLimits(o.MaxPromptTokens ?? _maxPositions - 1, o.MaxImages, o.MaxImageBytes, ImagePreprocessor.MaxPixels, o.MaxBatch,
+        _limits = new ServeLimits(o.MaxPromptTokens ?? _maxPositions - 1, o.MaxImages, o.MaxImageBytes, o.MaxImagePixels, o.MaxBatch,
             o.MaxNewTokensDefault, o.AllowImageDir);
         _engine = new ServeEngine(new GenerationLoop(model, tokenizer, new GeneratorOptions(o.CacheBlocks, o.BlockSize, o.MaxBatch)));
 

@@ -27,12 +27,14 @@ public sealed class ServeTests(ITestOutputHelper output) : IAsyncLifetime
     private OpenAiServer _server = null!;
     private const string Key = "sk-test";
 
-    private static ServeOptions Options => new(Port: 0, ApiKey: Key, MaxBatch: 32, CacheBlocks: 1024, MaxPromptTokens: 200, MaxImageBytes: 20_000, MaxImages: 1);
+    private ServeOptions Options => new(Port: 0, ApiKey: Key, MaxBatch: 32, CacheBlocks: 1024, MaxPromptTokens: 200, MaxImageBytes: 20_000, MaxImages: 1,
+        AllowImageDir: Path.Combine(_dir, "images"), MaxImagePixels: 5000);
 
     public async Task InitializeAsync()
     {
         var ckpt = Path.Combine(_dir, "tiny");
         InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), ckpt, seed: 2);
+        Directory.CreateDirectory(Path.Combine(_dir, "images"));
         _backend = new CpuBackend();
         _model = VisionLanguageModel.Load(_backend, ckpt);
         _server = await OpenAiServer.StartAsync(_model, TextTokenizer.Load(ckpt), ckpt, Options);
@@ -55,12 +57,12 @@ public sealed class ServeTests(ITestOutputHelper output) : IAsyncLifetime
 
     private static StringContent Body(string json) => new(json, Encoding.UTF8, "application/json");
 
-    private string Png(string name, int size, int seed)
+    private string Png(string name, int size, int seed, bool solid = false)
     {
         var rng = new Random(seed);
         using var image = new Image<Rgb24>(size, size);
         for (int y = 0; y < size; y++)
-            for (int x = 0; x < size; x++) image[x, y] = new Rgb24((byte)rng.Next(256), (byte)rng.Next(256), (byte)rng.Next(256));
+            for (int x = 0; x < size; x++) image[x, y] = solid ? new Rgb24(200, 10, 10) : new Rgb24((byte)rng.Next(256), (byte)rng.Next(256), (byte)rng.Next(256));
         var path = Path.Combine(_dir, name);
         image.SaveAsPng(path);
         return path;
@@ -194,6 +196,28 @@ public sealed class ServeTests(ITestOutputHelper output) : IAsyncLifetime
             var status = await new StreamReader(net).ReadLineAsync();
             Assert.StartsWith("HTTP/1.1 413", status);
         }
+        // Local images only under --allow-image-dir; the pixel limit is checked from the header, before decoding.
+        async Task<(HttpStatusCode Status, string? Param, string Message)> Image(string url)
+        {
+            var body = new JsonObject
+            {
+                ["model"] = "tiny", ["max_tokens"] = 2,
+                ["messages"] = new JsonArray(new JsonObject { ["role"] = "user", ["content"] = new JsonArray(
+                    new JsonObject { ["type"] = "image_url", ["image_url"] = new JsonObject { ["url"] = url } }) }),
+            };
+            var r = await c.PostAsync("/v1/chat/completions", Body(body.ToJsonString()));
+            var json = JsonNode.Parse(await r.Content.ReadAsStringAsync())!;
+            return (r.StatusCode, (string?)json["error"]?["param"], (string?)json["error"]?["message"] ?? "");
+        }
+        var inside = Png(Path.Combine("images", "digit.png"), 28, 3);
+        Assert.Equal(HttpStatusCode.OK, (await Image("file://" + inside)).Status);
+        var outside = await Image("file://" + Png("outside.png", 28, 4));
+        Assert.Equal((HttpStatusCode.BadRequest, "messages[0].content[0].image_url.url"), (outside.Status, outside.Param));
+        Assert.Contains("outside --allow-image-dir", outside.Message);
+        var wide = await Image("file://" + Png(Path.Combine("images", "wide.png"), 100, 5, solid: true)); // few bytes, 10000 pixels
+        Assert.Equal(HttpStatusCode.BadRequest, wide.Status);
+        Assert.Contains("100 x 100 pixels is outside the limit of 5000 pixels", wide.Message);
+
         // Fields that are not supported are refused by name; their no-op values are accepted.
         var unsupported = await c.PostAsync("/v1/chat/completions", Body("{\"model\": \"tiny\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"tools\": []}"));
         Assert.Equal(HttpStatusCode.BadRequest, unsupported.StatusCode);
@@ -269,6 +293,7 @@ public sealed class ServeTests(ITestOutputHelper output) : IAsyncLifetime
         Assert.Contains("--host", Assert.Throws<ArgumentException>(() => ServeCommand.Check(Options with { Host = "not an address" })).Message);
         Assert.Contains("--max-batch", Assert.Throws<ArgumentException>(() => ServeCommand.Check(Options with { MaxBatch = 0 })).Message);
         Assert.Contains("--allow-image-dir", Assert.Throws<ArgumentException>(() => ServeCommand.Check(Options with { AllowImageDir = "/no/such/dir" })).Message);
+        Assert.Contains("--max-image-pixels", Assert.Throws<ArgumentException>(() => ServeCommand.Check(Options with { MaxImagePixels = 0 })).Message);
         Assert.Equal(1, R1V2.Native.Cli.Program.Main(["serve", "--model", Path.Combine(_dir, "missing"), "--backend", "cpu", "--port", "0"]));
     }
 }
