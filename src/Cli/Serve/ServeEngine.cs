@@ -21,6 +21,7 @@ public sealed class ServeEngine : IDisposable
     private readonly SemaphoreSlim _wake = new(0);
     private readonly Thread _thread;
     private readonly CancellationTokenSource _stop = new();
+    private readonly ConcurrentDictionary<ChannelWriter<ServeEvent>, byte> _open = new();
     private volatile Exception? _failure;
 
     /// <summary>The gauges are published after every step (a step in progress shows the state before it).</summary>
@@ -67,6 +68,7 @@ public sealed class ServeEngine : IDisposable
     {
         if (_failure is not null) throw new InvalidOperationException($"the generation loop stopped: {_failure.Message}", _failure);
         var channel = Channel.CreateUnbounded<ServeEvent>(new UnboundedChannelOptions { SingleReader = true, SingleWriter = true });
+        _open[channel.Writer] = 0;
         int remaining = request.Samples;
         Interlocked.Add(ref _promptTokens, request.PromptIds.Length);
         _commands.Enqueue(() =>
@@ -81,12 +83,13 @@ public sealed class ServeEngine : IDisposable
                 }, s =>
                 {
                     channel.Writer.TryWrite(new SampleDone(s));
-                    if (--remaining == 0) channel.Writer.TryComplete();
+                    if (--remaining == 0) { channel.Writer.TryComplete(); _open.TryRemove(channel.Writer, out _); }
                 });
             }
             catch (Exception e)
             {
                 channel.Writer.TryComplete(e);
+                _open.TryRemove(channel.Writer, out _);
                 return;
             }
             if (cancel.CanBeCanceled)
@@ -114,6 +117,9 @@ public sealed class ServeEngine : IDisposable
         {
             _failure = e;
             Console.Error.WriteLine($"error: the generation loop stopped: {e.Message}");
+            // Every request still open ends with the error (a 500, or a stream cut short) instead of waiting forever.
+            foreach (var writer in _open.Keys) writer.TryComplete(new InvalidOperationException($"the generation loop stopped: {e.Message}", e));
+            _open.Clear();
         }
     }
 

@@ -133,6 +133,10 @@ public sealed class GenerationLoop : IDisposable
             throw new ArgumentException($"prompt ({r.PromptIds.Length}) + max new tokens ({r.MaxNewTokens}) exceed max_position_embeddings {cfg.MaxPositionEmbeddings}");
         int needed = (r.PromptIds.Length + _o.BlockSize - 1) / _o.BlockSize + r.Samples;
         if (needed > _cache.NumBlocks) throw new ArgumentException($"the prompt needs {needed} cache blocks of {_o.BlockSize} tokens; the cache has {_cache.NumBlocks}");
+        // One sample at its full length must fit alone (preemption makes room for it by recomputing the others later).
+        int full = (r.PromptIds.Length + r.MaxNewTokens + _o.BlockSize - 1) / _o.BlockSize + 1;
+        if (full > _cache.NumBlocks)
+            throw new ArgumentException($"prompt ({r.PromptIds.Length}) + max new tokens ({r.MaxNewTokens}) need {full} cache blocks of {_o.BlockSize} tokens; the cache has {_cache.NumBlocks}");
     }
 
     /// <summary>Queues a request (validated); its samples join at a later <see cref="Step"/>. Returns its id.</summary>
