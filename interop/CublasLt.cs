@@ -27,7 +27,7 @@ public static unsafe partial class CublasLt
     private static uint Alignment(ulong pointer) => pointer == 0 ? 256u : (uint)Math.Min(256ul, pointer & (~pointer + 1));
 
     [StructLayout(LayoutKind.Sequential, Size = 96)]
-    private struct HeuristicResult
+    internal struct HeuristicResult
     {
         public fixed ulong Algo[8];
         public nuint WorkspaceSize;
@@ -120,10 +120,20 @@ public static unsafe partial class CublasLt
             Check(cublasLtMatmulPreferenceSetAttribute(pref, PrefMinAlignmentB, &alB, sizeof(uint)));
             Check(cublasLtMatmulPreferenceSetAttribute(pref, PrefMinAlignmentC, &alC, sizeof(uint)));
             Check(cublasLtMatmulPreferenceSetAttribute(pref, PrefMinAlignmentD, &alC, sizeof(uint)));
+            // One algorithm per problem for the handle's life: the heuristic's first choice, asked once and then pinned, so
+            // every call of a shape runs the same kernel with the same reduction (and skips the heuristic's cost).
+            var key = new AlgoKey(opA, opB, m, n, k, aType, bType, cType, lda, ldb, ldc, bias != 0, biasType, batch, strideA, strideB, strideC,
+                alA, alB, alC, workspaceBytes);
             HeuristicResult result;
-            int found;
-            Check(cublasLtMatmulAlgoGetHeuristic(handle.Handle, desc, la, lb, lc, lc, pref, 1, &result, &found));
-            if (found == 0) throw new CudaException("cublasLtMatmulAlgoGetHeuristic", 15, "CUBLAS_STATUS_NOT_SUPPORTED", $"no algorithm for m={m} n={n} k={k}");
+            bool known;
+            lock (handle.Algorithms) known = handle.Algorithms.TryGetValue(key, out result);
+            if (!known)
+            {
+                int found;
+                Check(cublasLtMatmulAlgoGetHeuristic(handle.Handle, desc, la, lb, lc, lc, pref, 1, &result, &found));
+                if (found == 0) throw new CudaException("cublasLtMatmulAlgoGetHeuristic", 15, "CUBLAS_STATUS_NOT_SUPPORTED", $"no algorithm for m={m} n={n} k={k}");
+                lock (handle.Algorithms) handle.Algorithms[key] = result;
+            }
             Check(cublasLtMatmul(handle.Handle, desc, &alpha, a, la, b, lb, &beta, c, lc, c, lc, result.Algo, workspace, (nuint)workspaceBytes, stream));
         }
         finally
@@ -137,10 +147,21 @@ public static unsafe partial class CublasLt
     }
 }
 
+/// <summary>Everything the heuristic's choice depends on: the problem, its layouts and alignments, and the workspace.</summary>
+internal readonly record struct AlgoKey(CublasOperation OpA, CublasOperation OpB, int M, int N, int K, CudaDataType A, CudaDataType B, CudaDataType C,
+    int Lda, int Ldb, int Ldc, bool Bias, CudaDataType BiasType, int Batch, long StrideA, long StrideB, long StrideC, uint AlignA, uint AlignB, uint AlignC,
+    long Workspace);
+
 public sealed class CublasLtHandle : IDisposable
 {
     public CublasLtHandle() => Handle = CublasLt.Create();
     public IntPtr Handle { get; private set; }
+
+    /// <summary>The algorithm pinned for each problem this handle has run (<see cref="CublasLt.Matmul"/>).</summary>
+    internal Dictionary<AlgoKey, CublasLt.HeuristicResult> Algorithms { get; } = new();
+
+    /// <summary>How many problems have an algorithm pinned.</summary>
+    public int PinnedAlgorithms { get { lock (Algorithms) return Algorithms.Count; } }
 
     public void Dispose()
     {

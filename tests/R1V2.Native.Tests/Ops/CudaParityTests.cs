@@ -368,6 +368,27 @@ public sealed class CudaParityTests(CpuFixture fx)
         }
     }
 
+    /// <summary>cuBLASLt's algorithm is asked once per problem and pinned: the same GEMM on other buffers gives the same bits.</summary>
+    [SkippableFact]
+    public void CudaGemm_PinsOneAlgorithmPerProblem_AndRepeatsBitForBit()
+    {
+        Skip.IfNot(Gpu.Available, Gpu.Reason);
+        using var cuda = new CudaBackend(activationType: DType.BF16);
+        float[] Run()
+        {
+            using var a = cuda.FromArray(TestData.Uniform(51, 300 * 512), DType.BF16, [300, 512]);
+            using var w = cuda.FromArray(TestData.Uniform(52, 384 * 512), DType.BF16, [384, 512]);
+            using var c = cuda.Allocate(DType.BF16, 300, 384);
+            cuda.Gemm(a, false, w, true, c);
+            return c.ToFloatArray();
+        }
+        var first = Run();
+        int pinned = cuda.PinnedGemmAlgorithms;
+        Assert.True(pinned >= 1);
+        Assert.Equal(first, Run());
+        Assert.Equal(pinned, cuda.PinnedGemmAlgorithms);   // the second run asked the heuristic nothing new
+    }
+
     [SkippableFact]
     public void CudaEmbeddingBackward_RepeatedIds_GiveTheCpuBits_RunAfterRun()
     {

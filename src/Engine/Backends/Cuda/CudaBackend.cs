@@ -25,6 +25,9 @@ public sealed unsafe class CudaBackend : Backend
     private readonly CudaStream _stream;
     private readonly CublasHandle _cublas;
     private readonly CublasLtHandle _cublasLt;
+
+    /// <summary>GEMM problems whose cuBLASLt algorithm is pinned (asked of the heuristic once, then reused bit for bit).</summary>
+    public int PinnedGemmAlgorithms => _cublasLt.PinnedAlgorithms;
     private readonly ulong _workspace;
     private readonly ulong _errorWord; // int32[2]: first bad row (-1: none), its id
     private readonly MemoryPool<CudaBlock> _pool;
