@@ -34,6 +34,8 @@ public static class ServeCommand
                 r.GetValue(maxBatch), r.GetValue(blocks), 16, r.GetValue(maxPrompt), r.GetValue(maxImageBytes), r.GetValue(maxImages), r.GetValue(allowImageDir),
                 r.GetValue(name), MaxImagePixels: r.GetValue(maxPixels));
             Check(o);
+            if (Engine.Backends.Launch.Current.WorldSize > 1)
+                throw new ArgumentException($"engine serve runs in one process; this launch has {Engine.Backends.Launch.Current.WorldSize} ranks (start it without mpirun/srun)");
             var dir = r.GetValue(model)!;
             using var b = Backends.Create(r.GetValue(backend)!);
             using var vlm = VisionLanguageModel.Load(b, dir);
