@@ -11,8 +11,12 @@ public sealed class StopSignals : IDisposable
     private readonly CancellationTokenSource _stop = new();
     private readonly PosixSignalRegistration[] _registrations;
 
-    public StopSignals()
+    private readonly string _stopping;
+
+    /// <param name="stopping">What the first signal does, as printed (default: a training command's step and checkpoint).</param>
+    public StopSignals(string stopping = "stopping after the current step with a checkpoint")
     {
+        _stopping = stopping;
         _registrations = [PosixSignalRegistration.Create(PosixSignal.SIGINT, Handle), PosixSignalRegistration.Create(PosixSignal.SIGTERM, Handle)];
     }
 
@@ -31,7 +35,7 @@ public sealed class StopSignals : IDisposable
         }
         context.Cancel = true;
         Signal = context.Signal == PosixSignal.SIGTERM ? "SIGTERM" : "SIGINT";
-        Console.Error.WriteLine($"{Signal}: stopping after the current step with a checkpoint (a second signal stops at once)");
+        Console.Error.WriteLine($"{Signal}: {_stopping} (a second signal stops at once)");
         _stop.Cancel();
     }
 

@@ -23,16 +23,17 @@ public static class ServeCommand
         var maxImages = new Option<int>("--max-images") { Description = "Images a request may carry", DefaultValueFactory = _ => 4 };
         var allowImageDir = new Option<string?>("--allow-image-dir") { Description = "Allow images given as local paths (file://) under this directory; off by default" };
         var name = new Option<string?>("--served-model-name") { Description = "The model id clients use (default: the checkpoint directory's name)" };
+        var quiet = new Option<bool>("--quiet") { Description = "No access log (by default one line per request on stdout: time, client, method, path, status, seconds)" };
         var backend = Backends.Option();
         var cmd = new Command("serve", "Serve a checkpoint over an OpenAI-compatible HTTP API (chat and text completions, streaming, metrics)")
         {
-            model, host, port, apiKey, maxBatch, blocks, maxPrompt, maxImageBytes, maxPixels, maxImages, allowImageDir, name, backend,
+            model, host, port, apiKey, maxBatch, blocks, maxPrompt, maxImageBytes, maxPixels, maxImages, allowImageDir, name, quiet, backend,
         };
         cmd.SetAction(r =>
         {
             var o = new ServeOptions(r.GetValue(host)!, r.GetValue(port), r.GetValue(apiKey) ?? NullIfEmpty(Environment.GetEnvironmentVariable("R1V2_API_KEY")),
                 r.GetValue(maxBatch), r.GetValue(blocks), 16, r.GetValue(maxPrompt), r.GetValue(maxImageBytes), r.GetValue(maxImages), r.GetValue(allowImageDir),
-                r.GetValue(name), MaxImagePixels: r.GetValue(maxPixels));
+                r.GetValue(name), MaxImagePixels: r.GetValue(maxPixels), AccessLog: r.GetValue(quiet) ? null : Console.Out);
             Check(o);
             if (Engine.Backends.Launch.Current.WorldSize > 1)
                 throw new ArgumentException($"engine serve runs in one process; this launch has {Engine.Backends.Launch.Current.WorldSize} ranks (start it without mpirun/srun)");
@@ -40,7 +41,7 @@ public static class ServeCommand
             using var b = Backends.Create(r.GetValue(backend)!);
             using var vlm = VisionLanguageModel.Load(b, dir);
             var tokenizer = TextTokenizer.Load(dir);
-            using var signals = new StopSignals();
+            using var signals = new StopSignals("stopping the server: requests in flight are cancelled");
             var server = OpenAiServer.StartAsync(vlm, tokenizer, dir, o).GetAwaiter().GetResult();
             try
             {

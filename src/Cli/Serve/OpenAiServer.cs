@@ -20,7 +20,7 @@ namespace R1V2.Native.Cli.Serve;
 /// <summary>Settings of `engine serve`.</summary>
 public sealed record ServeOptions(string Host = "127.0.0.1", int Port = 8000, string? ApiKey = null, int MaxBatch = 32, int CacheBlocks = 2048,
     int BlockSize = 16, int? MaxPromptTokens = null, long MaxImageBytes = 16L << 20, int MaxImages = 4, string? AllowImageDir = null,
-    string? ServedModelName = null, int MaxNewTokensDefault = 512, long MaxImagePixels = ImagePreprocessor.MaxPixels);
+    string? ServedModelName = null, int MaxNewTokensDefault = 512, long MaxImagePixels = ImagePreprocessor.MaxPixels, TextWriter? AccessLog = null);
 
 /// <summary>
 /// The OpenAI-compatible HTTP server: Kestrel with minimal APIs in front of one <see cref="ServeEngine"/>.
@@ -123,6 +123,7 @@ public sealed class OpenAiServer : IAsyncDisposable
     private async Task Handle(HttpContext ctx, string endpoint, Func<HttpContext, JsonObject, Task> handler)
     {
         int status = 200;
+        var clock = System.Diagnostics.Stopwatch.StartNew();
         try
         {
             if (_engine.Failure is not null) throw new ApiException(500, $"the generation loop stopped: {_engine.Failure.Message}", null, "server_error");
@@ -149,6 +150,7 @@ public sealed class OpenAiServer : IAsyncDisposable
         finally
         {
             lock (_requests) _requests[(endpoint, status)] = _requests.GetValueOrDefault((endpoint, status)) + 1;
+            _o.AccessLog?.WriteLine($"{DateTime.UtcNow:yyyy-MM-ddTHH:mm:ss}Z {ctx.Connection.RemoteIpAddress} {ctx.Request.Method} {ctx.Request.Path} {status} {clock.Elapsed.TotalSeconds:F3} s");
         }
     }
 
