@@ -89,6 +89,42 @@ public sealed class SignalTests : IDisposable
         Assert.Equal(stopped + 2, Lines(Path.Combine(output, "metrics.jsonl")));
     }
 
+    [SkippableTheory]
+    [InlineData("TERM")]
+    [InlineData("INT")]
+    public async Task ASignal_StopsEngineServe_AndItExitsZero(string signal)
+    {
+        Skip.IfNot(OperatingSystem.IsLinux() || OperatingSystem.IsMacOS(), "POSIX signals");
+        var ckpt = Path.Combine(_dir, "tiny");
+        if (!Directory.Exists(ckpt)) InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "tiny.json"), ckpt, seed: 2);
+        using var p = Start(["serve", "--model", ckpt, "--port", "0", "--backend", "cpu"]);
+        var listening = new TaskCompletionSource<string>();
+        var log = new System.Text.StringBuilder();
+        p.OutputDataReceived += (_, e) =>
+        {
+            if (e.Data is null) return;
+            lock (log) log.AppendLine(e.Data);
+            var m = System.Text.RegularExpressions.Regex.Match(e.Data, @"at (http://[^ ]+)/v1");
+            if (m.Success) listening.TrySetResult(m.Groups[1].Value);
+        };
+        p.BeginOutputReadLine();
+        Assert.True(await Task.WhenAny(listening.Task, Task.Delay(TimeSpan.FromSeconds(60))) == listening.Task, "the server did not start");
+        using (var http = new HttpClient { BaseAddress = new Uri(listening.Task.Result) })
+        {
+            var reply = await http.PostAsync("/v1/completions", new StringContent("{\"model\": \"tiny\", \"prompt\": \"hi\", \"max_tokens\": 2}"));
+            Assert.Equal(System.Net.HttpStatusCode.OK, reply.StatusCode);
+        }
+        Signal(p, signal);
+        var exited = p.WaitForExitAsync();
+        Assert.True(await Task.WhenAny(exited, Task.Delay(TimeSpan.FromSeconds(30))) == exited, "the server did not stop");
+        Assert.Equal(0, p.ExitCode);
+        lock (log)
+        {
+            Assert.Contains("POST /v1/completions 200", log.ToString());   // the access log
+            Assert.Contains("server stopped", log.ToString());
+        }
+    }
+
     [SkippableFact]
     public async Task ASecondSignal_EndsTheProcessAtOnce()
     {
