@@ -567,7 +567,11 @@ public abstract class Backend : IDisposable
 
     /// <summary>The schedule a call runs: the one set, or under Auto the flash one where <see cref="RunsTiledNatively"/>.</summary>
     public AttentionVariant VariantFor(Tensor q, Tensor k, Tensor v) => Attention != AttentionVariant.Auto ? Attention
-        : RunsTiledNatively(q, k, v) ? AttentionVariant.Flash : AttentionVariant.RowWise;
+        : !RunsTiledNatively(q, k, v) ? AttentionVariant.RowWise
+        : FlashFits(q.Dim(2)) ? AttentionVariant.Flash : AttentionVariant.Tiled;
+
+    /// <summary>Whether the flash kernels' shared memory at this head dim fits the device (the tiled ones fit any sm_80+).</summary>
+    protected virtual bool FlashFits(int headDim) => true;
 
     /// <summary>Whether the tensor-core schedules are this backend's fast path for these tensors (none by default: the CPU's is row-wise).</summary>
     protected virtual bool RunsTiledNatively(Tensor q, Tensor k, Tensor v) => false;
@@ -629,6 +633,8 @@ public abstract class Backend : IDisposable
         SameAs(dout, q, "attention_backward", "dout"); SameAs(dq, q, "attention_backward", "dq");
         SameAs(dk, k, "attention_backward", "dk"); SameAs(dv, v, "attention_backward", "dv");
         var variant = VariantFor(q, k, v);
+        // Auto also needs dout where the tensor cores' 16-byte copies read it (a view of it may not be aligned).
+        if (Attention == AttentionVariant.Auto && variant != AttentionVariant.RowWise && !RunsTiledNatively(dout, k, v)) variant = AttentionVariant.RowWise;
         if (variant != AttentionVariant.RowWise)
         {
             CheckTensorCoreAttention(q, variant, "attention_backward");

@@ -314,6 +314,22 @@ public sealed class FlashAttentionTests(CpuFixture fx)
     }
 
     [Fact]
+    public void TheFlashKernelsSharedMemory_FitsA100AndHopper_ButNotThe99KbGpusAtLargeHeadDims()
+    {
+        // Per-block opt-in limits: A100 163 KB, H100/H200 227 KB, sm_86/sm_89 99 KB (Auto runs the tiled kernels there).
+        const int a100 = 166912, hopper = 232448, ada = 101376;
+        int[] expected = [82944, 107520, 123904, 148480]; // backward: K, V, two Q/dO buffers, dS^T, lse/delta
+        for (int i = 0; i < 4; i++)
+        {
+            int d = Backend.TiledHeadDims[i], bytes = R1V2.Native.Engine.Backends.Cuda.CudaBackend.FlashBackwardSharedBytes(d);
+            Assert.Equal(expected[i], bytes);
+            Assert.True(bytes <= a100 && bytes <= hopper, $"D {d}: {bytes} B");
+            Assert.True(R1V2.Native.Engine.Backends.Cuda.CudaBackend.FlashForwardSharedBytes(d) <= 65536, $"D {d} forward");
+        }
+        Assert.True(expected[0] <= ada && expected[1] > ada);
+    }
+
+    [Fact]
     public void FlashSplits_FillTheDevice_WithinMemoryAndTileBounds()
     {
         // H200 (132 SMs), the 38B decoder (40 heads, D 128) at 8192 tokens in 64 key tiles: 7 splits, 1.2 GB of partials.

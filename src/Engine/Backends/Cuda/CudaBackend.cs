@@ -507,6 +507,20 @@ public sealed unsafe class CudaBackend : Backend
 
     protected override int Multiprocessors => Device.MultiprocessorCount;
 
+    /// <summary>
+    /// The flash backward holds up to 148 KB of shared memory a block (D = 128): A100, H100 and H200 take it; GPUs with
+    /// 99 KB a block (sm_86, sm_89) run the tiled kernels under Auto instead.
+    /// </summary>
+    protected override bool FlashFits(int headDim) =>
+        Math.Max(FlashForwardSharedBytes(headDim), FlashBackwardSharedBytes(headDim)) <= Device.MaxSharedMemoryPerBlockOptin;
+
+    private void RequireFlashFits(string op, int headDim)
+    {
+        if (!FlashFits(headDim))
+            throw new ArgumentException($"{op}: the flash variant needs {FlashBackwardSharedBytes(headDim)} bytes of shared memory a block at head dim {headDim}; "
+                + $"{Device.Name} allows {Device.MaxSharedMemoryPerBlockOptin}: use AttentionVariant.Tiled (Auto does)");
+    }
+
     /// <summary>The tensor-core attentions' 16-byte loads and stores need every tensor 16-byte aligned.</summary>
     private static void RequireAligned(string op, string variant, params Tensor[] tensors)
     {
@@ -543,6 +557,7 @@ public sealed unsafe class CudaBackend : Backend
         int t = q.Dim(0), h = q.Dim(1), hkv = k.Dim(1), d = q.Dim(2);
         if (t == 0) return;
         RequireAligned("attention_forward", "flash", k, v, output);
+        RequireFlashFits("attention_forward", d);
         var (tiles, tileDevice) = sequences.TileOffsets(FlashTileRows);
         if (tiles[^1] == 0) return;
         LaunchFlash($"attention_flash_forward_d{d}_bf16", new Dim3((uint)tiles[^1], (uint)h), Compiler.Tuning.Block("attention_flash"), FlashForwardSharedBytes(d),
@@ -554,7 +569,8 @@ public sealed unsafe class CudaBackend : Backend
     {
         int t = q.Dim(0), h = q.Dim(1), hkv = k.Dim(1), d = q.Dim(2);
         if (t == 0) return;
-        RequireAligned("attention_backward", "flash", k, v, output, dout, dq, dk, dv);
+        RequireAligned("attention_backward", "flash", k, v, output, dout);   // dq, dk, dv are written element by element
+        RequireFlashFits("attention_backward", d);
         var (tiles, tileDevice) = sequences.TileOffsets(FlashTileRows);
         int splits = FlashSplitsFor(h, tiles[^1], t, d);
         using var delta = Allocate(DType.F32, t, h);
