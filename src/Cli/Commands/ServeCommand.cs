@@ -23,17 +23,18 @@ public static class ServeCommand
         var maxImages = new Option<int>("--max-images") { Description = "Images a request may carry", DefaultValueFactory = _ => 4 };
         var allowImageDir = new Option<string?>("--allow-image-dir") { Description = "Allow images given as local paths (file://) under this directory; off by default" };
         var name = new Option<string?>("--served-model-name") { Description = "The model id clients use (default: the checkpoint directory's name)" };
+        var defaultMax = new Option<int?>("--default-max-tokens") { Description = "max_tokens of a request that gives none (default: what the context leaves after the prompt)" };
         var quiet = new Option<bool>("--quiet") { Description = "No access log (by default one line per request on stdout: time, client, method, path, status, seconds)" };
         var backend = Backends.Option();
         var cmd = new Command("serve", "Serve a checkpoint over an OpenAI-compatible HTTP API (chat and text completions, streaming, metrics)")
         {
-            model, host, port, apiKey, maxBatch, blocks, maxPrompt, maxImageBytes, maxPixels, maxImages, allowImageDir, name, quiet, backend,
+            model, host, port, apiKey, maxBatch, blocks, maxPrompt, maxImageBytes, maxPixels, maxImages, allowImageDir, name, defaultMax, quiet, backend,
         };
         cmd.SetAction(r =>
         {
             var o = new ServeOptions(r.GetValue(host)!, r.GetValue(port), r.GetValue(apiKey) ?? NullIfEmpty(Environment.GetEnvironmentVariable("R1V2_API_KEY")),
                 r.GetValue(maxBatch), r.GetValue(blocks), 16, r.GetValue(maxPrompt), r.GetValue(maxImageBytes), r.GetValue(maxImages), r.GetValue(allowImageDir),
-                r.GetValue(name), MaxImagePixels: r.GetValue(maxPixels), AccessLog: r.GetValue(quiet) ? null : Console.Out);
+                r.GetValue(name), r.GetValue(defaultMax), MaxImagePixels: r.GetValue(maxPixels), AccessLog: r.GetValue(quiet) ? null : Console.Out);
             Check(o);
             if (Engine.Backends.Launch.Current.WorldSize > 1)
                 throw new ArgumentException($"engine serve runs in one process; this launch has {Engine.Backends.Launch.Current.WorldSize} ranks (start it without mpirun/srun)");
@@ -67,6 +68,7 @@ public static class ServeCommand
         if (o.CacheBlocks < 2) throw new ArgumentException($"--cache-blocks must be at least 2, got {o.CacheBlocks}");
         if (o.MaxPromptTokens is < 1) throw new ArgumentException($"--max-prompt-tokens must be at least 1, got {o.MaxPromptTokens}");
         if (o.MaxImageBytes < 1) throw new ArgumentException($"--max-image-bytes must be at least 1, got {o.MaxImageBytes}");
+        if (o.MaxNewTokensDefault is < 1) throw new ArgumentException($"--default-max-tokens must be at least 1, got {o.MaxNewTokensDefault}");
         if (o.MaxImagePixels < 1) throw new ArgumentException($"--max-image-pixels must be at least 1, got {o.MaxImagePixels}");
         if (o.MaxImages < 0) throw new ArgumentException($"--max-images must be >= 0, got {o.MaxImages}");
         if (o.AllowImageDir is not null && !Directory.Exists(o.AllowImageDir)) throw new ArgumentException($"--allow-image-dir: {o.AllowImageDir} is not a directory");

@@ -24,7 +24,8 @@ public sealed class ApiException(int status, string message, string? param = nul
 }
 
 /// <summary>Limits of `engine serve` on what a request may ask for.</summary>
-public sealed record ServeLimits(int MaxPromptTokens, int MaxImages, long MaxImageBytes, long MaxImagePixels, int MaxSamples, int MaxNewTokensDefault,
+/// <param name="MaxNewTokensDefault">max_tokens when a request gives none (null: the room the context leaves, as vLLM does).</param>
+public sealed record ServeLimits(int MaxPromptTokens, int MaxImages, long MaxImageBytes, long MaxImagePixels, int MaxSamples, int? MaxNewTokensDefault,
     string? AllowImageDir);
 
 /// <summary>The sampling fields common to /v1/chat/completions and /v1/completions, validated.</summary>
@@ -72,14 +73,15 @@ public static class OpenAiRequests
             string at = $"messages[{i}]";
             if (messages[i] is not JsonObject m) throw ApiException.Invalid(at, $"{at} must be an object");
             var role = String(m, "role", at) ?? throw ApiException.Invalid($"{at}.role", $"{at}.role is required");
+            if (role == "developer") role = "system"; // the newer name of the system turn
             if (role is not ("system" or "user" or "assistant"))
-                throw ApiException.Invalid($"{at}.role", $"{at}.role '{role}' is not one of system, user, assistant");
+                throw ApiException.Invalid($"{at}.role", $"{at}.role '{role}' is not one of system, developer, user, assistant");
             var content = new System.Text.StringBuilder();
             var counts = new List<int>();
             switch (m["content"])
             {
                 case JsonValue v when v.TryGetValue<string>(out var text):
-                    content.Append(text);
+                    content.Append(Text(text, $"{at}.content"));
                     break;
                 case JsonArray parts:
                     for (int k = 0; k < parts.Count; k++)
@@ -87,7 +89,7 @@ public static class OpenAiRequests
                         string pat = $"{at}.content[{k}]";
                         if (parts[k] is not JsonObject part) throw ApiException.Invalid(pat, $"{pat} must be an object");
                         var type = String(part, "type", pat);
-                        if (type == "text") content.Append(String(part, "text", pat) ?? throw ApiException.Invalid($"{pat}.text", $"{pat}.text is required"));
+                        if (type == "text") content.Append(Text(String(part, "text", pat) ?? throw ApiException.Invalid($"{pat}.text", $"{pat}.text is required"), $"{pat}.text"));
                         else if (type == "image_url")
                         {
                             if (role != "user") throw ApiException.Invalid(pat, $"{pat}: images are taken in user messages only");
@@ -111,6 +113,7 @@ public static class OpenAiRequests
             }
             rendered.Add(new ChatMessage(role, content.ToString(), counts));
         }
+        CheckLength(rendered.Sum(r => (long)r.Content.Length), limits, "messages");
         string prompt;
         try { prompt = template.Render(rendered); }
         catch (ArgumentException e) { throw ApiException.Invalid("messages", e.Message); }
@@ -127,12 +130,16 @@ public static class OpenAiRequests
         if (o["echo"] is JsonValue echo && echo.TryGetValue<bool>(out bool e) && e) throw ApiException.Invalid("echo", "echo is not supported");
         string text = o["prompt"] switch
         {
+            JsonValue v when v.TryGetValue<string>(out var s) && s.Length > (long)limits.MaxPromptTokens * 64 =>
+                throw ApiException.Invalid("prompt", $"the prompt is {s.Length} characters, far over --max-prompt-tokens {limits.MaxPromptTokens}"),
             JsonValue v when v.TryGetValue<string>(out var s) => s,
             JsonArray { Count: 1 } a when a[0] is JsonValue v1 && v1.TryGetValue<string>(out var s1) => s1,
             JsonArray => throw ApiException.Invalid("prompt", "prompt must be one string (a batch of prompts is several requests)"),
             null => throw ApiException.Invalid("prompt", "prompt is required"),
             _ => throw ApiException.Invalid("prompt", "prompt must be a string"),
         };
+        if (text.Contains(R1V2.Native.Engine.Models.TokenizerFiles.ImageContext, StringComparison.Ordinal))
+            throw ApiException.Invalid("prompt", $"prompt must not contain {R1V2.Native.Engine.Models.TokenizerFiles.ImageContext} (the image placeholder token; /v1/completions takes text only)");
         var ids = tokenizer.Encode(text);
         if (ids.Length == 0) throw ApiException.Invalid("prompt", "prompt must not be empty");
         CheckPrompt(ids.Length, limits, "prompt");
@@ -146,10 +153,27 @@ public static class OpenAiRequests
             throw ApiException.Invalid(param, $"the prompt is {tokens} tokens; this server takes at most {limits.MaxPromptTokens} (--max-prompt-tokens)");
     }
 
+    /// <summary>Message text, refused where it holds the markers the template places images with (they would misplace or fake images).</summary>
+    private static string Text(string text, string param)
+    {
+        foreach (var marker in new[] { ChatTemplate.ImagePlaceholder, "<img>", "</img>", R1V2.Native.Engine.Models.TokenizerFiles.ImageContext })
+            if (text.Contains(marker, StringComparison.Ordinal))
+                throw ApiException.Invalid(param, $"{param} must not contain {marker} (images go in image_url content parts)");
+        return text;
+    }
+
+    private static void CheckLength(long characters, ServeLimits limits, string param)
+    {
+        // A token is rarely over a few characters: text this long cannot be a prompt the server takes; refuse it before tokenizing.
+        if (characters > (long)limits.MaxPromptTokens * 64)
+            throw ApiException.Invalid(param, $"the request's text is {characters} characters, far over --max-prompt-tokens {limits.MaxPromptTokens}");
+    }
+
     private static void CheckFields(JsonObject o, HashSet<string> known)
     {
         foreach (var (name, value) in o)
         {
+            if (value is null) continue; // a client's explicit null is the field left out
             if (!known.Contains(name)) throw ApiException.Invalid(name, $"unsupported parameter '{name}'");
             bool noop = name switch
             {
@@ -198,6 +222,7 @@ public static class OpenAiRequests
     {
         double temperature = Number(o, "temperature") ?? 1.0;
         if (temperature is < 0 or > 2) throw ApiException.Invalid("temperature", $"temperature must be in [0, 2], got {temperature}");
+        if (temperature < 1e-5) temperature = 0; // 1 / T would overflow fp32: a temperature this small is greedy
         double topP = Number(o, "top_p") ?? 1.0;
         if (!(topP > 0 && topP <= 1)) throw ApiException.Invalid("top_p", $"top_p must be in (0, 1], got {topP}");
         long n = Integer(o, "n") ?? 1;
@@ -209,8 +234,12 @@ public static class OpenAiRequests
             if (Integer(o, f) is long m) { max = m; maxField = f; break; }
         if (max is not null && (max < 1 || max > room))
             throw ApiException.Invalid(maxField!, $"{maxField} must be in [1, {room}] (max_position_embeddings less the prompt), got {max}");
-        long seed = Integer(o, "seed") ?? Random.Shared.NextInt64(0, long.MaxValue);
-        if (seed < 0) throw ApiException.Invalid("seed", $"seed must be >= 0, got {seed}");
+        long seed = o["seed"] switch
+        {
+            null => Random.Shared.NextInt64(),
+            JsonValue sv when sv.TryGetValue<long>(out var exact) => exact, // any 64-bit integer, negative included
+            _ => Integer(o, "seed") ?? 0,
+        };
         var stop = o["stop"] switch
         {
             null => [],
@@ -218,7 +247,7 @@ public static class OpenAiRequests
             JsonArray a when a.Count <= 4 && a.All(x => x is JsonValue xv && xv.TryGetValue<string>(out _)) => a.Select(x => x!.GetValue<string>()).ToArray(),
             _ => throw ApiException.Invalid("stop", "stop must be a string or an array of at most 4 strings"),
         };
-        if (stop.Any(s => s.Length == 0)) throw ApiException.Invalid("stop", "stop strings must not be empty");
+        if (stop.Any(s => s.Length == 0 || s.Length > 1024)) throw ApiException.Invalid("stop", "stop strings must be 1 to 1024 characters");
         bool stream = o["stream"] switch
         {
             null => false,
@@ -238,7 +267,15 @@ public static class OpenAiRequests
             _ => throw ApiException.Invalid("ignore_eos", "ignore_eos must be true or false"),
         };
         var sampling = new SamplingParams((float)temperature, TopP: (float)topP);
-        return new SamplingRequest(sampling, (int)(max ?? Math.Min(limits.MaxNewTokensDefault, room)), (int)n, (ulong)seed, stop, stream, usage, ignoreEos);
+        return new SamplingRequest(sampling, (int)(max ?? Math.Min(limits.MaxNewTokensDefault ?? room, room)), (int)n, unchecked((ulong)seed), stop, stream, usage, ignoreEos);
+    }
+
+    private static byte[] ReadBounded(string path)
+    {
+        using var f = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16, FileOptions.SequentialScan);
+        var bytes = new byte[f.Length];
+        f.ReadExactly(bytes);
+        return bytes;
     }
 
     /// <summary>An image from a data URL (base64), or a local file under --allow-image-dir; never a network fetch.</summary>
@@ -258,13 +295,22 @@ public static class OpenAiRequests
         else if (url.StartsWith("file://", StringComparison.OrdinalIgnoreCase) || url.StartsWith('/'))
         {
             if (limits.AllowImageDir is null) throw ApiException.Invalid(param, $"{param}: local images are off (start the server with --allow-image-dir DIR)");
-            var path = Path.GetFullPath(url.StartsWith("file://", StringComparison.OrdinalIgnoreCase) ? Uri.UnescapeDataString(url[7..]) : url);
+            var local = url;
+            if (local.StartsWith("file://localhost/", StringComparison.OrdinalIgnoreCase)) local = local["file://localhost".Length..];
+            else if (local.StartsWith("file://", StringComparison.OrdinalIgnoreCase)) local = local["file://".Length..];
+            if (!local.StartsWith('/')) throw ApiException.Invalid(param, $"{param}: a file URL must hold an absolute path");
             var root = Path.GetFullPath(limits.AllowImageDir).TrimEnd(Path.DirectorySeparatorChar) + Path.DirectorySeparatorChar;
-            if (!path.StartsWith(root, StringComparison.Ordinal)) throw ApiException.Invalid(param, $"{param}: {path} is outside --allow-image-dir {root}");
+            var path = Path.GetFullPath(Uri.UnescapeDataString(local));
+            // The file itself, after every link, must lie under the directory and be a regular file with bytes in it
+            // (a FIFO or a device reports no length: refused before it is opened).
             var info = new FileInfo(path);
-            if (!info.Exists) throw ApiException.Invalid(param, $"{param}: {path} does not exist");
-            if (info.Length > limits.MaxImageBytes) throw ApiException.Invalid(param, $"{param}: {path} is {info.Length} bytes, above the {limits.MaxImageBytes}-byte limit");
-            bytes = (readFile ?? File.ReadAllBytes)(path);
+            var target = info.Exists ? info.ResolveLinkTarget(returnFinalTarget: true) as FileInfo ?? info : info;
+            if (!path.StartsWith(root, StringComparison.Ordinal) || !Path.GetFullPath(target.FullName).StartsWith(root, StringComparison.Ordinal))
+                throw ApiException.Invalid(param, $"{param}: the file is outside --allow-image-dir");
+            if (!target.Exists) throw ApiException.Invalid(param, $"{param}: no such file under --allow-image-dir");
+            if (target.Length == 0) throw ApiException.Invalid(param, $"{param}: not a regular file with an image in it");
+            if (target.Length > limits.MaxImageBytes) throw ApiException.Invalid(param, $"{param}: the file is {target.Length} bytes, above the {limits.MaxImageBytes}-byte limit (--max-image-bytes)");
+            bytes = (readFile ?? ReadBounded)(target.FullName);
         }
         else throw ApiException.Invalid(param, $"{param}: only data:image/...;base64 URLs (and files under --allow-image-dir) are taken; the server fetches nothing over the network");
         if (bytes.Length > limits.MaxImageBytes) throw ApiException.Invalid(param, $"{param}: the image is {bytes.Length} bytes, above the {limits.MaxImageBytes}-byte limit (--max-image-bytes)");

@@ -20,7 +20,7 @@ namespace R1V2.Native.Cli.Serve;
 /// <summary>Settings of `engine serve`.</summary>
 public sealed record ServeOptions(string Host = "127.0.0.1", int Port = 8000, string? ApiKey = null, int MaxBatch = 32, int CacheBlocks = 2048,
     int BlockSize = 16, int? MaxPromptTokens = null, long MaxImageBytes = 16L << 20, int MaxImages = 4, string? AllowImageDir = null,
-    string? ServedModelName = null, int MaxNewTokensDefault = 512, long MaxImagePixels = ImagePreprocessor.MaxPixels, TextWriter? AccessLog = null);
+    string? ServedModelName = null, int? MaxNewTokensDefault = null, long MaxImagePixels = ImagePreprocessor.MaxPixels, TextWriter? AccessLog = null);
 
 /// <summary>
 /// The OpenAI-compatible HTTP server: Kestrel with minimal APIs in front of one <see cref="ServeEngine"/>.
@@ -57,10 +57,14 @@ public sealed class OpenAiServer : IAsyncDisposable
         _stopTokens = new[] { "<|im_end|>", "<|endoftext|>" }.Select(tokenizer.TokenId).Where(id => id is not null).Select(id => id!.Value).ToArray();
         _limits = new ServeLimits(o.MaxPromptTokens ?? _maxPositions - 1, o.MaxImages, o.MaxImageBytes, o.MaxImagePixels, o.MaxBatch,
             o.MaxNewTokensDefault, o.AllowImageDir);
-        _engine = new ServeEngine(new GenerationLoop(model, tokenizer, new GeneratorOptions(o.CacheBlocks, o.BlockSize, o.MaxBatch)));
+        _engine = new ServeEngine(() => new GenerationLoop(model, tokenizer, new GeneratorOptions(o.CacheBlocks, o.BlockSize, o.MaxBatch)));
 
         var builder = WebApplication.CreateSlimBuilder();
         builder.Logging.ClearProviders();
+        // The command handles SIGINT/SIGTERM itself (a second signal ends the process at once); in-flight requests are
+        // cancelled before the server stops, so stopping never waits for generations.
+        builder.Services.AddSingleton<IHostLifetime, CommandLifetime>();
+        builder.Services.Configure<HostOptions>(h => h.ShutdownTimeout = TimeSpan.FromSeconds(5));
         builder.WebHost.ConfigureKestrel(k =>
         {
             // A request carries at most MaxImages images as base64 (4/3 of their bytes) plus its text.
@@ -70,10 +74,10 @@ public sealed class OpenAiServer : IAsyncDisposable
         _app = builder.Build();
         _app.Use(async (ctx, next) =>
         {
-            if (o.ApiKey is not null && ctx.Request.Path.StartsWithSegments("/v1")
-                && ctx.Request.Headers.Authorization.ToString() != "Bearer " + o.ApiKey)
+            if (o.ApiKey is not null && ctx.Request.Path.StartsWithSegments("/v1") && !KeyMatches(ctx.Request.Headers.Authorization.ToString(), o.ApiKey))
             {
                 await Error(ctx, new ApiException(401, "a valid API key is required (Authorization: Bearer KEY)", null, "invalid_request_error", "invalid_api_key"));
+                Count("auth", 401, ctx, TimeSpan.Zero);
                 return;
             }
             await next();
@@ -103,7 +107,12 @@ public sealed class OpenAiServer : IAsyncDisposable
     public static async Task<OpenAiServer> StartAsync(VisionLanguageModel model, TextTokenizer tokenizer, string modelDir, ServeOptions options)
     {
         var server = new OpenAiServer(model, tokenizer, modelDir, options);
-        await server._app.StartAsync();
+        try { await server._app.StartAsync(); }
+        catch
+        {
+            server._engine.Dispose();   // e.g. the port is taken: the loop thread and its cache go too
+            throw;
+        }
         var addresses = server._app.Services.GetRequiredService<Microsoft.AspNetCore.Hosting.Server.IServer>().Features.Get<IServerAddressesFeature>()!;
         server.Url = addresses.Addresses.First();
         return server;
@@ -113,9 +122,24 @@ public sealed class OpenAiServer : IAsyncDisposable
 
     public async ValueTask DisposeAsync()
     {
+        _engine.CancelAll();            // in-flight requests end now (their streams close), so stopping waits for nothing
         await _app.StopAsync();
         await _app.DisposeAsync();
         _engine.Dispose();
+    }
+
+    /// <summary>Bearer KEY, the scheme in any case, compared in constant time.</summary>
+    private static bool KeyMatches(string header, string key)
+    {
+        if (!header.StartsWith("Bearer ", StringComparison.OrdinalIgnoreCase)) return false;
+        var given = Encoding.UTF8.GetBytes(header[7..].Trim());
+        return System.Security.Cryptography.CryptographicOperations.FixedTimeEquals(given, Encoding.UTF8.GetBytes(key));
+    }
+
+    private void Count(string endpoint, int status, HttpContext ctx, TimeSpan elapsed)
+    {
+        lock (_requests) _requests[(endpoint, status)] = _requests.GetValueOrDefault((endpoint, status)) + 1;
+        _o.AccessLog?.WriteLine($"{DateTime.UtcNow:yyyy-MM-ddTHH:mm:ss}Z {ctx.Connection.RemoteIpAddress} {ctx.Request.Method} {ctx.Request.Path} {status} {elapsed.TotalSeconds:F3} s");
     }
 
     // ---- handlers ----------------------------------------------------------------------------------------------
@@ -142,15 +166,22 @@ public sealed class OpenAiServer : IAsyncDisposable
             if (!ctx.Response.HasStarted) await Error(ctx, e);
         }
         catch (OperationCanceledException) when (ctx.RequestAborted.IsCancellationRequested) { status = 499; }
-        catch (Exception e) when (e is ArgumentException or InvalidDataException)
+        catch (Exception e)
         {
-            status = 400;
-            if (!ctx.Response.HasStarted) await Error(ctx, new ApiException(400, e.Message));
+            // Anything else is the server's fault: a 500 with an error object (or an error event in a stream), logged.
+            status = 500;
+            Console.Error.WriteLine($"error: {ctx.Request.Path}: {e.Message}");
+            var error = new ApiException(500, $"internal error: {e.Message}", null, "server_error");
+            if (!ctx.Response.HasStarted) await Error(ctx, error);
+            else
+            {
+                try { await ctx.Response.WriteAsync("data: " + error.Body().ToJsonString() + "\n\n"); }
+                catch (Exception) when (ctx.RequestAborted.IsCancellationRequested) { }
+            }
         }
         finally
         {
-            lock (_requests) _requests[(endpoint, status)] = _requests.GetValueOrDefault((endpoint, status)) + 1;
-            _o.AccessLog?.WriteLine($"{DateTime.UtcNow:yyyy-MM-ddTHH:mm:ss}Z {ctx.Connection.RemoteIpAddress} {ctx.Request.Method} {ctx.Request.Path} {status} {clock.Elapsed.TotalSeconds:F3} s");
+            Count(endpoint, status, ctx, clock.Elapsed);
         }
     }
 
@@ -170,9 +201,19 @@ public sealed class OpenAiServer : IAsyncDisposable
     {
         var request = new GenerationRequest(prompt, pixels, tiles, s.Sampling, s.Seed, s.MaxTokens, s.IgnoreEos ? null : _stopTokens, s.Stop.Length > 0 ? s.Stop : null, s.N);
         try { _engine.Validate(request); }
-        catch (ArgumentException e) { throw new ApiException(400, e.Message, chat ? "messages" : "prompt"); }
+        catch (ArgumentException e)
+        {
+            throw new ApiException(400, e.Message, e.Message.Contains("max new tokens", StringComparison.Ordinal) ? (chat ? "max_completion_tokens" : "max_tokens") : chat ? "messages" : "prompt");
+        }
         string id = (chat ? "chatcmpl-" : "cmpl-") + Guid.NewGuid().ToString("N");
-        var events = _engine.Submit(request, ctx.RequestAborted);
+        // Ended when the client goes away or this handler ends for any reason: the engine then cancels what is left.
+        using var done = CancellationTokenSource.CreateLinkedTokenSource(ctx.RequestAborted);
+        try { await Respond(ctx, id, model, prompt, s, chat, _engine.Submit(request, done.Token)); }
+        finally { done.Cancel(); }
+    }
+
+    private async Task Respond(HttpContext ctx, string id, string model, int[] prompt, SamplingRequest s, bool chat, ChannelReader<ServeEvent> events)
+    {
         var choices = Enumerable.Range(0, s.N).Select(_ => new ChoiceText(_tokenizer, _stopTokens, s.Stop, chat)).ToArray();
         var finish = new string?[s.N];
         int completionTokens = 0;
@@ -308,27 +349,34 @@ public sealed class OpenAiServer : IAsyncDisposable
 /// </summary>
 public sealed class ChoiceText(TextTokenizer tokenizer, int[] stopTokens, string[] stop, bool reasoning)
 {
-    private readonly List<int> _tokens = [];
+    private readonly List<int> _pending = [];   // tokens after the last whole character
+    private string _stable = "";                // the text of every token before them
     private int _sentReasoning, _sentContent;
     private bool _done;
     private const string EndThink = "</think>";
 
+    /// <summary>Decodes incrementally: tokens join the stable text once they end on a whole character (linear in the output).</summary>
     public void Add(int token)
     {
-        if (!stopTokens.Contains(token)) _tokens.Add(token);
+        if (stopTokens.Contains(token)) return;
+        _pending.Add(token);
+        var tail = tokenizer.Decode(_pending);
+        if (tail.EndsWith('\uFFFD')) return;
+        _stable += tail;
+        _pending.Clear();
     }
 
     public void Finish(int[] tokens)
     {
-        _tokens.Clear();
-        foreach (var t in tokens) Add(t);
+        _stable = tokenizer.Decode(tokens.Where(t => !stopTokens.Contains(t)));
+        _pending.Clear();
         _done = true;
     }
 
     /// <summary>The text released so far, as (reasoning, content).</summary>
     public (string Reasoning, string Content) Visible(bool final)
     {
-        var text = tokenizer.Decode(_tokens);
+        var text = _pending.Count == 0 ? _stable : _stable + tokenizer.Decode(_pending);
         if (!final && text.EndsWith('\uFFFD')) text = text.TrimEnd('\uFFFD');
         int cut = stop.Select(s => text.IndexOf(s, StringComparison.Ordinal)).Where(i => i >= 0).DefaultIfEmpty(-1).Min();
         if (cut >= 0) text = text[..cut];
@@ -338,10 +386,12 @@ public sealed class ChoiceText(TextTokenizer tokenizer, int[] stopTokens, string
             int hold = 0;
             foreach (var s in stop.Append(reasoning ? EndThink : ""))
                 for (int k = Math.Min(s.Length - 1, text.Length); k > hold; k--)
-                    if (text.EndsWith(s[..k], StringComparison.Ordinal)) { hold = k; break; }
+                    if (text.AsSpan(text.Length - k).SequenceEqual(s.AsSpan(0, k))) { hold = k; break; }
             text = text[..(text.Length - hold)];
         }
         if (!reasoning) return ("", text);
+        if (!final && text.Length < 7 && "<think>".StartsWith(text, StringComparison.Ordinal)) return ("", ""); // may become a repeated <think>
+        if (text.StartsWith("<think>", StringComparison.Ordinal)) text = text["<think>".Length..]; // the template opened it already
         int end = text.IndexOf(EndThink, StringComparison.Ordinal);
         return end < 0 ? (text, "") : (text[..end], text[(end + EndThink.Length)..]);
     }
@@ -355,4 +405,11 @@ public sealed class ChoiceText(TextTokenizer tokenizer, int[] stopTokens, string
         _sentContent = Math.Max(_sentContent, c.Length);
         return (dr, dc);
     }
+}
+
+/// <summary>A host lifetime that leaves signals to the command (StopSignals) and prints nothing.</summary>
+internal sealed class CommandLifetime : IHostLifetime
+{
+    public Task WaitForStartAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+    public Task StopAsync(CancellationToken cancellationToken) => Task.CompletedTask;
 }

@@ -133,6 +133,13 @@ public sealed class GenerationLoop : IDisposable
             throw new ArgumentException($"prompt ({r.PromptIds.Length}) + max new tokens ({r.MaxNewTokens}) exceed max_position_embeddings {cfg.MaxPositionEmbeddings}");
         int needed = (r.PromptIds.Length + _o.BlockSize - 1) / _o.BlockSize + r.Samples;
         if (needed > _cache.NumBlocks) throw new ArgumentException($"the prompt needs {needed} cache blocks of {_o.BlockSize} tokens; the cache has {_cache.NumBlocks}");
+        // The prompt's <IMG_CONTEXT> tokens take the image features, one per token: their count must match the tiles.
+        int imageTokens = r.PromptIds.Count(id => id == model.ImageContextId), features = r.Tiles * model.Config.TokensPerTile;
+        if (imageTokens != features)
+            throw new ArgumentException($"the prompt has {imageTokens} <IMG_CONTEXT> tokens but {r.Tiles} image tiles x {model.Config.TokensPerTile} tokens per tile = {features} image features");
+        long pixels = (long)r.Tiles * 3 * model.Config.ForceImageSize * model.Config.ForceImageSize;
+        if ((r.Pixels?.Length ?? 0) != pixels)
+            throw new ArgumentException($"{r.Tiles} image tiles need {pixels} pixel values, the request has {r.Pixels?.Length ?? 0}");
         // One sample at its full length must fit alone (preemption makes room for it by recomputing the others later).
         int full = (r.PromptIds.Length + r.MaxNewTokens + _o.BlockSize - 1) / _o.BlockSize + 1;
         if (full > _cache.NumBlocks)
@@ -187,7 +194,9 @@ public sealed class GenerationLoop : IDisposable
         var waiting = _waiting;
         // Admit while the batch and the cache have room.
         var admitted = new List<(Waiting W, CacheSequence Parent)>();
-        int freeBlocks = cache.FreeBlocks;
+        // Keep a block for each running sample's next token, so that what is admitted now is not preempted by this very
+        // step's decode (and prefilled again next step).
+        int freeBlocks = cache.FreeBlocks - running.Count;
         while (waiting.First is { } node && running.Count + admitted.Sum(a => a.W.Samples.Length) + node.Value.Samples.Length <= _o.MaxBatch)
         {
             var w = node.Value;
@@ -375,7 +384,11 @@ public sealed class GenerationLoop : IDisposable
         if (r.StopTokens?.Contains(token) == true) finish = FinishReason.StopToken;
         else if (r.StopStrings is { Count: > 0 } stops && tokenizer is not null)
         {
-            var text = tokenizer.Decode(a.Tokens);
+            // Checked every token, so a stop string is found as it completes: it ends at this token and spans at most 4
+            // bytes (tokens) a character, so decoding the last 4 x (longest stop) + 1 tokens is enough (linear, not
+            // quadratic, in the output's length).
+            int window = Math.Min(a.Tokens.Count, 4 * stops.Max(x => x.Length) + 1);
+            var text = tokenizer.Decode(a.Tokens.Skip(a.Tokens.Count - window));
             if (stops.Any(s => text.Contains(s, StringComparison.Ordinal))) finish = FinishReason.StopString;
         }
         if (finish is null && a.Tokens.Count >= r.MaxNewTokens) finish = FinishReason.Length;

@@ -127,7 +127,7 @@ public sealed class ServeTests(ITestOutputHelper output) : IAsyncLifetime
             if (param is not null) Assert.Equal(param, (string?)e[name]!["param"]);
             Assert.Contains(message, (string)e[name]!["message"]!);
         }
-        Refused("role", 400, "messages[0].role", "not one of system, user, assistant");
+        Refused("role", 400, "messages[0].role", "not one of system, developer, user, assistant");
         Refused("temperature", 400, "temperature", "temperature must be in [0, 2]");
         Refused("topP", 400, "top_p", "top_p must be in (0, 1]");
         Refused("n", 400, "n", "n must be in [1, 32]");
@@ -151,6 +151,7 @@ public sealed class ServeTests(ITestOutputHelper output) : IAsyncLifetime
         Assert.Equal(0, (double)m["r1v2_kv_blocks_used"]!);
         Assert.Equal(1024, (double)m["r1v2_kv_blocks_free"]!);
         Assert.True((double)m["r1v2_requests_total{endpoint=\"chat\",status=\"400\"}"]! >= 9);
+        Assert.True((double)m["r1v2_requests_total{endpoint=\"auth\",status=\"401\"}"]! >= 1);   // refused keys are counted too
     }
 
     private async Task WaitUntilIdle()
@@ -181,6 +182,9 @@ public sealed class ServeTests(ITestOutputHelper output) : IAsyncLifetime
             Assert.Equal(HttpStatusCode.Unauthorized, r.StatusCode);
             Assert.Equal("invalid_api_key", (string?)JsonNode.Parse(await r.Content.ReadAsStringAsync())!["error"]!["code"]);
             Assert.Equal(HttpStatusCode.OK, (await noKey.GetAsync("/health")).StatusCode); // health and metrics need no key
+            using var lowercase = Client(key: null);
+            lowercase.DefaultRequestHeaders.TryAddWithoutValidation("Authorization", "bearer " + Key); // the scheme in any case
+            Assert.Equal(HttpStatusCode.OK, (await lowercase.GetAsync("/v1/models")).StatusCode);
         }
         var models = JsonNode.Parse(await c.GetStringAsync("/v1/models"))!["data"]!.AsArray();
         Assert.Equal("tiny", (string)models[0]!["id"]!);
@@ -217,6 +221,17 @@ public sealed class ServeTests(ITestOutputHelper output) : IAsyncLifetime
         var wide = await Image("file://" + Png(Path.Combine("images", "wide.png"), 100, 5, solid: true)); // few bytes, 10000 pixels
         Assert.Equal(HttpStatusCode.BadRequest, wide.Status);
         Assert.Contains("100 x 100 pixels is outside the limit of 5000 pixels", wide.Message);
+
+        // Image markers in text would misplace or fake images: refused by field (they never reach the generation loop).
+        var fake = await c.PostAsync("/v1/completions", Body("{\"model\": \"tiny\", \"prompt\": \"a <IMG_CONTEXT> b\", \"max_tokens\": 2}"));
+        Assert.Equal(HttpStatusCode.BadRequest, fake.StatusCode);
+        Assert.Equal("prompt", (string?)JsonNode.Parse(await fake.Content.ReadAsStringAsync())!["error"]!["param"]);
+        var fakeChat = await c.PostAsync("/v1/chat/completions", Body("{\"model\": \"tiny\", \"messages\": [{\"role\": \"user\", \"content\": \"<image> here\"}]}"));
+        Assert.Equal("messages[0].content", (string?)JsonNode.Parse(await fakeChat.Content.ReadAsStringAsync())!["error"]!["param"]);
+        // What real clients send: explicit nulls, the developer role, a negative 64-bit seed, a vanishing temperature.
+        var lenient = await c.PostAsync("/v1/chat/completions", Body("{\"model\": \"tiny\", \"messages\": [{\"role\": \"developer\", \"content\": \"be brief\"}, "
+            + "{\"role\": \"user\", \"content\": \"hi\"}], \"tools\": null, \"logit_bias\": null, \"seed\": -9007199254740993, \"temperature\": 1e-9, \"max_tokens\": 2}"));
+        Assert.Equal(HttpStatusCode.OK, lenient.StatusCode);
 
         // Fields that are not supported are refused by name; their no-op values are accepted.
         var unsupported = await c.PostAsync("/v1/chat/completions", Body("{\"model\": \"tiny\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"tools\": []}"));
@@ -271,6 +286,23 @@ public sealed class ServeTests(ITestOutputHelper output) : IAsyncLifetime
         Assert.Equal(0, (double)after["r1v2_requests_running"]!);
         Assert.True((double)after["r1v2_generation_tokens_total"]! < 8 * 2000, "the cancelled samples stopped early");
         Assert.Equal(1, (double)after["r1v2_requests_total{endpoint=\"chat\",status=\"499\"}"]!);
+    }
+
+    [Fact]
+    public async Task AFailingStep_EndsItsRequestsWithTheError_AndTheLoopStartsOver()
+    {
+        var ckpt = Path.Combine(_dir, "tiny");
+        using var backend = new CpuBackend();
+        var model = VisionLanguageModel.Load(backend, ckpt);
+        using var engine = new ServeEngine(() => new R1V2.Native.Engine.Generation.GenerationLoop(model, null,
+            new R1V2.Native.Engine.Generation.GeneratorOptions(CacheBlocks: 64)));
+        model.Dispose();   // every step now fails inside the model
+        var events = engine.Submit(new R1V2.Native.Engine.Generation.GenerationRequest([1, 2, 3], MaxNewTokens: 2), CancellationToken.None);
+        var e = await Assert.ThrowsAsync<InvalidOperationException>(async () => { await foreach (var _ in events.ReadAllAsync()) { } });
+        Assert.Contains("the generation step failed", e.Message);
+        Assert.Equal(1, engine.StepFailures);
+        Assert.Null(engine.Failure);                       // the loop started over: the server keeps taking requests
+        Assert.Equal(0, engine.UsedBlocks);
     }
 
     [Fact]

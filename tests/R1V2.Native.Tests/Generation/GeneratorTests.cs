@@ -95,7 +95,7 @@ public sealed class GeneratorTests(CpuFixture fx)
         Assert.Equal(alone, results.Select(r => r.Tokens));
 
         // A cache too small for all of them at once: the newest is preempted and recomputed.
-        var tight = new Generator(model, options: new GeneratorOptions(CacheBlocks: 7, BlockSize: 4, MaxBatch: 5));
+        var tight = new Generator(model, options: new GeneratorOptions(CacheBlocks: 6, BlockSize: 4, MaxBatch: 5));
         var squeezed = tight.Generate(requests);
         Assert.True(tight.LastStats!.Preemptions > 0, "the small cache should force a preemption");
         Assert.Equal(alone, squeezed.Select(r => r.Tokens));
