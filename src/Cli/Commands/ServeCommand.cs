@@ -19,7 +19,8 @@ public static class ServeCommand
         var blocks = new Option<int>("--cache-blocks") { Description = "KV cache blocks of 16 tokens", DefaultValueFactory = _ => 2048 };
         var maxPrompt = new Option<int?>("--max-prompt-tokens") { Description = "Longest prompt accepted (default: max_position_embeddings - 1)" };
         var maxImageBytes = new Option<long>("--max-image-bytes") { Description = "Largest image accepted, in bytes", DefaultValueFactory = _ => 16L << 20 };
-        var maxPixels = new Option<long>("--max-image-pixels") { Description = "Largest image accepted, in width x height", DefaultValueFactory = _ => Engine.Images.ImagePreprocessor.MaxPixels };
+        var maxPixels = new Option<long>("--max-image-pixels") { Description = "Largest image accepted, in width x height", DefaultValueFactory = _ => 32L << 20 };
+        var maxWaiting = new Option<int>("--max-waiting") { Description = "Samples that may wait for admission; beyond them a request gets 503", DefaultValueFactory = _ => 1024 };
         var maxImages = new Option<int>("--max-images") { Description = "Images a request may carry", DefaultValueFactory = _ => 4 };
         var allowImageDir = new Option<string?>("--allow-image-dir") { Description = "Allow images given as local paths (file://) under this directory; off by default" };
         var name = new Option<string?>("--served-model-name") { Description = "The model id clients use (default: the checkpoint directory's name)" };
@@ -28,13 +29,13 @@ public static class ServeCommand
         var backend = Backends.Option();
         var cmd = new Command("serve", "Serve a checkpoint over an OpenAI-compatible HTTP API (chat and text completions, streaming, metrics)")
         {
-            model, host, port, apiKey, maxBatch, blocks, maxPrompt, maxImageBytes, maxPixels, maxImages, allowImageDir, name, defaultMax, quiet, backend,
+            model, host, port, apiKey, maxBatch, blocks, maxPrompt, maxImageBytes, maxPixels, maxImages, allowImageDir, name, defaultMax, maxWaiting, quiet, backend,
         };
         cmd.SetAction(r =>
         {
             var o = new ServeOptions(r.GetValue(host)!, r.GetValue(port), r.GetValue(apiKey) ?? NullIfEmpty(Environment.GetEnvironmentVariable("R1V2_API_KEY")),
                 r.GetValue(maxBatch), r.GetValue(blocks), 16, r.GetValue(maxPrompt), r.GetValue(maxImageBytes), r.GetValue(maxImages), r.GetValue(allowImageDir),
-                r.GetValue(name), r.GetValue(defaultMax), MaxImagePixels: r.GetValue(maxPixels), AccessLog: r.GetValue(quiet) ? null : Console.Out);
+                r.GetValue(name), r.GetValue(defaultMax), MaxImagePixels: r.GetValue(maxPixels), AccessLog: r.GetValue(quiet) ? null : Console.Out, MaxWaiting: r.GetValue(maxWaiting));
             Check(o);
             if (Engine.Backends.Launch.Current.WorldSize > 1)
                 throw new ArgumentException($"engine serve runs in one process; this launch has {Engine.Backends.Launch.Current.WorldSize} ranks (start it without mpirun/srun)");
@@ -70,6 +71,7 @@ public static class ServeCommand
         if (o.MaxImageBytes < 1) throw new ArgumentException($"--max-image-bytes must be at least 1, got {o.MaxImageBytes}");
         if (o.MaxNewTokensDefault is < 1) throw new ArgumentException($"--default-max-tokens must be at least 1, got {o.MaxNewTokensDefault}");
         if (o.MaxImagePixels < 1) throw new ArgumentException($"--max-image-pixels must be at least 1, got {o.MaxImagePixels}");
+        if (o.MaxWaiting < 1) throw new ArgumentException($"--max-waiting must be at least 1, got {o.MaxWaiting}");
         if (o.MaxImages < 0) throw new ArgumentException($"--max-images must be >= 0, got {o.MaxImages}");
         if (o.AllowImageDir is not null && !Directory.Exists(o.AllowImageDir)) throw new ArgumentException($"--allow-image-dir: {o.AllowImageDir} is not a directory");
         if (o.ApiKey is { Length: 0 }) throw new ArgumentException("--api-key must not be empty");

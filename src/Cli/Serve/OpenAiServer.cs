@@ -20,7 +20,7 @@ namespace R1V2.Native.Cli.Serve;
 /// <summary>Settings of `engine serve`.</summary>
 public sealed record ServeOptions(string Host = "127.0.0.1", int Port = 8000, string? ApiKey = null, int MaxBatch = 32, int CacheBlocks = 2048,
     int BlockSize = 16, int? MaxPromptTokens = null, long MaxImageBytes = 16L << 20, int MaxImages = 4, string? AllowImageDir = null,
-    string? ServedModelName = null, int? MaxNewTokensDefault = null, long MaxImagePixels = ImagePreprocessor.MaxPixels, TextWriter? AccessLog = null);
+    string? ServedModelName = null, int? MaxNewTokensDefault = null, long MaxImagePixels = 32L << 20, TextWriter? AccessLog = null, int MaxWaiting = 1024);
 
 /// <summary>
 /// The OpenAI-compatible HTTP server: Kestrel with minimal APIs in front of one <see cref="ServeEngine"/>.
@@ -205,6 +205,9 @@ public sealed class OpenAiServer : IAsyncDisposable
         {
             throw new ApiException(400, e.Message, e.Message.Contains("max new tokens", StringComparison.Ordinal) ? (chat ? "max_completion_tokens" : "max_tokens") : chat ? "messages" : "prompt");
         }
+        // Overload: beyond --max-waiting samples queued, a request is turned away at once rather than held.
+        if (_engine.Waiting + s.N > _o.MaxWaiting)
+            throw new ApiException(503, $"the server is busy: {_engine.Waiting} samples are waiting (--max-waiting {_o.MaxWaiting}); retry later", null, "server_error", "overloaded");
         string id = (chat ? "chatcmpl-" : "cmpl-") + Guid.NewGuid().ToString("N");
         // Ended when the client goes away or this handler ends for any reason: the engine then cancels what is left.
         using var done = CancellationTokenSource.CreateLinkedTokenSource(ctx.RequestAborted);

@@ -250,7 +250,7 @@ public sealed class ServeTests(ITestOutputHelper output) : IAsyncLifetime
         InitCommand.Run(Path.Combine(AppContext.BaseDirectory, "configs", "small.json"), ckpt, seed: 3);
         using var backend = new CpuBackend();
         using var model = VisionLanguageModel.Load(backend, ckpt);
-        await using var server = await OpenAiServer.StartAsync(model, TextTokenizer.Load(ckpt), ckpt, Options with { CacheBlocks = 2048 });
+        var server = await OpenAiServer.StartAsync(model, TextTokenizer.Load(ckpt), ckpt, Options with { CacheBlocks = 2048 });
         using var c = new HttpClient { BaseAddress = new Uri(server.Url) };
         c.DefaultRequestHeaders.Authorization = new("Bearer", Key);
         async Task<JsonObject> Read()
@@ -286,6 +286,22 @@ public sealed class ServeTests(ITestOutputHelper output) : IAsyncLifetime
         Assert.Equal(0, (double)after["r1v2_requests_running"]!);
         Assert.True((double)after["r1v2_generation_tokens_total"]! < 8 * 2000, "the cancelled samples stopped early");
         Assert.Equal(1, (double)after["r1v2_requests_total{endpoint=\"chat\",status=\"499\"}"]!);
+        await server.DisposeAsync();   // one generation loop at a time on this backend
+
+        // Overload: one sample decodes at a time and one may wait; a third request is turned away with a 503.
+        await using (var busy = await OpenAiServer.StartAsync(model, TextTokenizer.Load(ckpt), ckpt, Options with { MaxBatch = 1, MaxWaiting = 1 }))
+        {
+            using var b = new HttpClient { BaseAddress = new Uri(busy.Url) };
+            b.DefaultRequestHeaders.Authorization = new("Bearer", Key);
+            const string longOne = "{\"model\": \"small\", \"messages\": [{\"role\": \"user\", \"content\": \"go on\"}], \"max_tokens\": 2000, \"stream\": true, \"ignore_eos\": true}";
+            using var first = await b.SendAsync(new HttpRequestMessage(HttpMethod.Post, "/v1/chat/completions") { Content = Body(longOne) }, HttpCompletionOption.ResponseHeadersRead);
+            using var second = await b.SendAsync(new HttpRequestMessage(HttpMethod.Post, "/v1/chat/completions") { Content = Body(longOne) }, HttpCompletionOption.ResponseHeadersRead);
+            for (int i = 0; i < 100 && busy.Engine.Waiting < 1; i++) await Task.Delay(50);
+            Assert.Equal(1, busy.Engine.Waiting);
+            var third = await b.PostAsync("/v1/chat/completions", Body("{\"model\": \"small\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": 2}"));
+            Assert.Equal(HttpStatusCode.ServiceUnavailable, third.StatusCode);
+            Assert.Equal("overloaded", (string?)JsonNode.Parse(await third.Content.ReadAsStringAsync())!["error"]!["code"]);
+        }
     }
 
     [Fact]
