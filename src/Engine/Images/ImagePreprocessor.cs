@@ -16,6 +16,19 @@ public sealed class ImagePreprocessor(int tileSize, int minTiles = 1, int maxTil
     public static readonly float[] Std = [0.229f, 0.224f, 0.225f];
 
     public const long MaxFileBytes = 64L << 20;
+
+    /// <summary>Decoding that stops after the first frame of an animated GIF or a multi-page TIFF (the model sees one frame).</summary>
+    private static readonly Configuration FirstFrameOnly = MakeFirstFrameOnly();
+
+    private static Configuration MakeFirstFrameOnly()
+    {
+        var c = Configuration.Default.Clone();
+        c.ImageFormatsManager.SetDecoder(SixLabors.ImageSharp.Formats.Gif.GifFormat.Instance,
+            new SixLabors.ImageSharp.Formats.Gif.GifDecoder { DecodingMode = SixLabors.ImageSharp.Metadata.FrameDecodingMode.First });
+        c.ImageFormatsManager.SetDecoder(SixLabors.ImageSharp.Formats.Tiff.TiffFormat.Instance,
+            new SixLabors.ImageSharp.Formats.Tiff.TiffDecoder { DecodingMode = SixLabors.ImageSharp.Metadata.FrameDecodingMode.First });
+        return c;
+    }
     public const long MaxPixels = 64L << 20;
 
     public int TileSize { get; } = tileSize;
@@ -57,7 +70,7 @@ public sealed class ImagePreprocessor(int tileSize, int minTiles = 1, int maxTil
             throw new InvalidDataException($"{path}: {header.Width} x {header.Height} pixels is outside the limit of {MaxPixels} pixels");
         try
         {
-            using var loaded = Image.Load<Rgb24>(path);
+            using var loaded = Image.Load<Rgb24>(FirstFrameOnly, path);
             using var image = loaded.Frames.Count > 1 ? loaded.Frames.CloneFrame(0) : loaded.Clone(); // animations: the first frame
             image.Mutate(x => x.AutoOrient());
             return Tile(image);
@@ -81,7 +94,7 @@ public sealed class ImagePreprocessor(int tileSize, int minTiles = 1, int maxTil
             throw new InvalidDataException($"{name}: {header.Width} x {header.Height} pixels is outside the limit of {maxPixels} pixels");
         try
         {
-            using var loaded = Image.Load<Rgb24>(data);
+            using var loaded = Image.Load<Rgb24>(FirstFrameOnly, data);
             using var image = loaded.Frames.Count > 1 ? loaded.Frames.CloneFrame(0) : loaded.Clone();
             image.Mutate(x => x.AutoOrient());
             return Tile(image);

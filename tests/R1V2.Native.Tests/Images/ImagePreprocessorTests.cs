@@ -90,6 +90,23 @@ public sealed class ImagePreprocessorTests : IDisposable
     }
 
     [Fact]
+    public void AnAnimatedGif_GivesItsFirstFrame_FromAFileOrFromBytes()
+    {
+        using var gif = new Image<Rgb24>(28, 28, new Rgb24(250, 0, 0));       // frame 0: red
+        using (var blue = new Image<Rgb24>(28, 28, new Rgb24(0, 0, 250)))     // frame 1: blue
+            gif.Frames.AddFrame(blue.Frames.RootFrame);
+        var path = Path.Combine(_dir, "anim.gif");
+        gif.SaveAsGif(path);
+        var pre = new ImagePreprocessor(28);
+        foreach (var (pixels, tiles) in new[] { pre.Load(path), pre.Load(File.ReadAllBytes(path), "anim.gif") })
+        {
+            Assert.Equal(1, tiles);
+            float red = pixels[0], blueChannel = pixels[2 * 28 * 28];
+            Assert.True(red > 1.5f && blueChannel < 0f, $"expected the red first frame, got red {red}, blue {blueChannel}");
+        }
+    }
+
+    [Fact]
     public void Load_AppliesExifOrientation()
     {
         using var img = Gradient(40, 20);
