@@ -44,7 +44,12 @@ public static class ServeCommand
             using var vlm = VisionLanguageModel.Load(b, dir);
             var tokenizer = TextTokenizer.Load(dir);
             using var signals = new StopSignals("stopping the server: requests in flight are cancelled");
-            var server = OpenAiServer.StartAsync(vlm, tokenizer, dir, o).GetAwaiter().GetResult();
+            OpenAiServer server;
+            try { server = OpenAiServer.StartAsync(vlm, tokenizer, dir, o).GetAwaiter().GetResult(); }
+            catch (Exception e) when (e is System.Net.Sockets.SocketException or IOException)
+            {
+                throw new ArgumentException($"--host {o.Host} --port {o.Port}: cannot listen there ({e.Message})", e);
+            }
             try
             {
                 AnsiConsole.MarkupLineInterpolated($"serving {dir} on {b.Name} at {server.Url}/v1 (Ctrl-C stops){(o.ApiKey is null ? "" : "; API key required")}");

@@ -862,15 +862,20 @@ public abstract class Backend : IDisposable
     /// </summary>
     public void AdamW(Tensor master, Tensor grad, Tensor m, Tensor v, Tensor? workingCopy, AdamWSettings s, int step, float gradScale = 1f)
     {
-        Fp32(master, "adamw", "master");
-        foreach (var (t, n) in new[] { (grad, "grad"), (m, "m"), (v, "v") }) { Fp32(t, "adamw", n); Len(t, master.Length, "adamw", n); }
-        if (workingCopy is not null)
+        CheckAdamW(new AdamWTensors(master, grad, m, v, workingCopy), step);
+        using (Profiled("adamw")) AdamWCore(master, grad, m, v, workingCopy, s, step, gradScale);
+    }
+
+    private void CheckAdamW(AdamWTensors t, int step)
+    {
+        Fp32(t.Master, "adamw", "master");
+        foreach (var (x, n) in new[] { (t.Grad, "grad"), (t.M, "m"), (t.V, "v") }) { Fp32(x, "adamw", n); Len(x, t.Master.Length, "adamw", n); }
+        if (t.WorkingCopy is { } copy)
         {
-            Own(workingCopy, "adamw");
-            if (workingCopy.DType != DType.BF16 || workingCopy.Length != master.Length) throw new ArgumentException($"adamw: working copy is {workingCopy}, expected {master.Length} bf16 elements");
+            Own(copy, "adamw");
+            if (copy.DType != DType.BF16 || copy.Length != t.Master.Length) throw new ArgumentException($"adamw: working copy is {copy}, expected {t.Master.Length} bf16 elements");
         }
         if (step < 1) throw new ArgumentOutOfRangeException(nameof(step), "adamw: step counts from 1");
-        using (Profiled("adamw")) AdamWCore(master, grad, m, v, workingCopy, s, step, gradScale);
     }
 
     protected abstract void AdamWCore(Tensor master, Tensor grad, Tensor m, Tensor v, Tensor? workingCopy, AdamWSettings s, int step, float gradScale);
@@ -882,16 +887,7 @@ public abstract class Backend : IDisposable
     /// </summary>
     public void AdamW(IReadOnlyList<AdamWTensors> tensors, AdamWSettings s, int step, float gradScale = 1f)
     {
-        foreach (var t in tensors)
-        {
-            Fp32(t.Master, "adamw", "master");
-            foreach (var (x, n) in new[] { (t.Grad, "grad"), (t.M, "m"), (t.V, "v") }) { Fp32(x, "adamw", n); Len(x, t.Master.Length, "adamw", n); }
-            if (t.WorkingCopy is { } copy)
-            {
-                Own(copy, "adamw");
-                if (copy.DType != DType.BF16 || copy.Length != t.Master.Length) throw new ArgumentException($"adamw: working copy is {copy}, expected {t.Master.Length} bf16 elements");
-            }
-        }
+        foreach (var t in tensors) CheckAdamW(t, step);
         if (step < 1) throw new ArgumentOutOfRangeException(nameof(step), "adamw: step counts from 1");
         if (tensors.Count == 0) return;
         using (Profiled("adamw")) AdamWManyCore(tensors, s, step, gradScale);

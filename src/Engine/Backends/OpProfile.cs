@@ -23,8 +23,10 @@ public sealed class OpProfile
         _ops[op] = (e.Calls + 1, e.Ticks + ticks);
     }
 
-    /// <summary>Times one op: started after the backend has drained earlier work, stopped after the op's own.</summary>
-    /// <summary>Also the op's boundary for a backend that stages storage per op (<paramref name="staged"/>: it ends the op on dispose).</summary>
+    /// <summary>
+    /// Times one op (started after the backend has drained earlier work, stopped after the op's own), and is the op's
+    /// boundary for a backend that stages storage per op (<paramref name="staged"/>: it ends the op on dispose).
+    /// </summary>
     public readonly struct Scope(Backend backend, OpProfile? profile, string op, bool staged = false) : IDisposable
     {
         private readonly long _start = Stopwatch.GetTimestamp();

@@ -39,12 +39,11 @@ public sealed class Generator(VisionLanguageModel model, TextTokenizer? tokenize
     {
         using var loop = new GenerationLoop(model, tokenizer, options);
         var done = new List<GeneratedSample>();
-        var ids = new List<int>();
-        foreach (var r in requests) loop.Validate(r);
-        foreach (var r in requests)
+        foreach (var r in requests) loop.Validate(r); // all of them before any runs
+        for (int i = 0; i < requests.Count; i++)
         {
-            int index = ids.Count;
-            ids.Add(loop.Submit(r, onToken is null ? null : e => onToken(e with { Request = index }), s => done.Add(s with { Request = index })));
+            int index = i;   // results and events name the request by its place in the list
+            loop.Submit(requests[i], onToken is null ? null : e => onToken(e with { Request = index }), s => done.Add(s with { Request = index }));
         }
         while (!loop.Idle) loop.Step();
         LastStats = loop.Stats;
@@ -84,8 +83,6 @@ public sealed class GenerationLoop : IDisposable
         _cache = new PagedKvCache(model.Backend, cfg.NumLayers, cfg.NumKvHeads / model.TensorParallel.Size, cfg.HeadDim, _o.CacheBlocks, _o.BlockSize);
     }
 
-    public GeneratorOptions Options => _o;
-
     /// <summary>Nothing waiting or running.</summary>
     public bool Idle => _waiting.Count == 0 && _running.Count == 0;
 
@@ -93,7 +90,6 @@ public sealed class GenerationLoop : IDisposable
     public int WaitingSamples => _waiting.Sum(w => w.Samples.Length);
     public int UsedBlocks => _cache.UsedBlocks;
     public int FreeBlocks => _cache.FreeBlocks;
-    public int TotalBlocks => _cache.NumBlocks;
     public int Preemptions => _preemptions;
 
     public GenerationStats Stats => new(_prefillTokens, _steps, _decoded, _preemptions, _cache.PeakUsedBlocks, _cache.CopiedBlocks,
@@ -201,8 +197,7 @@ public sealed class GenerationLoop : IDisposable
         {
             var w = node.Value;
             int prefixBlocks = (w.Prefix.Length + _o.BlockSize - 1) / _o.BlockSize;
-            int needed = prefixBlocks + w.Samples.Length; // each sample may need one more block on its first step
-            if (needed > cache.NumBlocks) throw new InvalidOperationException($"request {w.Request} needs {needed} cache blocks of {_o.BlockSize} tokens; the cache has {cache.NumBlocks}");
+            int needed = prefixBlocks + w.Samples.Length; // each sample may need one more block on its first step (Validate: <= the cache)
             if (needed > freeBlocks) break;
             freeBlocks -= needed;
             waiting.RemoveFirst();

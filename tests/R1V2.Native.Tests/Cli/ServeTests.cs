@@ -71,9 +71,14 @@ public sealed class ServeTests(ITestOutputHelper output) : IAsyncLifetime
     private async Task<JsonObject> Metrics()
     {
         using var c = Client();
-        var text = await c.GetStringAsync("/metrics");
+        return await Metrics(c);
+    }
+
+    /// <summary>A server's /metrics as name{labels} -> value.</summary>
+    private static async Task<JsonObject> Metrics(HttpClient c)
+    {
         var values = new JsonObject();
-        foreach (var line in text.Split('\n'))
+        foreach (var line in (await c.GetStringAsync("/metrics")).Split('\n'))
             if (line.Length > 0 && line[0] != '#')
             {
                 int space = line.LastIndexOf(' ');
@@ -253,14 +258,7 @@ public sealed class ServeTests(ITestOutputHelper output) : IAsyncLifetime
         var server = await OpenAiServer.StartAsync(model, TextTokenizer.Load(ckpt), ckpt, Options with { CacheBlocks = 2048 });
         using var c = new HttpClient { BaseAddress = new Uri(server.Url) };
         c.DefaultRequestHeaders.Authorization = new("Bearer", Key);
-        async Task<JsonObject> Read()
-        {
-            var values = new JsonObject();
-            foreach (var line in (await c.GetStringAsync("/metrics")).Split('\n'))
-                if (line.Length > 0 && line[0] != '#')
-                    values[line[..line.LastIndexOf(' ')]] = double.Parse(line[(line.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture);
-            return values;
-        }
+        Task<JsonObject> Read() => Metrics(c);
         using (var cts = new CancellationTokenSource())
         {
             var request = new HttpRequestMessage(HttpMethod.Post, "/v1/chat/completions")

@@ -145,13 +145,17 @@ public sealed unsafe class CudaBackend : Backend
     private void LaunchStride(string family, string kernel, long n, ReadOnlySpan<ulong> args)
     {
         if (n <= 0) return;
-        EnsureCurrent();
         int block = Compiler.Tuning.Block(family);
-        var f = Function(family, kernel);
+        Launch(family, kernel, OneWave(family, kernel, (n + block - 1) / block), args);
+    }
+
+    /// <summary>At most one wave of <paramref name="blocks"/>: SMs x the kernel's occupancy at its block size (asked once per kernel).</summary>
+    private long OneWave(string family, string kernel, long blocks)
+    {
+        EnsureCurrent();
         if (!_residentBlocks.TryGetValue(kernel, out int perSm))
-            _residentBlocks[kernel] = perSm = Math.Max(1, CudaDriver.MaxActiveBlocksPerMultiprocessor(f.Handle, block));
-        long grid = Math.Clamp((n + block - 1) / block, 1, (long)Device.MultiprocessorCount * perSm);
-        Launch(family, kernel, grid, args);
+            _residentBlocks[kernel] = perSm = Math.Max(1, CudaDriver.MaxActiveBlocksPerMultiprocessor(Function(family, kernel).Handle, Compiler.Tuning.Block(family)));
+        return Math.Clamp(blocks, 1, (long)Device.MultiprocessorCount * perSm);
     }
 
     private readonly Dictionary<string, int> _residentBlocks = new();
@@ -694,12 +698,7 @@ public sealed unsafe class CudaBackend : Backend
         var (table, chunks) = AdamWTable([.. tensors.Select(t => (P(t.Master), P(t.WorkingCopy), P(t.Grad), P(t.M), P(t.V), t.Master.Length))]);
         if (chunks == 0) return;
         using var device = FromArray(table, [table.Length], "adamw_table");
-        EnsureCurrent();
-        int block = Compiler.Tuning.Block("adamw");
-        var f = Function("adamw", "adamw_multi");
-        if (!_residentBlocks.TryGetValue("adamw_multi", out int perSm))
-            _residentBlocks["adamw_multi"] = perSm = Math.Max(1, CudaDriver.MaxActiveBlocksPerMultiprocessor(f.Handle, block));
-        Launch("adamw", "adamw_multi", Math.Min(chunks, (long)Device.MultiprocessorCount * perSm),
+        Launch("adamw", "adamw_multi", OneWave("adamw", "adamw_multi", chunks),   // a block per chunk, in a grid-stride loop over chunks
             [P(device), I(tensors.Count), L(chunks), Fl(s.Beta1), Fl(s.Beta2), Fl(s.Epsilon), Fl(stepSize), Fl(invSqrtBc2), Fl(decay), Fl(gradScale)]);
     }
 
