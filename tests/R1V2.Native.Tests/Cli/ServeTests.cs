@@ -341,5 +341,7 @@ public sealed class ServeTests(ITestOutputHelper output) : IAsyncLifetime
         Assert.Contains("--allow-image-dir", Assert.Throws<ArgumentException>(() => ServeCommand.Check(Options with { AllowImageDir = "/no/such/dir" })).Message);
         Assert.Contains("--max-image-pixels", Assert.Throws<ArgumentException>(() => ServeCommand.Check(Options with { MaxImagePixels = 0 })).Message);
         Assert.Equal(1, R1V2.Native.Cli.Program.Main(["serve", "--model", Path.Combine(_dir, "missing"), "--backend", "cpu", "--port", "0"]));
+        // An address this machine does not have is the user's input, not an internal error.
+        Assert.Equal(1, R1V2.Native.Cli.Program.Main(["serve", "--model", Path.Combine(_dir, "tiny"), "--backend", "cpu", "--host", "192.0.2.1", "--port", "0"]));
     }
 }
